@@ -1,0 +1,289 @@
+//! Store benchmark: get, put and manifest on SoftHSM2 against raw-cryptoki floors
+//! measured in the same run, interleaved sample by sample so machine noise hits both.
+//!
+//! Run: `cargo bench --bench store` (needs softhsm2). Prints medians and ratios.
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use hsm_secrets::hsm::{
+    Expect, FaultPlan, Pkcs11Config, Pkcs11Store, SecretData, SecretPath, SecretStore,
+};
+
+const PIN: &str = "1234";
+
+fn main() {
+    // SoftHSM reads its configuration once per process: run the measurement in a child
+    // process pointed at a private token directory.
+    if std::env::var_os("HSM_BENCH_CHILD").is_none() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir_all(&tokens).expect("token dir");
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()),
+        )
+        .expect("conf");
+        let status = Command::new(std::env::current_exe().expect("exe"))
+            .args(std::env::args().skip(1))
+            .env("SOFTHSM2_CONF", &conf)
+            .env("HSM_BENCH_CHILD", dir.path())
+            .status()
+            .expect("run bench child");
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    let dir = PathBuf::from(std::env::var_os("HSM_BENCH_CHILD").expect("child dir"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run(dir));
+}
+
+fn library() -> PathBuf {
+    ["/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("SoftHSM2 not installed: apt-get install -y softhsm2")
+}
+
+fn init_token(label: &str) {
+    let out = Command::new("softhsm2-util")
+        .args(["--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", "5678"])
+        .output()
+        .expect("softhsm2-util");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+struct Row {
+    name: &'static str,
+    ours: Duration,
+    floor: Duration,
+    target: f64,
+}
+
+async fn run(dir: PathBuf) {
+    let lib = library();
+    let pin_file = dir.join("pin");
+    std::fs::write(&pin_file, PIN).expect("pin");
+    init_token("bench-small");
+    init_token("bench-large");
+
+    // Floors use their own session on the same (process-wide) module.
+    let ctx = Pkcs11::new(&lib).expect("module");
+    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+
+    let mut rows = Vec::new();
+    let samples = std::env::var("BENCH_SAMPLES").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
+
+    // --- one secret of 10 keys x 1 KiB
+    let store = Pkcs11Store::open(Pkcs11Config::new(&lib, "bench-small", &pin_file))
+        .await
+        .expect("open");
+    let path: SecretPath = "bench/ten-keys".parse().expect("path");
+    let data = ten_keys(0);
+    store.put(&path, data.clone(), Expect::Any).await.expect("put");
+    let session = floor_session(&ctx, "bench-small");
+    let (mut g_ours, mut g_floor, mut p_ours, mut p_floor, mut m_ours, mut m_floor) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut floor_objects: Vec<ObjectHandle> = Vec::new();
+    for i in 0..samples {
+        // get
+        let t = Instant::now();
+        let (v, d) = store.get(&path).await.expect("get");
+        g_ours.push(t.elapsed());
+        assert_eq!(d.len(), 10);
+        let label = current_data_label(&session, &path);
+        let t = Instant::now();
+        let read = floor_get(&session, &label);
+        g_floor.push(t.elapsed());
+        assert_eq!(read, 10);
+        // put (overwrite)
+        let t = Instant::now();
+        store.put(&path, ten_keys(i), Expect::Version(v)).await.expect("put");
+        p_ours.push(t.elapsed());
+        let t = Instant::now();
+        floor_objects = floor_put(&session, &ten_keys(i), floor_objects);
+        p_floor.push(t.elapsed());
+        // manifest of this token (1 secret)
+        let t = Instant::now();
+        let m = store.manifest().await.expect("manifest");
+        m_ours.push(t.elapsed());
+        assert_eq!(m.len(), 1);
+        let t = Instant::now();
+        let n = floor_manifest(&session);
+        m_floor.push(t.elapsed());
+        assert_eq!(n, 1);
+    }
+    for h in floor_objects {
+        let _ = session.destroy_object(h);
+    }
+    rows.push(Row { name: "get 10 keys x 1 KiB", ours: median(&mut g_ours), floor: median(&mut g_floor), target: 1.5 });
+    rows.push(Row { name: "put 10 keys x 1 KiB", ours: median(&mut p_ours), floor: median(&mut p_floor), target: f64::NAN });
+    rows.push(Row { name: "manifest, 1 secret", ours: median(&mut m_ours), floor: median(&mut m_floor), target: f64::NAN });
+
+    // --- manifest of 10,000 secrets (one key each: 20,000 objects on the token)
+    let count: usize = std::env::var("BENCH_SECRETS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let plan = Arc::new(FaultPlan::new());
+    let large = Pkcs11Store::open_with_faults(
+        Pkcs11Config::new(&lib, "bench-large", &pin_file),
+        Some(plan.clone()),
+    )
+    .await
+    .expect("open large");
+    let fill = Instant::now();
+    for i in 0..count {
+        let mut d = SecretData::new();
+        d.insert("value", format!("secret-{i}").into_bytes()).expect("insert");
+        let p: SecretPath = format!("ns{}/s{i}", i % 10).parse().expect("path");
+        large.put(&p, d, Expect::Absent).await.expect("fill");
+    }
+    eprintln!("filled {count} secrets in {:.1?}", fill.elapsed());
+    let session = floor_session(&ctx, "bench-large");
+    let (mut ours, mut floor) = (vec![], vec![]);
+    let mut reads_per_manifest = 0;
+    for _ in 0..std::env::var("BENCH_LARGE_SAMPLES").ok().and_then(|s| s.parse().ok()).unwrap_or(7) {
+        plan.clear();
+        let t = Instant::now();
+        let m = large.manifest().await.expect("manifest");
+        ours.push(t.elapsed());
+        assert_eq!(m.len(), count);
+        reads_per_manifest = plan.calls() - 1; // minus the one find
+        let t = Instant::now();
+        assert_eq!(floor_manifest(&session), count);
+        floor.push(t.elapsed());
+    }
+    rows.push(Row { name: "manifest, 10,000 secrets", ours: median(&mut ours), floor: median(&mut floor), target: 1.5 });
+
+    println!();
+    println!("| operation | hsm-secrets (median) | raw cryptoki floor (median) | ratio | target |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        let ratio = r.ours.as_secs_f64() / r.floor.as_secs_f64();
+        let target = if r.target.is_nan() { "-".to_string() } else { format!("<= {:.1}x", r.target) };
+        println!("| {} | {:.3?} | {:.3?} | {:.2}x | {} |", r.name, r.ours, r.floor, ratio, target);
+    }
+    println!();
+    println!(
+        "manifest of {count} secrets read {reads_per_manifest} object attributes: one per metadata object, no secret value ({} data objects untouched)",
+        count
+    );
+}
+
+fn ten_keys(seed: usize) -> SecretData {
+    let mut d = SecretData::new();
+    for k in 0..10 {
+        d.insert(&format!("key-{k}"), vec![(seed + k) as u8; 1024]).expect("insert");
+    }
+    d
+}
+
+fn floor_session(ctx: &Pkcs11, label: &str) -> Session {
+    let slot = ctx
+        .get_slots_with_token()
+        .expect("slots")
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).map(|i| i.label().trim() == label).unwrap_or(false))
+        .expect("token");
+    let s = ctx.open_rw_session(slot).expect("session");
+    let _ = s.login(UserType::User, Some(&AuthPin::from(PIN.to_string())));
+    s
+}
+
+fn page() -> NonZeroUsize {
+    NonZeroUsize::new(256).expect("page")
+}
+
+/// The label of the secret's current data objects (looked up outside the timed part).
+fn current_data_label(session: &Session, path: &SecretPath) -> Vec<u8> {
+    let metas = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Application(b"hsm-secrets/meta".to_vec()),
+            Attribute::Label(format!("hsm-secrets:m:{path}").into_bytes()),
+        ])
+        .expect("find meta");
+    let v = session.get_attributes(metas[0], &[AttributeType::Value]).expect("meta");
+    let Attribute::Value(bytes) = &v[0] else { panic!("no value") };
+    let meta: serde_json::Value = serde_json::from_slice(bytes).expect("json");
+    format!("hsm-secrets:d:{path}@{}", meta["generation"].as_str().expect("generation")).into_bytes()
+}
+
+/// The least a raw client does to read a known secret: find its data objects by label and
+/// read each key name and value.
+fn floor_get(session: &Session, label: &[u8]) -> usize {
+    let handles: Vec<ObjectHandle> = session
+        .iter_objects_with_cache_size(
+            &[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Application(b"hsm-secrets/data".to_vec()),
+                Attribute::Label(label.to_vec()),
+            ],
+            page(),
+        )
+        .expect("find")
+        .collect::<Result<_, _>>()
+        .expect("find");
+    for h in &handles {
+        session.get_attributes(*h, &[AttributeType::ObjectId, AttributeType::Value]).expect("read");
+    }
+    handles.len()
+}
+
+/// The least a raw client does to replace a secret: create the new objects, destroy the old.
+fn floor_put(session: &Session, data: &SecretData, old: Vec<ObjectHandle>) -> Vec<ObjectHandle> {
+    let mut new = Vec::new();
+    for (k, v) in data.iter() {
+        new.push(
+            session
+                .create_object(&[
+                    Attribute::Class(ObjectClass::DATA),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Label(b"floor".to_vec()),
+                    Attribute::Application(b"floor".to_vec()),
+                    Attribute::ObjectId(k.as_bytes().to_vec()),
+                    Attribute::Value(v.to_vec()),
+                ])
+                .expect("create"),
+        );
+    }
+    for h in old {
+        session.destroy_object(h).expect("destroy");
+    }
+    new
+}
+
+/// The least a raw client does to list versions and checksums: find every metadata
+/// object and read it.
+fn floor_manifest(session: &Session) -> usize {
+    let handles: Vec<ObjectHandle> = session
+        .iter_objects_with_cache_size(
+            &[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Application(b"hsm-secrets/meta".to_vec()),
+            ],
+            page(),
+        )
+        .expect("find")
+        .collect::<Result<_, _>>()
+        .expect("find");
+    for h in &handles {
+        session.get_attributes(*h, &[AttributeType::Value]).expect("read");
+    }
+    handles.len()
+}

@@ -1,0 +1,421 @@
+//! CSI Node service: secrets published as tmpfs volumes, rotated on republish.
+//!
+//! No volume state lives in memory: "is this a republish" and "what to unmount" come from
+//! `/proc/self/mountinfo`, so a restarted plugin carries on where the old one stopped.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+
+use crate::mount::{self, tmpfs_size_for};
+use crate::mountinfo;
+use crate::observer::{OUTCOME_KEPT_LAST_GOOD, OUTCOME_OK};
+use crate::payload_writer::{self, WriteOutcome};
+use crate::proto::node_server::Node;
+use crate::proto::node_service_capability::{self, Rpc, rpc};
+use crate::proto::{
+    NodeExpandVolumeRequest, NodeExpandVolumeResponse, NodeGetCapabilitiesRequest,
+    NodeGetCapabilitiesResponse, NodeGetInfoRequest, NodeGetInfoResponse,
+    NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse, NodePublishVolumeRequest,
+    NodePublishVolumeResponse, NodeServiceCapability, NodeStageVolumeRequest,
+    NodeStageVolumeResponse, NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse,
+    NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, Topology,
+};
+use crate::request::{validate_publish, validate_target};
+use crate::{
+    DEFAULT_DRIVER_NAME, DEFAULT_KUBELET_DIR, DEFAULT_TOPOLOGY_KEY, Error, NodeObserver,
+    NoopObserver, Payload, PublishRequest, VolumeSource,
+};
+
+/// Where and as whom the node plugin runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// CSI driver name; also the tmpfs mount source, which marks the mounts as ours.
+    pub driver_name: String,
+    pub node_id: String,
+    /// kubelet's root directory; every target path must lie under its `pods/`.
+    pub kubelet_dir: PathBuf,
+    /// Segments reported by NodeGetInfo (kubelet also labels the Node with them).
+    pub topology: BTreeMap<String, String>,
+}
+
+impl NodeConfig {
+    pub fn new(node_id: impl Into<String>) -> Self {
+        let node_id = node_id.into();
+        Self {
+            driver_name: DEFAULT_DRIVER_NAME.into(),
+            kubelet_dir: DEFAULT_KUBELET_DIR.into(),
+            topology: BTreeMap::from([(DEFAULT_TOPOLOGY_KEY.to_string(), node_id.clone())]),
+            node_id,
+        }
+    }
+
+    pub fn with_driver_name(mut self, name: impl Into<String>) -> Self {
+        self.driver_name = name.into();
+        self
+    }
+
+    pub fn with_kubelet_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.kubelet_dir = dir.into();
+        self
+    }
+
+    /// Report the node id under `key` instead of the default topology key.
+    pub fn with_topology_key(mut self, key: impl Into<String>) -> Self {
+        self.topology = BTreeMap::from([(key.into(), self.node_id.clone())]);
+        self
+    }
+}
+
+pub struct NodeService<S> {
+    config: Arc<NodeConfig>,
+    source: Arc<S>,
+    observer: Arc<dyn NodeObserver>,
+    in_flight: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+impl<S> Clone for NodeService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            source: self.source.clone(),
+            observer: self.observer.clone(),
+            in_flight: self.in_flight.clone(),
+        }
+    }
+}
+
+impl<S: VolumeSource> NodeService<S> {
+    pub fn new(config: NodeConfig, source: Arc<S>) -> Self {
+        Self {
+            config: Arc::new(config),
+            source,
+            observer: Arc::new(NoopObserver),
+            in_flight: Arc::default(),
+        }
+    }
+
+    pub fn with_observer(mut self, observer: Arc<dyn NodeObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// This driver's volumes currently mounted under the kubelet directory.
+    pub fn discover_mounts(&self) -> Result<Vec<PathBuf>, Error> {
+        mountinfo::discover_mounts(&self.config.kubelet_dir, &self.config.driver_name)
+    }
+
+    async fn publish(
+        &self,
+        raw: NodePublishVolumeRequest,
+        republish: &mut bool,
+    ) -> Result<&'static str, Error> {
+        let mut request = validate_publish(&self.config, raw)?;
+        let _in_flight = self.begin(&request.target_path)?;
+
+        let target = request.target_path.clone();
+        let existing = blocking(move || mountinfo::mount_at(&target)).await?;
+        if let Some(m) = existing {
+            if m.fs_type != "tmpfs" || m.source != self.config.driver_name {
+                return Err(Error::ForeignMount {
+                    target: request.target_path,
+                    fs_type: m.fs_type,
+                    mount_source: m.source,
+                });
+            }
+            request.republish = true;
+            *republish = true;
+            return self.republish(&request).await;
+        }
+        self.publish_first(&request).await.map(|()| OUTCOME_OK)
+    }
+
+    async fn publish_first(&self, request: &PublishRequest) -> Result<(), Error> {
+        // Fetch before touching the filesystem: a source error then leaves nothing behind.
+        let payload = self.fetch_payload(request).await?;
+        let target = request.target_path.clone();
+        let driver_name = self.config.driver_name.clone();
+        let gid = request.fs_group;
+        blocking(move || mount_fresh_volume(&target, &driver_name, &payload, gid)).await?;
+        tracing::info!("volume published");
+        Ok(())
+    }
+
+    /// Older kubelets tear a volume down when a republish fails, so a failure here keeps
+    /// the last good content and reports success; the observer records the failure.
+    async fn republish(&self, request: &PublishRequest) -> Result<&'static str, Error> {
+        let result = async {
+            let payload = self.fetch_payload(request).await?;
+            let target = request.target_path.clone();
+            let gid = request.fs_group;
+            blocking(move || {
+                mount::ensure_capacity(&target, tmpfs_size_for(&payload))?;
+                payload_writer::write_payload(&target, &payload, gid)
+            })
+            .await
+        }
+        .await;
+        let error = match result {
+            Ok(WriteOutcome::Unchanged) => return Ok(OUTCOME_OK),
+            Ok(WriteOutcome::Written { .. }) => {
+                tracing::info!("volume content rotated");
+                return Ok(OUTCOME_OK);
+            }
+            Err(error) => error,
+        };
+        // A mount without content (the plugin died mid first publish) has nothing to keep.
+        if payload_writer::current_generation(&request.target_path)?.is_none() {
+            return Err(error);
+        }
+        tracing::warn!(%error, kind = error.kind(), "republish failed; keeping last good content");
+        self.observer.republish_kept_last_good(request, &error);
+        Ok(OUTCOME_KEPT_LAST_GOOD)
+    }
+
+    async fn fetch_payload(&self, request: &PublishRequest) -> Result<Payload, Error> {
+        let payload = self
+            .source
+            .payload(request)
+            .await
+            .map_err(|source| Error::Source {
+                volume_id: request.volume_id.clone(),
+                source,
+            })?;
+        payload_writer::validate_payload(&payload)?;
+        Ok(payload)
+    }
+
+    async fn unpublish(&self, raw: NodeUnpublishVolumeRequest) -> Result<(), Error> {
+        if raw.volume_id.is_empty() {
+            return Err(Error::MissingField { field: "volume_id" });
+        }
+        let target = validate_target(&self.config.kubelet_dir, &raw.target_path)?;
+        let _in_flight = self.begin(&target)?;
+        blocking(move || {
+            mount::unmount(&target)?;
+            // remove_dir, never remove_dir_all: an unmounted target must be empty, and a
+            // recursive delete under kubelet's tree is not ours to make.
+            match fs::remove_dir(&target) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    Err(Error::io("remove target dir", target, e))
+                }
+                _ => Ok(()),
+            }
+        })
+        .await?;
+        tracing::info!("volume unpublished");
+        Ok(())
+    }
+
+    /// kubelet serializes operations per volume, but a slow source must not let a retry
+    /// race the original; the CSI spec answers a concurrent call with ABORTED.
+    fn begin(&self, target: &Path) -> Result<InFlight, Error> {
+        let mut set = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !set.insert(target.to_path_buf()) {
+            return Err(Error::OperationPending {
+                target: target.to_path_buf(),
+            });
+        }
+        Ok(InFlight {
+            set: self.in_flight.clone(),
+            target: target.to_path_buf(),
+        })
+    }
+}
+
+struct InFlight {
+    set: Arc<Mutex<HashSet<PathBuf>>>,
+    target: PathBuf,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.target);
+    }
+}
+
+async fn blocking<T, F>(work: F) -> Result<T, Error>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, Error> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work).await?
+}
+
+/// Create the target (kubelet creates only its parent), mount, write. On failure undo
+/// exactly what was done here.
+fn mount_fresh_volume(
+    target: &Path,
+    driver_name: &str,
+    payload: &Payload,
+    gid: Option<u32>,
+) -> Result<(), Error> {
+    let created = match fs::create_dir(target) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(Error::io("create target dir", target, e)),
+    };
+    let result = mount_and_write(target, driver_name, payload, gid);
+    if result.is_err()
+        && created
+        && let Err(e) = fs::remove_dir(target)
+    {
+        tracing::warn!(error = %e, "could not remove target dir after failed publish");
+    }
+    result
+}
+
+fn mount_and_write(
+    target: &Path,
+    driver_name: &str,
+    payload: &Payload,
+    gid: Option<u32>,
+) -> Result<(), Error> {
+    // mount(2) follows symlinks; the target must be a real directory.
+    let meta = fs::symlink_metadata(target).map_err(|e| Error::io("inspect", target, e))?;
+    if !meta.is_dir() {
+        return Err(Error::invalid(
+            "target_path",
+            "exists and is not a directory",
+        ));
+    }
+    mount::mount_tmpfs(target, driver_name, tmpfs_size_for(payload), gid)?;
+    let written = payload_writer::write_payload(target, payload, gid);
+    if written.is_err()
+        && let Err(e) = mount::unmount(target)
+    {
+        tracing::warn!(error = %e, "could not unmount after failed publish");
+    }
+    written.map(drop)
+}
+
+#[tonic::async_trait]
+impl<S: VolumeSource> Node for NodeService<S> {
+    #[tracing::instrument(skip_all, fields(volume_id, target))]
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let started = Instant::now();
+        let raw = request.into_inner();
+        let span = tracing::Span::current();
+        span.record("volume_id", raw.volume_id.as_str());
+        span.record("target", raw.target_path.as_str());
+        let mut republish = false;
+        let result = self.publish(raw, &mut republish).await;
+        let outcome = match &result {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                tracing::warn!(%error, kind = error.kind(), "publish failed");
+                error.kind()
+            }
+        };
+        self.observer.publish(outcome, republish, started.elapsed());
+        result
+            .map(|_| Response::new(NodePublishVolumeResponse {}))
+            .map_err(Status::from)
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id, target))]
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let started = Instant::now();
+        let raw = request.into_inner();
+        let span = tracing::Span::current();
+        span.record("volume_id", raw.volume_id.as_str());
+        span.record("target", raw.target_path.as_str());
+        let result = self.unpublish(raw).await;
+        let outcome = match &result {
+            Ok(()) => OUTCOME_OK,
+            Err(error) => {
+                tracing::warn!(%error, kind = error.kind(), "unpublish failed");
+                error.kind()
+            }
+        };
+        self.observer.unpublish(outcome, started.elapsed());
+        result
+            .map(|()| Response::new(NodeUnpublishVolumeResponse {}))
+            .map_err(Status::from)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        // VOLUME_MOUNT_GROUP makes kubelet pass the pod's fsGroup (it applies none itself
+        // to read-only volumes).
+        let mount_group = NodeServiceCapability {
+            r#type: Some(node_service_capability::Type::Rpc(Rpc {
+                r#type: rpc::Type::VolumeMountGroup as i32,
+            })),
+        };
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: vec![mount_group],
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn node_get_info(
+        &self,
+        _request: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        let topology = (!self.config.topology.is_empty()).then(|| Topology {
+            segments: self.config.topology.clone().into_iter().collect(),
+        });
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.config.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: topology,
+        }))
+    }
+
+    async fn node_stage_volume(
+        &self,
+        _request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "NodeStageVolume: ephemeral volumes are not staged",
+        ))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        _request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "NodeUnstageVolume: ephemeral volumes are not staged",
+        ))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        _request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        Err(Status::unimplemented("NodeGetVolumeStats is not supported"))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _request: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented("NodeExpandVolume is not supported"))
+    }
+}

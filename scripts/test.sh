@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: real SoftHSM2 tokens, tmpfs mounts (as root), TLS and gRPC on
+# loopback, several node processes. Installs SoftHSM2 first when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/ensure-softhsm.sh
+if command -v cargo-nextest >/dev/null 2>&1; then
+  exec cargo nextest run --workspace --locked --no-fail-fast "$@"
+else
+  exec cargo test --workspace --locked --no-fail-fast "$@"
+fi

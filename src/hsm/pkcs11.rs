@@ -1,0 +1,819 @@
+//! The secret store over a PKCS#11 token (via `cryptoki`).
+//!
+//! Blocking PKCS#11 calls run on tokio's blocking pool under a timeout. Sessions are
+//! pooled; a device loss drops the pool and the next call finds the token again by
+//! label (slot ids change on re-insertion) and logs in again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use tokio::sync::{OwnedSemaphorePermit, RwLock, Semaphore};
+use zeroize::Zeroizing;
+
+use super::layout::{self, DATA_APP, META_APP, Meta};
+use super::{
+    Body, Expect, FaultPlan, GcReport, ManifestEntry, Record, SecretData, SecretPath,
+    SecretStore, StoreError, TokenInfo,
+};
+
+/// How to reach one token.
+#[derive(Clone, Debug)]
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 module.
+    pub library: PathBuf,
+    /// Token label, matched exactly.
+    pub token_label: String,
+    /// Optional serial number when several tokens share a label.
+    pub token_serial: Option<String>,
+    /// File holding the user PIN (a mounted Secret); trailing newline ignored.
+    pub pin_file: PathBuf,
+    /// Most sessions open at once.
+    pub max_sessions: usize,
+    /// Deadline of one store operation.
+    pub op_timeout: Duration,
+}
+
+impl Pkcs11Config {
+    pub fn new(
+        library: impl Into<PathBuf>,
+        token_label: impl Into<String>,
+        pin_file: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            library: library.into(),
+            token_label: token_label.into(),
+            token_serial: None,
+            pin_file: pin_file.into(),
+            max_sessions: 8,
+            op_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Objects returned per `C_FindObjects` call; the iterator pages until exhausted.
+const FIND_PAGE: usize = 256;
+/// Stripes of per-path write locks.
+const LOCK_STRIPES: usize = 64;
+
+/// The PKCS#11 implementation of [`SecretStore`].
+#[derive(Clone)]
+pub struct Pkcs11Store {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    cfg: Pkcs11Config,
+    ctx: Pkcs11,
+    pin: AuthPin,
+    conn: Mutex<Option<Conn>>,
+    conn_generation: AtomicU64,
+    permits: Arc<Semaphore>,
+    /// Next change sequence number to hand out (one writer per token: this process).
+    next_version: AtomicU64,
+    path_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
+    /// Writes hold it shared, garbage collection exclusively (it must not mistake a
+    /// generation being written for an orphan).
+    gc_lock: RwLock<()>,
+    faults: Option<Arc<FaultPlan>>,
+}
+
+struct Conn {
+    slot: Slot,
+    generation: u64,
+    info: TokenInfo,
+    idle: Vec<Session>,
+}
+
+impl Pkcs11Store {
+    /// Opens the token: loads the module, finds the token by label, logs in and reads the
+    /// highest change sequence stored on it.
+    pub async fn open(cfg: Pkcs11Config) -> Result<Self, StoreError> {
+        Self::open_with_faults(cfg, None).await
+    }
+
+    /// As [`open`](Self::open), consulting `faults` before every object operation.
+    pub async fn open_with_faults(
+        cfg: Pkcs11Config,
+        faults: Option<Arc<FaultPlan>>,
+    ) -> Result<Self, StoreError> {
+        let pin = read_pin(&cfg.pin_file)?;
+        let ctx = context(&cfg.library)?;
+        let shared = Arc::new(Shared {
+            permits: Arc::new(Semaphore::new(cfg.max_sessions.max(1))),
+            cfg,
+            ctx,
+            pin,
+            conn: Mutex::new(None),
+            conn_generation: AtomicU64::new(0),
+            next_version: AtomicU64::new(1),
+            path_locks: (0..LOCK_STRIPES)
+                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
+                .collect(),
+            gc_lock: RwLock::new(()),
+            faults,
+        });
+        let store = Self { shared };
+        let entries = store.manifest().await?;
+        let max = entries.iter().map(|e| e.version).max().unwrap_or(0);
+        store.shared.next_version.store(max + 1, Ordering::SeqCst);
+        Ok(store)
+    }
+
+    /// Runs `f` with a pooled session on the blocking pool, under the operation timeout.
+    async fn run<T, F>(&self, operation: &'static str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Tok<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let permit = self.acquire().await?;
+        let shared = self.shared.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit: OwnedSemaphorePermit = permit;
+            let (session, generation) = shared.checkout()?;
+            let result = f(&Tok {
+                session: &session,
+                shared: &shared,
+            });
+            match &result {
+                Err(StoreError::DeviceUnavailable { .. }) => {
+                    drop(session);
+                    shared.invalidate(generation);
+                }
+                _ => shared.checkin(session, generation),
+            }
+            result
+        });
+        match tokio::time::timeout(self.shared.cfg.op_timeout, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(StoreError::Pkcs11 {
+                token: self.shared.cfg.token_label.clone(),
+                function: operation.into(),
+                rv: format!("worker failed: {join}"),
+            }),
+            Err(_) => Err(StoreError::Timeout {
+                token: self.shared.cfg.token_label.clone(),
+                operation,
+                timeout: self.shared.cfg.op_timeout,
+            }),
+        }
+    }
+
+    async fn acquire(&self) -> Result<OwnedSemaphorePermit, StoreError> {
+        self.shared
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::DeviceUnavailable {
+                token: self.shared.cfg.token_label.clone(),
+                detail: "store closed".into(),
+            })
+    }
+
+    fn path_lock(&self, path: &SecretPath) -> Arc<tokio::sync::Mutex<()>> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        path.hash(&mut h);
+        self.shared.path_locks[(h.finish() as usize) % LOCK_STRIPES].clone()
+    }
+
+    /// Writes `body` as a new generation of `path` if the current version admits it.
+    async fn write(
+        &self,
+        path: &SecretPath,
+        body: Body,
+        expect: Expect,
+    ) -> Result<u64, StoreError> {
+        let _gc = self.shared.gc_lock.read().await;
+        let lock = self.path_lock(path);
+        let _guard = lock.lock().await;
+        let path = path.clone();
+        let shared = self.shared.clone();
+        self.run("write", move |tok| {
+            let current = tok.load_meta(&path)?;
+            let live_version = current
+                .as_ref()
+                .filter(|(m, _)| !m.deleted)
+                .map(|(m, _)| m.version);
+            if matches!(body, Body::Deleted) && live_version.is_none() {
+                return Err(StoreError::NotFound {
+                    token: tok.label().into(),
+                    path: path.to_string(),
+                });
+            }
+            if !expect.admits(live_version) {
+                return Err(StoreError::VersionConflict {
+                    token: tok.label().into(),
+                    path: path.to_string(),
+                    expected: describe_expect(expect),
+                    actual: live_version.map_or("absent".into(), |v| v.to_string()),
+                });
+            }
+            let version = shared.next_version.fetch_add(1, Ordering::SeqCst);
+            let record = match body {
+                Body::Live(data) => Record::live(path, version, data),
+                Body::Deleted => Record::tombstone(path, version),
+            };
+            tok.write_generation(&record, current)?;
+            Ok(version)
+        })
+        .await
+    }
+}
+
+fn describe_expect(expect: Expect) -> String {
+    match expect {
+        Expect::Any => "any".into(),
+        Expect::Absent => "absent".into(),
+        Expect::Version(v) => v.to_string(),
+    }
+}
+
+#[async_trait]
+impl SecretStore for Pkcs11Store {
+    fn token_label(&self) -> &str {
+        &self.shared.cfg.token_label
+    }
+
+    async fn record(&self, path: &SecretPath) -> Result<Record, StoreError> {
+        let path = path.clone();
+        self.run("get", move |tok| tok.read_record(&path)).await
+    }
+
+    async fn put(
+        &self,
+        path: &SecretPath,
+        data: SecretData,
+        expect: Expect,
+    ) -> Result<u64, StoreError> {
+        self.write(path, Body::Live(data), expect).await
+    }
+
+    async fn delete(&self, path: &SecretPath, expect: Expect) -> Result<u64, StoreError> {
+        self.write(path, Body::Deleted, expect).await
+    }
+
+    async fn apply(&self, record: Record) -> Result<bool, StoreError> {
+        // Never store what does not verify: a mirror only ever holds the primary's bytes.
+        record.verify()?;
+        let _gc = self.shared.gc_lock.read().await;
+        let lock = self.path_lock(&record.path);
+        let _guard = lock.lock().await;
+        let shared = self.shared.clone();
+        self.run("apply", move |tok| {
+            let current = tok.load_meta(&record.path)?;
+            if let Some((meta, _)) = &current
+                && meta.version == record.version
+                && meta.checksum == record.checksum.to_hex()
+            {
+                return Ok(false);
+            }
+            shared
+                .next_version
+                .fetch_max(record.version + 1, Ordering::SeqCst);
+            tok.write_generation(&record, current)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn purge(&self, path: &SecretPath) -> Result<bool, StoreError> {
+        let _gc = self.shared.gc_lock.read().await;
+        let lock = self.path_lock(path);
+        let _guard = lock.lock().await;
+        let path = path.clone();
+        self.run("purge", move |tok| {
+            let Some((meta, handles)) = tok.load_meta(&path)? else {
+                return Ok(false);
+            };
+            let data = tok.find(&data_template(&path, &meta.generation))?;
+            for h in handles.into_iter().chain(data) {
+                tok.destroy(h)?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn manifest(&self) -> Result<Vec<ManifestEntry>, StoreError> {
+        self.run("manifest", |tok| {
+            let metas = tok.all_metas()?;
+            metas
+                .into_values()
+                .map(|(meta, _)| {
+                    Ok(ManifestEntry {
+                        path: meta.secret_path()?,
+                        version: meta.version,
+                        checksum: meta.checksum()?,
+                        deleted: meta.deleted,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    fn latest_sequence(&self) -> u64 {
+        self.shared.next_version.load(Ordering::SeqCst) - 1
+    }
+
+    async fn health(&self) -> Result<TokenInfo, StoreError> {
+        self.run("health", |tok| {
+            tok.session
+                .get_session_info()
+                .map_err(|e| tok.map_err(e, "C_GetSessionInfo"))?;
+            tok.token_info()
+        })
+        .await
+    }
+
+    async fn gc(&self) -> Result<GcReport, StoreError> {
+        let _gc = self.shared.gc_lock.write().await;
+        self.run("gc", |tok| {
+            let mut report = GcReport::default();
+            let metas = tok.all_metas()?;
+            let mut live: HashMap<SecretPath, String> = HashMap::new();
+            for (path, (meta, handles)) in metas {
+                // handles[0] is the newest metadata object; older ones are stale.
+                for stale in handles.into_iter().skip(1) {
+                    tok.destroy(stale)?;
+                    report.stale_metadata += 1;
+                }
+                if !meta.deleted {
+                    live.insert(path, meta.generation);
+                }
+            }
+            let data = tok.find(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Application(DATA_APP.to_vec()),
+            ])?;
+            for h in data {
+                let attrs = tok.read(h, &[AttributeType::Label])?;
+                let keep = attrs.iter().any(|a| match a {
+                    Attribute::Label(l) => layout::parse_data_label(l)
+                        .is_some_and(|(p, g)| live.get(&p) == Some(&g)),
+                    _ => false,
+                });
+                if !keep {
+                    tok.destroy(h)?;
+                    report.orphan_objects += 1;
+                }
+            }
+            Ok(report)
+        })
+        .await
+    }
+}
+
+impl Shared {
+    fn label(&self) -> &str {
+        &self.cfg.token_label
+    }
+
+    /// A logged-in session from the pool, connecting first when needed.
+    fn checkout(&self) -> Result<(Session, u64), StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if conn.is_none() {
+            *conn = Some(self.connect()?);
+        }
+        let c = conn.as_mut().expect("connected above");
+        if let Some(s) = c.idle.pop() {
+            return Ok((s, c.generation));
+        }
+        let session = self
+            .ctx
+            .open_rw_session(c.slot)
+            .map_err(|e| map_ck(self.label(), e, "C_OpenSession"))?;
+        match session.login(UserType::User, Some(&self.pin)) {
+            Ok(()) => {}
+            Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => {
+                let err = map_ck(self.label(), e, "C_Login");
+                if matches!(err, StoreError::DeviceUnavailable { .. }) {
+                    *conn = None;
+                }
+                return Err(err);
+            }
+        }
+        Ok((session, c.generation))
+    }
+
+    fn checkin(&self, session: Session, generation: u64) {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = conn.as_mut()
+            && c.generation == generation
+        {
+            c.idle.push(session);
+        }
+    }
+
+    /// Forgets the connection (its sessions close) so the next call reconnects.
+    fn invalidate(&self, generation: u64) {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if conn.as_ref().is_some_and(|c| c.generation == generation) {
+            tracing::warn!(token = %self.label(), "token lost; will reconnect on next use");
+            *conn = None;
+        }
+    }
+
+    fn connect(&self) -> Result<Conn, StoreError> {
+        let slots = self
+            .ctx
+            .get_slots_with_token()
+            .map_err(|e| map_ck(self.label(), e, "C_GetSlotList"))?;
+        let mut present = Vec::new();
+        for slot in slots {
+            let Ok(info) = self.ctx.get_token_info(slot) else {
+                continue;
+            };
+            let label = info.label().trim_end().to_string();
+            let serial = info.serial_number().trim_end().to_string();
+            if !info.token_initialized() {
+                continue;
+            }
+            if label == self.cfg.token_label
+                && self.cfg.token_serial.as_deref().is_none_or(|s| s == serial)
+            {
+                if info.user_pin_locked() {
+                    return Err(StoreError::PinLocked {
+                        token: label.clone(),
+                    });
+                }
+                return Ok(Conn {
+                    slot,
+                    generation: self.conn_generation.fetch_add(1, Ordering::SeqCst) + 1,
+                    info: TokenInfo {
+                        label,
+                        serial,
+                        manufacturer: info.manufacturer_id().trim_end().to_string(),
+                        model: info.model().trim_end().to_string(),
+                    },
+                    idle: Vec::new(),
+                });
+            }
+            present.push(format!("{label:?} (serial {serial})"));
+        }
+        Err(StoreError::TokenNotFound {
+            label: self.cfg.token_label.clone(),
+            library: self.cfg.library.display().to_string(),
+            present: if present.is_empty() {
+                "none".into()
+            } else {
+                present.join(", ")
+            },
+        })
+    }
+}
+
+/// A session plus the store it belongs to: the object-level operations, each one a
+/// fault-injection point.
+struct Tok<'a> {
+    session: &'a Session,
+    shared: &'a Shared,
+}
+
+impl Tok<'_> {
+    fn label(&self) -> &str {
+        self.shared.label()
+    }
+
+    fn fault(&self, op: &'static str) -> Result<(), StoreError> {
+        match &self.shared.faults {
+            Some(plan) => plan.check(op, self.label()),
+            None => Ok(()),
+        }
+    }
+
+    fn map_err(&self, e: CkError, function: &'static str) -> StoreError {
+        map_ck(self.label(), e, function)
+    }
+
+    fn find(&self, template: &[Attribute]) -> Result<Vec<ObjectHandle>, StoreError> {
+        self.fault("find")?;
+        let page = NonZeroUsize::new(FIND_PAGE).expect("non-zero page");
+        self.session
+            .iter_objects_with_cache_size(template, page)
+            .map_err(|e| self.map_err(e, "C_FindObjectsInit"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.map_err(e, "C_FindObjects"))
+    }
+
+    fn read(&self, h: ObjectHandle, attrs: &[AttributeType]) -> Result<Vec<Attribute>, StoreError> {
+        self.fault("read")?;
+        self.session
+            .get_attributes(h, attrs)
+            .map_err(|e| self.map_err(e, "C_GetAttributeValue"))
+    }
+
+    fn create(&self, template: &[Attribute]) -> Result<ObjectHandle, StoreError> {
+        self.fault("create")?;
+        self.session
+            .create_object(template)
+            .map_err(|e| self.map_err(e, "C_CreateObject"))
+    }
+
+    fn destroy(&self, h: ObjectHandle) -> Result<(), StoreError> {
+        self.fault("destroy")?;
+        match self.session.destroy_object(h) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) => Ok(()),
+            Err(e) => Err(self.map_err(e, "C_DestroyObject")),
+        }
+    }
+
+    fn read_value(&self, h: ObjectHandle) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        for attr in self.read(h, &[AttributeType::Value])? {
+            if let Attribute::Value(v) = attr {
+                return Ok(Zeroizing::new(v));
+            }
+        }
+        Ok(Zeroizing::new(Vec::new()))
+    }
+
+    fn token_info(&self) -> Result<TokenInfo, StoreError> {
+        let conn = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.as_ref()
+            .map(|c| c.info.clone())
+            .ok_or_else(|| StoreError::DeviceUnavailable {
+                token: self.label().into(),
+                detail: "not connected".into(),
+            })
+    }
+
+    /// The newest metadata of `path` and all its metadata handles, newest first.
+    fn load_meta(&self, path: &SecretPath) -> Result<Option<(Meta, Vec<ObjectHandle>)>, StoreError> {
+        let handles = self.find(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Application(META_APP.to_vec()),
+            Attribute::Label(layout::meta_label(path)),
+        ])?;
+        let mut found: Vec<(Meta, ObjectHandle)> = Vec::with_capacity(handles.len());
+        for h in handles {
+            let meta = Meta::decode(&self.read_value(h)?)?;
+            if meta.path != path.to_string() {
+                return Err(StoreError::Corrupt {
+                    path: path.to_string(),
+                    detail: "metadata label and content disagree".into(),
+                });
+            }
+            found.push((meta, h));
+        }
+        found.sort_by(|a, b| b.0.version.cmp(&a.0.version));
+        let mut iter = found.into_iter();
+        Ok(iter.next().map(|(meta, h)| {
+            let mut handles = vec![h];
+            handles.extend(iter.map(|(_, h)| h));
+            (meta, handles)
+        }))
+    }
+
+    /// Every secret's newest metadata with all its metadata handles (newest first).
+    fn all_metas(&self) -> Result<BTreeMap<SecretPath, (Meta, Vec<ObjectHandle>)>, StoreError> {
+        let handles = self.find(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Application(META_APP.to_vec()),
+        ])?;
+        let mut by_path: BTreeMap<SecretPath, Vec<(Meta, ObjectHandle)>> = BTreeMap::new();
+        for h in handles {
+            let meta = Meta::decode(&self.read_value(h)?)?;
+            by_path.entry(meta.secret_path()?).or_default().push((meta, h));
+        }
+        Ok(by_path
+            .into_iter()
+            .map(|(path, mut metas)| {
+                metas.sort_by(|a, b| b.0.version.cmp(&a.0.version));
+                let handles = metas.iter().map(|(_, h)| *h).collect();
+                let newest = metas.swap_remove(0).0;
+                (path, (newest, handles))
+            })
+            .collect())
+    }
+
+    fn read_record(&self, path: &SecretPath) -> Result<Record, StoreError> {
+        let Some((meta, _)) = self.load_meta(path)? else {
+            return Err(StoreError::NotFound {
+                token: self.label().into(),
+                path: path.to_string(),
+            });
+        };
+        let checksum = meta.checksum()?;
+        let body = if meta.deleted {
+            Body::Deleted
+        } else {
+            let handles = self.find(&data_template(path, &meta.generation))?;
+            let mut map = BTreeMap::new();
+            for h in handles {
+                let mut key = None;
+                let mut value = Zeroizing::new(Vec::new());
+                for attr in self.read(h, &[AttributeType::ObjectId, AttributeType::Value])? {
+                    match attr {
+                        Attribute::ObjectId(id) => key = String::from_utf8(id).ok(),
+                        Attribute::Value(v) => value = Zeroizing::new(v),
+                        _ => {}
+                    }
+                }
+                let key = key.ok_or_else(|| StoreError::Corrupt {
+                    path: path.to_string(),
+                    detail: "a data object has no readable key name".into(),
+                })?;
+                if map.insert(key, value).is_some() {
+                    return Err(StoreError::Corrupt {
+                        path: path.to_string(),
+                        detail: "a key is stored twice in one generation".into(),
+                    });
+                }
+            }
+            if map.len() != meta.keys.len() || !meta.keys.iter().all(|k| map.contains_key(k)) {
+                return Err(StoreError::Corrupt {
+                    path: path.to_string(),
+                    detail: format!(
+                        "version {} lists {} keys but {} data objects were found",
+                        meta.version,
+                        meta.keys.len(),
+                        map.len()
+                    ),
+                });
+            }
+            Body::Live(SecretData::from_validated(map))
+        };
+        let record = Record {
+            path: path.clone(),
+            version: meta.version,
+            checksum,
+            body,
+        };
+        record.verify()?;
+        Ok(record)
+    }
+
+    /// Creates the new generation's objects, then its metadata, then destroys the old
+    /// generation. Stops at the first failure without cleaning up, as a crash would:
+    /// readers still see a whole secret and garbage collection removes the leftovers.
+    fn write_generation(
+        &self,
+        record: &Record,
+        previous: Option<(Meta, Vec<ObjectHandle>)>,
+    ) -> Result<(), StoreError> {
+        let generation = new_generation_id(record.version);
+        let label = layout::data_label(&record.path, &generation);
+        let mut keys = Vec::new();
+        if let Body::Live(data) = &record.body {
+            for (key, value) in data.iter() {
+                self.create(&[
+                    Attribute::Class(ObjectClass::DATA),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Modifiable(false),
+                    Attribute::Label(label.clone()),
+                    Attribute::Application(DATA_APP.to_vec()),
+                    Attribute::ObjectId(key.as_bytes().to_vec()),
+                    Attribute::Value(value.to_vec()),
+                ])?;
+                keys.push(key.to_string());
+            }
+        }
+        let meta = Meta {
+            f: Meta::FORMAT,
+            path: record.path.to_string(),
+            version: record.version,
+            generation,
+            deleted: record.is_deleted(),
+            checksum: record.checksum.to_hex(),
+            keys,
+        };
+        self.create(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Label(layout::meta_label(&record.path)),
+            Attribute::Application(META_APP.to_vec()),
+            Attribute::Value(meta.encode()),
+        ])?;
+        if let Some((old, old_handles)) = previous {
+            for h in old_handles {
+                self.destroy(h)?;
+            }
+            if !old.deleted {
+                for h in self.find(&data_template(&record.path, &old.generation))? {
+                    self.destroy(h)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn data_template(path: &SecretPath, generation: &str) -> [Attribute; 3] {
+    [
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Application(DATA_APP.to_vec()),
+        Attribute::Label(layout::data_label(path, generation)),
+    ]
+}
+
+/// Unique per write even across restarts and processes, so a crashed write's leftovers
+/// never mix with a later generation of the same version.
+fn new_generation_id(version: u64) -> String {
+    static COUNTER: OnceLock<AtomicU64> = OnceLock::new();
+    let counter = COUNTER.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        AtomicU64::new(nanos ^ (u64::from(std::process::id()) << 40))
+    });
+    format!("{version}.{:x}", counter.fetch_add(1, Ordering::Relaxed))
+}
+
+/// One `Pkcs11` context per module per process: `C_Initialize` is process-wide.
+fn context(library: &Path) -> Result<Pkcs11, StoreError> {
+    static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+    let mut map = CONTEXTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(ctx) = map.get(library) {
+        return Ok(ctx.clone());
+    }
+    let lib_err = |detail: String| StoreError::Library {
+        library: library.display().to_string(),
+        detail,
+    };
+    if !library.exists() {
+        return Err(lib_err(
+            "no such file; install the vendor's PKCS#11 module or fix pkcs11.library".into(),
+        ));
+    }
+    let ctx = Pkcs11::new(library).map_err(|e| lib_err(e.to_string()))?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(lib_err(format!("C_Initialize failed: {e}"))),
+    }
+    map.insert(library.to_path_buf(), ctx.clone());
+    Ok(ctx)
+}
+
+fn read_pin(path: &Path) -> Result<AuthPin, StoreError> {
+    let raw = Zeroizing::new(std::fs::read(path).map_err(|e| StoreError::PinFile {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?);
+    let text = std::str::from_utf8(&raw).map_err(|_| StoreError::PinFile {
+        path: path.display().to_string(),
+        detail: "the PIN is not UTF-8 text".into(),
+    })?;
+    let pin = text.trim_end_matches(['\n', '\r']);
+    if pin.is_empty() {
+        return Err(StoreError::PinFile {
+            path: path.display().to_string(),
+            detail: "the file is empty".into(),
+        });
+    }
+    Ok(AuthPin::from(pin.to_string()))
+}
+
+/// Maps a PKCS#11 failure to what the caller can act on.
+fn map_ck(token: &str, e: CkError, function: &'static str) -> StoreError {
+    match e {
+        CkError::Pkcs11(rv, f) => match rv {
+            RvError::PinIncorrect => StoreError::PinIncorrect {
+                token: token.into(),
+            },
+            RvError::PinLocked => StoreError::PinLocked {
+                token: token.into(),
+            },
+            RvError::DeviceRemoved
+            | RvError::DeviceError
+            | RvError::TokenNotPresent
+            | RvError::TokenNotRecognized
+            | RvError::SessionHandleInvalid
+            | RvError::SessionClosed
+            | RvError::SlotIdInvalid
+            | RvError::UserNotLoggedIn
+            | RvError::CryptokiNotInitialized => StoreError::DeviceUnavailable {
+                token: token.into(),
+                detail: format!("{f}: {rv}"),
+            },
+            _ => StoreError::Pkcs11 {
+                token: token.into(),
+                function: f.to_string(),
+                rv: rv.to_string(),
+            },
+        },
+        other => StoreError::Pkcs11 {
+            token: token.into(),
+            function: function.into(),
+            rv: other.to_string(),
+        },
+    }
+}

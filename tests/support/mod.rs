@@ -1,0 +1,4 @@
+//! Shared fixtures for the integration tests: SoftHSM2 tokens in a private directory.
+#![allow(dead_code)]
+
+pub mod softhsm;
