@@ -1,9 +1,12 @@
 use clap::{Parser, Subcommand};
+use hsm_secrets::telemetry::CommonArgs;
 
 /// hsm-secrets: secrets from PKCS#11 HSMs for Kubernetes workloads.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -16,6 +19,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    hsm_secrets::telemetry::init(&cli.common);
     match cli.command {
         Command::Crdgen => print!("{}", hsm_secrets::crd::crd_yaml()?),
     }

@@ -1,0 +1,1 @@
+//! Subcommands of the `hsm-secrets` binary, one module each.

@@ -1,0 +1,37 @@
+//! Logging setup shared by every subcommand.
+
+use clap::{Args, ValueEnum};
+use std::net::SocketAddr;
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Plain,
+    Json,
+}
+
+/// Flags every long-running subcommand takes.
+#[derive(Args, Clone, Debug)]
+pub struct CommonArgs {
+    /// Log filter, e.g. `info` or `hsm_secrets=debug,info`.
+    #[arg(long, env = "HSM_LOG", default_value = "info", global = true)]
+    pub log: String,
+    /// Log line format.
+    #[arg(long, env = "HSM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain, global = true)]
+    pub log_format: LogFormat,
+    /// Address for /metrics, /healthz and /readyz (empty to disable).
+    #[arg(long, env = "HSM_METRICS_ADDR", global = true)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Installs the global tracing subscriber. Safe to call more than once (later calls are
+/// ignored), so tests and the demo can share a process.
+pub fn init(args: &CommonArgs) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match args.log_format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
