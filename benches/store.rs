@@ -29,7 +29,10 @@ fn main() {
         let conf = dir.path().join("softhsm2.conf");
         std::fs::write(
             &conf,
-            format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
         )
         .expect("conf");
         let status = Command::new(std::env::current_exe().expect("exe"))
@@ -49,19 +52,35 @@ fn main() {
 }
 
 fn library() -> PathBuf {
-    ["/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .expect("SoftHSM2 not installed: apt-get install -y softhsm2")
+    [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("SoftHSM2 not installed: apt-get install -y softhsm2")
 }
 
 fn init_token(label: &str) {
     let out = Command::new("softhsm2-util")
-        .args(["--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", "5678"])
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--pin",
+            PIN,
+            "--so-pin",
+            "5678",
+        ])
         .output()
         .expect("softhsm2-util");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn median(v: &mut [Duration]) -> Duration {
@@ -88,7 +107,10 @@ async fn run(dir: PathBuf) {
     let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
 
     let mut rows = Vec::new();
-    let samples = std::env::var("BENCH_SAMPLES").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
+    let samples = std::env::var("BENCH_SAMPLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
 
     // --- one secret of 10 keys x 1 KiB
     let store = Pkcs11Store::open(Pkcs11Config::new(&lib, "bench-small", &pin_file))
@@ -96,7 +118,10 @@ async fn run(dir: PathBuf) {
         .expect("open");
     let path: SecretPath = "bench/ten-keys".parse().expect("path");
     let data = ten_keys(0);
-    store.put(&path, data.clone(), Expect::Any).await.expect("put");
+    store
+        .put(&path, data.clone(), Expect::Any)
+        .await
+        .expect("put");
     let session = floor_session(&ctx, "bench-small");
     let (mut g_ours, mut g_floor, mut p_ours, mut p_floor, mut m_ours, mut m_floor) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -114,7 +139,10 @@ async fn run(dir: PathBuf) {
         assert_eq!(read, 10);
         // put (overwrite)
         let t = Instant::now();
-        store.put(&path, ten_keys(i), Expect::Version(v)).await.expect("put");
+        store
+            .put(&path, ten_keys(i), Expect::Version(v))
+            .await
+            .expect("put");
         p_ours.push(t.elapsed());
         let t = Instant::now();
         floor_objects = floor_put(&session, &ten_keys(i), floor_objects);
@@ -132,12 +160,30 @@ async fn run(dir: PathBuf) {
     for h in floor_objects {
         let _ = session.destroy_object(h);
     }
-    rows.push(Row { name: "get 10 keys x 1 KiB", ours: median(&mut g_ours), floor: median(&mut g_floor), target: 1.5 });
-    rows.push(Row { name: "put 10 keys x 1 KiB", ours: median(&mut p_ours), floor: median(&mut p_floor), target: f64::NAN });
-    rows.push(Row { name: "manifest, 1 secret", ours: median(&mut m_ours), floor: median(&mut m_floor), target: f64::NAN });
+    rows.push(Row {
+        name: "get 10 keys x 1 KiB",
+        ours: median(&mut g_ours),
+        floor: median(&mut g_floor),
+        target: 1.5,
+    });
+    rows.push(Row {
+        name: "put 10 keys x 1 KiB",
+        ours: median(&mut p_ours),
+        floor: median(&mut p_floor),
+        target: f64::NAN,
+    });
+    rows.push(Row {
+        name: "manifest, 1 secret",
+        ours: median(&mut m_ours),
+        floor: median(&mut m_floor),
+        target: f64::NAN,
+    });
 
     // --- manifest of 10,000 secrets (one key each: 20,000 objects on the token)
-    let count: usize = std::env::var("BENCH_SECRETS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let count: usize = std::env::var("BENCH_SECRETS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
     let plan = Arc::new(FaultPlan::new());
     let large = Pkcs11Store::open_with_faults(
         Pkcs11Config::new(&lib, "bench-large", &pin_file),
@@ -148,7 +194,8 @@ async fn run(dir: PathBuf) {
     let fill = Instant::now();
     for i in 0..count {
         let mut d = SecretData::new();
-        d.insert("value", format!("secret-{i}").into_bytes()).expect("insert");
+        d.insert("value", format!("secret-{i}").into_bytes())
+            .expect("insert");
         let p: SecretPath = format!("ns{}/s{i}", i % 10).parse().expect("path");
         large.put(&p, d, Expect::Absent).await.expect("fill");
     }
@@ -156,7 +203,11 @@ async fn run(dir: PathBuf) {
     let session = floor_session(&ctx, "bench-large");
     let (mut ours, mut floor) = (vec![], vec![]);
     let mut reads_per_manifest = 0;
-    for _ in 0..std::env::var("BENCH_LARGE_SAMPLES").ok().and_then(|s| s.parse().ok()).unwrap_or(7) {
+    for _ in 0..std::env::var("BENCH_LARGE_SAMPLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7)
+    {
         plan.clear();
         let t = Instant::now();
         let m = large.manifest().await.expect("manifest");
@@ -167,15 +218,27 @@ async fn run(dir: PathBuf) {
         assert_eq!(floor_manifest(&session), count);
         floor.push(t.elapsed());
     }
-    rows.push(Row { name: "manifest, 10,000 secrets", ours: median(&mut ours), floor: median(&mut floor), target: 1.5 });
+    rows.push(Row {
+        name: "manifest, 10,000 secrets",
+        ours: median(&mut ours),
+        floor: median(&mut floor),
+        target: 1.5,
+    });
 
     println!();
     println!("| operation | hsm-secrets (median) | raw cryptoki floor (median) | ratio | target |");
     println!("| --- | ---: | ---: | ---: | ---: |");
     for r in &rows {
         let ratio = r.ours.as_secs_f64() / r.floor.as_secs_f64();
-        let target = if r.target.is_nan() { "-".to_string() } else { format!("<= {:.1}x", r.target) };
-        println!("| {} | {:.3?} | {:.3?} | {:.2}x | {} |", r.name, r.ours, r.floor, ratio, target);
+        let target = if r.target.is_nan() {
+            "-".to_string()
+        } else {
+            format!("<= {:.1}x", r.target)
+        };
+        println!(
+            "| {} | {:.3?} | {:.3?} | {:.2}x | {} |",
+            r.name, r.ours, r.floor, ratio, target
+        );
     }
     println!();
     println!(
@@ -187,7 +250,8 @@ async fn run(dir: PathBuf) {
 fn ten_keys(seed: usize) -> SecretData {
     let mut d = SecretData::new();
     for k in 0..10 {
-        d.insert(&format!("key-{k}"), vec![(seed + k) as u8; 1024]).expect("insert");
+        d.insert(&format!("key-{k}"), vec![(seed + k) as u8; 1024])
+            .expect("insert");
     }
     d
 }
@@ -197,7 +261,11 @@ fn floor_session(ctx: &Pkcs11, label: &str) -> Session {
         .get_slots_with_token()
         .expect("slots")
         .into_iter()
-        .find(|s| ctx.get_token_info(*s).map(|i| i.label().trim() == label).unwrap_or(false))
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .map(|i| i.label().trim() == label)
+                .unwrap_or(false)
+        })
         .expect("token");
     let s = ctx.open_rw_session(slot).expect("session");
     let _ = s.login(UserType::User, Some(&AuthPin::from(PIN.to_string())));
@@ -217,10 +285,18 @@ fn current_data_label(session: &Session, path: &SecretPath) -> Vec<u8> {
             Attribute::Label(format!("hsm-secrets:m:{path}").into_bytes()),
         ])
         .expect("find meta");
-    let v = session.get_attributes(metas[0], &[AttributeType::Value]).expect("meta");
-    let Attribute::Value(bytes) = &v[0] else { panic!("no value") };
+    let v = session
+        .get_attributes(metas[0], &[AttributeType::Value])
+        .expect("meta");
+    let Attribute::Value(bytes) = &v[0] else {
+        panic!("no value")
+    };
     let meta: serde_json::Value = serde_json::from_slice(bytes).expect("json");
-    format!("hsm-secrets:d:{path}@{}", meta["generation"].as_str().expect("generation")).into_bytes()
+    format!(
+        "hsm-secrets:d:{path}@{}",
+        meta["generation"].as_str().expect("generation")
+    )
+    .into_bytes()
 }
 
 /// The least a raw client does to read a known secret: find its data objects by label and
@@ -239,7 +315,9 @@ fn floor_get(session: &Session, label: &[u8]) -> usize {
         .collect::<Result<_, _>>()
         .expect("find");
     for h in &handles {
-        session.get_attributes(*h, &[AttributeType::ObjectId, AttributeType::Value]).expect("read");
+        session
+            .get_attributes(*h, &[AttributeType::ObjectId, AttributeType::Value])
+            .expect("read");
     }
     handles.len()
 }
@@ -283,7 +361,9 @@ fn floor_manifest(session: &Session) -> usize {
         .collect::<Result<_, _>>()
         .expect("find");
     for h in &handles {
-        session.get_attributes(*h, &[AttributeType::Value]).expect("read");
+        session
+            .get_attributes(*h, &[AttributeType::Value])
+            .expect("read");
     }
     handles.len()
 }

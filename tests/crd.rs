@@ -49,7 +49,10 @@ fn crds_parse_with_printer_columns_and_scopes() {
     assert_eq!(dev["spec"]["scope"], "Cluster");
     assert_eq!(dev["spec"]["names"]["shortNames"][0], "hsmdev");
     assert_eq!(dev["spec"]["group"], "hsmsecrets.io");
-    assert!(dev.pointer("/spec/versions/0/subresources/status").is_some());
+    assert!(
+        dev.pointer("/spec/versions/0/subresources/status")
+            .is_some()
+    );
     let cols = columns(dev);
     for (name, prio) in [
         ("Policy", 0),
@@ -61,7 +64,10 @@ fn crds_parse_with_printer_columns_and_scopes() {
         ("Last Sync", 1),
         ("Failovers", 1),
     ] {
-        assert!(cols.contains(&(name.to_string(), prio)), "{name} in {cols:?}");
+        assert!(
+            cols.contains(&(name.to_string(), prio)),
+            "{name} in {cols:?}"
+        );
     }
     let sec = &docs[1];
     assert_eq!(sec["spec"]["scope"], "Namespaced");
@@ -127,7 +133,11 @@ fn schema_rejects_bad_device_specs() {
         ("/spec/mirroring/policy", json!("Sometimes"), "not one of"),
         ("/spec/mirroring/syncInterval", json!(1), "at least"),
         ("/spec/mirroring/failoverThreshold", json!(0), "at least"),
-        ("/spec/mirroring/autoFailover", json!("yes"), "true or false"),
+        (
+            "/spec/mirroring/autoFailover",
+            json!("yes"),
+            "true or false",
+        ),
         ("/spec/mirroring/surprise", json!(1), "unknown field"),
     ];
     for (ptr, bad, why) in cases {

@@ -40,7 +40,10 @@ async fn binary_values_round_trip() {
     let all_bytes: Vec<u8> = (0..=255u8).collect();
     let big: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 251) as u8).collect();
     let d = data(&[("all", &all_bytes), ("empty", b""), ("big", &big)]);
-    let v = store.put(&path("shop/bin"), d.clone(), Expect::Absent).await.unwrap();
+    let v = store
+        .put(&path("shop/bin"), d.clone(), Expect::Absent)
+        .await
+        .unwrap();
     let (got_v, got) = store.get(&path("shop/bin")).await.unwrap();
     assert_eq!(got_v, v);
     assert_eq!(got.get("all"), Some(all_bytes.as_slice()));
@@ -60,15 +63,33 @@ async fn secrets_with_prefix_names_never_see_each_other() {
     let store = tok.open().await;
     let db = path("shop/db");
     let db_prod = path("shop/db-prod");
-    store.put(&db, data(&[("user", b"a")]), Expect::Any).await.unwrap();
-    store.put(&db_prod, data(&[("user", b"b"), ("pw", b"c")]), Expect::Any).await.unwrap();
-    assert_eq!(store.get(&db).await.unwrap().1.keys().collect::<Vec<_>>(), ["user"]);
+    store
+        .put(&db, data(&[("user", b"a")]), Expect::Any)
+        .await
+        .unwrap();
+    store
+        .put(&db_prod, data(&[("user", b"b"), ("pw", b"c")]), Expect::Any)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(&db).await.unwrap().1.keys().collect::<Vec<_>>(),
+        ["user"]
+    );
     assert_eq!(store.get(&db_prod).await.unwrap().1.len(), 2);
 
-    store.put(&db, data(&[("user", b"x")]), Expect::Any).await.unwrap();
-    assert_eq!(store.get(&db_prod).await.unwrap().1.get("user"), Some(&b"b"[..]));
+    store
+        .put(&db, data(&[("user", b"x")]), Expect::Any)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(&db_prod).await.unwrap().1.get("user"),
+        Some(&b"b"[..])
+    );
     store.delete(&db, Expect::Any).await.unwrap();
-    assert!(matches!(store.get(&db).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        store.get(&db).await,
+        Err(StoreError::NotFound { .. })
+    ));
     let (_, prod) = store.get(&db_prod).await.unwrap();
     assert_eq!(prod.get("pw"), Some(&b"c"[..]));
     // Another namespace with the same name is another secret.
@@ -88,7 +109,8 @@ async fn twelve_thousand_objects_list_and_read_completely() {
     for i in 0..secrets {
         let mut d = SecretData::new();
         for k in 0..11 {
-            d.insert(&format!("k{k}"), format!("{i}-{k}").into_bytes()).unwrap();
+            d.insert(&format!("k{k}"), format!("{i}-{k}").into_bytes())
+                .unwrap();
         }
         let p = path(&format!("ns{}/s{i}", i % 7));
         let v = store.put(&p, d, Expect::Absent).await.unwrap();
@@ -137,7 +159,10 @@ async fn a_crash_at_any_step_leaves_old_or_new_never_a_mix() {
         let (_, seen) = store.get(&p).await.unwrap();
         if seen == old {
             saw_old += 1;
-            assert!(result.is_err(), "step {step}: write reported success but old data remains");
+            assert!(
+                result.is_err(),
+                "step {step}: write reported success but old data remains"
+            );
         } else if seen == new {
             saw_new += 1;
         } else {
@@ -148,7 +173,10 @@ async fn a_crash_at_any_step_leaves_old_or_new_never_a_mix() {
 
     // Leftovers are collected, and the secret is still whole afterwards.
     let report = store.gc().await.unwrap();
-    assert!(report.orphan_objects + report.stale_metadata > 0, "{report:?}");
+    assert!(
+        report.orphan_objects + report.stale_metadata > 0,
+        "{report:?}"
+    );
     assert_eq!(store.gc().await.unwrap().orphan_objects, 0);
     let (_, after) = store.get(&p).await.unwrap();
     assert!(after == old || after == new);
@@ -157,7 +185,11 @@ async fn a_crash_at_any_step_leaves_old_or_new_never_a_mix() {
 #[tokio::test]
 async fn concurrent_mixed_operations_stay_consistent() {
     let tok = token!("concurrent");
-    let store = Arc::new(tok.open().await);
+    let mut cfg = tok.config();
+    cfg.max_sessions = std::env::var("MAXS")
+        .map(|s| s.parse().unwrap())
+        .unwrap_or(8);
+    let store = Arc::new(Pkcs11Store::open(cfg).await.unwrap());
     let mut tasks = Vec::new();
     for t in 0..8 {
         let store = store.clone();
@@ -208,7 +240,11 @@ async fn concurrent_mixed_operations_stay_consistent() {
     }
     let versions: std::collections::BTreeSet<u64> =
         expected.values().flatten().map(|(v, _)| *v).collect();
-    assert_eq!(versions.len(), expected.values().flatten().count(), "versions unique");
+    assert_eq!(
+        versions.len(),
+        expected.values().flatten().count(),
+        "versions unique"
+    );
 }
 
 #[tokio::test]
@@ -216,8 +252,14 @@ async fn stale_expected_version_conflicts_and_changes_nothing() {
     let tok = token!("conflict");
     let store = tok.open().await;
     let p = path("shop/cas");
-    let v1 = store.put(&p, data(&[("k", b"1")]), Expect::Absent).await.unwrap();
-    let v2 = store.put(&p, data(&[("k", b"2")]), Expect::Version(v1)).await.unwrap();
+    let v1 = store
+        .put(&p, data(&[("k", b"1")]), Expect::Absent)
+        .await
+        .unwrap();
+    let v2 = store
+        .put(&p, data(&[("k", b"2")]), Expect::Version(v1))
+        .await
+        .unwrap();
     let err = store
         .put(&p, data(&[("k", b"3")]), Expect::Version(v1))
         .await
@@ -250,7 +292,10 @@ async fn wrong_pin_and_missing_label_are_explained() {
     let err = Pkcs11Store::open(cfg).await.err().unwrap();
     let msg = err.to_string();
     assert!(matches!(err, StoreError::TokenNotFound { .. }), "{msg}");
-    assert!(msg.contains("no-such-token") && msg.contains("\"pins\""), "{msg}");
+    assert!(
+        msg.contains("no-such-token") && msg.contains("\"pins\""),
+        "{msg}"
+    );
 
     let cfg = Pkcs11Config::new(&tok.library, "pins", tok.pin_file.with_extension("missing"));
     let err = Pkcs11Store::open(cfg).await.err().unwrap();
@@ -262,13 +307,22 @@ async fn losing_the_token_is_reported_and_recovered_without_restart() {
     let tok = token!("removable");
     let store = tok.open().await;
     let p = path("shop/survivor");
-    store.put(&p, data(&[("k", b"v")]), Expect::Any).await.unwrap();
+    store
+        .put(&p, data(&[("k", b"v")]), Expect::Any)
+        .await
+        .unwrap();
 
     let dir = tok.directory();
     let away = dir.with_extension("away");
     std::fs::rename(&dir, &away).unwrap();
     let err = store.get(&p).await.unwrap_err();
-    assert!(matches!(err, StoreError::DeviceUnavailable { .. } | StoreError::TokenNotFound { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StoreError::DeviceUnavailable { .. } | StoreError::TokenNotFound { .. }
+        ),
+        "{err}"
+    );
     assert!(err.is_transient());
 
     std::fs::rename(&away, &dir).unwrap();
@@ -289,16 +343,35 @@ async fn tombstones_and_apply_replicate_exactly() {
 
     let mut forged = Record::live(p.clone(), 42, data(&[("k", b"evil")]));
     forged.checksum = rec.checksum;
-    assert!(matches!(store.apply(forged).await, Err(StoreError::Corrupt { .. })));
-    assert_eq!(store.record(&p).await.unwrap(), rec, "bad data never applied");
+    assert!(matches!(
+        store.apply(forged).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(
+        store.record(&p).await.unwrap(),
+        rec,
+        "bad data never applied"
+    );
 
     store.apply(Record::tombstone(p.clone(), 43)).await.unwrap();
-    assert!(matches!(store.record(&p).await.unwrap().body, Body::Deleted));
-    assert!(matches!(store.get(&p).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        store.record(&p).await.unwrap().body,
+        Body::Deleted
+    ));
+    assert!(matches!(
+        store.get(&p).await,
+        Err(StoreError::NotFound { .. })
+    ));
     let m = store.manifest().await.unwrap();
     assert_eq!((m.len(), m[0].deleted, m[0].version), (1, true, 43));
     assert!(store.purge(&p).await.unwrap());
     assert!(store.manifest().await.unwrap().is_empty());
     // A local write after replication continues above the replicated sequence.
-    assert_eq!(store.put(&p, data(&[("k", b"w")]), Expect::Absent).await.unwrap(), 44);
+    assert_eq!(
+        store
+            .put(&p, data(&[("k", b"w")]), Expect::Absent)
+            .await
+            .unwrap(),
+        44
+    );
 }

@@ -1,3 +1,7 @@
+// kube-derive repeats `type_` across printcolumn(...) lists, which this lint mistakes for
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -12,15 +16,48 @@ use serde::{Deserialize, Serialize};
     shortname = "hsmdev",
     category = "hsmsecrets",
     status = "HSMDeviceStatus",
-    printcolumn(name = "Policy", type_ = "string", json_path = ".spec.mirroring.policy"),
+    printcolumn(
+        name = "Policy",
+        type_ = "string",
+        json_path = ".spec.mirroring.policy"
+    ),
     printcolumn(name = "Primary", type_ = "string", json_path = ".status.primaryNode"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Mirrors", type_ = "string", json_path = ".status.mirrors", description = "mirrors ready / total"),
-    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.maxSyncLagSeconds", description = "largest mirror sync lag in seconds"),
-    printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.epoch", priority = "1"),
-    printcolumn(name = "Last Sync", type_ = "date", json_path = ".status.lastSyncTime", priority = "1"),
-    printcolumn(name = "Failovers", type_ = "integer", json_path = ".status.failoverCount", priority = "1"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Mirrors",
+        type_ = "string",
+        json_path = ".status.mirrors",
+        description = "mirrors ready / total"
+    ),
+    printcolumn(
+        name = "Lag",
+        type_ = "integer",
+        json_path = ".status.maxSyncLagSeconds",
+        description = "largest mirror sync lag in seconds"
+    ),
+    printcolumn(
+        name = "Epoch",
+        type_ = "integer",
+        json_path = ".status.epoch",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Last Sync",
+        type_ = "date",
+        json_path = ".status.lastSyncTime",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Failovers",
+        type_ = "integer",
+        json_path = ".status.failoverCount",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct HSMDeviceSpec {
@@ -108,11 +145,14 @@ impl MirroringSpec {
         self.auto_failover.unwrap_or(false)
     }
     pub fn failover_threshold(&self) -> u32 {
-        self.failover_threshold.unwrap_or(Self::DEFAULT_FAILOVER_THRESHOLD)
+        self.failover_threshold
+            .unwrap_or(Self::DEFAULT_FAILOVER_THRESHOLD)
     }
 }
 
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum MirroringPolicy {
     #[default]
     None,
@@ -131,7 +171,9 @@ pub enum DeviceRole {
     Standby,
 }
 
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum DevicePhase {
     #[default]
     Pending,

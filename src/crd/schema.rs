@@ -42,7 +42,10 @@ fn walk(schema: &Value, value: &Value, at: &str, errors: &mut Vec<String>) {
     if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
         && !allowed.contains(value)
     {
-        errors.push(format!("{at}: {value} is not one of {}", Value::Array(allowed.clone())));
+        errors.push(format!(
+            "{at}: {value} is not one of {}",
+            Value::Array(allowed.clone())
+        ));
     }
     match schema.get("type").and_then(Value::as_str) {
         Some("object") => {
@@ -69,8 +72,12 @@ fn walk(schema: &Value, value: &Value, at: &str, errors: &mut Vec<String>) {
                     (Some(s), _) => walk(s, v, &child, errors),
                     (None, Some(s)) if s.is_object() => walk(s, v, &child, errors),
                     (None, Some(Value::Bool(true))) => {}
-                    (None, _) if at.is_empty() && matches!(k.as_str(), "apiVersion" | "kind" | "metadata") => {}
-                    (None, _) => errors.push(format!("{child}: unknown field (the API server would drop it)")),
+                    (None, _)
+                        if at.is_empty()
+                            && matches!(k.as_str(), "apiVersion" | "kind" | "metadata") => {}
+                    (None, _) => errors.push(format!(
+                        "{child}: unknown field (the API server would drop it)"
+                    )),
                 }
             }
         }

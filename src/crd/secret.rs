@@ -1,3 +1,7 @@
+// kube-derive repeats `type_` across printcolumn(...) lists, which this lint mistakes for
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -16,8 +20,17 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Status", type_ = "string", json_path = ".status.syncStatus"),
     printcolumn(name = "Version", type_ = "integer", json_path = ".status.version"),
     printcolumn(name = "Last Sync", type_ = "date", json_path = ".status.lastSyncTime"),
-    printcolumn(name = "Served By", type_ = "string", json_path = ".status.servedBy.node", priority = "1"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Served By",
+        type_ = "string",
+        json_path = ".status.servedBy.node",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct HSMSecretSpec {
@@ -60,7 +73,10 @@ impl HSMSecretSpec {
     }
     /// Service accounts allowed to mount; empty means any in the namespace.
     pub fn allowed_service_accounts(&self) -> &[String] {
-        self.access.as_ref().map(|a| a.service_accounts.as_slice()).unwrap_or(&[])
+        self.access
+            .as_ref()
+            .map(|a| a.service_accounts.as_slice())
+            .unwrap_or(&[])
     }
 }
 
@@ -87,7 +103,9 @@ pub struct AccessSpec {
     pub service_accounts: Vec<String>,
 }
 
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum DeletionPolicy {
     /// Keep the HSM data (default): the secret travels with the token.
     #[default]
@@ -96,7 +114,9 @@ pub enum DeletionPolicy {
     Delete,
 }
 
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum SyncStatus {
     #[default]
     Pending,

@@ -29,7 +29,9 @@ pub enum StoreError {
     )]
     PinIncorrect { token: String },
 
-    #[error("the user PIN of token {token:?} is locked; unlock it with the SO PIN (e.g. softhsm2-util or the vendor tool)")]
+    #[error(
+        "the user PIN of token {token:?} is locked; unlock it with the SO PIN (e.g. softhsm2-util or the vendor tool)"
+    )]
     PinLocked { token: String },
 
     #[error("no token labelled {label:?} in {library}; tokens present: {present}")]
@@ -39,7 +41,9 @@ pub enum StoreError {
         present: String,
     },
 
-    #[error("secret {path} is corrupt: {detail}; a mirror repairs it from the primary on its next verification pass")]
+    #[error(
+        "secret {path} is corrupt: {detail}; a mirror repairs it from the primary on its next verification pass"
+    )]
     Corrupt { path: String, detail: String },
 
     #[error("invalid {what} {name:?}: {why}")]
@@ -49,7 +53,9 @@ pub enum StoreError {
         why: String,
     },
 
-    #[error("{operation} on token {token:?} did not finish within {timeout:?}; the HSM may be overloaded or hung")]
+    #[error(
+        "{operation} on token {token:?} did not finish within {timeout:?}; the HSM may be overloaded or hung"
+    )]
     Timeout {
         token: String,
         operation: &'static str,

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{
-    Body, Expect, GcReport, ManifestEntry, Record, SecretData, SecretPath, SecretStore,
-    StoreError, TokenInfo,
+    Body, Expect, GcReport, ManifestEntry, Record, SecretData, SecretPath, SecretStore, StoreError,
+    TokenInfo,
 };
 
 #[derive(Default)]

@@ -8,6 +8,7 @@
 mod error;
 mod fault;
 mod faulty;
+mod handles;
 mod layout;
 mod memory;
 mod model;
@@ -51,8 +52,12 @@ pub trait SecretStore: Send + Sync + 'static {
     }
 
     /// Writes a new version if `expect` admits the current one; returns the new version.
-    async fn put(&self, path: &SecretPath, data: SecretData, expect: Expect)
-    -> Result<u64, StoreError>;
+    async fn put(
+        &self,
+        path: &SecretPath,
+        data: SecretData,
+        expect: Expect,
+    ) -> Result<u64, StoreError>;
 
     /// Replaces the secret by a tombstone (so mirrors delete it too).
     async fn delete(&self, path: &SecretPath, expect: Expect) -> Result<u64, StoreError>;

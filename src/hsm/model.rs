@@ -88,7 +88,11 @@ impl SecretData {
 impl fmt::Debug for SecretData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map()
-            .entries(self.0.iter().map(|(k, v)| (k, format!("<{} bytes>", v.len()))))
+            .entries(
+                self.0
+                    .iter()
+                    .map(|(k, v)| (k, format!("<{} bytes>", v.len()))),
+            )
             .finish()
     }
 }

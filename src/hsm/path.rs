@@ -66,6 +66,9 @@ impl fmt::Display for SecretPath {
 /// Key names follow Kubernetes Secret keys (`[-._a-zA-Z0-9]+`): they become file names
 /// in the pod, so no `/`, no NUL, not `.` or `..`, bounded length.
 pub fn validate_key(key: &str) -> Result<(), StoreError> {
+    let bad_char = key
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')));
     let why = if key.is_empty() {
         Some("must not be empty".to_string())
     } else if key.len() > MAX_KEY_LEN {
@@ -74,15 +77,8 @@ pub fn validate_key(key: &str) -> Result<(), StoreError> {
         Some("must not be '.' or '..'".to_string())
     } else if key.starts_with("..") {
         Some("must not start with '..' (reserved for the volume's own files)".to_string())
-    } else if let Some(c) = key
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        Some(format!(
-            "contains {c:?}; use only letters, digits, '-', '_' and '.'"
-        ))
     } else {
-        None
+        bad_char.map(|c| format!("contains {c:?}; use only letters, digits, '-', '_' and '.'"))
     };
     match why {
         Some(why) => Err(StoreError::InvalidName {
@@ -115,8 +111,7 @@ fn validate_dns_subdomain(s: &str) -> Result<(), String> {
         return Err("must be 1 to 253 characters".into());
     }
     for part in s.split('.') {
-        validate_dns_label(part, 63)
-            .map_err(|why| format!("{why} (each '.'-separated part)"))?;
+        validate_dns_label(part, 63).map_err(|why| format!("{why} (each '.'-separated part)"))?;
     }
     Ok(())
 }

@@ -18,13 +18,14 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use tokio::sync::{OwnedSemaphorePermit, RwLock, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
+use super::handles::{Entry, HandleCache, Lookup};
 use super::layout::{self, DATA_APP, META_APP, Meta};
 use super::{
-    Body, Expect, FaultPlan, GcReport, ManifestEntry, Record, SecretData, SecretPath,
-    SecretStore, StoreError, TokenInfo,
+    Body, Expect, FaultPlan, GcReport, ManifestEntry, Record, SecretData, SecretPath, SecretStore,
+    StoreError, TokenInfo,
 };
 
 /// How to reach one token.
@@ -61,10 +62,11 @@ impl Pkcs11Config {
     }
 }
 
+/// Key names and values of one generation.
+type KeyValues = BTreeMap<String, Zeroizing<Vec<u8>>>;
+
 /// Objects returned per `C_FindObjects` call; the iterator pages until exhausted.
 const FIND_PAGE: usize = 256;
-/// Stripes of per-path write locks.
-const LOCK_STRIPES: usize = 64;
 
 /// The PKCS#11 implementation of [`SecretStore`].
 #[derive(Clone)]
@@ -81,10 +83,15 @@ struct Shared {
     permits: Arc<Semaphore>,
     /// Next change sequence number to hand out (one writer per token: this process).
     next_version: AtomicU64,
-    path_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
-    /// Writes hold it shared, garbage collection exclusively (it must not mistake a
-    /// generation being written for an orphan).
-    gc_lock: RwLock<()>,
+    /// Writes are serialized per token: the check of the expected version and the
+    /// generation switch must not interleave, and SoftHSM's file store fails concurrent
+    /// `C_CreateObject` calls. Garbage collection takes it too, so it never mistakes a
+    /// generation being written for an orphan. Reads run concurrently.
+    write_lock: tokio::sync::Mutex<()>,
+    /// SoftHSM's file store also fails a `C_CreateObject` that races a search in another
+    /// session, so a mutation excludes concurrent PKCS#11 reads for its short duration.
+    io_lock: std::sync::RwLock<()>,
+    handles: Mutex<HandleCache>,
     faults: Option<Arc<FaultPlan>>,
 }
 
@@ -117,10 +124,9 @@ impl Pkcs11Store {
             conn: Mutex::new(None),
             conn_generation: AtomicU64::new(0),
             next_version: AtomicU64::new(1),
-            path_locks: (0..LOCK_STRIPES)
-                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
-                .collect(),
-            gc_lock: RwLock::new(()),
+            write_lock: tokio::sync::Mutex::new(()),
+            io_lock: std::sync::RwLock::new(()),
+            handles: Mutex::default(),
             faults,
         });
         let store = Self { shared };
@@ -136,10 +142,16 @@ impl Pkcs11Store {
         T: Send + 'static,
         F: FnOnce(&Tok<'_>) -> Result<T, StoreError> + Send + 'static,
     {
+        let mutates = matches!(operation, "write" | "apply" | "purge" | "gc");
         let permit = self.acquire().await?;
         let shared = self.shared.clone();
         let task = tokio::task::spawn_blocking(move || {
             let _permit: OwnedSemaphorePermit = permit;
+            let _io = if mutates {
+                IoGuard::Exclusive(shared.io_lock.write().unwrap_or_else(|p| p.into_inner()))
+            } else {
+                IoGuard::Shared(shared.io_lock.read().unwrap_or_else(|p| p.into_inner()))
+            };
             let (session, generation) = shared.checkout()?;
             let result = f(&Tok {
                 session: &session,
@@ -181,13 +193,6 @@ impl Pkcs11Store {
             })
     }
 
-    fn path_lock(&self, path: &SecretPath) -> Arc<tokio::sync::Mutex<()>> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        path.hash(&mut h);
-        self.shared.path_locks[(h.finish() as usize) % LOCK_STRIPES].clone()
-    }
-
     /// Writes `body` as a new generation of `path` if the current version admits it.
     async fn write(
         &self,
@@ -195,9 +200,7 @@ impl Pkcs11Store {
         body: Body,
         expect: Expect,
     ) -> Result<u64, StoreError> {
-        let _gc = self.shared.gc_lock.read().await;
-        let lock = self.path_lock(path);
-        let _guard = lock.lock().await;
+        let _writer = self.shared.write_lock.lock().await;
         let path = path.clone();
         let shared = self.shared.clone();
         self.run("write", move |tok| {
@@ -267,9 +270,7 @@ impl SecretStore for Pkcs11Store {
     async fn apply(&self, record: Record) -> Result<bool, StoreError> {
         // Never store what does not verify: a mirror only ever holds the primary's bytes.
         record.verify()?;
-        let _gc = self.shared.gc_lock.read().await;
-        let lock = self.path_lock(&record.path);
-        let _guard = lock.lock().await;
+        let _writer = self.shared.write_lock.lock().await;
         let shared = self.shared.clone();
         self.run("apply", move |tok| {
             let current = tok.load_meta(&record.path)?;
@@ -289,15 +290,14 @@ impl SecretStore for Pkcs11Store {
     }
 
     async fn purge(&self, path: &SecretPath) -> Result<bool, StoreError> {
-        let _gc = self.shared.gc_lock.read().await;
-        let lock = self.path_lock(path);
-        let _guard = lock.lock().await;
+        let _writer = self.shared.write_lock.lock().await;
         let path = path.clone();
         self.run("purge", move |tok| {
             let Some((meta, handles)) = tok.load_meta(&path)? else {
                 return Ok(false);
             };
             let data = tok.find(&data_template(&path, &meta.generation))?;
+            tok.shared.cache().forget(&path);
             for h in handles.into_iter().chain(data) {
                 tok.destroy(h)?;
             }
@@ -339,7 +339,7 @@ impl SecretStore for Pkcs11Store {
     }
 
     async fn gc(&self) -> Result<GcReport, StoreError> {
-        let _gc = self.shared.gc_lock.write().await;
+        let _writer = self.shared.write_lock.lock().await;
         self.run("gc", |tok| {
             let mut report = GcReport::default();
             let metas = tok.all_metas()?;
@@ -361,8 +361,9 @@ impl SecretStore for Pkcs11Store {
             for h in data {
                 let attrs = tok.read(h, &[AttributeType::Label])?;
                 let keep = attrs.iter().any(|a| match a {
-                    Attribute::Label(l) => layout::parse_data_label(l)
-                        .is_some_and(|(p, g)| live.get(&p) == Some(&g)),
+                    Attribute::Label(l) => {
+                        layout::parse_data_label(l).is_some_and(|(p, g)| live.get(&p) == Some(&g))
+                    }
                     _ => false,
                 });
                 if !keep {
@@ -370,6 +371,8 @@ impl SecretStore for Pkcs11Store {
                     report.orphan_objects += 1;
                 }
             }
+            // Refill the handle cache without the destroyed metadata objects.
+            tok.all_metas()?;
             Ok(report)
         })
         .await
@@ -424,7 +427,12 @@ impl Shared {
         if conn.as_ref().is_some_and(|c| c.generation == generation) {
             tracing::warn!(token = %self.label(), "token lost; will reconnect on next use");
             *conn = None;
+            self.cache().clear();
         }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HandleCache> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn connect(&self) -> Result<Conn, StoreError> {
@@ -474,6 +482,13 @@ impl Shared {
             },
         })
     }
+}
+
+/// Held while a PKCS#11 operation runs (see `Shared::io_lock`).
+#[allow(dead_code)]
+enum IoGuard<'a> {
+    Shared(std::sync::RwLockReadGuard<'a, ()>),
+    Exclusive(std::sync::RwLockWriteGuard<'a, ()>),
 }
 
 /// A session plus the store it belongs to: the object-level operations, each one a
@@ -531,6 +546,20 @@ impl Tok<'_> {
         }
     }
 
+    /// As `read`, but None when the handle no longer names an object.
+    fn try_read(
+        &self,
+        h: ObjectHandle,
+        attrs: &[AttributeType],
+    ) -> Result<Option<Vec<Attribute>>, StoreError> {
+        self.fault("read")?;
+        match self.session.get_attributes(h, attrs) {
+            Ok(a) => Ok(Some(a)),
+            Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) => Ok(None),
+            Err(e) => Err(self.map_err(e, "C_GetAttributeValue")),
+        }
+    }
+
     fn read_value(&self, h: ObjectHandle) -> Result<Zeroizing<Vec<u8>>, StoreError> {
         for attr in self.read(h, &[AttributeType::Value])? {
             if let Attribute::Value(v) = attr {
@@ -551,7 +580,49 @@ impl Tok<'_> {
     }
 
     /// The newest metadata of `path` and all its metadata handles, newest first.
-    fn load_meta(&self, path: &SecretPath) -> Result<Option<(Meta, Vec<ObjectHandle>)>, StoreError> {
+    fn load_meta(
+        &self,
+        path: &SecretPath,
+    ) -> Result<Option<(Meta, Vec<ObjectHandle>)>, StoreError> {
+        let cached = self.shared.cache().lookup(path);
+        match cached {
+            Lookup::Absent => return Ok(None),
+            Lookup::Known(entry) => {
+                if let Some(attrs) = self.try_read(entry.meta[0], &[AttributeType::Value])? {
+                    let value = attrs.into_iter().find_map(|a| match a {
+                        Attribute::Value(v) => Some(Zeroizing::new(v)),
+                        _ => None,
+                    });
+                    if let Some(value) = value {
+                        let meta = Meta::decode(&value)?;
+                        if meta.path == path.to_string() && meta.generation == entry.generation {
+                            return Ok(Some((meta, entry.meta)));
+                        }
+                    }
+                }
+                self.shared.cache().forget(path);
+            }
+            Lookup::Unknown => {}
+        }
+        let found = self.search_meta(path)?;
+        if let Some((meta, handles)) = &found {
+            self.shared.cache().insert(
+                path.clone(),
+                Entry {
+                    meta: handles.clone(),
+                    generation: meta.generation.clone(),
+                    data: None,
+                },
+            );
+        }
+        Ok(found)
+    }
+
+    /// `load_meta` without the cache.
+    fn search_meta(
+        &self,
+        path: &SecretPath,
+    ) -> Result<Option<(Meta, Vec<ObjectHandle>)>, StoreError> {
         let handles = self.find(&[
             Attribute::Class(ObjectClass::DATA),
             Attribute::Application(META_APP.to_vec()),
@@ -568,7 +639,7 @@ impl Tok<'_> {
             }
             found.push((meta, h));
         }
-        found.sort_by(|a, b| b.0.version.cmp(&a.0.version));
+        found.sort_by_key(|m| std::cmp::Reverse(m.0.version));
         let mut iter = found.into_iter();
         Ok(iter.next().map(|(meta, h)| {
             let mut handles = vec![h];
@@ -586,17 +657,33 @@ impl Tok<'_> {
         let mut by_path: BTreeMap<SecretPath, Vec<(Meta, ObjectHandle)>> = BTreeMap::new();
         for h in handles {
             let meta = Meta::decode(&self.read_value(h)?)?;
-            by_path.entry(meta.secret_path()?).or_default().push((meta, h));
+            by_path
+                .entry(meta.secret_path()?)
+                .or_default()
+                .push((meta, h));
         }
-        Ok(by_path
+        let all: BTreeMap<SecretPath, (Meta, Vec<ObjectHandle>)> = by_path
             .into_iter()
             .map(|(path, mut metas)| {
-                metas.sort_by(|a, b| b.0.version.cmp(&a.0.version));
+                metas.sort_by_key(|m| std::cmp::Reverse(m.0.version));
                 let handles = metas.iter().map(|(_, h)| *h).collect();
                 let newest = metas.swap_remove(0).0;
                 (path, (newest, handles))
             })
-            .collect())
+            .collect();
+        self.shared
+            .cache()
+            .fill(all.iter().map(|(path, (meta, handles))| {
+                (
+                    path.clone(),
+                    Entry {
+                        meta: handles.clone(),
+                        generation: meta.generation.clone(),
+                        data: None,
+                    },
+                )
+            }));
+        Ok(all)
     }
 
     fn read_record(&self, path: &SecretPath) -> Result<Record, StoreError> {
@@ -610,40 +697,15 @@ impl Tok<'_> {
         let body = if meta.deleted {
             Body::Deleted
         } else {
-            let handles = self.find(&data_template(path, &meta.generation))?;
-            let mut map = BTreeMap::new();
-            for h in handles {
-                let mut key = None;
-                let mut value = Zeroizing::new(Vec::new());
-                for attr in self.read(h, &[AttributeType::ObjectId, AttributeType::Value])? {
-                    match attr {
-                        Attribute::ObjectId(id) => key = String::from_utf8(id).ok(),
-                        Attribute::Value(v) => value = Zeroizing::new(v),
-                        _ => {}
-                    }
-                }
-                let key = key.ok_or_else(|| StoreError::Corrupt {
-                    path: path.to_string(),
-                    detail: "a data object has no readable key name".into(),
-                })?;
-                if map.insert(key, value).is_some() {
-                    return Err(StoreError::Corrupt {
+            let map = match self.read_data(path, &meta, true)? {
+                Some(map) => map,
+                None => self
+                    .read_data(path, &meta, false)?
+                    .ok_or_else(|| StoreError::Corrupt {
                         path: path.to_string(),
-                        detail: "a key is stored twice in one generation".into(),
-                    });
-                }
-            }
-            if map.len() != meta.keys.len() || !meta.keys.iter().all(|k| map.contains_key(k)) {
-                return Err(StoreError::Corrupt {
-                    path: path.to_string(),
-                    detail: format!(
-                        "version {} lists {} keys but {} data objects were found",
-                        meta.version,
-                        meta.keys.len(),
-                        map.len()
-                    ),
-                });
-            }
+                        detail: "data objects vanished while being read".into(),
+                    })?,
+            };
             Body::Live(SecretData::from_validated(map))
         };
         let record = Record {
@@ -656,6 +718,80 @@ impl Tok<'_> {
         Ok(record)
     }
 
+    /// Reads the keys of `meta`'s generation; None when a cached handle went stale.
+    fn read_data(
+        &self,
+        path: &SecretPath,
+        meta: &Meta,
+        use_cache: bool,
+    ) -> Result<Option<KeyValues>, StoreError> {
+        let cached = if use_cache {
+            match self.shared.cache().lookup(path) {
+                Lookup::Known(e) if e.generation == meta.generation => e.data,
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let from_cache = cached.is_some();
+        let handles = match cached {
+            Some(h) => h,
+            None => self.find(&data_template(path, &meta.generation))?,
+        };
+        let mut map = BTreeMap::new();
+        for h in handles.iter().copied() {
+            let mut key = None;
+            let mut value = Zeroizing::new(Vec::new());
+            let Some(attrs) = self.try_read(h, &[AttributeType::ObjectId, AttributeType::Value])?
+            else {
+                self.shared.cache().forget(path);
+                return Ok(None);
+            };
+            for attr in attrs {
+                match attr {
+                    Attribute::ObjectId(id) => key = String::from_utf8(id).ok(),
+                    Attribute::Value(v) => value = Zeroizing::new(v),
+                    _ => {}
+                }
+            }
+            let key = key.ok_or_else(|| StoreError::Corrupt {
+                path: path.to_string(),
+                detail: "a data object has no readable key name".into(),
+            })?;
+            if map.insert(key, value).is_some() {
+                return Err(StoreError::Corrupt {
+                    path: path.to_string(),
+                    detail: "a key is stored twice in one generation".into(),
+                });
+            }
+        }
+        if map.len() != meta.keys.len() || !meta.keys.iter().all(|k| map.contains_key(k)) {
+            if from_cache {
+                self.shared.cache().forget(path);
+                return Ok(None);
+            }
+            return Err(StoreError::Corrupt {
+                path: path.to_string(),
+                detail: format!(
+                    "version {} lists {} keys but {} data objects were found",
+                    meta.version,
+                    meta.keys.len(),
+                    map.len()
+                ),
+            });
+        }
+        if !from_cache {
+            let mut cache = self.shared.cache();
+            if let Lookup::Known(mut e) = cache.lookup(path)
+                && e.generation == meta.generation
+            {
+                e.data = Some(handles);
+                cache.insert(path.clone(), e);
+            }
+        }
+        Ok(Some(map))
+    }
+
     /// Creates the new generation's objects, then its metadata, then destroys the old
     /// generation. Stops at the first failure without cleaning up, as a crash would:
     /// readers still see a whole secret and garbage collection removes the leftovers.
@@ -664,12 +800,28 @@ impl Tok<'_> {
         record: &Record,
         previous: Option<(Meta, Vec<ObjectHandle>)>,
     ) -> Result<(), StoreError> {
+        let result = self.switch_generation(record, previous);
+        let mut cache = self.shared.cache();
+        match &result {
+            Ok(entry) => cache.insert(record.path.clone(), entry.clone()),
+            // The token's state is unknown after a failed step: look it up next time.
+            Err(_) => cache.forget(&record.path),
+        }
+        result.map(|_| ())
+    }
+
+    fn switch_generation(
+        &self,
+        record: &Record,
+        previous: Option<(Meta, Vec<ObjectHandle>)>,
+    ) -> Result<Entry, StoreError> {
         let generation = new_generation_id(record.version);
         let label = layout::data_label(&record.path, &generation);
         let mut keys = Vec::new();
-        if let Body::Live(data) = &record.body {
-            for (key, value) in data.iter() {
-                self.create(&[
+        let mut data = Vec::new();
+        if let Body::Live(secret) = &record.body {
+            for (key, value) in secret.iter() {
+                data.push(self.create(&[
                     Attribute::Class(ObjectClass::DATA),
                     Attribute::Token(true),
                     Attribute::Private(true),
@@ -678,7 +830,7 @@ impl Tok<'_> {
                     Attribute::Application(DATA_APP.to_vec()),
                     Attribute::ObjectId(key.as_bytes().to_vec()),
                     Attribute::Value(value.to_vec()),
-                ])?;
+                ])?);
                 keys.push(key.to_string());
             }
         }
@@ -686,12 +838,12 @@ impl Tok<'_> {
             f: Meta::FORMAT,
             path: record.path.to_string(),
             version: record.version,
-            generation,
+            generation: generation.clone(),
             deleted: record.is_deleted(),
             checksum: record.checksum.to_hex(),
             keys,
         };
-        self.create(&[
+        let meta_handle = self.create(&[
             Attribute::Class(ObjectClass::DATA),
             Attribute::Token(true),
             Attribute::Private(true),
@@ -704,12 +856,24 @@ impl Tok<'_> {
                 self.destroy(h)?;
             }
             if !old.deleted {
-                for h in self.find(&data_template(&record.path, &old.generation))? {
+                let old_data = match self.shared.cache().lookup(&record.path) {
+                    Lookup::Known(e) if e.generation == old.generation => e.data,
+                    _ => None,
+                };
+                let old_data = match old_data {
+                    Some(h) => h,
+                    None => self.find(&data_template(&record.path, &old.generation))?,
+                };
+                for h in old_data {
                     self.destroy(h)?;
                 }
             }
         }
-        Ok(())
+        Ok(Entry {
+            meta: vec![meta_handle],
+            generation,
+            data: Some(data),
+        })
     }
 }
 

@@ -15,10 +15,13 @@ pub const SO_PIN: &str = "5678";
 
 /// Where Debian puts the module.
 pub fn library() -> Option<PathBuf> {
-    ["/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
+    [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
 }
 
 struct Env {
@@ -66,7 +69,10 @@ pub fn token_dir() -> PathBuf {
 /// Returns the module path, or None to skip when SoftHSM is absent outside CI.
 pub fn available() -> Option<PathBuf> {
     let lib = library();
-    let util = Command::new("softhsm2-util").arg("--version").output().is_ok();
+    let util = Command::new("softhsm2-util")
+        .arg("--version")
+        .output()
+        .is_ok();
     match (lib, util) {
         (Some(lib), true) => Some(lib),
         _ if std::env::var_os("CI").is_some() => {
