@@ -181,6 +181,14 @@ impl Pkcs11Store {
         }
     }
 
+    /// How many times the token was found again after being lost (for metrics and tests).
+    pub fn reconnects(&self) -> u64 {
+        self.shared
+            .conn_generation
+            .load(Ordering::SeqCst)
+            .saturating_sub(1)
+    }
+
     async fn acquire(&self) -> Result<OwnedSemaphorePermit, StoreError> {
         self.shared
             .permits

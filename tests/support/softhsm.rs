@@ -133,17 +133,15 @@ impl TestToken {
             .output()
             .expect("show slots");
         let text = String::from_utf8_lossy(&out.stdout);
+        // Each token block lists its serial number before its label.
         let mut serial = None;
-        let mut current_label = None;
-        for line in text.lines() {
-            let line = line.trim();
-            if let Some(l) = line.strip_prefix("Label:") {
-                current_label = Some(l.trim().to_string());
+        let mut last_serial = None;
+        for line in text.lines().map(str::trim) {
+            if let Some(s) = line.strip_prefix("Serial number:") {
+                last_serial = Some(s.trim().to_string());
             }
-            if let Some(s) = line.strip_prefix("Serial number:")
-                && current_label.as_deref() == Some(self.label.as_str())
-            {
-                serial = Some(s.trim().to_string());
+            if line.strip_prefix("Label:").map(str::trim) == Some(self.label.as_str()) {
+                serial = last_serial.clone();
             }
         }
         let serial = serial.expect("token serial");
