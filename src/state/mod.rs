@@ -1,0 +1,136 @@
+//! Where device specs, status, Events, node labels and the controller Lease live: the
+//! Kubernetes API ([`KubeState`]) or, with no cluster, a directory of YAML files
+//! ([`FileState`]) shared by the local processes. The controller and the local mode
+//! only see the [`StateStore`] trait.
+
+mod file;
+mod kube_api;
+
+pub use file::FileState;
+pub use kube_api::KubeState;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::crd::{HSMDevice, HSMDeviceStatus, HSMSecret, HSMSecretStatus};
+
+/// Errors of the state layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "{kind} {name} changed since it was read (resourceVersion {expected}); re-read and retry"
+    )]
+    Conflict {
+        kind: &'static str,
+        name: String,
+        expected: String,
+    },
+    #[error("{kind} {name} not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("state file {path}: {detail}")]
+    File { path: String, detail: String },
+    #[error("Kubernetes API: {0}")]
+    Api(String),
+}
+
+impl StateError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StateError::Conflict { .. } => "conflict",
+            StateError::NotFound { .. } => "not_found",
+            StateError::File { .. } => "file",
+            StateError::Api(_) => "api",
+        }
+    }
+}
+
+/// Severity of an Event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+/// An Event about one object. The message never carries secret bytes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EventRecord {
+    pub type_: EventType,
+    /// One of the reasons of DESIGN §2, e.g. `HSMFailover`.
+    pub reason: String,
+    pub action: String,
+    pub message: String,
+}
+
+/// The object an Event is about.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ObjectRef {
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn device(name: &str) -> Self {
+        Self {
+            kind: "HSMDevice".into(),
+            namespace: None,
+            name: name.into(),
+        }
+    }
+
+    pub fn secret(namespace: &str, name: &str) -> Self {
+        Self {
+            kind: "HSMSecret".into(),
+            namespace: Some(namespace.into()),
+            name: name.into(),
+        }
+    }
+}
+
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    async fn list_devices(&self) -> Result<Vec<HSMDevice>, StateError>;
+    async fn get_device(&self, name: &str) -> Result<Option<HSMDevice>, StateError>;
+    /// Writes the status if the object's resourceVersion is still `resource_version`
+    /// (optimistic concurrency: the fencing epoch must never go backwards).
+    async fn replace_device_status(
+        &self,
+        name: &str,
+        resource_version: &str,
+        status: &HSMDeviceStatus,
+    ) -> Result<HSMDevice, StateError>;
+    async fn list_secrets(&self) -> Result<Vec<HSMSecret>, StateError>;
+    async fn get_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<HSMSecret>, StateError>;
+    async fn replace_secret_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+        status: &HSMSecretStatus,
+    ) -> Result<HSMSecret, StateError>;
+    async fn record_event(
+        &self,
+        regarding: &ObjectRef,
+        event: &EventRecord,
+    ) -> Result<(), StateError>;
+    /// Sets (Some) or removes (None) a node label.
+    async fn set_node_label(
+        &self,
+        node: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), StateError>;
+    /// Takes or renews the named lease for `holder`; false while another holder's lease
+    /// is fresh.
+    async fn acquire_lease(
+        &self,
+        lease: &str,
+        holder: &str,
+        duration: Duration,
+    ) -> Result<bool, StateError>;
+}
