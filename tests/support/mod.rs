@@ -1,4 +1,5 @@
 //! Shared fixtures for the integration tests: SoftHSM2 tokens in a private directory.
 #![allow(dead_code)]
 
+pub mod mock_api;
 pub mod softhsm;

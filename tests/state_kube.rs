@@ -1,0 +1,168 @@
+//! The Kubernetes state store against a scripted API server: exact calls and bodies.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use hsm_secrets::crd::{DevicePhase, HSMDeviceStatus};
+use hsm_secrets::state::{EventRecord, EventType, KubeState, ObjectRef, StateError, StateStore};
+use serde_json::json;
+use support::mock_api::{self, next, status};
+
+#[tokio::test]
+async fn status_write_is_a_conditional_json_patch() {
+    let (client, mut api) = mock_api::client();
+    let state = KubeState::new(client, "hsm-secrets-system", Some("ctl-0".into()));
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "PATCH");
+        assert_eq!(
+            req.path(),
+            "/apis/hsmsecrets.io/v1alpha1/hsmdevices/prod-hsm/status"
+        );
+        assert_eq!(
+            req.body[0],
+            json!({"op": "test", "path": "/metadata/resourceVersion", "value": "41"})
+        );
+        assert_eq!(req.body[1]["op"], "add");
+        assert_eq!(req.body[1]["path"], "/status");
+        assert_eq!(req.body[1]["value"]["epoch"], 7);
+        assert_eq!(req.body[1]["value"]["phase"], "Ready");
+        let written = req.body[1]["value"].clone();
+        req.reply(200, json!({
+            "apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMDevice",
+            "metadata": {"name": "prod-hsm", "resourceVersion": "42"},
+            "spec": {"pkcs11": {"library": "/l.so", "tokenLabel": "t", "pinSecretRef": {"namespace": "n", "name": "p"}}},
+            "status": written
+        }));
+        // A stale write: the API server rejects the failed test operation.
+        let req = next(&mut api).await;
+        req.reply(
+            422,
+            status(
+                422,
+                "Invalid",
+                "the server rejected our request: test operation failed",
+            ),
+        );
+    });
+    let st = HSMDeviceStatus {
+        epoch: 7,
+        phase: DevicePhase::Ready,
+        ..Default::default()
+    };
+    let dev = state
+        .replace_device_status("prod-hsm", "41", &st)
+        .await
+        .unwrap();
+    assert_eq!(dev.metadata.resource_version.as_deref(), Some("42"));
+    let err = state
+        .replace_device_status("prod-hsm", "41", &st)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::Conflict { .. }), "{err}");
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn lease_is_created_then_refused_while_another_holder_is_fresh() {
+    let (client, mut api) = mock_api::client();
+    let state = KubeState::new(client, "hsm-secrets-system", None);
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            (
+                "GET",
+                "/apis/coordination.k8s.io/v1/namespaces/hsm-secrets-system/leases/hsm-secrets-controller"
+            )
+        );
+        req.reply(404, status(404, "NotFound", "not found"));
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            (
+                "POST",
+                "/apis/coordination.k8s.io/v1/namespaces/hsm-secrets-system/leases"
+            )
+        );
+        assert_eq!(req.body["spec"]["holderIdentity"], "ctl-a");
+        assert_eq!(req.body["spec"]["leaseDurationSeconds"], 15);
+        let created = req.body.clone();
+        req.reply(201, created);
+        // Another controller holds a fresh lease: no write is attempted.
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "GET");
+        let now = k8s_openapi::jiff::Timestamp::now();
+        req.reply(200, json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "hsm-secrets-controller", "namespace": "hsm-secrets-system", "resourceVersion": "9"},
+            "spec": {"holderIdentity": "ctl-b", "leaseDurationSeconds": 15, "renewTime": now.to_string()}
+        }));
+    });
+    assert!(
+        state
+            .acquire_lease("hsm-secrets-controller", "ctl-a", Duration::from_secs(15))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !state
+            .acquire_lease("hsm-secrets-controller", "ctl-a", Duration::from_secs(15))
+            .await
+            .unwrap()
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn events_and_node_labels() {
+    let (client, mut api) = mock_api::client();
+    let state = KubeState::new(client, "hsm-secrets-system", None);
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "POST");
+        assert_eq!(
+            req.path(),
+            "/apis/events.k8s.io/v1/namespaces/default/events"
+        );
+        assert_eq!(req.body["reason"], "HSMFailover");
+        assert_eq!(req.body["type"], "Warning");
+        assert_eq!(req.body["regarding"]["kind"], "HSMDevice");
+        assert_eq!(req.body["regarding"]["name"], "prod-hsm");
+        assert_eq!(req.body["note"], "promoted worker-2 at epoch 4");
+        let body = req.body.clone();
+        req.reply(201, body);
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("PATCH", "/api/v1/nodes/worker-1")
+        );
+        assert_eq!(
+            req.body,
+            json!({"metadata": {"labels": {"hsmsecrets.io/device.prod-hsm": null}}})
+        );
+        req.reply(
+            200,
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "worker-1"}}),
+        );
+    });
+    state
+        .record_event(
+            &ObjectRef::device("prod-hsm"),
+            &EventRecord {
+                type_: EventType::Warning,
+                reason: "HSMFailover".into(),
+                action: "Promote".into(),
+                message: "promoted worker-2 at epoch 4".into(),
+            },
+        )
+        .await
+        .unwrap();
+    state
+        .set_node_label("worker-1", "hsmsecrets.io/device.prod-hsm", None)
+        .await
+        .unwrap();
+    server.await.unwrap();
+}
