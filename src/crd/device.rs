@@ -243,6 +243,15 @@ pub struct DeviceNodeStatus {
     pub last_error: Option<String>,
 }
 
+/// Annotation on an HSMDevice asking the controller for a planned switchover to a node
+/// (set by `kubectl hsm failover DEVICE --to NODE`; removed by the controller when done).
+pub const SWITCHOVER_ANNOTATION: &str = "hsmsecrets.io/switchover-to";
+
+/// Label a node carries while its copy of the device is ready (pod injection uses it).
+pub fn node_ready_label(device: &str) -> String {
+    format!("hsmsecrets.io/device.{device}")
+}
+
 impl HSMDevice {
     /// The mirroring block with its defaults applied (policy None when omitted).
     pub fn mirroring(&self) -> MirroringSpec {

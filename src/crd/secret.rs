@@ -87,6 +87,16 @@ pub struct SecretSource {
     /// Delete the source Secret once its data is verified in the HSM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delete_after_import: Option<bool>,
+    /// Replace the HSM secret with the source's keys (default), or merge them into it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<ImportMode>,
+}
+
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImportMode {
+    #[default]
+    Replace,
+    Merge,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -138,6 +148,13 @@ pub struct HSMSecretStatus {
     pub digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_time: Option<Time>,
+    /// Key names held in the HSM (names only, never values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    /// Version of the source Secret last imported (its resourceVersion), so an unchanged
+    /// source is not written again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported_source_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served_by: Option<ServedBy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
