@@ -3,5 +3,6 @@
 
 pub mod cli;
 pub mod crd;
+pub mod failover;
 pub mod hsm;
 pub mod telemetry;
