@@ -54,6 +54,7 @@ pub mod fencing;
 mod nodes;
 mod observe;
 mod plan;
+mod roles;
 mod status;
 mod switchover;
 

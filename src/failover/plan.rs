@@ -7,15 +7,14 @@ use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::crd::{
-    DeviceNodeStatus, DevicePhase, DeviceRole, EpochRecord, HSMDeviceStatus, LostWrites,
-    MirroringPolicy, NodeHealth,
+    DevicePhase, DeviceRole, EpochRecord, HSMDeviceStatus, MirroringPolicy, NodeHealth,
 };
 
 use super::actions::{Action, DeviceEvent, EventReason, EventType};
 use super::fencing::{Fence, old_primary_fence};
 use super::nodes::{self, NodeRound, diverged_range, highest_known_epoch, probe_for};
 use super::observe::{AgentReport, DeviceView, WriteLease};
-use super::status::{self, ConditionReason, condition, condition_types};
+use super::status::ConditionReason;
 use super::switchover::{SwitchoverError, SwitchoverOutcome, SwitchoverStep, plan_switchover};
 use super::{Observations, PlanConfig};
 
@@ -76,7 +75,7 @@ impl PromotionReason {
 
 /// Whether, and why not, the device has a writable primary this round.
 #[derive(Debug)]
-enum Writer {
+pub(super) enum Writer {
     Pending(String),
     Writable,
     AwaitingFence(String),
@@ -122,31 +121,31 @@ pub fn plan(
     planner.finish()
 }
 
-struct Planner<'a> {
-    view: &'a DeviceView,
-    prev: &'a HSMDeviceStatus,
-    obs: &'a Observations,
-    config: &'a PlanConfig,
-    threshold: u32,
-    rounds: Vec<NodeRound<'a>>,
-    primary: Option<String>,
-    epoch: u64,
-    known_epoch: u64,
-    history: Vec<EpochRecord>,
-    failover_count: u64,
-    last_failover_time: Option<Time>,
-    writer: Writer,
-    actions: Vec<Action>,
-    replan_at: Option<Timestamp>,
-    switchover: Option<SwitchoverOutcome>,
+pub(super) struct Planner<'a> {
+    pub(super) view: &'a DeviceView,
+    pub(super) prev: &'a HSMDeviceStatus,
+    pub(super) obs: &'a Observations,
+    pub(super) config: &'a PlanConfig,
+    pub(super) threshold: u32,
+    pub(super) rounds: Vec<NodeRound<'a>>,
+    pub(super) primary: Option<String>,
+    pub(super) epoch: u64,
+    pub(super) known_epoch: u64,
+    pub(super) history: Vec<EpochRecord>,
+    pub(super) failover_count: u64,
+    pub(super) last_failover_time: Option<Time>,
+    pub(super) writer: Writer,
+    pub(super) actions: Vec<Action>,
+    pub(super) replan_at: Option<Timestamp>,
+    pub(super) switchover: Option<SwitchoverOutcome>,
 }
 
 impl<'a> Planner<'a> {
-    fn round(&self, node: &str) -> Option<&NodeRound<'a>> {
+    pub(super) fn round(&self, node: &str) -> Option<&NodeRound<'a>> {
         self.rounds.iter().find(|r| r.name == node)
     }
 
-    fn event(&mut self, reason: EventReason, type_: EventType, message: String) {
+    pub(super) fn event(&mut self, reason: EventReason, type_: EventType, message: String) {
         self.actions.push(Action::event(reason, type_, message));
     }
 
@@ -504,435 +503,6 @@ impl<'a> Planner<'a> {
             actions,
             replan_at: self.replan_at,
             switchover: self.switchover,
-        }
-    }
-
-    fn primary_entry(&mut self, round: &NodeRound<'_>) -> DeviceNodeStatus {
-        let mut entry = self.entry(round, DeviceRole::Primary);
-        entry.sync_lag_seconds = None;
-        entry.lost_writes = None;
-        entry
-    }
-
-    fn mirror_entry(&mut self, round: &NodeRound<'_>, primary_sequence: u64) -> DeviceNodeStatus {
-        let now = self.obs.now;
-        let report = round.usable();
-        let diverged = report.and_then(|r| diverged_range(&self.history, r));
-        let role = self.mirror_role(round, diverged.is_some(), primary_sequence);
-        let mut entry = self.entry(round, role);
-
-        // Lost writes: reported once per divergence, kept until the node has resynced.
-        let mut newly_lost = None;
-        entry.lost_writes = match (report, diverged) {
-            (Some(report), Some((from, to))) => {
-                let known = round
-                    .prev
-                    .and_then(|p| p.lost_writes.clone())
-                    .filter(|l| l.epoch == report.history_epoch && l.from_sequence == from);
-                Some(known.unwrap_or_else(|| {
-                    newly_lost = Some((report.history_epoch, from, to));
-                    LostWrites {
-                        epoch: report.history_epoch,
-                        from_sequence: from,
-                        to_sequence: to,
-                        detected_at: Time(now),
-                    }
-                }))
-            }
-            (Some(_), None) => None,
-            (None, _) => round.prev.and_then(|p| p.lost_writes.clone()),
-        };
-        entry.sync_lag_seconds = if diverged.is_some() || entry.last_successful_probe.is_none() {
-            None
-        } else if entry.applied_sequence >= primary_sequence {
-            Some(0)
-        } else {
-            // Behind: as stale as its last completed sync.
-            entry
-                .last_sync_time
-                .as_ref()
-                .map(|t| now.duration_since(t.0).as_secs().max(0))
-        };
-
-        let lost_clause = newly_lost.map(|(epoch, from, to)| {
-            self.actions.push(Action::ReportLostWrites {
-                node: round.name.clone(),
-                epoch,
-                from_sequence: from,
-                to_sequence: to,
-            });
-            let acknowledged = if self.view.policy == MirroringPolicy::Active {
-                "they were never acknowledged to clients (policy Active)"
-            } else {
-                "clients may have seen them succeed (policy ReadOnly)"
-            };
-            format!(
-                "{} holds changes {from}..={to} made under epoch {epoch} that the current primary never received; {acknowledged}; its resync discards them, so recover them from it now if they matter",
-                round.name
-            )
-        });
-
-        let (Some(primary), Some(report)) = (self.primary.clone(), report) else {
-            if let Some(clause) = lost_clause {
-                self.event(EventReason::HSMDemoted, EventType::Warning, clause);
-            }
-            return entry;
-        };
-        let claims_primary = report.role == Some(DeviceRole::Primary);
-        if claims_primary || (diverged.is_some() && report.epoch != self.epoch) {
-            self.actions.push(Action::Demote {
-                node: round.name.clone(),
-                epoch: self.epoch,
-                primary: primary.clone(),
-            });
-            let first_sight = round
-                .prev
-                .is_none_or(|p| p.health != NodeHealth::Healthy || p.role == DeviceRole::Primary);
-            if first_sight || lost_clause.is_some() {
-                let mut message = format!(
-                    "{} rejoins as a mirror of {primary} (epoch {}) and resynchronizes; no automatic failback",
-                    round.name, self.epoch
-                );
-                if let Some(clause) = &lost_clause {
-                    message = format!("{message}. {clause}");
-                }
-                let type_ = if lost_clause.is_some() {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                };
-                self.event(EventReason::HSMDemoted, type_, message);
-            }
-        } else {
-            if let Some(clause) = lost_clause {
-                self.event(EventReason::HSMDemoted, EventType::Warning, clause);
-            }
-            if report.role != Some(role) || report.epoch != self.epoch {
-                self.actions.push(Action::SetMirror {
-                    node: round.name.clone(),
-                    primary: primary.clone(),
-                    epoch: self.epoch,
-                    role,
-                });
-            }
-        }
-        if let Some(error) = &report.error {
-            let was_failing = round.prev.is_some_and(status::sync_failing);
-            if !was_failing {
-                self.event(
-                    EventReason::HSMSyncFailed,
-                    EventType::Warning,
-                    format!("{} cannot sync from {primary}: {error}", round.name),
-                );
-            }
-        }
-        entry
-    }
-
-    /// `ReadOnly` once caught up under the current epoch; stays so until it falls well
-    /// behind (hysteresis); `Standby` while catching up, diverged, or not answering.
-    fn mirror_role(
-        &self,
-        round: &NodeRound<'_>,
-        diverged: bool,
-        primary_sequence: u64,
-    ) -> DeviceRole {
-        let was_ready = round
-            .prev
-            .is_some_and(|p| p.role == DeviceRole::ReadOnly && p.health == NodeHealth::Healthy);
-        if self.primary.is_none() {
-            return DeviceRole::Standby;
-        }
-        let Some(report) = round.usable() else {
-            // A suspected failure keeps a serving mirror serving (no label flapping).
-            return if was_ready && round.health == NodeHealth::Healthy {
-                DeviceRole::ReadOnly
-            } else {
-                DeviceRole::Standby
-            };
-        };
-        if diverged || report.role == Some(DeviceRole::Primary) {
-            return DeviceRole::Standby;
-        }
-        let lag = primary_sequence.saturating_sub(report.applied_sequence);
-        let caught_up = if was_ready {
-            lag <= self.config.falls_behind_after
-        } else {
-            report.history_epoch == self.epoch && lag <= self.config.caught_up_within
-        };
-        if caught_up {
-            DeviceRole::ReadOnly
-        } else {
-            DeviceRole::Standby
-        }
-    }
-
-    fn entry(&self, round: &NodeRound<'_>, role: DeviceRole) -> DeviceNodeStatus {
-        let prev = round.prev;
-        let report = round.report;
-        DeviceNodeStatus {
-            node: round.name.clone(),
-            role,
-            health: round.health,
-            token_serial: report
-                .and_then(|r| r.token_serial.clone())
-                .or_else(|| prev.and_then(|p| p.token_serial.clone())),
-            applied_sequence: round.applied_sequence(),
-            last_sync_time: report
-                .and_then(|r| r.last_sync)
-                .map(Time)
-                .or_else(|| prev.and_then(|p| p.last_sync_time.clone())),
-            sync_lag_seconds: None,
-            consecutive_failures: round.consecutive_failures,
-            last_error: round
-                .failure
-                .as_ref()
-                .or(report.and_then(|r| r.error.as_ref()))
-                .map(ToString::to_string),
-            last_successful_probe: if round.ok {
-                Some(Time(self.obs.now))
-            } else {
-                prev.and_then(|p| p.last_successful_probe.clone())
-            },
-            lost_writes: None,
-        }
-    }
-
-    fn health_events(&mut self, round: &NodeRound<'_>, entry: &DeviceNodeStatus) {
-        let before = round.prev_health();
-        let what = if round.prev.is_some_and(|p| p.role == DeviceRole::Primary) {
-            "primary"
-        } else {
-            "mirror"
-        };
-        if entry.health == NodeHealth::Unhealthy && before != Some(NodeHealth::Unhealthy) {
-            self.event(
-                EventReason::HSMDeviceUnhealthy,
-                EventType::Warning,
-                format!(
-                    "{what} {} failed {} consecutive health checks: {}",
-                    entry.node,
-                    entry.consecutive_failures,
-                    entry.last_error.as_deref().unwrap_or("unknown error")
-                ),
-            );
-        }
-        if entry.health == NodeHealth::Healthy && before == Some(NodeHealth::Unhealthy) {
-            self.event(
-                EventReason::HSMDeviceRecovered,
-                EventType::Normal,
-                format!("{} is healthy again (now {:?})", entry.node, entry.role),
-            );
-        }
-    }
-
-    fn summarize(
-        &mut self,
-        mut nodes: Vec<DeviceNodeStatus>,
-        primary_sequence: u64,
-        rounds: &[NodeRound<'_>],
-    ) -> HSMDeviceStatus {
-        let now = self.obs.now;
-        let view = self.view;
-        let primary = self.primary.clone();
-        nodes.sort_by(|a, b| a.node.cmp(&b.node));
-        let mirrors: Vec<&DeviceNodeStatus> = nodes
-            .iter()
-            .filter(|n| Some(&n.node) != primary.as_ref())
-            .collect();
-        let readable = mirrors.iter().any(|n| status::serves_reads(n));
-
-        // What needs attention while a primary is writable.
-        let mut problems = Vec::new();
-        let mut degraded_reason = ConditionReason::AllHealthy;
-        if let Some(p) = primary
-            .as_deref()
-            .and_then(|p| rounds.iter().find(|r| r.name == p))
-            && p.consecutive_failures > 0
-        {
-            degraded_reason = ConditionReason::PrimaryFailing;
-            problems.push(format!(
-                "primary {} failed {} of {} consecutive health checks ({})",
-                p.name,
-                p.consecutive_failures,
-                self.threshold,
-                p.failure
-                    .as_ref()
-                    .map_or_else(String::new, ToString::to_string)
-            ));
-        }
-        for n in &mirrors {
-            let problem = match n.health {
-                NodeHealth::Unhealthy => Some(format!(
-                    "{} is unhealthy ({})",
-                    n.node,
-                    n.last_error.as_deref().unwrap_or("unknown error")
-                )),
-                NodeHealth::Unknown => Some(format!("{} has not reported", n.node)),
-                NodeHealth::Healthy if status::sync_failing(n) => Some(format!(
-                    "{} cannot sync ({})",
-                    n.node,
-                    n.last_error.as_deref().unwrap_or("")
-                )),
-                NodeHealth::Healthy => None,
-            };
-            if let Some(problem) = problem {
-                if degraded_reason == ConditionReason::AllHealthy {
-                    degraded_reason = ConditionReason::NodesUnhealthy;
-                }
-                problems.push(problem);
-            }
-        }
-        if view.is_mirrored() && mirrors.is_empty() && primary.is_some() {
-            if degraded_reason == ConditionReason::AllHealthy {
-                degraded_reason = ConditionReason::NoMirrors;
-            }
-            problems.push("mirrored device without any mirror node".into());
-        }
-
-        let mirrors_text = status::mirrors_summary(&mirrors);
-        let (phase, ready_reason, ready_message) = match &self.writer {
-            Writer::Pending(m) => (DevicePhase::Pending, ConditionReason::NoPrimary, m.clone()),
-            Writer::Writable => {
-                let p = primary.clone().unwrap_or_default();
-                let mut m = format!(
-                    "{p} is primary at epoch {}; mirrors ready {mirrors_text}",
-                    self.epoch
-                );
-                if let Some(pref) = view.preferred_primary.as_deref().filter(|pref| *pref != p) {
-                    m.push_str(&format!(
-                        "; the preferred primary {pref} is not primary (no automatic failback; `kubectl hsm failover {} --to {pref}` switches back)",
-                        view.name
-                    ));
-                }
-                (
-                    status::writable_phase(&problems),
-                    ConditionReason::PrimaryWritable,
-                    m,
-                )
-            }
-            Writer::AwaitingFence(m) => (
-                DevicePhase::ReadOnlyFallback,
-                ConditionReason::AwaitingFence,
-                m.clone(),
-            ),
-            Writer::Fallback(reason, m) => (DevicePhase::ReadOnlyFallback, *reason, m.clone()),
-            Writer::Switchover(m) => (
-                DevicePhase::ReadOnlyFallback,
-                ConditionReason::SwitchoverInProgress,
-                m.clone(),
-            ),
-            Writer::Down(m) => (
-                DevicePhase::ReadOnlyFallback,
-                ConditionReason::NoEligibleMirror,
-                m.clone(),
-            ),
-        };
-        // Without a writable primary, reads need a serving mirror; else the device failed.
-        let (phase, ready_reason, ready_message) =
-            if phase == DevicePhase::ReadOnlyFallback && !readable {
-                (
-                    DevicePhase::Failed,
-                    ConditionReason::DeviceFailed,
-                    format!("{ready_message}; no healthy mirror serves reads"),
-                )
-            } else {
-                (phase, ready_reason, ready_message)
-            };
-
-        if phase != self.prev.phase {
-            match phase {
-                DevicePhase::ReadOnlyFallback if !matches!(self.writer, Writer::Switchover(_)) => {
-                    self.event(
-                        EventReason::HSMReadOnlyFallback,
-                        EventType::Warning,
-                        ready_message.clone(),
-                    );
-                }
-                DevicePhase::Failed => self.event(
-                    EventReason::HSMDeviceUnhealthy,
-                    EventType::Warning,
-                    format!("device {} failed: {ready_message}", view.name),
-                ),
-                _ => {}
-            }
-        }
-
-        let (synced_ok, synced_reason, synced_message) = status::synced(
-            view.is_mirrored(),
-            primary.as_deref(),
-            &mirrors,
-            primary_sequence,
-        );
-        let (degraded, degraded_reason, degraded_message) = match phase {
-            DevicePhase::Ready => (
-                false,
-                ConditionReason::AllHealthy,
-                "all nodes healthy".into(),
-            ),
-            DevicePhase::Pending => (false, ConditionReason::NoPrimary, ready_message.clone()),
-            DevicePhase::Degraded => (true, degraded_reason, problems.join("; ")),
-            DevicePhase::ReadOnlyFallback | DevicePhase::Failed => {
-                (true, ready_reason, ready_message.clone())
-            }
-        };
-        let generation = view.generation;
-        let prev_conditions = &self.prev.conditions;
-        let conditions = vec![
-            condition(
-                prev_conditions,
-                condition_types::READY,
-                matches!(phase, DevicePhase::Ready | DevicePhase::Degraded),
-                ready_reason,
-                ready_message,
-                now,
-                generation,
-            ),
-            condition(
-                prev_conditions,
-                condition_types::SYNCED,
-                synced_ok,
-                synced_reason,
-                synced_message,
-                now,
-                generation,
-            ),
-            condition(
-                prev_conditions,
-                condition_types::DEGRADED,
-                degraded,
-                degraded_reason,
-                degraded_message,
-                now,
-                generation,
-            ),
-        ];
-        let no_writer = matches!(phase, DevicePhase::ReadOnlyFallback | DevicePhase::Failed);
-        let max_sync_lag_seconds = mirrors.iter().filter_map(|n| n.sync_lag_seconds).max();
-        let last_sync_time = mirrors
-            .iter()
-            .filter_map(|n| n.last_sync_time.clone())
-            .max();
-        let mirrors = Some(mirrors_text);
-        HSMDeviceStatus {
-            primary_node: primary,
-            epoch: self.epoch,
-            phase,
-            nodes,
-            mirrors,
-            max_sync_lag_seconds,
-            last_sync_time,
-            primary_unavailable_since: no_writer.then(|| {
-                self.prev
-                    .primary_unavailable_since
-                    .clone()
-                    .unwrap_or(Time(now))
-            }),
-            failover_count: self.failover_count,
-            last_failover_time: self.last_failover_time.clone(),
-            observed_generation: generation,
-            conditions,
-            epoch_history: std::mem::take(&mut self.history),
         }
     }
 }
