@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod crd;
+pub mod failover;
 pub mod hsm;
 pub mod state;
 pub mod telemetry;

@@ -220,6 +220,38 @@ pub struct HSMDeviceStatus {
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The most recent promotions, newest last (bounded). Each records the sequence the
+    /// new primary's history starts from, so a node that returns with changes beyond that
+    /// point is known to hold writes the current primary never received.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub epoch_history: Vec<EpochRecord>,
+}
+
+/// One promotion: from `epoch` on, `primary` is the source of truth, its history
+/// continuing from `startSequence`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EpochRecord {
+    pub epoch: u64,
+    pub primary: String,
+    /// The applied sequence the new primary had when promoted: every node's changes up to
+    /// here are shared history; changes after it made under an older epoch are lost writes.
+    pub start_sequence: u64,
+    pub since: Time,
+    /// Why: Bootstrap, Failover, Switchover or Resume.
+    pub reason: String,
+}
+
+/// Changes a node made under an older epoch that the current primary never received.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LostWrites {
+    /// The epoch under which the changes were made.
+    pub epoch: u64,
+    pub from_sequence: u64,
+    pub to_sequence: u64,
+    pub detected_at: Time,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -241,6 +273,13 @@ pub struct DeviceNodeStatus {
     pub consecutive_failures: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// When the controller last reached this node's agent with a usable token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_probe: Option<Time>,
+    /// Set when the node returned holding changes the current primary never received
+    /// (possible under policy ReadOnly); cleared once the node has resynchronized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_writes: Option<LostWrites>,
 }
 
 /// Annotation on an HSMDevice asking the controller for a planned switchover to a node
