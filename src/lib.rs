@@ -4,5 +4,6 @@
 pub mod cli;
 pub mod crd;
 pub mod hsm;
+pub mod kubectl;
 pub mod state;
 pub mod telemetry;
