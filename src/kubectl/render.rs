@@ -98,7 +98,10 @@ pub fn human_duration(seconds: i64) -> String {
     } else if h < 24 * 365 * 2 {
         format!("{}d", h / 24)
     } else if h < 24 * 365 * 8 {
-        format!("{}y{}d", h / (24 * 365), (h / 24) % 365)
+        match (h / 24) % 365 {
+            0 => format!("{}y", h / (24 * 365)),
+            d => format!("{}y{d}d", h / (24 * 365)),
+        }
     } else {
         format!("{}y", h / (24 * 365))
     }
@@ -141,9 +144,14 @@ fn timestamp(t: Option<&Time>, now: Timestamp) -> String {
 /// JSON (pretty, trailing newline) or YAML of a serializable value.
 pub fn serialized<T: Serialize>(value: &T, output: OutputFormat) -> Result<String, KubectlError> {
     match output {
-        OutputFormat::Yaml => {
-            serde_saphyr::to_string(value).map_err(|e| KubectlError::Output(e.to_string()))
-        }
+        OutputFormat::Yaml => serde_saphyr::to_string(value)
+            .map(|mut s| {
+                if !s.ends_with('\n') {
+                    s.push('\n');
+                }
+                s
+            })
+            .map_err(|e| KubectlError::Output(e.to_string())),
         _ => serde_json::to_string_pretty(value)
             .map(|mut s| {
                 s.push('\n');
