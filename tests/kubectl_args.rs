@@ -162,7 +162,15 @@ fn wait_and_timeout_flags() {
 #[test]
 fn create_always_replaces_and_needs_a_valid_device() {
     let r = import(
-        request(&["create", "db", "--device", "prod-hsm", "--from-literal", "a=1"]).unwrap(),
+        request(&[
+            "create",
+            "db",
+            "--device",
+            "prod-hsm",
+            "--from-literal",
+            "a=1",
+        ])
+        .unwrap(),
     );
     assert_eq!(r.mode, ImportMode::Replace);
     assert_eq!(
@@ -171,7 +179,14 @@ fn create_always_replaces_and_needs_a_valid_device() {
             device: "prod-hsm".into()
         }
     );
-    let msg = usage_error(&["create", "db", "--device", "Prod_HSM", "--from-literal", "a=1"]);
+    let msg = usage_error(&[
+        "create",
+        "db",
+        "--device",
+        "Prod_HSM",
+        "--from-literal",
+        "a=1",
+    ]);
     assert!(msg.contains("invalid device \"Prod_HSM\""), "{msg}");
 }
 
@@ -193,7 +208,10 @@ fn names_are_kubernetes_names() {
 #[test]
 fn all_namespaces_only_for_list() {
     let msg = usage_error(&["-A", "get", "db"]);
-    assert!(msg.contains("-A/--all-namespaces applies only to `list`"), "{msg}");
+    assert!(
+        msg.contains("-A/--all-namespaces applies only to `list`"),
+        "{msg}"
+    );
     assert!(matches!(request(&["list", "-A"]).unwrap(), Request::List(l) if l.all_namespaces));
 }
 
@@ -399,4 +417,35 @@ async fn exit_codes_are_0_ok_1_error_2_usage() {
         .await,
         1
     );
+}
+
+/// The bash script completes subcommands and their flags when sourced in a real bash.
+#[tokio::test]
+async fn bash_completion_completes_subcommand_flags() {
+    let cli = parse(&["completion", "bash"]).unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut term = Term {
+        out: &mut out,
+        err: &mut err,
+    };
+    hsm_secrets::kubectl::run(cli, &mut ScriptedPrompt(None), &mut term)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("kubectl-hsm.bash");
+    std::fs::write(&script, &out).unwrap();
+    let probe = format!(
+        "source {}; complete -p kubectl-hsm; \
+         COMP_WORDS=(kubectl-hsm failover --t); COMP_CWORD=2; \
+         \"$(complete -p kubectl-hsm | sed 's/.*-F \\([^ ]*\\).*/\\1/')\" kubectl-hsm --t failover; \
+         echo \"reply: ${{COMPREPLY[*]}}\"",
+        script.display()
+    );
+    let output = std::process::Command::new("bash")
+        .args(["--norc", "-c", &probe])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("reply: --to --timeout"), "{stdout}");
 }

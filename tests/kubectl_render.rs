@@ -128,7 +128,10 @@ fn get_hides_values_unless_they_were_read() {
         serde_json::from_str(&render::serialized(&view, Json).unwrap()).unwrap();
     assert_eq!(v["valuesShown"], false);
     for key in v["keys"].as_array().unwrap() {
-        assert_eq!(key.as_object().unwrap().keys().collect::<Vec<_>>(), ["name"]);
+        assert_eq!(
+            key.as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["name"]
+        );
     }
 }
 
@@ -142,10 +145,7 @@ fn get_with_values_shows_text_binary_and_missing_keys() {
     ]);
     let view = SecretView::new(obj, Some(&values), &[]);
     golden("get-values.txt", &render::secret_detail(&view, now()));
-    golden(
-        "get-values.json",
-        &render::serialized(&view, Json).unwrap(),
-    );
+    golden("get-values.json", &render::serialized(&view, Json).unwrap());
     // One key only.
     let view = SecretView::new(obj, Some(&values), &["password".to_string()]);
     let text = render::serialized(&view, Json).unwrap();
@@ -161,14 +161,8 @@ fn get_with_values_shows_text_binary_and_missing_keys() {
 fn health_all_formats_and_not_ready_devices() {
     let report = HealthReport::new(&devices());
     golden("health.txt", &render::health_table(&report));
-    golden(
-        "health.json",
-        &render::serialized(&report, Json).unwrap(),
-    );
-    golden(
-        "health.yaml",
-        &render::serialized(&report, Yaml).unwrap(),
-    );
+    golden("health.json", &render::serialized(&report, Json).unwrap());
+    golden("health.yaml", &render::serialized(&report, Yaml).unwrap());
     assert!(!report.ready);
     assert_eq!(
         report.not_ready(),
@@ -224,7 +218,10 @@ fn dry_run_plans_say_add_set_remove() {
     assert_eq!(remove, vec![("username".to_string(), KeyChange::Remove)]);
     golden(
         "plan-replace.txt",
-        &plan::render_plan("update HSMSecret shop/db on device prod-hsm (mode Replace)", &replace),
+        &plan::render_plan(
+            "update HSMSecret shop/db on device prod-hsm (mode Replace)",
+            &replace,
+        ),
     );
 }
 

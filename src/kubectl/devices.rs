@@ -25,16 +25,17 @@ async fn list_devices(s: &Session) -> Result<Vec<HSMDevice>, KubectlError> {
 }
 
 async fn get_device(s: &Session, name: &str) -> Result<HSMDevice, KubectlError> {
-    devices_api(s).get(name).await.map_err(|e| {
-        match Call::hsmdevice("get", Some(name)).fail(e) {
+    devices_api(s)
+        .get(name)
+        .await
+        .map_err(|e| match Call::hsmdevice("get", Some(name)).fail(e) {
             KubectlError::NotFound { kind, name, .. } => KubectlError::NotFound {
                 kind,
                 name,
                 hint: "; see the devices with `kubectl hsm devices`".into(),
             },
             other => other,
-        }
-    })
+        })
 }
 
 pub(crate) async fn list(
@@ -151,7 +152,9 @@ pub(crate) async fn failover(
 ) -> Result<(), KubectlError> {
     let device = get_device(s, &r.device).await?;
     if let Some(why) = refuse_switchover(&device, &r.to) {
-        return Err(KubectlError::Refused(format!("refusing to fail over: {why}")));
+        return Err(KubectlError::Refused(format!(
+            "refusing to fail over: {why}"
+        )));
     }
     let patch = json!({"metadata": {"annotations": {SWITCHOVER_ANNOTATION: r.to}}});
     devices_api(s)
@@ -176,7 +179,12 @@ pub(crate) async fn failover(
     let mut last_printed = String::new();
     let outcome = poll(r.wait.timeout, s.poll_interval, async || {
         let dev = get_device(s, &r.device).await?;
-        if dev.status.as_ref().and_then(|st| st.primary_node.as_deref()) == Some(r.to.as_str()) {
+        if dev
+            .status
+            .as_ref()
+            .and_then(|st| st.primary_node.as_deref())
+            == Some(r.to.as_str())
+        {
             return Ok(Step::Done(dev));
         }
         let line = progress_line(&dev);

@@ -128,7 +128,11 @@ pub(crate) struct Call<'a> {
 }
 
 impl<'a> Call<'a> {
-    pub fn hsmsecret(verb: &'static str, namespace: Option<&'a str>, name: Option<&'a str>) -> Self {
+    pub fn hsmsecret(
+        verb: &'static str,
+        namespace: Option<&'a str>,
+        name: Option<&'a str>,
+    ) -> Self {
         Self {
             verb,
             kind: "HSMSecret",
@@ -173,7 +177,11 @@ impl<'a> Call<'a> {
     /// Maps a kube error to what the user should do about it.
     pub fn fail(&self, e: kube::Error) -> KubectlError {
         match e {
-            kube::Error::Api(status) => self.fail_status(status.code, &status.message, status.details.as_ref().map(|d| d.name.as_str())),
+            kube::Error::Api(status) => self.fail_status(
+                status.code,
+                &status.message,
+                status.details.as_ref().map(|d| d.name.as_str()),
+            ),
             kube::Error::HyperError(e) => KubectlError::Unreachable {
                 detail: e.to_string(),
             },

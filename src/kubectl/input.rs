@@ -109,7 +109,11 @@ impl KeySet {
         let mut set = KeySet::default();
         for literal in &args.from_literal {
             let (key, value) = parse_literal(literal)?;
-            set.insert(key, SecretValue::new(value.as_bytes().to_vec()), "--from-literal")?;
+            set.insert(
+                key,
+                SecretValue::new(value.as_bytes().to_vec()),
+                "--from-literal",
+            )?;
         }
         for spec in &args.from_file {
             let (key, path) = parse_file_spec(spec)?;
@@ -124,12 +128,13 @@ impl KeySet {
             )?;
         }
         for path in &args.from_env_file {
-            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-                KubectlError::Input {
-                    what: format!("--from-env-file {}", path.display()),
-                    detail: e.to_string(),
-                }
-            })?);
+            let text =
+                Zeroizing::new(
+                    std::fs::read_to_string(path).map_err(|e| KubectlError::Input {
+                        what: format!("--from-env-file {}", path.display()),
+                        detail: e.to_string(),
+                    })?,
+                );
             for entry in parse_env_file(&text, path)? {
                 set.insert(
                     &entry.key,

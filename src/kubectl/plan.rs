@@ -12,9 +12,7 @@ use serde_json::json;
 
 use super::input::KeySet;
 use super::{IMPORT_FOR_LABEL, REMOVE_KEYS_ANNOTATION};
-use crate::crd::{
-    HSMSecret, HSMSecretSpec, ImportMode, LocalSecretRef, SecretSource,
-};
+use crate::crd::{HSMSecret, HSMSecretSpec, ImportMode, LocalSecretRef, SecretSource};
 
 /// What a write does to one key. Values are never compared client-side, so a key that
 /// exists and is given again is `Set` (it may or may not change).
@@ -76,7 +74,11 @@ pub fn plan_keys(
 /// The `--dry-run` report.
 pub fn render_plan(headline: &str, changes: &[(String, KeyChange)]) -> String {
     let mut out = format!("{headline} (dry run: nothing was written)\n");
-    let width = changes.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+    let width = changes
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
     for (key, change) in changes {
         out.push_str(&format!(
             "  {} {key:<width$}   {}\n",
@@ -105,9 +107,8 @@ pub fn import_secret(
             .map(|(k, v)| (k.to_string(), ByteString(v.expose().to_vec())))
             .collect::<BTreeMap<_, _>>()
     });
-    let annotations = (!remove.is_empty()).then(|| {
-        BTreeMap::from([(REMOVE_KEYS_ANNOTATION.to_string(), remove.join(","))])
-    });
+    let annotations = (!remove.is_empty())
+        .then(|| BTreeMap::from([(REMOVE_KEYS_ANNOTATION.to_string(), remove.join(","))]));
     let owner_references = owner.and_then(|o| {
         Some(vec![OwnerReference {
             api_version: HSMSecret::api_version(&()).into_owned(),

@@ -209,7 +209,15 @@ pub fn secret_list(
     if items.is_empty() {
         return Ok(String::new());
     }
-    let mut headers = vec!["NAME", "DEVICE", "STATUS", "VERSION", "KEYS", "LAST SYNC", "AGE"];
+    let mut headers = vec![
+        "NAME",
+        "DEVICE",
+        "STATUS",
+        "VERSION",
+        "KEYS",
+        "LAST SYNC",
+        "AGE",
+    ];
     if all_namespaces {
         headers.insert(0, "NAMESPACE");
     }
@@ -220,7 +228,10 @@ pub fn secret_list(
             s.metadata.name.clone().unwrap_or_default(),
             s.spec.device_ref.clone(),
             debug_word(status.sync_status),
-            status.version.map(|v| v.to_string()).unwrap_or_else(|| NONE.into()),
+            status
+                .version
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| NONE.into()),
             status.keys.len().to_string(),
             age(status.last_sync_time.as_ref(), now, NONE),
             age(s.metadata.creation_timestamp.as_ref(), now, "<unknown>"),
@@ -369,7 +380,9 @@ pub fn secret_detail(view: &SecretView, now: Timestamp) -> String {
     field("Status", debug_word(view.sync_status));
     field(
         "Version",
-        view.version.map(|v| v.to_string()).unwrap_or_else(|| NONE.into()),
+        view.version
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| NONE.into()),
     );
     field("Last Sync", timestamp(view.last_sync_time.as_ref(), now));
     field(
@@ -390,7 +403,12 @@ pub fn secret_detail(view: &SecretView, now: Timestamp) -> String {
     if view.keys.is_empty() {
         out.push_str("  <none>\n");
     }
-    let width = view.keys.iter().map(|k| k.name.chars().count()).max().unwrap_or(0);
+    let width = view
+        .keys
+        .iter()
+        .map(|k| k.name.chars().count())
+        .max()
+        .unwrap_or(0);
     for k in &view.keys {
         let shown = if !view.values_shown {
             "<hidden>".to_string()
@@ -571,7 +589,14 @@ pub fn health_table(report: &HealthReport) -> String {
         return String::new();
     }
     let mut table = Table::new(&[
-        "DEVICE", "PHASE", "NODE", "ROLE", "HEALTH", "LAG", "FAILURES", "LAST ERROR",
+        "DEVICE",
+        "PHASE",
+        "NODE",
+        "ROLE",
+        "HEALTH",
+        "LAG",
+        "FAILURES",
+        "LAST ERROR",
     ]);
     for d in &report.devices {
         if d.nodes.is_empty() {
@@ -660,10 +685,7 @@ pub fn mirror_table(view: &MirrorStatusView, now: Timestamp) -> String {
     field("Device", view.device.clone());
     field(
         "Policy",
-        format!(
-            "{:?} (autoFailover: {})",
-            view.policy, view.auto_failover
-        ),
+        format!("{:?} (autoFailover: {})", view.policy, view.auto_failover),
     );
     field(
         "Primary",
@@ -677,7 +699,11 @@ pub fn mirror_table(view: &MirrorStatusView, now: Timestamp) -> String {
     field(
         "Failovers",
         match &view.last_failover_time {
-            Some(t) => format!("{} (last {} ago)", view.failover_count, age(Some(t), now, NONE)),
+            Some(t) => format!(
+                "{} (last {} ago)",
+                view.failover_count,
+                age(Some(t), now, NONE)
+            ),
             None => view.failover_count.to_string(),
         },
     );

@@ -1,6 +1,5 @@
 //! HSMSecret commands: list, get, create/update (imports) and delete.
 
-
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
@@ -42,18 +41,26 @@ async fn get_opt(s: &Session, name: &str) -> Result<Option<HSMSecret>, KubectlEr
 }
 
 async fn get_existing(s: &Session, name: &str, hint: String) -> Result<HSMSecret, KubectlError> {
-    secrets_api(s)
-        .get(name)
-        .await
-        .map_err(|e| with_hint(Call::hsmsecret("get", Some(&s.namespace), Some(name)).fail(e), hint))
+    secrets_api(s).get(name).await.map_err(|e| {
+        with_hint(
+            Call::hsmsecret("get", Some(&s.namespace), Some(name)).fail(e),
+            hint,
+        )
+    })
 }
 
 fn list_hint(s: &Session) -> String {
-    format!("; see what exists with `kubectl hsm list -n {}`", s.namespace)
+    format!(
+        "; see what exists with `kubectl hsm list -n {}`",
+        s.namespace
+    )
 }
 
 fn status_keys(obj: &HSMSecret) -> Vec<String> {
-    obj.status.as_ref().map(|st| st.keys.clone()).unwrap_or_default()
+    obj.status
+        .as_ref()
+        .map(|st| st.keys.clone())
+        .unwrap_or_default()
 }
 
 fn check_known_keys(
@@ -118,7 +125,13 @@ pub(crate) async fn get(
     };
     let mut known = status_keys(&obj);
     if let Some(values) = &values {
-        known.extend(values.keys().filter(|k| !known.contains(k)).cloned().collect::<Vec<_>>());
+        known.extend(
+            values
+                .keys()
+                .filter(|k| !known.contains(k))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
     }
     check_known_keys(s, &r.name, &known, &r.keys)?;
     if let (Some(values), [key], OutputFormat::Table) = (&values, r.keys.as_slice(), r.output) {
@@ -199,7 +212,15 @@ pub(crate) async fn import(
                 return term.print(&plan::render_plan(&headline, &changes));
             }
             let secret = plan::import_secret(ns, &r.name, Some(&r.keys), &[], None);
-            send_import(s, term, &r.name, secret, SourceWrite::Create { device }, r.wait).await
+            send_import(
+                s,
+                term,
+                &r.name,
+                secret,
+                SourceWrite::Create { device },
+                r.wait,
+            )
+            .await
         }
         ImportVerb::Update => {
             let hint = format!(
@@ -216,8 +237,15 @@ pub(crate) async fn import(
                 return term.print(&plan::render_plan(&headline, &changes));
             }
             let secret = plan::import_secret(ns, &r.name, Some(&r.keys), &[], Some(&existing));
-            send_import(s, term, &r.name, secret, SourceWrite::Patch { mode: r.mode }, r.wait)
-                .await
+            send_import(
+                s,
+                term,
+                &r.name,
+                secret,
+                SourceWrite::Patch { mode: r.mode },
+                r.wait,
+            )
+            .await
         }
     }
 }
@@ -304,7 +332,11 @@ async fn send_import(
         .await
         .map_err(|e| Call::secret("create", ns, None).fail(e))?;
     let secret_name = created.metadata.name.clone().unwrap_or_default();
-    let source_version = created.metadata.resource_version.clone().unwrap_or_default();
+    let source_version = created
+        .metadata
+        .resource_version
+        .clone()
+        .unwrap_or_default();
     let api = secrets_api(s);
     let written = match write {
         SourceWrite::Create { device } => api
@@ -370,7 +402,10 @@ async fn send_import(
         Ok(Step::Pending(format!(
             "syncStatus {:?}, importedSourceVersion {}",
             status.sync_status,
-            status.imported_source_version.as_deref().unwrap_or("<none>")
+            status
+                .imported_source_version
+                .as_deref()
+                .unwrap_or("<none>")
         )))
     })
     .await?;
