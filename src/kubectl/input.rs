@@ -333,9 +333,8 @@ impl Prompt for TerminalPrompt {
                 break;
             }
             validate_key(&key).map_err(|e| KubectlError::usage(e.to_string()))?;
-            let _ = write!(term.err, "value for {key} (hidden): ");
-            let _ = term.err.flush();
-            let value = hidden::read_line().map_err(io)?;
+            let value =
+                hidden::read_line(term, &format!("value for {key} (hidden): ")).map_err(io)?;
             entries.push((key, SecretValue::new(value.as_bytes().to_vec())));
         }
         Ok(entries)
@@ -349,6 +348,8 @@ mod hidden {
     use nix::sys::termios::{LocalFlags, SetArg, Termios, tcgetattr, tcsetattr};
     use zeroize::Zeroizing;
 
+    use super::Term;
+
     /// Puts the terminal back even when reading fails.
     struct Restore(Termios);
 
@@ -358,8 +359,10 @@ mod hidden {
         }
     }
 
-    /// One line from stdin with echo off (the newline still echoes, via ECHONL).
-    pub fn read_line() -> std::io::Result<Zeroizing<String>> {
+    /// Prompts, then reads one line from stdin with echo off (the newline still echoes,
+    /// via ECHONL). The prompt appears only once echo is off, so nothing typed after it
+    /// can show.
+    pub fn read_line(term: &mut Term<'_>, prompt: &str) -> std::io::Result<Zeroizing<String>> {
         let stdin = std::io::stdin();
         let original = tcgetattr(stdin.as_fd())?;
         let mut silent = original.clone();
@@ -367,6 +370,8 @@ mod hidden {
         silent.local_flags.insert(LocalFlags::ECHONL);
         tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &silent)?;
         let _restore = Restore(original);
+        let _ = write!(term.err, "{prompt}");
+        let _ = term.err.flush();
         let mut line = Zeroizing::new(String::new());
         stdin.lock().read_line(&mut line)?;
         while line.ends_with('\n') || line.ends_with('\r') {
