@@ -5,5 +5,6 @@ pub mod cli;
 pub mod crd;
 pub mod failover;
 pub mod hsm;
+pub mod kubectl;
 pub mod state;
 pub mod telemetry;

@@ -1,0 +1,968 @@
+//! `kubectl hsm` commands against the scripted API server: the exact calls each command
+//! makes (method, path, body), what it prints, and how API failures read.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use clap::Parser;
+use hsm_secrets::kubectl::args::Request;
+use hsm_secrets::kubectl::{Cli, KubectlError, Prompt, SecretValue, Session, Term};
+use serde_json::{Value, json};
+use support::mock_api::{self, Handle, next, status};
+
+struct NoPrompt;
+
+impl Prompt for NoPrompt {
+    fn available(&self) -> bool {
+        false
+    }
+    fn read_entries(
+        &mut self,
+        _term: &mut Term<'_>,
+    ) -> Result<Vec<(String, SecretValue)>, KubectlError> {
+        Ok(Vec::new())
+    }
+}
+
+struct Ran {
+    result: Result<(), KubectlError>,
+    out: String,
+    err: String,
+}
+
+impl Ran {
+    fn error(&self) -> String {
+        match &self.result {
+            Err(e) => e.to_string(),
+            Ok(()) => panic!("expected an error; out: {}", self.out),
+        }
+    }
+}
+
+/// Parses `args` as `kubectl hsm` would and runs them in namespace `shop` against the mock.
+async fn run(args: &[&str], client: kube::Client) -> Ran {
+    let cli =
+        Cli::try_parse_from(std::iter::once("kubectl-hsm").chain(args.iter().copied())).unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let result = {
+        let mut term = Term {
+            out: &mut out,
+            err: &mut err,
+        };
+        let request = Request::from_cli(&cli, &mut NoPrompt, &mut term).unwrap();
+        let session = Session::new(client, "shop");
+        hsm_secrets::kubectl::execute(request, &session, &mut term).await
+    };
+    Ran {
+        result,
+        out: String::from_utf8_lossy(&out).into_owned(),
+        err: String::from_utf8_lossy(&err).into_owned(),
+    }
+}
+
+/// The client made no call beyond those scripted (it is gone when this returns None).
+async fn no_more_calls(api: &mut Handle) {
+    let next = tokio::time::timeout(Duration::from_secs(10), api.next_request())
+        .await
+        .expect("the client was never dropped");
+    if let Some((req, _)) = next {
+        panic!("unexpected extra call: {} {}", req.method(), req.uri());
+    }
+}
+
+const SECRETS: &str = "/apis/hsmsecrets.io/v1alpha1/namespaces/shop/hsmsecrets";
+const DEVICES: &str = "/apis/hsmsecrets.io/v1alpha1/hsmdevices";
+
+fn hsmsecret(name: &str, spec: Value, status: Value) -> Value {
+    json!({
+        "apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMSecret",
+        "metadata": {"name": name, "namespace": "shop", "uid": "uid-1", "resourceVersion": "10", "generation": 1},
+        "spec": spec,
+        "status": status
+    })
+}
+
+fn device(policy: &str, primary: &str, nodes: Value, extra_status: Value) -> Value {
+    let mut status = json!({"primaryNode": primary, "epoch": 3, "phase": "Ready", "nodes": nodes});
+    for (k, v) in extra_status.as_object().unwrap() {
+        status[k] = v.clone();
+    }
+    json!({
+        "apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMDevice",
+        "metadata": {"name": "prod-hsm", "resourceVersion": "5"},
+        "spec": {
+            "pkcs11": {"library": "/l.so", "tokenLabel": "prod", "pinSecretRef": {"namespace": "s", "name": "p"}},
+            "mirroring": {"policy": policy}
+        },
+        "status": status
+    })
+}
+
+fn three_nodes() -> Value {
+    json!([
+        {"node": "worker-1", "role": "Primary", "health": "Healthy", "appliedSequence": 42},
+        {"node": "worker-2", "role": "ReadOnly", "health": "Healthy", "appliedSequence": 41},
+        {"node": "worker-3", "role": "ReadOnly", "health": "Unhealthy", "lastError": "agent down"}
+    ])
+}
+
+fn not_found(kind_plural: &str, name: &str) -> Value {
+    let mut s = status(
+        404,
+        "NotFound",
+        &format!("{kind_plural}.hsmsecrets.io \"{name}\" not found"),
+    );
+    s["details"] = json!({"name": name, "group": "hsmsecrets.io", "kind": kind_plural});
+    s
+}
+
+#[tokio::test]
+async fn create_posts_the_import_secret_then_the_hsmsecret_and_waits_for_the_import() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("POST", "/api/v1/namespaces/shop/secrets")
+        );
+        let meta = &req.body["metadata"];
+        assert_eq!(meta["generateName"], "db-import-");
+        assert_eq!(meta["namespace"], "shop");
+        assert_eq!(meta["labels"]["hsmsecrets.io/import-for"], "db");
+        assert!(meta.get("annotations").is_none());
+        assert_eq!(req.body["type"], "Opaque");
+        // base64 of "s3cret" and "app".
+        assert_eq!(
+            req.body["data"],
+            json!({"password": "czNjcmV0", "username": "YXBw"})
+        );
+        let mut created = req.body.clone();
+        created["metadata"]["name"] = json!("db-import-x7k2p");
+        created["metadata"]["resourceVersion"] = json!("100");
+        req.reply(201, created);
+
+        let req = next(&mut api).await;
+        assert_eq!((req.method.as_str(), req.path()), ("POST", SECRETS));
+        assert_eq!(req.body["metadata"]["name"], "db");
+        assert_eq!(
+            req.body["spec"],
+            json!({
+                "deviceRef": "prod-hsm",
+                "source": {"secretRef": {"name": "db-import-x7k2p"}, "deleteAfterImport": true, "mode": "Replace"}
+            })
+        );
+        let spec = req.body["spec"].clone();
+        req.reply(201, hsmsecret("db", spec.clone(), json!(null)));
+
+        // Polls until the controller reports the import of resourceVersion 100.
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("GET", &*format!("{SECRETS}/db"))
+        );
+        req.reply(
+            200,
+            hsmsecret("db", spec.clone(), json!({"syncStatus": "Pending"})),
+        );
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "GET");
+        req.reply(
+            200,
+            hsmsecret(
+                "db",
+                spec,
+                json!({"syncStatus": "InSync", "version": 1, "keys": ["password", "username"], "importedSourceVersion": "100"}),
+            ),
+        );
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(
+        &[
+            "create",
+            "db",
+            "--device",
+            "prod-hsm",
+            "--from-literal",
+            "password=s3cret",
+            "--from-literal",
+            "username=app",
+        ],
+        client,
+    )
+    .await;
+    ran.result.as_ref().unwrap();
+    assert_eq!(
+        ran.out,
+        "hsmsecret shop/db imported (version 1; keys: password, username)\n"
+    );
+    assert!(
+        ran.err
+            .contains("import into HSMSecret shop/db requested (Secret shop/db-import-x7k2p)"),
+        "{}",
+        ran.err
+    );
+    assert!(!ran.out.contains("s3cret") && !ran.err.contains("s3cret"));
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_webhook_denial_is_printed_as_is_and_the_import_secret_is_taken_back() {
+    let denial = "admission webhook \"validate.hsmsecrets.io\" denied the request: HSMDevice prod-hsm has no writable primary (worker-1 unavailable since 2025-01-01T11:00:00Z); writes resume after failover: kubectl hsm failover prod-hsm --to NODE";
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "GET");
+        req.reply(
+            200,
+            hsmsecret(
+                "db",
+                json!({"deviceRef": "prod-hsm"}),
+                json!({"keys": ["a"]}),
+            ),
+        );
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "POST");
+        // The owner reference lets garbage collection remove an import never picked up.
+        assert_eq!(
+            req.body["metadata"]["ownerReferences"][0],
+            json!({"apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMSecret", "name": "db", "uid": "uid-1"})
+        );
+        let mut created = req.body.clone();
+        created["metadata"]["name"] = json!("db-import-abcde");
+        created["metadata"]["resourceVersion"] = json!("7");
+        req.reply(201, created);
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("PATCH", &*format!("{SECRETS}/db"))
+        );
+        assert_eq!(
+            req.body,
+            json!({"spec": {"source": {"secretRef": {"name": "db-import-abcde"}, "deleteAfterImport": true, "mode": "Merge"}}})
+        );
+        req.reply(403, status(403, "Forbidden", denial));
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("DELETE", "/api/v1/namespaces/shop/secrets/db-import-abcde")
+        );
+        req.reply(200, status(200, "", ""));
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["update", "db", "--from-literal", "b=2"], client).await;
+    assert_eq!(ran.error(), denial);
+    assert_eq!(ran.result.unwrap_err().kind(), "denied");
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn update_dry_run_reads_status_keys_and_writes_nothing() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("GET", &*format!("{SECRETS}/db"))
+        );
+        req.reply(
+            200,
+            hsmsecret(
+                "db",
+                json!({"deviceRef": "prod-hsm"}),
+                json!({"keys": ["password", "username"]}),
+            ),
+        );
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(
+        &[
+            "update",
+            "db",
+            "--replace",
+            "--dry-run",
+            "--from-literal",
+            "password=new",
+            "--from-literal",
+            "api-key=k",
+        ],
+        client,
+    )
+    .await;
+    ran.result.as_ref().unwrap();
+    assert_eq!(
+        ran.out,
+        "update HSMSecret shop/db on device prod-hsm (mode Replace) (dry run: nothing was written)\n  + api-key    add\n  ~ password   set\n  - username   remove\n"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn update_reports_the_controllers_error_for_its_generation() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let old_error =
+            json!({"syncStatus": "Error", "lastError": "old failure", "observedGeneration": 1});
+        let req = next(&mut api).await;
+        req.reply(
+            200,
+            hsmsecret("db", json!({"deviceRef": "prod-hsm"}), old_error.clone()),
+        );
+        let req = next(&mut api).await;
+        let mut created = req.body.clone();
+        created["metadata"]["name"] = json!("db-import-q");
+        created["metadata"]["resourceVersion"] = json!("55");
+        req.reply(201, created);
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "PATCH");
+        let mut patched = hsmsecret("db", json!({"deviceRef": "prod-hsm"}), old_error.clone());
+        patched["metadata"]["generation"] = json!(2);
+        req.reply(200, patched.clone());
+        // An Error from generation 1 is not this write's outcome: keep waiting.
+        let req = next(&mut api).await;
+        req.reply(200, patched.clone());
+        let req = next(&mut api).await;
+        patched["status"] = json!({"syncStatus": "Error", "observedGeneration": 2,
+            "lastError": "HSMDevice prod-hsm: primary worker-1 refused the write (read-only since 11:00)"});
+        req.reply(200, patched);
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["update", "db", "--from-literal", "a=1"], client).await;
+    assert_eq!(
+        ran.error(),
+        "import into HSMSecret shop/db failed: HSMDevice prod-hsm: primary worker-1 refused the write (read-only since 11:00)"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn delete_key_sends_a_removal_import_in_merge_mode() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let spec = json!({"deviceRef": "prod-hsm"});
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "GET");
+        req.reply(
+            200,
+            hsmsecret("db", spec.clone(), json!({"keys": ["a", "b", "c"]})),
+        );
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("POST", "/api/v1/namespaces/shop/secrets")
+        );
+        assert_eq!(
+            req.body["metadata"]["annotations"],
+            json!({"hsmsecrets.io/remove-keys": "a,c"})
+        );
+        assert_eq!(req.body["data"], json!({}));
+        let mut created = req.body.clone();
+        created["metadata"]["name"] = json!("db-import-rm");
+        created["metadata"]["resourceVersion"] = json!("9");
+        req.reply(201, created);
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "PATCH");
+        assert_eq!(req.body["spec"]["source"]["mode"], "Merge");
+        assert_eq!(
+            req.body["spec"]["source"]["secretRef"]["name"],
+            "db-import-rm"
+        );
+        req.reply(
+            200,
+            hsmsecret("db", spec.clone(), json!({"keys": ["a", "b", "c"]})),
+        );
+        let req = next(&mut api).await;
+        req.reply(
+            200,
+            hsmsecret(
+                "db",
+                spec,
+                json!({"keys": ["b"], "version": 5, "importedSourceVersion": "9"}),
+            ),
+        );
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["delete", "db", "--key", "a,c"], client).await;
+    ran.result.as_ref().unwrap();
+    assert_eq!(ran.out, "hsmsecret shop/db imported (version 5; keys: b)\n");
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn delete_refuses_unknown_keys_and_removing_every_key() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        for _ in 0..2 {
+            let req = next(&mut api).await;
+            req.reply(
+                200,
+                hsmsecret(
+                    "db",
+                    json!({"deviceRef": "prod-hsm"}),
+                    json!({"keys": ["a", "b"]}),
+                ),
+            );
+        }
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["delete", "db", "--key", "zzz"], client.clone()).await;
+    assert_eq!(
+        ran.error(),
+        "HSMSecret shop/db has no key \"zzz\" (its keys: a, b)"
+    );
+    let ran = run(&["delete", "db", "--key", "a,b"], client).await;
+    assert!(
+        ran.error()
+            .contains("delete the whole secret instead: kubectl hsm delete db")
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn delete_purge_sets_the_deletion_policy_then_deletes() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let spec = json!({"deviceRef": "prod-hsm"});
+        let req = next(&mut api).await;
+        req.reply(200, hsmsecret("db", spec.clone(), json!({})));
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("PATCH", &*format!("{SECRETS}/db"))
+        );
+        assert_eq!(req.body, json!({"spec": {"deletionPolicy": "Delete"}}));
+        req.reply(200, hsmsecret("db", spec.clone(), json!({})));
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("DELETE", &*format!("{SECRETS}/db"))
+        );
+        req.reply(200, hsmsecret("db", spec, json!({})));
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["delete", "db", "--purge"], client).await;
+    ran.result.as_ref().unwrap();
+    assert_eq!(
+        ran.out,
+        "hsmsecret shop/db deleted; the controller deletes the HSM data (deletionPolicy Delete)\n"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn failover_annotates_the_device_and_polls_until_the_target_is_primary() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("GET", &*format!("{DEVICES}/prod-hsm"))
+        );
+        req.reply(
+            200,
+            device("ReadOnly", "worker-1", three_nodes(), json!({})),
+        );
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("PATCH", &*format!("{DEVICES}/prod-hsm"))
+        );
+        assert_eq!(
+            req.body,
+            json!({"metadata": {"annotations": {"hsmsecrets.io/switchover-to": "worker-2"}}})
+        );
+        req.reply(
+            200,
+            device("ReadOnly", "worker-1", three_nodes(), json!({})),
+        );
+        let catching_up = json!({"phase": "Degraded", "conditions": [{
+            "type": "Ready", "status": "False", "reason": "Switchover",
+            "message": "waiting for worker-2 to catch up (41/42)",
+            "lastTransitionTime": "2025-01-01T12:00:00Z"}]});
+        for _ in 0..2 {
+            let req = next(&mut api).await;
+            assert_eq!(
+                (req.method.as_str(), req.path()),
+                ("GET", &*format!("{DEVICES}/prod-hsm"))
+            );
+            req.reply(
+                200,
+                device("ReadOnly", "worker-1", three_nodes(), catching_up.clone()),
+            );
+        }
+        let req = next(&mut api).await;
+        let mut done = device("ReadOnly", "worker-2", three_nodes(), json!({}));
+        done["status"]["epoch"] = json!(4);
+        req.reply(200, done);
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["failover", "prod-hsm", "--to", "worker-2"], client).await;
+    ran.result.as_ref().unwrap();
+    assert_eq!(
+        ran.out,
+        "hsmdevice prod-hsm: worker-2 is now the primary (epoch 4, phase Ready)\n"
+    );
+    // Progress is printed once per change, not once per poll.
+    assert_eq!(
+        ran.err.matches("waiting for worker-2 to catch up").count(),
+        1,
+        "{}",
+        ran.err
+    );
+    assert!(
+        ran.err
+            .contains("phase Degraded, primary worker-1, epoch 3; Ready=False (Switchover)")
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn failover_refuses_before_writing() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        for dev in [
+            device("None", "worker-1", three_nodes(), json!({})),
+            device("ReadOnly", "worker-1", three_nodes(), json!({})),
+            device("ReadOnly", "worker-1", three_nodes(), json!({})),
+            device("ReadOnly", "worker-1", three_nodes(), json!({})),
+        ] {
+            let req = next(&mut api).await;
+            assert_eq!(req.method, "GET");
+            req.reply(200, dev);
+        }
+        let req = next(&mut api).await;
+        req.reply(404, not_found("hsmdevices", "nope"));
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(
+        &["failover", "prod-hsm", "--to", "worker-2"],
+        client.clone(),
+    )
+    .await;
+    assert!(
+        ran.error().contains("has mirroring policy None"),
+        "{}",
+        ran.error()
+    );
+    let ran = run(
+        &["failover", "prod-hsm", "--to", "worker-9"],
+        client.clone(),
+    )
+    .await;
+    assert_eq!(
+        ran.error(),
+        "refusing to fail over: worker-9 is not a node of HSMDevice prod-hsm (its nodes: worker-1, worker-2, worker-3); pick one from `kubectl hsm mirror status prod-hsm`"
+    );
+    let ran = run(
+        &["failover", "prod-hsm", "--to", "worker-1"],
+        client.clone(),
+    )
+    .await;
+    assert!(
+        ran.error().contains("worker-1 is already the primary"),
+        "{}",
+        ran.error()
+    );
+    let ran = run(
+        &["failover", "prod-hsm", "--to", "worker-3"],
+        client.clone(),
+    )
+    .await;
+    assert!(
+        ran.error()
+            .contains("worker-3 is Unhealthy in HSMDevice prod-hsm (agent down)")
+    );
+    let ran = run(&["failover", "nope", "--to", "worker-3"], client).await;
+    assert_eq!(
+        ran.error(),
+        "HSMDevice nope not found; see the devices with `kubectl hsm devices`"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn failover_times_out_with_how_to_follow_up_or_cancel() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        // Answer every call until the client gives up.
+        while let Some((req, respond)) = api.next_request().await {
+            let body = device("ReadOnly", "worker-1", three_nodes(), json!({}));
+            assert!(req.method() == "GET" || req.method() == "PATCH");
+            respond.send_response(
+                http::Response::builder()
+                    .status(200)
+                    .body(kube::client::Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    let ran = run(
+        &[
+            "failover",
+            "prod-hsm",
+            "--to",
+            "worker-2",
+            "--timeout",
+            "1s",
+        ],
+        client,
+    )
+    .await;
+    let msg = ran.error();
+    assert!(
+        msg.starts_with(
+            "timed out after 1s waiting for HSMDevice prod-hsm to make worker-2 its primary"
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("kubectl annotate hsmdevice prod-hsm hsmsecrets.io/switchover-to-"),
+        "{msg}"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_crd_says_how_to_install_it() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        // Unknown API group: the API server answers with a plain-text 404.
+        let (req, respond) = api.next_request().await.unwrap();
+        assert_eq!((req.method().as_str(), req.uri().path()), ("GET", SECRETS));
+        respond.send_response(
+            http::Response::builder()
+                .status(404)
+                .body(kube::client::Body::from(b"404 page not found\n".to_vec()))
+                .unwrap(),
+        );
+        // Group known, resource not: a Status without details.
+        let req = next(&mut api).await;
+        assert_eq!(req.path(), DEVICES);
+        req.reply(
+            404,
+            status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        );
+        let req = next(&mut api).await;
+        assert_eq!(req.path(), format!("{SECRETS}/db"));
+        req.reply(
+            404,
+            status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        );
+        // A real missing object is not mistaken for a missing CRD.
+        let req = next(&mut api).await;
+        req.reply(404, not_found("hsmsecrets", "db"));
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["list"], client.clone()).await;
+    assert_eq!(
+        ran.error(),
+        "the HSMSecret CRD is not installed: kubectl apply -k manifests/"
+    );
+    let ran = run(&["devices"], client.clone()).await;
+    assert_eq!(
+        ran.error(),
+        "the HSMDevice CRD is not installed: kubectl apply -k manifests/"
+    );
+    let ran = run(&["get", "db"], client.clone()).await;
+    assert_eq!(ran.result.as_ref().unwrap_err().kind(), "crd_missing");
+    let ran = run(&["get", "db"], client).await;
+    assert_eq!(
+        ran.error(),
+        "HSMSecret shop/db not found; see what exists with `kubectl hsm list -n shop`"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn rbac_denials_name_the_verb_and_resource() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        req.reply(
+            403,
+            status(403, "Forbidden", "hsmsecrets.hsmsecrets.io is forbidden: User \"dev\" cannot list resource \"hsmsecrets\" in API group \"hsmsecrets.io\" in the namespace \"shop\""),
+        );
+        let req = next(&mut api).await;
+        assert_eq!(req.path(), "/api/v1/namespaces/shop/secrets");
+        req.reply(
+            403,
+            status(403, "Forbidden", "secrets is forbidden: User \"dev\" cannot create resource \"secrets\" in API group \"\" in the namespace \"shop\""),
+        );
+        let req = next(&mut api).await;
+        req.reply(
+            200,
+            device("ReadOnly", "worker-1", three_nodes(), json!({})),
+        );
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "PATCH");
+        req.reply(
+            403,
+            status(403, "Forbidden", "hsmdevices.hsmsecrets.io \"prod-hsm\" is forbidden: User \"dev\" cannot patch resource \"hsmdevices\""),
+        );
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["list"], client.clone()).await;
+    let msg = ran.error();
+    assert!(
+        msg.starts_with(
+            "forbidden: you may not list hsmsecrets.hsmsecrets.io in namespace shop (RBAC)"
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("User \"dev\" cannot list"), "{msg}");
+    let ran = run(
+        &["create", "db", "--device", "d", "--from-literal", "a=1"],
+        client.clone(),
+    )
+    .await;
+    assert!(
+        ran.error()
+            .starts_with("forbidden: you may not create secrets in namespace shop (RBAC)"),
+        "{}",
+        ran.error()
+    );
+    assert_eq!(ran.result.unwrap_err().exit_code(), 1);
+    // A device read that worked, then a patch that RBAC refuses.
+    let ran = run(&["failover", "prod-hsm", "--to", "worker-2"], client).await;
+    assert!(
+        ran.error().starts_with(
+            "forbidden: you may not patch hsmdevices.hsmsecrets.io (cluster-scoped) (RBAC)"
+        ),
+        "{}",
+        ran.error()
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn get_never_prints_values_without_show_values_even_with_a_secret_copy() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        for _ in 0..3 {
+            let req = next(&mut api).await;
+            // Only the HSMSecret is read: the Secret copy is never fetched.
+            assert_eq!(
+                (req.method.as_str(), req.path()),
+                ("GET", &*format!("{SECRETS}/db"))
+            );
+            req.reply(
+                200,
+                hsmsecret(
+                    "db",
+                    json!({"deviceRef": "prod-hsm", "secretName": "db-copy"}),
+                    json!({"syncStatus": "InSync", "keys": ["password", "username"]}),
+                ),
+            );
+        }
+        no_more_calls(&mut api).await;
+    });
+    for args in [
+        &["get", "db"][..],
+        &["get", "db", "-o", "json"][..],
+        &["get", "db", "-o", "yaml", "--key", "password"][..],
+    ] {
+        let ran = run(args, client.clone()).await;
+        ran.result.as_ref().unwrap();
+        assert!(ran.out.contains("password"), "{}", ran.out);
+        assert!(!ran.out.contains("hunter2"), "{}", ran.out);
+        assert!(
+            ran.out.contains("<hidden>") || ran.out.contains("valuesShown"),
+            "{}",
+            ran.out
+        );
+    }
+    drop(client);
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn get_show_values_reads_the_secret_copy() {
+    let (client, mut api) = mock_api::client();
+    let copy = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "db-copy", "namespace": "shop"},
+        "data": {"password": "aHVudGVyMg==", "username": "YXBw"}});
+    let server = tokio::spawn(async move {
+        for _ in 0..2 {
+            let req = next(&mut api).await;
+            req.reply(
+                200,
+                hsmsecret(
+                    "db",
+                    json!({"deviceRef": "prod-hsm", "secretName": "db-copy"}),
+                    json!({"keys": ["password", "username"]}),
+                ),
+            );
+            let req = next(&mut api).await;
+            assert_eq!(
+                (req.method.as_str(), req.path()),
+                ("GET", "/api/v1/namespaces/shop/secrets/db-copy")
+            );
+            req.reply(200, copy.clone());
+        }
+        // Without a copy there is nothing to read values from.
+        let req = next(&mut api).await;
+        req.reply(
+            200,
+            hsmsecret(
+                "db",
+                json!({"deviceRef": "prod-hsm"}),
+                json!({"keys": ["password"]}),
+            ),
+        );
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(
+        &["get", "db", "--show-values", "-o", "json"],
+        client.clone(),
+    )
+    .await;
+    ran.result.as_ref().unwrap();
+    let v: Value = serde_json::from_str(&ran.out).unwrap();
+    assert_eq!(v["valuesShown"], true);
+    assert_eq!(
+        v["keys"][0],
+        json!({"name": "password", "value": "hunter2"})
+    );
+    // One key as text: the raw value, for $(...).
+    let ran = run(
+        &["get", "db", "--show-values", "--key", "password"],
+        client.clone(),
+    )
+    .await;
+    ran.result.as_ref().unwrap();
+    assert_eq!(ran.out, "hunter2");
+    let ran = run(&["get", "db", "--show-values"], client).await;
+    assert_eq!(
+        ran.error(),
+        "HSMSecret shop/db keeps no Kubernetes Secret copy, so its values are only mounted into pods; to read them here, set spec.secretName on the HSMSecret (the controller then keeps a Secret of that name in sync)"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn list_all_namespaces_and_empty_lists() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("GET", "/apis/hsmsecrets.io/v1alpha1/hsmsecrets")
+        );
+        req.reply(200, json!({"apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMSecretList", "metadata": {}, "items": [
+            hsmsecret("db", json!({"deviceRef": "prod-hsm"}), json!({"syncStatus": "InSync", "keys": ["a"]}))
+        ]}));
+        let req = next(&mut api).await;
+        assert_eq!(req.path(), SECRETS);
+        req.reply(200, json!({"apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMSecretList", "metadata": {}, "items": []}));
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["list", "-A"], client.clone()).await;
+    ran.result.as_ref().unwrap();
+    assert!(
+        ran.out.starts_with("NAMESPACE   NAME   DEVICE"),
+        "{}",
+        ran.out
+    );
+    assert!(
+        ran.out.contains("shop        db     prod-hsm   InSync"),
+        "{}",
+        ran.out
+    );
+    let ran = run(&["list"], client).await;
+    ran.result.as_ref().unwrap();
+    assert_eq!(ran.out, "");
+    assert_eq!(ran.err, "No HSMSecrets found in namespace shop.\n");
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn health_exits_non_zero_when_a_device_is_not_ready() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        assert_eq!((req.method.as_str(), req.path()), ("GET", DEVICES));
+        let mut degraded = device(
+            "ReadOnly",
+            "worker-1",
+            three_nodes(),
+            json!({"phase": "Degraded"}),
+        );
+        degraded["metadata"]["name"] = json!("edge-hsm");
+        req.reply(200, json!({"apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMDeviceList", "metadata": {}, "items": [
+            device("ReadOnly", "worker-1", three_nodes(), json!({})), degraded
+        ]}));
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["health"], client).await;
+    assert_eq!(ran.error(), "1 of 2 devices not Ready: edge-hsm (Degraded)");
+    assert_eq!(ran.result.as_ref().unwrap_err().exit_code(), 1);
+    assert!(
+        ran.out
+            .contains("edge-hsm   Degraded   worker-3   ReadOnly   Unhealthy"),
+        "{}",
+        ran.out
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_cluster_points_at_the_kubeconfig_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: dead\nclusters:\n- name: dead\n  cluster:\n    server: http://127.0.0.1:{port}\ncontexts:\n- name: dead\n  context: {{cluster: dead, user: u, namespace: team-a}}\nusers:\n- name: u\n  user: {{token: t}}\n"
+        ),
+    )
+    .unwrap();
+    let cli = Cli::try_parse_from([
+        "kubectl-hsm",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "list",
+    ])
+    .unwrap();
+    let session = hsm_secrets::kubectl::connect(&cli.global).await.unwrap();
+    assert_eq!(session.namespace, "team-a");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut term = Term {
+        out: &mut out,
+        err: &mut err,
+    };
+    let result = hsm_secrets::kubectl::run(cli, &mut NoPrompt, &mut term).await;
+    let msg = result.unwrap_err().to_string();
+    assert!(msg.starts_with("cannot reach the cluster: "), "{msg}");
+    assert!(msg.ends_with("; check --context/--kubeconfig"), "{msg}");
+
+    let cli = Cli::try_parse_from([
+        "kubectl-hsm",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--context",
+        "missing",
+        "devices",
+    ])
+    .unwrap();
+    let msg = hsm_secrets::kubectl::run(cli, &mut NoPrompt, &mut term)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("missing"), "{msg}");
+    assert!(msg.ends_with("; check --context/--kubeconfig"), "{msg}");
+}
