@@ -92,7 +92,9 @@ pub struct SecretSource {
     pub mode: Option<ImportMode>,
 }
 
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum ImportMode {
     #[default]
     Replace,
