@@ -2,6 +2,7 @@
 //! modules, delivered as tmpfs volumes, mirrored across nodes and failed over with fencing.
 
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod failover;
 pub mod hsm;

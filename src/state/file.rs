@@ -186,6 +186,27 @@ impl StateStore for FileState {
         })
     }
 
+    async fn clear_device_annotation(&self, name: &str, key: &str) -> Result<(), StateError> {
+        let name = object_name(&Some(name.into()), "HSMDevice")?;
+        let path = self.root.join("devices").join(format!("{name}.yaml"));
+        self.locked(|| {
+            let Some(mut dev): Option<HSMDevice> = read_yaml(&path)? else {
+                return Ok(());
+            };
+            let removed = dev
+                .metadata
+                .annotations
+                .as_mut()
+                .is_some_and(|a| a.remove(key).is_some());
+            if removed {
+                let previous = dev.metadata.clone();
+                bump(&mut dev.metadata, Some((&previous, false)));
+                write_yaml(&path, &dev)?;
+            }
+            Ok(())
+        })
+    }
+
     async fn list_secrets(&self) -> Result<Vec<HSMSecret>, StateError> {
         self.list("secrets")
     }

@@ -103,6 +103,15 @@ impl StateStore for KubeState {
             })
     }
 
+    async fn clear_device_annotation(&self, name: &str, key: &str) -> Result<(), StateError> {
+        let api: Api<HSMDevice> = Api::all(self.client.clone());
+        let patch = serde_json::json!({"metadata": {"annotations": {key: null}}});
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(api_err)
+    }
+
     async fn list_secrets(&self) -> Result<Vec<HSMSecret>, StateError> {
         let api: Api<HSMSecret> = Api::all(self.client.clone());
         Ok(api

@@ -100,6 +100,8 @@ pub trait StateStore: Send + Sync + 'static {
         resource_version: &str,
         status: &HSMDeviceStatus,
     ) -> Result<HSMDevice, StateError>;
+    /// Removes one annotation from a device (e.g. a completed switchover request).
+    async fn clear_device_annotation(&self, name: &str, key: &str) -> Result<(), StateError>;
     async fn list_secrets(&self) -> Result<Vec<HSMSecret>, StateError>;
     async fn get_secret(
         &self,

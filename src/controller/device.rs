@@ -1,0 +1,254 @@
+//! One reconcile round of one device.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::jiff::Timestamp;
+
+use super::{Agents, ControllerMetrics};
+use crate::crd::{HSMDevice, SWITCHOVER_ANNOTATION};
+use crate::failover::{
+    self, Action, DeviceView, LeaseFacts, Observations, PlanConfig, Probe, SwitchoverOutcome,
+    SwitchoverRequest,
+};
+use crate::state::{EventRecord, EventType, ObjectRef, StateError, StateStore};
+
+/// What a round did (for the loop and for tests).
+#[derive(Debug, Default)]
+pub struct RoundOutcome {
+    /// Plan again no later than this.
+    pub replan_at: Option<Timestamp>,
+    /// The status write lost a race: plan again at once.
+    pub conflict: bool,
+    pub actions_failed: usize,
+}
+
+/// Reconciles devices; keeps the timing facts the fencing rule needs between rounds.
+pub struct DeviceController<S, A> {
+    state: Arc<S>,
+    agents: Arc<A>,
+    config: PlanConfig,
+    metrics: ControllerMetrics,
+    /// When this controller started acting: renewals issued before are not ours to vouch for.
+    leader_since: Timestamp,
+    /// Per device: (epoch, instant the primary's last renewal or promotion was acknowledged).
+    renewals: Mutex<HashMap<String, (u64, Timestamp)>>,
+}
+
+impl<S: StateStore, A: Agents> DeviceController<S, A> {
+    pub fn new(
+        state: Arc<S>,
+        agents: Arc<A>,
+        config: PlanConfig,
+        metrics: ControllerMetrics,
+    ) -> Self {
+        Self {
+            state,
+            agents,
+            config,
+            metrics,
+            leader_since: Timestamp::now(),
+            renewals: Mutex::default(),
+        }
+    }
+
+    /// Marks the start of leadership (renewals by a previous leader cannot be vouched for).
+    pub fn became_leader(&mut self, at: Timestamp) {
+        self.leader_since = at;
+        self.renewals_mut().clear();
+    }
+
+    fn renewals_mut(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Timestamp)>> {
+        self.renewals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Probe, plan, store the status, execute the actions.
+    #[tracing::instrument(skip_all, fields(device = %device.metadata.name.as_deref().unwrap_or_default()))]
+    pub async fn reconcile(&self, device: &HSMDevice) -> Result<RoundOutcome, StateError> {
+        let name = device.metadata.name.clone().unwrap_or_default();
+        let view = DeviceView::of(device);
+        let status = device.status.clone().unwrap_or_default();
+
+        let mut nodes: BTreeSet<String> = self.agents.nodes(&name).await.into_iter().collect();
+        nodes.extend(view.target_nodes.iter().cloned());
+        nodes.extend(view.preferred_primary.iter().cloned());
+        nodes.extend(status.nodes.iter().map(|n| n.node.clone()));
+        let probes = futures::future::join_all(nodes.iter().map(|node| {
+            let agents = self.agents.clone();
+            let device = name.clone();
+            let node = node.clone();
+            async move {
+                let result = agents.probe(&device, &node).await;
+                Probe { node, result }
+            }
+        }))
+        .await;
+        for p in &probes {
+            if let failover::ProbeResult::Failed(e) = &p.result {
+                self.metrics.probe_failed(e.kind.as_str());
+            }
+        }
+
+        let epoch = status.epoch;
+        let confirmed_renewal = self
+            .renewals_mut()
+            .get(&name)
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, at)| *at);
+        let switchover = device
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SWITCHOVER_ANNOTATION))
+            .map(|target| parse_switchover(target));
+        let observations = Observations {
+            probes,
+            lease: LeaseFacts {
+                confirmed_renewal,
+                leader_since: self.leader_since,
+            },
+            switchover,
+            now: Timestamp::now(),
+        };
+        let plan = failover::plan(&view, &status, &observations, &self.config);
+
+        let rv = device.metadata.resource_version.clone().unwrap_or_default();
+        if plan.status != status {
+            match self
+                .state
+                .replace_device_status(&name, &rv, &plan.status)
+                .await
+            {
+                Ok(_) => {}
+                Err(StateError::Conflict { .. }) => {
+                    return Ok(RoundOutcome {
+                        conflict: true,
+                        ..Default::default()
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.metrics.observe_status(&name, &plan.status);
+
+        let mut outcome = RoundOutcome {
+            replan_at: plan.replan_at,
+            ..Default::default()
+        };
+        for action in &plan.actions {
+            if let Err(e) = self.execute(&name, action).await {
+                outcome.actions_failed += 1;
+                tracing::warn!(error = %e, "action failed; it is planned again next round");
+            }
+        }
+        match &plan.switchover {
+            Some(SwitchoverOutcome::Completed { target, epoch }) => {
+                tracing::info!(%target, epoch, "switchover completed");
+                self.state
+                    .clear_device_annotation(&name, SWITCHOVER_ANNOTATION)
+                    .await?;
+            }
+            Some(SwitchoverOutcome::Rejected(err)) => {
+                self.record(
+                    &name,
+                    EventType::Warning,
+                    "HSMFailover",
+                    "Switchover",
+                    format!("switchover refused: {err}"),
+                )
+                .await?;
+                self.state
+                    .clear_device_annotation(&name, SWITCHOVER_ANNOTATION)
+                    .await?;
+            }
+            _ => {}
+        }
+        Ok(outcome)
+    }
+
+    async fn execute(&self, device: &str, action: &Action) -> Result<(), String> {
+        match action {
+            Action::Event(e) => self
+                .record(
+                    device,
+                    match e.type_ {
+                        failover::EventType::Normal => EventType::Normal,
+                        failover::EventType::Warning => EventType::Warning,
+                    },
+                    e.reason.as_str(),
+                    "Reconcile",
+                    e.message.clone(),
+                )
+                .await
+                .map_err(|e| e.to_string()),
+            Action::LabelNode { node, ready } => self
+                .state
+                .set_node_label(
+                    node,
+                    &failover::ready_label_key(device),
+                    ready.then_some(failover::READY_LABEL_VALUE),
+                )
+                .await
+                .map_err(|e| e.to_string()),
+            Action::ReportLostWrites {
+                node,
+                epoch,
+                from_sequence,
+                to_sequence,
+            } => {
+                let count = to_sequence.saturating_sub(*from_sequence) + 1;
+                self.metrics.lost_writes(device, count);
+                tracing::error!(%node, epoch, from_sequence, to_sequence, "writes lost by failover");
+                Ok(())
+            }
+            Action::RenewLease { epoch, .. } | Action::Promote { epoch, .. } => {
+                // The ack arrives after the agent applied it: anchoring the fencing clock
+                // at the ack instant is conservative.
+                self.agents
+                    .execute(device, action)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if matches!(action, Action::Promote { .. }) {
+                    self.metrics.promoted(device);
+                }
+                self.renewals_mut()
+                    .insert(device.to_string(), (*epoch, Timestamp::now()));
+                Ok(())
+            }
+            Action::FenceWrites { .. } | Action::Demote { .. } | Action::SetMirror { .. } => self
+                .agents
+                .execute(device, action)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn record(
+        &self,
+        device: &str,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        message: String,
+    ) -> Result<(), StateError> {
+        self.state
+            .record_event(
+                &ObjectRef::device(device),
+                &EventRecord {
+                    type_,
+                    reason: reason.into(),
+                    action: action.into(),
+                    message,
+                },
+            )
+            .await
+    }
+}
+
+/// `NODE` or `NODE,force`.
+fn parse_switchover(value: &str) -> SwitchoverRequest {
+    let mut parts = value.split(',').map(str::trim);
+    let target = parts.next().unwrap_or_default().to_string();
+    let force = parts.any(|p| p == "force");
+    SwitchoverRequest { target, force }
+}

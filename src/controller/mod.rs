@@ -1,0 +1,39 @@
+//! The HSMDevice controller: probes every node's agent, plans with the pure
+//! [`failover`](crate::failover) module, stores the planned status (optimistic
+//! concurrency), then executes the plan's actions against agents, node labels and Events.
+//!
+//! It is generic over where state lives ([`StateStore`]: Kubernetes or files) and how
+//! agents are reached ([`Agents`]: gRPC with mutual TLS, or in-process for tests), so the
+//! same loop runs on a cluster, in the no-cluster mode and in tests.
+
+mod device;
+mod metrics;
+mod run;
+
+pub use device::{DeviceController, RoundOutcome};
+pub use metrics::ControllerMetrics;
+pub use run::{ControllerConfig, run_controller};
+
+use async_trait::async_trait;
+
+use crate::failover::{Action, ProbeResult};
+
+/// How the controller reaches the agents of a device's nodes.
+#[async_trait]
+pub trait Agents: Send + Sync + 'static {
+    /// Nodes whose agent serves this device (discovered, not only those in the spec).
+    async fn nodes(&self, device: &str) -> Vec<String>;
+    /// One health probe, answered within the agent deadline or reported as failed.
+    async fn probe(&self, device: &str, node: &str) -> ProbeResult;
+    /// Carries out one agent action (RenewLease, FenceWrites, Promote, Demote, SetMirror).
+    /// Ok means the agent acknowledged it.
+    async fn execute(&self, device: &str, action: &Action) -> Result<(), AgentCallError>;
+}
+
+/// An agent call that did not get an acknowledgement.
+#[derive(Debug, thiserror::Error)]
+#[error("agent on {node}: {detail}")]
+pub struct AgentCallError {
+    pub node: String,
+    pub detail: String,
+}

@@ -1,0 +1,242 @@
+//! The HSMDevice controller's rounds against simulated agents and the file-backed state
+//! store: bootstrap, failover after the threshold and the fence, rejoin without failback.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use hsm_secrets::controller::{AgentCallError, Agents, ControllerMetrics, DeviceController};
+use hsm_secrets::crd::{
+    DevicePhase, DeviceRole, HSMDevice, HSMDeviceSpec, MirroringPolicy, MirroringSpec, Pkcs11Spec,
+    SecretKeyRef,
+};
+use hsm_secrets::failover::{
+    Action, AgentReport, FencingConfig, NodeError, NodeErrorKind, PlanConfig, ProbeResult,
+    WriteLease,
+};
+use hsm_secrets::state::{FileState, StateStore};
+
+#[derive(Clone)]
+struct SimAgent {
+    up: bool,
+    role: Option<DeviceRole>,
+    epoch: u64,
+    history_epoch: u64,
+    seq: u64,
+    lease_until: Option<Instant>,
+}
+
+#[derive(Default)]
+struct SimAgents {
+    nodes: Mutex<BTreeMap<String, SimAgent>>,
+    lease: Duration,
+}
+
+impl SimAgents {
+    fn new(lease: Duration, nodes: &[(&str, u64)]) -> Self {
+        let map = nodes
+            .iter()
+            .map(|(n, seq)| {
+                (
+                    n.to_string(),
+                    SimAgent {
+                        up: true,
+                        role: None,
+                        epoch: 0,
+                        history_epoch: 0,
+                        seq: *seq,
+                        lease_until: None,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            nodes: Mutex::new(map),
+            lease,
+        }
+    }
+
+    fn set_up(&self, node: &str, up: bool) {
+        self.nodes.lock().unwrap().get_mut(node).unwrap().up = up;
+    }
+
+    fn agent(&self, node: &str) -> SimAgent {
+        self.nodes.lock().unwrap()[node].clone()
+    }
+}
+
+#[async_trait]
+impl Agents for SimAgents {
+    async fn nodes(&self, _device: &str) -> Vec<String> {
+        self.nodes.lock().unwrap().keys().cloned().collect()
+    }
+
+    async fn probe(&self, _device: &str, node: &str) -> ProbeResult {
+        let a = self.agent(node);
+        if !a.up {
+            return ProbeResult::Failed(NodeError::new(NodeErrorKind::Unreachable, "connection refused"));
+        }
+        let write_lease = match (a.role, a.lease_until) {
+            (Some(DeviceRole::Primary), Some(until)) if until > Instant::now() => WriteLease::Valid {
+                remaining: until - Instant::now(),
+            },
+            (Some(DeviceRole::Primary), _) => WriteLease::Lapsed,
+            _ => WriteLease::NotHeld,
+        };
+        ProbeResult::Reported(AgentReport {
+            token_present: true,
+            session_usable: true,
+            token_serial: Some(format!("serial-{node}")),
+            role: a.role,
+            epoch: a.epoch,
+            history_epoch: a.history_epoch,
+            applied_sequence: a.seq,
+            last_sync: Some(k8s_openapi::jiff::Timestamp::now()),
+            write_lease,
+            error: None,
+        })
+    }
+
+    async fn execute(&self, _device: &str, action: &Action) -> Result<(), AgentCallError> {
+        let mut nodes = self.nodes.lock().unwrap();
+        let node = match action {
+            Action::RenewLease { node, .. }
+            | Action::FenceWrites { node, .. }
+            | Action::Promote { node, .. }
+            | Action::Demote { node, .. }
+            | Action::SetMirror { node, .. } => node.clone(),
+            _ => unreachable!("controller handles {action:?} itself"),
+        };
+        let a = nodes.get_mut(&node).unwrap();
+        if !a.up {
+            return Err(AgentCallError {
+                node,
+                detail: "unreachable".into(),
+            });
+        }
+        match action {
+            Action::RenewLease { epoch, .. } if *epoch == a.epoch => {
+                a.lease_until = Some(Instant::now() + self.lease)
+            }
+            Action::Promote { epoch, .. } => {
+                a.role = Some(DeviceRole::Primary);
+                a.epoch = *epoch;
+                a.history_epoch = *epoch;
+                a.lease_until = Some(Instant::now() + self.lease);
+            }
+            Action::Demote { epoch, .. } => {
+                a.role = Some(DeviceRole::Standby);
+                a.epoch = *epoch;
+                a.lease_until = None;
+            }
+            Action::SetMirror { epoch, role, .. } => {
+                a.role = Some(*role);
+                a.epoch = *epoch;
+                a.history_epoch = *epoch;
+            }
+            Action::FenceWrites { .. } => a.lease_until = None,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn device() -> HSMDevice {
+    HSMDevice::new(
+        "prod-hsm",
+        HSMDeviceSpec {
+            pkcs11: Pkcs11Spec {
+                library: "/usr/lib/softhsm/libsofthsm2.so".into(),
+                token_label: "prod".into(),
+                token_serial: None,
+                pin_secret_ref: SecretKeyRef {
+                    namespace: "hsm-secrets-system".into(),
+                    name: "pin".into(),
+                    key: "pin".into(),
+                },
+            },
+            mirroring: Some(MirroringSpec {
+                policy: MirroringPolicy::ReadOnly,
+                sync_interval: Some(300),
+                auto_failover: Some(true),
+                primary_node: Some("n1".into()),
+                target_nodes: vec!["n2".into(), "n3".into()],
+                failover_threshold: Some(3),
+            }),
+        },
+    )
+}
+
+async fn round(
+    ctl: &DeviceController<FileState, SimAgents>,
+    state: &FileState,
+) -> hsm_secrets::crd::HSMDeviceStatus {
+    let dev = state.get_device("prod-hsm").await.unwrap().unwrap();
+    let outcome = ctl.reconcile(&dev).await.unwrap();
+    assert!(!outcome.conflict);
+    state.get_device("prod-hsm").await.unwrap().unwrap().status.unwrap_or_default()
+}
+
+#[tokio::test]
+async fn bootstrap_failover_after_fence_and_rejoin_without_failback() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = Arc::new(FileState::open(dir.path()).unwrap());
+    state.apply_device(&device()).unwrap();
+    let lease = Duration::from_millis(300);
+    let agents = Arc::new(SimAgents::new(lease, &[("n1", 10), ("n2", 10), ("n3", 7)]));
+    let config = PlanConfig {
+        fencing: FencingConfig {
+            lease_duration: lease,
+            safety_margin: Duration::from_millis(200),
+        },
+        ..PlanConfig::default()
+    };
+    let ctl = DeviceController::new(state.clone(), agents.clone(), config, ControllerMetrics::default());
+
+    // Bootstrap: the preferred node becomes primary at epoch 1, mirrors follow.
+    let mut status = round(&ctl, &state).await;
+    for _ in 0..3 {
+        status = round(&ctl, &state).await;
+    }
+    assert_eq!(status.primary_node.as_deref(), Some("n1"));
+    assert_eq!(status.epoch, 1);
+    assert_eq!(status.phase, DevicePhase::Ready, "{status:?}");
+    assert_eq!(agents.agent("n1").role, Some(DeviceRole::Primary));
+    assert_eq!(state.node_labels("n1").unwrap()["hsmsecrets.io/device.prod-hsm"], "ready");
+
+    // The primary goes away: below the threshold nothing is promoted.
+    agents.set_up("n1", false);
+    status = round(&ctl, &state).await;
+    assert_eq!(status.primary_node.as_deref(), Some("n1"));
+    assert_ne!(status.phase, DevicePhase::Ready);
+    // At the threshold the controller still waits for the old lease to lapse.
+    round(&ctl, &state).await;
+    status = round(&ctl, &state).await;
+    assert_eq!(status.primary_node.as_deref(), Some("n1"), "no promotion before the fence");
+    assert_eq!(status.phase, DevicePhase::ReadOnlyFallback);
+    assert!(status.primary_unavailable_since.is_some());
+
+    // After lease + margin, the most caught-up healthy mirror is promoted.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    status = round(&ctl, &state).await;
+    assert_eq!(status.primary_node.as_deref(), Some("n2"), "{status:?}");
+    assert_eq!(status.epoch, 2);
+    assert_eq!(status.failover_count, 1);
+    assert_eq!(agents.agent("n2").role, Some(DeviceRole::Primary));
+    let reasons: Vec<String> = state.events().unwrap().into_iter().map(|e| e.event.reason).collect();
+    assert!(reasons.iter().any(|r| r == "HSMFailover"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "HSMDeviceUnhealthy"), "{reasons:?}");
+    assert!(!state.node_labels("n1").unwrap().contains_key("hsmsecrets.io/device.prod-hsm"));
+
+    // The old primary returns: it rejoins as a mirror; no failback.
+    agents.set_up("n1", true);
+    for _ in 0..3 {
+        status = round(&ctl, &state).await;
+    }
+    assert_eq!(status.primary_node.as_deref(), Some("n2"));
+    assert_ne!(agents.agent("n1").role, Some(DeviceRole::Primary));
+    assert_eq!(agents.agent("n1").epoch, 2);
+    assert_eq!(status.epoch, 2, "epoch only moves on promotion");
+}
