@@ -16,7 +16,11 @@ use hsm_secrets::failover::{
     Action, AgentReport, FencingConfig, NodeError, NodeErrorKind, PlanConfig, ProbeResult,
     WriteLease,
 };
-use hsm_secrets::state::{FileState, StateStore};
+use hsm_secrets::state::{FileState, KubeState, StateStore};
+
+mod support;
+use serde_json::json;
+use support::mock_api::{self, next};
 
 #[derive(Clone)]
 struct SimAgent {
@@ -76,12 +80,17 @@ impl Agents for SimAgents {
     async fn probe(&self, _device: &str, node: &str) -> ProbeResult {
         let a = self.agent(node);
         if !a.up {
-            return ProbeResult::Failed(NodeError::new(NodeErrorKind::Unreachable, "connection refused"));
+            return ProbeResult::Failed(NodeError::new(
+                NodeErrorKind::Unreachable,
+                "connection refused",
+            ));
         }
         let write_lease = match (a.role, a.lease_until) {
-            (Some(DeviceRole::Primary), Some(until)) if until > Instant::now() => WriteLease::Valid {
-                remaining: until - Instant::now(),
-            },
+            (Some(DeviceRole::Primary), Some(until)) if until > Instant::now() => {
+                WriteLease::Valid {
+                    remaining: until - Instant::now(),
+                }
+            }
             (Some(DeviceRole::Primary), _) => WriteLease::Lapsed,
             _ => WriteLease::NotHeld,
         };
@@ -176,7 +185,13 @@ async fn round(
     let dev = state.get_device("prod-hsm").await.unwrap().unwrap();
     let outcome = ctl.reconcile(&dev).await.unwrap();
     assert!(!outcome.conflict);
-    state.get_device("prod-hsm").await.unwrap().unwrap().status.unwrap_or_default()
+    state
+        .get_device("prod-hsm")
+        .await
+        .unwrap()
+        .unwrap()
+        .status
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -193,7 +208,12 @@ async fn bootstrap_failover_after_fence_and_rejoin_without_failback() {
         },
         ..PlanConfig::default()
     };
-    let ctl = DeviceController::new(state.clone(), agents.clone(), config, ControllerMetrics::default());
+    let ctl = DeviceController::new(
+        state.clone(),
+        agents.clone(),
+        config,
+        ControllerMetrics::default(),
+    );
 
     // Bootstrap: the preferred node becomes primary at epoch 1, mirrors follow.
     let mut status = round(&ctl, &state).await;
@@ -204,7 +224,10 @@ async fn bootstrap_failover_after_fence_and_rejoin_without_failback() {
     assert_eq!(status.epoch, 1);
     assert_eq!(status.phase, DevicePhase::Ready, "{status:?}");
     assert_eq!(agents.agent("n1").role, Some(DeviceRole::Primary));
-    assert_eq!(state.node_labels("n1").unwrap()["hsmsecrets.io/device.prod-hsm"], "ready");
+    assert_eq!(
+        state.node_labels("n1").unwrap()["hsmsecrets.io/device.prod-hsm"],
+        "ready"
+    );
 
     // The primary goes away: below the threshold nothing is promoted.
     agents.set_up("n1", false);
@@ -214,7 +237,11 @@ async fn bootstrap_failover_after_fence_and_rejoin_without_failback() {
     // At the threshold the controller still waits for the old lease to lapse.
     round(&ctl, &state).await;
     status = round(&ctl, &state).await;
-    assert_eq!(status.primary_node.as_deref(), Some("n1"), "no promotion before the fence");
+    assert_eq!(
+        status.primary_node.as_deref(),
+        Some("n1"),
+        "no promotion before the fence"
+    );
     assert_eq!(status.phase, DevicePhase::ReadOnlyFallback);
     assert!(status.primary_unavailable_since.is_some());
 
@@ -225,10 +252,23 @@ async fn bootstrap_failover_after_fence_and_rejoin_without_failback() {
     assert_eq!(status.epoch, 2);
     assert_eq!(status.failover_count, 1);
     assert_eq!(agents.agent("n2").role, Some(DeviceRole::Primary));
-    let reasons: Vec<String> = state.events().unwrap().into_iter().map(|e| e.event.reason).collect();
+    let reasons: Vec<String> = state
+        .events()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event.reason)
+        .collect();
     assert!(reasons.iter().any(|r| r == "HSMFailover"), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r == "HSMDeviceUnhealthy"), "{reasons:?}");
-    assert!(!state.node_labels("n1").unwrap().contains_key("hsmsecrets.io/device.prod-hsm"));
+    assert!(
+        reasons.iter().any(|r| r == "HSMDeviceUnhealthy"),
+        "{reasons:?}"
+    );
+    assert!(
+        !state
+            .node_labels("n1")
+            .unwrap()
+            .contains_key("hsmsecrets.io/device.prod-hsm")
+    );
 
     // The old primary returns: it rejoins as a mirror; no failback.
     agents.set_up("n1", true);
@@ -239,4 +279,107 @@ async fn bootstrap_failover_after_fence_and_rejoin_without_failback() {
     assert_ne!(agents.agent("n1").role, Some(DeviceRole::Primary));
     assert_eq!(agents.agent("n1").epoch, 2);
     assert_eq!(status.epoch, 2, "epoch only moves on promotion");
+}
+
+/// One bootstrap round against a scripted API server: exactly one conditional status
+/// patch, node label patches and an Event; nothing else.
+#[tokio::test]
+async fn bootstrap_round_makes_exactly_the_expected_api_calls() {
+    let (client, mut api) = mock_api::client();
+    let state = Arc::new(KubeState::new(client, "hsm-secrets-system", None));
+    let agents = Arc::new(SimAgents::new(
+        Duration::from_secs(15),
+        &[("n1", 4), ("n2", 4), ("n3", 4)],
+    ));
+    let ctl = DeviceController::new(
+        state,
+        agents.clone(),
+        PlanConfig::default(),
+        ControllerMetrics::default(),
+    );
+    let mut dev = device();
+    dev.metadata.resource_version = Some("100".into());
+    dev.metadata.generation = Some(1);
+    let server = tokio::spawn(async move {
+        let mut calls = Vec::new();
+        loop {
+            let req =
+                match tokio::time::timeout(Duration::from_millis(800), api.next_request()).await {
+                    Ok(Some((req, respond))) => (req, respond),
+                    _ => break,
+                };
+            let (req, respond) = req;
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let body: serde_json::Value =
+                serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+            let reply = if path.ends_with("/status") {
+                json!({"apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMDevice",
+                       "metadata": {"name": "prod-hsm", "resourceVersion": "101"},
+                       "spec": serde_json::to_value(device().spec).unwrap(),
+                       "status": body[1]["value"].clone()})
+            } else {
+                body.clone()
+            };
+            respond.send_response(
+                http::Response::builder()
+                    .status(200)
+                    .body(kube::client::Body::from(
+                        serde_json::to_vec(&reply).unwrap(),
+                    ))
+                    .unwrap(),
+            );
+            calls.push((method, path, body));
+        }
+        calls
+    });
+    ctl.reconcile(&dev).await.unwrap();
+    let calls = server.await.unwrap();
+    let (method, path, body) = &calls[0];
+    assert_eq!(
+        (method.as_str(), path.as_str()),
+        (
+            "PATCH",
+            "/apis/hsmsecrets.io/v1alpha1/hsmdevices/prod-hsm/status"
+        )
+    );
+    assert_eq!(
+        body[0],
+        json!({"op": "test", "path": "/metadata/resourceVersion", "value": "100"})
+    );
+    let status = &body[1]["value"];
+    assert_eq!(status["primaryNode"], "n1");
+    assert_eq!(status["epoch"], 1);
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 3);
+    assert_eq!(status["observedGeneration"], 1);
+    let label_patches: Vec<_> = calls
+        .iter()
+        .filter(|(m, p, _)| m == "PATCH" && p.starts_with("/api/v1/nodes/"))
+        .collect();
+    assert!(
+        label_patches.iter().any(|(_, p, b)| p.ends_with("/n1")
+            && b["metadata"]["labels"]["hsmsecrets.io/device.prod-hsm"] == "ready"),
+        "{label_patches:?}"
+    );
+    let events: Vec<_> = calls
+        .iter()
+        .filter(|(m, p, _)| m == "POST" && p.ends_with("/events"))
+        .map(|(_, _, b)| b["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert!(events.contains(&"HSMPromoted".to_string()), "{events:?}");
+    assert!(
+        calls.iter().all(|(m, p, _)| (m == "PATCH"
+            && (p.ends_with("/status") || p.starts_with("/api/v1/nodes/")))
+            || (m == "POST" && p.ends_with("/events"))),
+        "unexpected calls: {calls:?}"
+    );
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|(_, p, _)| p.ends_with("/status"))
+            .count(),
+        1,
+        "one status write"
+    );
+    assert_eq!(agents.agent("n1").role, Some(DeviceRole::Primary));
 }
