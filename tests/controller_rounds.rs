@@ -20,7 +20,7 @@ use hsm_secrets::state::{FileState, KubeState, StateStore};
 
 mod support;
 use serde_json::json;
-use support::mock_api::{self, next};
+use support::mock_api;
 
 #[derive(Clone)]
 struct SimAgent {
