@@ -16,6 +16,9 @@ use crate::node::{
 };
 use crate::telemetry::CommonArgs;
 
+/// Time in-flight CSI calls get to finish after SIGTERM.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Flags of `hsm-secrets node`. The PIN comes only from a file (a mounted Secret).
 #[derive(Args, Clone, Debug)]
 pub struct NodeArgs {
@@ -129,7 +132,23 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
-    let served = hsm_secrets_csi::serve(&args.endpoint, identity, node, stopped()).await;
+    let serve = hsm_secrets_csi::serve(&args.endpoint, identity, node, stopped());
+    let drain_deadline = async {
+        stopped().await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    // Sidecars (registrar, livenessprobe) keep connections open; after the grace period
+    // the plugin exits anyway rather than waiting for kubelet's SIGKILL.
+    let served = tokio::select! {
+        served = serve => served,
+        () = drain_deadline => {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "CSI connections still open; exiting");
+            if let Ok(path) = hsm_secrets_csi::socket_path(&args.endpoint) {
+                let _ = std::fs::remove_file(path);
+            }
+            Ok(())
+        }
+    };
 
     if let Some(opener) = opener {
         opener.abort();

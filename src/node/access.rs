@@ -35,7 +35,7 @@ pub fn authorize(
         });
     };
     let allowed = found.spec.allowed_service_accounts();
-    if !allowed.is_empty() && !allowed.iter().any(|sa| *sa == pod.service_account) {
+    if !allowed.is_empty() && !allowed.contains(&pod.service_account) {
         return Err(VolumeError::ServiceAccountDenied {
             namespace: secret.namespace.clone(),
             name: secret.name.clone(),

@@ -299,7 +299,8 @@ mod tests {
             .map(|i| format!("s{i}"))
             .collect::<Vec<_>>()
             .join(",");
-        let rows: Vec<(Vec<(&str, Option<&str>)>, &str, &str)> = vec![
+        type Overrides<'a> = Vec<(&'a str, Option<&'a str>)>;
+        let rows: Vec<(Overrides, &str, &str)> = vec![
             (
                 vec![(pod_info::EPHEMERAL, Some("false"))],
                 pod_info::EPHEMERAL,

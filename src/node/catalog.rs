@@ -171,7 +171,7 @@ fn parse_document(
     SecretPath::new(&namespace, &name).map_err(|e| {
         bad(
             e.to_string(),
-            "use Kubernetes names: lower-case letters, digits and '-'",
+            "metadata.name and metadata.namespace must be Kubernetes names",
         )
     })?;
     if secret.spec.device_ref.is_empty() {

@@ -91,7 +91,10 @@ pub enum VolumeError {
     },
 
     #[error("the HSM for device {device:?} on this node does not answer: {source}")]
-    DeviceUnhealthy { device: String, source: StoreError },
+    DeviceUnhealthy {
+        device: String,
+        source: Box<StoreError>,
+    },
 
     #[error("HSMSecrets are not available: {0}")]
     Catalog(#[from] CatalogError),
@@ -100,7 +103,8 @@ pub enum VolumeError {
     Store {
         path: String,
         device: String,
-        source: StoreError,
+        // Boxed: store errors are large and errors travel by value.
+        source: Box<StoreError>,
     },
 }
 
@@ -118,7 +122,7 @@ impl VolumeError {
             Self::NotOnToken { .. } => "not_on_token",
             Self::DeviceUnhealthy { .. } => "device_unhealthy",
             Self::Catalog(_) => "catalog_unavailable",
-            Self::Store { source, .. } => match source {
+            Self::Store { source, .. } => match **source {
                 StoreError::DeviceUnavailable { .. } => "store_device_unavailable",
                 StoreError::Timeout { .. } => "store_timeout",
                 StoreError::Corrupt { .. } => "store_corrupt",
@@ -143,7 +147,7 @@ impl From<VolumeError> for SourceError {
             | VolumeError::DeviceNotOpen { .. }
             | VolumeError::DeviceUnhealthy { .. }
             | VolumeError::Catalog(_) => SourceError::Unavailable(message),
-            VolumeError::Store { source, .. } => match source {
+            VolumeError::Store { source, .. } => match *source {
                 // Retrying can help: the token comes back, the HSM catches up, a mirror
                 // repairs a corrupt copy on its next verification pass, the PIN file is
                 // fixed. kubelet retries Unavailable on its own.
@@ -177,7 +181,7 @@ mod tests {
         VolumeError::Store {
             path: "shop/db".into(),
             device: "prod-hsm".into(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -272,10 +276,10 @@ mod tests {
             (
                 VolumeError::DeviceUnhealthy {
                     device: "prod-hsm".into(),
-                    source: StoreError::DeviceUnavailable {
+                    source: Box::new(StoreError::DeviceUnavailable {
                         token: t(),
                         detail: "removed".into(),
-                    },
+                    }),
                 },
                 Code::Unavailable,
                 "device_unhealthy",

@@ -66,7 +66,7 @@ impl HsmVolumeSource {
                 validate_key(key).map_err(|source| VolumeError::Store {
                     path: path.to_string(),
                     device: volume.device.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
                 files.push(PayloadFile::new(
                     format!("{}/{key}", path.name()),
@@ -104,7 +104,7 @@ async fn read_secret(
         Err(source) => Err(VolumeError::Store {
             path: path.to_string(),
             device: device.to_string(),
-            source,
+            source: Box::new(source),
         }),
     }
 }
@@ -137,7 +137,7 @@ impl VolumeSource for HsmVolumeSource {
                     .map(drop)
                     .map_err(|source| VolumeError::DeviceUnhealthy {
                         device: device.name().to_string(),
-                        source,
+                        source: Box::new(source),
                     })
             }
             Err(not_open) => Err(not_open),
