@@ -20,7 +20,8 @@ use hsm_secrets_csi::proto::node_client::NodeClient;
 use hsm_secrets_csi::proto::volume_capability::access_mode::Mode;
 use hsm_secrets_csi::proto::volume_capability::{AccessMode, AccessType, MountVolume};
 use hsm_secrets_csi::proto::{
-    NodePublishVolumeRequest, NodeUnpublishVolumeRequest, ProbeRequest, VolumeCapability,
+    NodeGetCapabilitiesRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest, ProbeRequest,
+    VolumeCapability,
 };
 use hsm_secrets_csi::source::pod_info;
 use hsm_secrets_csi::{IdentityService, NodeConfig, NodeService, Payload, PayloadFile};
@@ -201,6 +202,18 @@ async fn run(dir: PathBuf) {
 
     let mut rows = Vec::new();
     let sequential = env_usize("BENCH_SEQUENTIAL", 300);
+    // What the transport alone costs: an RPC that does no work.
+    let mut rpc = Vec::new();
+    for _ in 0..sequential {
+        let started = Instant::now();
+        client
+            .clone()
+            .node_get_capabilities(NodeGetCapabilitiesRequest {})
+            .await
+            .expect("capabilities");
+        rpc.push(started.elapsed());
+    }
+    let (rpc_p50, rpc_p99) = percentiles(&mut rpc);
     let (mut ours, mut floor) = (Vec::new(), Vec::new());
     let mut parts = FloorParts::default();
     for i in 0..sequential {
@@ -309,6 +322,9 @@ async fn run(dir: PathBuf) {
         "concurrent wall time per round of {CONCURRENCY}: plugin {:.1?}, floor {:.1?}",
         ours_wall / rounds.max(1) as u32,
         floor_wall / rounds.max(1) as u32
+    );
+    println!(
+        "gRPC round trip over the socket (NodeGetCapabilities, no work): p50 {rpc_p50:.3?}, p99 {rpc_p99:.3?}"
     );
     println!(
         "floor breakdown (sequential medians): store get {:.3?}, mkdir + tmpfs mount {:.3?}, payload write {:.3?}",

@@ -274,3 +274,34 @@ impl Drop for UnmountOnDrop {
         node_support::unmount_everything_under(&self.0);
     }
 }
+
+#[test]
+fn missing_or_inconsistent_flags_are_refused_by_name() {
+    let run = |args: &[&str], node_name: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"));
+        command.env_remove("NODE_NAME").env_remove("HSM_DEVICE");
+        if let Some(name) = node_name {
+            command.env("NODE_NAME", name);
+        }
+        let out = command.arg("node").args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--catalog", "/nonexistent.yaml"], None);
+    assert!(err.contains("--node-name"), "{err}");
+    let err = run(
+        &["--device", "prod-hsm", "--catalog", "/nonexistent.yaml"],
+        Some("n1"),
+    );
+    assert!(
+        err.contains("--pkcs11-library")
+            && err.contains("--token-label")
+            && err.contains("--pin-file"),
+        "{err}"
+    );
+    let err = run(&["--catalog", "/nonexistent/catalog.yaml"], Some("n1"));
+    assert!(
+        err.contains("/nonexistent/catalog.yaml") && err.contains("kube"),
+        "{err}"
+    );
+}
