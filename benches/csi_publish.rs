@@ -338,23 +338,23 @@ async fn run(dir: PathBuf) {
     } else {
         "release build"
     };
-    println!("| `hsm-secrets node` ({profile}) | VmRSS | VmHWM | target |");
-    println!("| --- | ---: | ---: | ---: |");
-    println!(
-        "| idle (token open, catalog loaded) | {:.1} MiB | {:.1} MiB | <= 20 MiB |",
-        mib(rss.idle.0),
-        mib(rss.idle.1)
-    );
-    println!(
-        "| {volumes} volumes mounted | {:.1} MiB | {:.1} MiB | <= 40 MiB |",
-        mib(rss.loaded.0),
-        mib(rss.loaded.1)
-    );
-    println!(
-        "| after unpublishing them | {:.1} MiB | {:.1} MiB | - |",
-        mib(rss.after.0),
-        mib(rss.after.1)
-    );
+    println!("| `hsm-secrets node` ({profile}) | VmRSS | VmHWM | threads | target |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for (name, (rss, hwm, threads), target) in [
+        ("idle (token open, catalog loaded)", rss.idle, "<= 20 MiB"),
+        (
+            &format!("{volumes} volumes mounted"),
+            rss.loaded,
+            "<= 40 MiB",
+        ),
+        ("after unpublishing them", rss.after, "-"),
+    ] {
+        println!(
+            "| {name} | {:.1} MiB | {:.1} MiB | {threads} | {target} |",
+            mib(rss),
+            mib(hwm)
+        );
+    }
 }
 
 fn mib(kib: u64) -> f64 {
@@ -499,13 +499,13 @@ fn floor_unpublish(target: &Path) {
 }
 
 struct Rss {
-    /// (VmRSS, VmHWM) in KiB.
-    idle: (u64, u64),
-    loaded: (u64, u64),
-    after: (u64, u64),
+    /// (VmRSS, VmHWM) in KiB, and the thread count.
+    idle: (u64, u64, u64),
+    loaded: (u64, u64, u64),
+    after: (u64, u64, u64),
 }
 
-fn vm_kib(pid: u32) -> (u64, u64) {
+fn vm_kib(pid: u32) -> (u64, u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let field = |name: &str| {
         status
@@ -514,7 +514,7 @@ fn vm_kib(pid: u32) -> (u64, u64) {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmRSS")
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    (field("VmRSS:"), field("VmHWM:"), field("Threads:"))
 }
 
 struct KillOnDrop(Child);
