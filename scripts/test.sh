@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/ensure-softhsm.sh
-if command -v cargo-nextest >/dev/null 2>&1; then
-  exec cargo nextest run --workspace --locked --no-fail-fast "$@"
-else
-  exec cargo test --workspace --locked --no-fail-fast "$@"
+# nextest runs every test in its own process: SoftHSM reads its configuration once per
+# process, and each test brings its own tokens.
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  cargo install cargo-nextest --locked
 fi
+exec cargo nextest run --workspace --locked --no-fail-fast "$@"
+

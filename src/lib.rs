@@ -6,6 +6,10 @@ pub mod controller;
 pub mod crd;
 pub mod failover;
 pub mod hsm;
+<<<<<<< HEAD
 pub mod kubectl;
 pub mod state;
+=======
+pub mod node;
+>>>>>>> node
 pub mod telemetry;

@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crdgen,
+    /// Run the CSI node plugin: mount HSM secrets into pods as tmpfs volumes.
+    Node(hsm_secrets::cli::node::NodeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -22,6 +24,7 @@ fn main() -> anyhow::Result<()> {
     hsm_secrets::telemetry::init(&cli.common);
     match cli.command {
         Command::Crdgen => print!("{}", hsm_secrets::crd::crd_yaml()?),
+        Command::Node(args) => hsm_secrets::cli::node::run(args, cli.common)?,
     }
     Ok(())
 }

@@ -1,0 +1,42 @@
+//! The node plugin's domain side: what a pod's `csi.hsmsecrets.io` volume contains.
+//!
+//! The `csi` crate speaks CSI to kubelet and asks a [`VolumeSource`] for the files of each
+//! volume; [`HsmVolumeSource`] answers from the node's local HSM:
+//!
+//! ```text
+//! PublishRequest ─► attributes::VolumeRequest::parse   (InvalidArgument)
+//!                ─► SecretCatalog::hsm_secret           (NotFound / Unavailable)
+//!                ─► access::authorize                   (PermissionDenied)
+//!                ─► LocalDevice::store ─► SecretStore::get  (Unavailable / NotFound)
+//!                ─► Payload: <secret>/<key>, fileMode, the pod's fsGroup
+//! ```
+//!
+//! - A pod can only name HSMSecrets of its own namespace; the HSM path is always
+//!   `<pod namespace>/<secret name>`.
+//! - HSMSecrets come from a [`SecretCatalog`]: [`KubeCatalog`] (a reflector cache, no API
+//!   call per publish) or [`StaticCatalog`] (a YAML file, for tests and clusterless runs).
+//! - The node's device is a [`LocalDevice`]: the token on this node (primary or mirror,
+//!   reads do not care), opened in the background so a missing HSM never crash-loops the
+//!   plugin.
+//! - [`NodeMetrics`] implements the csi crate's observer with Prometheus counters;
+//!   [`ops::router`] serves them with `/healthz` and `/readyz`.
+//!
+//! [`VolumeSource`]: hsm_secrets_csi::VolumeSource
+
+pub mod access;
+pub mod attributes;
+pub mod catalog;
+pub mod device;
+mod error;
+pub mod kube_catalog;
+pub mod metrics;
+pub mod ops;
+mod source;
+
+pub use attributes::VolumeRequest;
+pub use catalog::{CatalogError, SecretCatalog, StaticCatalog};
+pub use device::LocalDevice;
+pub use error::VolumeError;
+pub use kube_catalog::KubeCatalog;
+pub use metrics::NodeMetrics;
+pub use source::HsmVolumeSource;

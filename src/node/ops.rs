@@ -1,0 +1,70 @@
+//! The node plugin's HTTP endpoints for operators: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! `/healthz` answers while the process serves (the container's liveness); `/readyz`
+//! reports whether volumes can be published (HSMSecrets synchronized, token open and
+//! answering), with the reason when not.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use hsm_secrets_csi::VolumeSource;
+use http::{StatusCode, header};
+use prometheus_client::registry::Registry;
+
+use super::metrics::encode_text;
+
+/// OpenMetrics text, as [`encode_text`] renders it.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+struct Ops<S> {
+    registry: Arc<Registry>,
+    source: Arc<S>,
+}
+
+/// The routes; tests drive them with `tower::ServiceExt::oneshot`.
+pub fn router<S: VolumeSource>(registry: Arc<Registry>, source: Arc<S>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::<S>))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz::<S>))
+        .with_state(Arc::new(Ops { registry, source }))
+}
+
+async fn metrics<S: VolumeSource>(State(ops): State<Arc<Ops<S>>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        encode_text(&ops.registry),
+    )
+}
+
+async fn readyz<S: VolumeSource>(State(ops): State<Arc<Ops<S>>>) -> impl IntoResponse {
+    match ops.source.ready().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
+    }
+}
+
+/// Binds `addr` (so a bad address fails at start-up) and returns the server future, which
+/// runs until `shutdown` completes.
+pub async fn bind(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let server = async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    };
+    Ok((local, server))
+}

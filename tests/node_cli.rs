@@ -1,0 +1,307 @@
+//! The real `hsm-secrets node` binary: a SoftHSM token, a static catalog, kubelet's calls
+//! over its socket, /metrics and /readyz over HTTP, and a clean stop on SIGTERM.
+#![allow(clippy::unwrap_used)]
+
+mod node_support;
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hsm_secrets_csi::proto::ProbeRequest;
+use hsm_secrets_csi::proto::identity_client::IdentityClient;
+use hsm_secrets_csi::proto::node_client::NodeClient;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use node_support::{DEVICE, GID, mode_and_gid, read, target_under, volume};
+
+const CATALOG: &str = "\
+apiVersion: hsmsecrets.io/v1alpha1
+kind: HSMSecret
+metadata: {name: db, namespace: shop}
+spec: {deviceRef: prod-hsm, access: {serviceAccounts: [checkout]}}
+";
+
+struct Plugin {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    socket: PathBuf,
+    metrics: SocketAddr,
+}
+
+impl Plugin {
+    fn start(dir: &Path, token: &support::softhsm::TestToken, pin_file: &Path) -> Self {
+        let catalog = dir.join("catalog.yaml");
+        std::fs::write(&catalog, CATALOG).unwrap();
+        let socket = dir.join("plugin/csi.sock");
+        let metrics = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
+            .env("SOFTHSM2_CONF", support::softhsm::conf_path())
+            .env("NODE_NAME", "worker-1")
+            .env("HSM_LOG", "debug")
+            .args(["node", "--endpoint"])
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--device", DEVICE, "--pkcs11-library"])
+            .arg(&token.library)
+            .args(["--token-label", &token.label, "--pin-file"])
+            .arg(pin_file)
+            .arg("--kubelet-dir")
+            .arg(dir.join("kubelet"))
+            .arg("--catalog")
+            .arg(&catalog)
+            .args(["--metrics-addr", &metrics.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Self {
+            child,
+            stderr,
+            socket,
+            metrics,
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    async fn connect(&mut self) -> tonic::transport::Channel {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the plugin exited with {status}:\n{}", self.logs());
+            }
+            if let Ok(channel) = hsm_secrets_csi::connect_unix(&self.socket).await {
+                return channel;
+            }
+            assert!(Instant::now() < deadline, "no socket:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn http_get(&self, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.metrics).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response[9..12].parse().unwrap();
+        (status, response)
+    }
+
+    /// SIGTERM, then the exit status (within 30 s). Async: the test's client connections
+    /// must keep answering the server's graceful-shutdown handshake meanwhile.
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+async fn wait_ready(identity: &mut IdentityClient<tonic::transport::Channel>, plugin: &Plugin) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = identity
+            .probe(ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready;
+        if ready == Some(true) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never ready:\n{}", plugin.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_node_command_publishes_serves_metrics_and_stops_on_sigterm() {
+    let token = token_or_skip!("node-cli");
+    let store = token.open().await;
+    node_support::put(&store, "shop/db", &[("password", b"cli-secret-5b9d")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(dir.path().to_path_buf());
+    let mut plugin = Plugin::start(dir.path(), &token, &token.pin_file);
+    let channel = plugin.connect().await;
+    let mut identity = IdentityClient::new(channel.clone());
+    wait_ready(&mut identity, &plugin).await;
+
+    let target = target_under(&dir.path().join("kubelet"), "uid-1", "secrets");
+    NodeClient::new(channel.clone())
+        .node_publish_volume(volume("vol-1", &target, "db"))
+        .await
+        .unwrap();
+    assert_eq!(read(&target.join("db/password")), b"cli-secret-5b9d");
+    assert_eq!(mode_and_gid(&target.join("db/password")), (0o440, GID));
+    let denied = NodeClient::new(channel.clone())
+        .node_publish_volume(volume(
+            "vol-2",
+            &target_under(&dir.path().join("kubelet"), "uid-2", "s"),
+            "bank/db",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+
+    let (status, metrics) = plugin.http_get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(r#"hsm_secrets_node_publishes_total{operation="publish",outcome="ok"} 1"#),
+        "{metrics}"
+    );
+    assert_eq!(plugin.http_get("/readyz").0, 200);
+    assert_eq!(plugin.http_get("/healthz").0, 200);
+
+    NodeClient::new(channel)
+        .node_unpublish_volume(hsm_secrets_csi::proto::NodeUnpublishVolumeRequest {
+            volume_id: "vol-1".into(),
+            target_path: target.to_str().unwrap().into(),
+        })
+        .await
+        .unwrap();
+    assert!(!target.exists());
+
+    let status = plugin.terminate().await;
+    let logs = plugin.logs();
+    assert!(status.success(), "exit {status}:\n{logs}");
+    assert!(logs.contains("shutting down"), "{logs}");
+    assert!(!plugin.socket.exists(), "the socket is removed on exit");
+    assert!(!logs.contains("cli-secret-5b9d"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_token_that_cannot_be_opened_is_retried_without_exiting() {
+    let token = token_or_skip!("node-cli-retry");
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(dir.path().to_path_buf());
+    let pin_file = dir.path().join("pin/pin");
+    let mut plugin = Plugin::start(dir.path(), &token, &pin_file);
+    let channel = plugin.connect().await;
+    let mut identity = IdentityClient::new(channel.clone());
+
+    // The PIN Secret is not mounted yet: serving, not ready, and saying why.
+    let probe = identity.probe(ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(false));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let (status, body) = plugin.http_get("/readyz");
+        if body.contains("PIN file") {
+            assert_eq!(status, 503);
+            break body;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(body.contains(pin_file.to_str().unwrap()), "{body}");
+    let target = target_under(&dir.path().join("kubelet"), "uid-1", "secrets");
+    let status = NodeClient::new(channel.clone())
+        .node_publish_volume(volume("vol-1", &target, "db"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("not open yet"), "{status:?}");
+
+    std::fs::create_dir_all(pin_file.parent().unwrap()).unwrap();
+    std::fs::write(&pin_file, format!("{}\n", support::softhsm::USER_PIN)).unwrap();
+    wait_ready(&mut identity, &plugin).await;
+    assert!(
+        plugin.child.try_wait().unwrap().is_none(),
+        "still the same process"
+    );
+    let logs = plugin.logs();
+    assert!(logs.contains("cannot open the HSM token"), "{logs}");
+    assert!(logs.contains("HSM token open"), "{logs}");
+    assert!(plugin.terminate().await.success());
+}
+
+struct UnmountOnDrop(PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        node_support::unmount_everything_under(&self.0);
+    }
+}
+
+#[test]
+fn missing_or_inconsistent_flags_are_refused_by_name() {
+    let run = |args: &[&str], node_name: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"));
+        command.env_remove("NODE_NAME").env_remove("HSM_DEVICE");
+        if let Some(name) = node_name {
+            command.env("NODE_NAME", name);
+        }
+        let out = command.arg("node").args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--catalog", "/nonexistent.yaml"], None);
+    assert!(err.contains("--node-name"), "{err}");
+    let err = run(
+        &["--device", "prod-hsm", "--catalog", "/nonexistent.yaml"],
+        Some("n1"),
+    );
+    assert!(
+        err.contains("--pkcs11-library")
+            && err.contains("--token-label")
+            && err.contains("--pin-file"),
+        "{err}"
+    );
+    let err = run(&["--catalog", "/nonexistent/catalog.yaml"], Some("n1"));
+    assert!(
+        err.contains("/nonexistent/catalog.yaml") && err.contains("kube"),
+        "{err}"
+    );
+}
