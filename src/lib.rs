@@ -6,10 +6,7 @@ pub mod controller;
 pub mod crd;
 pub mod failover;
 pub mod hsm;
-<<<<<<< HEAD
 pub mod kubectl;
-pub mod state;
-=======
 pub mod node;
->>>>>>> node
+pub mod state;
 pub mod telemetry;
