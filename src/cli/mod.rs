@@ -1,1 +1,3 @@
 //! Subcommands of the `hsm-secrets` binary, one module each.
+
+pub mod webhook;
