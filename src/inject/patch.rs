@@ -275,3 +275,138 @@ fn normalized(path: &str) -> &str {
         _ => path,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inject::{InjectRequest, parse_annotations};
+    use k8s_openapi::api::core::v1::Pod;
+
+    fn spec(affinity: &str) -> InjectionSpec {
+        let annotations = [
+            ("hsmsecrets.io/inject", "true"),
+            ("hsmsecrets.io/secrets", "db"),
+            ("hsmsecrets.io/node-affinity", affinity),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        match parse_annotations(&annotations) {
+            Ok(InjectRequest::Requested(spec)) => spec,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Patch a pod whose spec has `affinity`, and return the resulting
+    /// node affinity as JSON.
+    fn node_affinity_after(mode: &str, affinity: Value) -> Value {
+        let mut pod = json!({
+            "metadata": {"annotations": {"hsmsecrets.io/inject": "true"}},
+            "spec": {"containers": [{"name": "app"}]},
+        });
+        if !affinity.is_null() {
+            pod["spec"]["affinity"] = affinity;
+        }
+        let typed: Pod = serde_json::from_value(pod.clone()).expect("pod");
+        let patch = injection_patch(typed.spec.as_ref().expect("spec"), true, &spec(mode), "d")
+            .expect("patch");
+        json_patch::patch(&mut pod, &patch).expect("patch applies");
+        let _: Pod = serde_json::from_value(pod.clone()).expect("still a pod");
+        pod["spec"]["affinity"]["nodeAffinity"].clone()
+    }
+
+    fn ours() -> Value {
+        json!({"key": "hsmsecrets.io/device.d", "operator": "In", "values": ["ready"]})
+    }
+
+    #[test]
+    fn affinity_is_added_at_whatever_depth_the_pod_lacks_it() {
+        let zone = json!({"key": "zone", "operator": "In", "values": ["a"]});
+        let preferred = json!([{"weight": 100, "preference": {"matchExpressions": [ours()]}}]);
+        let required = json!({"nodeSelectorTerms": [{"matchExpressions": [ours()]}]});
+        let cases = [
+            (
+                "preferred",
+                Value::Null,
+                json!({"preferredDuringSchedulingIgnoredDuringExecution": preferred}),
+            ),
+            (
+                "preferred",
+                json!({"podAffinity": {}}),
+                json!({"preferredDuringSchedulingIgnoredDuringExecution": preferred}),
+            ),
+            (
+                "preferred",
+                json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [zone]}]}}}),
+                json!({"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [zone]}]},
+                       "preferredDuringSchedulingIgnoredDuringExecution": preferred}),
+            ),
+            (
+                "preferred",
+                json!({"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 5, "preference": {"matchExpressions": [zone]}}]}}),
+                json!({"preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 5, "preference": {"matchExpressions": [zone]}},
+                    {"weight": 100, "preference": {"matchExpressions": [ours()]}}]}),
+            ),
+            (
+                "required",
+                Value::Null,
+                json!({"requiredDuringSchedulingIgnoredDuringExecution": required}),
+            ),
+            (
+                "required",
+                json!({"podAntiAffinity": {}}),
+                json!({"requiredDuringSchedulingIgnoredDuringExecution": required}),
+            ),
+            (
+                "required",
+                json!({"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}),
+                json!({"preferredDuringSchedulingIgnoredDuringExecution": [], "requiredDuringSchedulingIgnoredDuringExecution": required}),
+            ),
+            (
+                "required",
+                json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}),
+                json!({"requiredDuringSchedulingIgnoredDuringExecution": required}),
+            ),
+            (
+                "required",
+                json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                    {"matchExpressions": [zone]}, {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n"]}]}]}}}),
+                json!({"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                    {"matchExpressions": [zone, ours()]},
+                    {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n"]}], "matchExpressions": [ours()]}]}}),
+            ),
+            ("none", Value::Null, Value::Null),
+        ];
+        for (mode, before, after) in cases {
+            assert_eq!(
+                node_affinity_after(mode, before.clone()),
+                after,
+                "{mode} on {before}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pod_without_annotations_or_containers() {
+        let pod: Pod = serde_json::from_value(json!({"spec": {"containers": []}})).expect("pod");
+        let error = injection_patch(pod.spec.as_ref().expect("spec"), false, &spec("none"), "d")
+            .expect_err("nothing to mount into");
+        assert_eq!(error.kind(), "no_containers");
+
+        let mut pod = json!({"metadata": {}, "spec": {"containers": [{"name": "app"}]}});
+        let typed: Pod = serde_json::from_value(pod.clone()).expect("pod");
+        let patch = injection_patch(
+            typed.spec.as_ref().expect("spec"),
+            false,
+            &spec("none"),
+            "d",
+        )
+        .expect("patch");
+        json_patch::patch(&mut pod, &patch).expect("applies");
+        assert_eq!(
+            pod["metadata"]["annotations"]["hsmsecrets.io/status"],
+            "injected"
+        );
+    }
+}
