@@ -186,3 +186,115 @@ pub async fn patched_pod(
     );
     typed
 }
+
+/// The name the API server uses to reach the webhook Service.
+pub const SERVICE_DNS: &str = "hsm-secrets-webhook.hsm-secrets-system.svc";
+
+pub fn serving_identity() -> hsm_secrets::admission::certificates::ServingIdentity {
+    hsm_secrets::admission::certificates::ServingIdentity {
+        service: "hsm-secrets-webhook".into(),
+        namespace: "hsm-secrets-system".into(),
+    }
+}
+
+/// Write a serving pair as the kubelet projects a Secret: `tls.crt`, `tls.key`.
+pub fn write_pair(
+    dir: &std::path::Path,
+    cert_pem: &str,
+    key_pem: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cert = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    for (path, content) in [(&cert, cert_pem), (&key, key_pem)] {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+    (cert, key)
+}
+
+/// A webhook with the real rules served over HTTPS on 127.0.0.1.
+pub struct TlsServer {
+    pub addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), hsm_secrets_webhook::Error>>,
+}
+
+impl TlsServer {
+    pub async fn start(webhook: WebhookState, tls: hsm_secrets_webhook::TlsReloader) -> Self {
+        let listener = hsm_secrets_webhook::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let router = router(webhook.with_certificate(&tls));
+        let task = tokio::spawn(hsm_secrets_webhook::serve(listener, router, tls, async {
+            let _ = stopped.await;
+        }));
+        TlsServer {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(std::time::Duration::from_secs(15), &mut self.task)
+            .await
+            .expect("serve returns after shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// An HTTP/1.1 keep-alive connection to `addr`, verifying the server as
+/// `server_name` against `ca_pem` only. Also returns the server's leaf.
+pub async fn https_connect(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    server_name: &str,
+) -> (
+    hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    rustls_pki_types::CertificateDer<'static>,
+) {
+    let config = hsm_secrets_webhook::client_config(ca_pem.as_bytes()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from(server_name.to_owned()).unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let leaf = stream.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned();
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    (sender, leaf)
+}
+
+/// Send one request on a keep-alive connection; status and body.
+pub async fn https_send(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    method: http::Method,
+    path: &str,
+    body: Vec<u8>,
+) -> (http::StatusCode, Bytes) {
+    sender.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, SERVICE_DNS)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, bytes)
+}
