@@ -16,7 +16,7 @@ enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crdgen,
     /// Run the admission webhook (pod injection and validation).
-    Webhook(hsm_secrets::cli::webhook::WebhookArgs),
+    Webhook(Box<hsm_secrets::cli::webhook::WebhookArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
     hsm_secrets::telemetry::init(&cli.common);
     match cli.command {
         Command::Crdgen => print!("{}", hsm_secrets::crd::crd_yaml()?),
-        Command::Webhook(args) => hsm_secrets::cli::webhook::run(args, cli.common)?,
+        Command::Webhook(args) => hsm_secrets::cli::webhook::run(*args, cli.common)?,
     }
     Ok(())
 }

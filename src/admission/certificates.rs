@@ -203,3 +203,76 @@ pub fn needs_renewal(
         .unwrap_or(not_after);
     now >= renew_at || dns_names != identity.dns_names().as_slice()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> ServingIdentity {
+        ServingIdentity {
+            service: "hsm-secrets-webhook".into(),
+            namespace: "hsm-secrets-system".into(),
+        }
+    }
+
+    #[test]
+    fn renewal_is_due_thirty_days_ahead_or_when_the_names_changed() {
+        let now: Timestamp = "2025-03-01T00:00:00Z".parse().expect("time");
+        let days = |n: i64| now + SignedDuration::from_hours(24 * n);
+        let names = identity().dns_names();
+        let moved = ServingIdentity {
+            namespace: "elsewhere".into(),
+            ..identity()
+        };
+        let cases = [
+            (Some(days(365)), &names, &identity(), false),
+            (Some(days(31)), &names, &identity(), false),
+            (Some(days(30)), &names, &identity(), true),
+            (Some(days(-1)), &names, &identity(), true),
+            (None, &names, &identity(), true),
+            (Some(days(365)), &names, &moved, true),
+            (Some(days(365)), &Vec::new(), &identity(), true),
+        ];
+        for (not_after, dns_names, identity, expected) in cases {
+            assert_eq!(
+                needs_renewal(not_after, dns_names, identity, now),
+                expected,
+                "{not_after:?} {dns_names:?} {identity:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn issued_certificates_expire_when_they_say() {
+        let now: Timestamp = "2025-03-01T15:30:00Z".parse().expect("time");
+        let bundle = issue_authority_and_leaf(&identity(), now).expect("issue");
+        assert_eq!(bundle.not_after.to_string(), "2026-03-01T00:00:00Z");
+        assert!(
+            bundle
+                .ca_cert_pem
+                .starts_with("-----BEGIN CERTIFICATE-----")
+        );
+        assert!(bundle.key_pem.contains("PRIVATE KEY"));
+        assert!(
+            !format!("{bundle:?}").contains("PRIVATE"),
+            "no key in Debug"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_ca_key_is_reported_as_such() {
+        let bundle = issue_authority_and_leaf(&identity(), Timestamp::now()).expect("issue");
+        let error = issue_leaf(
+            &bundle.ca_cert_pem,
+            "not a key",
+            &identity(),
+            Timestamp::now(),
+        )
+        .expect_err("bad key");
+        assert_eq!(error.kind(), "ca_key");
+        assert!(
+            error.to_string().contains("delete the certificate Secret"),
+            "{error}"
+        );
+    }
+}

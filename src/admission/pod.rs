@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 
 use hsm_secrets_webhook::{AdmissionRequest, Decision, DynamicObject, Operation};
-use k8s_openapi::api::core::v1::PodSpec;
-use serde::Deserialize as _;
 use serde_json::Value;
 
 use super::Verdict;
 use super::state::AdmissionState;
-use crate::inject::{self, CSI_DRIVER, InjectError, InjectRequest, InjectionSpec, SecretReference};
+use crate::inject::{
+    self, CSI_DRIVER, InjectError, InjectRequest, InjectionSpec, PodView, SecretReference,
+};
 
 /// Decide on a pod sent to `/mutate`.
 pub fn mutate(request: &AdmissionRequest<DynamicObject>, state: &dyn AdmissionState) -> Verdict {
@@ -45,7 +45,7 @@ pub fn mutate(request: &AdmissionRequest<DynamicObject>, state: &dyn AdmissionSt
         }
         Err(error) => return Verdict::refuse(&error),
     };
-    let pod_spec = match PodSpec::deserialize(pod.data.get("spec").unwrap_or(&Value::Null)) {
+    let pod_spec = match PodView::from_spec(pod.data.get("spec").unwrap_or(&Value::Null)) {
         Ok(pod_spec) => pod_spec,
         Err(error) => {
             return Verdict::refuse(&InjectError::UnreadablePod {
@@ -53,7 +53,7 @@ pub fn mutate(request: &AdmissionRequest<DynamicObject>, state: &dyn AdmissionSt
             });
         }
     };
-    if inject::is_injected(&pod_spec) {
+    if pod_spec.is_injected() {
         return Verdict::allow("already_injected");
     }
     // Pods created by controllers carry no namespace in metadata on CREATE;
@@ -70,7 +70,7 @@ pub fn mutate(request: &AdmissionRequest<DynamicObject>, state: &dyn AdmissionSt
 }
 
 fn inject_into(
-    pod_spec: &PodSpec,
+    pod_spec: &PodView,
     no_annotations: bool,
     spec: &InjectionSpec,
     namespace: &str,
@@ -106,11 +106,7 @@ fn inject_into(
             resolution.device
         ));
     }
-    let service_account = pod_spec
-        .service_account_name
-        .as_deref()
-        .or(pod_spec.service_account.as_deref())
-        .unwrap_or("default");
+    let service_account = pod_spec.service_account();
     for (name, secret) in &secrets {
         let Some(secret) = secret else { continue };
         let allowed = secret.spec.allowed_service_accounts();

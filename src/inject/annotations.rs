@@ -280,7 +280,9 @@ mod tests {
     /// Every malformed annotation is refused with a message that names it.
     #[test]
     fn malformed_annotations_are_refused_naming_the_annotation() {
-        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+        /// (annotations, annotation the message must name, error kind)
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case] = &[
             // (annotations, annotation named in the message, error kind)
             (
                 &[(ANNOTATION_INJECT, "yes")],

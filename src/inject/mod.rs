@@ -13,6 +13,7 @@ mod file_mode;
 mod mount_path;
 mod names;
 mod patch;
+mod pod_view;
 
 pub use annotations::{InjectRequest, InjectionSpec, NodeAffinityMode, parse_annotations};
 pub use device::{DeviceResolution, SecretReference, resolve_device};
@@ -22,7 +23,11 @@ pub use mount_path::MountPath;
 pub use names::{
     MAX_DEVICE_NAME_LEN, device_ready_label, validate_device_name, validate_object_name,
 };
-pub use patch::{injected_volume, injection_patch, is_injected};
+pub use patch::{injected_volume, injection_patch};
+pub use pod_view::{
+    AffinityView, ContainerView, CsiView, MountView, NodeAffinityView, NodeSelectorTermView,
+    NodeSelectorView, PodView, VolumeView,
+};
 
 /// Name of the CSI driver that serves HSM secrets.
 pub const CSI_DRIVER: &str = "csi.hsmsecrets.io";

@@ -6,12 +6,12 @@
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
-use k8s_openapi::api::core::v1::{Container, PodSpec};
 use serde_json::{Value, json};
 
 use super::annotations::{InjectionSpec, NodeAffinityMode};
 use super::error::InjectError;
 use super::names::device_ready_label;
+use super::pod_view::{ContainerView, PodView};
 use super::{
     ANNOTATION_STATUS, ATTRIBUTE_DEVICE, ATTRIBUTE_FILE_MODE, ATTRIBUTE_SECRETS, CSI_DRIVER,
     STATUS_INJECTED, VOLUME_NAME,
@@ -19,19 +19,6 @@ use super::{
 
 /// Weight of the preferred node affinity term: the strongest preference.
 const PREFERRED_WEIGHT: i32 = 100;
-
-/// Whether the pod already carries the volume this webhook adds. The volume,
-/// not the status annotation, is the proof: annotations get copied between
-/// manifests, and a copied `status: injected` must not stop an injection.
-pub fn is_injected(spec: &PodSpec) -> bool {
-    spec.volumes.iter().flatten().any(|volume| {
-        volume.name == VOLUME_NAME
-            && volume
-                .csi
-                .as_ref()
-                .is_some_and(|csi| csi.driver == CSI_DRIVER)
-    })
-}
 
 /// The CSI inline volume for `spec`, reading from `device`.
 pub fn injected_volume(spec: &InjectionSpec, device: &str) -> Value {
@@ -69,12 +56,12 @@ impl ContainerList {
 /// `spec`; `has_annotations` says whether `metadata.annotations` exists.
 /// Empty when the pod already carries the volume.
 pub fn injection_patch(
-    spec: &PodSpec,
+    spec: &PodView,
     has_annotations: bool,
     request: &InjectionSpec,
     device: &str,
 ) -> Result<Patch, InjectError> {
-    if is_injected(spec) {
+    if spec.is_injected() {
         return Ok(Patch(Vec::new()));
     }
     if let Some(index) = spec
@@ -137,9 +124,9 @@ pub fn injection_patch(
 /// The containers to mount into, with where they sit in the pod: every
 /// regular container by default; init containers only when named.
 fn select_containers<'a>(
-    spec: &'a PodSpec,
+    spec: &'a PodView,
     names: Option<&[String]>,
-) -> Result<Vec<(ContainerList, usize, &'a Container)>, InjectError> {
+) -> Result<Vec<(ContainerList, usize, &'a ContainerView)>, InjectError> {
     let init = spec.init_containers.as_deref().unwrap_or_default();
     let Some(names) = names else {
         if spec.containers.is_empty() {
@@ -155,7 +142,7 @@ fn select_containers<'a>(
     names
         .iter()
         .map(|name| {
-            let find = |list: &'a [Container], kind| {
+            let find = |list: &'a [ContainerView], kind| {
                 list.iter()
                     .position(|c| &c.name == name)
                     .map(|index| (kind, index, &list[index]))
@@ -178,7 +165,7 @@ fn select_containers<'a>(
 
 /// Node affinity towards nodes labelled `hsmsecrets.io/device.<device>=ready`.
 fn affinity_operations(
-    spec: &PodSpec,
+    spec: &PodView,
     mode: NodeAffinityMode,
     device: &str,
 ) -> Vec<PatchOperation> {
@@ -282,6 +269,10 @@ mod tests {
     use crate::inject::{InjectRequest, parse_annotations};
     use k8s_openapi::api::core::v1::Pod;
 
+    fn view(pod: &Value) -> PodView {
+        PodView::from_spec(&pod["spec"]).expect("pod view")
+    }
+
     fn spec(affinity: &str) -> InjectionSpec {
         let annotations = [
             ("hsmsecrets.io/inject", "true"),
@@ -307,9 +298,7 @@ mod tests {
         if !affinity.is_null() {
             pod["spec"]["affinity"] = affinity;
         }
-        let typed: Pod = serde_json::from_value(pod.clone()).expect("pod");
-        let patch = injection_patch(typed.spec.as_ref().expect("spec"), true, &spec(mode), "d")
-            .expect("patch");
+        let patch = injection_patch(&view(&pod), true, &spec(mode), "d").expect("patch");
         json_patch::patch(&mut pod, &patch).expect("patch applies");
         let _: Pod = serde_json::from_value(pod.clone()).expect("still a pod");
         pod["spec"]["affinity"]["nodeAffinity"].clone()
@@ -389,20 +378,13 @@ mod tests {
 
     #[test]
     fn a_pod_without_annotations_or_containers() {
-        let pod: Pod = serde_json::from_value(json!({"spec": {"containers": []}})).expect("pod");
-        let error = injection_patch(pod.spec.as_ref().expect("spec"), false, &spec("none"), "d")
+        let pod = json!({"spec": {"containers": []}});
+        let error = injection_patch(&view(&pod), false, &spec("none"), "d")
             .expect_err("nothing to mount into");
         assert_eq!(error.kind(), "no_containers");
 
         let mut pod = json!({"metadata": {}, "spec": {"containers": [{"name": "app"}]}});
-        let typed: Pod = serde_json::from_value(pod.clone()).expect("pod");
-        let patch = injection_patch(
-            typed.spec.as_ref().expect("spec"),
-            false,
-            &spec("none"),
-            "d",
-        )
-        .expect("patch");
+        let patch = injection_patch(&view(&pod), false, &spec("none"), "d").expect("patch");
         json_patch::patch(&mut pod, &patch).expect("applies");
         assert_eq!(
             pod["metadata"]["annotations"]["hsmsecrets.io/status"],
