@@ -781,3 +781,19 @@ async fn an_empty_cluster_needs_the_device_annotation() {
     assert!(message.contains("db-credentials, api-key"), "{message}");
     assert!(message.contains("namespace \"shop\""), "{message}");
 }
+
+#[tokio::test]
+async fn an_injected_pod_is_never_refused_on_reinvocation() {
+    let (app, _, _) = app(cluster(DeviceHealth::Ready));
+    let original = fixture("pod_create_typical.json");
+    let answer = review(&app, "/mutate", &original).await;
+    let mut pod = original["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch_of(&answer).unwrap()).unwrap();
+    // Something between two invocations rewrote an annotation badly.
+    pod["metadata"]["annotations"]["hsmsecrets.io/file-mode"] = "0777".into();
+    let mut again = original.clone();
+    again["request"]["object"] = pod;
+    let answer = review(&app, "/mutate", &again).await;
+    assert_eq!(answer["allowed"], true, "{answer}");
+    assert!(answer.get("patch").is_none(), "{answer}");
+}

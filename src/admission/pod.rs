@@ -32,7 +32,7 @@ pub fn mutate(request: &AdmissionRequest<DynamicObject>, state: &dyn AdmissionSt
     let empty = BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
     let spec = match inject::parse_annotations(annotations) {
-        Ok(InjectRequest::Requested(spec)) => spec,
+        Ok(InjectRequest::Requested(spec)) => Ok(spec),
         Ok(InjectRequest::NotRequested { ignored }) => {
             let mut verdict = Verdict::allow("not_requested");
             if !ignored.is_empty() {
@@ -43,7 +43,7 @@ pub fn mutate(request: &AdmissionRequest<DynamicObject>, state: &dyn AdmissionSt
             }
             return verdict;
         }
-        Err(error) => return Verdict::refuse(&error),
+        Err(error) => Err(error),
     };
     let pod_spec = match PodView::from_spec(pod.data.get("spec").unwrap_or(&Value::Null)) {
         Ok(pod_spec) => pod_spec,
@@ -53,9 +53,15 @@ pub fn mutate(request: &AdmissionRequest<DynamicObject>, state: &dyn AdmissionSt
             });
         }
     };
+    // A pod that already carries the volume is never patched nor refused
+    // again (reinvocation, repeated admission), whatever its annotations say.
     if pod_spec.is_injected() {
         return Verdict::allow("already_injected");
     }
+    let spec = match spec {
+        Ok(spec) => spec,
+        Err(error) => return Verdict::refuse(&error),
+    };
     // Pods created by controllers carry no namespace in metadata on CREATE;
     // the request's namespace is the authoritative one.
     let namespace = request
