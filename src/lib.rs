@@ -1,11 +1,13 @@
 //! hsm-secrets: Kubernetes workloads use secrets kept in PKCS#11 hardware security
 //! modules, delivered as tmpfs volumes, mirrored across nodes and failed over with fencing.
 
+pub mod admission;
 pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod failover;
 pub mod hsm;
+pub mod inject;
 pub mod kubectl;
 pub mod node;
 pub mod state;

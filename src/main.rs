@@ -17,6 +17,8 @@ enum Command {
     Crdgen,
     /// Run the CSI node plugin: mount HSM secrets into pods as tmpfs volumes.
     Node(hsm_secrets::cli::node::NodeArgs),
+    /// Run the admission webhook (pod injection and validation).
+    Webhook(Box<hsm_secrets::cli::webhook::WebhookArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -25,6 +27,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Crdgen => print!("{}", hsm_secrets::crd::crd_yaml()?),
         Command::Node(args) => hsm_secrets::cli::node::run(args, cli.common)?,
+        Command::Webhook(args) => hsm_secrets::cli::webhook::run(*args, cli.common)?,
     }
     Ok(())
 }

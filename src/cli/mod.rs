@@ -1,3 +1,4 @@
 //! Subcommands of the `hsm-secrets` binary, one module each.
 
 pub mod node;
+pub mod webhook;
