@@ -206,6 +206,7 @@ mod tests {
             "source": source.map(|name| SecretSource {
                 secret_ref: LocalSecretRef { name: name.into() },
                 delete_after_import: None,
+                mode: None,
             }),
         }))
         .expect("spec")
