@@ -14,34 +14,47 @@ pub const KIND: &str = "AdmissionReview";
 
 /// Decode an `admission.k8s.io/v1` AdmissionReview body into its request.
 pub fn decode_request(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Error> {
-    // Check the type first so a v1beta1 review is reported as such, not as
-    // whichever field the full decode trips over.
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct TypeProbe {
-        #[serde(default)]
-        api_version: String,
-        #[serde(default)]
-        kind: String,
+    // One full parse on the hot path; the type is checked on the parsed review. Only when
+    // the parse fails is the type probed on its own, so a v1beta1 review is reported as
+    // such rather than as whichever field the full decode tripped over.
+    match serde_json::from_slice::<AdmissionReview<DynamicObject>>(body) {
+        Ok(review) => {
+            check_type(&review.types.api_version, &review.types.kind)?;
+            review.try_into().map_err(|_| Error::MissingRequest)
+        }
+        Err(parse_error) => {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct TypeProbe {
+                #[serde(default)]
+                api_version: String,
+                #[serde(default)]
+                kind: String,
+            }
+            let probe: TypeProbe =
+                serde_json::from_slice(body).map_err(Error::MalformedReview)?;
+            check_type(&probe.api_version, &probe.kind)?;
+            Err(Error::MalformedReview(parse_error))
+        }
     }
-    let probe: TypeProbe = serde_json::from_slice(body).map_err(Error::MalformedReview)?;
-    if probe.api_version != API_VERSION {
+}
+
+fn check_type(api_version: &str, kind: &str) -> Result<(), Error> {
+    if api_version != API_VERSION {
         return Err(Error::UnsupportedReview {
             field: "apiVersion",
-            found: probe.api_version,
+            found: api_version.to_string(),
             expected: API_VERSION,
         });
     }
-    if probe.kind != KIND {
+    if kind != KIND {
         return Err(Error::UnsupportedReview {
             field: "kind",
-            found: probe.kind,
+            found: kind.to_string(),
             expected: KIND,
         });
     }
-    let review: AdmissionReview<DynamicObject> =
-        serde_json::from_slice(body).map_err(Error::MalformedReview)?;
-    review.try_into().map_err(|_| Error::MissingRequest)
+    Ok(())
 }
 
 /// Encode the AdmissionReview answering request `uid` with `decision`.
