@@ -31,8 +31,7 @@ pub fn decode_request(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Er
                 #[serde(default)]
                 kind: String,
             }
-            let probe: TypeProbe =
-                serde_json::from_slice(body).map_err(Error::MalformedReview)?;
+            let probe: TypeProbe = serde_json::from_slice(body).map_err(Error::MalformedReview)?;
             check_type(&probe.api_version, &probe.kind)?;
             Err(Error::MalformedReview(parse_error))
         }
