@@ -4,4 +4,5 @@
 pub mod cli;
 pub mod crd;
 pub mod hsm;
+pub mod mirror;
 pub mod telemetry;
