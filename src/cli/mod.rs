@@ -1,1 +1,2 @@
 //! Subcommands of the `hsm-secrets` binary, one module each.
+pub mod agent;

@@ -183,34 +183,48 @@ impl MirrorError {
         }
     }
 
-    /// Rebuilds a peer's error from the status it answered with.
+    /// Rebuilds a peer's error from the status of a call. A status that carries a source
+    /// error was made on this side (connection refused, TLS handshake failed): the peer
+    /// is unreachable. Anything else is the peer's own answer.
     pub(crate) fn from_status(node: &str, rpc: &'static str, status: Status) -> Self {
-        let message = status.message().to_string();
-        match status.code() {
-            // tonic reports connection failures (refused, reset, TLS) as Unavailable with
-            // a transport message; anything the peer itself answered has its own text.
-            Code::Unavailable if message.contains("transport") || message.contains("connect") => {
-                MirrorError::Unreachable {
-                    node: node.into(),
-                    endpoint: String::new(),
-                    detail: message,
+        if let Some(source) = std::error::Error::source(&status) {
+            let mut detail = status.message().to_string();
+            let mut cause = Some(source);
+            while let Some(e) = cause {
+                let text = e.to_string();
+                if !detail.contains(&text) {
+                    detail.push_str(": ");
+                    detail.push_str(&text);
                 }
+                cause = e.source();
             }
-            code => MirrorError::Remote {
+            return MirrorError::Unreachable {
                 node: node.into(),
-                rpc,
-                code,
-                message,
-            },
+                endpoint: String::new(),
+                detail,
+            };
+        }
+        MirrorError::Remote {
+            node: node.into(),
+            rpc,
+            code: status.code(),
+            message: status.message().to_string(),
         }
     }
 
-    /// Whether another agent (a mirror instead of the primary) might answer instead.
+    /// Whether the peer could not be reached or did not answer in time (as opposed to
+    /// answering with a refusal).
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            MirrorError::Unreachable { .. } | MirrorError::Timeout { .. }
-        ) || matches!(self, MirrorError::Remote { code, .. } if matches!(code, Code::Unavailable | Code::Internal | Code::Unknown | Code::DataLoss | Code::FailedPrecondition | Code::Cancelled | Code::DeadlineExceeded))
+        match self {
+            MirrorError::Unreachable { .. } | MirrorError::Timeout { .. } => true,
+            MirrorError::Remote { code, .. } => {
+                matches!(
+                    code,
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+                )
+            }
+            _ => false,
+        }
     }
 }
 
