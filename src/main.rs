@@ -16,7 +16,7 @@ enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crdgen,
     /// Serve one node's token as a device agent (mirroring, mutual TLS gRPC).
-    Agent(hsm_secrets::cli::agent::AgentArgs),
+    Agent(Box<hsm_secrets::cli::agent::AgentArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
     hsm_secrets::telemetry::init(&cli.common);
     match cli.command {
         Command::Crdgen => print!("{}", hsm_secrets::crd::crd_yaml()?),
-        Command::Agent(args) => hsm_secrets::cli::agent::run(args, &cli.common)?,
+        Command::Agent(args) => hsm_secrets::cli::agent::run(*args, &cli.common)?,
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::time::Instant;
 
 use crate::crd::DeviceRole;
@@ -58,6 +59,9 @@ const MAX_CHANGES: usize = 4096;
 const DEFAULT_CHANGES: usize = 256;
 /// Most paths one Fetch call may name.
 const MAX_FETCH: usize = 4096;
+/// Records read from the token at once for one answer (the store runs reads in
+/// parallel sessions).
+const READ_CONCURRENCY: usize = 8;
 
 /// Result of an acknowledged write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -213,7 +217,10 @@ impl Agent {
             role: convert::role_to_pb(role) as i32,
             epoch,
             applied_sequence: self.applied_sequence(role),
-            write_lease_remaining_ms: duration_ms(lease),
+            // Rounded up: 0 means expired, never "less than a millisecond left".
+            write_lease_remaining_ms: duration_ms(
+                lease.saturating_add(Duration::from_nanos(999_999)),
+            ),
             primary_known: primary.is_some(),
             primary_node: primary.as_ref().map(|p| p.node.clone()).unwrap_or_default(),
             primary_endpoint: primary.map(|p| p.endpoint).unwrap_or_default(),
@@ -512,8 +519,21 @@ impl Agent {
         let mut bytes = 0usize;
         let mut through = request.since;
         let count = batch.len();
-        for (i, (version, path)) in batch.into_iter().enumerate() {
-            match self.store().record(&path).await {
+        let store = self.store().clone();
+        let mut reads = std::pin::pin!(
+            futures::stream::iter(batch.into_iter().map(|(version, path)| {
+                let store = store.clone();
+                async move {
+                    let result = store.record(&path).await;
+                    (version, path, result)
+                }
+            }))
+            .buffered(READ_CONCURRENCY)
+        );
+        let mut consumed = 0;
+        while let Some((version, path, result)) = reads.next().await {
+            consumed += 1;
+            match result {
                 Ok(record) if record.version == version => {
                     bytes += record_size(&record);
                     records.push(convert::record_to_pb(&record));
@@ -526,7 +546,7 @@ impl Agent {
                 Err(e) => return Err(e.into()),
             }
             through = version;
-            if bytes >= self.inner.cfg.batch_bytes && i + 1 < count {
+            if bytes >= self.inner.cfg.batch_bytes && consumed < count {
                 more = true;
                 break;
             }
@@ -562,19 +582,32 @@ impl Agent {
             let entry = convert::entry_from_pb("the caller", e).map_err(as_invalid("held"))?;
             held.insert(entry.path.clone(), entry);
         }
-        let mut response = pb::FetchResponse::default();
-        let mut bytes = 0usize;
-        for raw in &request.paths {
-            if bytes >= self.inner.cfg.batch_bytes {
-                break;
-            }
+        let mut paths = Vec::with_capacity(request.paths.len());
+        for raw in request.paths {
             let path: SecretPath =
                 raw.parse()
                     .map_err(|e: StoreError| MirrorError::InvalidArgument {
                         field: "paths",
                         why: e.to_string(),
                     })?;
-            match self.store().record(&path).await {
+            paths.push(path);
+        }
+        let store = self.store().clone();
+        let mut reads = std::pin::pin!(
+            futures::stream::iter(paths.into_iter().map(|path| {
+                let store = store.clone();
+                async move {
+                    let result = store.record(&path).await;
+                    (path, result)
+                }
+            }))
+            .buffered(READ_CONCURRENCY)
+        );
+        let mut response = pb::FetchResponse::default();
+        let mut bytes = 0usize;
+        while let Some((path, result)) = reads.next().await {
+            let raw = path.to_string();
+            match result {
                 Ok(record) => {
                     bytes += record_size(&record);
                     response.records.push(convert::record_to_pb(&record));
@@ -589,9 +622,12 @@ impl Agent {
             if let Some(entry) = held.get(&path)
                 && self.inner.local.index().is_foreign(entry)
             {
-                response.lost.push(raw.clone());
+                response.lost.push(raw);
             }
             response.covered += 1;
+            if bytes >= self.inner.cfg.batch_bytes {
+                break;
+            }
         }
         self.inner
             .counters

@@ -514,87 +514,74 @@ impl SyncEngine {
             }
         }
 
-        // 3. Copy what differs, in bounded batches.
-        let held_of = |p: &SecretPath, held: u64| -> Option<&ManifestEntry> {
-            if held > 0 {
-                ours_by_path.get(p).copied()
-            } else {
-                None
-            }
-        };
-        for chunk in fetch.chunks(self.settings.fetch_batch.max(1)) {
-            let mut rest = chunk;
-            while !rest.is_empty() {
+        // 3. Copy what differs, in bounded batches; the next batch is fetched while this
+        //    one is applied.
+        let items: Vec<FetchItem> = fetch
+            .into_iter()
+            .map(|(path, held)| FetchItem {
+                held: (held > 0)
+                    .then(|| ours_by_path.get(&path).map(|e| (*e).clone()))
+                    .flatten(),
+                path,
+            })
+            .collect();
+        let mut batches = FetchBatches::spawn(
+            self.primary.clone(),
+            items,
+            self.settings.fetch_batch.max(1),
+        );
+        while let Some(batch) = batches.next().await {
+            let (answered, response) = batch?;
+            let expected: HashMap<String, FetchItem> = answered
+                .into_iter()
+                .map(|item| (item.path.to_string(), item))
+                .collect();
+            let lost: HashSet<&str> = response.lost.iter().map(String::as_str).collect();
+            for wire in response.records {
                 if self.stopping() {
                     return Err(stopped(&node));
                 }
-                let request = pb::FetchRequest {
-                    paths: rest.iter().map(|(p, _)| p.to_string()).collect(),
-                    held: rest
-                        .iter()
-                        .filter_map(|(p, held)| held_of(p, *held))
-                        .map(convert::entry_to_pb)
-                        .collect(),
-                };
-                let response = self.primary.fetch(request).await?;
-                let covered = response.covered as usize;
-                if covered == 0 || covered > rest.len() {
+                let Some(item) = expected.get(&wire.path) else {
                     return Err(MirrorError::Protocol {
                         node: from.clone(),
                         what: "Fetch answer",
-                        why: format!("covers {covered} of {} paths", rest.len()),
+                        why: format!("returned {:?}, which was not asked for", wire.path),
+                    });
+                };
+                let version = wire.version;
+                let record = convert::record_from_pb(&from, wire)?;
+                if let Err(e) = record.verify() {
+                    tracing::warn!(node = %node, primary = %from, path = %item.path, version, error = %e, "record from the primary fails its checksum; not applied");
+                    report.checksum_failures += 1;
+                    self.count_checksum_failure();
+                    failed_below = Some(failed_below.map_or(version, |v| v.min(version)));
+                    continue;
+                }
+                let guard = Guard::Expect(item.held.as_ref().map(|e| e.version));
+                if self.local.apply(record, guard).await? == Applied::Stored {
+                    report.fetched += 1;
+                }
+                if let Some(held) = &item.held
+                    && lost.contains(item.path.to_string().as_str())
+                {
+                    report.lost_writes.push(LostWrite {
+                        path: item.path.clone(),
+                        version: held.version,
+                        deleted: held.deleted,
                     });
                 }
-                let expected: HashMap<String, (SecretPath, u64)> = rest[..covered]
-                    .iter()
-                    .map(|(p, held)| {
-                        let planned = held_of(p, *held).map(|e| e.version);
-                        (p.to_string(), (p.clone(), planned.unwrap_or(0)))
-                    })
-                    .collect();
-                let lost: HashSet<&str> = response.lost.iter().map(String::as_str).collect();
-                for wire in response.records {
-                    let Some((path, planned)) = expected.get(&wire.path).cloned() else {
-                        return Err(MirrorError::Protocol {
-                            node: from.clone(),
-                            what: "Fetch answer",
-                            why: format!("returned {:?}, which was not asked for", wire.path),
-                        });
-                    };
-                    let version = wire.version;
-                    let record = convert::record_from_pb(&from, wire)?;
-                    if let Err(e) = record.verify() {
-                        tracing::warn!(node = %node, primary = %from, path = %path, version, error = %e, "record from the primary fails its checksum; not applied");
-                        report.checksum_failures += 1;
-                        self.count_checksum_failure();
-                        failed_below = Some(failed_below.map_or(version, |v| v.min(version)));
-                        continue;
-                    }
-                    let guard = Guard::Expect((planned > 0).then_some(planned));
-                    if self.local.apply(record, guard).await? == Applied::Stored {
-                        report.fetched += 1;
-                    }
-                    if lost.contains(path.to_string().as_str())
-                        && let Some(held) = ours_by_path.get(&path)
-                    {
-                        report.lost_writes.push(LostWrite {
-                            path: path.clone(),
-                            version: held.version,
-                            deleted: held.deleted,
-                        });
-                    }
-                }
-                for missing in &response.missing {
-                    if let Some((path, planned)) = expected.get(missing)
-                        && *planned > 0
-                        && self.local.purge(path, *planned).await?
-                    {
-                        report.purged += 1;
-                    }
-                }
-                report.unreadable_on_primary += response.unreadable.len() as u64;
-                rest = &rest[covered..];
             }
+            for missing in &response.missing {
+                if let Some(FetchItem {
+                    path,
+                    held: Some(held),
+                }) = expected.get(missing)
+                    && self.local.purge(path, held.version).await?
+                {
+                    report.purged += 1;
+                }
+            }
+            report.unreadable_on_primary += response.unreadable.len() as u64;
         }
 
         let cursor = match failed_below {
@@ -635,6 +622,75 @@ impl SyncEngine {
         }
         self.rejoin = false;
         Ok(report)
+    }
+}
+
+/// A path a verification pass copies, with what this node holds for it (if anything).
+#[derive(Clone)]
+struct FetchItem {
+    path: SecretPath,
+    held: Option<ManifestEntry>,
+}
+
+type FetchBatch = Result<(Vec<FetchItem>, pb::FetchResponse), MirrorError>;
+
+/// Fetches batches from the primary one step ahead of the consumer. Only reads: dropping
+/// it mid-way (an error, a stop) aborts the fetching task and loses nothing.
+struct FetchBatches {
+    batches: mpsc::Receiver<FetchBatch>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FetchBatches {
+    fn spawn(primary: AgentConnection, items: Vec<FetchItem>, batch: usize) -> Self {
+        let (tx, batches) = mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            let mut start = 0;
+            while start < items.len() {
+                let end = (start + batch).min(items.len());
+                let asked = &items[start..end];
+                let request = pb::FetchRequest {
+                    paths: asked.iter().map(|i| i.path.to_string()).collect(),
+                    held: asked
+                        .iter()
+                        .filter_map(|i| i.held.as_ref())
+                        .map(convert::entry_to_pb)
+                        .collect(),
+                };
+                let answer = match primary.fetch(request).await {
+                    Ok(response) => {
+                        let covered = response.covered as usize;
+                        if covered == 0 || covered > asked.len() {
+                            Err(MirrorError::Protocol {
+                                node: primary.node().into(),
+                                what: "Fetch answer",
+                                why: format!("covers {covered} of {} paths", asked.len()),
+                            })
+                        } else {
+                            let answered = asked[..covered].to_vec();
+                            start += covered;
+                            Ok((answered, response))
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                let failed = answer.is_err();
+                if tx.send(answer).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Self { batches, task }
+    }
+
+    async fn next(&mut self) -> Option<FetchBatch> {
+        self.batches.recv().await
+    }
+}
+
+impl Drop for FetchBatches {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
