@@ -268,6 +268,10 @@ impl Agent {
         let mut mirrors = SyncSet::default();
         mirrors.configure(&a.mirrors, &cfg.tls, cfg.rpc_timeout)?;
         drop(mirrors);
+        if transition.promoted() {
+            // A primary needs its token: refuse promotion while it is unusable.
+            self.inner.local.ensure_index().await?;
+        }
 
         let _gate = self.inner.gate.write().await;
         let _writes = self.inner.writes.lock().await;
@@ -282,7 +286,6 @@ impl Agent {
                     running.stop().await;
                 }
                 if transition.promoted() {
-                    self.inner.local.ensure_index().await?;
                     // Everything up to the mirror's cursor is shared history with the old
                     // primary; later versions are this term's own.
                     let cursor = sync::lock(&self.inner.sync_state).cursor;

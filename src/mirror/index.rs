@@ -7,6 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::hsm::{Checksum, ManifestEntry, SecretPath};
 
+/// Writes of the current term remembered for lost-write detection.
+pub const MAX_ISSUED: usize = 100_000;
+
 #[derive(Debug, Default)]
 pub struct ChangeIndex {
     by_version: BTreeMap<u64, SecretPath>,
@@ -56,6 +59,14 @@ impl ChangeIndex {
     pub fn record_write(&mut self, path: &SecretPath, version: u64, checksum: Checksum) {
         self.record(path, version);
         self.issued.insert(version, (path.clone(), checksum));
+        // Bounded memory: the oldest writes of a long term become shared history. A node
+        // returning with writes from that far back has them discarded like any stale
+        // copy, without a lost-write report; that needs a term of over MAX_ISSUED writes.
+        while self.issued.len() > MAX_ISSUED {
+            if let Some((oldest, _)) = self.issued.pop_first() {
+                self.fork = self.fork.max(oldest);
+            }
+        }
     }
 
     pub fn remove(&mut self, path: &SecretPath) {
@@ -184,5 +195,20 @@ mod tests {
         let mut other = entry("a/x", 8);
         other.checksum = Checksum([1; 32]);
         assert!(idx.is_foreign(&other), "same version, other content");
+    }
+
+    #[test]
+    fn the_memory_of_a_long_term_is_bounded() {
+        let mut idx = ChangeIndex::default();
+        idx.begin_term(10);
+        let total = MAX_ISSUED as u64 + 5;
+        for v in 11..11 + total {
+            idx.record_write(&p("a/x"), v, Checksum([0; 32]));
+        }
+        assert_eq!(idx.issued.len(), MAX_ISSUED);
+        assert_eq!(idx.fork(), 15, "the five oldest became shared history");
+        assert!(!idx.is_foreign(&entry("a/y", 14)));
+        assert!(idx.is_foreign(&entry("a/y", 16)));
+        assert_eq!(idx.len(), 1);
     }
 }

@@ -345,6 +345,20 @@ impl SyncEngine {
         *self.stop.borrow()
     }
 
+    /// Awaits a call to the primary or a read, giving up as soon as the engine is told to
+    /// stop: a promotion must not wait for an RPC to a dead primary to time out. Never
+    /// used around local writes, which always run to completion.
+    async fn unless_stopped<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, MirrorError>>,
+    ) -> Result<T, MirrorError> {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            result = work => result,
+            _ = stop.wait_for(|stopping| *stopping) => Err(stopped(&self.local.node)),
+        }
+    }
+
     /// Records the outcome for Health and logs transitions (not every failed tick).
     fn note<T>(&self, result: &Result<T, MirrorError>) {
         let mut st = lock(&self.state);
@@ -384,13 +398,12 @@ impl SyncEngine {
         let mut report = PullReport::default();
         loop {
             let response = self
-                .primary
-                .changes(pb::ChangesRequest {
+                .unless_stopped(self.primary.changes(pb::ChangesRequest {
                     since,
                     limit: self.settings.changes_batch,
                     node: self.local.node.clone(),
                     verified_epoch,
-                })
+                }))
                 .await?;
             report.calls += 1;
             if response.epoch != verified_epoch || response.sequence < since {
@@ -460,14 +473,16 @@ impl SyncEngine {
     async fn full_pass(&mut self) -> Result<FullPassReport, MirrorError> {
         let started = Instant::now();
         let node = self.local.node.clone();
-        let manifest = self.primary.manifest().await?;
+        let manifest = self.unless_stopped(self.primary.manifest()).await?;
         let from = self.primary.node().to_string();
         let theirs: Vec<ManifestEntry> = manifest
             .entries
             .into_iter()
             .map(|e| convert::entry_from_pb(&from, e))
             .collect::<Result<_, _>>()?;
-        let ours = self.local.manifest_snapshot().await?;
+        let ours = self
+            .unless_stopped(async { Ok(self.local.manifest_snapshot().await?) })
+            .await?;
         let ours_by_path: HashMap<&SecretPath, &ManifestEntry> =
             ours.iter().map(|e| (&e.path, e)).collect();
         let plan = plan_full_pass(&theirs, &ours, manifest.fork_sequence);
@@ -485,7 +500,10 @@ impl SyncEngine {
             if self.stopping() {
                 return Err(stopped(&node));
             }
-            match self.local.store.record(&entry.path).await {
+            match self
+                .unless_stopped(async { Ok(self.local.store.record(&entry.path).await) })
+                .await?
+            {
                 Ok(_) => {}
                 Err(e @ (StoreError::Corrupt { .. } | StoreError::NotFound { .. })) => {
                     tracing::warn!(node = %node, path = %entry.path, version = entry.version, error = %e, "stored secret is damaged; repairing it from the primary");
@@ -530,7 +548,10 @@ impl SyncEngine {
             items,
             self.settings.fetch_batch.max(1),
         );
-        while let Some(batch) = batches.next().await {
+        while let Some(batch) = self
+            .unless_stopped(async { Ok(batches.next().await) })
+            .await?
+        {
             let (answered, response) = batch?;
             let expected: HashMap<String, FetchItem> = answered
                 .into_iter()
