@@ -34,6 +34,24 @@
 //!   write is on every mirror that Health lists as in sync, and a failover to one of those
 //!   loses nothing.
 //!
+//! # For the controller
+//!
+//! Reach an agent with [`AgentConnection`] (the controller's certificate from the agent
+//! CA). The failover planner's actions map to calls as follows:
+//!
+//! | action | call |
+//! | --- | --- |
+//! | `RenewLease{node, epoch}` | `renew_lease(epoch, lease)` |
+//! | `Promote{node, epoch}` | `assign_role(ROLE_PRIMARY, epoch, mirrors: the Active sync set or empty, lease_duration_ms)` |
+//! | `Demote{node, epoch, primary}` | `assign_role(ROLE_STANDBY, epoch, primary_node, primary_endpoint)`: syncs (full pass, lost writes reported) but serves no reads |
+//! | `SetMirror{node, primary, epoch}` | `assign_role(ROLE_READ_ONLY, epoch, primary_node, primary_endpoint)` |
+//!
+//! Promote the new primary first, then point the mirrors at it. `Health` gives what the
+//! HSMDevice status needs: token presence and serial, role, epoch, applied sequence,
+//! lease remaining, the sync state (last sync, checksum failures, last full pass, lost
+//! writes) of mirrors and the Active sync set of the primary. An agent starts as a
+//! standby at epoch 0 and keeps nothing across restarts: the controller re-assigns it.
+//!
 //! Generated protobuf code lives in [`pb`] (from `proto/agent.proto`, regenerated and
 //! checked fresh by `tests/mirror_codegen.rs`).
 
