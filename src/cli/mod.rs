@@ -1,4 +1,5 @@
 //! Subcommands of the `hsm-secrets` binary, one module each.
 
+pub mod agent;
 pub mod node;
 pub mod webhook;

@@ -1,0 +1,128 @@
+//! `hsm-secrets agent`: serve one node's token as a device agent (mutual TLS gRPC).
+//!
+//! The node plugin embeds the same agent; this subcommand runs it alone, for the local
+//! mode, the demo and multi-process tests. It starts as a standby at epoch 0 and waits
+//! for the controller (or whoever holds the controller's certificate) to assign a role.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore};
+use crate::mirror::{self, Agent, AgentConfig, AgentTls, TlsFiles};
+use crate::telemetry::CommonArgs;
+
+#[derive(Args, Clone, Debug)]
+pub struct AgentArgs {
+    /// This node's name; the agent's certificate must name it.
+    #[arg(long, env = "HSM_NODE_NAME")]
+    pub node: String,
+    /// Address to serve the agent on (port 0 picks a free port, printed on stdout).
+    #[arg(long, env = "HSM_AGENT_LISTEN", default_value = "0.0.0.0:7443")]
+    pub listen: SocketAddr,
+    /// PKCS#11 module path.
+    #[arg(long, env = "HSM_PKCS11_LIBRARY")]
+    pub pkcs11_library: PathBuf,
+    /// Label of the token to serve (matched exactly).
+    #[arg(long, env = "HSM_TOKEN_LABEL")]
+    pub token_label: String,
+    /// Serial number, when several tokens share the label.
+    #[arg(long, env = "HSM_TOKEN_SERIAL")]
+    pub token_serial: Option<String>,
+    /// File holding the user PIN (a mounted Secret; never a flag or variable).
+    #[arg(long, env = "HSM_PIN_FILE")]
+    pub pin_file: PathBuf,
+    /// PEM file of the agent CA.
+    #[arg(long, env = "HSM_AGENT_TLS_CA")]
+    pub tls_ca: PathBuf,
+    /// PEM file of this node's agent certificate.
+    #[arg(long, env = "HSM_AGENT_TLS_CERT")]
+    pub tls_cert: PathBuf,
+    /// PEM file of its private key.
+    #[arg(long, env = "HSM_AGENT_TLS_KEY")]
+    pub tls_key: PathBuf,
+    /// Milliseconds between two pulls from the primary (mirrors).
+    #[arg(long, env = "HSM_PULL_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub pull_interval_ms: u64,
+    /// Seconds between full verification passes (until the controller sets it).
+    #[arg(long, env = "HSM_SYNC_INTERVAL", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub sync_interval: u64,
+    /// Milliseconds a write waits for a mirror under the Active policy before dropping it.
+    #[arg(long, env = "HSM_REPLICATE_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub replicate_timeout_ms: u64,
+}
+
+pub fn run(args: AgentArgs, _common: &CommonArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: AgentArgs) -> anyhow::Result<()> {
+    let tls = AgentTls::from_files(&TlsFiles {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+    })?;
+    let mut pkcs11 = Pkcs11Config::new(&args.pkcs11_library, &args.token_label, &args.pin_file);
+    pkcs11.token_serial = args.token_serial.clone();
+    let store = open_store(pkcs11).await?;
+
+    let mut cfg = AgentConfig::new(args.node.clone(), tls);
+    cfg.sync.pull_interval = Duration::from_millis(args.pull_interval_ms);
+    cfg.sync.sync_interval = Duration::from_secs(args.sync_interval);
+    cfg.replicate_timeout = Duration::from_millis(args.replicate_timeout_ms);
+    let agent = Agent::start(cfg, store).await;
+
+    let listener = mirror::bind(args.listen).await?;
+    let addr = listener.local_addr().context("read the bound address")?;
+    // The one line on stdout: how scripts and tests learn a port picked by the kernel.
+    println!("hsm-secrets agent {} listening on {addr}", args.node);
+    let served = mirror::serve(agent.clone(), listener, shutdown_signal()).await;
+    agent.shutdown().await;
+    served?;
+    Ok(())
+}
+
+/// Opens the token, waiting for it when it is not (yet) present: the agent of a node
+/// whose HSM is unplugged starts serving as soon as it is plugged in.
+async fn open_store(cfg: Pkcs11Config) -> anyhow::Result<Arc<dyn SecretStore>> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match Pkcs11Store::open(cfg.clone()).await {
+            Ok(store) => return Ok(Arc::new(store)),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "token not available yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown_signal() => anyhow::bail!("stopped while waiting for the token"),
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e).context("open the token"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+    tracing::info!("shutting down");
+}

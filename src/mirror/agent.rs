@@ -1,0 +1,714 @@
+//! The device agent: one node's token behind the agent protocol.
+//!
+//! As primary it takes client writes (under the epoch and write lease of
+//! [`fencing`](super::fencing)), keeps the change index that answers mirrors' pulls, and
+//! under the Active policy pushes every write to its sync set before acknowledging it. As
+//! a mirror it runs the [`sync`](super::sync) engine against its assigned primary and
+//! applies the primary's pushes. Roles come only from the controller (`AssignRole`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use crate::crd::DeviceRole;
+use crate::hsm::{Body, Checksum, Expect, Record, SecretData, SecretPath, SecretStore, StoreError};
+
+use super::MirrorError;
+use super::client::AgentConnection;
+use super::convert;
+use super::fencing::{Assignment, Control};
+use super::local::{Applied, Guard, Local};
+use super::pb;
+use super::replication::{self, SyncSet};
+use super::sync::{self, FullPassReport, PullReport, SyncHandle, SyncSettings, SyncState};
+use super::tls::AgentTls;
+
+/// How an agent runs.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This node's name (what its certificate names, and how peers address it).
+    pub node: String,
+    pub tls: AgentTls,
+    pub sync: SyncSettings,
+    /// How long a write under the Active policy waits for a mirror before dropping it.
+    pub replicate_timeout: Duration,
+    /// Deadline of calls to other agents.
+    pub rpc_timeout: Duration,
+    /// Soft size limit of one Changes or Fetch answer (at least one record is sent).
+    pub batch_bytes: usize,
+}
+
+impl AgentConfig {
+    pub fn new(node: impl Into<String>, tls: AgentTls) -> Self {
+        Self {
+            node: node.into(),
+            tls,
+            sync: SyncSettings::default(),
+            replicate_timeout: Duration::from_secs(5),
+            rpc_timeout: Duration::from_secs(30),
+            batch_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Largest `limit` a Changes call may ask for.
+const MAX_CHANGES: usize = 4096;
+const DEFAULT_CHANGES: usize = 256;
+/// Most paths one Fetch call may name.
+const MAX_FETCH: usize = 4096;
+/// Records read from the token at once for one answer (the store runs reads in
+/// parallel sessions).
+const READ_CONCURRENCY: usize = 8;
+
+/// Result of an acknowledged write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteOutcome {
+    pub version: u64,
+    /// Active policy: mirrors that applied the write before it was acknowledged.
+    pub replicated_to: Vec<String>,
+    /// Active policy: mirrors this write dropped from the sync set.
+    pub dropped: Vec<String>,
+}
+
+/// Counters for tests and metrics.
+#[derive(Debug, Default)]
+struct Counters {
+    changes_calls: AtomicU64,
+    changes_answered_from_index: AtomicU64,
+    records_sent: AtomicU64,
+    pushes_refused: AtomicU64,
+}
+
+/// A snapshot of the agent's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentStats {
+    /// Changes calls served as primary.
+    pub changes_calls: u64,
+    /// Of those, answered "nothing new" from the index alone.
+    pub changes_answered_from_index: u64,
+    /// Records sent in Changes and Fetch answers.
+    pub records_sent: u64,
+    /// Pushes refused because their record failed verification.
+    pub pushes_refused: u64,
+}
+
+/// One node's agent. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: AgentConfig,
+    local: Arc<Local>,
+    control: Mutex<Control>,
+    /// Serializes client writes, so every version below the published one is indexed;
+    /// role changes take it too, so no write straddles one.
+    writes: tokio::sync::Mutex<()>,
+    /// Pushes hold it shared, role changes exclusively: a push admitted under the old
+    /// role never lands after the new one took effect.
+    gate: tokio::sync::RwLock<()>,
+    /// Serializes role changes; holds the running sync engine.
+    engine: tokio::sync::Mutex<Option<SyncHandle>>,
+    replication: Mutex<SyncSet>,
+    sync_state: Arc<Mutex<SyncState>>,
+    sync_interval_ms: Arc<AtomicU64>,
+    counters: Counters,
+}
+
+impl Agent {
+    /// An agent for `store`, standby at epoch 0 until the controller assigns a role.
+    /// Builds the change index now when the token is usable, else on first use.
+    pub async fn start(cfg: AgentConfig, store: Arc<dyn SecretStore>) -> Self {
+        let local = Arc::new(Local::new(cfg.node.clone(), store));
+        if let Err(e) = local.ensure_index().await {
+            tracing::warn!(node = %cfg.node, error = %e, "token not usable at start; the change index is built on first use");
+        }
+        let sync_interval_ms = Arc::new(AtomicU64::new(duration_ms(cfg.sync.sync_interval)));
+        Self {
+            inner: Arc::new(Inner {
+                control: Mutex::new(Control::new(cfg.node.clone())),
+                local,
+                writes: tokio::sync::Mutex::new(()),
+                gate: tokio::sync::RwLock::new(()),
+                engine: tokio::sync::Mutex::new(None),
+                replication: Mutex::default(),
+                sync_state: Arc::default(),
+                sync_interval_ms,
+                counters: Counters::default(),
+                cfg,
+            }),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.inner.cfg.node
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.inner.cfg
+    }
+
+    pub fn store(&self) -> &Arc<dyn SecretStore> {
+        &self.inner.local.store
+    }
+
+    pub fn role(&self) -> DeviceRole {
+        self.control().role()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.control().epoch()
+    }
+
+    pub fn sync_state(&self) -> SyncState {
+        sync::lock(&self.inner.sync_state).clone()
+    }
+
+    pub fn stats(&self) -> AgentStats {
+        let c = &self.inner.counters;
+        AgentStats {
+            changes_calls: c.changes_calls.load(Ordering::Relaxed),
+            changes_answered_from_index: c.changes_answered_from_index.load(Ordering::Relaxed),
+            records_sent: c.records_sent.load(Ordering::Relaxed),
+            pushes_refused: c.pushes_refused.load(Ordering::Relaxed),
+        }
+    }
+
+    fn control(&self) -> MutexGuard<'_, Control> {
+        self.inner.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn replication(&self) -> MutexGuard<'_, SyncSet> {
+        self.inner
+            .replication
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The sequence this node vouches for: the primary's published one, or the mirror's
+    /// cursor in its primary's history.
+    fn applied_sequence(&self, role: DeviceRole) -> u64 {
+        if role == DeviceRole::Primary {
+            self.inner.local.index().published()
+        } else {
+            sync::lock(&self.inner.sync_state).cursor.unwrap_or(0)
+        }
+    }
+
+    /// Token, role and sync state for the controller's probe.
+    pub async fn health(&self) -> pb::HealthResponse {
+        let token = self.store().health().await;
+        let (role, epoch, lease, primary) = {
+            let c = self.control();
+            (
+                c.role(),
+                c.epoch(),
+                c.lease_remaining(Instant::now()),
+                c.primary().cloned(),
+            )
+        };
+        let mut h = pb::HealthResponse {
+            node: self.node().into(),
+            token_label: self.store().token_label().into(),
+            role: convert::role_to_pb(role) as i32,
+            epoch,
+            applied_sequence: self.applied_sequence(role),
+            // Rounded up: 0 means expired, never "less than a millisecond left".
+            write_lease_remaining_ms: duration_ms(
+                lease.saturating_add(Duration::from_nanos(999_999)),
+            ),
+            primary_known: primary.is_some(),
+            primary_node: primary.as_ref().map(|p| p.node.clone()).unwrap_or_default(),
+            primary_endpoint: primary.map(|p| p.endpoint).unwrap_or_default(),
+            ..Default::default()
+        };
+        match token {
+            Ok(info) => {
+                h.token_present = true;
+                h.session_usable = true;
+                h.token_serial = info.serial;
+            }
+            Err(e) => {
+                h.token_present = !matches!(
+                    e,
+                    StoreError::TokenNotFound { .. }
+                        | StoreError::DeviceUnavailable { .. }
+                        | StoreError::Timeout { .. }
+                        | StoreError::Library { .. }
+                );
+                h.token_error_kind = e.kind().into();
+                h.token_error = e.to_string();
+            }
+        }
+        if role == DeviceRole::Primary {
+            h.replication = Some(self.replication().status());
+        } else {
+            h.sync = Some(sync::lock(&self.inner.sync_state).to_pb());
+        }
+        h
+    }
+
+    /// Applies a role assignment from the controller.
+    pub async fn assign(&self, a: Assignment) -> Result<pb::AssignRoleResponse, MirrorError> {
+        let now = Instant::now();
+        let cfg = &self.inner.cfg;
+        let mut engine = self.inner.engine.lock().await;
+        // Refuse before any side effect: validate the assignment and its endpoints.
+        let transition = self.control().clone().assign(&a, now)?;
+        let primary_conn = match (&a.primary, a.role) {
+            (Some(p), DeviceRole::ReadOnly | DeviceRole::Standby) => {
+                Some(AgentConnection::new(p, &cfg.tls, cfg.rpc_timeout)?)
+            }
+            _ => None,
+        };
+        let mut mirrors = SyncSet::default();
+        mirrors.configure(&a.mirrors, &cfg.tls, cfg.rpc_timeout)?;
+        drop(mirrors);
+        if transition.promoted() {
+            // A primary needs its token: refuse promotion while it is unusable.
+            self.inner.local.ensure_index().await?;
+        }
+
+        let _gate = self.inner.gate.write().await;
+        let _writes = self.inner.writes.lock().await;
+        if let Some(interval) = a.sync_interval {
+            self.inner
+                .sync_interval_ms
+                .store(duration_ms(interval), Ordering::Relaxed);
+        }
+        match a.role {
+            DeviceRole::Primary => {
+                if let Some(running) = engine.take() {
+                    running.stop().await;
+                }
+                if transition.promoted() {
+                    // Everything up to the mirror's cursor is shared history with the old
+                    // primary; later versions are this term's own.
+                    let cursor = sync::lock(&self.inner.sync_state).cursor;
+                    let fork = cursor.unwrap_or_else(|| self.store().latest_sequence());
+                    self.inner.local.index().begin_term(fork);
+                    tracing::info!(node = %self.node(), epoch = a.epoch, fork, "promoted to primary");
+                }
+                self.replication()
+                    .configure(&a.mirrors, &cfg.tls, cfg.rpc_timeout)?;
+            }
+            DeviceRole::ReadOnly | DeviceRole::Standby => {
+                if transition.demoted() {
+                    self.replication().clear();
+                    tracing::warn!(node = %self.node(), epoch = a.epoch, "demoted from primary; rejoining as a mirror with a full verification pass");
+                }
+                let keep = matches!((&*engine, &a.primary), (Some(h), Some(p)) if h.primary == *p && h.epoch == a.epoch);
+                if !keep {
+                    if let Some(running) = engine.take() {
+                        running.stop().await;
+                    }
+                    if let Some(conn) = primary_conn {
+                        *engine = Some(SyncHandle::spawn(
+                            self.inner.local.clone(),
+                            conn,
+                            a.epoch,
+                            cfg.sync,
+                            self.inner.sync_interval_ms.clone(),
+                            self.inner.sync_state.clone(),
+                            transition.demoted(),
+                        ));
+                    }
+                }
+            }
+        }
+        self.control().assign(&a, now)?;
+        Ok(pb::AssignRoleResponse {
+            role: convert::role_to_pb(a.role) as i32,
+            epoch: a.epoch,
+            applied_sequence: self.applied_sequence(a.role),
+        })
+    }
+
+    /// Extends the primary's write lease from now.
+    pub fn renew_lease(&self, epoch: u64, duration: Duration) -> Result<Duration, MirrorError> {
+        self.control().renew(epoch, duration, Instant::now())
+    }
+
+    /// A client write (primary only).
+    pub async fn put(
+        &self,
+        path: &SecretPath,
+        data: SecretData,
+        expect: Expect,
+        epoch: u64,
+    ) -> Result<WriteOutcome, MirrorError> {
+        self.write(path, Body::Live(data), expect, epoch).await
+    }
+
+    /// A client delete (primary only): a tombstone that mirrors apply too.
+    pub async fn delete(
+        &self,
+        path: &SecretPath,
+        expect: Expect,
+        epoch: u64,
+    ) -> Result<WriteOutcome, MirrorError> {
+        self.write(path, Body::Deleted, expect, epoch).await
+    }
+
+    async fn write(
+        &self,
+        path: &SecretPath,
+        body: Body,
+        expect: Expect,
+        epoch: u64,
+    ) -> Result<WriteOutcome, MirrorError> {
+        self.inner.local.ensure_index().await?;
+        let _writes = self.inner.writes.lock().await;
+        self.control().admit_write(epoch, Instant::now())?;
+        let with_mirrors = !self.replication().is_empty();
+        let store = self.store();
+        let (version, checksum, pushed) = match body {
+            Body::Live(data) => {
+                let checksum = Checksum::of_data(path, &data);
+                let copy = with_mirrors.then(|| data.clone());
+                let version = store.put(path, data, expect).await?;
+                let pushed = copy.map(|data| Record {
+                    path: path.clone(),
+                    version,
+                    checksum,
+                    body: Body::Live(data),
+                });
+                (version, checksum, pushed)
+            }
+            Body::Deleted => {
+                let version = store.delete(path, expect).await?;
+                let tombstone = Record::tombstone(path.clone(), version);
+                (version, tombstone.checksum, Some(tombstone))
+            }
+        };
+        let targets = {
+            let mut index = self.inner.local.index();
+            index.record_write(path, version, checksum);
+            self.replication().in_sync()
+        };
+        if self.control().check_lease(Instant::now()).is_err() {
+            return Err(MirrorError::LeaseExpiredDuringWrite {
+                node: self.node().into(),
+                path: path.to_string(),
+                version,
+            });
+        }
+        let mut outcome = WriteOutcome {
+            version,
+            replicated_to: Vec::new(),
+            dropped: Vec::new(),
+        };
+        let Some(record) = pushed.filter(|_| !targets.is_empty()) else {
+            return Ok(outcome);
+        };
+        let request = pb::ReplicateRequest {
+            record: Some(convert::record_to_pb(&record)),
+            epoch,
+            primary_node: self.node().into(),
+        };
+        for (node, result) in
+            replication::push(targets, request, self.inner.cfg.replicate_timeout).await
+        {
+            match result {
+                Ok(()) => outcome.replicated_to.push(node),
+                Err(e) => {
+                    self.replication().drop_member(&node, e.to_string());
+                    outcome.dropped.push(node);
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// A live secret, as served by the primary or a read-only mirror.
+    pub async fn get(&self, path: &SecretPath) -> Result<Record, MirrorError> {
+        self.control().admit_read()?;
+        let record = self.store().record(path).await?;
+        if record.is_deleted() {
+            return Err(StoreError::NotFound {
+                token: self.store().token_label().into(),
+                path: path.to_string(),
+            }
+            .into());
+        }
+        Ok(record)
+    }
+
+    /// Answers a Get with who answered.
+    pub async fn get_response(&self, path: &SecretPath) -> Result<pb::GetResponse, MirrorError> {
+        let record = self.get(path).await?;
+        let (role, epoch) = {
+            let c = self.control();
+            (c.role(), c.epoch())
+        };
+        Ok(pb::GetResponse {
+            record: Some(convert::record_to_pb(&record)),
+            node: self.node().into(),
+            role: convert::role_to_pb(role) as i32,
+            epoch,
+            applied_sequence: self.applied_sequence(role),
+        })
+    }
+
+    pub async fn manifest(&self) -> Result<pb::ManifestResponse, MirrorError> {
+        let (role, epoch) = {
+            let c = self.control();
+            c.admit_read()?;
+            (c.role(), c.epoch())
+        };
+        self.inner.local.ensure_index().await?;
+        // The sequence is read first: every change up to it is in the listing.
+        let sequence = self.applied_sequence(role);
+        let fork = self.inner.local.index().fork();
+        let entries = self.store().manifest().await?;
+        Ok(pb::ManifestResponse {
+            sequence,
+            epoch,
+            fork_sequence: if role == DeviceRole::Primary { fork } else { 0 },
+            entries: entries.iter().map(convert::entry_to_pb).collect(),
+            node: self.node().into(),
+        })
+    }
+
+    /// The primary's change feed.
+    pub async fn changes(
+        &self,
+        request: pb::ChangesRequest,
+    ) -> Result<pb::ChangesResponse, MirrorError> {
+        let epoch = {
+            let c = self.control();
+            c.admit_primary_read()?;
+            c.epoch()
+        };
+        self.inner.local.ensure_index().await?;
+        self.inner
+            .counters
+            .changes_calls
+            .fetch_add(1, Ordering::Relaxed);
+        let limit = match request.limit as usize {
+            0 => DEFAULT_CHANGES,
+            n => n.min(MAX_CHANGES),
+        };
+        let (batch, mut more, published) = {
+            let index = self.inner.local.index();
+            let published = index.published();
+            if request.since >= published {
+                // Nothing new: answered from the index alone. A mirror that has
+                // everything under this epoch is back in the Active sync set (checked
+                // under the index lock, so no write slips between).
+                if !request.node.is_empty() && request.verified_epoch == epoch {
+                    self.replication().rejoin(&request.node);
+                }
+                self.inner
+                    .counters
+                    .changes_answered_from_index
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(pb::ChangesResponse {
+                    records: Vec::new(),
+                    through: request.since,
+                    sequence: published,
+                    epoch,
+                    more: false,
+                });
+            }
+            let (batch, more) = index.after(request.since, limit);
+            (batch, more, published)
+        };
+        let mut records = Vec::with_capacity(batch.len());
+        let mut bytes = 0usize;
+        let mut through = request.since;
+        let count = batch.len();
+        let store = self.store().clone();
+        let mut reads = std::pin::pin!(
+            futures::stream::iter(batch.into_iter().map(|(version, path)| {
+                let store = store.clone();
+                async move {
+                    let result = store.record(&path).await;
+                    (version, path, result)
+                }
+            }))
+            .buffered(READ_CONCURRENCY)
+        );
+        let mut consumed = 0;
+        while let Some((version, path, result)) = reads.next().await {
+            consumed += 1;
+            match result {
+                Ok(record) if record.version == version => {
+                    bytes += record_size(&record);
+                    records.push(convert::record_to_pb(&record));
+                }
+                // Overwritten after the snapshot: the new version is in a later answer.
+                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    tracing::error!(node = %self.node(), path = %path, version, error = %e, "the primary's own copy is corrupt; mirrors keep theirs");
+                }
+                Err(e) => return Err(e.into()),
+            }
+            through = version;
+            if bytes >= self.inner.cfg.batch_bytes && consumed < count {
+                more = true;
+                break;
+            }
+        }
+        if !more {
+            through = published;
+        }
+        self.inner
+            .counters
+            .records_sent
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        Ok(pb::ChangesResponse {
+            records,
+            through,
+            sequence: published,
+            epoch,
+            more,
+        })
+    }
+
+    /// The primary's records of named paths (a mirror's verification pass).
+    pub async fn fetch(&self, request: pb::FetchRequest) -> Result<pb::FetchResponse, MirrorError> {
+        self.control().admit_primary_read()?;
+        self.inner.local.ensure_index().await?;
+        if request.paths.len() > MAX_FETCH {
+            return Err(MirrorError::InvalidArgument {
+                field: "paths",
+                why: format!("at most {MAX_FETCH} per call"),
+            });
+        }
+        let mut held = std::collections::HashMap::new();
+        for e in request.held {
+            let entry = convert::entry_from_pb("the caller", e).map_err(as_invalid("held"))?;
+            held.insert(entry.path.clone(), entry);
+        }
+        let mut paths = Vec::with_capacity(request.paths.len());
+        for raw in request.paths {
+            let path: SecretPath =
+                raw.parse()
+                    .map_err(|e: StoreError| MirrorError::InvalidArgument {
+                        field: "paths",
+                        why: e.to_string(),
+                    })?;
+            paths.push(path);
+        }
+        let store = self.store().clone();
+        let mut reads = std::pin::pin!(
+            futures::stream::iter(paths.into_iter().map(|path| {
+                let store = store.clone();
+                async move {
+                    let result = store.record(&path).await;
+                    (path, result)
+                }
+            }))
+            .buffered(READ_CONCURRENCY)
+        );
+        let mut response = pb::FetchResponse::default();
+        let mut bytes = 0usize;
+        while let Some((path, result)) = reads.next().await {
+            let raw = path.to_string();
+            match result {
+                Ok(record) => {
+                    bytes += record_size(&record);
+                    response.records.push(convert::record_to_pb(&record));
+                }
+                Err(StoreError::NotFound { .. }) => response.missing.push(raw.clone()),
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    tracing::error!(node = %self.node(), path = %path, error = %e, "the primary's own copy is corrupt");
+                    response.unreadable.push(raw.clone());
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(entry) = held.get(&path)
+                && self.inner.local.index().is_foreign(entry)
+            {
+                response.lost.push(raw);
+            }
+            response.covered += 1;
+            if bytes >= self.inner.cfg.batch_bytes {
+                break;
+            }
+        }
+        self.inner
+            .counters
+            .records_sent
+            .fetch_add(response.records.len() as u64, Ordering::Relaxed);
+        Ok(response)
+    }
+
+    /// A push from the primary (Active policy).
+    pub async fn replicate(&self, request: pb::ReplicateRequest) -> Result<bool, MirrorError> {
+        let _gate = self.inner.gate.read().await;
+        self.control()
+            .admit_replicate(request.epoch, &request.primary_node)?;
+        let wire = request.record.ok_or(MirrorError::InvalidArgument {
+            field: "record",
+            why: "is required".into(),
+        })?;
+        let record =
+            convert::record_from_pb(&request.primary_node, wire).map_err(as_invalid("record"))?;
+        if record.verify().is_err() {
+            self.inner
+                .counters
+                .pushes_refused
+                .fetch_add(1, Ordering::Relaxed);
+            sync::lock(&self.inner.sync_state).checksum_failures += 1;
+            tracing::warn!(node = %self.node(), from = %request.primary_node, path = %record.path, version = record.version, "pushed record fails its checksum; refused");
+            return Err(MirrorError::ChecksumMismatch {
+                node: request.primary_node,
+                path: record.path.to_string(),
+                version: record.version,
+            });
+        }
+        let applied = self.inner.local.apply(record, Guard::NotOlder).await?;
+        Ok(applied == Applied::Stored)
+    }
+
+    /// Runs one pull now (mirrors; for tests, benchmarks and diagnostics).
+    pub async fn pull_now(&self) -> Result<PullReport, MirrorError> {
+        match &*self.inner.engine.lock().await {
+            Some(h) => h.pull_now().await,
+            None => Err(MirrorError::NotSyncing {
+                node: self.node().into(),
+            }),
+        }
+    }
+
+    /// Runs a full verification pass now (mirrors).
+    pub async fn full_pass_now(&self) -> Result<FullPassReport, MirrorError> {
+        match &*self.inner.engine.lock().await {
+            Some(h) => h.full_pass_now().await,
+            None => Err(MirrorError::NotSyncing {
+                node: self.node().into(),
+            }),
+        }
+    }
+
+    /// Stops the sync engine (the agent keeps answering calls).
+    pub async fn shutdown(&self) {
+        if let Some(running) = self.inner.engine.lock().await.take() {
+            running.stop().await;
+        }
+    }
+}
+
+fn as_invalid(field: &'static str) -> impl Fn(MirrorError) -> MirrorError {
+    move |e| match e {
+        MirrorError::Protocol { why, .. } => MirrorError::InvalidArgument { field, why },
+        other => other,
+    }
+}
+
+fn record_size(record: &Record) -> usize {
+    match &record.body {
+        Body::Live(data) => data.byte_len() + data.keys().map(str::len).sum::<usize>() + 64,
+        Body::Deleted => 64,
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,220 @@
+//! Calling another agent over mutual TLS: one lazily connected channel per peer, every
+//! call under a deadline, every failure turned into a [`MirrorError`] naming the peer.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use super::fencing::Peer;
+use super::pb;
+use super::pb::agent_client::AgentClient;
+use super::tls::AgentTls;
+use super::{MirrorError, convert};
+use crate::hsm::{Expect, SecretData, SecretPath};
+
+/// Largest message an agent sends or accepts: one secret may hold 256 keys of 1 MiB.
+pub const MAX_MESSAGE_BYTES: usize = 300 * 1024 * 1024;
+
+/// A client for one agent. Cheap to clone (clones share the connection).
+#[derive(Clone)]
+pub struct AgentConnection {
+    peer: Peer,
+    client: AgentClient<Channel>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for AgentConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConnection")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentConnection {
+    /// Prepares a connection to `peer`, whose certificate must name `peer.node`. Nothing
+    /// is dialled until the first call; a broken connection is re-dialled by the next.
+    pub fn new(peer: &Peer, tls: &AgentTls, timeout: Duration) -> Result<Self, MirrorError> {
+        Self::with_tls(peer, tls.client_config(&peer.node), timeout)
+    }
+
+    /// As [`new`](Self::new) with an explicit client TLS configuration.
+    pub fn with_tls(
+        peer: &Peer,
+        tls: tonic::transport::ClientTlsConfig,
+        timeout: Duration,
+    ) -> Result<Self, MirrorError> {
+        let invalid = |why: String| MirrorError::InvalidArgument {
+            field: "endpoint",
+            why,
+        };
+        if !peer.endpoint.starts_with("https://") {
+            return Err(invalid(format!(
+                "{:?} of node {} must start with https:// (agents speak mutual TLS)",
+                peer.endpoint, peer.node
+            )));
+        }
+        let endpoint = Endpoint::from_shared(peer.endpoint.clone())
+            .map_err(|e| invalid(format!("{:?}: {e}", peer.endpoint)))?
+            .tls_config(tls)
+            .map_err(|e| invalid(format!("TLS for {:?}: {e}", peer.endpoint)))?
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let client = AgentClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self {
+            peer: peer.clone(),
+            client,
+            timeout,
+        })
+    }
+
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    pub fn node(&self) -> &str {
+        &self.peer.node
+    }
+
+    /// Runs one call under the deadline and maps its failure.
+    async fn call<T, F, Fut>(&self, rpc: &'static str, f: F) -> Result<T, MirrorError>
+    where
+        F: FnOnce(AgentClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(self.timeout, f(self.client.clone())).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(
+                match MirrorError::from_status(&self.peer.node, rpc, status) {
+                    MirrorError::Unreachable { node, detail, .. } => MirrorError::Unreachable {
+                        node,
+                        endpoint: self.peer.endpoint.clone(),
+                        detail,
+                    },
+                    other => other,
+                },
+            ),
+            Err(_) => Err(MirrorError::Timeout {
+                node: self.peer.node.clone(),
+                rpc,
+                timeout_ms: self.timeout.as_millis(),
+            }),
+        }
+    }
+
+    pub async fn health(&self) -> Result<pb::HealthResponse, MirrorError> {
+        self.call("Health", |mut c| async move {
+            c.health(pb::HealthRequest {}).await
+        })
+        .await
+    }
+
+    pub async fn manifest(&self) -> Result<pb::ManifestResponse, MirrorError> {
+        self.call("Manifest", |mut c| async move {
+            c.manifest(pb::ManifestRequest {}).await
+        })
+        .await
+    }
+
+    pub async fn changes(
+        &self,
+        request: pb::ChangesRequest,
+    ) -> Result<pb::ChangesResponse, MirrorError> {
+        self.call("Changes", |mut c| async move { c.changes(request).await })
+            .await
+    }
+
+    pub async fn fetch(&self, request: pb::FetchRequest) -> Result<pb::FetchResponse, MirrorError> {
+        self.call("Fetch", |mut c| async move { c.fetch(request).await })
+            .await
+    }
+
+    pub async fn get(&self, path: &SecretPath) -> Result<pb::GetResponse, MirrorError> {
+        let request = pb::GetRequest {
+            path: path.to_string(),
+        };
+        self.call("Get", |mut c| async move { c.get(request).await })
+            .await
+    }
+
+    pub async fn put(
+        &self,
+        path: &SecretPath,
+        data: &SecretData,
+        expect: Expect,
+        epoch: u64,
+    ) -> Result<pb::WriteResponse, MirrorError> {
+        let request = pb::PutRequest {
+            path: path.to_string(),
+            data: data
+                .iter()
+                .map(|(k, v)| pb::KeyValue {
+                    key: k.into(),
+                    value: v.to_vec(),
+                })
+                .collect(),
+            expect: Some(convert::expect_to_pb(expect)),
+            epoch,
+        };
+        self.call("Put", |mut c| async move { c.put(request).await })
+            .await
+    }
+
+    pub async fn delete(
+        &self,
+        path: &SecretPath,
+        expect: Expect,
+        epoch: u64,
+    ) -> Result<pb::WriteResponse, MirrorError> {
+        let request = pb::DeleteRequest {
+            path: path.to_string(),
+            expect: Some(convert::expect_to_pb(expect)),
+            epoch,
+        };
+        self.call("Delete", |mut c| async move { c.delete(request).await })
+            .await
+    }
+
+    pub async fn replicate(
+        &self,
+        request: pb::ReplicateRequest,
+    ) -> Result<pb::ReplicateResponse, MirrorError> {
+        self.call(
+            "Replicate",
+            |mut c| async move { c.replicate(request).await },
+        )
+        .await
+    }
+
+    pub async fn assign_role(
+        &self,
+        request: pb::AssignRoleRequest,
+    ) -> Result<pb::AssignRoleResponse, MirrorError> {
+        self.call(
+            "AssignRole",
+            |mut c| async move { c.assign_role(request).await },
+        )
+        .await
+    }
+
+    pub async fn renew_lease(
+        &self,
+        epoch: u64,
+        duration: Duration,
+    ) -> Result<pb::RenewLeaseResponse, MirrorError> {
+        let request = pb::RenewLeaseRequest {
+            epoch,
+            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        };
+        self.call(
+            "RenewLease",
+            |mut c| async move { c.renew_lease(request).await },
+        )
+        .await
+    }
+}

@@ -1,0 +1,95 @@
+//! Mirroring: the device agent's gRPC protocol and the sync engine (DESIGN §9).
+//!
+//! Every node that holds a token of an HSMDevice runs an [`Agent`] over its local
+//! [`SecretStore`](crate::hsm::SecretStore), served with mutual TLS ([`tls`]). The
+//! controller probes agents (`Health`), assigns roles and epochs (`AssignRole`) and keeps
+//! the primary's write lease fresh (`RenewLease`); data moves agent to agent:
+//!
+//! ```text
+//!   controller ──AssignRole/RenewLease/Health──► every agent
+//!   mirror ──Changes(since)/Manifest/Fetch──► primary        (pull, every pull interval)
+//!   primary ──Replicate(record, epoch)──► mirrors            (Active policy, per write)
+//!   CSI on a node without a token ──Get──► primary, else a read-only mirror (RemoteStore)
+//! ```
+//!
+//! # Consistency rules
+//!
+//! - **One writer.** Writes (`Put`, `Delete`) are accepted only by the primary, only
+//!   under the caller's epoch equal to the agent's, and only while the write lease granted
+//!   by the controller (from the time of receipt, monotonic clock) has not lapsed
+//!   ([`fencing`]). A mirror refuses with the primary's name; a fenced primary with
+//!   "fenced: write lease expired at …". Epochs never go backwards.
+//! - **Pull replication.** A mirror asks `Changes(since)` with its applied sequence; the
+//!   primary answers from its [change index](index) (no token access when nothing
+//!   changed), reading only the changed records. Mirrors verify every checksum and apply
+//!   in version order, tombstones included ([`sync`]).
+//! - **Verification.** A full pass every `syncInterval` (and on start, on a new primary,
+//!   after a demotion) compares manifests, re-reads every local secret, repairs what is
+//!   corrupt or missing, removes what the primary does not have, and reports lost writes.
+//! - **Active policy: semi-synchronous.** The primary pushes each write to every mirror
+//!   in its sync set and acknowledges it once all of them applied it (`WriteResponse`
+//!   lists them). A mirror that fails or times out is dropped from the set, the write is
+//!   still acknowledged, and Health shows the dropped mirror and why; it rejoins the set
+//!   by itself once its pulls have caught up under the current epoch. So an acknowledged
+//!   write is on every mirror that Health lists as in sync, and a failover to one of those
+//!   loses nothing.
+//!
+//! # For the controller
+//!
+//! Reach an agent with [`AgentConnection`] (the controller's certificate from the agent
+//! CA). The failover planner's actions map to calls as follows:
+//!
+//! | action | call |
+//! | --- | --- |
+//! | `RenewLease{node, epoch}` | `renew_lease(epoch, lease)` |
+//! | `Promote{node, epoch}` | `assign_role(ROLE_PRIMARY, epoch, mirrors: the Active sync set or empty, lease_duration_ms)` |
+//! | `Demote{node, epoch, primary}` | `assign_role(ROLE_STANDBY, epoch, primary_node, primary_endpoint)`: syncs (full pass, lost writes reported) but serves no reads |
+//! | `SetMirror{node, primary, epoch}` | `assign_role(ROLE_READ_ONLY, epoch, primary_node, primary_endpoint)` |
+//!
+//! Promote the new primary first, then point the mirrors at it. `Health` gives what the
+//! HSMDevice status needs: token presence and serial, role, epoch, applied sequence,
+//! lease remaining, the sync state (last sync, checksum failures, last full pass, lost
+//! writes) of mirrors and the Active sync set of the primary. An agent starts as a
+//! standby at epoch 0 and keeps nothing across restarts: the controller re-assigns it.
+//!
+//! Generated protobuf code lives in [`pb`] (from `proto/agent.proto`, regenerated and
+//! checked fresh by `tests/mirror_codegen.rs`).
+
+mod agent;
+mod client;
+mod convert;
+mod error;
+pub mod fencing;
+pub mod index;
+mod local;
+pub mod plan;
+pub mod remote;
+mod replication;
+mod serve;
+mod service;
+pub mod sync;
+pub mod tls;
+
+/// Agent protocol messages, client and server (protobuf package `hsmsecrets.agent.v1`).
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::nursery,
+    clippy::unwrap_used,
+    missing_docs,
+    rustdoc::all
+)]
+pub mod pb {
+    include!("generated/hsmsecrets.agent.v1.rs");
+}
+
+pub use agent::{Agent, AgentConfig, AgentStats, WriteOutcome};
+pub use client::{AgentConnection, MAX_MESSAGE_BYTES};
+pub use convert::{expect_to_pb, role_from_pb, role_to_pb};
+pub use error::MirrorError;
+pub use fencing::{Assignment, Peer};
+pub use remote::RemoteStore;
+pub use serve::{bind, serve};
+pub use service::{AgentService, assignment_from_pb};
+pub use sync::{FullPassReport, LostWrite, PullReport, SyncSettings, SyncState};
+pub use tls::{AgentTls, GeneratedPki, TlsError, TlsFiles, generate_pki};

@@ -1,0 +1,138 @@
+//! The Active policy's sync set on the primary: the mirrors every write waits for.
+//!
+//! Semi-synchronous rule: after the local write, the record is pushed to every mirror in
+//! the sync set, and the write is acknowledged once all of them applied it. A mirror that
+//! fails or does not answer within the replication timeout is dropped from the set (and
+//! shown in Health with the reason); the write is still acknowledged, so one sick mirror
+//! never stops writes. A dropped mirror rejoins the set by itself once its pulls have
+//! brought it to the primary's sequence under the current epoch.
+
+use std::time::{Duration, SystemTime};
+
+use futures::future::join_all;
+
+use super::MirrorError;
+use super::client::AgentConnection;
+use super::fencing::Peer;
+use super::pb;
+use super::sync::unix_ms;
+use super::tls::AgentTls;
+
+#[derive(Debug)]
+enum MemberState {
+    InSync,
+    Dropped { reason: String, since: SystemTime },
+}
+
+struct Member {
+    conn: AgentConnection,
+    state: MemberState,
+}
+
+#[derive(Default)]
+pub(crate) struct SyncSet {
+    members: Vec<Member>,
+}
+
+impl SyncSet {
+    /// Sets the mirror set from an assignment. Mirrors already known keep their state
+    /// (a re-sent assignment does not re-admit a dropped mirror); new ones start in sync:
+    /// every later write reaches them before it is acknowledged.
+    pub fn configure(
+        &mut self,
+        mirrors: &[Peer],
+        tls: &AgentTls,
+        timeout: Duration,
+    ) -> Result<(), MirrorError> {
+        let mut next = Vec::with_capacity(mirrors.len());
+        for peer in mirrors {
+            match self.members.iter().position(|m| m.conn.peer() == peer) {
+                Some(i) => next.push(self.members.swap_remove(i)),
+                None => next.push(Member {
+                    conn: AgentConnection::new(peer, tls, timeout)?,
+                    state: MemberState::InSync,
+                }),
+            }
+        }
+        self.members = next;
+        Ok(())
+    }
+
+    pub fn clear(&mut self) {
+        self.members.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    pub fn in_sync(&self) -> Vec<AgentConnection> {
+        self.members
+            .iter()
+            .filter(|m| matches!(m.state, MemberState::InSync))
+            .map(|m| m.conn.clone())
+            .collect()
+    }
+
+    pub fn drop_member(&mut self, node: &str, reason: String) {
+        for m in self.members.iter_mut().filter(|m| m.conn.node() == node) {
+            if matches!(m.state, MemberState::InSync) {
+                tracing::warn!(mirror = %node, reason = %reason, "mirror dropped from the Active sync set; writes no longer wait for it");
+                m.state = MemberState::Dropped {
+                    reason: reason.clone(),
+                    since: SystemTime::now(),
+                };
+            }
+        }
+    }
+
+    /// A mirror that has pulled everything is back in the set.
+    pub fn rejoin(&mut self, node: &str) {
+        for m in self.members.iter_mut().filter(|m| m.conn.node() == node) {
+            if matches!(m.state, MemberState::Dropped { .. }) {
+                tracing::info!(mirror = %node, "mirror caught up and rejoined the Active sync set");
+                m.state = MemberState::InSync;
+            }
+        }
+    }
+
+    pub fn status(&self) -> pb::ReplicationStatus {
+        let mut status = pb::ReplicationStatus::default();
+        for m in &self.members {
+            match &m.state {
+                MemberState::InSync => status.in_sync.push(m.conn.node().to_string()),
+                MemberState::Dropped { reason, since } => status.dropped.push(pb::DroppedMirror {
+                    node: m.conn.node().to_string(),
+                    reason: reason.clone(),
+                    since_unix_ms: unix_ms(*since),
+                }),
+            }
+        }
+        status
+    }
+}
+
+/// Pushes one record to `targets` concurrently; each result names its mirror.
+pub(crate) async fn push(
+    targets: Vec<AgentConnection>,
+    request: pb::ReplicateRequest,
+    timeout: Duration,
+) -> Vec<(String, Result<(), MirrorError>)> {
+    let calls = targets.into_iter().map(|conn| {
+        let request = request.clone();
+        async move {
+            let node = conn.node().to_string();
+            let result = match tokio::time::timeout(timeout, conn.replicate(request)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(MirrorError::Timeout {
+                    node: node.clone(),
+                    rpc: "Replicate",
+                    timeout_ms: timeout.as_millis(),
+                }),
+            };
+            (node, result)
+        }
+    });
+    join_all(calls).await
+}

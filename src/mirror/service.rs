@@ -1,0 +1,256 @@
+//! The gRPC face of an [`Agent`]: decodes requests, calls the agent, maps errors once.
+
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use crate::crd::DeviceRole;
+use crate::hsm::{SecretPath, StoreError};
+
+use super::MirrorError;
+use super::agent::{Agent, WriteOutcome};
+use super::client::MAX_MESSAGE_BYTES;
+use super::convert;
+use super::fencing::{Assignment, Peer};
+use super::pb;
+use super::pb::agent_server::AgentServer;
+
+/// Implements the generated `Agent` service over an [`Agent`].
+#[derive(Clone)]
+pub struct AgentService {
+    agent: Agent,
+}
+
+impl AgentService {
+    pub fn new(agent: Agent) -> Self {
+        Self { agent }
+    }
+
+    /// The tonic service, with message limits large enough for the biggest secret.
+    pub fn into_server(self) -> AgentServer<Self> {
+        AgentServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+fn parse_path(raw: &str) -> Result<SecretPath, MirrorError> {
+    raw.parse()
+        .map_err(|e: StoreError| MirrorError::InvalidArgument {
+            field: "path",
+            why: e.to_string(),
+        })
+}
+
+fn peer(node: &str, endpoint: &str) -> Option<Peer> {
+    (!node.is_empty() || !endpoint.is_empty()).then(|| Peer {
+        node: node.into(),
+        endpoint: endpoint.into(),
+    })
+}
+
+fn write_response(outcome: WriteOutcome) -> pb::WriteResponse {
+    pb::WriteResponse {
+        version: outcome.version,
+        replicated_to: outcome.replicated_to,
+        dropped: outcome.dropped,
+    }
+}
+
+/// Decodes an AssignRole request into an assignment, naming the field that is wrong.
+pub fn assignment_from_pb(r: pb::AssignRoleRequest) -> Result<Assignment, MirrorError> {
+    let invalid = |field, why: &str| MirrorError::InvalidArgument {
+        field,
+        why: why.into(),
+    };
+    let role = convert::role_from_pb(r.role).ok_or_else(|| {
+        invalid(
+            "role",
+            "must be ROLE_PRIMARY, ROLE_READ_ONLY or ROLE_STANDBY",
+        )
+    })?;
+    let primary = peer(&r.primary_node, &r.primary_endpoint);
+    if let Some(p) = &primary
+        && role != DeviceRole::Primary
+        && (p.node.is_empty() || p.endpoint.is_empty())
+    {
+        return Err(invalid(
+            "primary_node",
+            "a mirror needs both primary_node and primary_endpoint (or neither, when no primary is known)",
+        ));
+    }
+    let mut mirrors = Vec::with_capacity(r.mirrors.len());
+    for m in r.mirrors {
+        if m.node.is_empty() || m.endpoint.is_empty() {
+            return Err(invalid(
+                "mirrors",
+                "every mirror needs a node and an endpoint",
+            ));
+        }
+        mirrors.push(Peer {
+            node: m.node,
+            endpoint: m.endpoint,
+        });
+    }
+    Ok(Assignment {
+        role,
+        epoch: r.epoch,
+        primary,
+        mirrors,
+        lease: Duration::from_millis(r.lease_duration_ms),
+        sync_interval: (r.sync_interval_seconds > 0)
+            .then(|| Duration::from_secs(u64::from(r.sync_interval_seconds))),
+    })
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentService {
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        Ok(Response::new(self.agent.health().await))
+    }
+
+    async fn manifest(
+        &self,
+        _request: Request<pb::ManifestRequest>,
+    ) -> Result<Response<pb::ManifestResponse>, Status> {
+        Ok(Response::new(self.agent.manifest().await?))
+    }
+
+    async fn changes(
+        &self,
+        request: Request<pb::ChangesRequest>,
+    ) -> Result<Response<pb::ChangesResponse>, Status> {
+        Ok(Response::new(
+            self.agent.changes(request.into_inner()).await?,
+        ))
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<pb::FetchResponse>, Status> {
+        Ok(Response::new(self.agent.fetch(request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.agent.node(), path = %request.get_ref().path))]
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let path = parse_path(&request.get_ref().path)?;
+        Ok(Response::new(self.agent.get_response(&path).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.agent.node(), path = %request.get_ref().path, epoch = request.get_ref().epoch))]
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let r = request.into_inner();
+        let path = parse_path(&r.path)?;
+        let data = convert::data_from_pb(r.data).map_err(|e| MirrorError::InvalidArgument {
+            field: "data",
+            why: e.to_string(),
+        })?;
+        let outcome = self
+            .agent
+            .put(&path, data, convert::expect_from_pb(r.expect), r.epoch)
+            .await?;
+        Ok(Response::new(write_response(outcome)))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.agent.node(), path = %request.get_ref().path, epoch = request.get_ref().epoch))]
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let r = request.into_inner();
+        let path = parse_path(&r.path)?;
+        let outcome = self
+            .agent
+            .delete(&path, convert::expect_from_pb(r.expect), r.epoch)
+            .await?;
+        Ok(Response::new(write_response(outcome)))
+    }
+
+    async fn replicate(
+        &self,
+        request: Request<pb::ReplicateRequest>,
+    ) -> Result<Response<pb::ReplicateResponse>, Status> {
+        let applied = self.agent.replicate(request.into_inner()).await?;
+        Ok(Response::new(pb::ReplicateResponse { applied }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %self.agent.node(), epoch = request.get_ref().epoch, role = request.get_ref().role))]
+    async fn assign_role(
+        &self,
+        request: Request<pb::AssignRoleRequest>,
+    ) -> Result<Response<pb::AssignRoleResponse>, Status> {
+        let assignment = assignment_from_pb(request.into_inner())?;
+        Ok(Response::new(self.agent.assign(assignment).await?))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        let r = request.into_inner();
+        let remaining = self
+            .agent
+            .renew_lease(r.epoch, Duration::from_millis(r.duration_ms))?;
+        Ok(Response::new(pb::RenewLeaseResponse {
+            remaining_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignments_decode_and_name_bad_fields() {
+        let ok = assignment_from_pb(pb::AssignRoleRequest {
+            role: pb::Role::ReadOnly as i32,
+            epoch: 3,
+            primary_node: "n1".into(),
+            primary_endpoint: "https://n1:7443".into(),
+            sync_interval_seconds: 60,
+            ..Default::default()
+        })
+        .expect("valid");
+        assert_eq!(ok.role, DeviceRole::ReadOnly);
+        assert_eq!(ok.primary.as_ref().map(|p| p.node.as_str()), Some("n1"));
+        assert_eq!(ok.sync_interval, Some(Duration::from_secs(60)));
+
+        let err = assignment_from_pb(pb::AssignRoleRequest {
+            role: 0,
+            epoch: 3,
+            ..Default::default()
+        })
+        .expect_err("role");
+        assert!(err.to_string().contains("role"), "{err}");
+        let err = assignment_from_pb(pb::AssignRoleRequest {
+            role: pb::Role::Standby as i32,
+            epoch: 3,
+            primary_node: "n1".into(),
+            ..Default::default()
+        })
+        .expect_err("endpoint");
+        assert!(err.to_string().contains("primary_endpoint"), "{err}");
+        let err = assignment_from_pb(pb::AssignRoleRequest {
+            role: pb::Role::Primary as i32,
+            epoch: 3,
+            mirrors: vec![pb::MirrorTarget {
+                node: "n2".into(),
+                endpoint: String::new(),
+            }],
+            ..Default::default()
+        })
+        .expect_err("mirror endpoint");
+        assert!(err.to_string().contains("mirrors"), "{err}");
+    }
+}

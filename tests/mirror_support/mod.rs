@@ -1,0 +1,347 @@
+//! Fixtures for the mirroring tests: agents over real SoftHSM tokens, served on loopback
+//! with mutual TLS from a throwaway CA, and a controller-side client.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use hsm_secrets::crd::DeviceRole;
+use hsm_secrets::hsm::{
+    FaultPlan, FaultyStore, ManifestEntry, Pkcs11Store, SecretData, SecretPath, SecretStore,
+};
+use hsm_secrets::mirror::{
+    Agent, AgentConfig, AgentConnection, AgentTls, GeneratedPki, Peer, SyncSettings, generate_pki,
+    pb,
+};
+use tokio::task::JoinHandle;
+
+use crate::support::softhsm::{self, TestToken};
+
+/// The name the test's controller identity has in the PKI.
+pub const CONTROLLER: &str = "controller";
+
+pub fn path(s: &str) -> SecretPath {
+    s.parse().unwrap()
+}
+
+pub fn data(pairs: &[(&str, &[u8])]) -> SecretData {
+    let mut d = SecretData::new();
+    for (k, v) in pairs {
+        d.insert(k, v.to_vec()).unwrap();
+    }
+    d
+}
+
+/// A CA with certificates for `nodes` plus the controller, in a temporary directory.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub generated: GeneratedPki,
+}
+
+impl Pki {
+    pub fn new(nodes: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut names = nodes.to_vec();
+        names.push(CONTROLLER);
+        let generated = generate_pki(dir.path(), &names).unwrap();
+        Self { dir, generated }
+    }
+
+    pub fn tls(&self, node: &str) -> AgentTls {
+        AgentTls::from_files(self.generated.files(node).unwrap()).unwrap()
+    }
+
+    /// What the controller uses to reach `peer`.
+    pub fn controller(&self, peer: &Peer) -> AgentConnection {
+        AgentConnection::new(peer, &self.tls(CONTROLLER), Duration::from_secs(60)).unwrap()
+    }
+}
+
+/// Settings for tests that drive passes by hand: the background engine only does its
+/// first full pass and otherwise waits (an hour) unless told.
+pub fn manual_sync() -> SyncSettings {
+    SyncSettings {
+        pull_interval: Duration::from_secs(3600),
+        sync_interval: Duration::from_secs(3600),
+        ..SyncSettings::default()
+    }
+}
+
+/// Settings for tests where mirrors follow on their own.
+pub fn eager_sync() -> SyncSettings {
+    SyncSettings {
+        pull_interval: Duration::from_millis(200),
+        sync_interval: Duration::from_secs(3600),
+        ..SyncSettings::default()
+    }
+}
+
+/// The tokens of this test process, all created before any store opens one: SoftHSM
+/// lists tokens once, when the module is initialised, so a token created later in the
+/// same process would be invisible. `all` names every label the test binary uses; the
+/// first call creates them. None when SoftHSM is absent outside CI.
+pub fn token(all: &[&str], label: &str) -> Option<&'static TestToken> {
+    static TOKENS: OnceLock<Option<HashMap<String, TestToken>>> = OnceLock::new();
+    let tokens = TOKENS
+        .get_or_init(|| {
+            let mut map = HashMap::new();
+            for l in all {
+                map.insert((*l).to_string(), TestToken::new(l)?);
+            }
+            Some(map)
+        })
+        .as_ref()?;
+    Some(
+        tokens
+            .get(label)
+            .unwrap_or_else(|| panic!("token {label:?} is not in this test binary's list")),
+    )
+}
+
+/// One node: a SoftHSM token, its store (wrapped so store calls are counted), its agent
+/// and the agent's server on 127.0.0.1.
+pub struct TestNode {
+    pub name: String,
+    pub token: &'static TestToken,
+    pub plan: Arc<FaultPlan>,
+    pub store: Arc<dyn SecretStore>,
+    pub agent: Agent,
+    pub endpoint: String,
+    server: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl TestNode {
+    /// An agent over the token `label` (one of `all`, see [`token`]).
+    pub async fn start(
+        all: &[&str],
+        name: &str,
+        label: &str,
+        pki: &Pki,
+        sync: SyncSettings,
+    ) -> Option<Self> {
+        let token = token(all, label)?;
+        let store = Pkcs11Store::open(token.config()).await.unwrap();
+        let plan = Arc::new(FaultPlan::new());
+        let store: Arc<dyn SecretStore> = Arc::new(FaultyStore::new(store, plan.clone()));
+        let mut cfg = AgentConfig::new(name, pki.tls(name));
+        cfg.sync = sync;
+        cfg.replicate_timeout = Duration::from_secs(20);
+        let agent = Agent::start(cfg, store.clone()).await;
+        let mut node = Self {
+            name: name.into(),
+            token,
+            plan,
+            store,
+            agent,
+            endpoint: String::new(),
+            server: None,
+        };
+        node.serve().await;
+        Some(node)
+    }
+
+    /// Serves the agent on a fresh loopback port.
+    pub async fn serve(&mut self) {
+        let listener = hsm_secrets::mirror::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        self.endpoint = format!("https://{}", listener.local_addr().unwrap());
+        let agent = self.agent.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            hsm_secrets::mirror::serve(agent, listener, shutdown)
+                .await
+                .unwrap();
+        });
+        self.server = Some((stop, task));
+    }
+
+    /// Stops serving: the listener closes and open connections are told to go away, so
+    /// peers see a dead agent (the agent object itself keeps running, as a partitioned
+    /// node would).
+    pub async fn cut_off(&mut self) {
+        if let Some((stop, mut task)) = self.server.take() {
+            let _ = stop.send(());
+            if tokio::time::timeout(Duration::from_secs(30), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
+    }
+
+    pub fn peer(&self) -> Peer {
+        Peer {
+            node: self.name.clone(),
+            endpoint: self.endpoint.clone(),
+        }
+    }
+
+    pub async fn manifest(&self) -> Vec<ManifestEntry> {
+        self.store.manifest().await.unwrap()
+    }
+}
+
+/// Asks `node` (through the controller's client) to be primary at `epoch`.
+pub async fn assign_primary(
+    pki: &Pki,
+    node: &TestNode,
+    epoch: u64,
+    active_mirrors: &[&TestNode],
+    lease: Duration,
+) {
+    pki.controller(&node.peer())
+        .assign_role(pb::AssignRoleRequest {
+            role: pb::Role::Primary as i32,
+            epoch,
+            primary_node: node.name.clone(),
+            primary_endpoint: node.endpoint.clone(),
+            mirrors: active_mirrors
+                .iter()
+                .map(|m| pb::MirrorTarget {
+                    node: m.name.clone(),
+                    endpoint: m.endpoint.clone(),
+                })
+                .collect(),
+            lease_duration_ms: lease.as_millis() as u64,
+            sync_interval_seconds: 0,
+        })
+        .await
+        .unwrap();
+}
+
+/// Asks `node` to follow `primary` at `epoch`.
+pub async fn assign_mirror(pki: &Pki, node: &TestNode, epoch: u64, primary: &TestNode) {
+    pki.controller(&node.peer())
+        .assign_role(mirror_request(epoch, primary))
+        .await
+        .unwrap();
+}
+
+pub fn mirror_request(epoch: u64, primary: &TestNode) -> pb::AssignRoleRequest {
+    pb::AssignRoleRequest {
+        role: pb::Role::ReadOnly as i32,
+        epoch,
+        primary_node: primary.name.clone(),
+        primary_endpoint: primary.endpoint.clone(),
+        ..Default::default()
+    }
+}
+
+pub const HOUR: Duration = Duration::from_secs(3600);
+
+/// Polls `check` until it returns Some, failing after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `mirror`'s manifest equals `primary`'s (paths, versions, checksums,
+/// tombstones).
+pub async fn wait_converged(primary: &TestNode, mirror: &TestNode, timeout: Duration) {
+    let what = format!("{} to converge with {}", mirror.name, primary.name);
+    wait_for(timeout, &what, || async {
+        (primary.manifest().await == mirror.manifest().await).then_some(())
+    })
+    .await;
+}
+
+/// Raw PKCS#11 access to a token, bypassing the store: for damaging objects on purpose.
+pub struct RawToken {
+    session: Session,
+}
+
+fn raw_context() -> &'static Pkcs11 {
+    static CTX: OnceLock<Pkcs11> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let ctx = Pkcs11::new(softhsm::library().unwrap()).unwrap();
+        // The store already initialised the module in this process.
+        let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+        ctx
+    })
+}
+
+impl RawToken {
+    pub fn open(label: &str) -> Self {
+        let ctx = raw_context();
+        let slot = ctx
+            .get_slots_with_token()
+            .unwrap()
+            .into_iter()
+            .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == label)
+            .unwrap();
+        let session = ctx.open_rw_session(slot).unwrap();
+        let _ = session.login(
+            UserType::User,
+            Some(&AuthPin::from(softhsm::USER_PIN.to_string())),
+        );
+        Self { session }
+    }
+
+    fn labelled(&self, app: &[u8], matches: impl Fn(&str) -> bool) -> Vec<ObjectHandle> {
+        let handles = self
+            .session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Application(app.to_vec()),
+            ])
+            .unwrap();
+        handles
+            .into_iter()
+            .filter(|h| {
+                let attrs = self
+                    .session
+                    .get_attributes(*h, &[AttributeType::Label])
+                    .unwrap();
+                attrs.iter().any(|a| match a {
+                    Attribute::Label(l) => matches(&String::from_utf8_lossy(l)),
+                    _ => false,
+                })
+            })
+            .collect()
+    }
+
+    /// Destroys one data object (one key) of the secret's current generation.
+    pub fn destroy_one_data_object(&self, path: &SecretPath) {
+        let prefix = format!("hsm-secrets:d:{path}@");
+        let objects = self.labelled(b"hsm-secrets/data", |l| l.starts_with(&prefix));
+        assert!(!objects.is_empty(), "no data objects for {path}");
+        self.session.destroy_object(objects[0]).unwrap();
+    }
+
+    /// Destroys the secret's metadata object: the secret vanishes from this token.
+    pub fn destroy_metadata(&self, path: &SecretPath) {
+        let label = format!("hsm-secrets:m:{path}");
+        let objects = self.labelled(b"hsm-secrets/meta", |l| l == label);
+        assert_eq!(objects.len(), 1, "metadata of {path}");
+        self.session.destroy_object(objects[0]).unwrap();
+    }
+}
+
+/// The role a Health answer reports.
+pub fn role_of(h: &pb::HealthResponse) -> Option<DeviceRole> {
+    hsm_secrets::mirror::role_from_pb(h.role)
+}

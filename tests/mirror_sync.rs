@@ -1,0 +1,592 @@
+//! The sync engine between agents on real SoftHSM tokens, over gRPC with mutual TLS:
+//! convergence, tombstones, repair of damaged tokens, forged records, the cost of a
+//! pass with nothing to do, and a returning old primary's lost writes.
+#![allow(clippy::unwrap_used)]
+
+mod mirror_support;
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hsm_secrets::crd::DeviceRole;
+use hsm_secrets::hsm::{
+    Body, Expect, GcReport, ManifestEntry, Pkcs11Store, Record, SecretData, SecretPath,
+    SecretStore, StoreError, TokenInfo,
+};
+use hsm_secrets::mirror::{Agent, AgentConfig, pb};
+use mirror_support::*;
+use tonic::Code;
+
+const CONVERGE: Duration = Duration::from_secs(900);
+
+/// Every token this binary uses (created together, before SoftHSM is initialised).
+const TOKENS: &[&str] = &[
+    "conv-n1", "conv-n2", "conv-n3", "del-n1", "del-n2", "rep-n1", "rep-n2", "forge-n1",
+    "forge-n2", "cost-n1", "cost-n2", "lost-n1", "lost-n2", "lost-n3",
+];
+
+macro_rules! node {
+    ($name:expr, $label:expr, $pki:expr, $sync:expr) => {
+        match TestNode::start(TOKENS, $name, $label, $pki, $sync).await {
+            Some(n) => n,
+            None => return,
+        }
+    };
+}
+
+#[tokio::test]
+async fn a_thousand_secrets_converge_on_both_mirrors_with_verified_checksums() {
+    let pki = Pki::new(&["n1", "n2", "n3"]);
+    let n1 = node!("n1", "conv-n1", &pki, eager_sync());
+    let n2 = node!("n2", "conv-n2", &pki, eager_sync());
+    let n3 = node!("n3", "conv-n3", &pki, eager_sync());
+    assign_primary(&pki, &n1, 1, &[], HOUR).await;
+    assign_mirror(&pki, &n2, 1, &n1).await;
+    assign_mirror(&pki, &n3, 1, &n1).await;
+
+    // Written through the primary's agent while the mirrors pull.
+    let client = pki.controller(&n1.peer());
+    for i in 0..1000u32 {
+        let d = data(&[
+            ("user", format!("user-{i}").as_bytes()),
+            ("password", &i.to_be_bytes()),
+        ]);
+        let p = path(&format!("ns{}/secret-{i}", i % 4));
+        let r = client.put(&p, &d, Expect::Absent, 1).await.unwrap();
+        assert!(r.version > 0);
+    }
+    let primary = n1.manifest().await;
+    assert_eq!(primary.len(), 1000);
+    wait_converged(&n1, &n2, CONVERGE).await;
+    wait_converged(&n1, &n3, CONVERGE).await;
+
+    // Every record on the mirrors reads back intact (the store verifies each checksum)
+    // and carries exactly the primary's version and checksum.
+    for mirror in [&n2, &n3] {
+        for e in &primary {
+            let r = mirror.store.record(&e.path).await.unwrap();
+            assert_eq!(
+                (r.version, r.checksum),
+                (e.version, e.checksum),
+                "{}",
+                e.path
+            );
+            r.verify().unwrap();
+        }
+        let sequence = n1.agent.store().latest_sequence();
+        let health = wait_for(
+            CONVERGE,
+            "the mirror to report the primary's sequence",
+            || async {
+                let h = pki.controller(&mirror.peer()).health().await.unwrap();
+                (h.applied_sequence == sequence).then_some(h)
+            },
+        )
+        .await;
+        assert_eq!(role_of(&health), Some(DeviceRole::ReadOnly));
+        assert_eq!(health.primary_node, "n1");
+        let sync = health.sync.unwrap();
+        assert!(
+            sync.last_sync_unix_ms > 0 && sync.last_error.is_empty(),
+            "{sync:?}"
+        );
+        assert_eq!(sync.checksum_failures, 0);
+    }
+}
+
+#[tokio::test]
+async fn deletes_propagate_as_tombstones_and_never_come_back() {
+    let pki = Pki::new(&["n1", "n2"]);
+    let n1 = node!("n1", "del-n1", &pki, manual_sync());
+    let n2 = node!("n2", "del-n2", &pki, manual_sync());
+    assign_primary(&pki, &n1, 1, &[], HOUR).await;
+    assign_mirror(&pki, &n2, 1, &n1).await;
+    let client = pki.controller(&n1.peer());
+    for i in 0..20 {
+        client
+            .put(
+                &path(&format!("shop/s{i}")),
+                &data(&[("k", b"v")]),
+                Expect::Any,
+                1,
+            )
+            .await
+            .unwrap();
+    }
+    n2.agent.pull_now().await.unwrap();
+    wait_converged(&n1, &n2, CONVERGE).await;
+
+    let deleted: Vec<SecretPath> = (0..20)
+        .step_by(3)
+        .map(|i| path(&format!("shop/s{i}")))
+        .collect();
+    for p in &deleted {
+        client.delete(p, Expect::Any, 1).await.unwrap();
+    }
+    let report = n2.agent.pull_now().await.unwrap();
+    assert_eq!(report.applied, deleted.len() as u64);
+    let mirror_client = pki.controller(&n2.peer());
+    for p in &deleted {
+        let r = n2.store.record(p).await.unwrap();
+        assert!(
+            matches!(r.body, Body::Deleted),
+            "{p} is a tombstone on the mirror"
+        );
+        let err = mirror_client.get(p).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                hsm_secrets::mirror::MirrorError::Remote {
+                    code: Code::NotFound,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+    wait_converged(&n1, &n2, CONVERGE).await;
+
+    // Neither a full verification pass nor further pulls bring a deleted secret back.
+    let pass = n2.agent.full_pass_now().await.unwrap();
+    assert_eq!(
+        (pass.fetched, pass.purged, pass.repaired),
+        (0, 0, 0),
+        "{pass:?}"
+    );
+    n2.agent.pull_now().await.unwrap();
+    for p in &deleted {
+        assert!(n2.store.record(p).await.unwrap().is_deleted());
+        assert!(matches!(
+            n2.store.get(p).await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+    // A secret re-created after its deletion is a new version, not a resurrection.
+    let v = client
+        .put(&deleted[0], &data(&[("k", b"again")]), Expect::Absent, 1)
+        .await
+        .unwrap()
+        .version;
+    n2.agent.pull_now().await.unwrap();
+    assert_eq!(n2.store.get(&deleted[0]).await.unwrap().0, v);
+    wait_converged(&n1, &n2, CONVERGE).await;
+}
+
+#[tokio::test]
+async fn damaged_objects_on_a_mirror_are_found_and_repaired_by_the_verification_pass() {
+    let pki = Pki::new(&["n1", "n2"]);
+    let n1 = node!("n1", "rep-n1", &pki, manual_sync());
+    let n2 = node!("n2", "rep-n2", &pki, manual_sync());
+    assign_primary(&pki, &n1, 1, &[], HOUR).await;
+    assign_mirror(&pki, &n2, 1, &n1).await;
+    let client = pki.controller(&n1.peer());
+    for i in 0..10 {
+        let d = data(&[("a", format!("a{i}").as_bytes()), ("b", b"bbb")]);
+        client
+            .put(&path(&format!("app/s{i}")), &d, Expect::Any, 1)
+            .await
+            .unwrap();
+    }
+    n2.agent.pull_now().await.unwrap();
+    wait_converged(&n1, &n2, CONVERGE).await;
+
+    // Behind the store's back: one key's object destroyed, one secret's metadata gone.
+    let raw = RawToken::open(&n2.token.label);
+    raw.destroy_one_data_object(&path("app/s3"));
+    raw.destroy_metadata(&path("app/s7"));
+    let err = n2.store.record(&path("app/s3")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(n2.manifest().await.iter().all(|e| e.path != path("app/s7")));
+    // A pull does not notice: nothing changed on the primary.
+    assert_eq!(n2.agent.pull_now().await.unwrap().applied, 0);
+
+    let pass = n2.agent.full_pass_now().await.unwrap();
+    assert_eq!(pass.repaired, 1, "{pass:?}");
+    assert_eq!(
+        pass.fetched, 2,
+        "the damaged and the missing secret: {pass:?}"
+    );
+    assert!(pass.lost_writes.is_empty(), "{pass:?}");
+    assert_eq!(pass.checked, 10);
+    for p in ["app/s3", "app/s7"] {
+        let r = n2.store.record(&path(p)).await.unwrap();
+        assert_eq!(r, n1.store.record(&path(p)).await.unwrap());
+    }
+    wait_converged(&n1, &n2, CONVERGE).await;
+    let health = pki.controller(&n2.peer()).health().await.unwrap();
+    assert_eq!(health.sync.unwrap().last_full_pass.unwrap().repaired, 1);
+}
+
+/// A store that, while `forging` is set, answers reads of one secret with altered
+/// content under the original checksum: what a corrupted transfer or a hostile primary
+/// would send.
+struct ForgingStore {
+    inner: Pkcs11Store,
+    target: SecretPath,
+    forging: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl SecretStore for ForgingStore {
+    fn token_label(&self) -> &str {
+        self.inner.token_label()
+    }
+    async fn record(&self, p: &SecretPath) -> Result<Record, StoreError> {
+        let mut r = self.inner.record(p).await?;
+        if *p == self.target && self.forging.load(Ordering::SeqCst) {
+            let mut evil = SecretData::new();
+            evil.insert("k", b"forged".to_vec()).unwrap();
+            r.body = Body::Live(evil);
+        }
+        Ok(r)
+    }
+    async fn put(&self, p: &SecretPath, d: SecretData, e: Expect) -> Result<u64, StoreError> {
+        self.inner.put(p, d, e).await
+    }
+    async fn delete(&self, p: &SecretPath, e: Expect) -> Result<u64, StoreError> {
+        self.inner.delete(p, e).await
+    }
+    async fn apply(&self, r: Record) -> Result<bool, StoreError> {
+        self.inner.apply(r).await
+    }
+    async fn purge(&self, p: &SecretPath) -> Result<bool, StoreError> {
+        self.inner.purge(p).await
+    }
+    async fn manifest(&self) -> Result<Vec<ManifestEntry>, StoreError> {
+        self.inner.manifest().await
+    }
+    fn latest_sequence(&self) -> u64 {
+        self.inner.latest_sequence()
+    }
+    async fn health(&self) -> Result<TokenInfo, StoreError> {
+        self.inner.health().await
+    }
+    async fn gc(&self) -> Result<GcReport, StoreError> {
+        self.inner.gc().await
+    }
+}
+
+#[tokio::test]
+async fn forged_records_are_never_applied() {
+    let pki = Pki::new(&["n1", "n2"]);
+    // The primary's agent serves a store that forges one secret on demand.
+    let Some(token) = mirror_support::token(TOKENS, "forge-n1") else {
+        return;
+    };
+    let target = path("bank/vault");
+    let forging = Arc::new(AtomicBool::new(false));
+    let forging_store = ForgingStore {
+        inner: token.open().await,
+        target: target.clone(),
+        forging: forging.clone(),
+    };
+    let mut cfg = AgentConfig::new("n1", pki.tls("n1"));
+    cfg.sync = manual_sync();
+    let primary_agent = Agent::start(cfg, Arc::new(forging_store)).await;
+    let listener = hsm_secrets::mirror::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let n1_endpoint = format!("https://{}", listener.local_addr().unwrap());
+    tokio::spawn(hsm_secrets::mirror::serve(
+        primary_agent.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    let n2 = node!("n2", "forge-n2", &pki, manual_sync());
+    let n1_peer = hsm_secrets::mirror::Peer {
+        node: "n1".into(),
+        endpoint: n1_endpoint,
+    };
+    let controller = pki.controller(&n1_peer);
+    controller
+        .assign_role(pb::AssignRoleRequest {
+            role: pb::Role::Primary as i32,
+            epoch: 1,
+            lease_duration_ms: HOUR.as_millis() as u64,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    pki.controller(&n2.peer())
+        .assign_role(pb::AssignRoleRequest {
+            role: pb::Role::ReadOnly as i32,
+            epoch: 1,
+            primary_node: "n1".into(),
+            primary_endpoint: n1_peer.endpoint.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    n2.agent.pull_now().await.unwrap();
+
+    controller
+        .put(&path("bank/before"), &data(&[("k", b"1")]), Expect::Any, 1)
+        .await
+        .unwrap();
+    controller
+        .put(&target, &data(&[("k", b"genuine")]), Expect::Any, 1)
+        .await
+        .unwrap();
+    controller
+        .put(&path("bank/after"), &data(&[("k", b"3")]), Expect::Any, 1)
+        .await
+        .unwrap();
+
+    // Pulled while forged: refused, counted, and the pull stops before it.
+    forging.store(true, Ordering::SeqCst);
+    let err = n2.agent.pull_now().await.unwrap_err();
+    assert_eq!(err.kind(), "checksum_mismatch", "{err}");
+    assert!(err.to_string().contains("bank/vault"), "{err}");
+    assert!(matches!(
+        n2.store.record(&target).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(n2.store.record(&path("bank/before")).await.is_ok());
+    let state = n2.agent.sync_state();
+    assert_eq!(state.checksum_failures, 1);
+    assert_eq!(
+        state.last_error.as_ref().map(|e| e.0),
+        Some("checksum_mismatch")
+    );
+    // Asked again, and refused again, while the forgery lasts; a full pass refuses too.
+    assert!(n2.agent.pull_now().await.is_err());
+    let pass = n2.agent.full_pass_now().await.unwrap();
+    assert_eq!(pass.checksum_failures, 1, "{pass:?}");
+    assert!(matches!(
+        n2.store.record(&target).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let health = pki.controller(&n2.peer()).health().await.unwrap();
+    assert!(health.sync.unwrap().checksum_failures >= 3);
+
+    // The genuine record is fetched again once the primary serves it intact.
+    forging.store(false, Ordering::SeqCst);
+    n2.agent.pull_now().await.unwrap();
+    let (_, d) = n2.store.get(&target).await.unwrap();
+    assert_eq!(d.get("k"), Some(&b"genuine"[..]));
+    assert!(n2.store.record(&path("bank/after")).await.is_ok());
+
+    // A forged push is refused the same way and leaves the mirror's copy alone.
+    let mut forged = Record::live(target.clone(), 99, data(&[("k", b"genuine")]));
+    forged.body = Body::Live(data(&[("k", b"forged")]));
+    let err = pki
+        .controller(&n2.peer())
+        .replicate(pb::ReplicateRequest {
+            record: Some(pb::Record {
+                path: forged.path.to_string(),
+                version: forged.version,
+                checksum: forged.checksum.0.to_vec(),
+                deleted: false,
+                data: vec![pb::KeyValue {
+                    key: "k".into(),
+                    value: b"forged".to_vec(),
+                }],
+            }),
+            epoch: 1,
+            primary_node: "n1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            hsm_secrets::mirror::MirrorError::Remote {
+                code: Code::DataLoss,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        n2.store.get(&target).await.unwrap().1.get("k"),
+        Some(&b"genuine"[..])
+    );
+    assert_eq!(n2.agent.stats().pushes_refused, 1);
+}
+
+#[tokio::test]
+async fn a_pass_with_nothing_new_touches_no_token_whatever_the_size() {
+    let pki = Pki::new(&["n1", "n2"]);
+    let n1 = node!("n1", "cost-n1", &pki, manual_sync());
+    let n2 = node!("n2", "cost-n2", &pki, manual_sync());
+    assign_primary(&pki, &n1, 1, &[], HOUR).await;
+    assign_mirror(&pki, &n2, 1, &n1).await;
+    let client = pki.controller(&n1.peer());
+    let mut written = 0u32;
+    for total in [10u32, 200] {
+        while written < total {
+            client
+                .put(
+                    &path(&format!("ns/s{written}")),
+                    &data(&[("v", &written.to_be_bytes())]),
+                    Expect::Absent,
+                    1,
+                )
+                .await
+                .unwrap();
+            written += 1;
+        }
+        n2.agent.pull_now().await.unwrap();
+        wait_converged(&n1, &n2, CONVERGE).await;
+
+        n1.plan.clear();
+        n2.plan.clear();
+        let before = n1.agent.stats();
+        let report = n2.agent.pull_now().await.unwrap();
+        let after = n1.agent.stats();
+        assert_eq!(report.applied, 0);
+        assert_eq!(report.calls, 1, "one Changes call");
+        assert_eq!(
+            after.changes_answered_from_index - before.changes_answered_from_index,
+            1,
+            "answered from the change index"
+        );
+        assert_eq!(
+            n1.plan.calls(),
+            0,
+            "primary store untouched at {total} secrets"
+        );
+        assert_eq!(
+            n2.plan.calls(),
+            0,
+            "mirror store untouched at {total} secrets"
+        );
+    }
+
+    // Three changes among 200 cost three reads on the primary and three applies here.
+    for i in [5u32, 50, 150] {
+        client
+            .put(
+                &path(&format!("ns/s{i}")),
+                &data(&[("v", b"changed")]),
+                Expect::Any,
+                1,
+            )
+            .await
+            .unwrap();
+    }
+    n1.plan.clear();
+    n2.plan.clear();
+    let report = n2.agent.pull_now().await.unwrap();
+    assert_eq!(report.applied, 3);
+    assert_eq!(n1.plan.calls(), 3, "one read per changed secret");
+    assert_eq!(n2.plan.calls(), 3, "one apply per changed secret");
+    wait_converged(&n1, &n2, CONVERGE).await;
+}
+
+#[tokio::test]
+async fn a_demoted_primary_converges_and_reports_its_lost_writes() {
+    let pki = Pki::new(&["n1", "n2", "n3"]);
+    let mut n1 = node!("n1", "lost-n1", &pki, manual_sync());
+    let n2 = node!("n2", "lost-n2", &pki, manual_sync());
+    let n3 = node!("n3", "lost-n3", &pki, manual_sync());
+    assign_primary(&pki, &n1, 1, &[], HOUR).await;
+    assign_mirror(&pki, &n2, 1, &n1).await;
+    assign_mirror(&pki, &n3, 1, &n1).await;
+    let c1 = pki.controller(&n1.peer());
+    for name in ["a", "b", "c", "d", "e"] {
+        c1.put(
+            &path(&format!("team/{name}")),
+            &data(&[("k", name.as_bytes())]),
+            Expect::Any,
+            1,
+        )
+        .await
+        .unwrap();
+    }
+    n2.agent.pull_now().await.unwrap();
+    n3.agent.pull_now().await.unwrap();
+    wait_converged(&n1, &n2, CONVERGE).await;
+
+    // n1 is cut off from the others but still holds its lease: these writes reach no
+    // mirror.
+    n1.cut_off().await;
+    let mut lost = BTreeSet::new();
+    for (name, value) in [("x", "new"), ("y", "new"), ("c", "overwritten")] {
+        let p = path(&format!("team/{name}"));
+        let v = n1
+            .agent
+            .put(&p, data(&[("k", value.as_bytes())]), Expect::Any, 1)
+            .await
+            .unwrap()
+            .version;
+        lost.insert((p.to_string(), v));
+    }
+    let v = n1
+        .agent
+        .delete(&path("team/e"), Expect::Any, 1)
+        .await
+        .unwrap()
+        .version;
+    lost.insert(("team/e".to_string(), v));
+
+    // The controller promotes n2 at epoch 2; n3 follows it; n2 takes new writes.
+    assign_primary(&pki, &n2, 2, &[], HOUR).await;
+    assign_mirror(&pki, &n3, 2, &n2).await;
+    let c2 = pki.controller(&n2.peer());
+    c2.put(
+        &path("team/z"),
+        &data(&[("k", b"after failover")]),
+        Expect::Any,
+        2,
+    )
+    .await
+    .unwrap();
+    c2.put(&path("team/a"), &data(&[("k", b"a2")]), Expect::Any, 2)
+        .await
+        .unwrap();
+    c2.delete(&path("team/d"), Expect::Any, 2).await.unwrap();
+
+    // n1 returns and is demoted to a mirror of n2: its first act is a full pass.
+    n1.serve().await;
+    let c1 = pki.controller(&n1.peer());
+    c1.assign_role(mirror_request(2, &n2)).await.unwrap();
+    let pass = wait_for(CONVERGE, "n1's rejoin pass", || async {
+        n1.agent.sync_state().last_full_pass.filter(|p| p.rejoin)
+    })
+    .await;
+    let reported: BTreeSet<(String, u64)> = pass
+        .lost_writes
+        .iter()
+        .map(|l| (l.path.to_string(), l.version))
+        .collect();
+    assert_eq!(reported, lost, "{pass:?}");
+    assert!(
+        pass.lost_writes
+            .iter()
+            .any(|l| l.deleted && l.path == path("team/e"))
+    );
+    wait_converged(&n2, &n1, CONVERGE).await;
+    assert_eq!(
+        n1.store.get(&path("team/c")).await.unwrap().1.get("k"),
+        Some(&b"c"[..]),
+        "n1 follows the new primary's history"
+    );
+    assert!(matches!(
+        n1.store.record(&path("team/x")).await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    // Health keeps the lost writes for the controller to report; n1 refuses writes and
+    // names the new primary; n3 (which never saw them) reports none.
+    let health = c1.health().await.unwrap();
+    assert_eq!(role_of(&health), Some(DeviceRole::ReadOnly));
+    assert_eq!((health.epoch, health.primary_node.as_str()), (2, "n2"));
+    assert_eq!(health.sync.unwrap().lost_writes.len(), lost.len());
+    let err = c1
+        .put(&path("team/q"), &data(&[("k", b"v")]), Expect::Any, 2)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("writes go to the primary n2"),
+        "{err}"
+    );
+    let n3_pass = n3.agent.full_pass_now().await.unwrap();
+    assert!(n3_pass.lost_writes.is_empty(), "{n3_pass:?}");
+    n3.agent.pull_now().await.unwrap();
+    wait_converged(&n2, &n3, CONVERGE).await;
+}
