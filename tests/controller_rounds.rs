@@ -13,8 +13,8 @@ use hsm_secrets::crd::{
     SecretKeyRef,
 };
 use hsm_secrets::failover::{
-    Action, AgentReport, FencingConfig, NodeError, NodeErrorKind, PlanConfig, ProbeResult,
-    WriteLease,
+    Action, AgentReport, DeviceView, FencingConfig, NodeError, NodeErrorKind, PlanConfig,
+    ProbeResult, WriteLease,
 };
 use hsm_secrets::state::{FileState, KubeState, StateStore};
 
@@ -73,11 +73,11 @@ impl SimAgents {
 
 #[async_trait]
 impl Agents for SimAgents {
-    async fn nodes(&self, _device: &str) -> Vec<String> {
+    async fn nodes(&self, _device: &DeviceView) -> Vec<String> {
         self.nodes.lock().unwrap().keys().cloned().collect()
     }
 
-    async fn probe(&self, _device: &str, node: &str) -> ProbeResult {
+    async fn probe(&self, _device: &DeviceView, node: &str) -> ProbeResult {
         let a = self.agent(node);
         if !a.up {
             return ProbeResult::Failed(NodeError::new(
@@ -108,7 +108,7 @@ impl Agents for SimAgents {
         })
     }
 
-    async fn execute(&self, _device: &str, action: &Action) -> Result<(), AgentCallError> {
+    async fn execute(&self, _device: &DeviceView, action: &Action) -> Result<(), AgentCallError> {
         let mut nodes = self.nodes.lock().unwrap();
         let node = match action {
             Action::RenewLease { node, .. }

@@ -69,16 +69,16 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
         let view = DeviceView::of(device);
         let status = device.status.clone().unwrap_or_default();
 
-        let mut nodes: BTreeSet<String> = self.agents.nodes(&name).await.into_iter().collect();
+        let mut nodes: BTreeSet<String> = self.agents.nodes(&view).await.into_iter().collect();
         nodes.extend(view.target_nodes.iter().cloned());
         nodes.extend(view.preferred_primary.iter().cloned());
         nodes.extend(status.nodes.iter().map(|n| n.node.clone()));
         let probes = futures::future::join_all(nodes.iter().map(|node| {
             let agents = self.agents.clone();
-            let device = name.clone();
+            let view = view.clone();
             let node = node.clone();
             async move {
-                let result = agents.probe(&device, &node).await;
+                let result = agents.probe(&view, &node).await;
                 Probe { node, result }
             }
         }))
@@ -136,7 +136,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             ..Default::default()
         };
         for action in &plan.actions {
-            if let Err(e) = self.execute(&name, action).await {
+            if let Err(e) = self.execute(&view, action).await {
                 outcome.actions_failed += 1;
                 tracing::warn!(error = %e, "action failed; it is planned again next round");
             }
@@ -166,7 +166,8 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
         Ok(outcome)
     }
 
-    async fn execute(&self, device: &str, action: &Action) -> Result<(), String> {
+    async fn execute(&self, view: &DeviceView, action: &Action) -> Result<(), String> {
+        let device = view.name.as_str();
         match action {
             Action::Event(e) => self
                 .record(
@@ -205,7 +206,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
                 // The ack arrives after the agent applied it: anchoring the fencing clock
                 // at the ack instant is conservative.
                 self.agents
-                    .execute(device, action)
+                    .execute(view, action)
                     .await
                     .map_err(|e| e.to_string())?;
                 if matches!(action, Action::Promote { .. }) {
@@ -217,7 +218,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             }
             Action::FenceWrites { .. } | Action::Demote { .. } | Action::SetMirror { .. } => self
                 .agents
-                .execute(device, action)
+                .execute(view, action)
                 .await
                 .map_err(|e| e.to_string()),
         }

@@ -7,27 +7,29 @@
 //! same loop runs on a cluster, in the no-cluster mode and in tests.
 
 mod device;
+mod grpc_agents;
 mod metrics;
 mod run;
 
 pub use device::{DeviceController, RoundOutcome};
+pub use grpc_agents::GrpcAgents;
 pub use metrics::ControllerMetrics;
 pub use run::{ControllerConfig, run_controller};
 
 use async_trait::async_trait;
 
-use crate::failover::{Action, ProbeResult};
+use crate::failover::{Action, DeviceView, ProbeResult};
 
 /// How the controller reaches the agents of a device's nodes.
 #[async_trait]
 pub trait Agents: Send + Sync + 'static {
     /// Nodes whose agent serves this device (discovered, not only those in the spec).
-    async fn nodes(&self, device: &str) -> Vec<String>;
+    async fn nodes(&self, device: &DeviceView) -> Vec<String>;
     /// One health probe, answered within the agent deadline or reported as failed.
-    async fn probe(&self, device: &str, node: &str) -> ProbeResult;
+    async fn probe(&self, device: &DeviceView, node: &str) -> ProbeResult;
     /// Carries out one agent action (RenewLease, FenceWrites, Promote, Demote, SetMirror).
     /// Ok means the agent acknowledged it.
-    async fn execute(&self, device: &str, action: &Action) -> Result<(), AgentCallError>;
+    async fn execute(&self, device: &DeviceView, action: &Action) -> Result<(), AgentCallError>;
 }
 
 /// An agent call that did not get an acknowledgement.
