@@ -19,6 +19,8 @@ enum Command {
     Node(hsm_secrets::cli::node::NodeArgs),
     /// Run the admission webhook (pod injection and validation).
     Webhook(Box<hsm_secrets::cli::webhook::WebhookArgs>),
+    /// Run the HSMDevice controller: health, roles, failover with fencing.
+    Controller(Box<hsm_secrets::cli::controller::ControllerArgs>),
     /// Serve one node's token as a device agent (mirroring, mutual TLS gRPC).
     Agent(Box<hsm_secrets::cli::agent::AgentArgs>),
 }
@@ -30,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         Command::Crdgen => print!("{}", hsm_secrets::crd::crd_yaml()?),
         Command::Node(args) => hsm_secrets::cli::node::run(args, cli.common)?,
         Command::Webhook(args) => hsm_secrets::cli::webhook::run(*args, cli.common)?,
+        Command::Controller(args) => hsm_secrets::cli::controller::run(*args, cli.common)?,
         Command::Agent(args) => hsm_secrets::cli::agent::run(*args, &cli.common)?,
     }
     Ok(())

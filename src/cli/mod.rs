@@ -1,5 +1,6 @@
 //! Subcommands of the `hsm-secrets` binary, one module each.
 
 pub mod agent;
+pub mod controller;
 pub mod node;
 pub mod webhook;

@@ -1,0 +1,149 @@
+//! `hsm-secrets controller`: the HSMDevice controller (leader-elected), over the
+//! Kubernetes API or, with `--state DIR`, the file-backed state of the no-cluster mode.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::controller::{ControllerConfig, ControllerMetrics, GrpcAgents, run_controller};
+use crate::failover::{FencingConfig, PlanConfig};
+use crate::mirror::{AgentTls, Peer, TlsFiles};
+use crate::state::{FileState, KubeState};
+use crate::telemetry::CommonArgs;
+
+#[derive(Args, Clone, Debug)]
+pub struct ControllerArgs {
+    /// Where state lives: `kube` (the cluster of the current kubeconfig or service
+    /// account) or a directory for the no-cluster mode.
+    #[arg(long, env = "HSM_STATE", default_value = "kube")]
+    pub state: String,
+    /// An agent, as NODE=https://HOST:PORT (repeatable).
+    #[arg(
+        long = "agent",
+        env = "HSM_AGENTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub agents: Vec<String>,
+    /// CA certificate that signed every agent's certificate (PEM).
+    #[arg(long, env = "HSM_AGENT_TLS_CA")]
+    pub tls_ca: PathBuf,
+    /// This controller's client certificate for the agents (PEM).
+    #[arg(long, env = "HSM_AGENT_TLS_CERT")]
+    pub tls_cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long, env = "HSM_AGENT_TLS_KEY")]
+    pub tls_key: PathBuf,
+    /// This replica's identity in the leader Lease.
+    #[arg(long, env = "POD_NAME", default_value = "hsm-secrets-controller")]
+    pub identity: String,
+    /// Namespace of the leader Lease (kube state only).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "hsm-secrets-system")]
+    pub namespace: String,
+    /// Milliseconds between agent probes.
+    #[arg(long, env = "HSM_PROBE_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub probe_interval_ms: u64,
+    /// Write lease of the primary in milliseconds: it stops accepting writes this long
+    /// after the last renewal it received.
+    #[arg(long, env = "HSM_WRITE_LEASE_MS", default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub write_lease_ms: u64,
+    /// Extra wait beyond the write lease before another node may be promoted.
+    #[arg(long, env = "HSM_LEASE_MARGIN_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub lease_margin_ms: u64,
+}
+
+impl ControllerArgs {
+    fn peers(&self) -> anyhow::Result<Vec<Peer>> {
+        self.agents
+            .iter()
+            .map(|a| match a.split_once('=') {
+                Some((node, endpoint)) if !node.is_empty() && endpoint.starts_with("https://") => {
+                    Ok(Peer {
+                        node: node.into(),
+                        endpoint: endpoint.into(),
+                    })
+                }
+                _ => bail!("--agent {a:?}: expected NODE=https://HOST:PORT"),
+            })
+            .collect()
+    }
+}
+
+pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
+    let peers = args.peers()?;
+    let tls = AgentTls::from_files(&TlsFiles {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+    })?;
+    let lease = Duration::from_millis(args.write_lease_ms);
+    let probe_interval = Duration::from_millis(args.probe_interval_ms);
+    let plan = PlanConfig {
+        fencing: FencingConfig {
+            lease_duration: lease,
+            safety_margin: Duration::from_millis(args.lease_margin_ms),
+        },
+        ..PlanConfig::default()
+    };
+    plan.validate()?;
+    if lease < probe_interval * 2 {
+        bail!(
+            "--write-lease-ms ({}) must be at least twice --probe-interval-ms ({}): the primary would fence itself between renewals",
+            args.write_lease_ms,
+            args.probe_interval_ms
+        );
+    }
+    let config = ControllerConfig {
+        identity: args.identity.clone(),
+        probe_interval,
+        plan,
+        ..ControllerConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(async move {
+        let agents = Arc::new(GrpcAgents::new(
+            &peers,
+            &tls,
+            probe_interval.max(Duration::from_millis(500)),
+            lease,
+        )?);
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = ControllerMetrics::register(&mut registry);
+        if args.state == "kube" {
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot reach the cluster (use --state DIR for the no-cluster mode)")?;
+            let state = Arc::new(KubeState::new(
+                client,
+                args.namespace.clone(),
+                Some(args.identity.clone()),
+            ));
+            run_controller(state, agents, config, metrics, shutdown_signal()).await?;
+        } else {
+            let state = Arc::new(FileState::open(&args.state)?);
+            run_controller(state, agents, config, metrics, shutdown_signal()).await?;
+        }
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    if let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    } else {
+        std::future::pending::<()>().await;
+    }
+}
