@@ -136,6 +136,19 @@ async fn controller_promotes_the_most_caught_up_mirror_and_no_acknowledged_write
     })
     .await;
     let took = cut.elapsed();
+    // The old primary is alive but cut off from the controller: by the time a mirror is
+    // promoted it has fenced itself, so no write is accepted by two nodes.
+    let fenced = n1
+        .agent
+        .put(
+            &path("shop/split-brain"),
+            data(&[("v", b"x")]),
+            Expect::Any,
+            1,
+        )
+        .await;
+    let err = fenced.expect_err("the cut-off old primary must refuse writes");
+    assert!(err.to_string().contains("fenced"), "{err}");
     eprintln!("failover took {took:?}");
     assert!(
         took >= lease,
