@@ -11,21 +11,17 @@ mod mirror_support;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use hsm_secrets::crd::{
-    DevicePhase, HSMDevice, HSMDeviceSpec, HSMDeviceStatus, MirroringPolicy, MirroringSpec,
-    Pkcs11Spec, SecretKeyRef,
-};
+use hsm_secrets::crd::{DevicePhase, HSMDeviceStatus};
 use hsm_secrets::hsm::Expect;
 use hsm_secrets::mirror::Peer;
 use hsm_secrets::state::{FileState, StateStore};
 use mirror_support::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+
+use tokio::process::Command;
 
 const TOKENS: &[&str] = &["fo-n1", "fo-n2", "fo-n3"];
 const WAIT: Duration = Duration::from_secs(120);
@@ -37,77 +33,6 @@ fn main() {
         .build()
         .unwrap()
         .block_on(run());
-}
-
-struct Proc {
-    child: Child,
-    peer: Peer,
-}
-
-fn exe() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_BIN_EXE_hsm-secrets"))
-}
-
-async fn spawn_agent(pki: &Pki, name: &str, label: &str) -> Proc {
-    let token = token(TOKENS, label).unwrap();
-    let files = pki.generated.files(name).unwrap();
-    let mut child = Command::new(exe())
-        .args(["agent", "--node", name, "--listen", "127.0.0.1:0"])
-        .arg("--pkcs11-library")
-        .arg(&token.library)
-        .args(["--token-label", label])
-        .arg("--pin-file")
-        .arg(&token.pin_file)
-        .arg("--tls-ca")
-        .arg(&files.ca)
-        .arg("--tls-cert")
-        .arg(&files.cert)
-        .arg("--tls-key")
-        .arg(&files.key)
-        .args(["--pull-interval-ms", "200"])
-        .env("SOFTHSM2_CONF", support::softhsm::conf_path())
-        .env("HSM_LOG", "error")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    let stdout = child.stdout.take().unwrap();
-    BufReader::new(stdout).read_line(&mut line).await.unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    Proc {
-        child,
-        peer: Peer {
-            node: name.into(),
-            endpoint: format!("https://{addr}"),
-        },
-    }
-}
-
-fn device() -> HSMDevice {
-    HSMDevice::new(
-        "prod-hsm",
-        HSMDeviceSpec {
-            pkcs11: Pkcs11Spec {
-                library: "/usr/lib/softhsm/libsofthsm2.so".into(),
-                token_label: "prod".into(),
-                token_serial: None,
-                pin_secret_ref: SecretKeyRef {
-                    namespace: "hsm-secrets-system".into(),
-                    name: "pin".into(),
-                    key: "pin".into(),
-                },
-            },
-            mirroring: Some(MirroringSpec {
-                policy: MirroringPolicy::ReadOnly,
-                sync_interval: Some(300),
-                auto_failover: Some(true),
-                primary_node: None,
-                target_nodes: vec![],
-                failover_threshold: Some(3),
-            }),
-        },
-    )
 }
 
 async fn status(state: &FileState) -> HSMDeviceStatus {
@@ -123,20 +48,22 @@ async fn status(state: &FileState) -> HSMDeviceStatus {
 async fn one_round(round: usize) -> Duration {
     let pki = Pki::new(&["n1", "n2", "n3"]);
     let mut procs = [
-        spawn_agent(&pki, "n1", "fo-n1").await,
-        spawn_agent(&pki, "n2", "fo-n2").await,
-        spawn_agent(&pki, "n3", "fo-n3").await,
+        spawn_agent_process(TOKENS, &pki, "n1", "fo-n1").await,
+        spawn_agent_process(TOKENS, &pki, "n2", "fo-n2").await,
+        spawn_agent_process(TOKENS, &pki, "n3", "fo-n3").await,
     ];
     let dir = tempfile::tempdir().unwrap();
     let state = FileState::open(dir.path()).unwrap();
-    state.apply_device(&device()).unwrap();
+    state
+        .apply_device(&support::fixtures::mirrored_device(None, &[], 3))
+        .unwrap();
     let files = pki.generated.files(CONTROLLER).unwrap();
     let agents = procs
         .iter()
         .map(|p| format!("{}={}", p.peer.node, p.peer.endpoint))
         .collect::<Vec<_>>()
         .join(",");
-    let _controller = Command::new(exe())
+    let _controller = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
         .arg("controller")
         .arg("--state")
         .arg(dir.path())

@@ -11,42 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hsm_secrets::controller::{ControllerMetrics, DeviceController, GrpcAgents};
-use hsm_secrets::crd::{
-    DevicePhase, HSMDevice, HSMDeviceSpec, HSMDeviceStatus, MirroringPolicy, MirroringSpec,
-    Pkcs11Spec, SecretKeyRef,
-};
+use hsm_secrets::crd::{DevicePhase, HSMDeviceStatus};
 use hsm_secrets::failover::{FencingConfig, PlanConfig};
 use hsm_secrets::hsm::Expect;
 use hsm_secrets::state::{FileState, StateStore};
 use mirror_support::*;
 
 const ALL: &[&str] = &["ctl-n1", "ctl-n2", "ctl-n3"];
-
-fn device() -> HSMDevice {
-    HSMDevice::new(
-        "prod-hsm",
-        HSMDeviceSpec {
-            pkcs11: Pkcs11Spec {
-                library: "/usr/lib/softhsm/libsofthsm2.so".into(),
-                token_label: "prod".into(),
-                token_serial: None,
-                pin_secret_ref: SecretKeyRef {
-                    namespace: "hsm-secrets-system".into(),
-                    name: "pin".into(),
-                    key: "pin".into(),
-                },
-            },
-            mirroring: Some(MirroringSpec {
-                policy: MirroringPolicy::ReadOnly,
-                sync_interval: Some(300),
-                auto_failover: Some(true),
-                primary_node: Some("n1".into()),
-                target_nodes: vec!["n2".into(), "n3".into()],
-                failover_threshold: Some(2),
-            }),
-        },
-    )
-}
 
 async fn round(
     ctl: &DeviceController<FileState, GrpcAgents>,
@@ -78,7 +49,13 @@ async fn controller_promotes_the_most_caught_up_mirror_and_no_acknowledged_write
 
     let dir = tempfile::tempdir().unwrap();
     let state = Arc::new(FileState::open(dir.path()).unwrap());
-    state.apply_device(&device()).unwrap();
+    state
+        .apply_device(&support::fixtures::mirrored_device(
+            Some("n1"),
+            &["n2", "n3"],
+            2,
+        ))
+        .unwrap();
     let lease = Duration::from_millis(1500);
     let agents = Arc::new(
         GrpcAgents::new(

@@ -7,94 +7,19 @@
 mod mirror_support;
 mod support;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use hsm_secrets::crd::{
-    DevicePhase, HSMDevice, HSMDeviceSpec, HSMDeviceStatus, MirroringPolicy, MirroringSpec,
-    Pkcs11Spec, SecretKeyRef,
-};
+use hsm_secrets::crd::{DevicePhase, HSMDeviceStatus};
 use hsm_secrets::hsm::Expect;
-use hsm_secrets::mirror::{AgentConnection, Peer};
+use hsm_secrets::mirror::AgentConnection;
 use hsm_secrets::state::{FileState, StateStore};
 use mirror_support::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const TOKENS: &[&str] = &["cp-n1", "cp-n2", "cp-n3"];
 const WAIT: Duration = Duration::from_secs(120);
-
-struct Proc {
-    child: Child,
-    peer: Peer,
-}
-
-async fn spawn_agent(pki: &Pki, name: &str, label: &str) -> Proc {
-    let token = token(TOKENS, label).unwrap();
-    let files = pki.generated.files(name).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
-        .args(["agent", "--node", name, "--listen", "127.0.0.1:0"])
-        .arg("--pkcs11-library")
-        .arg(&token.library)
-        .args(["--token-label", label])
-        .arg("--pin-file")
-        .arg(&token.pin_file)
-        .arg("--tls-ca")
-        .arg(&files.ca)
-        .arg("--tls-cert")
-        .arg(&files.cert)
-        .arg("--tls-key")
-        .arg(&files.key)
-        .args(["--pull-interval-ms", "200"])
-        .env("SOFTHSM2_CONF", support::softhsm::conf_path())
-        .env("HSM_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    let stdout = child.stdout.take().unwrap();
-    tokio::time::timeout(WAIT, BufReader::new(stdout).read_line(&mut line))
-        .await
-        .expect("the agent prints its address")
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    Proc {
-        child,
-        peer: Peer {
-            node: name.into(),
-            endpoint: format!("https://{addr}"),
-        },
-    }
-}
-
-fn device() -> HSMDevice {
-    HSMDevice::new(
-        "prod-hsm",
-        HSMDeviceSpec {
-            pkcs11: Pkcs11Spec {
-                library: "/usr/lib/softhsm/libsofthsm2.so".into(),
-                token_label: "prod".into(),
-                token_serial: None,
-                pin_secret_ref: SecretKeyRef {
-                    namespace: "hsm-secrets-system".into(),
-                    name: "pin".into(),
-                    key: "pin".into(),
-                },
-            },
-            mirroring: Some(MirroringSpec {
-                policy: MirroringPolicy::ReadOnly,
-                sync_interval: Some(300),
-                auto_failover: Some(true),
-                primary_node: Some("n1".into()),
-                target_nodes: vec!["n2".into(), "n3".into()],
-                failover_threshold: Some(3),
-            }),
-        },
-    )
-}
 
 async fn status(state: &FileState) -> HSMDeviceStatus {
     state
@@ -112,13 +37,19 @@ async fn sigkill_of_the_primary_process_fails_over_to_a_caught_up_mirror() {
         return;
     }
     let pki = Pki::new(&["n1", "n2", "n3"]);
-    let mut n1 = spawn_agent(&pki, "n1", "cp-n1").await;
-    let n2 = spawn_agent(&pki, "n2", "cp-n2").await;
-    let n3 = spawn_agent(&pki, "n3", "cp-n3").await;
+    let mut n1 = spawn_agent_process(TOKENS, &pki, "n1", "cp-n1").await;
+    let n2 = spawn_agent_process(TOKENS, &pki, "n2", "cp-n2").await;
+    let n3 = spawn_agent_process(TOKENS, &pki, "n3", "cp-n3").await;
 
     let dir = tempfile::tempdir().unwrap();
     let state = FileState::open(dir.path()).unwrap();
-    state.apply_device(&device()).unwrap();
+    state
+        .apply_device(&support::fixtures::mirrored_device(
+            Some("n1"),
+            &["n2", "n3"],
+            3,
+        ))
+        .unwrap();
     let files = pki.generated.files(CONTROLLER).unwrap();
     let agents = [&n1, &n2, &n3]
         .iter()

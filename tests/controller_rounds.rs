@@ -8,10 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use hsm_secrets::controller::{AgentCallError, Agents, ControllerMetrics, DeviceController};
-use hsm_secrets::crd::{
-    DevicePhase, DeviceRole, HSMDevice, HSMDeviceSpec, MirroringPolicy, MirroringSpec, Pkcs11Spec,
-    SecretKeyRef,
-};
+use hsm_secrets::crd::{DevicePhase, DeviceRole};
 use hsm_secrets::failover::{
     Action, AgentReport, DeviceView, FencingConfig, NodeError, NodeErrorKind, PlanConfig,
     ProbeResult, WriteLease,
@@ -152,32 +149,6 @@ impl Agents for SimAgents {
     }
 }
 
-fn device() -> HSMDevice {
-    HSMDevice::new(
-        "prod-hsm",
-        HSMDeviceSpec {
-            pkcs11: Pkcs11Spec {
-                library: "/usr/lib/softhsm/libsofthsm2.so".into(),
-                token_label: "prod".into(),
-                token_serial: None,
-                pin_secret_ref: SecretKeyRef {
-                    namespace: "hsm-secrets-system".into(),
-                    name: "pin".into(),
-                    key: "pin".into(),
-                },
-            },
-            mirroring: Some(MirroringSpec {
-                policy: MirroringPolicy::ReadOnly,
-                sync_interval: Some(300),
-                auto_failover: Some(true),
-                primary_node: Some("n1".into()),
-                target_nodes: vec!["n2".into(), "n3".into()],
-                failover_threshold: Some(3),
-            }),
-        },
-    )
-}
-
 async fn round(
     ctl: &DeviceController<FileState, SimAgents>,
     state: &FileState,
@@ -198,7 +169,13 @@ async fn round(
 async fn bootstrap_failover_after_fence_and_rejoin_without_failback() {
     let dir = tempfile::tempdir().unwrap();
     let state = Arc::new(FileState::open(dir.path()).unwrap());
-    state.apply_device(&device()).unwrap();
+    state
+        .apply_device(&support::fixtures::mirrored_device(
+            Some("n1"),
+            &["n2", "n3"],
+            3,
+        ))
+        .unwrap();
     let lease = Duration::from_millis(300);
     let agents = Arc::new(SimAgents::new(lease, &[("n1", 10), ("n2", 10), ("n3", 7)]));
     let config = PlanConfig {
@@ -297,7 +274,7 @@ async fn bootstrap_round_makes_exactly_the_expected_api_calls() {
         PlanConfig::default(),
         ControllerMetrics::default(),
     );
-    let mut dev = device();
+    let mut dev = support::fixtures::mirrored_device(Some("n1"), &["n2", "n3"], 3);
     dev.metadata.resource_version = Some("100".into());
     dev.metadata.generation = Some(1);
     let server = tokio::spawn(async move {
@@ -316,7 +293,7 @@ async fn bootstrap_round_makes_exactly_the_expected_api_calls() {
             let reply = if path.ends_with("/status") {
                 json!({"apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMDevice",
                        "metadata": {"name": "prod-hsm", "resourceVersion": "101"},
-                       "spec": serde_json::to_value(device().spec).unwrap(),
+                       "spec": serde_json::to_value(support::fixtures::mirrored_device(Some("n1"), &["n2", "n3"], 3).spec).unwrap(),
                        "status": body[1]["value"].clone()})
             } else {
                 body.clone()

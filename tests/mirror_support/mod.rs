@@ -345,3 +345,54 @@ impl RawToken {
 pub fn role_of(h: &pb::HealthResponse) -> Option<DeviceRole> {
     hsm_secrets::mirror::role_from_pb(h.role)
 }
+
+/// An `hsm-secrets agent` process serving one SoftHSM token with mutual TLS.
+pub struct AgentProcess {
+    pub child: tokio::process::Child,
+    pub peer: Peer,
+}
+
+/// Starts `hsm-secrets agent` for `name` on the token `label` (one of `all`), on a port
+/// the kernel picks; the agent announces it on its first stdout line.
+pub async fn spawn_agent_process(all: &[&str], pki: &Pki, name: &str, label: &str) -> AgentProcess {
+    use tokio::io::AsyncBufReadExt;
+    let token = token(all, label).unwrap();
+    let files = pki.generated.files(name).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
+        .args(["agent", "--node", name, "--listen", "127.0.0.1:0"])
+        .arg("--pkcs11-library")
+        .arg(&token.library)
+        .args(["--token-label", label])
+        .arg("--pin-file")
+        .arg(&token.pin_file)
+        .arg("--tls-ca")
+        .arg(&files.ca)
+        .arg("--tls-cert")
+        .arg(&files.cert)
+        .arg("--tls-key")
+        .arg(&files.key)
+        .args(["--pull-interval-ms", "200"])
+        .env("SOFTHSM2_CONF", softhsm::conf_path())
+        .env("HSM_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let stdout = child.stdout.take().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .expect("the agent prints its address")
+    .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    AgentProcess {
+        child,
+        peer: Peer {
+            node: name.into(),
+            endpoint: format!("https://{addr}"),
+        },
+    }
+}

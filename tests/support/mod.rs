@@ -1,5 +1,6 @@
 //! Shared fixtures for the integration tests: SoftHSM2 tokens in a private directory.
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod mock_api;
 pub mod softhsm;
