@@ -9,6 +9,8 @@
 //! Run as root (tmpfs): `cargo bench --bench csi_publish`. Knobs: `BENCH_SEQUENTIAL`
 //! (default 300), `BENCH_CONCURRENT_ROUNDS` (5 rounds of 100), `BENCH_VOLUMES` (1000).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -27,7 +29,6 @@ use hsm_secrets_csi::source::pod_info;
 use hsm_secrets_csi::{IdentityService, NodeConfig, NodeService, Payload, PayloadFile};
 use tonic::transport::Channel;
 
-const PIN: &str = "1234";
 const LABEL: &str = "bench-node";
 const DEVICE: &str = "bench-hsm";
 const DRIVER: &str = "csi.hsmsecrets.io";
@@ -35,34 +36,11 @@ const GID: u32 = 3000;
 const CONCURRENCY: usize = 100;
 
 fn main() {
-    // SoftHSM reads its configuration once per process: run the measurement in a child
-    // process pointed at a private token directory.
-    if std::env::var_os("HSM_BENCH_CHILD").is_none() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir_all(&tokens).expect("token dir");
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .expect("conf");
-        let status = Command::new(std::env::current_exe().expect("exe"))
-            .args(std::env::args().skip(1))
-            .env("SOFTHSM2_CONF", &conf)
-            .env("HSM_BENCH_CHILD", dir.path())
-            .status()
-            .expect("run bench child");
-        std::process::exit(status.code().unwrap_or(1));
-    }
+    let dir = common::private_softhsm_dir();
     if !nix::unistd::geteuid().is_root() {
         eprintln!("csi_publish mounts tmpfs volumes: run it as root");
         std::process::exit(1);
     }
-    let dir = PathBuf::from(std::env::var_os("HSM_BENCH_CHILD").expect("child dir"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -70,37 +48,6 @@ fn main() {
     let guard = UnmountGuard(dir.clone());
     rt.block_on(run(dir));
     drop(guard);
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-fn library() -> PathBuf {
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-    .expect("SoftHSM2 not installed: apt-get install -y softhsm2")
-}
-
-fn init_token(label: &str) {
-    let out = Command::new("softhsm2-util")
-        .args(["--init-token", "--free", "--label", label])
-        .args(["--pin", PIN, "--so-pin", "5678"])
-        .output()
-        .expect("softhsm2-util");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn ten_keys() -> SecretData {
@@ -129,10 +76,10 @@ struct Row {
 }
 
 async fn run(dir: PathBuf) {
-    let lib = library();
+    let lib = common::library();
     let pin_file = dir.join("pin");
-    std::fs::write(&pin_file, PIN).expect("pin");
-    init_token(LABEL);
+    std::fs::write(&pin_file, common::PIN).expect("pin");
+    common::init_token(LABEL);
     let store = Arc::new(
         Pkcs11Store::open(Pkcs11Config::new(&lib, LABEL, &pin_file))
             .await
@@ -201,7 +148,7 @@ async fn run(dir: PathBuf) {
     }
 
     let mut rows = Vec::new();
-    let sequential = env_usize("BENCH_SEQUENTIAL", 300);
+    let sequential = common::env_usize("BENCH_SEQUENTIAL", 300);
     // What the transport alone costs: an RPC that does no work.
     let mut rpc = Vec::new();
     for _ in 0..sequential {
@@ -236,7 +183,7 @@ async fn run(dir: PathBuf) {
         floor: percentiles(&mut floor),
     });
 
-    let rounds = env_usize("BENCH_CONCURRENT_ROUNDS", 5);
+    let rounds = common::env_usize("BENCH_CONCURRENT_ROUNDS", 5);
     let (mut ours, mut floor) = (Vec::new(), Vec::new());
     let (mut ours_wall, mut floor_wall) = (Duration::ZERO, Duration::ZERO);
     for round in 0..rounds {
@@ -295,7 +242,7 @@ async fn run(dir: PathBuf) {
     let _ = stop.send(());
     let _ = server.await;
 
-    let volumes = env_usize("BENCH_VOLUMES", 1000);
+    let volumes = common::env_usize("BENCH_VOLUMES", 1000);
     let rss = measure_binary_rss(&dir, &lib, &pin_file, &catalog_yaml, volumes).await;
 
     println!();

@@ -15,8 +15,9 @@
 //! token directory, 40,000 files at 10,000 secrets), which the floor of the "10 changes"
 //! row pays too.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,70 +27,15 @@ use hsm_secrets::mirror::{
     generate_pki, pb, serve,
 };
 
-const PIN: &str = "1234";
 const HOUR_MS: u64 = 3_600_000;
 
 fn main() {
-    // SoftHSM reads its configuration once per process: measure in a child process
-    // pointed at a private token directory.
-    if std::env::var_os("HSM_BENCH_CHILD").is_none() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir_all(&tokens).expect("token dir");
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .expect("conf");
-        let status = Command::new(std::env::current_exe().expect("exe"))
-            .args(std::env::args().skip(1))
-            .env("SOFTHSM2_CONF", &conf)
-            .env("HSM_BENCH_CHILD", dir.path())
-            .status()
-            .expect("run bench child");
-        std::process::exit(status.code().unwrap_or(1));
-    }
-    let dir = PathBuf::from(std::env::var_os("HSM_BENCH_CHILD").expect("child dir"));
+    let dir = common::private_softhsm_dir();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(run(dir));
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-fn library() -> PathBuf {
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-    .expect("SoftHSM2 not installed: apt-get install -y softhsm2")
-}
-
-fn init_token(label: &str) {
-    let out = Command::new("softhsm2-util")
-        .args(["--init-token", "--free", "--label", label])
-        .args(["--pin", PIN, "--so-pin", "5678"])
-        .output()
-        .expect("softhsm2-util");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 struct Bench {
@@ -213,8 +159,8 @@ fn ms(d: Duration) -> String {
 }
 
 async fn run(dir: PathBuf) {
-    let count = env_usize("BENCH_SECRETS", 10_000);
-    let samples = env_usize("BENCH_SAMPLES", 200);
+    let count = common::env_usize("BENCH_SECRETS", 10_000);
+    let samples = common::env_usize("BENCH_SAMPLES", 200);
     let labels = [
         "big-p",
         "big-m",
@@ -227,10 +173,10 @@ async fn run(dir: PathBuf) {
         "ro-m",
     ];
     for l in labels {
-        init_token(l);
+        common::init_token(l);
     }
     let pin_file = dir.join("pin");
-    std::fs::write(&pin_file, PIN).expect("pin");
+    std::fs::write(&pin_file, common::PIN).expect("pin");
     let pki = generate_pki(
         &dir.join("pki"),
         &[
@@ -247,7 +193,7 @@ async fn run(dir: PathBuf) {
     )
     .expect("pki");
     let b = Bench {
-        lib: library(),
+        lib: common::library(),
         pin_file,
         pki,
     };

@@ -3,9 +3,10 @@
 //!
 //! Run: `cargo bench --bench store` (needs softhsm2). Prints medians and ratios.
 
+mod common;
+
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,70 +18,13 @@ use hsm_secrets::hsm::{
     Expect, FaultPlan, Pkcs11Config, Pkcs11Store, SecretData, SecretPath, SecretStore,
 };
 
-const PIN: &str = "1234";
-
 fn main() {
-    // SoftHSM reads its configuration once per process: run the measurement in a child
-    // process pointed at a private token directory.
-    if std::env::var_os("HSM_BENCH_CHILD").is_none() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir_all(&tokens).expect("token dir");
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .expect("conf");
-        let status = Command::new(std::env::current_exe().expect("exe"))
-            .args(std::env::args().skip(1))
-            .env("SOFTHSM2_CONF", &conf)
-            .env("HSM_BENCH_CHILD", dir.path())
-            .status()
-            .expect("run bench child");
-        std::process::exit(status.code().unwrap_or(1));
-    }
-    let dir = PathBuf::from(std::env::var_os("HSM_BENCH_CHILD").expect("child dir"));
+    let dir = common::private_softhsm_dir();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(run(dir));
-}
-
-fn library() -> PathBuf {
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-    .expect("SoftHSM2 not installed: apt-get install -y softhsm2")
-}
-
-fn init_token(label: &str) {
-    let out = Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            label,
-            "--pin",
-            PIN,
-            "--so-pin",
-            "5678",
-        ])
-        .output()
-        .expect("softhsm2-util");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn median(v: &mut [Duration]) -> Duration {
@@ -96,11 +40,11 @@ struct Row {
 }
 
 async fn run(dir: PathBuf) {
-    let lib = library();
+    let lib = common::library();
     let pin_file = dir.join("pin");
-    std::fs::write(&pin_file, PIN).expect("pin");
-    init_token("bench-small");
-    init_token("bench-large");
+    std::fs::write(&pin_file, common::PIN).expect("pin");
+    common::init_token("bench-small");
+    common::init_token("bench-large");
 
     // Floors use their own session on the same (process-wide) module.
     let ctx = Pkcs11::new(&lib).expect("module");
@@ -268,7 +212,10 @@ fn floor_session(ctx: &Pkcs11, label: &str) -> Session {
         })
         .expect("token");
     let s = ctx.open_rw_session(slot).expect("session");
-    let _ = s.login(UserType::User, Some(&AuthPin::from(PIN.to_string())));
+    let _ = s.login(
+        UserType::User,
+        Some(&AuthPin::from(common::PIN.to_string())),
+    );
     s
 }
 
