@@ -155,3 +155,115 @@ async fn controller_promotes_the_most_caught_up_mirror_and_no_acknowledged_write
         .await;
     assert!(stale.is_err(), "a write under the old epoch is refused");
 }
+
+/// `kubectl hsm failover prod-hsm --to n2`: the controller fences the primary, waits until
+/// n2 has applied everything, promotes it and clears the request. Nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn planned_switchover_fences_waits_for_catch_up_and_loses_nothing() {
+    let pki = Pki::new(&["n1", "n2", "n3"]);
+    let Some(n1) = TestNode::start(ALL, "n1", "ctl-n1", &pki, eager_sync()).await else {
+        return;
+    };
+    let n2 = TestNode::start(ALL, "n2", "ctl-n2", &pki, eager_sync())
+        .await
+        .unwrap();
+    let n3 = TestNode::start(ALL, "n3", "ctl-n3", &pki, eager_sync())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = Arc::new(FileState::open(dir.path()).unwrap());
+    state
+        .apply_device(&support::fixtures::mirrored_device(
+            Some("n1"),
+            &["n2", "n3"],
+            2,
+        ))
+        .unwrap();
+    let lease = Duration::from_millis(1500);
+    let agents = Arc::new(
+        GrpcAgents::new(
+            &[n1.peer(), n2.peer(), n3.peer()],
+            &pki.tls(CONTROLLER),
+            Duration::from_secs(2),
+            lease,
+        )
+        .unwrap(),
+    );
+    let config = PlanConfig {
+        fencing: FencingConfig {
+            lease_duration: lease,
+            safety_margin: Duration::from_millis(500),
+        },
+        ..PlanConfig::default()
+    };
+    let ctl = DeviceController::new(state.clone(), agents, config, ControllerMetrics::default());
+    wait_for(Duration::from_secs(60), "bootstrap", || async {
+        let s = round(&ctl, &state).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (s.primary_node.as_deref() == Some("n1") && s.phase == DevicePhase::Ready).then_some(s)
+    })
+    .await;
+    let primary = pki.controller(&n1.peer());
+    for i in 0..20 {
+        primary
+            .put(
+                &path(&format!("shop/s{i}")),
+                &data(&[("v", format!("{i}").as_bytes())]),
+                Expect::Any,
+                1,
+            )
+            .await
+            .unwrap();
+    }
+
+    let mut dev = state.get_device("prod-hsm").await.unwrap().unwrap();
+    dev.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(hsm_secrets::crd::SWITCHOVER_ANNOTATION.into(), "n2".into());
+    state.apply_device(&dev).unwrap();
+
+    let status = wait_for(Duration::from_secs(60), "switchover", || async {
+        let s = round(&ctl, &state).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (s.primary_node.as_deref() == Some("n2")).then_some(s)
+    })
+    .await;
+    assert_eq!(status.epoch, 2);
+    // The request is cleared once the switchover completed.
+    wait_for(Duration::from_secs(30), "request cleared", || async {
+        round(&ctl, &state).await;
+        let d = state.get_device("prod-hsm").await.unwrap().unwrap();
+        let pending = d
+            .metadata
+            .annotations
+            .is_some_and(|a| a.contains_key(hsm_secrets::crd::SWITCHOVER_ANNOTATION));
+        (!pending).then_some(())
+    })
+    .await;
+    // Zero loss: every write acknowledged by n1 is on n2, which now takes writes.
+    let live = n2
+        .manifest()
+        .await
+        .into_iter()
+        .filter(|e| !e.deleted)
+        .count();
+    assert_eq!(live, 20);
+    let conn = pki.controller(&n2.peer());
+    conn.put(&path("shop/after"), &data(&[("v", b"x")]), Expect::Any, 2)
+        .await
+        .unwrap();
+    // The old primary refuses writes under either epoch.
+    assert!(
+        n1.agent
+            .put(&path("shop/x"), data(&[("v", b"x")]), Expect::Any, 1)
+            .await
+            .is_err()
+    );
+    assert!(
+        n1.agent
+            .put(&path("shop/x"), data(&[("v", b"x")]), Expect::Any, 2)
+            .await
+            .is_err()
+    );
+}

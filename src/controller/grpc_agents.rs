@@ -78,6 +78,7 @@ impl GrpcAgents {
             },
         };
         let write_lease = match role {
+            Some(DeviceRole::Primary) if h.fenced => WriteLease::Fenced,
             Some(DeviceRole::Primary) if h.write_lease_remaining_ms > 0 => WriteLease::Valid {
                 remaining: Duration::from_millis(h.write_lease_remaining_ms),
             },
@@ -258,10 +259,12 @@ impl Agents for GrpcAgents {
                 )
                 .await
             }
-            Action::FenceWrites { node, .. } => Err(AgentCallError {
-                node: node.clone(),
-                detail: "this agent version has no fence RPC: planned switchover is not available yet (automatic failover is)".into(),
-            }),
+            Action::FenceWrites { node, epoch } => self
+                .connection(node)?
+                .fence(*epoch)
+                .await
+                .map(|_| ())
+                .map_err(|e| call_error(node, e)),
             other => Err(AgentCallError {
                 node: String::new(),
                 detail: format!("not an agent action: {other:?}"),

@@ -202,13 +202,14 @@ impl Agent {
     /// Token, role and sync state for the controller's probe.
     pub async fn health(&self) -> pb::HealthResponse {
         let token = self.store().health().await;
-        let (role, epoch, lease, primary) = {
+        let (role, epoch, lease, primary, fenced) = {
             let c = self.control();
             (
                 c.role(),
                 c.epoch(),
                 c.lease_remaining(Instant::now()),
                 c.primary().cloned(),
+                c.is_fenced(),
             )
         };
         let mut h = pb::HealthResponse {
@@ -224,6 +225,7 @@ impl Agent {
             primary_known: primary.is_some(),
             primary_node: primary.as_ref().map(|p| p.node.clone()).unwrap_or_default(),
             primary_endpoint: primary.map(|p| p.endpoint).unwrap_or_default(),
+            fenced,
             ..Default::default()
         };
         match token {
@@ -329,6 +331,13 @@ impl Agent {
     }
 
     /// Extends the primary's write lease from now.
+    /// Stops writes for good under `epoch` (planned switchover); returns the sequence
+    /// after which this primary publishes nothing more.
+    pub fn fence(&self, epoch: u64) -> Result<u64, MirrorError> {
+        self.control().fence(epoch)?;
+        Ok(self.applied_sequence(DeviceRole::Primary))
+    }
+
     pub fn renew_lease(&self, epoch: u64, duration: Duration) -> Result<Duration, MirrorError> {
         self.control().renew(epoch, duration, Instant::now())
     }

@@ -202,6 +202,12 @@ impl AgentConnection {
         .await
     }
 
+    pub async fn fence(&self, epoch: u64) -> Result<pb::FenceResponse, MirrorError> {
+        let request = pb::FenceRequest { epoch };
+        self.call("Fence", |mut c| async move { c.fence(request).await })
+            .await
+    }
+
     pub async fn renew_lease(
         &self,
         epoch: u64,

@@ -54,6 +54,11 @@ pub enum MirrorError {
     },
 
     #[error(
+        "fenced: primary {node} stopped writes at epoch {epoch} for a planned switchover; writes resume on the new primary"
+    )]
+    Fenced { node: String, epoch: u64 },
+
+    #[error(
         "fenced: the write lease of primary {node} expired while the write of {path} (version {version}) was in progress; do not rely on it: it is discarded and reported as a lost write if another node was promoted"
     )]
     LeaseExpiredDuringWrite {
@@ -144,6 +149,7 @@ impl MirrorError {
             MirrorError::StaleEpoch { .. } => "stale_epoch",
             MirrorError::UnknownEpoch { .. } => "unknown_epoch",
             MirrorError::LeaseExpired { .. } => "lease_expired",
+            MirrorError::Fenced { .. } => "fenced",
             MirrorError::LeaseExpiredDuringWrite { .. } => "lease_expired_during_write",
             MirrorError::NotMirror { .. } => "not_mirror",
             MirrorError::WrongPrimary { .. } => "wrong_primary",
@@ -170,9 +176,9 @@ impl MirrorError {
             | MirrorError::NotMirror { .. }
             | MirrorError::WrongPrimary { .. }
             | MirrorError::NotSyncing { .. } => Code::FailedPrecondition,
-            MirrorError::LeaseExpired { .. } | MirrorError::LeaseExpiredDuringWrite { .. } => {
-                Code::Unavailable
-            }
+            MirrorError::LeaseExpired { .. }
+            | MirrorError::LeaseExpiredDuringWrite { .. }
+            | MirrorError::Fenced { .. } => Code::Unavailable,
             MirrorError::InvalidArgument { .. } => Code::InvalidArgument,
             MirrorError::Store(e) => store_code(e),
             MirrorError::ChecksumMismatch { .. } => Code::DataLoss,
@@ -369,5 +375,12 @@ mod tests {
         assert_eq!(codes[4], Code::Unavailable);
         assert_eq!(codes[7], Code::NotFound);
         assert_eq!(codes[8], Code::DataLoss);
+        let fenced = MirrorError::Fenced {
+            node: "n1".into(),
+            epoch: 3,
+        };
+        assert_eq!(fenced.code(), Code::Unavailable);
+        assert_eq!(fenced.kind(), "fenced");
+        assert!(!Status::from(fenced).message().is_empty());
     }
 }

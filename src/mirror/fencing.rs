@@ -67,6 +67,8 @@ pub struct Control {
     role: DeviceRole,
     epoch: u64,
     lease_until: Option<Instant>,
+    /// Writes stopped for good under the current epoch (planned switchover).
+    fenced: bool,
     primary: Option<Peer>,
     mirrors: Vec<Peer>,
 }
@@ -79,6 +81,7 @@ impl Control {
             role: DeviceRole::Standby,
             epoch: 0,
             lease_until: None,
+            fenced: false,
             primary: None,
             mirrors: Vec::new(),
         }
@@ -179,6 +182,9 @@ impl Control {
             epoch_changed: a.epoch != self.epoch,
             primary_changed: a.role != DeviceRole::Primary && a.primary != self.primary,
         };
+        if a.epoch != self.epoch || a.role != DeviceRole::Primary {
+            self.fenced = false;
+        }
         self.role = a.role;
         self.epoch = a.epoch;
         if a.role == DeviceRole::Primary {
@@ -217,8 +223,30 @@ impl Control {
         if self.role != DeviceRole::Primary {
             return Err(self.not_primary());
         }
+        if self.fenced {
+            return Err(MirrorError::Fenced {
+                node: self.node.clone(),
+                epoch: self.epoch,
+            });
+        }
         self.lease_until = Some(now + duration);
         Ok(duration)
+    }
+
+    /// Stops writes now and for good under `epoch` (first step of a planned switchover):
+    /// no renewal revives them; only a new assignment does.
+    pub fn fence(&mut self, epoch: u64) -> Result<(), MirrorError> {
+        self.check_epoch(epoch, "Fence")?;
+        if self.role != DeviceRole::Primary {
+            return Err(self.not_primary());
+        }
+        self.fenced = true;
+        self.lease_until = None;
+        Ok(())
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
     }
 
     /// Whether a client write stamped with `epoch` may proceed now.
@@ -233,6 +261,12 @@ impl Control {
             return Err(self.not_primary());
         }
         self.check_epoch(epoch, "a write")?;
+        if self.fenced {
+            return Err(MirrorError::Fenced {
+                node: self.node.clone(),
+                epoch: self.epoch,
+            });
+        }
         self.check_lease(now)
     }
 
@@ -389,6 +423,33 @@ mod tests {
             lease: Duration::ZERO,
             sync_interval: None,
         }
+    }
+
+    #[test]
+    fn a_fence_stops_writes_for_good_until_a_new_assignment() {
+        let t0 = Instant::now();
+        let mut c = Control::new("n1");
+        assert!(matches!(c.fence(1), Err(MirrorError::UnknownEpoch { .. })));
+        c.assign(&primary(1), t0).expect("promote");
+        assert!(matches!(c.fence(2), Err(MirrorError::UnknownEpoch { .. })));
+        c.fence(1).expect("fence");
+        assert!(c.is_fenced());
+        let err = c.admit_write(1, t0).expect_err("fenced");
+        assert!(matches!(err, MirrorError::Fenced { .. }), "{err}");
+        assert!(err.to_string().contains("planned switchover"), "{err}");
+        assert!(
+            matches!(c.renew(1, LEASE, t0), Err(MirrorError::Fenced { .. })),
+            "no renewal revives it"
+        );
+        assert_eq!(c.lease_remaining(t0), Duration::ZERO);
+        // Re-sending the same assignment keeps the fence; a new epoch lifts it.
+        c.assign(&primary(1), t0).expect("same assignment");
+        assert!(c.is_fenced());
+        c.assign(&mirror(2, "n2"), t0).expect("demote");
+        assert!(!c.is_fenced());
+        c.assign(&primary(3), t0).expect("promote again");
+        c.admit_write(3, t0)
+            .expect("writes again under the new epoch");
     }
 
     #[test]

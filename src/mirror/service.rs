@@ -205,6 +205,14 @@ impl pb::agent_server::Agent for AgentService {
             remaining_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
         }))
     }
+
+    async fn fence(
+        &self,
+        request: Request<pb::FenceRequest>,
+    ) -> Result<Response<pb::FenceResponse>, Status> {
+        let applied_sequence = self.agent.fence(request.into_inner().epoch)?;
+        Ok(Response::new(pb::FenceResponse { applied_sequence }))
+    }
 }
 
 #[cfg(test)]

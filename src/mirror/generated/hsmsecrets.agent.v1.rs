@@ -99,6 +99,9 @@ pub struct HealthResponse {
     /// Primary under the Active policy: which mirrors writes wait for.
     #[prost(message, optional, tag = "16")]
     pub replication: ::core::option::Option<ReplicationStatus>,
+    /// Primary: writes stopped for a planned switchover under this epoch.
+    #[prost(bool, tag = "17")]
+    pub fenced: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SyncStatus {
@@ -381,6 +384,17 @@ pub struct RenewLeaseRequest {
 pub struct RenewLeaseResponse {
     #[prost(uint64, tag = "1")]
     pub remaining_ms: u64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FenceRequest {
+    #[prost(uint64, tag = "1")]
+    pub epoch: u64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FenceResponse {
+    /// Everything up to this sequence is all the primary will ever publish under the epoch.
+    #[prost(uint64, tag = "1")]
+    pub applied_sequence: u64,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -743,6 +757,29 @@ pub mod agent_client {
                 .insert(GrpcMethod::new("hsmsecrets.agent.v1.Agent", "RenewLease"));
             self.inner.unary(req, path, codec).await
         }
+        /// Controller: stop writes on the primary now and for good under this epoch (the first
+        /// step of a planned switchover); only a new assignment lifts it.
+        pub async fn fence(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FenceRequest>,
+        ) -> std::result::Result<tonic::Response<super::FenceResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hsmsecrets.agent.v1.Agent/Fence",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hsmsecrets.agent.v1.Agent", "Fence"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -820,6 +857,12 @@ pub mod agent_server {
             tonic::Response<super::RenewLeaseResponse>,
             tonic::Status,
         >;
+        /// Controller: stop writes on the primary now and for good under this epoch (the first
+        /// step of a planned switchover); only a new assignment lifts it.
+        async fn fence(
+            &self,
+            request: tonic::Request<super::FenceRequest>,
+        ) -> std::result::Result<tonic::Response<super::FenceResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AgentServer<T> {
@@ -1312,6 +1355,49 @@ pub mod agent_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RenewLeaseSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hsmsecrets.agent.v1.Agent/Fence" => {
+                    #[allow(non_camel_case_types)]
+                    struct FenceSvc<T: Agent>(pub Arc<T>);
+                    impl<T: Agent> tonic::server::UnaryService<super::FenceRequest>
+                    for FenceSvc<T> {
+                        type Response = super::FenceResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FenceRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::fence(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = FenceSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
