@@ -286,9 +286,12 @@ pub struct DeviceNodeStatus {
 /// (set by `kubectl hsm failover DEVICE --to NODE`; removed by the controller when done).
 pub const SWITCHOVER_ANNOTATION: &str = "hsmsecrets.io/switchover-to";
 
-/// Label a node carries while its copy of the device is ready (pod injection uses it).
+/// `hsmsecrets.io/device.<device>`: the label a node carries (value `ready`) while its copy
+/// of the device serves; the controller sets it and pod injection's affinity matches it.
+/// The name part of a label key is limited to 63 characters, so device names longer than
+/// 56 characters cannot be labelled; the admission webhook refuses them.
 pub fn node_ready_label(device: &str) -> String {
-    format!("hsmsecrets.io/device.{device}")
+    format!("{}device.{device}", super::PREFIX)
 }
 
 impl HSMDevice {

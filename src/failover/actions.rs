@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::crd::{DeviceRole, PREFIX};
+use crate::crd::DeviceRole;
 
 /// One step for the controller, executed in the order given.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,12 +98,8 @@ impl EventType {
 /// Value of the node label while the node serves the device (primary or caught-up mirror).
 pub const READY_LABEL_VALUE: &str = "ready";
 
-/// `hsmsecrets.io/device.<device>`: the node label pod injection's affinity matches on.
-/// The name part of a label key is limited to 63 characters, so device names longer than
-/// 56 characters cannot be labelled; the admission webhook should refuse them.
-pub fn ready_label_key(device: &str) -> String {
-    format!("{PREFIX}device.{device}")
-}
+/// The node label [`Action::LabelNode`] sets (see [`crate::crd::node_ready_label`]).
+pub use crate::crd::node_ready_label as ready_label_key;
 
 impl Action {
     pub(crate) fn event(reason: EventReason, type_: EventType, message: String) -> Self {

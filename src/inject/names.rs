@@ -46,11 +46,8 @@ pub fn validate_device_name(name: &str) -> Option<String> {
     })
 }
 
-/// The node label the node plugin sets to `ready` while `device` is usable on
-/// that node; injected pods are steered towards it.
-pub fn device_ready_label(device: &str) -> String {
-    format!("hsmsecrets.io/device.{device}")
-}
+/// The node label injected pods are steered towards (see [`crate::crd::node_ready_label`]).
+pub use crate::crd::node_ready_label as device_ready_label;
 
 #[cfg(test)]
 mod tests {
