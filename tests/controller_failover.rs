@@ -34,19 +34,24 @@ async fn round(
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn controller_promotes_the_most_caught_up_mirror_and_no_acknowledged_write_is_lost() {
-    let pki = Pki::new(&["n1", "n2", "n3"]);
-    let Some(mut n1) = TestNode::start(ALL, "n1", "ctl-n1", &pki, eager_sync()).await else {
-        return;
-    };
-    let n2 = TestNode::start(ALL, "n2", "ctl-n2", &pki, eager_sync())
-        .await
-        .unwrap();
-    let n3 = TestNode::start(ALL, "n3", "ctl-n3", &pki, eager_sync())
-        .await
-        .unwrap();
+/// Three agents on their own tokens, the file-backed state with the mirrored device, and a
+/// controller over them (1.5 s write lease, 0.5 s margin). None when SoftHSM is absent.
+struct Setup {
+    pki: Pki,
+    n1: TestNode,
+    n2: TestNode,
+    n3: TestNode,
+    _dir: tempfile::TempDir,
+    state: Arc<FileState>,
+    ctl: DeviceController<FileState, GrpcAgents>,
+    lease: Duration,
+}
 
+async fn setup() -> Option<Setup> {
+    let pki = Pki::new(&["n1", "n2", "n3"]);
+    let n1 = TestNode::start(ALL, "n1", "ctl-n1", &pki, eager_sync()).await?;
+    let n2 = TestNode::start(ALL, "n2", "ctl-n2", &pki, eager_sync()).await?;
+    let n3 = TestNode::start(ALL, "n3", "ctl-n3", &pki, eager_sync()).await?;
     let dir = tempfile::tempdir().unwrap();
     let state = Arc::new(FileState::open(dir.path()).unwrap());
     state
@@ -74,6 +79,33 @@ async fn controller_promotes_the_most_caught_up_mirror_and_no_acknowledged_write
         ..PlanConfig::default()
     };
     let ctl = DeviceController::new(state.clone(), agents, config, ControllerMetrics::default());
+    Some(Setup {
+        pki,
+        n1,
+        n2,
+        n3,
+        _dir: dir,
+        state,
+        ctl,
+        lease,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn controller_promotes_the_most_caught_up_mirror_and_no_acknowledged_write_is_lost() {
+    let Some(Setup {
+        pki,
+        mut n1,
+        n2,
+        n3,
+        _dir,
+        state,
+        ctl,
+        lease,
+    }) = setup().await
+    else {
+        return;
+    };
 
     // Bootstrap: n1 (preferred) becomes primary; the mirrors follow it.
     let status = wait_for(Duration::from_secs(60), "bootstrap", || async {
@@ -160,43 +192,19 @@ async fn controller_promotes_the_most_caught_up_mirror_and_no_acknowledged_write
 /// n2 has applied everything, promotes it and clears the request. Nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn planned_switchover_fences_waits_for_catch_up_and_loses_nothing() {
-    let pki = Pki::new(&["n1", "n2", "n3"]);
-    let Some(n1) = TestNode::start(ALL, "n1", "ctl-n1", &pki, eager_sync()).await else {
+    let Some(Setup {
+        pki,
+        n1,
+        n2,
+        n3: _n3,
+        _dir,
+        state,
+        ctl,
+        ..
+    }) = setup().await
+    else {
         return;
     };
-    let n2 = TestNode::start(ALL, "n2", "ctl-n2", &pki, eager_sync())
-        .await
-        .unwrap();
-    let n3 = TestNode::start(ALL, "n3", "ctl-n3", &pki, eager_sync())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let state = Arc::new(FileState::open(dir.path()).unwrap());
-    state
-        .apply_device(&support::fixtures::mirrored_device(
-            Some("n1"),
-            &["n2", "n3"],
-            2,
-        ))
-        .unwrap();
-    let lease = Duration::from_millis(1500);
-    let agents = Arc::new(
-        GrpcAgents::new(
-            &[n1.peer(), n2.peer(), n3.peer()],
-            &pki.tls(CONTROLLER),
-            Duration::from_secs(2),
-            lease,
-        )
-        .unwrap(),
-    );
-    let config = PlanConfig {
-        fencing: FencingConfig {
-            lease_duration: lease,
-            safety_margin: Duration::from_millis(500),
-        },
-        ..PlanConfig::default()
-    };
-    let ctl = DeviceController::new(state.clone(), agents, config, ControllerMetrics::default());
     wait_for(Duration::from_secs(60), "bootstrap", || async {
         let s = round(&ctl, &state).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
