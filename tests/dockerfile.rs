@@ -42,7 +42,9 @@ fn parse(text: &str) -> Vec<Instruction> {
             continue;
         }
         joined.push_str(trimmed);
-        let (keyword, args) = joined.split_once(char::is_whitespace).unwrap_or((&joined, ""));
+        let (keyword, args) = joined
+            .split_once(char::is_whitespace)
+            .unwrap_or((&joined, ""));
         out.push(Instruction {
             line: start,
             keyword: keyword.to_ascii_uppercase(),
@@ -189,7 +191,12 @@ fn runtime_is_glibc_debian_with_the_pkcs11_modules_the_manifests_use() {
         .find(|r| r.args.contains("apt-get install"))
         .expect("Dockerfile: the runtime installs packages");
     let words: Vec<&str> = install.args.split_whitespace().collect();
-    for package in ["softhsm2", "opensc", "ca-certificates", "--no-install-recommends"] {
+    for package in [
+        "softhsm2",
+        "opensc",
+        "ca-certificates",
+        "--no-install-recommends",
+    ] {
         assert!(
             words.contains(&package),
             "Dockerfile:{}: apt-get install {package}",
@@ -212,7 +219,11 @@ fn runtime_is_glibc_debian_with_the_pkcs11_modules_the_manifests_use() {
         );
     }
     // The image build fails if a module is not where a manifest or example expects it.
-    let all_runs: String = runs.iter().map(|r| r.args.as_str()).collect::<Vec<_>>().join(" ");
+    let all_runs: String = runs
+        .iter()
+        .map(|r| r.args.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
     for module in &modules {
         assert!(
             all_runs.contains(&format!("test -f {module}")),
@@ -233,7 +244,12 @@ fn runtime_runs_the_binary_as_the_non_root_user_of_the_manifests() {
         .next()
         .unwrap()
         .parse()
-        .unwrap_or_else(|_| panic!("Dockerfile:{}: USER must be numeric (runAsNonRoot checks a uid)", user.line));
+        .unwrap_or_else(|_| {
+            panic!(
+                "Dockerfile:{}: USER must be numeric (runAsNonRoot checks a uid)",
+                user.line
+            )
+        });
     assert_ne!(uid, 0, "Dockerfile:{}: USER must not be root", user.line);
     let creates = find(runtime, "RUN")
         .into_iter()
@@ -241,10 +257,16 @@ fn runtime_runs_the_binary_as_the_non_root_user_of_the_manifests() {
     assert!(creates, "Dockerfile: useradd --uid {uid}");
 
     // Controller and webhook run as that uid; the node plugin overrides it with root.
-    for file in ["manifests/controller/deployment.yaml", "manifests/webhook/deployment.yaml"] {
+    for file in [
+        "manifests/controller/deployment.yaml",
+        "manifests/webhook/deployment.yaml",
+    ] {
         let doc: Value = serde_saphyr::from_str(&read(file)).unwrap();
         let sc = &doc["spec"]["template"]["spec"]["securityContext"];
-        assert_eq!(sc["runAsUser"], uid, "{file}: spec.template.spec.securityContext.runAsUser");
+        assert_eq!(
+            sc["runAsUser"], uid,
+            "{file}: spec.template.spec.securityContext.runAsUser"
+        );
         assert_eq!(sc["runAsNonRoot"], true, "{file}: runAsNonRoot");
     }
 
@@ -252,7 +274,10 @@ fn runtime_runs_the_binary_as_the_non_root_user_of_the_manifests() {
     let entrypoint = find(runtime, "ENTRYPOINT");
     let entrypoint = entrypoint.last().expect("Dockerfile: ENTRYPOINT");
     let exec: Vec<String> = serde_json::from_str(&entrypoint.args).unwrap_or_else(|e| {
-        panic!("Dockerfile:{}: ENTRYPOINT in exec form (JSON): {e}", entrypoint.line)
+        panic!(
+            "Dockerfile:{}: ENTRYPOINT in exec form (JSON): {e}",
+            entrypoint.line
+        )
     });
     assert_eq!(exec, [format!("/usr/local/bin/{binary}")]);
     let copy = find(runtime, "COPY")
@@ -266,14 +291,21 @@ fn runtime_runs_the_binary_as_the_non_root_user_of_the_manifests() {
             copy.line
         );
     }
-    assert!(copy.args.ends_with(" /usr/local/bin/"), "Dockerfile:{}", copy.line);
+    assert!(
+        copy.args.ends_with(" /usr/local/bin/"),
+        "Dockerfile:{}",
+        copy.line
+    );
 }
 
 #[test]
 fn image_name_and_tag_agree_between_dockerfile_readme_and_manifests() {
     let dockerfile = read("Dockerfile");
     let build = format!("docker build -t {IMAGE} .");
-    assert!(dockerfile.contains(&build), "Dockerfile: document `{build}`");
+    assert!(
+        dockerfile.contains(&build),
+        "Dockerfile: document `{build}`"
+    );
     assert!(
         read("manifests/README.md").contains(&build),
         "manifests/README.md: document `{build}`"
@@ -320,7 +352,14 @@ fn dockerignore_keeps_the_build_inputs_and_drops_the_rest() {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| l.trim_start_matches('/').trim_end_matches('/').to_owned())
         .collect();
-    for needed in ["Cargo.toml", "Cargo.lock", "src", "csi", "webhook", "benches"] {
+    for needed in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "src",
+        "csi",
+        "webhook",
+        "benches",
+    ] {
         assert!(
             !ignored.iter().any(|p| p == needed || p == "*" || p == "**"),
             ".dockerignore: the build needs {needed}"
