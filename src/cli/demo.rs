@@ -38,24 +38,25 @@ pub fn run(args: DemoArgs, _common: CommonArgs) -> anyhow::Result<()> {
         .build()
         .context("start the async runtime")?;
     let mut report = Report::stdout(steps::STEPS.len());
+    // Handlers go in before anything starts: a ctrl-c during startup must still clean up.
+    let interrupted = {
+        let _guard = runtime.enter();
+        shutdown_signal().context("install the ctrl-c and SIGTERM handlers")?
+    };
     runtime
-        .block_on(steps::run_demo(&config, &mut report, shutdown_signal()))
+        .block_on(steps::run_demo(&config, &mut report, interrupted))
         .map_err(anyhow::Error::new)
 }
 
-/// ctrl-c or SIGTERM: the demo stops and cleans up.
-pub(crate) async fn shutdown_signal() {
+/// Completes on ctrl-c or SIGTERM: the demo then stops and cleans up.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        _ => std::future::pending().await,
-    }
+    })
 }
