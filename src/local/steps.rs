@@ -776,9 +776,9 @@ impl Walk<'_> {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        self.report.detail(&format!(
-            "$ kubectl apply -f payment-token.yaml   (HSMSecret with spec.source: an import)"
-        ));
+        self.report.detail(
+            "$ kubectl apply -f payment-token.yaml   (HSMSecret with spec.source: an import)",
+        );
         self.report.detail(&format!(
             "denied by the validating webhook (HTTP {}): {message}",
             answer["status"]["code"]
