@@ -116,6 +116,12 @@ async fn up(dir: PathBuf, softhsm_module: Option<PathBuf>) -> anyhow::Result<()>
         tied_to_parent: false,
         ..ClusterConfig::default()
     };
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "warning: not root: the CSI plugins cannot mount tmpfs volumes, so NodePublishVolume \
+             will fail; agents, controller and webhook work"
+        );
+    }
     let mut cluster = tokio::task::block_in_place(|| LocalCluster::start(&config))?;
     let status = system::bring_up(&mut cluster).await?;
     let state = cluster.detach();

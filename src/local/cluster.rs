@@ -74,6 +74,8 @@ pub struct ClusterConfig {
     pub tied_to_parent: bool,
     /// Leave the directory (and, with `local up`, the processes) in place.
     pub keep: bool,
+    /// Refuse to start without the privilege to mount tmpfs (the demo mounts volumes).
+    pub require_mounts: bool,
 }
 
 /// One simulated node: its token, agent and CSI plugin.
@@ -206,6 +208,13 @@ impl LocalCluster {
         };
         // On error `cluster` is dropped here, which stops and removes what was started.
         cluster.module = tokens::find_module(config.softhsm_module.as_deref())?;
+        if config.require_mounts && !nix::unistd::geteuid().is_root() {
+            return Err(LocalError::Check(
+                "the CSI plugins mount tmpfs volumes, as on a node, which needs root: run it as \
+                 root (sudo); there is no unprivileged fallback yet"
+                    .into(),
+            ));
+        }
         cluster.boot()?;
         Ok(cluster)
     }
@@ -266,7 +275,15 @@ impl LocalCluster {
         let process = ChildProcess::spawn(Launch {
             name,
             args,
-            env: [vec![("HSM_LOG", "warn".to_string())], env].concat(),
+            env: [
+                vec![
+                    ("HSM_LOG", "warn".to_string()),
+                    // Logs go to files: no terminal colours.
+                    ("NO_COLOR", "1".to_string()),
+                ],
+                env,
+            ]
+            .concat(),
             log_dir: &logs,
             tied_to_parent: self.tied_to_parent,
         })?;
