@@ -707,7 +707,7 @@ impl Walk<'_> {
             m.auto_failover = Some(false);
         }
         device.status = None;
-        self.state.apply_device(&device)?;
+        let generation = self.state.apply_device(&device)?.metadata.generation;
         self.report.detail(&format!(
             "$ kubectl patch hsmdevice {DEVICE} --type merge -p '{{\"spec\":{{\"mirroring\":{{\"autoFailover\":false}}}}}}'"
         ));
@@ -715,6 +715,8 @@ impl Walk<'_> {
             &format!("{survivor} to follow {primary} as a caught-up read-only mirror"),
             CONVERGE_TIMEOUT,
             |s| {
+                // The controller has seen the manual mode (it plans with this spec).
+                (s.observed_generation >= generation).then_some(())?;
                 s.nodes
                     .iter()
                     .any(|n| {
@@ -1099,4 +1101,35 @@ pub fn summarize_injection(pod: &Value) -> InjectionSummary {
         ));
     }
     InjectionSummary { lines, attributes }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_injected_pod_is_summarized_with_the_attributes_kubelet_passes() {
+        let mut pod = example_pod();
+        pod["spec"]["volumes"] = json!([{"name": VOLUME_NAME, "csi": {
+            "driver": "csi.hsmsecrets.io", "readOnly": true,
+            "volumeAttributes": {"secrets": "db-credentials", "device": DEVICE, "fileMode": "0440"}}}]);
+        pod["spec"]["containers"][0]["volumeMounts"] =
+            json!([{"name": VOLUME_NAME, "mountPath": "/var/run/hsm-secrets", "readOnly": true}]);
+        pod["metadata"]["annotations"]["hsmsecrets.io/status"] = json!("injected");
+        let summary = summarize_injection(&pod);
+        let attributes = summary.attributes.expect("volume found");
+        assert_eq!(
+            attributes.get(ATTRIBUTE_DEVICE).map(String::as_str),
+            Some(DEVICE)
+        );
+        assert_eq!(
+            summary.lines,
+            [
+                "+ volume hsm-secrets: CSI driver csi.hsmsecrets.io, readOnly true, device=prod-hsm, fileMode=0440, secrets=db-credentials",
+                "+ container app: mounts it at /var/run/hsm-secrets (readOnly true)",
+                "+ annotation hsmsecrets.io/status: injected",
+            ]
+        );
+        assert!(summarize_injection(&example_pod()).attributes.is_none());
+    }
 }
