@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
-# The no-cluster demo on SoftHSM.
-#
-# The full walk-through (inject -> mount -> mirror -> failover -> read-only enforcement,
-# `hsm-secrets demo`) is still being wired. Until it lands this runs the live failover
-# scenario it is built around: three `hsm-secrets agent` processes, each on its own
-# SoftHSM token with mutual TLS, and the `hsm-secrets controller` process on the
-# file-backed state. The primary is killed with SIGKILL; a caught-up mirror is promoted
-# once the old write lease has lapsed and serves every acknowledged write.
+# The no-cluster demo on SoftHSM: `hsm-secrets demo` starts three simulated nodes (a
+# SoftHSM token, an agent and a CSI node plugin each), the admission webhook and the
+# failover controller on file-backed state, then walks through storing secrets, pod
+# injection, a tmpfs mount on a mirror, SIGKILL of the primary, failover and read-only
+# enforcement, and cleans everything up. Extra arguments go to `hsm-secrets demo`
+# (--keep, --work-dir DIR, --softhsm-module PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/ensure-softhsm.sh
-if ! command -v cargo-nextest >/dev/null 2>&1; then
-  cargo install cargo-nextest --locked
+if [ "$(id -u)" -ne 0 ]; then
+  echo "the demo mounts tmpfs volumes as the CSI plugin does on a node: run it as root (sudo $0)" >&2
+  exit 1
 fi
-echo "== hsm-secrets: failover of a mirrored HSM device across three node processes (SoftHSM)"
-echo "   (the complete one-command demo, hsm-secrets demo, is coming with the demo issue)"
-exec cargo nextest run --locked -p hsm-secrets --test controller_process --no-capture
+# cargo replaces itself with the program (exec), so ctrl-c reaches the demo directly.
+exec cargo run --locked --quiet -p hsm-secrets --bin hsm-secrets -- demo "$@"

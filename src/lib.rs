@@ -9,6 +9,7 @@ pub mod failover;
 pub mod hsm;
 pub mod inject;
 pub mod kubectl;
+pub mod local;
 pub mod mirror;
 pub mod node;
 pub mod state;

@@ -23,9 +23,15 @@ enum Command {
     Controller(Box<hsm_secrets::cli::controller::ControllerArgs>),
     /// Serve one node's token as a device agent (mirroring, mutual TLS gRPC).
     Agent(Box<hsm_secrets::cli::agent::AgentArgs>),
+    /// Run the whole system on this machine (SoftHSM, no cluster) and walk through
+    /// inject, mount, mirror, failover and read-only enforcement.
+    Demo(hsm_secrets::cli::demo::DemoArgs),
+    /// Keep the demo's system running for interactive use (up, status, put, get, down).
+    Local(hsm_secrets::cli::local::LocalArgs),
 }
 
 fn main() -> anyhow::Result<()> {
+    hsm_secrets::local::exit_with_parent_from_env();
     let cli = Cli::parse();
     hsm_secrets::telemetry::init(&cli.common);
     match cli.command {
@@ -34,6 +40,8 @@ fn main() -> anyhow::Result<()> {
         Command::Webhook(args) => hsm_secrets::cli::webhook::run(*args, cli.common)?,
         Command::Controller(args) => hsm_secrets::cli::controller::run(*args, cli.common)?,
         Command::Agent(args) => hsm_secrets::cli::agent::run(*args, &cli.common)?,
+        Command::Demo(args) => hsm_secrets::cli::demo::run(args, cli.common)?,
+        Command::Local(args) => hsm_secrets::cli::local::run(args, cli.common)?,
     }
     Ok(())
 }

@@ -2,5 +2,7 @@
 
 pub mod agent;
 pub mod controller;
+pub mod demo;
+pub mod local;
 pub mod node;
 pub mod webhook;

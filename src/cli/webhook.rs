@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::admission::bootstrap::{self, BootstrapConfig, BootstrapTiming};
 use crate::admission::certificates::ServingIdentity;
 use crate::admission::{AdmissionMetrics, ReflectorState, Rules};
+use crate::local::FileAdmissionState;
 use crate::telemetry::CommonArgs;
 
 /// Flags of `hsm-secrets webhook`.
@@ -82,6 +83,14 @@ pub struct WebhookArgs {
     /// This replica's identity in the Lease (defaults to $HOSTNAME, the pod name).
     #[arg(long, env = "HSM_POD_NAME")]
     pub pod_name: Option<String>,
+    /// No cluster: read HSMDevices and HSMSecrets from this state directory (the
+    /// controller's `--state DIR`) instead of the Kubernetes API.
+    #[arg(
+        long,
+        env = "HSM_WEBHOOK_STATE",
+        conflicts_with = "bootstrap_certificates"
+    )]
+    pub state: Option<PathBuf>,
 }
 
 /// Run the webhook until SIGTERM or Ctrl-C.
@@ -115,18 +124,28 @@ async fn serve(args: WebhookArgs, common: CommonArgs) -> anyhow::Result<()> {
         }
     };
 
-    let client = kube::Client::try_default().await.context(
-        "cannot configure a Kubernetes client (in-cluster service account or KUBECONFIG)",
-    )?;
-    let (state, watches) = ReflectorState::watch(client.clone());
-    tokio::spawn(watches);
-
     let mut registry = Registry::default();
     let metrics = AdmissionMetrics::register(&mut registry);
-    let rules = Arc::new(Rules::with_metrics(state, metrics.clone()));
-    let webhook = WebhookState::new(rules, registry);
+    let mut client = None;
+    let webhook = if let Some(dir) = &args.state {
+        let (state, refresh) =
+            FileAdmissionState::watch(dir).with_context(|| format!("--state {}", dir.display()))?;
+        tokio::spawn(refresh);
+        let rules = Arc::new(Rules::with_metrics(state, metrics.clone()));
+        WebhookState::new(rules, registry)
+    } else {
+        let kube = kube::Client::try_default().await.context(
+            "cannot configure a Kubernetes client (in-cluster service account or KUBECONFIG); \
+             use --state DIR to run without a cluster",
+        )?;
+        let (state, watches) = ReflectorState::watch(kube.clone());
+        tokio::spawn(watches);
+        client = Some(kube);
+        let rules = Arc::new(Rules::with_metrics(state, metrics.clone()));
+        WebhookState::new(rules, registry)
+    };
 
-    if args.bootstrap_certificates {
+    if let Some(client) = client.filter(|_| args.bootstrap_certificates) {
         let config = bootstrap_config(&args);
         tracing::info!(
             secret = %config.secret_name,

@@ -1,0 +1,704 @@
+//! The processes, tokens, certificates and directories of one local system, owned by
+//! [`LocalCluster`]: dropping it (or [`LocalCluster::shutdown`]) stops every process,
+//! unmounts every volume and removes the directory.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::LocalError;
+use super::processes::{ChildProcess, Launch, RecordedProcess, stop_all};
+use super::tokens::{self, NodeToken};
+use crate::admission::certificates::{self, ServingIdentity};
+use crate::crd::{
+    AccessSpec, HSMDevice, HSMDeviceSpec, HSMSecret, HSMSecretSpec, MirroringPolicy, MirroringSpec,
+    Pkcs11Spec, SecretKeyRef,
+};
+use crate::mirror::generate_pki;
+use crate::mirror::tls::TlsFiles;
+use crate::state::FileState;
+
+/// The device of the local system.
+pub const DEVICE: &str = "prod-hsm";
+/// The simulated nodes; the first is the preferred primary.
+pub const NODES: [&str; 3] = ["worker-1", "worker-2", "worker-3"];
+/// Every node's token carries this label, as one device's tokens do on a cluster.
+pub const TOKEN_LABEL: &str = "prod";
+/// The controller's name in the agent PKI.
+pub const CONTROLLER: &str = "controller";
+/// The Service the webhook certificate is issued for (what the API server would dial).
+pub const WEBHOOK_IDENTITY: (&str, &str) = ("hsm-secrets-webhook", "hsm-secrets-system");
+/// Namespace and service account of the example workload.
+pub const NAMESPACE: &str = "shop";
+pub const SERVICE_ACCOUNT: &str = "checkout";
+/// The HSMSecrets the local system declares (in [`NAMESPACE`]).
+pub const SECRETS: [&str; 2] = ["db-credentials", "api-key"];
+
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// Probe, lease and pull timing: short, so a failover takes seconds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Timing {
+    pub probe_interval_ms: u64,
+    pub write_lease_ms: u64,
+    pub lease_margin_ms: u64,
+    pub failover_threshold: u32,
+    pub pull_interval_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            probe_interval_ms: 300,
+            write_lease_ms: 1500,
+            lease_margin_ms: 500,
+            failover_threshold: 3,
+            pull_interval_ms: 200,
+        }
+    }
+}
+
+/// Where and how to start.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterConfig {
+    /// Use exactly this directory (`local up --dir`); it must be empty or absent.
+    pub dir: Option<PathBuf>,
+    /// Otherwise a fresh temporary directory inside this one (default: the system's).
+    pub work_root: Option<PathBuf>,
+    pub softhsm_module: Option<PathBuf>,
+    pub timing: Timing,
+    /// Children stop when this process dies (the demo); false for `local up`.
+    pub tied_to_parent: bool,
+    /// Leave the directory (and, with `local up`, the processes) in place.
+    pub keep: bool,
+    /// Refuse to start without the privilege to mount tmpfs (the demo mounts volumes).
+    pub require_mounts: bool,
+}
+
+/// One simulated node: its token, agent and CSI plugin.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeEndpoints {
+    pub name: String,
+    /// `https://127.0.0.1:PORT` of its agent.
+    pub agent: String,
+    /// The CSI plugin's Unix socket.
+    pub csi_socket: PathBuf,
+    /// kubelet's directory of this node (volumes are published below `pods/`).
+    pub kubelet_dir: PathBuf,
+    pub softhsm_conf: PathBuf,
+    pub pin_file: PathBuf,
+}
+
+/// What `local up` leaves behind for `status`, `put`, `get` and `down`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StateFile {
+    pub dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub catalog: PathBuf,
+    pub softhsm_module: PathBuf,
+    pub nodes: Vec<NodeEndpoints>,
+    pub webhook_url: String,
+    pub webhook_ca: PathBuf,
+    pub webhook_server_name: String,
+    /// The controller's agent client certificate (CA, cert, key).
+    pub controller_tls: [PathBuf; 3],
+    pub processes: Vec<RecordedProcess>,
+}
+
+impl StateFile {
+    pub const NAME: &'static str = "local.json";
+
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(Self::NAME)
+    }
+
+    pub fn load(dir: &Path) -> Result<Self, LocalError> {
+        let path = Self::path(dir);
+        let text = std::fs::read_to_string(&path).map_err(|e| LocalError::NotRunning {
+            dir: dir.to_path_buf(),
+            detail: format!("cannot read {}: {e}", path.display()),
+        })?;
+        serde_json::from_str(&text).map_err(|e| LocalError::NotRunning {
+            dir: dir.to_path_buf(),
+            detail: format!(
+                "{} is not a state file of this version: {e}",
+                path.display()
+            ),
+        })
+    }
+
+    pub fn save(&self) -> Result<(), LocalError> {
+        let path = Self::path(&self.dir);
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| LocalError::Check(format!("cannot encode the state file: {e}")))?;
+        std::fs::write(&path, text).map_err(|e| LocalError::io("write", &path, e))
+    }
+
+    pub fn controller_tls(&self) -> TlsFiles {
+        let [ca, cert, key] = self.controller_tls.clone();
+        TlsFiles { ca, cert, key }
+    }
+}
+
+/// What cleanup did, for the report.
+#[derive(Clone, Debug, Default)]
+pub struct Cleanup {
+    pub stopped: usize,
+    /// Processes that ignored SIGTERM and were killed.
+    pub forced: Vec<String>,
+    /// Mounts left behind (e.g. by a killed plugin) and removed here.
+    pub unmounted: Vec<PathBuf>,
+    /// The directory removed, or kept (`--keep`).
+    pub removed: Option<PathBuf>,
+    pub kept: Option<PathBuf>,
+    pub errors: Vec<String>,
+}
+
+/// A running local system.
+pub struct LocalCluster {
+    pub dir: PathBuf,
+    pub module: PathBuf,
+    pub timing: Timing,
+    pub state_dir: PathBuf,
+    pub catalog: PathBuf,
+    pub nodes: Vec<NodeEndpoints>,
+    pub controller_tls: TlsFiles,
+    pub webhook_url: String,
+    pub webhook_ca_pem: String,
+    pub webhook_ca: PathBuf,
+    pub webhook_server_name: String,
+    processes: Vec<ChildProcess>,
+    tied_to_parent: bool,
+    keep: bool,
+    detached: bool,
+    shut_down: bool,
+}
+
+impl LocalCluster {
+    /// Creates the tokens, certificates and state, and starts the agents, the controller
+    /// and the webhook (node plugins come with [`start_node_plugins`]
+    /// (Self::start_node_plugins), once the tokens hold data). On error everything
+    /// started so far is stopped and removed.
+    pub fn start(config: &ClusterConfig) -> Result<Self, LocalError> {
+        let dir = prepare_dir(config)?;
+        let mut cluster = Self {
+            dir: dir.clone(),
+            module: PathBuf::new(),
+            timing: config.timing.clone(),
+            state_dir: dir.join("state"),
+            catalog: dir.join("catalog.yaml"),
+            nodes: Vec::new(),
+            controller_tls: TlsFiles {
+                ca: PathBuf::new(),
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
+            webhook_url: String::new(),
+            webhook_ca_pem: String::new(),
+            webhook_ca: PathBuf::new(),
+            webhook_server_name: String::new(),
+            processes: Vec::new(),
+            tied_to_parent: config.tied_to_parent,
+            keep: config.keep,
+            detached: false,
+            shut_down: false,
+        };
+        // On error `cluster` is dropped here, which stops and removes what was started.
+        cluster.module = tokens::find_module(config.softhsm_module.as_deref())?;
+        if config.require_mounts && !nix::unistd::geteuid().is_root() {
+            return Err(LocalError::Check(
+                "the CSI plugins mount tmpfs volumes, as on a node, which needs root: run it as \
+                 root (sudo); there is no unprivileged fallback yet"
+                    .into(),
+            ));
+        }
+        cluster.boot()?;
+        Ok(cluster)
+    }
+
+    fn boot(&mut self) -> Result<(), LocalError> {
+        let logs = self.dir.join("logs");
+        create_dir(&logs)?;
+        let mut node_tokens = Vec::new();
+        for node in NODES {
+            node_tokens.push(tokens::init_token(
+                &self.dir.join("nodes").join(node).join("hsm"),
+                TOKEN_LABEL,
+            )?);
+        }
+        let mut names: Vec<&str> = NODES.to_vec();
+        names.push(CONTROLLER);
+        let pki = generate_pki(&self.dir.join("pki"), &names)?;
+        self.controller_tls = pki
+            .files(CONTROLLER)
+            .cloned()
+            .ok_or_else(|| LocalError::Check("the PKI has no controller certificate".into()))?;
+        self.write_webhook_certificate()?;
+        let state = FileState::open(&self.state_dir)?;
+        state.apply_device(&demo_device(&self.module.to_string_lossy(), &self.timing))?;
+        let secrets = demo_secrets();
+        for secret in &secrets {
+            state.apply_secret(secret)?;
+        }
+        write_catalog(&self.catalog, &secrets)?;
+
+        for (node, token) in NODES.iter().zip(&node_tokens) {
+            let files = pki.files(node).cloned().ok_or_else(|| {
+                LocalError::Check(format!("the PKI has no certificate for {node}"))
+            })?;
+            let agent = self.spawn_agent(node, token, &files, &logs)?;
+            let node_dir = self.dir.join("nodes").join(node);
+            self.nodes.push(NodeEndpoints {
+                name: (*node).into(),
+                agent,
+                csi_socket: node_dir.join("csi/csi.sock"),
+                kubelet_dir: node_dir.join("kubelet"),
+                softhsm_conf: token.conf.clone(),
+                pin_file: token.pin_file.clone(),
+            });
+        }
+        self.spawn_controller(&logs)?;
+        self.spawn_webhook(&logs)?;
+        Ok(())
+    }
+
+    fn launch(
+        &mut self,
+        name: String,
+        args: Vec<String>,
+        env: Vec<(&'static str, String)>,
+    ) -> Result<usize, LocalError> {
+        let logs = self.dir.join("logs");
+        let process = ChildProcess::spawn(Launch {
+            name,
+            args,
+            env: [
+                vec![
+                    ("HSM_LOG", "warn".to_string()),
+                    // Logs go to files: no terminal colours.
+                    ("NO_COLOR", "1".to_string()),
+                ],
+                env,
+            ]
+            .concat(),
+            log_dir: &logs,
+            tied_to_parent: self.tied_to_parent,
+        })?;
+        self.processes.push(process);
+        Ok(self.processes.len() - 1)
+    }
+
+    fn spawn_agent(
+        &mut self,
+        node: &str,
+        token: &NodeToken,
+        files: &TlsFiles,
+        _logs: &Path,
+    ) -> Result<String, LocalError> {
+        let args = vec![
+            "agent".into(),
+            "--node".into(),
+            node.into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--pkcs11-library".into(),
+            path_arg(&self.module),
+            "--token-label".into(),
+            token.label.clone(),
+            "--pin-file".into(),
+            path_arg(&token.pin_file),
+            "--tls-ca".into(),
+            path_arg(&files.ca),
+            "--tls-cert".into(),
+            path_arg(&files.cert),
+            "--tls-key".into(),
+            path_arg(&files.key),
+            "--pull-interval-ms".into(),
+            self.timing.pull_interval_ms.to_string(),
+        ];
+        let index = self.launch(
+            format!("agent {node}"),
+            args,
+            vec![("SOFTHSM2_CONF", path_arg(&token.conf))],
+        )?;
+        let line = self.processes[index].wait_for_output("listening on", START_TIMEOUT)?;
+        let addr = line.rsplit(' ').next().unwrap_or_default();
+        Ok(format!("https://{addr}"))
+    }
+
+    fn spawn_controller(&mut self, _logs: &Path) -> Result<(), LocalError> {
+        let agents = self
+            .nodes
+            .iter()
+            .map(|n| format!("{}={}", n.name, n.agent))
+            .collect::<Vec<_>>()
+            .join(",");
+        let t = self.timing.clone();
+        let args = vec![
+            "controller".into(),
+            "--state".into(),
+            path_arg(&self.state_dir),
+            "--agent".into(),
+            agents,
+            "--tls-ca".into(),
+            path_arg(&self.controller_tls.ca),
+            "--tls-cert".into(),
+            path_arg(&self.controller_tls.cert),
+            "--tls-key".into(),
+            path_arg(&self.controller_tls.key),
+            "--identity".into(),
+            "local-controller".into(),
+            "--probe-interval-ms".into(),
+            t.probe_interval_ms.to_string(),
+            "--write-lease-ms".into(),
+            t.write_lease_ms.to_string(),
+            "--lease-margin-ms".into(),
+            t.lease_margin_ms.to_string(),
+        ];
+        self.launch("controller".into(), args, Vec::new())?;
+        Ok(())
+    }
+
+    fn write_webhook_certificate(&mut self) -> Result<(), LocalError> {
+        let identity = ServingIdentity {
+            service: WEBHOOK_IDENTITY.0.into(),
+            namespace: WEBHOOK_IDENTITY.1.into(),
+        };
+        let bundle =
+            certificates::issue_authority_and_leaf(&identity, k8s_openapi::jiff::Timestamp::now())?;
+        let dir = self.dir.join("webhook");
+        create_dir(&dir)?;
+        self.webhook_ca = dir.join("ca.crt");
+        write_file(&self.webhook_ca, bundle.ca_cert_pem.as_bytes())?;
+        write_file(&dir.join("tls.crt"), bundle.cert_pem.as_bytes())?;
+        write_file(&dir.join("tls.key"), bundle.key_pem.as_bytes())?;
+        self.webhook_ca_pem = bundle.ca_cert_pem.clone();
+        self.webhook_server_name = identity.dns_names()[0].clone();
+        Ok(())
+    }
+
+    fn spawn_webhook(&mut self, _logs: &Path) -> Result<(), LocalError> {
+        let port = free_port()?;
+        let dir = self.dir.join("webhook");
+        let args = vec![
+            "webhook".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--tls-cert".into(),
+            path_arg(&dir.join("tls.crt")),
+            "--tls-key".into(),
+            path_arg(&dir.join("tls.key")),
+            "--state".into(),
+            path_arg(&self.state_dir),
+        ];
+        self.launch("webhook".into(), args, Vec::new())?;
+        self.webhook_url = format!("https://127.0.0.1:{port}");
+        Ok(())
+    }
+
+    /// Starts one CSI node plugin per node, each opening its node's token. Call once
+    /// the tokens hold the secrets: a plugin knows the secrets present when it opened
+    /// its token (the agent owns the token's writes).
+    pub fn start_node_plugins(&mut self) -> Result<(), LocalError> {
+        for node in self.nodes.clone() {
+            let csi_dir = node
+                .csi_socket
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
+            create_dir(&csi_dir)?;
+            create_dir(&node.kubelet_dir.join("pods"))?;
+            let args = vec![
+                "node".into(),
+                "--endpoint".into(),
+                format!("unix://{}", node.csi_socket.display()),
+                "--node-name".into(),
+                node.name.clone(),
+                "--device".into(),
+                DEVICE.into(),
+                "--pkcs11-library".into(),
+                path_arg(&self.module),
+                "--token-label".into(),
+                TOKEN_LABEL.into(),
+                "--pin-file".into(),
+                path_arg(&node.pin_file),
+                "--kubelet-dir".into(),
+                path_arg(&node.kubelet_dir),
+                "--catalog".into(),
+                path_arg(&self.catalog),
+            ];
+            self.launch(
+                format!("node {}", node.name),
+                args,
+                vec![("SOFTHSM2_CONF", path_arg(&node.softhsm_conf))],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeEndpoints> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Names and pids of the processes, in start order.
+    pub fn processes(&self) -> impl Iterator<Item = (&str, i32)> {
+        self.processes.iter().map(|p| (p.name.as_str(), p.pid))
+    }
+
+    /// An error naming the first process that has stopped, if any.
+    pub fn check_processes(&mut self) -> Result<(), LocalError> {
+        self.processes
+            .iter_mut()
+            .filter(|p| !p.name.starts_with("killed "))
+            .try_for_each(ChildProcess::check_alive)
+    }
+
+    /// SIGKILL of the named process (`agent worker-1`), as a crash would do it.
+    pub fn kill_hard(&mut self, name: &str) -> Result<i32, LocalError> {
+        let process = self
+            .processes
+            .iter_mut()
+            .find(|p| p.name == name)
+            .ok_or_else(|| LocalError::Check(format!("no process {name}")))?;
+        process.kill_hard()?;
+        let pid = process.pid;
+        // Remembered as killed on purpose: no longer a failure to report.
+        process.name = format!("killed {name}");
+        Ok(pid)
+    }
+
+    /// The last lines of a process's log, for a failure report.
+    pub fn log_tail(&self, name: &str, lines: usize) -> Option<String> {
+        let p = self.processes.iter().find(|p| p.name == name)?;
+        let text = std::fs::read_to_string(&p.log).ok()?;
+        let all: Vec<&str> = text.lines().collect();
+        Some(all[all.len().saturating_sub(lines)..].join("\n"))
+    }
+
+    /// What `local status|put|get|down` need to find this system again.
+    pub fn state_file(&self) -> StateFile {
+        StateFile {
+            dir: self.dir.clone(),
+            state_dir: self.state_dir.clone(),
+            catalog: self.catalog.clone(),
+            softhsm_module: self.module.clone(),
+            nodes: self.nodes.clone(),
+            webhook_url: self.webhook_url.clone(),
+            webhook_ca: self.webhook_ca.clone(),
+            webhook_server_name: self.webhook_server_name.clone(),
+            controller_tls: [
+                self.controller_tls.ca.clone(),
+                self.controller_tls.cert.clone(),
+                self.controller_tls.key.clone(),
+            ],
+            processes: self.processes.iter().map(ChildProcess::record).collect(),
+        }
+    }
+
+    /// Leaves everything running (`local up`): nothing is stopped or removed on drop.
+    pub fn detach(mut self) -> StateFile {
+        self.detached = true;
+        self.state_file()
+    }
+
+    /// Stops every process (SIGTERM, then SIGKILL), unmounts whatever is still mounted
+    /// below the directory and removes it (unless kept). Idempotent.
+    pub fn shutdown(&mut self) -> Cleanup {
+        if self.shut_down {
+            return Cleanup::default();
+        }
+        self.shut_down = true;
+        let keep = self.keep;
+        stop_and_remove(&self.dir, &mut self.processes, keep)
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        if !self.detached {
+            self.shutdown();
+        }
+    }
+}
+
+/// Stops `processes`, unmounts what is left below `dir` and removes `dir` unless `keep`.
+pub fn stop_and_remove(dir: &Path, processes: &mut [ChildProcess], keep: bool) -> Cleanup {
+    let mut cleanup = Cleanup {
+        stopped: processes
+            .iter_mut()
+            .map(|p| p.is_running())
+            .filter(|r| *r)
+            .count(),
+        ..Cleanup::default()
+    };
+    cleanup.forced = stop_all(processes, STOP_GRACE);
+    match unmount_below(dir) {
+        Ok(unmounted) => cleanup.unmounted = unmounted,
+        Err(e) => cleanup.errors.push(e.to_string()),
+    }
+    if keep {
+        cleanup.kept = Some(dir.to_path_buf());
+    } else {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => cleanup.removed = Some(dir.to_path_buf()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => cleanup
+                .errors
+                .push(format!("cannot remove {}: {e}", dir.display())),
+        }
+    }
+    cleanup
+}
+
+/// Unmounts (lazily, deepest first) every mount point below `dir`.
+pub fn unmount_below(dir: &Path) -> Result<Vec<PathBuf>, LocalError> {
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return Ok(Vec::new());
+    };
+    let mounts = hsm_secrets_csi::mountinfo::read_mounts()
+        .map_err(|e| LocalError::Csi(format!("cannot read the mount table: {e}")))?;
+    let mut points: Vec<PathBuf> = mounts
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(&dir) && *p != dir)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    let mut done = Vec::new();
+    for point in points {
+        match nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => done.push(point),
+            Err(e) => {
+                return Err(LocalError::Csi(format!(
+                    "cannot unmount {}: {e}",
+                    point.display()
+                )));
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// The mirrored device of the local system: primary `worker-1`, mirrors `worker-2` and
+/// `worker-3`, automatic failover after `failover_threshold` failed probes.
+pub fn demo_device(library: &str, timing: &Timing) -> HSMDevice {
+    HSMDevice::new(
+        DEVICE,
+        HSMDeviceSpec {
+            pkcs11: Pkcs11Spec {
+                library: library.into(),
+                token_label: TOKEN_LABEL.into(),
+                token_serial: None,
+                pin_secret_ref: SecretKeyRef {
+                    namespace: WEBHOOK_IDENTITY.1.into(),
+                    name: "prod-hsm-pin".into(),
+                    key: "pin".into(),
+                },
+            },
+            mirroring: Some(MirroringSpec {
+                policy: MirroringPolicy::ReadOnly,
+                sync_interval: Some(300),
+                auto_failover: Some(true),
+                primary_node: Some(NODES[0].into()),
+                target_nodes: NODES[1..].iter().map(|n| n.to_string()).collect(),
+                failover_threshold: Some(timing.failover_threshold),
+            }),
+        },
+    )
+}
+
+/// The HSMSecrets of the example workload: readable by its service account only.
+pub fn demo_secrets() -> Vec<HSMSecret> {
+    SECRETS
+        .iter()
+        .map(|name| {
+            let mut secret = HSMSecret::new(
+                name,
+                HSMSecretSpec {
+                    device_ref: DEVICE.into(),
+                    secret_name: None,
+                    secret_type: None,
+                    sync_interval: None,
+                    source: None,
+                    access: Some(AccessSpec {
+                        service_accounts: vec![SERVICE_ACCOUNT.into()],
+                    }),
+                    deletion_policy: None,
+                },
+            );
+            secret.metadata.namespace = Some(NAMESPACE.into());
+            secret
+        })
+        .collect()
+}
+
+fn write_catalog(path: &Path, secrets: &[HSMSecret]) -> Result<(), LocalError> {
+    let mut text = String::new();
+    for secret in secrets {
+        text.push_str("---\n");
+        text.push_str(
+            &serde_saphyr::to_string(secret)
+                .map_err(|e| LocalError::Check(format!("cannot encode the catalog: {e}")))?,
+        );
+    }
+    write_file(path, text.as_bytes())
+}
+
+fn prepare_dir(config: &ClusterConfig) -> Result<PathBuf, LocalError> {
+    if let Some(dir) = &config.dir {
+        create_dir(dir)?;
+        let mut entries = std::fs::read_dir(dir).map_err(|e| LocalError::io("read", dir, e))?;
+        if entries.next().is_some() {
+            return Err(LocalError::Check(format!(
+                "{} is not empty: is a local system running there? (`hsm-secrets local down --dir {}`)",
+                dir.display(),
+                dir.display()
+            )));
+        }
+        return std::fs::canonicalize(dir).map_err(|e| LocalError::io("resolve", dir, e));
+    }
+    let root = config.work_root.clone().unwrap_or_else(std::env::temp_dir);
+    create_dir(&root)?;
+    let temp = tempfile::Builder::new()
+        .prefix("hsm-secrets-demo-")
+        .tempdir_in(&root)
+        .map_err(|e| LocalError::io("create a directory in", &root, e))?;
+    let dir = temp.keep();
+    std::fs::canonicalize(&dir).map_err(|e| LocalError::io("resolve", &dir, e))
+}
+
+fn create_dir(dir: &Path) -> Result<(), LocalError> {
+    std::fs::create_dir_all(dir).map_err(|e| LocalError::io("create", dir, e))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), LocalError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| LocalError::io("write", path, e))
+}
+
+fn path_arg(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// A loopback port free right now (the webhook binds it a moment later).
+fn free_port() -> Result<u16, LocalError> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| LocalError::io("bind", "127.0.0.1:0", e))
+}
+
+/// Processes recorded by `local up`, to stop them.
+pub fn adopt(state: &StateFile) -> Vec<ChildProcess> {
+    state.processes.iter().map(ChildProcess::adopt).collect()
+}

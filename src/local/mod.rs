@@ -1,0 +1,141 @@
+//! Everything on one machine, no cluster (DESIGN §11): SoftHSM tokens for three
+//! simulated nodes, their agents, a CSI node plugin per node, the webhook on loopback and
+//! the controller over the file-backed state, each a real child process of this binary.
+//!
+//! - [`cluster`]: starts, owns and stops the processes, tokens, PKI and directories;
+//! - [`steps`]: the demo walk-through, each step a checked outcome;
+//! - [`report`]: how steps are printed;
+//! - [`admission_state`]: the webhook's view of a state directory (`webhook --state`);
+//! - [`clients`]: what the walk-through speaks: agent gRPC, AdmissionReview over HTTPS,
+//!   CSI over the plugin's Unix socket.
+
+pub mod admission_state;
+pub mod clients;
+pub mod cluster;
+pub mod processes;
+pub mod report;
+pub mod steps;
+pub mod system;
+pub mod tokens;
+
+pub use admission_state::FileAdmissionState;
+pub use cluster::{ClusterConfig, LocalCluster, NodeEndpoints, StateFile, Timing};
+pub use report::Report;
+
+use std::path::PathBuf;
+
+use crate::admission::certificates::CertificateError;
+use crate::mirror::MirrorError;
+use crate::mirror::tls::TlsError;
+use crate::state::StateError;
+
+/// Errors of the local mode. Messages name what failed and what to do; never a PIN or
+/// a secret byte.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("SoftHSM2: {detail}")]
+    SoftHsm { detail: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start {process}: {detail}")]
+    Spawn { process: String, detail: String },
+    #[error("{process} exited ({status}); its log: {log}")]
+    Exited {
+        process: String,
+        status: String,
+        log: PathBuf,
+    },
+    #[error("timed out after {seconds}s waiting for {what}{hint}")]
+    Timeout {
+        what: String,
+        seconds: u64,
+        /// Where to look next (a log file), with its leading separator.
+        hint: String,
+    },
+    #[error("state: {0}")]
+    State(#[from] StateError),
+    #[error("agent: {0}")]
+    Mirror(#[from] MirrorError),
+    #[error("agent PKI: {0}")]
+    Tls(#[from] TlsError),
+    #[error("webhook certificate: {0}")]
+    Certificate(#[from] CertificateError),
+    #[error("webhook: {0}")]
+    Webhook(String),
+    #[error("CSI: {0}")]
+    Csi(String),
+    #[error("{0}")]
+    Check(String),
+    #[error(
+        "no local system in {dir}: {detail}; start one with `hsm-secrets local up --dir {dir}`"
+    )]
+    NotRunning { dir: PathBuf, detail: String },
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl LocalError {
+    /// A bounded label for the error's kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LocalError::SoftHsm { .. } => "softhsm",
+            LocalError::Io { .. } => "io",
+            LocalError::Spawn { .. } => "spawn",
+            LocalError::Exited { .. } => "exited",
+            LocalError::Timeout { .. } => "timeout",
+            LocalError::State(_) => "state",
+            LocalError::Mirror(_) => "agent",
+            LocalError::Tls(_) => "tls",
+            LocalError::Certificate(_) => "certificate",
+            LocalError::Webhook(_) => "webhook",
+            LocalError::Csi(_) => "csi",
+            LocalError::Check(_) => "check",
+            LocalError::NotRunning { .. } => "not_running",
+            LocalError::Interrupted => "interrupted",
+        }
+    }
+
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        LocalError::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Environment variable naming the process whose death must end this one.
+pub const PARENT_ENV: &str = "HSM_SECRETS_EXIT_WITH_PARENT";
+
+/// Called first thing by the binary: when started by the demo (which sets
+/// [`PARENT_ENV`] to its pid), stop as soon as the demo is gone, even if it was killed
+/// with SIGKILL and had no chance to clean up. A watcher thread notices the change of
+/// parent, asks for a clean stop (SIGTERM) and forces one (SIGKILL) if that does not
+/// end the process within a few seconds.
+pub fn exit_with_parent_from_env() {
+    let Some(parent) = std::env::var(PARENT_ENV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return;
+    };
+    let parent = nix::unistd::Pid::from_raw(parent);
+    let spawned = std::thread::Builder::new()
+        .name("parent-watch".into())
+        .spawn(move || {
+            use nix::sys::signal::{Signal, raise};
+            while nix::unistd::getppid() == parent {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            let _ = raise(Signal::SIGTERM);
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            let _ = raise(Signal::SIGKILL);
+        });
+    if let Err(error) = spawned {
+        eprintln!("cannot watch the parent process: {error}");
+    }
+}

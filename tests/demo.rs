@@ -1,0 +1,234 @@
+//! `hsm-secrets demo` end to end, as a user runs it: every step passes, the output shows
+//! what each step did, and nothing is left behind — also when the demo is interrupted
+//! or killed.
+#![allow(clippy::unwrap_used)]
+
+mod local_support;
+
+use std::time::Duration;
+
+use local_support::{
+    Running, UnmountOnDrop, available, command, mounts_under, processes_under, wait_no_processes,
+};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The demo takes well under a minute; the bound is for a loaded 2-core machine.
+const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn demo(work: &std::path::Path) -> Running {
+    let mut c = command();
+    c.arg("demo").arg("--work-dir").arg(work);
+    Running::start(c)
+}
+
+/// The lines of step `n`, from its header to the next header.
+fn step(output: &str, n: usize) -> String {
+    let header = format!("[{n}/11]");
+    let next = format!("[{}/11]", n + 1);
+    let start = output
+        .find(&header)
+        .unwrap_or_else(|| panic!("no step {n}:\n{output}"));
+    let rest = &output[start..];
+    let end = rest.find(&next).unwrap_or(rest.len());
+    rest[..end].to_string()
+}
+
+#[test]
+fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
+    if !available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(work.path());
+    let (status, out) = demo(work.path()).finish(RUN_TIMEOUT);
+    assert!(status.success(), "demo failed ({status}):\n{out}");
+    for n in 1..=11 {
+        assert!(
+            out.contains(&format!("✔ step {n}:")),
+            "step {n} did not pass:\n{out}"
+        );
+    }
+    assert!(!out.contains('✘'), "{out}");
+    assert!(out.contains("demo complete: 11/11 steps passed"), "{out}");
+
+    // 1-2: the system and the secrets.
+    assert!(
+        step(&out, 1).contains("prod-hsm Ready: primary worker-1 at epoch 1, mirrors 2/2"),
+        "{out}"
+    );
+    assert!(
+        step(&out, 2).contains("shop/db-credentials: 2 key(s) (password, username)"),
+        "{out}"
+    );
+    // 4: the patch carries the CSI volume, its mount and the injected marker.
+    let inject = step(&out, 4);
+    for expected in [
+        "+ volume hsm-secrets: CSI driver csi.hsmsecrets.io, readOnly true",
+        "secrets=db-credentials,api-key",
+        "device=prod-hsm",
+        "+ container app: mounts it at /var/run/hsm-secrets (readOnly true)",
+        "+ node affinity (preferred",
+        "+ annotation hsmsecrets.io/status: injected",
+    ] {
+        assert!(
+            inject.contains(expected),
+            "missing {expected:?} in:\n{inject}"
+        );
+    }
+    // 5: mounted on a mirror as tmpfs, modes and fsGroup as asked, content as stored.
+    let mount = step(&out, 5);
+    assert!(mount.contains("NodePublishVolume on worker-2"), "{mount}");
+    assert!(
+        mount.contains("mount: tmpfs (nodev,noexec,nosuid)"),
+        "{mount}"
+    );
+    for file in [
+        "api-key/token",
+        "db-credentials/password",
+        "db-credentials/username",
+    ] {
+        let line = mount
+            .lines()
+            .find(|l| l.trim_start().starts_with(file))
+            .unwrap_or_else(|| panic!("{file} not listed:\n{mount}"));
+        assert!(line.contains("0440  uid 0 gid 2000"), "{line}");
+        assert!(line.contains("content = stored"), "{line}");
+    }
+    assert!(mount.contains("ReadOnly at epoch 1"), "{mount}");
+    // 6: the table before the failure.
+    let table = step(&out, 6);
+    assert!(table.contains("$ kubectl get hsmdevice -o wide"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()[..4]
+                == ["prod-hsm", "ReadOnly", "worker-1", "Ready"][..]),
+        "{table}"
+    );
+    // 7-8: SIGKILL, then a read from a mirror.
+    assert!(step(&out, 7).contains("kill -9"), "{out}");
+    assert!(
+        step(&out, 8).contains("NodePublishVolume on worker-3"),
+        "{out}"
+    );
+    // 9: a new primary at epoch 2, in the table.
+    let failover = step(&out, 9);
+    let new_primary = failover
+        .split("new primary ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no new primary:\n{failover}"))
+        .to_string();
+    assert_ne!(new_primary, "worker-1");
+    assert!(
+        failover.contains("at epoch 2 (was worker-1 at epoch 1)"),
+        "{failover}"
+    );
+    assert!(failover.contains("Event HSMFailover"), "{failover}");
+    assert!(
+        failover.lines().any(|l| {
+            let cells: Vec<&str> = l.split_whitespace().collect();
+            cells.len() > 6 && cells[0] == "prod-hsm" && cells[2] == new_primary && cells[6] == "2"
+        }),
+        "table after failover:\n{failover}"
+    );
+    // 10: refused writes say why and what to do; reads go on.
+    let refusal = step(&out, 10);
+    for expected in [
+        "denied by the validating webhook (HTTP 503)",
+        "has no writable primary",
+        "phase ReadOnlyFallback",
+        "kubectl hsm failover prod-hsm --to worker-3",
+        "is a read-only mirror at epoch 2, not the primary",
+        "content = stored",
+    ] {
+        assert!(
+            refusal.contains(expected),
+            "missing {expected:?} in:\n{refusal}"
+        );
+    }
+    assert!(
+        step(&out, 11).contains("3 volumes unpublished over CSI"),
+        "{out}"
+    );
+
+    // Nothing left: processes, mounts, directories.
+    assert!(
+        processes_under(work.path()).is_empty(),
+        "{:?}",
+        processes_under(work.path())
+    );
+    assert!(
+        mounts_under(work.path()).is_empty(),
+        "{:?}",
+        mounts_under(work.path())
+    );
+    let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+    assert!(left.is_empty(), "left in the work dir: {left:?}");
+}
+
+#[test]
+fn ctrl_c_stops_the_demo_and_cleans_up() {
+    if !available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(work.path());
+    let mut run = demo(work.path());
+    // Interrupt once a volume is mounted: cleanup must unmount it too.
+    run.wait_for_output("✔ step 5:", RUN_TIMEOUT);
+    kill(Pid::from_raw(run.child.id() as i32), Signal::SIGINT).unwrap();
+    let (status, out) = run.finish(RUN_TIMEOUT);
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("interrupted: cleaning up"), "{out}");
+    assert!(out.contains("volumes unpublished over CSI"), "{out}");
+    wait_no_processes(work.path(), Duration::from_secs(30));
+    assert!(
+        mounts_under(work.path()).is_empty(),
+        "{:?}",
+        mounts_under(work.path())
+    );
+    assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn children_die_with_a_killed_demo() {
+    if !available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(work.path());
+    let mut run = demo(work.path());
+    run.wait_for_output("✔ step 1:", RUN_TIMEOUT);
+    assert!(!processes_under(work.path()).is_empty(), "the system runs");
+    // SIGKILL: no cleanup code runs in the demo; its children notice on their own.
+    kill(Pid::from_raw(run.child.id() as i32), Signal::SIGKILL).unwrap();
+    let (status, _) = run.finish(RUN_TIMEOUT);
+    assert!(!status.success());
+    wait_no_processes(work.path(), Duration::from_secs(60));
+}
+
+#[test]
+fn a_missing_softhsm_module_fails_the_first_step_by_name() {
+    let work = tempfile::tempdir().unwrap();
+    let mut c = command();
+    c.arg("demo")
+        .arg("--work-dir")
+        .arg(work.path())
+        .args(["--softhsm-module", "/nonexistent/libsofthsm2.so"]);
+    let (status, out) = Running::start(c).finish(RUN_TIMEOUT);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains(
+            "✘ step 1: SoftHSM2: --softhsm-module /nonexistent/libsofthsm2.so does not exist"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("step 1/11 (Start three nodes"), "{out}");
+    assert_eq!(
+        std::fs::read_dir(work.path()).unwrap().count(),
+        0,
+        "nothing left"
+    );
+}

@@ -1,0 +1,146 @@
+//! `hsm-secrets local`: up in the background, status, put/get through the agents, a
+//! volume over a plugin's CSI socket, and down leaving nothing behind.
+#![allow(clippy::unwrap_used)]
+
+mod local_support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hsm_secrets::local::StateFile;
+use hsm_secrets::local::clients::{self, PodIdentity};
+use local_support::{Running, UnmountOnDrop, available, command, mounts_under, processes_under};
+
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+fn local(args: &[&str], dir: &std::path::Path) -> (bool, String) {
+    let mut c = command();
+    c.arg("local").args(args).arg("--dir").arg(dir);
+    let (status, out) = Running::start(c).finish(TIMEOUT);
+    (status.success(), out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_status_put_get_mount_and_down() {
+    if !available() {
+        return;
+    }
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("system");
+    let _unmount = UnmountOnDrop(parent.path());
+    // `down` runs even when an assertion fails.
+    struct Down<'a>(&'a std::path::Path);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            if self.0.exists() {
+                let _ = local(&["down"], self.0);
+            }
+        }
+    }
+    let _down = Down(&dir);
+
+    let (ok, out) = local(&["up"], &dir);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("device prod-hsm: primary worker-1 at epoch 1"),
+        "{out}"
+    );
+    assert!(out.contains("CSI unix://"), "{out}");
+    assert!(out.contains("webhook: https://127.0.0.1:"), "{out}");
+    // `up` has returned; the system keeps running on its own.
+    assert!(!processes_under(&dir).is_empty());
+
+    let (ok, out) = local(&["status"], &dir);
+    assert!(ok, "{out}");
+    assert!(
+        out.lines().any(|l| l
+            .split_whitespace()
+            .take(4)
+            .eq(["prod-hsm", "ReadOnly", "worker-1", "Ready"])),
+        "{out}"
+    );
+    for process in [
+        "agent worker-1",
+        "agent worker-3",
+        "controller",
+        "webhook",
+        "node worker-2",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(process) && l.contains("running")),
+            "{process} not running:\n{out}"
+        );
+    }
+
+    let (ok, out) = local(
+        &["put", "payment-token", "token=tok-51e2", "issuer=bank"],
+        &dir,
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("shop/payment-token: 2 key(s) written on worker-1"),
+        "{out}"
+    );
+    let (ok, out) = local(&["get", "payment-token", "--reveal"], &dir);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("token: tok-51e2") && out.contains("issuer: bank"),
+        "{out}"
+    );
+    let (ok, out) = local(&["get", "payment-token"], &dir);
+    assert!(
+        ok && out.contains("token: 8 bytes") && !out.contains("tok-51e2"),
+        "{out}"
+    );
+
+    // A seeded secret through a mirror's CSI socket, as kubelet would ask for it.
+    let state = StateFile::load(&dir).unwrap();
+    let node = state.nodes.iter().find(|n| n.name == "worker-3").unwrap();
+    let target = clients::target_path(&node.kubelet_dir, "uid-1", "hsm-secrets").unwrap();
+    let attributes: BTreeMap<String, String> = [
+        ("secrets".to_string(), "db-credentials".to_string()),
+        ("device".to_string(), "prod-hsm".to_string()),
+    ]
+    .into();
+    clients::csi(&node.csi_socket)
+        .await
+        .unwrap()
+        .node_publish_volume(clients::publish_request(
+            "vol-1",
+            &target,
+            &attributes,
+            &PodIdentity {
+                namespace: "shop",
+                name: "checkout-0",
+                uid: "uid-1",
+                service_account: "checkout",
+                fs_group: 3000,
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(target.join("db-credentials/value"))
+            .unwrap()
+            .len(),
+        32
+    );
+    assert!(!mounts_under(&dir).is_empty());
+
+    // down: the mounted volume too.
+    let (ok, out) = local(&["down"], &dir);
+    assert!(ok, "{out}");
+    assert!(out.contains("unmounted 1 volumes"), "{out}");
+    assert!(!dir.exists(), "{} is left", dir.display());
+    assert!(
+        processes_under(&dir).is_empty(),
+        "{:?}",
+        processes_under(&dir)
+    );
+    assert!(mounts_under(&dir).is_empty(), "{:?}", mounts_under(&dir));
+
+    let (ok, out) = local(&["status"], &dir);
+    assert!(!ok);
+    assert!(out.contains("hsm-secrets local up --dir"), "{out}");
+}
