@@ -11,5 +11,6 @@ pub mod inject;
 pub mod kubectl;
 pub mod mirror;
 pub mod node;
+pub mod secret_sync;
 pub mod state;
 pub mod telemetry;
