@@ -44,8 +44,7 @@ pub trait Cluster: Send + Sync + 'static {
         object: &HSMSecret,
         status: &HSMSecretStatus,
     ) -> Result<(), SyncError>;
-    async fn record_event(&self, object: &HSMSecret, event: &EventRecord)
-    -> Result<(), SyncError>;
+    async fn record_event(&self, object: &HSMSecret, event: &EventRecord) -> Result<(), SyncError>;
 }
 
 /// The agents of the devices' nodes (node → connection): reads from the primary, or a
@@ -151,9 +150,9 @@ impl AgentDirectory {
         let content = self.read_from(primary, path).await?;
         let expected = Checksum::of_data(path, data);
         match &content {
-            HsmContent::Live { version, data: got, .. }
-                if *version == written.version && Checksum::of_data(path, got) == expected =>
-            {
+            HsmContent::Live {
+                version, data: got, ..
+            } if *version == written.version && Checksum::of_data(path, got) == expected => {
                 Ok(content)
             }
             // A later write already replaced ours: what is there now is the truth.

@@ -85,7 +85,11 @@ impl<S: StateStore> Cluster for FileCluster<S> {
             .replace_secret_status(
                 object.metadata.namespace.as_deref().unwrap_or_default(),
                 object.metadata.name.as_deref().unwrap_or_default(),
-                object.metadata.resource_version.as_deref().unwrap_or_default(),
+                object
+                    .metadata
+                    .resource_version
+                    .as_deref()
+                    .unwrap_or_default(),
                 status,
             )
             .await
@@ -93,11 +97,7 @@ impl<S: StateStore> Cluster for FileCluster<S> {
             .map_err(state_err)
     }
 
-    async fn record_event(
-        &self,
-        object: &HSMSecret,
-        event: &EventRecord,
-    ) -> Result<(), SyncError> {
+    async fn record_event(&self, object: &HSMSecret, event: &EventRecord) -> Result<(), SyncError> {
         let regarding = ObjectRef::secret(
             object.metadata.namespace.as_deref().unwrap_or_default(),
             object.metadata.name.as_deref().unwrap_or_default(),

@@ -18,9 +18,7 @@ use kube::{Client, Resource};
 use tokio::sync::watch;
 
 use super::digest::{DIGEST_KEY_FIELD, DIGEST_KEY_SECRET, DigestKey};
-use super::{
-    Cluster, DEVICE_LABEL, IMPORT_FOR_LABEL, SecretReconciler, SyncError, SyncErrorKind,
-};
+use super::{Cluster, DEVICE_LABEL, IMPORT_FOR_LABEL, SecretReconciler, SyncError, SyncErrorKind};
 use crate::crd::{HSMDevice, HSMSecret, HSMSecretStatus};
 use crate::state::{EventRecord, EventType};
 
@@ -124,7 +122,12 @@ impl Cluster for KubeCluster {
             .map(|_| ())
             .map_err(|e| {
                 map_err(
-                    || format!("Secret {namespace}/{}", secret.metadata.name.as_deref().unwrap_or_default()),
+                    || {
+                        format!(
+                            "Secret {namespace}/{}",
+                            secret.metadata.name.as_deref().unwrap_or_default()
+                        )
+                    },
                     e,
                 )
             })
@@ -164,7 +167,11 @@ impl Cluster for KubeCluster {
         object: &HSMSecret,
         finalizers: Vec<String>,
     ) -> Result<HSMSecret, SyncError> {
-        let patch = guarded_patch(object, "/metadata/finalizers", serde_json::json!(finalizers))?;
+        let patch = guarded_patch(
+            object,
+            "/metadata/finalizers",
+            serde_json::json!(finalizers),
+        )?;
         let name = object.metadata.name.clone().unwrap_or_default();
         self.hsmsecrets(object)
             .patch(&name, &PatchParams::default(), &patch)
@@ -187,11 +194,7 @@ impl Cluster for KubeCluster {
             .map_err(|e| map_err(|| name_of(object), e))
     }
 
-    async fn record_event(
-        &self,
-        object: &HSMSecret,
-        event: &EventRecord,
-    ) -> Result<(), SyncError> {
+    async fn record_event(&self, object: &HSMSecret, event: &EventRecord) -> Result<(), SyncError> {
         self.recorder
             .publish(
                 &Event {
@@ -244,9 +247,12 @@ pub async fn load_or_create_digest_key(
         },
         type_: Some("Opaque".into()),
         data: Some(
-            [(DIGEST_KEY_FIELD.to_string(), ByteString(key.bytes().to_vec()))]
-                .into_iter()
-                .collect(),
+            [(
+                DIGEST_KEY_FIELD.to_string(),
+                ByteString(key.bytes().to_vec()),
+            )]
+            .into_iter()
+            .collect(),
         ),
         ..Default::default()
     };
@@ -304,7 +310,12 @@ pub async fn run_kube(
             watcher::Config::default().labels(IMPORT_FOR_LABEL),
             |secret: Secret| {
                 let ns = secret.metadata.namespace.clone()?;
-                let name = secret.metadata.labels.as_ref()?.get(IMPORT_FOR_LABEL)?.clone();
+                let name = secret
+                    .metadata
+                    .labels
+                    .as_ref()?
+                    .get(IMPORT_FOR_LABEL)?
+                    .clone();
                 Some(ObjectRef::<HSMSecret>::new(&name).within(&ns))
             },
         )

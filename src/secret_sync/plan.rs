@@ -28,10 +28,18 @@ pub const READY_CONDITION: &str = "Ready";
 /// Whether the device takes writes now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceAccess {
-    Missing { device: String },
+    Missing {
+        device: String,
+    },
     /// Read-only fallback, failed, or no primary elected yet.
-    NoWritablePrimary { device: String, why: String },
-    Writable { primary: String, epoch: u64 },
+    NoWritablePrimary {
+        device: String,
+        why: String,
+    },
+    Writable {
+        primary: String,
+        epoch: u64,
+    },
 }
 
 impl DeviceAccess {
@@ -148,7 +156,9 @@ pub enum Import {
     /// No source, or this source version is already recorded as imported.
     Nothing,
     /// The HSM already holds what the import asks for: record it without a write.
-    AlreadyThere { source_version: String },
+    AlreadyThere {
+        source_version: String,
+    },
     Write {
         data: SecretData,
         expect: Expect,
@@ -408,7 +418,11 @@ pub fn plan_secret(inputs: &Inputs) -> Result<Option<SecretWrite>, SyncError> {
     if type_ok {
         Ok(Some(SecretWrite::Replace(next)))
     } else {
-        let resource_version = existing.metadata.resource_version.clone().unwrap_or_default();
+        let resource_version = existing
+            .metadata
+            .resource_version
+            .clone()
+            .unwrap_or_default();
         next.metadata.resource_version = None;
         next.metadata.uid = None;
         next.metadata.creation_timestamp = None;
@@ -436,7 +450,8 @@ pub fn plan_source_cleanup(inputs: &Inputs, import: &ImportResult) -> Option<(St
             .and_then(|s| s.imported_source_version.as_deref()),
         ImportResult::Failed(_) => None,
     };
-    (imported == Some(rv.as_str())).then(|| (existing.metadata.name.clone().unwrap_or_default(), rv))
+    (imported == Some(rv.as_str()))
+        .then(|| (existing.metadata.name.clone().unwrap_or_default(), rv))
 }
 
 /// The status after a reconcile, whether it differs from the stored one, and the Event.
@@ -493,15 +508,16 @@ pub fn plan_status(
         (None, false) => SyncStatus::InSync,
     };
     next.last_error = error.map(ToString::to_string);
-    let path = hsm_path(object)
-        .map(|p| p.to_string())
-        .unwrap_or_default();
+    let path = hsm_path(object).map(|p| p.to_string()).unwrap_or_default();
     let (cond_status, reason, message) = match (error, pending) {
         (Some(e), _) => ("False", e.kind().reason(), e.to_string()),
         (None, true) => (
             "False",
             "Pending",
-            format!("no secret at {path} in HSMDevice {} yet", object.spec.device_ref),
+            format!(
+                "no secret at {path} in HSMDevice {} yet",
+                object.spec.device_ref
+            ),
         ),
         (None, false) => ("True", "Synced", synced_message(object, &next)),
     };

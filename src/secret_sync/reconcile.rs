@@ -288,7 +288,11 @@ impl<C: Cluster> SecretReconciler<C> {
         }
         let mut blocked = cleanup.blocked;
         if let (Some(t), Ok(path)) = (&cleanup.tombstone, plan::hsm_path(object)) {
-            match self.agents.delete(&t.primary, &path, t.expect, t.epoch).await {
+            match self
+                .agents
+                .delete(&t.primary, &path, t.expect, t.epoch)
+                .await
+            {
                 Ok(version) => {
                     self.metrics.hsm_write();
                     outcome.hsm_written = true;
