@@ -8,10 +8,10 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::events::v1::Event as KubeEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource};
@@ -28,19 +28,16 @@ pub const MANAGER: &str = "hsm-secrets-controller";
 #[derive(Clone)]
 pub struct KubeCluster {
     client: Client,
-    recorder: Recorder,
+    /// Reporting instance of Events (this replica).
+    instance: String,
 }
 
 impl KubeCluster {
     pub fn new(client: Client, instance: Option<String>) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance,
-            },
-        );
-        Self { client, recorder }
+        Self {
+            client,
+            instance: instance.unwrap_or_else(|| MANAGER.into()),
+        }
     }
 
     fn secrets(&self, ns: &str) -> Api<Secret> {
@@ -194,22 +191,42 @@ impl Cluster for KubeCluster {
             .map_err(|e| map_err(|| name_of(object), e))
     }
 
-    async fn record_event(&self, object: &HSMSecret, event: &EventRecord) -> Result<(), SyncError> {
-        self.recorder
-            .publish(
-                &Event {
-                    type_: match event.type_ {
-                        EventType::Normal => KubeEventType::Normal,
-                        EventType::Warning => KubeEventType::Warning,
-                    },
-                    reason: event.reason.clone(),
-                    note: Some(event.message.clone()),
-                    action: event.action.clone(),
-                    secondary: None,
-                },
-                &object.object_ref(&()),
-            )
+    /// Events are created directly rather than through kube's `Recorder`: the reconciler
+    /// announces changes only, so series aggregation buys little, and the Recorder's
+    /// cache would keep one Event per HSMSecret in memory for six minutes.
+    async fn record_event(
+        &self,
+        object: &HSMSecret,
+        event: &EventRecord,
+    ) -> Result<(), SyncError> {
+        let ns = object.metadata.namespace.as_deref().unwrap_or("default");
+        let name = object.metadata.name.as_deref().unwrap_or_default();
+        let record = KubeEvent {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{name}.")),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            },
+            event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            action: Some(event.action.clone()),
+            reason: Some(event.reason.clone()),
+            note: Some(event.message.clone()),
+            type_: Some(
+                match event.type_ {
+                    EventType::Normal => "Normal",
+                    EventType::Warning => "Warning",
+                }
+                .into(),
+            ),
+            regarding: Some(object.object_ref(&())),
+            reporting_controller: Some(MANAGER.into()),
+            reporting_instance: Some(self.instance.clone()),
+            ..Default::default()
+        };
+        Api::<KubeEvent>::namespaced(self.client.clone(), ns)
+            .create(&params(), &record)
             .await
+            .map(|_| ())
             .map_err(|e| SyncError::Api(e.to_string()))
     }
 }
