@@ -349,7 +349,12 @@ async fn run() {
     let after = vm_kib();
     let harness_kib = {
         let o = objects.lock().unwrap();
-        let bytes: usize = o.secrets.values().chain(o.statuses.values()).map(Vec::len).sum();
+        let bytes: usize = o
+            .secrets
+            .values()
+            .chain(o.statuses.values())
+            .map(Vec::len)
+            .sum();
         (bytes / 1024) as u64
     };
     let (steady, floor) = (median(steady), median(floor));

@@ -194,11 +194,7 @@ impl Cluster for KubeCluster {
     /// Events are created directly rather than through kube's `Recorder`: the reconciler
     /// announces changes only, so series aggregation buys little, and the Recorder's
     /// cache would keep one Event per HSMSecret in memory for six minutes.
-    async fn record_event(
-        &self,
-        object: &HSMSecret,
-        event: &EventRecord,
-    ) -> Result<(), SyncError> {
+    async fn record_event(&self, object: &HSMSecret, event: &EventRecord) -> Result<(), SyncError> {
         let ns = object.metadata.namespace.as_deref().unwrap_or("default");
         let name = object.metadata.name.as_deref().unwrap_or_default();
         let record = KubeEvent {

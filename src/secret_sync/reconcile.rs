@@ -202,10 +202,10 @@ impl<C: Cluster> SecretReconciler<C> {
             self.metrics.status_write();
             outcome.status_written = true;
         }
-        if let Some(event) = &event {
-            if let Err(e) = self.cluster.record_event(object, event).await {
-                tracing::warn!(error = %e, reason = %event.reason, "cannot record the Event");
-            }
+        if let Some(event) = &event
+            && let Err(e) = self.cluster.record_event(object, event).await
+        {
+            tracing::warn!(error = %e, reason = %event.reason, "cannot record the Event");
         }
         if let Some((name, rv)) = plan::plan_source_cleanup(&inputs, &import) {
             self.cluster.delete_secret(&ns, &name, &rv).await?;
