@@ -12,5 +12,6 @@ pub mod kubectl;
 pub mod local;
 pub mod mirror;
 pub mod node;
+pub mod secret_sync;
 pub mod state;
 pub mod telemetry;

@@ -8,9 +8,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use crate::controller::{ControllerConfig, ControllerMetrics, GrpcAgents, run_controller};
+use crate::controller::{
+    ControllerConfig, ControllerMetrics, GrpcAgents, run_controller_with_leadership,
+};
 use crate::failover::{FencingConfig, PlanConfig};
 use crate::mirror::{AgentTls, Peer, TlsFiles};
+use crate::secret_sync::{
+    AgentDirectory, DigestKey, FileCluster, KubeCluster, SecretReconciler, SecretSyncMetrics,
+    load_or_create_digest_key, run_files, run_kube,
+};
 use crate::state::{FileState, KubeState};
 use crate::telemetry::CommonArgs;
 
@@ -53,6 +59,10 @@ pub struct ControllerArgs {
     /// Extra wait beyond the write lease before another node may be promoted.
     #[arg(long, env = "HSM_LEASE_MARGIN_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub lease_margin_ms: u64,
+    /// Run the HSMSecret reconciler (imports and Secret copies) next to the HSMDevice
+    /// controller, under the same Lease.
+    #[arg(long, env = "HSM_SECRET_SYNC", default_value_t = true, action = clap::ArgAction::Set)]
+    pub secret_sync: bool,
 }
 
 impl ControllerArgs {
@@ -120,17 +130,100 @@ pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
                 .await
                 .context("cannot reach the cluster (use --state DIR for the no-cluster mode)")?;
             let state = Arc::new(KubeState::new(
-                client,
+                client.clone(),
                 args.namespace.clone(),
                 Some(args.identity.clone()),
             ));
-            run_controller(state, agents, config, metrics, shutdown_signal()).await?;
+            let (leadership, leading) = tokio::sync::watch::channel(false);
+            let secrets = if args.secret_sync {
+                let key = load_or_create_digest_key(client.clone(), &args.namespace)
+                    .await
+                    .context("the HSMSecret status digest key")?;
+                let cluster = Arc::new(KubeCluster::new(
+                    client.clone(),
+                    Some(args.identity.clone()),
+                ));
+                let reconciler = Arc::new(SecretReconciler::new(
+                    cluster,
+                    AgentDirectory::new(agents.connections()),
+                    key,
+                    SecretSyncMetrics::register(&mut registry),
+                ));
+                Some(tokio::spawn(run_kube(client, reconciler, leading)))
+            } else {
+                None
+            };
+            run_controller_with_leadership(
+                state,
+                agents,
+                config,
+                metrics,
+                leadership,
+                shutdown_signal(),
+            )
+            .await?;
+            if let Some(task) = secrets {
+                task.await.context("the HSMSecret reconciler")?;
+            }
         } else {
             let state = Arc::new(FileState::open(&args.state)?);
-            run_controller(state, agents, config, metrics, shutdown_signal()).await?;
+            let (leadership, leading) = tokio::sync::watch::channel(false);
+            let secrets = if args.secret_sync {
+                // The no-cluster mode keeps its digest key next to the state.
+                let key = file_digest_key(&state.root().join("digest.key"))?;
+                let reconciler = Arc::new(SecretReconciler::new(
+                    Arc::new(FileCluster::new(state.clone())),
+                    AgentDirectory::new(agents.connections()),
+                    key,
+                    SecretSyncMetrics::register(&mut registry),
+                ));
+                Some(tokio::spawn(run_files(
+                    state.clone(),
+                    reconciler,
+                    leading,
+                    probe_interval,
+                )))
+            } else {
+                None
+            };
+            run_controller_with_leadership(
+                state,
+                agents,
+                config,
+                metrics,
+                leadership,
+                shutdown_signal(),
+            )
+            .await?;
+            if let Some(task) = secrets {
+                task.await.context("the HSMSecret reconciler")?;
+            }
         }
         Ok(())
     })
+}
+
+/// Reads the no-cluster mode's digest key file, creating it (mode 0600) when absent.
+fn file_digest_key(path: &std::path::Path) -> anyhow::Result<DigestKey> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(bytes) = std::fs::read(path) {
+        return DigestKey::from_bytes(bytes).with_context(|| {
+            format!(
+                "{} holds no digest key of at least 16 bytes; delete it to have a new one made",
+                path.display()
+            )
+        });
+    }
+    let key = DigestKey::generate().context("read /dev/urandom for the digest key")?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(key.bytes()))
+        .with_context(|| format!("write the digest key {}", path.display()))?;
+    Ok(key)
 }
 
 async fn shutdown_signal() {

@@ -42,6 +42,11 @@ impl GrpcAgents {
         })
     }
 
+    /// The connections (clones share the channels), for other reconcilers of the process.
+    pub fn connections(&self) -> impl Iterator<Item = AgentConnection> + '_ {
+        self.peers.values().cloned()
+    }
+
     fn connection(&self, node: &str) -> Result<&AgentConnection, AgentCallError> {
         self.peers.get(node).ok_or_else(|| AgentCallError {
             node: node.into(),

@@ -14,7 +14,7 @@ mod run;
 pub use device::{DeviceController, RoundOutcome};
 pub use grpc_agents::GrpcAgents;
 pub use metrics::ControllerMetrics;
-pub use run::{ControllerConfig, run_controller};
+pub use run::{ControllerConfig, run_controller, run_controller_with_leadership};
 
 use async_trait::async_trait;
 

@@ -41,6 +41,21 @@ pub async fn run_controller<S: StateStore, A: Agents>(
     metrics: ControllerMetrics,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StateError> {
+    let (leadership, _) = tokio::sync::watch::channel(false);
+    run_controller_with_leadership(state, agents, config, metrics, leadership, shutdown).await
+}
+
+/// As [`run_controller`], publishing whether this replica holds the Lease on
+/// `leadership`, so other reconcilers of the same process (HSMSecrets) act only while it
+/// does. The sender is dropped on return.
+pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
+    state: Arc<S>,
+    agents: Arc<A>,
+    config: ControllerConfig,
+    metrics: ControllerMetrics,
+    leadership: tokio::sync::watch::Sender<bool>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StateError> {
     let mut controller = DeviceController::new(state.clone(), agents, config.plan.clone(), metrics);
     let mut leading = false;
     tokio::pin!(shutdown);
@@ -56,6 +71,7 @@ pub async fn run_controller<S: StateStore, A: Agents>(
                     controller.became_leader(Timestamp::now());
                     leading = true;
                 }
+                leadership.send_replace(true);
                 match state.list_devices().await {
                     Ok(devices) => {
                         for device in &devices {
@@ -78,6 +94,7 @@ pub async fn run_controller<S: StateStore, A: Agents>(
                 }
             }
             Ok(false) => {
+                leadership.send_replace(false);
                 if leading {
                     tracing::warn!("lost the controller lease; standing by");
                     leading = false;
@@ -85,6 +102,7 @@ pub async fn run_controller<S: StateStore, A: Agents>(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach the controller lease");
+                leadership.send_replace(false);
                 leading = false;
             }
         }

@@ -1,0 +1,213 @@
+//! The two sides the reconciler talks to: the Kubernetes objects ([`Cluster`]) and the
+//! device's agents ([`AgentDirectory`]).
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use k8s_openapi::api::core::v1::Secret;
+use tonic::Code;
+
+use super::SyncError;
+use super::plan::HsmContent;
+use crate::crd::{
+    DeviceRole, HSMDevice, HSMDeviceStatus, HSMSecret, HSMSecretStatus, NodeHealth, ServedBy,
+};
+use crate::hsm::{Body, Checksum, Expect, SecretData, SecretPath};
+use crate::mirror::{AgentConnection, MirrorError};
+use crate::state::EventRecord;
+
+/// The Kubernetes side of the reconciler. Secrets are always addressed in the namespace
+/// of the HSMSecret being reconciled.
+#[async_trait]
+pub trait Cluster: Send + Sync + 'static {
+    async fn device(&self, name: &str) -> Result<Option<HSMDevice>, SyncError>;
+    async fn secret(&self, namespace: &str, name: &str) -> Result<Option<Secret>, SyncError>;
+    async fn create_secret(&self, namespace: &str, secret: &Secret) -> Result<(), SyncError>;
+    /// Replaces under the resourceVersion the Secret carries.
+    async fn replace_secret(&self, namespace: &str, secret: &Secret) -> Result<(), SyncError>;
+    /// Deletes only if the Secret is still at `resource_version`; a missing one is fine.
+    async fn delete_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+    ) -> Result<(), SyncError>;
+    /// Sets `metadata.finalizers` if the object is still at its resourceVersion.
+    async fn set_finalizers(
+        &self,
+        object: &HSMSecret,
+        finalizers: Vec<String>,
+    ) -> Result<HSMSecret, SyncError>;
+    /// Writes the status if the object is still at its resourceVersion.
+    async fn write_status(
+        &self,
+        object: &HSMSecret,
+        status: &HSMSecretStatus,
+    ) -> Result<(), SyncError>;
+    async fn record_event(&self, object: &HSMSecret, event: &EventRecord) -> Result<(), SyncError>;
+}
+
+/// The agents of the devices' nodes (node → connection): reads from the primary, or a
+/// serving mirror when the primary does not answer; writes to the primary only.
+#[derive(Clone, Debug, Default)]
+pub struct AgentDirectory {
+    agents: BTreeMap<String, AgentConnection>,
+}
+
+impl AgentDirectory {
+    pub fn new(agents: impl IntoIterator<Item = AgentConnection>) -> Self {
+        Self {
+            agents: agents
+                .into_iter()
+                .map(|c| (c.node().to_string(), c))
+                .collect(),
+        }
+    }
+
+    fn connection(&self, node: &str) -> Result<&AgentConnection, SyncError> {
+        self.agents.get(node).ok_or_else(|| SyncError::Hsm {
+            kind: "no_agent",
+            detail: format!(
+                "no agent endpoint is known for node {node}; add it with --agent {node}=https://HOST:PORT"
+            ),
+        })
+    }
+
+    /// What the device holds at `path`: asks the primary, then the serving mirrors.
+    pub async fn read(&self, status: &HSMDeviceStatus, path: &SecretPath) -> HsmContent {
+        let mut order: Vec<&str> = status.primary_node.as_deref().into_iter().collect();
+        order.extend(
+            status
+                .nodes
+                .iter()
+                .filter(|n| n.role == DeviceRole::ReadOnly && n.health == NodeHealth::Healthy)
+                .map(|n| n.node.as_str())
+                .filter(|n| Some(*n) != status.primary_node.as_deref()),
+        );
+        let mut last = SyncError::Hsm {
+            kind: "no_primary",
+            detail: "the device has no primary and no serving mirror".into(),
+        };
+        for node in order {
+            match self.read_from(node, path).await {
+                Ok(content) => return content,
+                Err(e) => last = e,
+            }
+        }
+        HsmContent::Unavailable(last)
+    }
+
+    /// Reads from one node, verifying the record's checksum.
+    pub async fn read_from(&self, node: &str, path: &SecretPath) -> Result<HsmContent, SyncError> {
+        let conn = self.connection(node)?;
+        let answer = match conn.get(path).await {
+            Ok(a) => a,
+            Err(MirrorError::Remote {
+                code: Code::NotFound,
+                ..
+            }) => return Ok(HsmContent::Absent),
+            Err(e) => return Err(SyncError::hsm(&e)),
+        };
+        let record = answer.record.ok_or_else(|| SyncError::Hsm {
+            kind: "protocol",
+            detail: format!("agent {node} answered Get without a record"),
+        })?;
+        let record = decode(node, record)?;
+        if record.verify().is_err() || record.path != *path {
+            return Err(SyncError::ChecksumMismatch {
+                path: path.to_string(),
+                version: record.version,
+            });
+        }
+        match record.body {
+            Body::Deleted => Ok(HsmContent::Absent),
+            Body::Live(data) => Ok(HsmContent::Live {
+                version: record.version,
+                data,
+                served_by: ServedBy {
+                    node: answer.node,
+                    role: crate::mirror::role_from_pb(answer.role).unwrap_or(DeviceRole::Primary),
+                },
+            }),
+        }
+    }
+
+    /// Writes on the primary under `epoch`, then reads the record back and checks it
+    /// carries the checksum of what was written.
+    pub async fn put_verified(
+        &self,
+        primary: &str,
+        path: &SecretPath,
+        data: &SecretData,
+        expect: Expect,
+        epoch: u64,
+    ) -> Result<HsmContent, SyncError> {
+        let conn = self.connection(primary)?;
+        let written = conn
+            .put(path, data, expect, epoch)
+            .await
+            .map_err(|e| SyncError::hsm(&e))?;
+        let content = self.read_from(primary, path).await?;
+        let expected = Checksum::of_data(path, data);
+        match &content {
+            HsmContent::Live {
+                version, data: got, ..
+            } if *version == written.version && Checksum::of_data(path, got) == expected => {
+                Ok(content)
+            }
+            // A later write already replaced ours: what is there now is the truth.
+            HsmContent::Live { version, .. } if *version > written.version => Ok(content),
+            _ => Err(SyncError::ChecksumMismatch {
+                path: path.to_string(),
+                version: written.version,
+            }),
+        }
+    }
+
+    /// Writes a tombstone on the primary.
+    pub async fn delete(
+        &self,
+        primary: &str,
+        path: &SecretPath,
+        expect: Expect,
+        epoch: u64,
+    ) -> Result<u64, SyncError> {
+        let conn = self.connection(primary)?;
+        match conn.delete(path, expect, epoch).await {
+            Ok(w) => Ok(w.version),
+            Err(MirrorError::Remote {
+                code: Code::NotFound,
+                ..
+            }) => Ok(0),
+            Err(e) => Err(SyncError::hsm(&e)),
+        }
+    }
+}
+
+/// A record as sent by an agent (its checksum is verified by the caller).
+fn decode(node: &str, record: crate::mirror::pb::Record) -> Result<crate::hsm::Record, SyncError> {
+    let bad = |why: String| SyncError::Hsm {
+        kind: "protocol",
+        detail: format!("agent {node} sent an invalid record: {why}"),
+    };
+    let path: SecretPath = record.path.parse().map_err(|e| bad(format!("path: {e}")))?;
+    let checksum = <[u8; 32]>::try_from(record.checksum.as_slice())
+        .map(Checksum)
+        .map_err(|_| bad("checksum is not 32 bytes".into()))?;
+    let body = if record.deleted {
+        Body::Deleted
+    } else {
+        let mut data = SecretData::new();
+        for kv in record.data {
+            data.insert(&kv.key, kv.value)
+                .map_err(|e| bad(format!("key {:?}: {}", kv.key, e.kind())))?;
+        }
+        Body::Live(data)
+    };
+    Ok(crate::hsm::Record {
+        path,
+        version: record.version,
+        checksum,
+        body,
+    })
+}

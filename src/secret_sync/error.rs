@@ -1,0 +1,136 @@
+//! What can go wrong reconciling an HSMSecret. Messages name the object, the field and
+//! the fix; they never carry secret bytes (key names at most).
+
+/// A bounded label for metrics and status reasons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SyncErrorKind {
+    InvalidSource,
+    SourceNotFound,
+    InvalidKey,
+    EmptyResult,
+    ReadOnly,
+    DeviceNotFound,
+    Hsm,
+    ChecksumMismatch,
+    SecretNotOwned,
+    Conflict,
+    Api,
+    Unsupported,
+}
+
+impl SyncErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncErrorKind::InvalidSource => "invalid_source",
+            SyncErrorKind::SourceNotFound => "source_not_found",
+            SyncErrorKind::InvalidKey => "invalid_key",
+            SyncErrorKind::EmptyResult => "empty_result",
+            SyncErrorKind::ReadOnly => "read_only",
+            SyncErrorKind::DeviceNotFound => "device_not_found",
+            SyncErrorKind::Hsm => "hsm",
+            SyncErrorKind::ChecksumMismatch => "checksum_mismatch",
+            SyncErrorKind::SecretNotOwned => "secret_not_owned",
+            SyncErrorKind::Conflict => "conflict",
+            SyncErrorKind::Api => "api",
+            SyncErrorKind::Unsupported => "unsupported",
+        }
+    }
+
+    /// The condition reason (CamelCase, as Kubernetes conditions want).
+    pub fn reason(self) -> &'static str {
+        match self {
+            SyncErrorKind::InvalidSource => "InvalidSource",
+            SyncErrorKind::SourceNotFound => "SourceNotFound",
+            SyncErrorKind::InvalidKey => "InvalidKey",
+            SyncErrorKind::EmptyResult => "EmptyResult",
+            SyncErrorKind::ReadOnly => "DeviceReadOnly",
+            SyncErrorKind::DeviceNotFound => "DeviceNotFound",
+            SyncErrorKind::Hsm => "HSMUnavailable",
+            SyncErrorKind::ChecksumMismatch => "ChecksumMismatch",
+            SyncErrorKind::SecretNotOwned => "SecretNotOwned",
+            SyncErrorKind::Conflict => "Conflict",
+            SyncErrorKind::Api => "APIError",
+            SyncErrorKind::Unsupported => "Unsupported",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    #[error(
+        "spec.source.secretRef.name {name:?} is not a Secret name: {why}; name a Secret in the HSMSecret's own namespace {namespace} (other namespaces cannot be referenced)"
+    )]
+    InvalidSource {
+        namespace: String,
+        name: String,
+        why: String,
+    },
+    #[error(
+        "source Secret {namespace}/{name} (spec.source.secretRef) not found; create it, or remove spec.source"
+    )]
+    SourceNotFound { namespace: String, name: String },
+    #[error("source Secret {source_name}: key {key:?} {why}; rename or remove that key")]
+    InvalidKey {
+        source_name: String,
+        key: String,
+        why: String,
+    },
+    #[error(
+        "importing Secret {source_name} would leave HSM secret {path} with no keys; delete the HSMSecret instead"
+    )]
+    EmptyResult { source_name: String, path: String },
+    #[error(
+        "import refused: HSMDevice {device} has no writable primary ({why}); nothing was written; the import is applied once a primary takes writes again (or promote one: kubectl hsm failover {device} --to NODE)"
+    )]
+    ReadOnly { device: String, why: String },
+    #[error("HSMDevice {device} (spec.deviceRef) not found; create it or fix spec.deviceRef")]
+    DeviceNotFound { device: String },
+    #[error("HSM ({kind}): {detail}")]
+    Hsm { kind: &'static str, detail: String },
+    #[error(
+        "HSM secret {path}: the record read back at version {version} does not carry the checksum of what was written; the import is retried"
+    )]
+    ChecksumMismatch { path: String, version: u64 },
+    #[error(
+        "Secret {namespace}/{name} exists and is not controlled by this HSMSecret (no ownerReference with controller: true to it); it is left untouched: choose another spec.secretName or delete that Secret"
+    )]
+    SecretNotOwned { namespace: String, name: String },
+    #[error("{what} changed while it was being reconciled; retrying")]
+    Conflict { what: String },
+    #[error("Kubernetes API: {0}")]
+    Api(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl SyncError {
+    pub fn kind(&self) -> SyncErrorKind {
+        match self {
+            SyncError::InvalidSource { .. } => SyncErrorKind::InvalidSource,
+            SyncError::SourceNotFound { .. } => SyncErrorKind::SourceNotFound,
+            SyncError::InvalidKey { .. } => SyncErrorKind::InvalidKey,
+            SyncError::EmptyResult { .. } => SyncErrorKind::EmptyResult,
+            SyncError::ReadOnly { .. } => SyncErrorKind::ReadOnly,
+            SyncError::DeviceNotFound { .. } => SyncErrorKind::DeviceNotFound,
+            SyncError::Hsm { .. } => SyncErrorKind::Hsm,
+            SyncError::ChecksumMismatch { .. } => SyncErrorKind::ChecksumMismatch,
+            SyncError::SecretNotOwned { .. } => SyncErrorKind::SecretNotOwned,
+            SyncError::Conflict { .. } => SyncErrorKind::Conflict,
+            SyncError::Api(_) => SyncErrorKind::Api,
+            SyncError::Unsupported(_) => SyncErrorKind::Unsupported,
+        }
+    }
+
+    pub(crate) fn hsm(e: &crate::mirror::MirrorError) -> Self {
+        SyncError::Hsm {
+            kind: e.kind(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for SyncErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,368 @@
+//! The reconciler on a cluster: [`Cluster`] over the API server, the digest key Secret,
+//! and the kube-runtime `Controller` that drives reconciles while this replica leads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event as KubeEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource};
+use tokio::sync::watch;
+
+use super::digest::{DIGEST_KEY_FIELD, DIGEST_KEY_SECRET, DigestKey};
+use super::{Cluster, DEVICE_LABEL, IMPORT_FOR_LABEL, SecretReconciler, SyncError, SyncErrorKind};
+use crate::crd::{HSMDevice, HSMSecret, HSMSecretStatus};
+use crate::state::{EventRecord, EventType};
+
+/// Field manager and Event reporter of the HSMSecret reconciler.
+pub const MANAGER: &str = "hsm-secrets-controller";
+
+#[derive(Clone)]
+pub struct KubeCluster {
+    client: Client,
+    /// Reporting instance of Events (this replica).
+    instance: String,
+}
+
+impl KubeCluster {
+    pub fn new(client: Client, instance: Option<String>) -> Self {
+        Self {
+            client,
+            instance: instance.unwrap_or_else(|| MANAGER.into()),
+        }
+    }
+
+    fn secrets(&self, ns: &str) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    fn hsmsecrets(&self, object: &HSMSecret) -> Api<HSMSecret> {
+        Api::namespaced(
+            self.client.clone(),
+            object.metadata.namespace.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+fn code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// 409, or 422 from a failed JSON Patch `test` (our resourceVersion precondition).
+fn map_err(what: impl FnOnce() -> String, e: kube::Error) -> SyncError {
+    match code(&e) {
+        Some(409 | 422) => SyncError::Conflict { what: what() },
+        _ => SyncError::Api(e.to_string()),
+    }
+}
+
+fn params() -> PostParams {
+    PostParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    }
+}
+
+fn guarded_patch(
+    object: &HSMSecret,
+    path: &str,
+    value: serde_json::Value,
+) -> Result<Patch<()>, SyncError> {
+    let rv = object.metadata.resource_version.clone().unwrap_or_default();
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+        {"op": "add", "path": path, "value": value},
+    ]))
+    .map_err(|e| SyncError::Api(e.to_string()))?;
+    Ok(Patch::Json(patch))
+}
+
+fn name_of(object: &HSMSecret) -> String {
+    format!(
+        "HSMSecret {}/{}",
+        object.metadata.namespace.as_deref().unwrap_or_default(),
+        object.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+#[async_trait]
+impl Cluster for KubeCluster {
+    async fn device(&self, name: &str) -> Result<Option<HSMDevice>, SyncError> {
+        Api::<HSMDevice>::all(self.client.clone())
+            .get_opt(name)
+            .await
+            .map_err(|e| SyncError::Api(e.to_string()))
+    }
+
+    async fn secret(&self, namespace: &str, name: &str) -> Result<Option<Secret>, SyncError> {
+        self.secrets(namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| SyncError::Api(e.to_string()))
+    }
+
+    async fn create_secret(&self, namespace: &str, secret: &Secret) -> Result<(), SyncError> {
+        self.secrets(namespace)
+            .create(&params(), secret)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                map_err(
+                    || {
+                        format!(
+                            "Secret {namespace}/{}",
+                            secret.metadata.name.as_deref().unwrap_or_default()
+                        )
+                    },
+                    e,
+                )
+            })
+    }
+
+    async fn replace_secret(&self, namespace: &str, secret: &Secret) -> Result<(), SyncError> {
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        self.secrets(namespace)
+            .replace(&name, &params(), secret)
+            .await
+            .map(|_| ())
+            .map_err(|e| map_err(|| format!("Secret {namespace}/{name}"), e))
+    }
+
+    async fn delete_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+    ) -> Result<(), SyncError> {
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: Some(resource_version.into()),
+                uid: None,
+            }),
+            ..Default::default()
+        };
+        match self.secrets(namespace).delete(name, &dp).await {
+            Ok(_) => Ok(()),
+            Err(e) if code(&e) == Some(404) => Ok(()),
+            Err(e) => Err(map_err(|| format!("Secret {namespace}/{name}"), e)),
+        }
+    }
+
+    async fn set_finalizers(
+        &self,
+        object: &HSMSecret,
+        finalizers: Vec<String>,
+    ) -> Result<HSMSecret, SyncError> {
+        let patch = guarded_patch(
+            object,
+            "/metadata/finalizers",
+            serde_json::json!(finalizers),
+        )?;
+        let name = object.metadata.name.clone().unwrap_or_default();
+        self.hsmsecrets(object)
+            .patch(&name, &PatchParams::default(), &patch)
+            .await
+            .map_err(|e| map_err(|| name_of(object), e))
+    }
+
+    async fn write_status(
+        &self,
+        object: &HSMSecret,
+        status: &HSMSecretStatus,
+    ) -> Result<(), SyncError> {
+        let value = serde_json::to_value(status).map_err(|e| SyncError::Api(e.to_string()))?;
+        let patch = guarded_patch(object, "/status", value)?;
+        let name = object.metadata.name.clone().unwrap_or_default();
+        self.hsmsecrets(object)
+            .patch_status(&name, &PatchParams::default(), &patch)
+            .await
+            .map(|_| ())
+            .map_err(|e| map_err(|| name_of(object), e))
+    }
+
+    /// Events are created directly rather than through kube's `Recorder`: the reconciler
+    /// announces changes only, so series aggregation buys little, and the Recorder's
+    /// cache would keep one Event per HSMSecret in memory for six minutes.
+    async fn record_event(&self, object: &HSMSecret, event: &EventRecord) -> Result<(), SyncError> {
+        let ns = object.metadata.namespace.as_deref().unwrap_or("default");
+        let name = object.metadata.name.as_deref().unwrap_or_default();
+        let record = KubeEvent {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{name}.")),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            },
+            event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            action: Some(event.action.clone()),
+            reason: Some(event.reason.clone()),
+            note: Some(event.message.clone()),
+            type_: Some(
+                match event.type_ {
+                    EventType::Normal => "Normal",
+                    EventType::Warning => "Warning",
+                }
+                .into(),
+            ),
+            regarding: Some(object.object_ref(&())),
+            reporting_controller: Some(MANAGER.into()),
+            reporting_instance: Some(self.instance.clone()),
+            ..Default::default()
+        };
+        Api::<KubeEvent>::namespaced(self.client.clone(), ns)
+            .create(&params(), &record)
+            .await
+            .map(|_| ())
+            .map_err(|e| SyncError::Api(e.to_string()))
+    }
+}
+
+/// Reads the digest key from `<namespace>/hsm-secrets-digest-key`, creating the Secret
+/// with a fresh random key when it does not exist.
+pub async fn load_or_create_digest_key(
+    client: Client,
+    namespace: &str,
+) -> Result<DigestKey, SyncError> {
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    let read = |secret: Secret| {
+        secret
+            .data
+            .and_then(|mut d| d.remove(DIGEST_KEY_FIELD))
+            .and_then(|b| DigestKey::from_bytes(b.0))
+            .ok_or_else(|| {
+                SyncError::Unsupported(format!(
+                    "Secret {namespace}/{DIGEST_KEY_SECRET} has no data key {DIGEST_KEY_FIELD:?} of at least 16 bytes; delete it and the controller creates a new one (status digests then change once)"
+                ))
+            })
+    };
+    let missing = |e: kube::Error| SyncError::Api(e.to_string());
+    if let Some(secret) = api.get_opt(DIGEST_KEY_SECRET).await.map_err(missing)? {
+        return read(secret);
+    }
+    let key = DigestKey::generate().map_err(|e| {
+        SyncError::Unsupported(format!("cannot read /dev/urandom for the digest key: {e}"))
+    })?;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(DIGEST_KEY_SECRET.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(
+            [(
+                DIGEST_KEY_FIELD.to_string(),
+                ByteString(key.bytes().to_vec()),
+            )]
+            .into_iter()
+            .collect(),
+        ),
+        ..Default::default()
+    };
+    match api.create(&params(), &secret).await {
+        Ok(_) => Ok(key),
+        // Another replica created it first: use theirs.
+        Err(e) if code(&e) == Some(409) => match api.get_opt(DIGEST_KEY_SECRET).await {
+            Ok(Some(secret)) => read(secret),
+            Ok(None) => Err(SyncError::Conflict {
+                what: format!("Secret {namespace}/{DIGEST_KEY_SECRET}"),
+            }),
+            Err(e) => Err(missing(e)),
+        },
+        Err(e) => Err(missing(e)),
+    }
+}
+
+struct Context {
+    reconciler: Arc<SecretReconciler<KubeCluster>>,
+    leading: watch::Receiver<bool>,
+}
+
+/// Runs the HSMSecret controller while `leading` is true (the controller Lease is held):
+/// watches HSMSecrets, the Secrets they own (label `hsmsecrets.io/device`) and import
+/// Secrets (label `hsmsecrets.io/import-for`, mapped back to the HSMSecret of that name
+/// in the same namespace). Returns when the sender of `leading` is dropped.
+pub async fn run_kube(
+    client: Client,
+    reconciler: Arc<SecretReconciler<KubeCluster>>,
+    mut leading: watch::Receiver<bool>,
+) {
+    loop {
+        if leading.wait_for(|l| *l).await.is_err() {
+            return;
+        }
+        tracing::info!("HSMSecret controller starts (leader)");
+        let mut stop = leading.clone();
+        let stopped = async move {
+            let _ = stop.wait_for(|l| !*l).await;
+        };
+        let ctx = Arc::new(Context {
+            reconciler: reconciler.clone(),
+            leading: leading.clone(),
+        });
+        Controller::new(
+            Api::<HSMSecret>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .owns(
+            Api::<Secret>::all(client.clone()),
+            watcher::Config::default().labels(DEVICE_LABEL),
+        )
+        .watches(
+            Api::<Secret>::all(client.clone()),
+            watcher::Config::default().labels(IMPORT_FOR_LABEL),
+            |secret: Secret| {
+                let ns = secret.metadata.namespace.clone()?;
+                let name = secret
+                    .metadata
+                    .labels
+                    .as_ref()?
+                    .get(IMPORT_FOR_LABEL)?
+                    .clone();
+                Some(ObjectRef::<HSMSecret>::new(&name).within(&ns))
+            },
+        )
+        .graceful_shutdown_on(stopped)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "HSMSecret controller event");
+            }
+        })
+        .await;
+        tracing::info!("HSMSecret controller stopped (not the leader)");
+        if leading.has_changed().is_err() {
+            return;
+        }
+    }
+}
+
+async fn reconcile(object: Arc<HSMSecret>, ctx: Arc<Context>) -> Result<Action, SyncError> {
+    // The Lease may have been lost since the Controller started: write nothing then.
+    if !*ctx.leading.borrow() {
+        return Ok(Action::await_change());
+    }
+    let outcome = ctx.reconciler.reconcile(&object).await?;
+    Ok(if outcome.finalized {
+        Action::await_change()
+    } else {
+        Action::requeue(outcome.requeue_after)
+    })
+}
+
+fn error_policy(_object: Arc<HSMSecret>, error: &SyncError, _ctx: Arc<Context>) -> Action {
+    match error.kind() {
+        SyncErrorKind::Conflict => Action::requeue(Duration::from_millis(500)),
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
+}
