@@ -34,6 +34,11 @@ pub enum StoreError {
     )]
     PinLocked { token: String },
 
+    #[error(
+        "token {token:?} allows one more user-PIN attempt before it locks; hsm-secrets does not log in automatically now: check the PIN file, then log in once by hand (e.g. pkcs11-tool --login) to reset the counter"
+    )]
+    PinFinalTry { token: String },
+
     #[error("no token labelled {label:?} in {library}; tokens present: {present}")]
     TokenNotFound {
         label: String,
@@ -88,6 +93,7 @@ impl StoreError {
             StoreError::DeviceUnavailable { .. } => "device_unavailable",
             StoreError::PinIncorrect { .. } => "pin_incorrect",
             StoreError::PinLocked { .. } => "pin_locked",
+            StoreError::PinFinalTry { .. } => "pin_final_try",
             StoreError::TokenNotFound { .. } => "token_not_found",
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::InvalidName { .. } => "invalid_name",

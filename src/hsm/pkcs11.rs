@@ -406,6 +406,17 @@ impl Shared {
             .ctx
             .open_rw_session(c.slot)
             .map_err(|e| map_ck(self.label(), e, "C_OpenSession"))?;
+        // Each failed login spends one of the token's PIN attempts; check its counter
+        // flags first so a wrong PIN file can never lock the token by itself.
+        let info = self
+            .ctx
+            .get_token_info(c.slot)
+            .map_err(|e| map_ck(self.label(), e, "C_GetTokenInfo"))?;
+        login_guard(
+            self.label(),
+            info.user_pin_locked(),
+            info.user_pin_final_try(),
+        )?;
         match session.login(UserType::User, Some(&self.pin)) {
             Ok(()) => {}
             Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
@@ -461,11 +472,7 @@ impl Shared {
             if label == self.cfg.token_label
                 && self.cfg.token_serial.as_deref().is_none_or(|s| s == serial)
             {
-                if info.user_pin_locked() {
-                    return Err(StoreError::PinLocked {
-                        token: label.clone(),
-                    });
-                }
+                login_guard(&label, info.user_pin_locked(), info.user_pin_final_try())?;
                 return Ok(Conn {
                     slot,
                     generation: self.conn_generation.fetch_add(1, Ordering::SeqCst) + 1,
@@ -490,6 +497,23 @@ impl Shared {
             },
         })
     }
+}
+
+/// Whether logging in may be attempted, from the token's PIN counter flags: never when
+/// the user PIN is locked, and never on the last attempt (a wrong PIN would lock the
+/// token; that decision belongs to a person).
+fn login_guard(token: &str, locked: bool, final_try: bool) -> Result<(), StoreError> {
+    if locked {
+        return Err(StoreError::PinLocked {
+            token: token.to_string(),
+        });
+    }
+    if final_try {
+        return Err(StoreError::PinFinalTry {
+            token: token.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Held while a PKCS#11 operation runs (see `Shared::io_lock`).
@@ -987,5 +1011,25 @@ fn map_ck(token: &str, e: CkError, function: &'static str) -> StoreError {
             function: function.into(),
             rv: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_is_attempted_only_while_a_wrong_pin_cannot_lock_the_token() {
+        assert!(login_guard("prod", false, false).is_ok());
+        assert!(matches!(
+            login_guard("prod", false, true),
+            Err(StoreError::PinFinalTry { ref token }) if token == "prod"
+        ));
+        assert!(matches!(
+            login_guard("prod", true, true),
+            Err(StoreError::PinLocked { .. })
+        ));
+        let message = login_guard("prod", false, true).err().map(|e| e.to_string());
+        assert!(message.is_some_and(|m| m.contains("check the PIN file")));
     }
 }

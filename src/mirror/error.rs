@@ -246,6 +246,7 @@ fn store_code(e: &StoreError) -> Code {
         | StoreError::Injected { .. } => Code::Unavailable,
         StoreError::PinIncorrect { .. }
         | StoreError::PinLocked { .. }
+        | StoreError::PinFinalTry { .. }
         | StoreError::PinFile { .. }
         | StoreError::Library { .. } => Code::FailedPrecondition,
         StoreError::Pkcs11 { .. } => Code::Internal,

@@ -157,6 +157,7 @@ impl From<VolumeError> for SourceError {
                 | StoreError::Corrupt { .. }
                 | StoreError::PinIncorrect { .. }
                 | StoreError::PinLocked { .. }
+                | StoreError::PinFinalTry { .. }
                 | StoreError::PinFile { .. }
                 | StoreError::Library { .. }
                 | StoreError::Injected { .. } => SourceError::Unavailable(message),
