@@ -58,6 +58,7 @@
 mod agent;
 mod client;
 mod convert;
+pub mod endpoints;
 mod error;
 pub mod fencing;
 pub mod index;
@@ -86,6 +87,7 @@ pub mod pb {
 pub use agent::{Agent, AgentConfig, AgentStats, WriteOutcome};
 pub use client::{AgentConnection, MAX_MESSAGE_BYTES};
 pub use convert::{expect_to_pb, role_from_pb, role_to_pb};
+pub use endpoints::{EndpointResolver, NodeAddressEndpoints, StaticEndpoints};
 pub use error::MirrorError;
 pub use fencing::{Assignment, Peer};
 pub use remote::RemoteStore;
