@@ -23,6 +23,8 @@ enum Command {
     Controller(Box<hsm_secrets::cli::controller::ControllerArgs>),
     /// Serve one node's token as a device agent (mirroring, mutual TLS gRPC).
     Agent(Box<hsm_secrets::cli::agent::AgentArgs>),
+    /// Write a CA, the controller's and the agents' certificates for their Secrets.
+    Pki(hsm_secrets::cli::pki::PkiArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         Command::Webhook(args) => hsm_secrets::cli::webhook::run(*args, cli.common)?,
         Command::Controller(args) => hsm_secrets::cli::controller::run(*args, cli.common)?,
         Command::Agent(args) => hsm_secrets::cli::agent::run(*args, &cli.common)?,
+        Command::Pki(args) => hsm_secrets::cli::pki::run(args)?,
     }
     Ok(())
 }

@@ -3,4 +3,5 @@
 pub mod agent;
 pub mod controller;
 pub mod node;
+pub mod pki;
 pub mod webhook;

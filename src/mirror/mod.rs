@@ -61,6 +61,7 @@ mod convert;
 pub mod endpoints;
 mod error;
 pub mod fencing;
+pub mod identity;
 pub mod index;
 mod local;
 pub mod plan;
@@ -90,8 +91,12 @@ pub use convert::{expect_to_pb, role_from_pb, role_to_pb};
 pub use endpoints::{EndpointResolver, NodeAddressEndpoints, StaticEndpoints};
 pub use error::MirrorError;
 pub use fencing::{Assignment, Peer};
+pub use identity::Identity;
 pub use remote::RemoteStore;
 pub use serve::{bind, serve};
 pub use service::{AgentService, assignment_from_pb};
 pub use sync::{FullPassReport, LostWrite, PullReport, SyncSettings, SyncState};
-pub use tls::{AgentTls, GeneratedPki, TlsError, TlsFiles, generate_pki};
+pub use tls::{
+    AgentTls, CONTROLLER_CERT_NAME, CertificateAuthority, GeneratedPki, IssuedCertificate,
+    TlsError, TlsFiles, generate_pki, write_pem,
+};

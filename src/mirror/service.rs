@@ -12,6 +12,7 @@ use super::agent::{Agent, WriteOutcome};
 use super::client::MAX_MESSAGE_BYTES;
 use super::convert;
 use super::fencing::{Assignment, Peer};
+use super::identity::{self, Identity};
 use super::pb;
 use super::pb::agent_server::AgentServer;
 
@@ -32,6 +33,20 @@ impl AgentService {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
+}
+
+/// Refuses the call unless the caller's certificate carries the identity `rpc` needs.
+fn authorize<T>(request: &Request<T>, rpc: &'static str) -> Result<(), Status> {
+    let certs = request.peer_certs();
+    let caller = Identity::of_chain(certs.as_deref().map(Vec::as_slice));
+    identity::authorize(rpc, caller).map_err(|e| {
+        tracing::warn!(
+            rpc,
+            caller = caller.describe(),
+            "call refused: wrong identity"
+        );
+        Status::from(e)
+    })
 }
 
 fn parse_path(raw: &str) -> Result<SecretPath, MirrorError> {
@@ -107,15 +122,17 @@ pub fn assignment_from_pb(r: pb::AssignRoleRequest) -> Result<Assignment, Mirror
 impl pb::agent_server::Agent for AgentService {
     async fn health(
         &self,
-        _request: Request<pb::HealthRequest>,
+        request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
+        authorize(&request, "Health")?;
         Ok(Response::new(self.agent.health().await))
     }
 
     async fn manifest(
         &self,
-        _request: Request<pb::ManifestRequest>,
+        request: Request<pb::ManifestRequest>,
     ) -> Result<Response<pb::ManifestResponse>, Status> {
+        authorize(&request, "Manifest")?;
         Ok(Response::new(self.agent.manifest().await?))
     }
 
@@ -123,6 +140,7 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::ChangesRequest>,
     ) -> Result<Response<pb::ChangesResponse>, Status> {
+        authorize(&request, "Changes")?;
         Ok(Response::new(
             self.agent.changes(request.into_inner()).await?,
         ))
@@ -132,6 +150,7 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
+        authorize(&request, "Fetch")?;
         Ok(Response::new(self.agent.fetch(request.into_inner()).await?))
     }
 
@@ -140,6 +159,7 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
+        authorize(&request, "Get")?;
         let path = parse_path(&request.get_ref().path)?;
         Ok(Response::new(self.agent.get_response(&path).await?))
     }
@@ -149,6 +169,7 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        authorize(&request, "Put")?;
         let r = request.into_inner();
         let path = parse_path(&r.path)?;
         let data = convert::data_from_pb(r.data).map_err(|e| MirrorError::InvalidArgument {
@@ -167,6 +188,7 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        authorize(&request, "Delete")?;
         let r = request.into_inner();
         let path = parse_path(&r.path)?;
         let outcome = self
@@ -180,6 +202,7 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::ReplicateRequest>,
     ) -> Result<Response<pb::ReplicateResponse>, Status> {
+        authorize(&request, "Replicate")?;
         let applied = self.agent.replicate(request.into_inner()).await?;
         Ok(Response::new(pb::ReplicateResponse { applied }))
     }
@@ -189,6 +212,7 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::AssignRoleRequest>,
     ) -> Result<Response<pb::AssignRoleResponse>, Status> {
+        authorize(&request, "AssignRole")?;
         let assignment = assignment_from_pb(request.into_inner())?;
         Ok(Response::new(self.agent.assign(assignment).await?))
     }
@@ -197,6 +221,7 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        authorize(&request, "RenewLease")?;
         let r = request.into_inner();
         let remaining = self
             .agent
@@ -210,6 +235,7 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::FenceRequest>,
     ) -> Result<Response<pb::FenceResponse>, Status> {
+        authorize(&request, "Fence")?;
         let applied_sequence = self.agent.fence(request.into_inner().epoch)?;
         Ok(Response::new(pb::FenceResponse { applied_sequence }))
     }

@@ -57,6 +57,11 @@ impl Pki {
         AgentTls::from_files(self.generated.files(node).unwrap()).unwrap()
     }
 
+    /// What agent `as_node` uses to reach `peer` (e.g. a primary pushing to a mirror).
+    pub fn agent(&self, as_node: &str, peer: &Peer) -> AgentConnection {
+        AgentConnection::new(peer, &self.tls(as_node), Duration::from_secs(60)).unwrap()
+    }
+
     /// What the controller uses to reach `peer`.
     pub fn controller(&self, peer: &Peer) -> AgentConnection {
         AgentConnection::new(peer, &self.tls(CONTROLLER), Duration::from_secs(60)).unwrap()
