@@ -15,7 +15,9 @@ use std::time::Duration;
 use hsm_secrets::hsm::Expect;
 use hsm_secrets::mirror::{AgentConnection, Peer, pb};
 use hsm_secrets_csi::proto::node_client::NodeClient;
-use mirror_support::{HOUR, Pki, data, path, spawn_agent_process, token, wait_for};
+use mirror_support::{
+    HOUR, Pki, data, path, spawn_agent_process, spawn_agent_process_with, token, wait_for,
+};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use node_support::{read, target_under, unmount_everything_under, volume};
@@ -253,4 +255,115 @@ async fn a_node_without_a_token_reads_from_the_primary_then_from_a_mirror() {
     n1.child.wait().await.unwrap();
     assert_eq!(node.publish("uid-2").await.unwrap(), b"remote-3c4d");
     unmount_everything_under(dir.path());
+}
+
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
+}
+
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = wait_for(WAIT, &format!("{addr} to accept"), || async {
+        tokio::net::TcpStream::connect(addr).await.ok()
+    })
+    .await;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    (response[9..12].parse().unwrap(), response)
+}
+
+#[tokio::test]
+async fn agents_alone_and_inside_the_node_serve_metrics_without_secret_values() {
+    if !prerequisites() {
+        return;
+    }
+    let pki = Pki::new(&["n1", "n2"]);
+    let (m1, m2) = (free_port(), free_port());
+    let n1 = spawn_agent_process_with(TOKENS, &pki, "n1", "na-n1", &["--metrics-addr", &m1]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::spawn(
+        dir.path(),
+        &pki,
+        "n2",
+        &["--metrics-addr", &m2],
+        Some("na-n2"),
+    )
+    .await;
+    let n2 = node.agent.clone().unwrap();
+    let c1 = pki.controller(&n1.peer);
+    let c2 = pki.controller(&n2);
+    c1.assign_role(assign(pb::Role::Primary, 1, &n1.peer))
+        .await
+        .unwrap();
+    c2.assign_role(assign(pb::Role::ReadOnly, 1, &n1.peer))
+        .await
+        .unwrap();
+    let v = c1
+        .put(
+            &path("shop/db"),
+            &data(&[("password", b"metric-leak-9e1b")]),
+            Expect::Absent,
+            1,
+        )
+        .await
+        .unwrap()
+        .version;
+    wait_applied(&c2, v).await;
+    // A write the mirror refuses is counted by reason.
+    c2.put(
+        &path("shop/db"),
+        &data(&[("password", b"x")]),
+        Expect::Any,
+        1,
+    )
+    .await
+    .unwrap_err();
+
+    let (status, primary) = http_get(&m1, "/metrics").await;
+    assert_eq!(status, 200, "{primary}");
+    for line in [
+        "hsm_secrets_agent_epoch 1",
+        r#"hsm_secrets_agent_role{role="primary"} 1"#,
+        &format!("hsm_secrets_agent_applied_sequence {v}"),
+        r#"hsm_secrets_agent_rpc_duration_seconds_count{method="Put",code="ok"} 1"#,
+        r#"hsm_secrets_agent_rpc_duration_seconds_count{method="AssignRole",code="ok"} 1"#,
+    ] {
+        assert!(primary.contains(line), "{line} missing in:\n{primary}");
+    }
+    // The mirror inside the node plugin, next to the node's own metrics.
+    let mirror = wait_for(WAIT, "the mirror's pull counter", || async {
+        let (_, text) = http_get(&m2, "/metrics").await;
+        text.contains("hsm_secrets_agent_sync_pulls_total")
+            .then_some(text)
+    })
+    .await;
+    for line in [
+        r#"hsm_secrets_agent_role{role="read_only"} 1"#,
+        "hsm_secrets_agent_sync_lag_sequence 0",
+        "hsm_secrets_agent_sync_lag_seconds ",
+        "hsm_secrets_agent_sync_full_passes_total 1",
+        "hsm_secrets_agent_sync_repairs_total 0",
+        "hsm_secrets_agent_checksum_failures_total 0",
+        r#"hsm_secrets_agent_writes_refused_total{reason="not_primary"} 1"#,
+        "# TYPE hsm_secrets_agent_hsm_errors counter",
+        r#"hsm_secrets_agent_rpc_duration_seconds_count{method="Put",code="failed_precondition"} 1"#,
+        "hsm_secrets_node_publishes_total",
+    ] {
+        assert!(mirror.contains(line), "{line} missing in:\n{mirror}");
+    }
+    for text in [&primary, &mirror] {
+        assert!(!text.contains("metric-leak-9e1b"));
+        assert!(!text.contains("shop/db"));
+    }
+    for addr in [&m1, &m2] {
+        assert_eq!(http_get(addr, "/healthz").await.0, 200);
+        let (status, body) = http_get(addr, "/readyz").await;
+        assert_eq!(status, 200, "{body}");
+    }
 }

@@ -15,7 +15,7 @@ use clap::Args;
 use tokio::task::JoinHandle;
 
 use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore};
-use crate::mirror::{self, Agent, AgentConfig, AgentTls, MirrorError, TlsFiles};
+use crate::mirror::{self, Agent, AgentConfig, AgentMetrics, AgentTls, MirrorError, TlsFiles};
 use crate::telemetry::CommonArgs;
 
 /// How an agent follows its primary; shared by `hsm-secrets agent` and `hsm-secrets node`.
@@ -84,7 +84,7 @@ pub fn run(args: AgentArgs, common: &CommonArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(args, common.clone()))
 }
 
-async fn serve(args: AgentArgs, _common: CommonArgs) -> anyhow::Result<()> {
+async fn serve(args: AgentArgs, common: CommonArgs) -> anyhow::Result<()> {
     let tls = AgentTls::from_files(&TlsFiles {
         ca: args.tls_ca.clone(),
         cert: args.tls_cert.clone(),
@@ -95,13 +95,38 @@ async fn serve(args: AgentArgs, _common: CommonArgs) -> anyhow::Result<()> {
     let store = open_store(pkcs11).await?;
 
     let cfg = args.sync.config(&args.node, tls);
-    let served = serve_agent(cfg, store, args.listen, shutdown_signal()).await?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = AgentMetrics::register(&mut registry);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let served = serve_agent(cfg, store, args.listen, stopped(), Some(&metrics)).await?;
+    let mut ops = None;
+    if let Some(addr) = common.metrics_addr {
+        let router = mirror::metrics::ops_router(Arc::new(registry), served.agent.clone());
+        let (local, server) = crate::node::ops::bind(addr, router, stopped())
+            .await
+            .with_context(|| format!("bind the metrics address {addr}"))?;
+        tracing::info!(%local, "serving /metrics, /healthz and /readyz");
+        ops = Some(tokio::spawn(server));
+    }
     // The one line on stdout: how scripts and tests learn a port picked by the kernel.
     println!(
         "hsm-secrets agent {} listening on {}",
         args.node, served.addr
     );
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
     served.wait().await?;
+    if let Some(ops) = ops {
+        let _ = tokio::time::timeout(Duration::from_secs(5), ops).await;
+    }
     Ok(())
 }
 
@@ -127,14 +152,21 @@ impl ServedAgent {
 /// `shutdown` completes. The store is the process's only handle on the token: the store
 /// caches object handles and assumes it is the token's only writer.
 pub async fn serve_agent(
-    cfg: AgentConfig,
+    mut cfg: AgentConfig,
     store: Arc<dyn SecretStore>,
     listen: SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    metrics: Option<&AgentMetrics>,
 ) -> anyhow::Result<ServedAgent> {
     let listener = mirror::bind(listen).await?;
     let addr = listener.local_addr().context("read the bound address")?;
+    if let Some(metrics) = metrics {
+        cfg.rpc_metrics = metrics.rpc();
+    }
     let agent = Agent::start(cfg, store).await;
+    if let Some(metrics) = metrics {
+        metrics.attach(&agent);
+    }
     let task = tokio::spawn(mirror::serve(agent.clone(), listener, shutdown));
     Ok(ServedAgent { agent, addr, task })
 }

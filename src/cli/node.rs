@@ -13,7 +13,9 @@ use tokio::sync::watch;
 
 use super::agent::{SyncTuning, serve_agent};
 use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore};
-use crate::mirror::{AgentTls, EndpointResolver, NodeAddressEndpoints, StaticEndpoints, TlsFiles};
+use crate::mirror::{
+    AgentMetrics, AgentTls, EndpointResolver, NodeAddressEndpoints, StaticEndpoints, TlsFiles,
+};
 use crate::node::{
     HsmVolumeSource, KubeCatalog, LocalDevice, NodeMetrics, RemoteReads, SecretCatalog,
     StaticCatalog, ops,
@@ -112,6 +114,11 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
     let tls = agent_tls(&args)?;
     let mut registry = Registry::default();
     let metrics = NodeMetrics::register(&mut registry);
+    // Registered now, reporting once the token is open and the agent runs.
+    let agent_metrics = args
+        .agent_listen
+        .is_some()
+        .then(|| AgentMetrics::register(&mut registry));
     let mut source = HsmVolumeSource::new(catalog, device.clone()).with_metrics(metrics.clone());
     match remote_reads(&args, tls.as_ref()).await? {
         Some(remote) => source = source.with_remote_reads(Arc::new(remote)),
@@ -154,7 +161,7 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
             // The agent shares the plugin's store: the only handle on the token.
             let store = device.store()?;
             let node = cfg.node.clone();
-            let served = serve_agent(cfg, store, listen, stop).await?;
+            let served = serve_agent(cfg, store, listen, stop, agent_metrics.as_ref()).await?;
             // How scripts and tests learn a port picked by the kernel.
             println!("hsm-secrets node {node} agent listening on {}", served.addr);
             served.wait().await

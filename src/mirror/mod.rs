@@ -64,6 +64,7 @@ pub mod fencing;
 pub mod identity;
 pub mod index;
 mod local;
+pub mod metrics;
 pub mod plan;
 pub mod remote;
 mod replication;
@@ -85,13 +86,14 @@ pub mod pb {
     include!("generated/hsmsecrets.agent.v1.rs");
 }
 
-pub use agent::{Agent, AgentConfig, AgentStats, WriteOutcome};
+pub use agent::{Agent, AgentConfig, AgentSnapshot, AgentStats, WriteOutcome};
 pub use client::{AgentConnection, MAX_MESSAGE_BYTES};
 pub use convert::{expect_to_pb, role_from_pb, role_to_pb};
 pub use endpoints::{EndpointResolver, NodeAddressEndpoints, StaticEndpoints};
 pub use error::MirrorError;
 pub use fencing::{Assignment, Peer};
 pub use identity::Identity;
+pub use metrics::{AgentMetrics, RpcMetrics};
 pub use remote::RemoteStore;
 pub use serve::{bind, serve};
 pub use service::{AgentService, assignment_from_pb};

@@ -360,6 +360,17 @@ pub struct AgentProcess {
 /// Starts `hsm-secrets agent` for `name` on the token `label` (one of `all`), on a port
 /// the kernel picks; the agent announces it on its first stdout line.
 pub async fn spawn_agent_process(all: &[&str], pki: &Pki, name: &str, label: &str) -> AgentProcess {
+    spawn_agent_process_with(all, pki, name, label, &[]).await
+}
+
+/// As [`spawn_agent_process`], with extra command-line arguments.
+pub async fn spawn_agent_process_with(
+    all: &[&str],
+    pki: &Pki,
+    name: &str,
+    label: &str,
+    extra: &[&str],
+) -> AgentProcess {
     use tokio::io::AsyncBufReadExt;
     let token = token(all, label).unwrap();
     let files = pki.generated.files(name).unwrap();
@@ -377,6 +388,7 @@ pub async fn spawn_agent_process(all: &[&str], pki: &Pki, name: &str, label: &st
         .arg("--tls-key")
         .arg(&files.key)
         .args(["--pull-interval-ms", "200"])
+        .args(extra)
         .env("SOFTHSM2_CONF", softhsm::conf_path())
         .env("HSM_LOG", "error")
         .stdout(std::process::Stdio::piped())
