@@ -37,7 +37,9 @@
 //! # For the controller
 //!
 //! Reach an agent with [`AgentConnection`] (the controller's certificate from the agent
-//! CA). The failover planner's actions map to calls as follows:
+//! CA: control RPCs and client writes need its identity, Replicate an agent's, reads any
+//! certificate of the CA; see [`identity`]). Agent endpoints come from an
+//! [`EndpointResolver`]: a static list, or Node InternalIPs and the agents' port. The failover planner's actions map to calls as follows:
 //!
 //! | action | call |
 //! | --- | --- |
