@@ -16,7 +16,7 @@ enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crdgen,
     /// Run the CSI node plugin: mount HSM secrets into pods as tmpfs volumes.
-    Node(hsm_secrets::cli::node::NodeArgs),
+    Node(Box<hsm_secrets::cli::node::NodeArgs>),
     /// Run the admission webhook (pod injection and validation).
     Webhook(Box<hsm_secrets::cli::webhook::WebhookArgs>),
     /// Run the HSMDevice controller: health, roles, failover with fencing.
@@ -28,6 +28,8 @@ enum Command {
     Demo(hsm_secrets::cli::demo::DemoArgs),
     /// Keep the demo's system running for interactive use (up, status, put, get, down).
     Local(hsm_secrets::cli::local::LocalArgs),
+    /// Write a CA, the controller's and the agents' certificates for their Secrets.
+    Pki(hsm_secrets::cli::pki::PkiArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,12 +38,13 @@ fn main() -> anyhow::Result<()> {
     hsm_secrets::telemetry::init(&cli.common);
     match cli.command {
         Command::Crdgen => print!("{}", hsm_secrets::crd::crd_yaml()?),
-        Command::Node(args) => hsm_secrets::cli::node::run(args, cli.common)?,
+        Command::Node(args) => hsm_secrets::cli::node::run(*args, cli.common)?,
         Command::Webhook(args) => hsm_secrets::cli::webhook::run(*args, cli.common)?,
         Command::Controller(args) => hsm_secrets::cli::controller::run(*args, cli.common)?,
         Command::Agent(args) => hsm_secrets::cli::agent::run(*args, &cli.common)?,
         Command::Demo(args) => hsm_secrets::cli::demo::run(args, cli.common)?,
         Command::Local(args) => hsm_secrets::cli::local::run(args, cli.common)?,
+        Command::Pki(args) => hsm_secrets::cli::pki::run(args)?,
     }
     Ok(())
 }

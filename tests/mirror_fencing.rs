@@ -180,7 +180,8 @@ async fn stale_epochs_are_refused_everywhere() {
     );
 
     // A push from an old term is refused by the mirror.
-    let err = c2
+    let err = pki
+        .agent("n1", &n2.peer())
         .replicate(pb::ReplicateRequest {
             record: None,
             epoch: 4,

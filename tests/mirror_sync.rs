@@ -374,7 +374,7 @@ async fn forged_records_are_never_applied() {
     let mut forged = Record::live(target.clone(), 99, data(&[("k", b"genuine")]));
     forged.body = Body::Live(data(&[("k", b"forged")]));
     let err = pki
-        .controller(&n2.peer())
+        .agent("n1", &n2.peer())
         .replicate(pb::ReplicateRequest {
             record: Some(pb::Record {
                 path: forged.path.to_string(),

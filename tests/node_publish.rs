@@ -306,9 +306,7 @@ async fn a_node_without_the_device_answers_unavailable() {
     assert_eq!(status.code(), Code::Unavailable);
     assert!(
         status.message().contains("no HSM for device \"prod-hsm\"")
-            && status
-                .message()
-                .contains("remote reads arrive with mirroring"),
+            && status.message().contains("remote reads are not configured"),
         "{status:?}"
     );
     assert_nothing_left(&target);

@@ -1,9 +1,10 @@
 //! `hsm-secrets agent`: serve one node's token as a device agent (mutual TLS gRPC).
 //!
-//! The node plugin embeds the same agent; this subcommand runs it alone, for the local
-//! mode, the demo and multi-process tests. It starts as a standby at epoch 0 and waits
-//! for the controller (or whoever holds the controller's certificate) to assign a role.
+//! The node plugin embeds the same agent (`hsm-secrets node --agent-listen`); this
+//! subcommand runs it alone, for the local mode, the demo and multi-process tests. It
+//! starts as a standby at epoch 0 and waits for the controller to assign a role.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,10 +12,36 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use tokio::task::JoinHandle;
 
 use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore};
-use crate::mirror::{self, Agent, AgentConfig, AgentTls, TlsFiles};
+use crate::mirror::{self, Agent, AgentConfig, AgentMetrics, AgentTls, MirrorError, TlsFiles};
 use crate::telemetry::CommonArgs;
+
+/// How an agent follows its primary; shared by `hsm-secrets agent` and `hsm-secrets node`.
+#[derive(Args, Clone, Debug)]
+pub struct SyncTuning {
+    /// Milliseconds between two pulls from the primary (mirrors).
+    #[arg(long, env = "HSM_PULL_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub pull_interval_ms: u64,
+    /// Seconds between full verification passes (until the controller sets it).
+    #[arg(long, env = "HSM_SYNC_INTERVAL", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub sync_interval: u64,
+    /// Milliseconds a write waits for a mirror under the Active policy before dropping it.
+    #[arg(long, env = "HSM_REPLICATE_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub replicate_timeout_ms: u64,
+}
+
+impl SyncTuning {
+    /// The agent configuration of `node` with these settings.
+    pub fn config(&self, node: &str, tls: AgentTls) -> AgentConfig {
+        let mut cfg = AgentConfig::new(node, tls);
+        cfg.sync.pull_interval = Duration::from_millis(self.pull_interval_ms);
+        cfg.sync.sync_interval = Duration::from_secs(self.sync_interval);
+        cfg.replicate_timeout = Duration::from_millis(self.replicate_timeout_ms);
+        cfg
+    }
+}
 
 #[derive(Args, Clone, Debug)]
 pub struct AgentArgs {
@@ -45,26 +72,19 @@ pub struct AgentArgs {
     /// PEM file of its private key.
     #[arg(long, env = "HSM_AGENT_TLS_KEY")]
     pub tls_key: PathBuf,
-    /// Milliseconds between two pulls from the primary (mirrors).
-    #[arg(long, env = "HSM_PULL_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=600_000))]
-    pub pull_interval_ms: u64,
-    /// Seconds between full verification passes (until the controller sets it).
-    #[arg(long, env = "HSM_SYNC_INTERVAL", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub sync_interval: u64,
-    /// Milliseconds a write waits for a mirror under the Active policy before dropping it.
-    #[arg(long, env = "HSM_REPLICATE_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
-    pub replicate_timeout_ms: u64,
+    #[command(flatten)]
+    pub sync: SyncTuning,
 }
 
-pub fn run(args: AgentArgs, _common: &CommonArgs) -> anyhow::Result<()> {
+pub fn run(args: AgentArgs, common: &CommonArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(args, common.clone()))
 }
 
-async fn serve(args: AgentArgs) -> anyhow::Result<()> {
+async fn serve(args: AgentArgs, common: CommonArgs) -> anyhow::Result<()> {
     let tls = AgentTls::from_files(&TlsFiles {
         ca: args.tls_ca.clone(),
         cert: args.tls_cert.clone(),
@@ -74,20 +94,81 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
     pkcs11.token_serial = args.token_serial.clone();
     let store = open_store(pkcs11).await?;
 
-    let mut cfg = AgentConfig::new(args.node.clone(), tls);
-    cfg.sync.pull_interval = Duration::from_millis(args.pull_interval_ms);
-    cfg.sync.sync_interval = Duration::from_secs(args.sync_interval);
-    cfg.replicate_timeout = Duration::from_millis(args.replicate_timeout_ms);
-    let agent = Agent::start(cfg, store).await;
-
-    let listener = mirror::bind(args.listen).await?;
-    let addr = listener.local_addr().context("read the bound address")?;
+    let cfg = args.sync.config(&args.node, tls);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = AgentMetrics::register(&mut registry);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let served = serve_agent(cfg, store, args.listen, stopped(), Some(&metrics)).await?;
+    let mut ops = None;
+    if let Some(addr) = common.metrics_addr {
+        let router = mirror::metrics::ops_router(Arc::new(registry), served.agent.clone());
+        let (local, server) = crate::node::ops::bind(addr, router, stopped())
+            .await
+            .with_context(|| format!("bind the metrics address {addr}"))?;
+        tracing::info!(%local, "serving /metrics, /healthz and /readyz");
+        ops = Some(tokio::spawn(server));
+    }
     // The one line on stdout: how scripts and tests learn a port picked by the kernel.
-    println!("hsm-secrets agent {} listening on {addr}", args.node);
-    let served = mirror::serve(agent.clone(), listener, shutdown_signal()).await;
-    agent.shutdown().await;
-    served?;
+    println!(
+        "hsm-secrets agent {} listening on {}",
+        args.node, served.addr
+    );
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    served.wait().await?;
+    if let Some(ops) = ops {
+        let _ = tokio::time::timeout(Duration::from_secs(5), ops).await;
+    }
     Ok(())
+}
+
+/// An agent being served.
+pub struct ServedAgent {
+    pub agent: Agent,
+    /// The bound address (the port the kernel picked for port 0).
+    pub addr: SocketAddr,
+    task: JoinHandle<Result<(), MirrorError>>,
+}
+
+impl ServedAgent {
+    /// Waits until the server stopped (its shutdown future completed), then stops the
+    /// sync engine.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let served = self.task.await.context("the agent server task failed")?;
+        self.agent.shutdown().await;
+        served.context("serve the agent")
+    }
+}
+
+/// Starts an agent over `store` and serves it with mutual TLS on `listen` until
+/// `shutdown` completes. The store is the process's only handle on the token: the store
+/// caches object handles and assumes it is the token's only writer.
+pub async fn serve_agent(
+    mut cfg: AgentConfig,
+    store: Arc<dyn SecretStore>,
+    listen: SocketAddr,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    metrics: Option<&AgentMetrics>,
+) -> anyhow::Result<ServedAgent> {
+    let listener = mirror::bind(listen).await?;
+    let addr = listener.local_addr().context("read the bound address")?;
+    if let Some(metrics) = metrics {
+        cfg.rpc_metrics = metrics.rpc();
+    }
+    let agent = Agent::start(cfg, store).await;
+    if let Some(metrics) = metrics {
+        metrics.attach(&agent);
+    }
+    let task = tokio::spawn(mirror::serve(agent.clone(), listener, shutdown));
+    Ok(ServedAgent { agent, addr, task })
 }
 
 /// Opens the token, waiting for it when it is not (yet) present: the agent of a node

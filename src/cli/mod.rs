@@ -5,4 +5,5 @@ pub mod controller;
 pub mod demo;
 pub mod local;
 pub mod node;
+pub mod pki;
 pub mod webhook;

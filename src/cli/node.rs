@@ -1,5 +1,6 @@
 //! `hsm-secrets node`: the CSI node plugin (one per node, a DaemonSet).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,10 +11,16 @@ use hsm_secrets_csi::{DEFAULT_DRIVER_NAME, IdentityService, NodeConfig, NodeServ
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
+use super::agent::{SyncTuning, serve_agent};
 use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore};
-use crate::node::{
-    HsmVolumeSource, KubeCatalog, LocalDevice, NodeMetrics, SecretCatalog, StaticCatalog, ops,
+use crate::mirror::{
+    AgentMetrics, AgentTls, EndpointResolver, NodeAddressEndpoints, StaticEndpoints, TlsFiles,
 };
+use crate::node::{
+    HsmVolumeSource, KubeCatalog, LocalDevice, NodeMetrics, RemoteReads, SecretCatalog,
+    StaticCatalog, ops,
+};
+use crate::state::{FileState, KubeState, StateStore};
 use crate::telemetry::CommonArgs;
 
 /// Time in-flight CSI calls get to finish after SIGTERM.
@@ -47,6 +54,38 @@ pub struct NodeArgs {
     /// of HSMSecret documents (no cluster).
     #[arg(long, env = "HSM_CATALOG", default_value = "kube")]
     pub catalog: String,
+    /// Serve this node's token as the device agent (mirroring, the controller's probes)
+    /// on this address, in this process: one process per token.
+    #[arg(long, env = "HSM_AGENT_LISTEN", requires_all = ["device", "agent_tls_ca"])]
+    pub agent_listen: Option<SocketAddr>,
+    /// PEM file of the agent CA (agent serving and remote reads).
+    #[arg(long, env = "HSM_AGENT_TLS_CA", requires_all = ["agent_tls_cert", "agent_tls_key"])]
+    pub agent_tls_ca: Option<PathBuf>,
+    /// PEM file of this node's agent certificate (it must name the node).
+    #[arg(long, env = "HSM_AGENT_TLS_CERT", requires = "agent_tls_ca")]
+    pub agent_tls_cert: Option<PathBuf>,
+    /// PEM file of its private key.
+    #[arg(long, env = "HSM_AGENT_TLS_KEY", requires = "agent_tls_ca")]
+    pub agent_tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub sync: SyncTuning,
+    /// Remote reads: an agent as NODE=https://HOST:PORT (repeatable), for devices this
+    /// node holds no token of.
+    #[arg(
+        long = "agent",
+        env = "HSM_AGENTS",
+        value_delimiter = ',',
+        requires = "agent_tls_ca"
+    )]
+    pub agents: Vec<String>,
+    /// Remote reads in a cluster: agents listen on this port at their node's InternalIP.
+    #[arg(long, env = "HSM_AGENT_PORT", requires = "agent_tls_ca")]
+    pub agent_port: Option<u16>,
+    /// Where remote reads learn the device's roles (HSMDevice status): `kube`, a state
+    /// directory of the no-cluster mode, or `none` (agents in --agent order). Default:
+    /// `kube` with `--catalog kube`, else `none`.
+    #[arg(long, env = "HSM_STATE")]
+    pub state: Option<String>,
 }
 
 /// Runs the node plugin until SIGTERM or ctrl-c.
@@ -72,15 +111,35 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
 
     let catalog = open_catalog(&args.catalog).await?;
     let device = args.device.clone().map(LocalDevice::opening);
+    let tls = agent_tls(&args)?;
     let mut registry = Registry::default();
     let metrics = NodeMetrics::register(&mut registry);
-    let source =
-        Arc::new(HsmVolumeSource::new(catalog, device.clone()).with_metrics(metrics.clone()));
+    // Registered now, reporting once the token is open and the agent runs.
+    let agent_metrics = args
+        .agent_listen
+        .is_some()
+        .then(|| AgentMetrics::register(&mut registry));
+    let mut source = HsmVolumeSource::new(catalog, device.clone()).with_metrics(metrics.clone());
+    match remote_reads(&args, tls.as_ref()).await? {
+        Some(remote) => source = source.with_remote_reads(Arc::new(remote)),
+        None if device.is_none() => tracing::info!(
+            "no --device and no remote reads (--agent-tls-* with --agent or --agent-port): publishing answers Unavailable"
+        ),
+        None => {}
+    }
+    let source = Arc::new(source);
 
     let mut opener = None;
     if let Some(device) = &device {
         let config = pkcs11_config(&args)?;
         let device = device.clone();
+        let agent = match (args.agent_listen, &tls) {
+            (Some(listen), Some(tls)) => {
+                Some((listen, args.sync.config(&args.node_name, tls.clone())))
+            }
+            _ => None,
+        };
+        let stop = stopped();
         opener = Some(tokio::spawn(async move {
             device
                 .open_with_retry(
@@ -96,11 +155,17 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
                     Duration::from_secs(30),
                 )
                 .await;
+            let Some((listen, cfg)) = agent else {
+                return Ok(());
+            };
+            // The agent shares the plugin's store: the only handle on the token.
+            let store = device.store()?;
+            let node = cfg.node.clone();
+            let served = serve_agent(cfg, store, listen, stop, agent_metrics.as_ref()).await?;
+            // How scripts and tests learn a port picked by the kernel.
+            println!("hsm-secrets node {node} agent listening on {}", served.addr);
+            served.wait().await
         }));
-    } else {
-        tracing::info!(
-            "no --device: this node has no HSM; publishing answers Unavailable until mirroring brings remote reads"
-        );
     }
 
     let mut ops_server = None;
@@ -150,8 +215,13 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
         }
     };
 
-    if let Some(opener) = opener {
-        opener.abort();
+    if let Some(mut opener) = opener {
+        // The agent stops with the plugin; a token still being opened is abandoned.
+        match tokio::time::timeout(Duration::from_secs(5), &mut opener).await {
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "the device agent failed"),
+            Err(_) => opener.abort(),
+            _ => {}
+        }
     }
     if let Some(server) = ops_server {
         match tokio::time::timeout(Duration::from_secs(5), server).await {
@@ -174,6 +244,75 @@ fn pkcs11_config(args: &NodeArgs) -> anyhow::Result<Pkcs11Config> {
             bail!("--device needs --pkcs11-library, --token-label and --pin-file to open the token")
         }
     }
+}
+
+fn agent_tls(args: &NodeArgs) -> anyhow::Result<Option<AgentTls>> {
+    match (
+        &args.agent_tls_ca,
+        &args.agent_tls_cert,
+        &args.agent_tls_key,
+    ) {
+        (Some(ca), Some(cert), Some(key)) => Ok(Some(AgentTls::from_files(&TlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        })?)),
+        (None, None, None) => Ok(None),
+        _ => bail!("--agent-tls-ca, --agent-tls-cert and --agent-tls-key go together"),
+    }
+}
+
+/// Remote reads when agents can be found: a static list, or discovery in the cluster.
+async fn remote_reads(
+    args: &NodeArgs,
+    tls: Option<&AgentTls>,
+) -> anyhow::Result<Option<RemoteReads>> {
+    let Some(tls) = tls else {
+        return Ok(None);
+    };
+    let statics = StaticEndpoints::parse(&args.agents)?;
+    let needs_cluster = args.agent_port.is_some()
+        || args.state.as_deref() == Some("kube")
+        || (args.state.is_none() && args.catalog == "kube");
+    if statics.is_empty() && args.agent_port.is_none() {
+        if args.device.is_none() {
+            bail!(
+                "--agent-tls-* without --device serve remote reads: name the agents with \
+                 --agent NODE=https://HOST:PORT or give --agent-port (cluster discovery)"
+            );
+        }
+        return Ok(None);
+    }
+    let client = if needs_cluster {
+        Some(kube::Client::try_default().await.context(
+            "connect to the Kubernetes API for agent discovery and HSMDevice status; use \
+             --agent NODE=https://HOST:PORT with --state DIR|none to run without a cluster",
+        )?)
+    } else {
+        None
+    };
+    let endpoints: Arc<dyn EndpointResolver> = match (args.agent_port, &client) {
+        (Some(port), Some(client)) => {
+            Arc::new(NodeAddressEndpoints::new(client.clone(), port, statics))
+        }
+        _ => Arc::new(statics),
+    };
+    let kube_state = |client: &Option<kube::Client>| -> Option<Arc<dyn StateStore>> {
+        let client = client.clone()?;
+        Some(Arc::new(KubeState::new(client, "default", None)))
+    };
+    let state: Option<Arc<dyn StateStore>> = match args.state.as_deref() {
+        Some("none") => None,
+        Some("kube") => kube_state(&client),
+        Some(dir) => Some(Arc::new(FileState::open(dir)?)),
+        None if args.catalog == "kube" => kube_state(&client),
+        None => None,
+    };
+    tracing::info!(
+        status = state.is_some(),
+        "remote reads through the devices' agents"
+    );
+    Ok(Some(RemoteReads::new(tls.clone(), endpoints, state)))
 }
 
 async fn open_catalog(spec: &str) -> anyhow::Result<Arc<dyn SecretCatalog>> {

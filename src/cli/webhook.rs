@@ -103,14 +103,6 @@ pub fn run(args: WebhookArgs, common: CommonArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: WebhookArgs, common: CommonArgs) -> anyhow::Result<()> {
-    if let Some(addr) = common.metrics_addr {
-        tracing::warn!(
-            %addr,
-            "--metrics-addr is not used by the webhook: /metrics, /healthz and /readyz are served \
-             on its HTTPS port ({})",
-            args.listen
-        );
-    }
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -158,11 +150,42 @@ async fn serve(args: WebhookArgs, common: CommonArgs) -> anyhow::Result<()> {
     let Some(tls) = load_certificate(&args, stopped()).await? else {
         return Ok(());
     };
+    let webhook = webhook.with_certificate(&tls);
+    let ops = match common.metrics_addr {
+        Some(addr) => Some(serve_ops(addr, webhook.clone(), stopped()).await?),
+        None => None,
+    };
     let listener = hsm_secrets_webhook::bind(args.listen).await?;
-    let router = hsm_secrets_webhook::router(webhook.with_certificate(&tls));
+    let router = hsm_secrets_webhook::router(webhook);
     hsm_secrets_webhook::serve(listener, router, tls, stopped()).await?;
+    if let Some(ops) = ops {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), ops).await;
+    }
     tracing::info!("webhook stopped");
     Ok(())
+}
+
+/// `/metrics`, `/healthz` and `/readyz` over plain HTTP on `--metrics-addr` (they stay
+/// on the HTTPS port as well).
+async fn serve_ops(
+    addr: std::net::SocketAddr,
+    webhook: WebhookState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind the metrics address {addr} (--metrics-addr)"))?;
+    let local = listener.local_addr().context("read the metrics address")?;
+    tracing::info!(%local, "serving /metrics, /healthz and /readyz");
+    let router = hsm_secrets_webhook::ops_router(webhook);
+    Ok(tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::warn!(%error, "the metrics server failed");
+        }
+    }))
 }
 
 fn bootstrap_config(args: &WebhookArgs) -> BootstrapConfig {

@@ -6,6 +6,7 @@
 //! a mirror it runs the [`sync`](super::sync) engine against its assigned primary and
 //! applies the primary's pushes. Roles come only from the controller (`AssignRole`).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -21,6 +22,7 @@ use super::client::AgentConnection;
 use super::convert;
 use super::fencing::{Assignment, Control};
 use super::local::{Applied, Guard, Local};
+use super::metrics::RpcMetrics;
 use super::pb;
 use super::replication::{self, SyncSet};
 use super::sync::{self, FullPassReport, PullReport, SyncHandle, SyncSettings, SyncState};
@@ -39,6 +41,8 @@ pub struct AgentConfig {
     pub rpc_timeout: Duration,
     /// Soft size limit of one Changes or Fetch answer (at least one record is sent).
     pub batch_bytes: usize,
+    /// Where the gRPC service records RPC latency.
+    pub rpc_metrics: RpcMetrics,
 }
 
 impl AgentConfig {
@@ -50,6 +54,7 @@ impl AgentConfig {
             replicate_timeout: Duration::from_secs(5),
             rpc_timeout: Duration::from_secs(30),
             batch_bytes: 4 * 1024 * 1024,
+            rpc_metrics: RpcMetrics::default(),
         }
     }
 }
@@ -80,6 +85,22 @@ struct Counters {
     changes_answered_from_index: AtomicU64,
     records_sent: AtomicU64,
     pushes_refused: AtomicU64,
+    /// Client writes refused, by error kind.
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Local token failures outside the sync engine, by kind.
+    hsm_errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// The agent's state for metrics, read without touching the token.
+#[derive(Clone, Debug)]
+pub struct AgentSnapshot {
+    pub role: DeviceRole,
+    pub epoch: u64,
+    pub applied_sequence: u64,
+    pub lease_remaining: Duration,
+    pub sync: SyncState,
+    pub refused: BTreeMap<&'static str, u64>,
+    pub hsm_errors: BTreeMap<&'static str, u64>,
 }
 
 /// A snapshot of the agent's counters.
@@ -178,6 +199,45 @@ impl Agent {
         }
     }
 
+    /// Role, epoch, sequences and counters, for metrics.
+    pub fn snapshot(&self) -> AgentSnapshot {
+        let (role, epoch, lease_remaining) = {
+            let c = self.control();
+            (c.role(), c.epoch(), c.lease_remaining(Instant::now()))
+        };
+        let c = &self.inner.counters;
+        AgentSnapshot {
+            role,
+            epoch,
+            applied_sequence: self.applied_sequence(role),
+            lease_remaining,
+            sync: self.sync_state(),
+            refused: c.refused.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            hsm_errors: c
+                .hsm_errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    fn count(map: &Mutex<BTreeMap<&'static str, u64>>, kind: &'static str) {
+        *map.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind)
+            .or_default() += 1;
+    }
+
+    /// Counts a failure of the local token.
+    fn count_store_error(&self, e: &StoreError) {
+        if !matches!(
+            e,
+            StoreError::NotFound { .. } | StoreError::VersionConflict { .. }
+        ) {
+            Self::count(&self.inner.counters.hsm_errors, e.kind());
+        }
+    }
+
     fn control(&self) -> MutexGuard<'_, Control> {
         self.inner.control.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -235,6 +295,7 @@ impl Agent {
                 h.token_serial = info.serial;
             }
             Err(e) => {
+                self.count_store_error(&e);
                 h.token_present = !matches!(
                     e,
                     StoreError::TokenNotFound { .. }
@@ -370,6 +431,29 @@ impl Agent {
         expect: Expect,
         epoch: u64,
     ) -> Result<WriteOutcome, MirrorError> {
+        let result = self.write_unobserved(path, body, expect, epoch).await;
+        match &result {
+            Err(MirrorError::Store(e))
+                if !matches!(
+                    e,
+                    StoreError::NotFound { .. } | StoreError::VersionConflict { .. }
+                ) =>
+            {
+                self.count_store_error(e)
+            }
+            Err(e) => Self::count(&self.inner.counters.refused, e.kind()),
+            Ok(_) => {}
+        }
+        result
+    }
+
+    async fn write_unobserved(
+        &self,
+        path: &SecretPath,
+        body: Body,
+        expect: Expect,
+        epoch: u64,
+    ) -> Result<WriteOutcome, MirrorError> {
         self.inner.local.ensure_index().await?;
         let _writes = self.inner.writes.lock().await;
         self.control().admit_write(epoch, Instant::now())?;
@@ -436,7 +520,9 @@ impl Agent {
     /// A live secret, as served by the primary or a read-only mirror.
     pub async fn get(&self, path: &SecretPath) -> Result<Record, MirrorError> {
         self.control().admit_read()?;
-        let record = self.store().record(path).await?;
+        let record = self.store().record(path).await.inspect_err(|e| {
+            self.count_store_error(e);
+        })?;
         if record.is_deleted() {
             return Err(StoreError::NotFound {
                 token: self.store().token_label().into(),

@@ -138,6 +138,18 @@ pub enum MirrorError {
 
     #[error("the sync engine of node {node} is not running (no primary assigned)")]
     NotSyncing { node: String },
+
+    #[error(
+        "{rpc} is allowed only to the {required} identity; the caller presented {caller} (see `hsm-secrets pki`: the controller's and the agents' certificates carry their identity as a URI SAN)"
+    )]
+    PermissionDenied {
+        rpc: &'static str,
+        required: &'static str,
+        caller: String,
+    },
+
+    #[error("agent discovery: {detail}")]
+    Discovery { detail: String },
 }
 
 impl MirrorError {
@@ -163,6 +175,8 @@ impl MirrorError {
             MirrorError::Tls(e) => e.kind(),
             MirrorError::Serve { .. } => "serve",
             MirrorError::NotSyncing { .. } => "not_syncing",
+            MirrorError::PermissionDenied { .. } => "permission_denied",
+            MirrorError::Discovery { .. } => "discovery",
         }
     }
 
@@ -186,6 +200,8 @@ impl MirrorError {
             MirrorError::Remote { code, .. } => *code,
             MirrorError::Protocol { .. } => Code::Internal,
             MirrorError::Tls(_) | MirrorError::Serve { .. } => Code::Internal,
+            MirrorError::PermissionDenied { .. } => Code::PermissionDenied,
+            MirrorError::Discovery { .. } => Code::Unavailable,
         }
     }
 
@@ -340,6 +356,12 @@ mod tests {
                 detail: "y".into(),
             },
             MirrorError::NotSyncing { node: "n".into() },
+            MirrorError::PermissionDenied {
+                rpc: "AssignRole",
+                required: "controller",
+                caller: "agent n2".into(),
+            },
+            MirrorError::Discovery { detail: "x".into() },
             MirrorError::NotMirror {
                 node: "n1".into(),
                 epoch: 2,

@@ -37,7 +37,9 @@
 //! # For the controller
 //!
 //! Reach an agent with [`AgentConnection`] (the controller's certificate from the agent
-//! CA). The failover planner's actions map to calls as follows:
+//! CA: control RPCs and client writes need its identity, Replicate an agent's, reads any
+//! certificate of the CA; see [`identity`]). Agent endpoints come from an
+//! [`EndpointResolver`]: a static list, or Node InternalIPs and the agents' port. The failover planner's actions map to calls as follows:
 //!
 //! | action | call |
 //! | --- | --- |
@@ -58,10 +60,13 @@
 mod agent;
 mod client;
 mod convert;
+pub mod endpoints;
 mod error;
 pub mod fencing;
+pub mod identity;
 pub mod index;
 mod local;
+pub mod metrics;
 pub mod plan;
 pub mod remote;
 mod replication;
@@ -83,13 +88,19 @@ pub mod pb {
     include!("generated/hsmsecrets.agent.v1.rs");
 }
 
-pub use agent::{Agent, AgentConfig, AgentStats, WriteOutcome};
+pub use agent::{Agent, AgentConfig, AgentSnapshot, AgentStats, WriteOutcome};
 pub use client::{AgentConnection, MAX_MESSAGE_BYTES};
 pub use convert::{expect_to_pb, role_from_pb, role_to_pb};
+pub use endpoints::{EndpointResolver, NodeAddressEndpoints, StaticEndpoints};
 pub use error::MirrorError;
 pub use fencing::{Assignment, Peer};
+pub use identity::Identity;
+pub use metrics::{AgentMetrics, RpcMetrics};
 pub use remote::RemoteStore;
 pub use serve::{bind, serve};
 pub use service::{AgentService, assignment_from_pb};
 pub use sync::{FullPassReport, LostWrite, PullReport, SyncSettings, SyncState};
-pub use tls::{AgentTls, GeneratedPki, TlsError, TlsFiles, generate_pki};
+pub use tls::{
+    AgentTls, CONTROLLER_CERT_NAME, CertificateAuthority, GeneratedPki, IssuedCertificate,
+    TlsError, TlsFiles, generate_pki, write_pem,
+};

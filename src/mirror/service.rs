@@ -12,6 +12,7 @@ use super::agent::{Agent, WriteOutcome};
 use super::client::MAX_MESSAGE_BYTES;
 use super::convert;
 use super::fencing::{Assignment, Peer};
+use super::identity::{self, Identity};
 use super::pb;
 use super::pb::agent_server::AgentServer;
 
@@ -26,12 +27,42 @@ impl AgentService {
         Self { agent }
     }
 
+    fn observe<T>(
+        &self,
+        rpc: &'static str,
+        started: std::time::Instant,
+        result: &Result<T, Status>,
+    ) {
+        let code = match result {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => status.code(),
+        };
+        self.agent
+            .config()
+            .rpc_metrics
+            .observe(rpc, code, started.elapsed());
+    }
+
     /// The tonic service, with message limits large enough for the biggest secret.
     pub fn into_server(self) -> AgentServer<Self> {
         AgentServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
+}
+
+/// Refuses the call unless the caller's certificate carries the identity `rpc` needs.
+fn authorize<T>(request: &Request<T>, rpc: &'static str) -> Result<(), Status> {
+    let certs = request.peer_certs();
+    let caller = Identity::of_chain(certs.as_deref().map(Vec::as_slice));
+    identity::authorize(rpc, caller).map_err(|e| {
+        tracing::warn!(
+            rpc,
+            caller = caller.describe(),
+            "call refused: wrong identity"
+        );
+        Status::from(e)
+    })
 }
 
 fn parse_path(raw: &str) -> Result<SecretPath, MirrorError> {
@@ -107,32 +138,60 @@ pub fn assignment_from_pb(r: pb::AssignRoleRequest) -> Result<Assignment, Mirror
 impl pb::agent_server::Agent for AgentService {
     async fn health(
         &self,
-        _request: Request<pb::HealthRequest>,
+        request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        Ok(Response::new(self.agent.health().await))
+        let started = std::time::Instant::now();
+        let result: Result<Response<pb::HealthResponse>, Status> = async move {
+            authorize(&request, "Health")?;
+            Ok(Response::new(self.agent.health().await))
+        }
+        .await;
+        self.observe("Health", started, &result);
+        result
     }
 
     async fn manifest(
         &self,
-        _request: Request<pb::ManifestRequest>,
+        request: Request<pb::ManifestRequest>,
     ) -> Result<Response<pb::ManifestResponse>, Status> {
-        Ok(Response::new(self.agent.manifest().await?))
+        let started = std::time::Instant::now();
+        let result: Result<Response<pb::ManifestResponse>, Status> = async move {
+            authorize(&request, "Manifest")?;
+            Ok(Response::new(self.agent.manifest().await?))
+        }
+        .await;
+        self.observe("Manifest", started, &result);
+        result
     }
 
     async fn changes(
         &self,
         request: Request<pb::ChangesRequest>,
     ) -> Result<Response<pb::ChangesResponse>, Status> {
-        Ok(Response::new(
-            self.agent.changes(request.into_inner()).await?,
-        ))
+        let started = std::time::Instant::now();
+        let result: Result<Response<pb::ChangesResponse>, Status> = async move {
+            authorize(&request, "Changes")?;
+            Ok(Response::new(
+                self.agent.changes(request.into_inner()).await?,
+            ))
+        }
+        .await;
+        self.observe("Changes", started, &result);
+        result
     }
 
     async fn fetch(
         &self,
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
-        Ok(Response::new(self.agent.fetch(request.into_inner()).await?))
+        let started = std::time::Instant::now();
+        let result: Result<Response<pb::FetchResponse>, Status> = async move {
+            authorize(&request, "Fetch")?;
+            Ok(Response::new(self.agent.fetch(request.into_inner()).await?))
+        }
+        .await;
+        self.observe("Fetch", started, &result);
+        result
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.agent.node(), path = %request.get_ref().path))]
@@ -140,8 +199,15 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let path = parse_path(&request.get_ref().path)?;
-        Ok(Response::new(self.agent.get_response(&path).await?))
+        let started = std::time::Instant::now();
+        let result: Result<Response<pb::GetResponse>, Status> = async move {
+            authorize(&request, "Get")?;
+            let path = parse_path(&request.get_ref().path)?;
+            Ok(Response::new(self.agent.get_response(&path).await?))
+        }
+        .await;
+        self.observe("Get", started, &result);
+        result
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.agent.node(), path = %request.get_ref().path, epoch = request.get_ref().epoch))]
@@ -149,17 +215,24 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        let r = request.into_inner();
-        let path = parse_path(&r.path)?;
-        let data = convert::data_from_pb(r.data).map_err(|e| MirrorError::InvalidArgument {
-            field: "data",
-            why: e.to_string(),
-        })?;
-        let outcome = self
-            .agent
-            .put(&path, data, convert::expect_from_pb(r.expect), r.epoch)
-            .await?;
-        Ok(Response::new(write_response(outcome)))
+        let started = std::time::Instant::now();
+        let result: Result<Response<pb::WriteResponse>, Status> = async move {
+            authorize(&request, "Put")?;
+            let r = request.into_inner();
+            let path = parse_path(&r.path)?;
+            let data = convert::data_from_pb(r.data).map_err(|e| MirrorError::InvalidArgument {
+                field: "data",
+                why: e.to_string(),
+            })?;
+            let outcome = self
+                .agent
+                .put(&path, data, convert::expect_from_pb(r.expect), r.epoch)
+                .await?;
+            Ok(Response::new(write_response(outcome)))
+        }
+        .await;
+        self.observe("Put", started, &result);
+        result
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.agent.node(), path = %request.get_ref().path, epoch = request.get_ref().epoch))]
@@ -167,21 +240,35 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        let r = request.into_inner();
-        let path = parse_path(&r.path)?;
-        let outcome = self
-            .agent
-            .delete(&path, convert::expect_from_pb(r.expect), r.epoch)
-            .await?;
-        Ok(Response::new(write_response(outcome)))
+        let started = std::time::Instant::now();
+        let result: Result<Response<pb::WriteResponse>, Status> = async move {
+            authorize(&request, "Delete")?;
+            let r = request.into_inner();
+            let path = parse_path(&r.path)?;
+            let outcome = self
+                .agent
+                .delete(&path, convert::expect_from_pb(r.expect), r.epoch)
+                .await?;
+            Ok(Response::new(write_response(outcome)))
+        }
+        .await;
+        self.observe("Delete", started, &result);
+        result
     }
 
     async fn replicate(
         &self,
         request: Request<pb::ReplicateRequest>,
     ) -> Result<Response<pb::ReplicateResponse>, Status> {
-        let applied = self.agent.replicate(request.into_inner()).await?;
-        Ok(Response::new(pb::ReplicateResponse { applied }))
+        let started = std::time::Instant::now();
+        let result: Result<Response<pb::ReplicateResponse>, Status> = async move {
+            authorize(&request, "Replicate")?;
+            let applied = self.agent.replicate(request.into_inner()).await?;
+            Ok(Response::new(pb::ReplicateResponse { applied }))
+        }
+        .await;
+        self.observe("Replicate", started, &result);
+        result
     }
 
     #[tracing::instrument(skip_all, fields(node = %self.agent.node(), epoch = request.get_ref().epoch, role = request.get_ref().role))]
@@ -189,29 +276,50 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         request: Request<pb::AssignRoleRequest>,
     ) -> Result<Response<pb::AssignRoleResponse>, Status> {
-        let assignment = assignment_from_pb(request.into_inner())?;
-        Ok(Response::new(self.agent.assign(assignment).await?))
+        let started = std::time::Instant::now();
+        let result: Result<Response<pb::AssignRoleResponse>, Status> = async move {
+            authorize(&request, "AssignRole")?;
+            let assignment = assignment_from_pb(request.into_inner())?;
+            Ok(Response::new(self.agent.assign(assignment).await?))
+        }
+        .await;
+        self.observe("AssignRole", started, &result);
+        result
     }
 
     async fn renew_lease(
         &self,
         request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
-        let r = request.into_inner();
-        let remaining = self
-            .agent
-            .renew_lease(r.epoch, Duration::from_millis(r.duration_ms))?;
-        Ok(Response::new(pb::RenewLeaseResponse {
-            remaining_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
-        }))
+        let started = std::time::Instant::now();
+        let result: Result<Response<pb::RenewLeaseResponse>, Status> = async move {
+            authorize(&request, "RenewLease")?;
+            let r = request.into_inner();
+            let remaining = self
+                .agent
+                .renew_lease(r.epoch, Duration::from_millis(r.duration_ms))?;
+            Ok(Response::new(pb::RenewLeaseResponse {
+                remaining_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
+            }))
+        }
+        .await;
+        self.observe("RenewLease", started, &result);
+        result
     }
 
     async fn fence(
         &self,
         request: Request<pb::FenceRequest>,
     ) -> Result<Response<pb::FenceResponse>, Status> {
-        let applied_sequence = self.agent.fence(request.into_inner().epoch)?;
-        Ok(Response::new(pb::FenceResponse { applied_sequence }))
+        let started = std::time::Instant::now();
+        let result: Result<Response<pb::FenceResponse>, Status> = async move {
+            authorize(&request, "Fence")?;
+            let applied_sequence = self.agent.fence(request.into_inner().epoch)?;
+            Ok(Response::new(pb::FenceResponse { applied_sequence }))
+        }
+        .await;
+        self.observe("Fence", started, &result);
+        result
     }
 }
 

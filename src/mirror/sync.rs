@@ -117,6 +117,14 @@ pub struct SyncState {
     pub consecutive_failures: u32,
     pub last_full_pass: Option<FullPassReport>,
     pub lost_writes: VecDeque<LostWrite>,
+    /// Pulls that reached the primary (metrics).
+    pub pulls: u64,
+    /// Completed full verification passes (metrics).
+    pub full_passes: u64,
+    /// Records full passes replaced because they were unreadable or corrupt (metrics).
+    pub repairs: u64,
+    /// Failures of the local token while syncing, by kind (metrics).
+    pub hsm_errors: std::collections::BTreeMap<&'static str, u64>,
 }
 
 const LOST_WRITES_KEPT: usize = 1000;
@@ -379,6 +387,9 @@ impl SyncEngine {
                 }
                 st.consecutive_failures = st.consecutive_failures.saturating_add(1);
                 st.last_error = Some((e.kind(), e.to_string()));
+                if let MirrorError::Store(local) = e {
+                    *st.hsm_errors.entry(local.kind()).or_default() += 1;
+                }
             }
         }
     }
@@ -462,6 +473,7 @@ impl SyncEngine {
         if let Some(seq) = primary_sequence {
             st.primary_sequence = seq;
             st.last_sync = Some(SystemTime::now());
+            st.pulls += 1;
         }
     }
 
@@ -640,6 +652,8 @@ impl SyncEngine {
                 st.lost_writes.push_back(l.clone());
             }
             st.last_full_pass = Some(report.clone());
+            st.full_passes += 1;
+            st.repairs += report.repaired;
         }
         self.rejoin = false;
         Ok(report)

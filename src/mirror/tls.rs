@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -179,49 +179,122 @@ impl GeneratedPki {
     }
 }
 
-/// Generates a throwaway CA and one certificate per name in `nodes` (valid for server and
-/// client use, naming the node, `localhost` and 127.0.0.1), written as PEM files into
-/// `dir`: `ca.pem`, `<node>.pem`, `<node>-key.pem` (keys mode 0600). For tests, the demo
-/// and the local mode; a cluster uses certificates from its own CA (e.g. cert-manager).
-pub fn generate_pki(dir: &Path, nodes: &[&str]) -> Result<GeneratedPki, TlsError> {
-    let gen_err = |e: rcgen::Error| TlsError::Generate(e.to_string());
-    let ca_key = KeyPair::generate().map_err(gen_err)?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "hsm-secrets agent CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(gen_err)?;
-    let issuer = Issuer::new(ca_params, ca_key);
+/// The name that [`generate_pki`] issues the controller's certificate for (URI SAN
+/// [`CONTROLLER_URI`](super::identity::CONTROLLER_URI)); every other name gets an agent
+/// certificate ([`AGENT_URI`](super::identity::AGENT_URI)).
+pub const CONTROLLER_CERT_NAME: &str = "controller";
 
-    std::fs::create_dir_all(dir).map_err(|e| TlsError::Write {
-        path: dir.display().to_string(),
-        detail: e.to_string(),
-    })?;
-    let ca_path = dir.join("ca.pem");
-    write(&ca_path, ca_cert.pem().as_bytes(), false)?;
+/// A CA that issues agent and controller certificates.
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
 
-    let mut out = Vec::new();
-    for node in nodes {
+/// A certificate and its private key, PEM.
+pub struct IssuedCertificate {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn gen_err(e: rcgen::Error) -> TlsError {
+    TlsError::Generate(e.to_string())
+}
+
+impl CertificateAuthority {
+    /// A fresh CA (its key lives only in memory).
+    pub fn generate() -> Result<Self, TlsError> {
+        let ca_key = KeyPair::generate().map_err(gen_err)?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "hsm-secrets agent CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca_params.self_signed(&ca_key).map_err(gen_err)?;
+        Ok(Self {
+            pem: ca_cert.pem(),
+            issuer: Issuer::new(ca_params, ca_key),
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// An agent certificate valid for every name in `nodes` (DNS SANs, plus `localhost`
+    /// and 127.0.0.1), for server and client use.
+    pub fn issue_agent(&self, nodes: &[&str]) -> Result<IssuedCertificate, TlsError> {
+        let common_name = if nodes.len() == 1 {
+            nodes[0]
+        } else {
+            "hsm-secrets-agent"
+        };
+        self.issue(common_name, nodes, super::identity::AGENT_URI)
+    }
+
+    /// The controller's (client) certificate.
+    pub fn issue_controller(&self) -> Result<IssuedCertificate, TlsError> {
+        self.issue(
+            "hsm-secrets-controller",
+            &[CONTROLLER_CERT_NAME],
+            super::identity::CONTROLLER_URI,
+        )
+    }
+
+    fn issue(
+        &self,
+        common_name: &str,
+        names: &[&str],
+        uri: &str,
+    ) -> Result<IssuedCertificate, TlsError> {
         let key = KeyPair::generate().map_err(gen_err)?;
-        let mut params = CertificateParams::new(vec![
-            (*node).to_string(),
-            "localhost".into(),
-            "127.0.0.1".into(),
-        ])
-        .map_err(gen_err)?;
-        params.distinguished_name.push(DnType::CommonName, *node);
+        let mut sans: Vec<String> = names.iter().map(|n| (*n).to_string()).collect();
+        sans.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+        let mut params = CertificateParams::new(sans).map_err(gen_err)?;
+        params
+            .subject_alt_names
+            .push(SanType::URI(uri.try_into().map_err(gen_err)?));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let cert = params.signed_by(&key, &issuer).map_err(gen_err)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        Ok(IssuedCertificate {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// Generates a throwaway CA and one certificate per name in `nodes` (valid for server and
+/// client use, naming the node, `localhost` and 127.0.0.1), written as PEM files into
+/// `dir`: `ca.pem`, `<node>.pem`, `<node>-key.pem` (keys mode 0600). The name
+/// [`CONTROLLER_CERT_NAME`] gets the controller's identity, every other name an agent's.
+/// For tests, the demo and the local mode; a cluster uses `hsm-secrets pki` or its own CA.
+pub fn generate_pki(dir: &Path, nodes: &[&str]) -> Result<GeneratedPki, TlsError> {
+    let ca = CertificateAuthority::generate()?;
+    std::fs::create_dir_all(dir).map_err(|e| TlsError::Write {
+        path: dir.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    let ca_path = dir.join("ca.pem");
+    write_pem(&ca_path, ca.cert_pem().as_bytes(), false)?;
+
+    let mut out = Vec::new();
+    for node in nodes {
+        let issued = if *node == CONTROLLER_CERT_NAME {
+            ca.issue_controller()?
+        } else {
+            ca.issue_agent(&[node])?
+        };
         let cert_path = dir.join(format!("{node}.pem"));
         let key_path = dir.join(format!("{node}-key.pem"));
-        write(&cert_path, cert.pem().as_bytes(), false)?;
-        write(&key_path, key.serialize_pem().as_bytes(), true)?;
+        write_pem(&cert_path, issued.cert_pem.as_bytes(), false)?;
+        write_pem(&key_path, issued.key_pem.as_bytes(), true)?;
         out.push((
             (*node).to_string(),
             TlsFiles {
@@ -235,6 +308,11 @@ pub fn generate_pki(dir: &Path, nodes: &[&str]) -> Result<GeneratedPki, TlsError
         ca_cert: ca_path,
         nodes: out,
     })
+}
+
+/// Writes a PEM file; `private` ones (keys) are created with mode 0600.
+pub fn write_pem(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError> {
+    write(path, bytes, private)
 }
 
 fn write(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError> {
@@ -251,6 +329,12 @@ fn write(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError> {
         .mode(if private { 0o600 } else { 0o644 })
         .open(path)
         .map_err(err)?;
+    if private {
+        // An existing file keeps its mode on open: tighten it.
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(err)?;
+    }
     file.write_all(bytes).map_err(err)
 }
 

@@ -60,9 +60,10 @@ pub enum VolumeError {
     },
 
     #[error(
-        "this node has no HSM for device {device:?}{local}; remote reads arrive with \
-         mirroring: schedule the pod on a node with the device (hsmsecrets.io/node-affinity: \
-         required)",
+        "this node has no HSM for device {device:?}{local} and remote reads are not \
+         configured: start the node plugin with --agent-tls-ca/--agent-tls-cert/--agent-tls-key \
+         and --agent or --agent-port, or schedule the pod on a node with the device \
+         (hsmsecrets.io/node-affinity: required)",
         local = match node_device {
             Some(d) => format!(" (its local device is {d:?})"),
             None => String::new(),
@@ -72,6 +73,12 @@ pub enum VolumeError {
         device: String,
         node_device: Option<String>,
     },
+
+    #[error(
+        "device {device:?} cannot be read remotely: {why}; check the HSMDevice status \
+         (kubectl get hsmdevice {device} -o wide) and the --agent / --agent-port flags"
+    )]
+    NoAgents { device: String, why: String },
 
     #[error(
         "the HSM for device {device:?} on this node is not open yet: {reason}; the plugin \
@@ -118,6 +125,7 @@ impl VolumeError {
             Self::ServiceAccountDenied { .. } => "service_account_denied",
             Self::DeviceMismatch { .. } => "device_mismatch",
             Self::NoLocalDevice { .. } => "no_local_device",
+            Self::NoAgents { .. } => "no_agents",
             Self::DeviceNotOpen { .. } => "device_not_open",
             Self::NotOnToken { .. } => "not_on_token",
             Self::DeviceUnhealthy { .. } => "device_unhealthy",
@@ -144,6 +152,7 @@ impl From<VolumeError> for SourceError {
                 SourceError::NotFound(message)
             }
             VolumeError::NoLocalDevice { .. }
+            | VolumeError::NoAgents { .. }
             | VolumeError::DeviceNotOpen { .. }
             | VolumeError::DeviceUnhealthy { .. }
             | VolumeError::Catalog(_) => SourceError::Unavailable(message),
@@ -247,13 +256,22 @@ mod tests {
                 "HSMDevice \"a\"",
             ),
             (
+                VolumeError::NoAgents {
+                    device: "prod-hsm".into(),
+                    why: "none resolved".into(),
+                },
+                Code::Unavailable,
+                "no_agents",
+                "--agent-port",
+            ),
+            (
                 VolumeError::NoLocalDevice {
                     device: "prod-hsm".into(),
                     node_device: None,
                 },
                 Code::Unavailable,
                 "no_local_device",
-                "remote reads arrive with mirroring",
+                "remote reads are not configured",
             ),
             (
                 VolumeError::DeviceNotOpen {

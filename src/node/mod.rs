@@ -8,6 +8,7 @@
 //!                ─► SecretCatalog::hsm_secret           (NotFound / Unavailable)
 //!                ─► access::authorize                   (PermissionDenied)
 //!                ─► LocalDevice::store ─► SecretStore::get  (Unavailable / NotFound)
+//!                   or, without a local token, RemoteReads ─► the device's agents
 //!                ─► Payload: <secret>/<key>, fileMode, the pod's fsGroup
 //! ```
 //!
@@ -31,6 +32,7 @@ mod error;
 pub mod kube_catalog;
 pub mod metrics;
 pub mod ops;
+pub mod remote;
 mod source;
 
 pub use attributes::VolumeRequest;
@@ -39,4 +41,5 @@ pub use device::LocalDevice;
 pub use error::VolumeError;
 pub use kube_catalog::KubeCatalog;
 pub use metrics::NodeMetrics;
+pub use remote::RemoteReads;
 pub use source::HsmVolumeSource;

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use hsm_secrets_csi::{Payload, PayloadFile, PublishRequest, SourceError, VolumeSource};
 
 use super::attributes::VolumeRequest;
+use super::remote::RemoteReads;
 use super::{LocalDevice, NodeMetrics, SecretCatalog, VolumeError, access};
 use crate::hsm::{SecretPath, SecretStore, StoreError, validate_key};
 
@@ -14,6 +15,7 @@ use crate::hsm::{SecretPath, SecretStore, StoreError, validate_key};
 pub struct HsmVolumeSource {
     catalog: Arc<dyn SecretCatalog>,
     device: Option<Arc<LocalDevice>>,
+    remote: Option<Arc<RemoteReads>>,
     metrics: Option<NodeMetrics>,
 }
 
@@ -24,8 +26,15 @@ impl HsmVolumeSource {
         Self {
             catalog,
             device,
+            remote: None,
             metrics: None,
         }
+    }
+
+    /// Read devices this node holds no token of through their agents.
+    pub fn with_remote_reads(mut self, remote: Arc<RemoteReads>) -> Self {
+        self.remote = Some(remote);
+        self
     }
 
     /// Count refused and failed volumes by [`VolumeError::kind`].
@@ -51,7 +60,7 @@ impl HsmVolumeSource {
             let path = access::authorize(&volume.pod, &volume.device, secret, found.as_ref())?;
             paths.push(path);
         }
-        let store = self.local_store(&volume.device)?;
+        let store = self.store_for(&volume.device).await?;
         // Secrets are independent objects on the token: read them concurrently.
         let reads = paths
             .iter()
@@ -78,10 +87,12 @@ impl HsmVolumeSource {
         Ok(Payload::new(files))
     }
 
-    fn local_store(&self, device: &str) -> Result<Arc<dyn SecretStore>, VolumeError> {
-        match &self.device {
-            Some(local) if local.name() == device => local.store(),
-            other => Err(VolumeError::NoLocalDevice {
+    /// The node's own token when it holds the device, else the device's agents.
+    async fn store_for(&self, device: &str) -> Result<Arc<dyn SecretStore>, VolumeError> {
+        match (&self.device, &self.remote) {
+            (Some(local), _) if local.name() == device => local.store(),
+            (_, Some(remote)) => remote.store(device).await,
+            (other, None) => Err(VolumeError::NoLocalDevice {
                 device: device.to_string(),
                 node_device: other.as_ref().map(|d| d.name().to_string()),
             }),

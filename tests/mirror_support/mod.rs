@@ -57,6 +57,11 @@ impl Pki {
         AgentTls::from_files(self.generated.files(node).unwrap()).unwrap()
     }
 
+    /// What agent `as_node` uses to reach `peer` (e.g. a primary pushing to a mirror).
+    pub fn agent(&self, as_node: &str, peer: &Peer) -> AgentConnection {
+        AgentConnection::new(peer, &self.tls(as_node), Duration::from_secs(60)).unwrap()
+    }
+
     /// What the controller uses to reach `peer`.
     pub fn controller(&self, peer: &Peer) -> AgentConnection {
         AgentConnection::new(peer, &self.tls(CONTROLLER), Duration::from_secs(60)).unwrap()
@@ -355,6 +360,17 @@ pub struct AgentProcess {
 /// Starts `hsm-secrets agent` for `name` on the token `label` (one of `all`), on a port
 /// the kernel picks; the agent announces it on its first stdout line.
 pub async fn spawn_agent_process(all: &[&str], pki: &Pki, name: &str, label: &str) -> AgentProcess {
+    spawn_agent_process_with(all, pki, name, label, &[]).await
+}
+
+/// As [`spawn_agent_process`], with extra command-line arguments.
+pub async fn spawn_agent_process_with(
+    all: &[&str],
+    pki: &Pki,
+    name: &str,
+    label: &str,
+    extra: &[&str],
+) -> AgentProcess {
     use tokio::io::AsyncBufReadExt;
     let token = token(all, label).unwrap();
     let files = pki.generated.files(name).unwrap();
@@ -372,6 +388,7 @@ pub async fn spawn_agent_process(all: &[&str], pki: &Pki, name: &str, label: &st
         .arg("--tls-key")
         .arg(&files.key)
         .args(["--pull-interval-ms", "200"])
+        .args(extra)
         .env("SOFTHSM2_CONF", softhsm::conf_path())
         .env("HSM_LOG", "error")
         .stdout(std::process::Stdio::piped())

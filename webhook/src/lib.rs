@@ -16,7 +16,7 @@ pub mod tls;
 
 pub use error::Error;
 pub use metrics::Metrics;
-pub use router::{WebhookConfig, WebhookState, router};
+pub use router::{WebhookConfig, WebhookState, ops_router, router};
 pub use rules::{AdmissionRules, Decision};
 pub use serve::{ServeOptions, bind, serve, serve_with};
 pub use tls::{TlsReloader, client_config};

@@ -130,6 +130,17 @@ pub fn router(state: WebhookState) -> Router {
         .with_state(state)
 }
 
+/// `GET /healthz`, `GET /readyz`, `GET /metrics` alone: the operator endpoints served on
+/// a separate plain-HTTP address (`--metrics-addr`), so Prometheus and probes need no
+/// client TLS setup. The HTTPS router keeps them too.
+pub fn ops_router(state: WebhookState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+}
+
 async fn mutate(State(state): State<WebhookState>, request: Request) -> Response {
     answer(&state, ReviewOperation::Mutate, request).await
 }
@@ -317,4 +328,51 @@ fn plain_error(error: &Error) -> Response {
         format!("{error}\n"),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod ops_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::rules::{AdmissionRules, Decision};
+    use kube::core::DynamicObject;
+    use kube::core::admission::AdmissionRequest;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Allow;
+
+    #[async_trait::async_trait]
+    impl AdmissionRules for Allow {
+        async fn mutate(&self, _: &AdmissionRequest<DynamicObject>) -> Decision {
+            Decision::allow()
+        }
+        async fn validate(&self, _: &AdmissionRequest<DynamicObject>) -> Decision {
+            Decision::allow()
+        }
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        (response[9..12].parse().unwrap(), response)
+    }
+
+    #[tokio::test]
+    async fn the_ops_address_serves_metrics_and_probes_over_plain_http_without_admission() {
+        let state = WebhookState::new(Arc::new(Allow), Registry::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, ops_router(state)).await });
+        let (status, body) = get(addr, "/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("# EOF"), "{body}");
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        let (status, body) = get(addr, "/readyz").await;
+        assert_eq!(status, 200, "{body}");
+        // Admission stays on the HTTPS port only.
+        assert_eq!(get(addr, "/mutate").await.0, 404);
+    }
 }

@@ -1,0 +1,208 @@
+//! Who may call what on an agent: roles, leases, fencing and client writes only with the
+//! controller's certificate, pushes only from an agent's, reads from either; and the
+//! certificates `hsm-secrets pki` writes for the Kubernetes Secrets work that way.
+#![allow(clippy::unwrap_used)]
+
+mod mirror_support;
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hsm_secrets::hsm::{Expect, Pkcs11Store};
+use hsm_secrets::mirror::{
+    Agent, AgentConfig, AgentConnection, AgentTls, MirrorError, Peer, TlsFiles, pb,
+};
+use mirror_support::*;
+use tonic::Code;
+
+const TOKENS: &[&str] = &["id-n1", "id-n2", "id-pki"];
+
+fn assert_denied(err: MirrorError, rpc: &str, required: &str) {
+    match &err {
+        MirrorError::Remote { code, message, .. } => {
+            assert_eq!(*code, Code::PermissionDenied, "{err}");
+            assert!(message.contains(rpc), "{message}");
+            assert!(
+                message.contains(&format!("only to the {required}")),
+                "{message}"
+            );
+        }
+        other => panic!("expected PermissionDenied, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn agents_cannot_control_or_write_and_the_controller_cannot_push() {
+    if token(TOKENS, "id-n1").is_none() {
+        return;
+    }
+    let pki = Pki::new(&["n1", "n2"]);
+    let n1 = TestNode::start(TOKENS, "n1", "id-n1", &pki, eager_sync())
+        .await
+        .unwrap();
+    let n2 = TestNode::start(TOKENS, "n2", "id-n2", &pki, eager_sync())
+        .await
+        .unwrap();
+
+    // A node's certificate (on every node) cannot take over the device or write into it.
+    let rogue = pki.agent("n2", &n1.peer());
+    let err = rogue
+        .assign_role(pb::AssignRoleRequest {
+            role: pb::Role::Primary as i32,
+            epoch: 1,
+            lease_duration_ms: 60_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_denied(err, "AssignRole", "controller");
+    assert_eq!(
+        n1.agent.epoch(),
+        0,
+        "the refused assignment changed nothing"
+    );
+
+    // The controller's certificate does all of it; mirroring works under the split.
+    assign_primary(&pki, &n1, 1, &[&n2], HOUR).await;
+    assign_mirror(&pki, &n2, 1, &n1).await;
+    for (rpc, err) in [
+        (
+            "Put",
+            rogue
+                .put(&path("shop/db"), &data(&[("k", b"v")]), Expect::Any, 1)
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "Delete",
+            rogue
+                .delete(&path("shop/db"), Expect::Any, 1)
+                .await
+                .unwrap_err(),
+        ),
+        ("RenewLease", rogue.renew_lease(1, HOUR).await.unwrap_err()),
+        ("Fence", rogue.fence(1).await.unwrap_err()),
+    ] {
+        assert_denied(err, rpc, "controller");
+    }
+    let written = pki
+        .controller(&n1.peer())
+        .put(&path("shop/db"), &data(&[("k", b"v1")]), Expect::Absent, 1)
+        .await
+        .unwrap();
+    // Active policy: the primary's push (agent identity) reached the mirror.
+    assert_eq!(written.replicated_to, vec!["n2".to_string()]);
+    wait_converged(&n1, &n2, Duration::from_secs(120)).await;
+
+    // Reads are open to agents (remote reads, pulls) and to the controller.
+    assert!(rogue.get(&path("shop/db")).await.is_ok());
+    assert!(rogue.changes(pb::ChangesRequest::default()).await.is_ok());
+    assert!(pki.controller(&n1.peer()).health().await.is_ok());
+
+    // The controller's certificate cannot push records into a mirror.
+    let err = pki
+        .controller(&n2.peer())
+        .replicate(pb::ReplicateRequest {
+            record: None,
+            epoch: 1,
+            primary_node: "n1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_denied(err, "Replicate", "agent");
+}
+
+#[tokio::test]
+async fn the_pki_command_writes_working_secrets_with_private_keys() {
+    let Some(token) = token(TOKENS, "id-pki") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pki");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
+            .arg("pki")
+            .arg("--out")
+            .arg(&out)
+            .args(["--nodes", "worker-1,worker-2"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let first = run(&[]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(stdout.contains("hsm-secrets-agent-tls"), "{stdout}");
+    for secret in ["controller", "agent"] {
+        for (file, mode) in [("ca.crt", 0o644), ("tls.crt", 0o644), ("tls.key", 0o600)] {
+            let meta = std::fs::metadata(out.join(secret).join(file)).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, mode, "{secret}/{file}");
+        }
+    }
+    // Not overwritten by accident.
+    let again = run(&[]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
+        .args(["pki", "--out"])
+        .arg(dir.path().join("other"))
+        .args(["--nodes", "Worker_1"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"Worker_1\" is not a node name"));
+
+    let tls = |secret: &str| {
+        AgentTls::from_files(&TlsFiles {
+            ca: out.join(secret).join("ca.crt"),
+            cert: out.join(secret).join("tls.crt"),
+            key: out.join(secret).join("tls.key"),
+        })
+        .unwrap()
+    };
+    // worker-2 serves with the shared agent certificate; it names worker-2.
+    let store = Pkcs11Store::open(token.config()).await.unwrap();
+    let agent = Agent::start(AgentConfig::new("worker-2", tls("agent")), Arc::new(store)).await;
+    let listener = hsm_secrets::mirror::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let peer = Peer {
+        node: "worker-2".into(),
+        endpoint: format!("https://{}", listener.local_addr().unwrap()),
+    };
+    tokio::spawn(hsm_secrets::mirror::serve(
+        agent.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    let timeout = Duration::from_secs(60);
+    let controller = AgentConnection::new(&peer, &tls("controller"), timeout).unwrap();
+    controller
+        .assign_role(pb::AssignRoleRequest {
+            role: pb::Role::Primary as i32,
+            epoch: 1,
+            lease_duration_ms: 60_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    controller
+        .put(&path("shop/db"), &data(&[("k", b"v")]), Expect::Absent, 1)
+        .await
+        .unwrap();
+    let node_client = AgentConnection::new(&peer, &tls("agent"), timeout).unwrap();
+    assert!(node_client.get(&path("shop/db")).await.is_ok());
+    assert_denied(
+        node_client
+            .put(&path("shop/db"), &data(&[("k", b"x")]), Expect::Any, 1)
+            .await
+            .unwrap_err(),
+        "Put",
+        "controller",
+    );
+}
