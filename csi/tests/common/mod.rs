@@ -44,6 +44,7 @@ pub fn mounts_available() -> bool {
     false
 }
 
+#[allow(unused_macros)] // not every test binary mounts
 macro_rules! require_mounts {
     () => {
         if !common::mounts_available() {
