@@ -245,7 +245,10 @@ fn without_the_privilege_to_mount_the_demo_uses_plain_directories() {
     );
     assert_device_has_an_age(&step(&out, 6));
     let cleanup = step(&out, 11);
-    assert!(cleanup.contains("3 volumes unpublished over CSI"), "{cleanup}");
+    assert!(
+        cleanup.contains("3 volumes unpublished over CSI"),
+        "{cleanup}"
+    );
     assert!(cleanup.contains("3 volumes removed"), "{cleanup}");
 
     // Nothing left: processes, mounts (there never were any), files.
