@@ -5,12 +5,12 @@
 # injection, a tmpfs mount on a mirror, SIGKILL of the primary, failover and read-only
 # enforcement, and cleans everything up. Extra arguments go to `hsm-secrets demo`
 # (--keep, --work-dir DIR, --softhsm-module PATH).
+#
+# Run as root (sudo) for what a node does: volumes on tmpfs, in memory only. Without
+# the privilege to mount, the demo still runs: the CSI plugins then write the volumes
+# into plain directories on disk (--unsafe-plain-directory), and every mount step says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/ensure-softhsm.sh
-if [ "$(id -u)" -ne 0 ]; then
-  echo "the demo mounts tmpfs volumes as the CSI plugin does on a node: run it as root (sudo $0)" >&2
-  exit 1
-fi
 # cargo replaces itself with the program (exec), so ctrl-c reaches the demo directly.
 exec cargo run --locked --quiet -p hsm-secrets --bin hsm-secrets -- demo "$@"

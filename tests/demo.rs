@@ -8,7 +8,8 @@ mod local_support;
 use std::time::Duration;
 
 use local_support::{
-    Running, UnmountOnDrop, available, command, mounts_under, processes_under, wait_no_processes,
+    Running, UNPRIVILEGED, UnmountOnDrop, UnprivilegedRun, available, command, mounts_under,
+    processes_under, softhsm_available, wait_no_processes,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -96,8 +97,9 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
         assert!(line.contains("content = stored"), "{line}");
     }
     assert!(mount.contains("ReadOnly at epoch 1"), "{mount}");
-    // 6: the table before the failure.
+    // 6: the table before the failure, with the device's age.
     let table = step(&out, 6);
+    assert_device_has_an_age(&table);
     assert!(table.contains("$ kubectl get hsmdevice -o wide"), "{table}");
     assert!(
         table
@@ -165,6 +167,102 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
         mounts_under(work.path())
     );
     let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+    assert!(left.is_empty(), "left in the work dir: {left:?}");
+}
+
+/// The AGE cell of the prod-hsm row is a duration, not `<unknown>`.
+fn assert_device_has_an_age(table: &str) {
+    let row = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("prod-hsm   "))
+        .unwrap_or_else(|| panic!("no prod-hsm row:\n{table}"));
+    let age = row.split_whitespace().last().unwrap();
+    assert!(
+        age.ends_with('s') || age.ends_with('m'),
+        "AGE {age:?} in:\n{table}"
+    );
+}
+
+const PLAIN_WARNING: &str = "! plain directory, not tmpfs: run as root for in-memory mounts";
+
+#[test]
+fn without_the_privilege_to_mount_the_demo_uses_plain_directories() {
+    if !softhsm_available() {
+        return;
+    }
+    let module = hsm_secrets::local::tokens::find_module(None).unwrap();
+    let readable = std::fs::metadata(&module).unwrap().permissions();
+    assert!(
+        std::os::unix::fs::PermissionsExt::mode(&readable) & 0o004 != 0,
+        "{} must be readable by every user for this test",
+        module.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(dir.path());
+    let run = UnprivilegedRun::prepare(dir.path());
+    let mut c = run.command();
+    c.arg("demo").arg("--work-dir").arg(&run.work);
+    let (status, out) = Running::start(c).finish(RUN_TIMEOUT);
+    assert!(status.success(), "demo failed ({status}):\n{out}");
+    for n in 1..=11 {
+        assert!(
+            out.contains(&format!("✔ step {n}:")),
+            "step {n} did not pass:\n{out}"
+        );
+    }
+    assert!(!out.contains('✘'), "{out}");
+    assert!(out.contains("demo complete: 11/11 steps passed"), "{out}");
+
+    let boot = step(&out, 1);
+    assert!(boot.contains(PLAIN_WARNING), "{boot}");
+    assert!(boot.contains("--unsafe-plain-directory"), "{boot}");
+    let uid = if nix::unistd::geteuid().is_root() {
+        UNPRIVILEGED
+    } else {
+        nix::unistd::geteuid().as_raw()
+    };
+    for n in [5, 8, 10] {
+        let mount = step(&out, n);
+        assert!(mount.contains(PLAIN_WARNING), "step {n}:\n{mount}");
+        assert!(
+            mount.contains("mount: plain directory (not mounted; the files are on disk)"),
+            "step {n}:\n{mount}"
+        );
+        assert!(!mount.contains("mount: tmpfs"), "step {n}:\n{mount}");
+        // No fsGroup without privilege: the files keep the demo user's own group.
+        let files: Vec<&str> = mount
+            .lines()
+            .filter(|l| l.contains("content = stored"))
+            .collect();
+        assert_eq!(files.len(), 3, "step {n}:\n{mount}");
+        for line in files {
+            assert!(line.contains(&format!("0440  uid {uid} gid ")), "{line}");
+        }
+    }
+    assert!(
+        step(&out, 5).contains("3 files written to a plain directory on worker-2"),
+        "{out}"
+    );
+    assert_device_has_an_age(&step(&out, 6));
+    let cleanup = step(&out, 11);
+    assert!(
+        cleanup.contains("3 volumes unpublished over CSI"),
+        "{cleanup}"
+    );
+    assert!(cleanup.contains("3 volumes removed"), "{cleanup}");
+
+    // Nothing left: processes, mounts (there never were any), files.
+    assert!(
+        processes_under(&run.work).is_empty(),
+        "{:?}",
+        processes_under(&run.work)
+    );
+    assert!(
+        mounts_under(dir.path()).is_empty(),
+        "{:?}",
+        mounts_under(dir.path())
+    );
+    let left: Vec<_> = std::fs::read_dir(&run.work).unwrap().collect();
     assert!(left.is_empty(), "left in the work dir: {left:?}");
 }
 

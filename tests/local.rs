@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use hsm_secrets::local::StateFile;
 use hsm_secrets::local::clients::{self, PodIdentity};
-use local_support::{Running, UnmountOnDrop, available, command, mounts_under, processes_under};
+use local_support::{
+    Running, UNPRIVILEGED, UnmountOnDrop, UnprivilegedRun, available, command, mounts_under,
+    processes_under, softhsm_available,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -143,4 +146,101 @@ async fn up_status_put_get_mount_and_down() {
     let (ok, out) = local(&["status"], &dir);
     assert!(!ok);
     assert!(out.contains("hsm-secrets local up --dir"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_without_the_privilege_to_mount_publishes_plain_directories() {
+    if !softhsm_available() {
+        return;
+    }
+    let parent = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(parent.path());
+    let run = UnprivilegedRun::prepare(parent.path());
+    let dir = run.work.join("system");
+    let local = |args: &[&str]| {
+        let mut c = run.command();
+        c.arg("local").args(args).arg("--dir").arg(&dir);
+        let (status, out) = Running::start(c).finish(TIMEOUT);
+        (status.success(), out)
+    };
+    struct Down<'a>(&'a dyn Fn(&[&str]) -> (bool, String), &'a std::path::Path);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            if self.1.exists() {
+                let _ = (self.0)(&["down"]);
+            }
+        }
+    }
+    let _down = Down(&local, &dir);
+
+    let (ok, out) = local(&["up"]);
+    assert!(ok, "{out}");
+    let warning = "warning: plain directory, not tmpfs: run as root for in-memory mounts";
+    assert!(out.contains(warning), "{out}");
+    let (ok, out) = local(&["status"]);
+    assert!(ok && out.contains(warning), "{out}");
+
+    // kubelet's part, done here as the plugin's user: the volume's parent directory.
+    let state = StateFile::load(&dir).unwrap();
+    assert!(state.plain_directories);
+    let node = state.nodes.iter().find(|n| n.name == "worker-2").unwrap();
+    let target = clients::target_path(&node.kubelet_dir, "uid-1", "hsm-secrets").unwrap();
+    if nix::unistd::geteuid().is_root() {
+        let pods = node.kubelet_dir.join("pods");
+        let mut path = target.parent().unwrap();
+        while path.starts_with(&pods) && path != pods {
+            nix::unistd::chown(
+                path,
+                Some(nix::unistd::Uid::from_raw(UNPRIVILEGED)),
+                Some(nix::unistd::Gid::from_raw(UNPRIVILEGED)),
+            )
+            .unwrap();
+            path = path.parent().unwrap();
+        }
+    }
+    let attributes: BTreeMap<String, String> = [
+        ("secrets".to_string(), "db-credentials".to_string()),
+        ("device".to_string(), "prod-hsm".to_string()),
+    ]
+    .into();
+    clients::csi(&node.csi_socket)
+        .await
+        .unwrap()
+        .node_publish_volume(clients::publish_request(
+            "vol-1",
+            &target,
+            &attributes,
+            &PodIdentity {
+                namespace: "shop",
+                name: "checkout-0",
+                uid: "uid-1",
+                service_account: "checkout",
+                fs_group: 3000,
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(target.join("db-credentials/value"))
+            .unwrap()
+            .len(),
+        32
+    );
+    assert!(mounts_under(parent.path()).is_empty(), "nothing is mounted");
+    assert!(
+        hsm_secrets_csi::plain_directory::is_plain_volume(
+            &target,
+            hsm_secrets_csi::DEFAULT_DRIVER_NAME
+        )
+        .unwrap()
+    );
+
+    let (ok, out) = local(&["down"]);
+    assert!(ok, "{out}");
+    assert!(!dir.exists(), "{} is left", dir.display());
+    assert!(
+        processes_under(&dir).is_empty(),
+        "{:?}",
+        processes_under(&dir)
+    );
 }

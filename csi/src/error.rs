@@ -35,6 +35,11 @@ pub enum Error {
         mount_source: String,
     },
 
+    #[error(
+        "{target} exists, is not empty and is not a volume of this driver; it is left as it is"
+    )]
+    ForeignDirectory { target: PathBuf },
+
     #[error("mount tmpfs at {target}: {source}")]
     Mount { target: PathBuf, source: Errno },
 
@@ -92,6 +97,7 @@ impl Error {
             },
             Self::OperationPending { .. } => "operation_pending",
             Self::ForeignMount { .. } => "foreign_mount",
+            Self::ForeignDirectory { .. } => "foreign_directory",
             Self::Mount { .. } => "mount",
             Self::Unmount { .. } => "unmount",
             Self::Io { .. } => "io",
@@ -110,7 +116,7 @@ impl Error {
             Self::Source { source, .. } => source.code(),
             // The CSI spec's code for "an operation is pending for this volume".
             Self::OperationPending { .. } => Code::Aborted,
-            Self::ForeignMount { .. } => Code::FailedPrecondition,
+            Self::ForeignMount { .. } | Self::ForeignDirectory { .. } => Code::FailedPrecondition,
             Self::Mount { .. } | Self::Unmount { .. } | Self::Io { .. } | Self::Task(_) => {
                 Code::Internal
             }
@@ -150,9 +156,10 @@ mod tests {
             Error::Task(_) => 9,
             Error::InvalidEndpoint { .. } => 10,
             Error::Transport(_) => 11,
+            Error::ForeignDirectory { .. } => 12,
         }
     }
-    const VARIANTS: usize = 12;
+    const VARIANTS: usize = 13;
 
     fn source(e: SourceError) -> Error {
         Error::Source {
@@ -232,6 +239,13 @@ mod tests {
                 "ext4",
             ),
             (
+                Error::ForeignDirectory {
+                    target: target.clone(),
+                },
+                Code::FailedPrecondition,
+                "not a volume of this driver",
+            ),
+            (
                 Error::Mount {
                     target: target.clone(),
                     source: Errno::EPERM,
@@ -284,7 +298,7 @@ mod tests {
         assert!(seen.iter().all(|s| *s), "a variant lacks a row: {seen:?}");
         assert_eq!(
             kinds.len(),
-            16,
+            17,
             "kinds are distinct per variant and source code"
         );
     }

@@ -29,6 +29,13 @@
 //!   and returns success; the failure reaches [`NodeObserver::republish_kept_last_good`].
 //! - [`VolumeSource::ready`] answers Identity.Probe.
 //!
+//! # Without the privilege to mount
+//!
+//! [`MountMode::PlainDirectory`] (never the default) writes the same layout straight
+//! into the target directory, marked as ours by a file (see [`plain_directory`]):
+//! secrets reach the disk, so it is for development only, and the plugin says so loudly
+//! at start. Files get the pod's fsGroup only when the process may give it.
+//!
 //! Errors map to gRPC codes in one place (`impl From<Error> for tonic::Status`);
 //! metric labels come from [`Error::kind`], never from error text.
 //!
@@ -45,6 +52,7 @@ pub mod mountinfo;
 pub mod node;
 pub mod observer;
 pub mod payload_writer;
+pub mod plain_directory;
 mod request;
 pub mod serve;
 pub mod source;
@@ -66,7 +74,7 @@ pub mod proto {
 pub use error::Error;
 pub use identity::IdentityService;
 pub use mountinfo::{discover_mounts, is_mount_point};
-pub use node::{NodeConfig, NodeService};
+pub use node::{MountMode, NodeConfig, NodeService};
 pub use observer::{NodeObserver, NoopObserver};
 pub use serve::{bind_unix, connect_unix, serve, serve_on, socket_path};
 pub use source::{Payload, PayloadFile, PublishRequest, SourceError, VolumeSource};

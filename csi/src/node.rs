@@ -1,12 +1,14 @@
 //! CSI Node service: secrets published as tmpfs volumes, rotated on republish.
 //!
 //! No volume state lives in memory: "is this a republish" and "what to unmount" come from
-//! `/proc/self/mountinfo`, so a restarted plugin carries on where the old one stopped.
+//! `/proc/self/mountinfo` (and, for plain-directory volumes, a marker file), so a
+//! restarted plugin carries on where the old one stopped.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -16,6 +18,7 @@ use crate::mount::{self, tmpfs_size_for};
 use crate::mountinfo;
 use crate::observer::{OUTCOME_KEPT_LAST_GOOD, OUTCOME_OK};
 use crate::payload_writer::{self, WriteOutcome};
+use crate::plain_directory;
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self, Rpc, rpc};
 use crate::proto::{
@@ -42,6 +45,20 @@ pub struct NodeConfig {
     pub kubelet_dir: PathBuf,
     /// Segments reported by NodeGetInfo (kubelet also labels the Node with them).
     pub topology: BTreeMap<String, String>,
+    /// How new volumes are made: tmpfs unless explicitly told otherwise.
+    pub mount_mode: MountMode,
+}
+
+/// How a first publish makes the volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MountMode {
+    /// A fresh size-limited tmpfs per volume: secrets stay in memory.
+    #[default]
+    Tmpfs,
+    /// The payload written straight into the target directory, without mounting,
+    /// whatever the privileges: secrets reach the disk. Development only, for running
+    /// without the privilege to mount (see [`crate::plain_directory`]).
+    PlainDirectory,
 }
 
 impl NodeConfig {
@@ -52,7 +69,22 @@ impl NodeConfig {
             kubelet_dir: DEFAULT_KUBELET_DIR.into(),
             topology: BTreeMap::from([(DEFAULT_TOPOLOGY_KEY.to_string(), node_id.clone())]),
             node_id,
+            mount_mode: MountMode::Tmpfs,
         }
+    }
+
+    pub fn with_mount_mode(mut self, mode: MountMode) -> Self {
+        self.mount_mode = mode;
+        self
+    }
+
+    /// [`MountMode::PlainDirectory`] when `unsafe_plain_directory`, else tmpfs.
+    pub fn with_unsafe_plain_directory(self, unsafe_plain_directory: bool) -> Self {
+        self.with_mount_mode(if unsafe_plain_directory {
+            MountMode::PlainDirectory
+        } else {
+            MountMode::Tmpfs
+        })
     }
 
     pub fn with_driver_name(mut self, name: impl Into<String>) -> Self {
@@ -77,6 +109,15 @@ pub struct NodeService<S> {
     source: Arc<S>,
     observer: Arc<dyn NodeObserver>,
     in_flight: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Whether the "fsGroup cannot be applied" warning was logged (plain directories).
+    group_warned: Arc<AtomicBool>,
+}
+
+/// What an existing target is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VolumeKind {
+    Tmpfs,
+    PlainDirectory,
 }
 
 impl<S> Clone for NodeService<S> {
@@ -86,17 +127,26 @@ impl<S> Clone for NodeService<S> {
             source: self.source.clone(),
             observer: self.observer.clone(),
             in_flight: self.in_flight.clone(),
+            group_warned: self.group_warned.clone(),
         }
     }
 }
 
 impl<S: VolumeSource> NodeService<S> {
     pub fn new(config: NodeConfig, source: Arc<S>) -> Self {
+        if config.mount_mode == MountMode::PlainDirectory {
+            tracing::warn!(
+                kubelet_dir = %config.kubelet_dir.display(),
+                "UNSAFE: plain-directory volumes: secrets are written to disk, not to tmpfs: \
+                 development only, never on a real node"
+            );
+        }
         Self {
             config: Arc::new(config),
             source,
             observer: Arc::new(NoopObserver),
             in_flight: Arc::default(),
+            group_warned: Arc::default(),
         }
     }
 
@@ -109,9 +159,16 @@ impl<S: VolumeSource> NodeService<S> {
         &self.config
     }
 
-    /// This driver's volumes currently mounted under the kubelet directory.
+    /// This driver's volumes under the kubelet directory: its tmpfs mounts and its
+    /// plain-directory volumes (whatever the current mode: an earlier run may have made
+    /// either). Sorted, unique.
     pub fn discover_mounts(&self) -> Result<Vec<PathBuf>, Error> {
-        mountinfo::discover_mounts(&self.config.kubelet_dir, &self.config.driver_name)
+        let (dir, driver) = (&self.config.kubelet_dir, &self.config.driver_name);
+        let mut found = mountinfo::discover_mounts(dir, driver)?;
+        found.extend(plain_directory::discover(dir, driver)?);
+        found.sort();
+        found.dedup();
+        Ok(found)
     }
 
     async fn publish(
@@ -123,18 +180,36 @@ impl<S: VolumeSource> NodeService<S> {
         let _in_flight = self.begin(&request.target_path)?;
 
         let target = request.target_path.clone();
-        let existing = blocking(move || mountinfo::mount_at(&target)).await?;
-        if let Some(m) = existing {
-            if m.fs_type != "tmpfs" || m.source != self.config.driver_name {
+        let driver = self.config.driver_name.clone();
+        let (existing, plain) = blocking(move || {
+            Ok((
+                mountinfo::mount_at(&target)?,
+                plain_directory::is_plain_volume(&target, &driver)?,
+            ))
+        })
+        .await?;
+        let kind = match existing {
+            Some(m) if m.fs_type != "tmpfs" || m.source != self.config.driver_name => {
                 return Err(Error::ForeignMount {
                     target: request.target_path,
                     fs_type: m.fs_type,
                     mount_source: m.source,
                 });
             }
+            Some(_) => Some(VolumeKind::Tmpfs),
+            None if plain => Some(VolumeKind::PlainDirectory),
+            None => None,
+        };
+        if let Some(kind) = kind {
+            if kind == VolumeKind::PlainDirectory && self.config.mount_mode == MountMode::Tmpfs {
+                tracing::warn!(
+                    "volume is a plain directory from an --unsafe-plain-directory run; its \
+                     secrets stay on disk until it is unpublished"
+                );
+            }
             request.republish = true;
             *republish = true;
-            return self.republish(&request).await;
+            return self.republish(&request, kind).await;
         }
         self.publish_first(&request).await.map(|()| OUTCOME_OK)
     }
@@ -145,21 +220,43 @@ impl<S: VolumeSource> NodeService<S> {
         let target = request.target_path.clone();
         let driver_name = self.config.driver_name.clone();
         let gid = request.fs_group;
-        blocking(move || mount_fresh_volume(&target, &driver_name, &payload, gid)).await?;
-        tracing::info!("volume published");
+        match self.config.mount_mode {
+            MountMode::Tmpfs => {
+                blocking(move || mount_fresh_volume(&target, &driver_name, &payload, gid)).await?;
+                tracing::info!("volume published");
+            }
+            MountMode::PlainDirectory => {
+                let warned = self.group_warned.clone();
+                blocking(move || {
+                    plain_directory::publish(&target, &driver_name, &payload, gid, &warned)
+                })
+                .await?;
+                tracing::info!("volume published as a plain directory (on disk)");
+            }
+        }
         Ok(())
     }
 
     /// Older kubelets tear a volume down when a republish fails, so a failure here keeps
     /// the last good content and reports success; the observer records the failure.
-    async fn republish(&self, request: &PublishRequest) -> Result<&'static str, Error> {
+    async fn republish(
+        &self,
+        request: &PublishRequest,
+        kind: VolumeKind,
+    ) -> Result<&'static str, Error> {
         let result = async {
             let payload = self.fetch_payload(request).await?;
             let target = request.target_path.clone();
             let gid = request.fs_group;
-            blocking(move || {
-                mount::ensure_capacity(&target, tmpfs_size_for(&payload))?;
-                payload_writer::write_payload(&target, &payload, gid)
+            let warned = self.group_warned.clone();
+            blocking(move || match kind {
+                VolumeKind::Tmpfs => {
+                    mount::ensure_capacity(&target, tmpfs_size_for(&payload))?;
+                    payload_writer::write_payload(&target, &payload, gid)
+                }
+                VolumeKind::PlainDirectory => {
+                    plain_directory::rewrite(&target, &payload, gid, &warned).map(|(_, o)| o)
+                }
             })
             .await
         }
@@ -200,8 +297,12 @@ impl<S: VolumeSource> NodeService<S> {
         }
         let target = validate_target(&self.config.kubelet_dir, &raw.target_path)?;
         let _in_flight = self.begin(&target)?;
+        let driver = self.config.driver_name.clone();
         blocking(move || {
             mount::unmount(&target)?;
+            if plain_directory::is_plain_volume(&target, &driver)? {
+                return plain_directory::remove(&target);
+            }
             // remove_dir, never remove_dir_all: an unmounted target must be empty, and a
             // recursive delete under kubelet's tree is not ours to make.
             match fs::remove_dir(&target) {

@@ -90,7 +90,8 @@ fn validate_path(path: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Make `dir` hold exactly `payload`, owned `root:gid`, switching atomically. Skips all
+/// Make `dir` hold exactly `payload`, owned `root:gid` (the writer's user and group
+/// without a gid), switching atomically. A plain-directory marker in `dir` is kept. Skips all
 /// writes when content, modes and group already match. `dir` must exist.
 pub fn write_payload(
     dir: &Path,
@@ -183,8 +184,11 @@ fn collect_files(
 
 fn file_matches(path: &Path, file: &PayloadFile, gid: Option<u32>) -> io::Result<bool> {
     let meta = fs::symlink_metadata(path)?;
+    // Without a group, files get the writer's own (root's on a node; the plugin user's in
+    // an unprivileged plain-directory run).
+    let expected_gid = gid.unwrap_or_else(|| nix::unistd::getegid().as_raw());
     if meta.mode() & 0o7777 != file.mode
-        || meta.gid() != gid.unwrap_or(0)
+        || meta.gid() != expected_gid
         || meta.len() != file.contents.len() as u64
     {
         return Ok(false);
@@ -318,7 +322,8 @@ fn remove_old_generations(dir: &Path, keep: &str) -> Result<(), Error> {
         let entry = entry.map_err(|e| Error::io("list", dir, e))?;
         let name = entry.file_name();
         let is_internal = name.to_str().is_some_and(|n| n.starts_with(".."));
-        if is_internal && name != OsStr::new(DATA_LINK) && name != OsStr::new(keep) {
+        let kept = [DATA_LINK, keep, crate::plain_directory::MARKER].map(OsStr::new);
+        if is_internal && !kept.contains(&name.as_os_str()) {
             remove_entry(&entry.path())?;
         }
     }

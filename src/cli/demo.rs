@@ -31,7 +31,6 @@ pub fn run(args: DemoArgs, _common: CommonArgs) -> anyhow::Result<()> {
         softhsm_module: args.softhsm_module,
         tied_to_parent: true,
         keep: args.keep,
-        require_mounts: true,
         ..ClusterConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

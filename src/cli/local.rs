@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 
-use crate::local::cluster::{self, DEVICE, NAMESPACE};
+use crate::local::cluster::{self, DEVICE, NAMESPACE, PLAIN_DIRECTORY_WARNING};
 use crate::local::{ClusterConfig, LocalCluster, StateFile, clients, system};
 use crate::telemetry::CommonArgs;
 
@@ -116,12 +116,6 @@ async fn up(dir: PathBuf, softhsm_module: Option<PathBuf>) -> anyhow::Result<()>
         tied_to_parent: false,
         ..ClusterConfig::default()
     };
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "warning: not root: the CSI plugins cannot mount tmpfs volumes, so NodePublishVolume \
-             will fail; agents, controller and webhook work"
-        );
-    }
     let mut cluster = tokio::task::block_in_place(|| LocalCluster::start(&config))?;
     let status = system::bring_up(&mut cluster).await?;
     let state = cluster.detach();
@@ -152,6 +146,9 @@ async fn up(dir: PathBuf, softhsm_module: Option<PathBuf>) -> anyhow::Result<()>
         state.state_dir.display()
     );
     println!("  logs: {}", state.dir.join("logs").display());
+    if state.plain_directories {
+        print_plain_directory_warning();
+    }
     let dir = state.dir.display();
     println!("next:");
     println!("  hsm-secrets local status --dir {dir}");
@@ -177,6 +174,9 @@ async fn status(dir: PathBuf) -> anyhow::Result<()> {
         ]);
     }
     print!("{}", table.render(""));
+    if state.plain_directories {
+        print_plain_directory_warning();
+    }
     if down > 0 {
         bail!("{down} process(es) stopped; see their logs, or restart: local down && local up");
     }
@@ -242,6 +242,14 @@ async fn get(dir: PathBuf, namespace: &str, name: &str, reveal: bool) -> anyhow:
         Some(e) => Err(e).context("no agent answered"),
         None => bail!("no nodes recorded"),
     }
+}
+
+/// On stdout with the rest: whoever reads the output sees where the secrets went.
+fn print_plain_directory_warning() {
+    println!(
+        "warning: {PLAIN_DIRECTORY_WARNING}: the CSI plugins run with --unsafe-plain-directory \
+         and write volumes to disk (development only)"
+    );
 }
 
 fn down(dir: PathBuf) -> anyhow::Result<()> {

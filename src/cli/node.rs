@@ -86,6 +86,10 @@ pub struct NodeArgs {
     /// `kube` with `--catalog kube`, else `none`.
     #[arg(long, env = "HSM_STATE")]
     pub state: Option<String>,
+    /// Development only: write volumes into plain directories instead of mounting tmpfs
+    /// (secrets reach the disk); for running without the privilege to mount.
+    #[arg(long, env = "HSM_UNSAFE_PLAIN_DIRECTORY")]
+    pub unsafe_plain_directory: bool,
 }
 
 /// Runs the node plugin until SIGTERM or ctrl-c.
@@ -180,7 +184,8 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
 
     let config = NodeConfig::new(&args.node_name)
         .with_driver_name(DEFAULT_DRIVER_NAME)
-        .with_kubelet_dir(&args.kubelet_dir);
+        .with_kubelet_dir(&args.kubelet_dir)
+        .with_unsafe_plain_directory(args.unsafe_plain_directory);
     let identity = IdentityService::new(
         DEFAULT_DRIVER_NAME,
         env!("CARGO_PKG_VERSION"),

@@ -74,9 +74,12 @@ pub struct ClusterConfig {
     pub tied_to_parent: bool,
     /// Leave the directory (and, with `local up`, the processes) in place.
     pub keep: bool,
-    /// Refuse to start without the privilege to mount tmpfs (the demo mounts volumes).
-    pub require_mounts: bool,
 }
+
+/// Shown wherever volumes are made or checked when the system runs without the
+/// privilege to mount.
+pub const PLAIN_DIRECTORY_WARNING: &str =
+    "plain directory, not tmpfs: run as root for in-memory mounts";
 
 /// One simulated node: its token, agent and CSI plugin.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -106,6 +109,9 @@ pub struct StateFile {
     /// The controller's agent client certificate (CA, cert, key).
     pub controller_tls: [PathBuf; 3],
     pub processes: Vec<RecordedProcess>,
+    /// The CSI plugins write plain directories (no privilege to mount tmpfs).
+    #[serde(default)]
+    pub plain_directories: bool,
 }
 
 impl StateFile {
@@ -170,6 +176,9 @@ pub struct LocalCluster {
     pub webhook_ca_pem: String,
     pub webhook_ca: PathBuf,
     pub webhook_server_name: String,
+    /// This process cannot mount tmpfs, so the CSI plugins run with
+    /// `--unsafe-plain-directory` and volumes are plain directories on disk.
+    pub plain_directories: bool,
     processes: Vec<ChildProcess>,
     tied_to_parent: bool,
     keep: bool,
@@ -200,6 +209,7 @@ impl LocalCluster {
             webhook_ca_pem: String::new(),
             webhook_ca: PathBuf::new(),
             webhook_server_name: String::new(),
+            plain_directories: false,
             processes: Vec::new(),
             tied_to_parent: config.tied_to_parent,
             keep: config.keep,
@@ -208,13 +218,7 @@ impl LocalCluster {
         };
         // On error `cluster` is dropped here, which stops and removes what was started.
         cluster.module = tokens::find_module(config.softhsm_module.as_deref())?;
-        if config.require_mounts && !nix::unistd::geteuid().is_root() {
-            return Err(LocalError::Check(
-                "the CSI plugins mount tmpfs volumes, as on a node, which needs root: run it as \
-                 root (sudo); there is no unprivileged fallback yet"
-                    .into(),
-            ));
-        }
+        cluster.plain_directories = !can_mount_tmpfs(&dir);
         cluster.boot()?;
         Ok(cluster)
     }
@@ -411,7 +415,7 @@ impl LocalCluster {
                 .unwrap_or_default();
             create_dir(&csi_dir)?;
             create_dir(&node.kubelet_dir.join("pods"))?;
-            let args = vec![
+            let mut args = vec![
                 "node".into(),
                 "--endpoint".into(),
                 format!("unix://{}", node.csi_socket.display()),
@@ -430,6 +434,9 @@ impl LocalCluster {
                 "--catalog".into(),
                 path_arg(&self.catalog),
             ];
+            if self.plain_directories {
+                args.push("--unsafe-plain-directory".into());
+            }
             self.launch(
                 format!("node {}", node.name),
                 args,
@@ -495,6 +502,7 @@ impl LocalCluster {
                 self.controller_tls.key.clone(),
             ],
             processes: self.processes.iter().map(ChildProcess::record).collect(),
+            plain_directories: self.plain_directories,
         }
     }
 
@@ -551,6 +559,29 @@ pub fn stop_and_remove(dir: &Path, processes: &mut [ChildProcess], keep: bool) -
         }
     }
     cleanup
+}
+
+/// Whether this process may mount tmpfs (root with CAP_SYS_ADMIN, and no security
+/// policy in the way): tried on a probe directory in `dir`, not guessed from the uid.
+pub fn can_mount_tmpfs(dir: &Path) -> bool {
+    use nix::mount::MntFlags;
+    let probe = dir.join(".mount-probe");
+    if std::fs::create_dir(&probe).is_err() {
+        return false;
+    }
+    let mounted = nix::mount::mount(
+        Some("hsm-secrets-probe"),
+        &probe,
+        Some("tmpfs"),
+        hsm_secrets_csi::mount::MOUNT_FLAGS,
+        Some("size=4k"),
+    )
+    .is_ok();
+    if mounted && let Err(error) = nix::mount::umount2(&probe, MntFlags::MNT_DETACH) {
+        tracing::warn!(%error, probe = %probe.display(), "cannot unmount the tmpfs probe");
+    }
+    let _ = std::fs::remove_dir(&probe);
+    mounted
 }
 
 /// Unmounts (lazily, deepest first) every mount point below `dir`.

@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 use super::LocalError;
 use super::clients::{self, AdmissionClient, PodIdentity};
 use super::cluster::{
-    Cleanup, ClusterConfig, DEVICE, LocalCluster, NAMESPACE, NODES, SECRETS, SERVICE_ACCOUNT,
+    Cleanup, ClusterConfig, DEVICE, LocalCluster, NAMESPACE, NODES, PLAIN_DIRECTORY_WARNING,
+    SECRETS, SERVICE_ACCOUNT,
 };
 use super::report::Report;
 use crate::crd::{DevicePhase, DeviceRole, HSMDevice, HSMDeviceStatus, NodeHealth};
@@ -229,6 +230,12 @@ impl Walk<'_> {
             "webhook: {} (certificate for {})",
             c.webhook_url, c.webhook_server_name
         ));
+        if c.plain_directories {
+            self.report.warn(&format!(
+                "{PLAIN_DIRECTORY_WARNING} (this process may not mount tmpfs: the CSI plugins \
+                 will run with --unsafe-plain-directory and write the volumes to disk)"
+            ));
+        }
         let status = self
             .wait_status("the controller to elect a primary", BOOT_TIMEOUT, |s| {
                 (s.phase == DevicePhase::Ready
@@ -415,8 +422,8 @@ impl Walk<'_> {
         let target = self.publish(&mirror, "checkout-0", attributes).await?;
         let files = self.check_volume(&target)?;
         Ok(format!(
-            "{} files mounted on {mirror} ({role}) and equal to what was stored",
-            files
+            "{files} files {} on {mirror} ({role}) and equal to what was stored",
+            self.published_as()
         ))
     }
 
@@ -469,13 +476,47 @@ impl Walk<'_> {
         Ok(target)
     }
 
-    /// Lists the volume's files with their modes, checks the mount and the content.
-    fn check_volume(&mut self, target: &Path) -> Result<usize, LocalError> {
+    /// How volumes are delivered in this run, for step summaries.
+    fn published_as(&self) -> &'static str {
+        if self.cluster.plain_directories {
+            "written to a plain directory"
+        } else {
+            "mounted"
+        }
+    }
+
+    /// Checks how the volume was made: a tmpfs mount, or (without the privilege to
+    /// mount) a marked plain directory, with a warning.
+    fn check_volume_kind(&mut self, target: &Path) -> Result<(), LocalError> {
         let mount = hsm_secrets_csi::mountinfo::mount_at(target)
-            .map_err(|e| LocalError::Csi(e.to_string()))?
-            .ok_or_else(|| {
-                LocalError::Check(format!("nothing is mounted at {}", target.display()))
-            })?;
+            .map_err(|e| LocalError::Csi(e.to_string()))?;
+        if self.cluster.plain_directories {
+            if let Some(mount) = mount {
+                return Err(LocalError::Check(format!(
+                    "{} is a {} mount; a plain directory was expected",
+                    target.display(),
+                    mount.fs_type
+                )));
+            }
+            let ours = hsm_secrets_csi::plain_directory::is_plain_volume(
+                target,
+                hsm_secrets_csi::DEFAULT_DRIVER_NAME,
+            )
+            .map_err(|e| LocalError::Csi(e.to_string()))?;
+            if !ours {
+                return Err(LocalError::Check(format!(
+                    "{} is not a plain-directory volume of the CSI plugin",
+                    target.display()
+                )));
+            }
+            self.report.warn(PLAIN_DIRECTORY_WARNING);
+            self.report
+                .detail("mount: plain directory (not mounted; the files are on disk)");
+            return Ok(());
+        }
+        let mount = mount.ok_or_else(|| {
+            LocalError::Check(format!("nothing is mounted at {}", target.display()))
+        })?;
         if mount.fs_type != "tmpfs" {
             return Err(LocalError::Check(format!(
                 "{} is a {} mount, not tmpfs",
@@ -491,6 +532,12 @@ impl Walk<'_> {
             "mount: tmpfs ({}), in memory only",
             flags.join(",")
         ));
+        Ok(())
+    }
+
+    /// Lists the volume's files with their modes, checks the mount and the content.
+    fn check_volume(&mut self, target: &Path) -> Result<usize, LocalError> {
+        self.check_volume_kind(target)?;
         let mut count = 0;
         for (path, expected) in &self.stored {
             let name = path.rsplit('/').next().unwrap_or_default();
@@ -891,8 +938,13 @@ impl Walk<'_> {
         if !errors.is_empty() {
             return Err(LocalError::Check(errors.join("; ")));
         }
+        let unpublished_as = if self.cluster.plain_directories {
+            "removed"
+        } else {
+            "unmounted"
+        };
         Ok(format!(
-            "{unpublished} volumes unmounted, {} processes stopped, {place}",
+            "{unpublished} volumes {unpublished_as}, {} processes stopped, {place}",
             cleanup.stopped
         ))
     }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use nix::fcntl::{Flock, FlockArg};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -359,7 +360,8 @@ fn check_version(
     }
 }
 
-/// Advances resourceVersion (and generation when the spec changed), as the API server does.
+/// Advances resourceVersion (and generation when the spec changed) and stamps
+/// creationTimestamp on create (kept on update), as the API server does.
 fn bump(
     meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     previous: Option<(
@@ -377,6 +379,17 @@ fn bump(
             p.generation.unwrap_or(1) + i64::from(spec_changed),
         ),
         None => (1, 1),
+    };
+    // The server owns creationTimestamp: whatever the client sent is replaced. Whole
+    // seconds, as the API server stores it (and as it reads back from the YAML).
+    meta.creation_timestamp = match previous {
+        Some((p, _)) => p.creation_timestamp.clone(),
+        None => {
+            let now = k8s_openapi::jiff::Timestamp::now().as_second();
+            k8s_openapi::jiff::Timestamp::from_second(now)
+                .ok()
+                .map(Time)
+        }
     };
     meta.resource_version = Some(rv.to_string());
     meta.generation = Some(generation);
@@ -420,5 +433,66 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> StateError {
     StateError::File {
         path: path.display().to_string(),
         detail: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::crd::{HSMSecretSpec, MirroringPolicy};
+
+    fn device(policy: MirroringPolicy) -> HSMDevice {
+        let mut device =
+            crate::local::cluster::demo_device("/lib/softhsm2.so", &Default::default());
+        if let Some(m) = device.spec.mirroring.as_mut() {
+            m.policy = policy;
+        }
+        device
+    }
+
+    #[test]
+    fn creation_timestamp_is_set_on_create_and_kept_on_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = FileState::open(dir.path()).unwrap();
+        let before = k8s_openapi::jiff::Timestamp::from_second(
+            k8s_openapi::jiff::Timestamp::now().as_second(),
+        )
+        .unwrap();
+        let mut sent = device(MirroringPolicy::ReadOnly);
+        // A client-supplied value is not the server's to keep.
+        sent.metadata.creation_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        let created = state.apply_device(&sent).unwrap();
+        let stamp = created.metadata.creation_timestamp.clone().unwrap();
+        assert!(stamp.0 >= before, "{stamp:?} is the time of creation");
+
+        let updated = state
+            .apply_device(&device(MirroringPolicy::Active))
+            .unwrap();
+        assert_eq!(updated.metadata.generation, Some(2));
+        assert_eq!(updated.metadata.creation_timestamp, Some(stamp.clone()));
+        let read: HSMDevice = read_yaml(&dir.path().join("devices/prod-hsm.yaml"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(read.metadata.creation_timestamp, Some(stamp));
+
+        let mut secret = HSMSecret::new(
+            "db",
+            HSMSecretSpec {
+                device_ref: "prod-hsm".into(),
+                secret_name: None,
+                secret_type: None,
+                sync_interval: None,
+                source: None,
+                access: None,
+                deletion_policy: None,
+            },
+        );
+        secret.metadata.namespace = Some("shop".into());
+        let first = state.apply_secret(&secret).unwrap();
+        let stamp = first.metadata.creation_timestamp.clone().unwrap();
+        assert!(stamp.0 >= before);
+        let again = state.apply_secret(&secret).unwrap();
+        assert_eq!(again.metadata.creation_timestamp, Some(stamp));
     }
 }

@@ -27,6 +27,78 @@ pub fn available() -> bool {
     false
 }
 
+/// Whether SoftHSM2 is installed; under CI its absence is a failure, never a skip.
+pub fn softhsm_available() -> bool {
+    let softhsm = Command::new("softhsm2-util")
+        .arg("--version")
+        .output()
+        .is_ok();
+    assert!(
+        softhsm || std::env::var_os("CI").is_none(),
+        "CI must have softhsm2 installed"
+    );
+    if !softhsm {
+        eprintln!("skipping: needs softhsm2");
+    }
+    softhsm
+}
+
+/// The user unprivileged runs switch to (nobody).
+pub const UNPRIVILEGED: u32 = 65534;
+
+/// A place an unprivileged user can run the binary from: `<dir>/bin/hsm-secrets` (a
+/// copy, since the build tree may sit below a directory only root may enter) and
+/// `<dir>/work`, both owned by [`UNPRIVILEGED`]. `dir` itself becomes traversable.
+pub struct UnprivilegedRun {
+    pub binary: std::path::PathBuf,
+    pub work: std::path::PathBuf,
+}
+
+impl UnprivilegedRun {
+    pub fn prepare(dir: &Path) -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let owner = Some(nix::unistd::Uid::from_raw(UNPRIVILEGED));
+        let group = Some(nix::unistd::Gid::from_raw(UNPRIVILEGED));
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.join("bin");
+        let work = dir.join("work");
+        std::fs::create_dir(&bin).unwrap();
+        std::fs::create_dir(&work).unwrap();
+        let binary = bin.join("hsm-secrets");
+        std::fs::copy(env!("CARGO_BIN_EXE_hsm-secrets"), &binary).unwrap();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            for path in [&bin, &work, &binary] {
+                nix::unistd::chown(path.as_path(), owner, group).unwrap();
+            }
+        }
+        Self { binary, work }
+    }
+
+    /// The binary, run as [`UNPRIVILEGED`] with no supplementary groups when this test
+    /// runs as root (as CI does); as this same unprivileged user otherwise.
+    pub fn command(&self) -> Command {
+        let mut command = if nix::unistd::geteuid().is_root() {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={UNPRIVILEGED}"))
+                .arg(format!("--regid={UNPRIVILEGED}"))
+                .arg("--clear-groups")
+                .arg("--")
+                .arg(&self.binary);
+            c
+        } else {
+            Command::new(&self.binary)
+        };
+        command
+            .env("RUST_BACKTRACE", "0")
+            .env("HOME", &self.work)
+            .env("TMPDIR", &self.work)
+            .env_remove("SOFTHSM2_CONF")
+            .stdin(Stdio::null());
+        command
+    }
+}
+
 pub fn command() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"));
     command.env("RUST_BACKTRACE", "0").stdin(Stdio::null());

@@ -18,7 +18,7 @@ use hsm_secrets_csi::proto::{
 };
 use hsm_secrets_csi::source::pod_info;
 use hsm_secrets_csi::{
-    Error, IdentityService, NodeConfig, NodeObserver, NodeService, Payload, PayloadFile,
+    Error, IdentityService, MountMode, NodeConfig, NodeObserver, NodeService, Payload, PayloadFile,
     PublishRequest, SourceError, VolumeSource,
 };
 use tokio::sync::oneshot;
@@ -44,6 +44,7 @@ pub fn mounts_available() -> bool {
     false
 }
 
+#[allow(unused_macros)] // not every test binary mounts
 macro_rules! require_mounts {
     () => {
         if !common::mounts_available() {
@@ -171,18 +172,23 @@ pub struct Harness {
     pub observer: Arc<RecordingObserver>,
     pub node: NodeClient<Channel>,
     pub identity: IdentityClient<Channel>,
+    pub mode: MountMode,
     running: Option<Running>,
     dir: tempfile::TempDir,
 }
 
 impl Harness {
     pub async fn start(source: Arc<FakeSource>) -> Self {
+        Self::start_in_mode(source, MountMode::Tmpfs).await
+    }
+
+    pub async fn start_in_mode(source: Arc<FakeSource>, mode: MountMode) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let kubelet_dir = dir.path().join("kubelet");
         std::fs::create_dir_all(kubelet_dir.join("pods")).unwrap();
         let socket = dir.path().join("plugin/csi.sock");
         let observer = Arc::new(RecordingObserver::default());
-        let running = spawn_plugin(&socket, &kubelet_dir, &source, &observer);
+        let running = spawn_plugin(&socket, &kubelet_dir, mode, &source, &observer);
         let channel = hsm_secrets_csi::connect_unix(&socket).await.unwrap();
         Self {
             kubelet_dir,
@@ -191,13 +197,14 @@ impl Harness {
             observer,
             node: NodeClient::new(channel.clone()),
             identity: IdentityClient::new(channel),
+            mode,
             running: Some(running),
             dir,
         }
     }
 
     pub fn config(&self) -> NodeConfig {
-        config(&self.kubelet_dir)
+        config(&self.kubelet_dir).with_mount_mode(self.mode)
     }
 
     /// Stop the plugin (as a DaemonSet pod restart would) and start a fresh one on the
@@ -208,6 +215,7 @@ impl Harness {
         self.running = Some(spawn_plugin(
             &self.socket,
             &self.kubelet_dir,
+            self.mode,
             &self.source,
             &self.observer,
         ));
@@ -278,13 +286,14 @@ pub fn config(kubelet_dir: &Path) -> NodeConfig {
 fn spawn_plugin(
     socket: &Path,
     kubelet_dir: &Path,
+    mode: MountMode,
     source: &Arc<FakeSource>,
     observer: &Arc<RecordingObserver>,
 ) -> Running {
     let listener = hsm_secrets_csi::bind_unix(socket.to_str().unwrap()).unwrap();
     let identity = IdentityService::new(DRIVER, "0.0.0-test", source.clone());
-    let node =
-        NodeService::new(config(kubelet_dir), source.clone()).with_observer(observer.clone());
+    let node = NodeService::new(config(kubelet_dir).with_mount_mode(mode), source.clone())
+        .with_observer(observer.clone());
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(hsm_secrets_csi::serve_on(listener, identity, node, async {
         let _ = stopped.await;
