@@ -14,6 +14,7 @@ use hsm_secrets::controller::{ControllerMetrics, DeviceController, GrpcAgents};
 use hsm_secrets::crd::{DevicePhase, HSMDeviceStatus};
 use hsm_secrets::failover::{FencingConfig, PlanConfig};
 use hsm_secrets::hsm::Expect;
+use hsm_secrets::mirror::AgentConnection;
 use hsm_secrets::state::{FileState, StateStore};
 use mirror_support::*;
 
@@ -32,6 +33,33 @@ async fn round(
         .unwrap()
         .status
         .unwrap_or_default()
+}
+
+/// Writes `shop/s{i}` on the primary, running a controller round (which renews the write
+/// lease) whenever a third of the lease has passed: on a loaded machine 20 SoftHSM writes
+/// can outlast the 1.5 s lease, and a lapsed lease rightly refuses them.
+async fn write_renewing(
+    ctl: &DeviceController<FileState, GrpcAgents>,
+    state: &FileState,
+    primary: &AgentConnection,
+    range: std::ops::Range<u32>,
+) {
+    let mut renewed = Instant::now();
+    for i in range {
+        if renewed.elapsed() > Duration::from_millis(400) {
+            round(ctl, state).await;
+            renewed = Instant::now();
+        }
+        primary
+            .put(
+                &path(&format!("shop/s{i}")),
+                &data(&[("v", format!("{i}").as_bytes())]),
+                Expect::Any,
+                1,
+            )
+            .await
+            .unwrap();
+    }
 }
 
 /// Three agents on their own tokens, the file-backed state with the mirrored device, and a
@@ -118,17 +146,7 @@ async fn controller_promotes_the_most_caught_up_mirror_and_no_acknowledged_write
 
     // Writes acknowledged by the primary.
     let primary = pki.controller(&n1.peer());
-    for i in 0..20 {
-        primary
-            .put(
-                &path(&format!("shop/s{i}")),
-                &data(&[("v", format!("{i}").as_bytes())]),
-                Expect::Any,
-                1,
-            )
-            .await
-            .unwrap();
-    }
+    write_renewing(&ctl, &state, &primary, 0..20).await;
     wait_converged(&n1, &n2, Duration::from_secs(60)).await;
     wait_converged(&n1, &n3, Duration::from_secs(60)).await;
     for _ in 0..3 {
@@ -212,17 +230,7 @@ async fn planned_switchover_fences_waits_for_catch_up_and_loses_nothing() {
     })
     .await;
     let primary = pki.controller(&n1.peer());
-    for i in 0..20 {
-        primary
-            .put(
-                &path(&format!("shop/s{i}")),
-                &data(&[("v", format!("{i}").as_bytes())]),
-                Expect::Any,
-                1,
-            )
-            .await
-            .unwrap();
-    }
+    write_renewing(&ctl, &state, &primary, 0..20).await;
 
     let mut dev = state.get_device("prod-hsm").await.unwrap().unwrap();
     dev.metadata
