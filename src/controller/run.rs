@@ -56,7 +56,8 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
     leadership: tokio::sync::watch::Sender<bool>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StateError> {
-    let mut controller = DeviceController::new(state.clone(), agents, config.plan.clone(), metrics);
+    let mut controller =
+        DeviceController::new(state.clone(), agents.clone(), config.plan.clone(), metrics);
     let mut leading = false;
     tokio::pin!(shutdown);
     loop {
@@ -72,6 +73,7 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
                     leading = true;
                 }
                 leadership.send_replace(true);
+                agents.refresh().await;
                 match state.list_devices().await {
                     Ok(devices) => {
                         for device in &devices {

@@ -1029,7 +1029,9 @@ mod tests {
             login_guard("prod", true, true),
             Err(StoreError::PinLocked { .. })
         ));
-        let message = login_guard("prod", false, true).err().map(|e| e.to_string());
+        let message = login_guard("prod", false, true)
+            .err()
+            .map(|e| e.to_string());
         assert!(message.is_some_and(|m| m.contains("check the PIN file")));
     }
 }
