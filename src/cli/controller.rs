@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::controller::{
-    ControllerConfig, ControllerMetrics, GrpcAgents, run_controller_with_leadership,
+    ControllerConfig, ControllerMetrics, GrpcAgents, ops, run_controller_with_leadership,
 };
 use crate::failover::{FencingConfig, PlanConfig};
 use crate::mirror::{AgentTls, NodeAddressEndpoints, StaticEndpoints, TlsFiles};
@@ -84,7 +84,7 @@ impl ControllerArgs {
     }
 }
 
-pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
+pub fn run(args: ControllerArgs, common: CommonArgs) -> anyhow::Result<()> {
     let statics = args.static_agents()?;
     let tls = AgentTls::from_files(&TlsFiles {
         ca: args.agent_tls_ca.clone(),
@@ -122,6 +122,37 @@ pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
         let agent_timeout = probe_interval.max(Duration::from_millis(500));
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = ControllerMetrics::register(&mut registry);
+        // One registry for both reconcilers, scraped on --metrics-addr.
+        let sync_metrics = SecretSyncMetrics::register(&mut registry);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
+        });
+        let ops_server = match common.metrics_addr {
+            Some(addr) => {
+                let router = ops::router(
+                    Arc::new(registry),
+                    metrics.clone(),
+                    ops::stale_after(probe_interval),
+                );
+                let (local, server) = crate::node::ops::bind(addr, router, stopped())
+                    .await
+                    .with_context(|| format!("bind the metrics address {addr}"))?;
+                tracing::info!(%local, "serving /metrics, /healthz and /readyz");
+                // How scripts and tests learn a port picked by the kernel.
+                println!("hsm-secrets controller serving /metrics, /healthz and /readyz on {local}");
+                Some(tokio::spawn(server))
+            }
+            None => None,
+        };
         if args.state == "kube" {
             let client = kube::Client::try_default()
                 .await
@@ -161,7 +192,7 @@ pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
                     cluster,
                     AgentDirectory::new(agents.connections()),
                     key,
-                    SecretSyncMetrics::register(&mut registry),
+                    sync_metrics.clone(),
                 ));
                 Some(tokio::spawn(run_kube(client, reconciler, leading)))
             } else {
@@ -173,7 +204,7 @@ pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
                 config,
                 metrics,
                 leadership,
-                shutdown_signal(),
+                stopped(),
             )
             .await?;
             if let Some(task) = secrets {
@@ -195,7 +226,7 @@ pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
                     Arc::new(FileCluster::new(state.clone())),
                     AgentDirectory::new(agents.connections()),
                     key,
-                    SecretSyncMetrics::register(&mut registry),
+                    sync_metrics.clone(),
                 ));
                 Some(tokio::spawn(run_files(
                     state.clone(),
@@ -212,11 +243,18 @@ pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
                 config,
                 metrics,
                 leadership,
-                shutdown_signal(),
+                stopped(),
             )
             .await?;
             if let Some(task) = secrets {
                 task.await.context("the HSMSecret reconciler")?;
+            }
+        }
+        if let Some(server) = ops_server {
+            match tokio::time::timeout(Duration::from_secs(5), server).await {
+                Ok(Ok(Err(error))) => tracing::warn!(%error, "metrics server failed"),
+                Err(_) => tracing::warn!("metrics server did not stop within 5s"),
+                _ => {}
             }
         }
         Ok(())

@@ -9,11 +9,12 @@
 mod device;
 mod grpc_agents;
 mod metrics;
+pub mod ops;
 mod run;
 
 pub use device::{DeviceController, RoundOutcome};
 pub use grpc_agents::GrpcAgents;
-pub use metrics::ControllerMetrics;
+pub use metrics::{ControllerMetrics, LoopState};
 pub use run::{ControllerConfig, run_controller, run_controller_with_leadership};
 
 use async_trait::async_trait;
