@@ -114,6 +114,12 @@ impl GrpcAgents {
             .collect()
     }
 
+    /// The shared channel to `node` at its endpoint as of the last round, for other
+    /// reconcilers of the process that need the agents a round found (not a snapshot).
+    pub fn connection_to(&self, node: &str) -> Option<AgentConnection> {
+        self.connection(node).ok()
+    }
+
     /// The channel to `node` at its current endpoint, dialled on first use.
     fn connection(&self, node: &str) -> Result<AgentConnection, AgentCallError> {
         let endpoint = self
