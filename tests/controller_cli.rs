@@ -58,8 +58,31 @@ fn bad_flags_are_refused_by_name() {
         "{err}"
     );
 
-    let (ok, err) = run(&["--state", state]);
-    assert!(!ok && err.contains("--agent"), "{err}");
+    // Neither way to find agents (the TLS flags under their manifest names).
+    let agent_tls = [
+        "--agent-tls-ca",
+        files.ca.to_str().unwrap(),
+        "--agent-tls-cert",
+        files.cert.to_str().unwrap(),
+        "--agent-tls-key",
+        files.key.to_str().unwrap(),
+    ];
+    let mut args = vec!["--state", state];
+    args.extend(agent_tls);
+    let (ok, err) = run(&args);
+    assert!(
+        !ok && err.contains("--agent-port PORT") && err.contains("--agent NODE=https://"),
+        "{err}"
+    );
+
+    // Discovery needs the cluster's Nodes.
+    let mut args = vec!["--state", state, "--agent-port", "9443"];
+    args.extend(agent_tls);
+    let (ok, err) = run(&args);
+    assert!(
+        !ok && err.contains("--agent-port") && err.contains("--state"),
+        "{err}"
+    );
 
     let mut args = vec![
         "--state",

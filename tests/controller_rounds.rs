@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use hsm_secrets::controller::{AgentCallError, Agents, ControllerMetrics, DeviceController};
-use hsm_secrets::crd::{DevicePhase, DeviceRole};
+use hsm_secrets::crd::{DevicePhase, DeviceRole, HSMDevice};
 use hsm_secrets::failover::{
     Action, AgentReport, DeviceView, FencingConfig, NodeError, NodeErrorKind, PlanConfig,
     ProbeResult, WriteLease,
@@ -70,7 +70,7 @@ impl SimAgents {
 
 #[async_trait]
 impl Agents for SimAgents {
-    async fn nodes(&self, _device: &DeviceView) -> Vec<String> {
+    async fn nodes(&self, _device: &HSMDevice) -> Vec<String> {
         self.nodes.lock().unwrap().keys().cloned().collect()
     }
 

@@ -27,21 +27,6 @@ const IMAGE: &str = concat!("hsm-secrets:", env!("CARGO_PKG_VERSION"));
 /// The uid of the image's non-root user (Dockerfile `USER`, checked in tests/dockerfile.rs).
 const NON_ROOT_UID: i64 = 65532;
 
-/// Flags the manifests already use whose implementation lands on branch `agentx`
-/// (`node` serving the device agent, the controller discovering agents by node
-/// InternalIP). Only these may be missing from `--help`; once the binary has one, the
-/// check fails until it is removed here. Empty this list after merging `agentx`.
-const PENDING_FLAGS: &[(&str, &str)] = &[
-    ("node", "--agent-listen"),
-    ("node", "--agent-tls-ca"),
-    ("node", "--agent-tls-cert"),
-    ("node", "--agent-tls-key"),
-    ("controller", "--agent-port"),
-    ("controller", "--agent-tls-ca"),
-    ("controller", "--agent-tls-cert"),
-    ("controller", "--agent-tls-key"),
-];
-
 /// What the controller does with the API, and nothing more: `group/resource:verb`,
 /// with `@namespace[names]` for namespaced, name-limited grants.
 const CONTROLLER_GRANTS: &[&str] = &[
@@ -86,14 +71,13 @@ const CONTROLLER_GRANTS: &[&str] = &[
     "coordination.k8s.io/leases:create@hsm-secrets-system",
 ];
 
-/// The node plugin and its agent only read.
+/// The node plugin and its agent only read: the HSMSecret catalog (a reflector), the
+/// status of devices it reads through their agents, and the Nodes' InternalIPs.
 const NODE_GRANTS: &[&str] = &[
-    "hsmsecrets.io/hsmsecrets:get",
     "hsmsecrets.io/hsmsecrets:list",
     "hsmsecrets.io/hsmsecrets:watch",
     "hsmsecrets.io/hsmdevices:get",
-    "hsmsecrets.io/hsmdevices:list",
-    "hsmsecrets.io/hsmdevices:watch",
+    "/nodes:list",
 ];
 
 fn root() -> &'static Path {
@@ -1067,21 +1051,12 @@ fn check_flags(docs: &[Doc], findings: &mut Findings) {
                 else {
                     continue;
                 };
-                let pending = PENDING_FLAGS.contains(&(subcommand, flag));
-                match (lists_flag(help, flag), pending) {
-                    (true, false) | (false, true) => {}
-                    (false, false) => findings.add(
+                if !lists_flag(help, flag) {
+                    findings.add(
                         doc,
                         &format!("{at}.args[{i}]"),
                         format!("`hsm-secrets {subcommand} --help` has no {flag}"),
-                    ),
-                    (true, true) => findings.add(
-                        doc,
-                        &format!("{at}.args[{i}]"),
-                        format!(
-                            "{flag} exists in `hsm-secrets {subcommand}` now: remove it from PENDING_FLAGS in tests/manifests.rs"
-                        ),
-                    ),
+                    );
                 }
             }
             for (i, env) in c["env"].as_array().into_iter().flatten().enumerate() {
@@ -1626,26 +1601,6 @@ fn a_broken_manifest_is_reported_with_file_object_and_field() {
             findings.0.iter().any(|f| f.contains(expected)),
             "{what}: expected a finding containing\n  {expected}\ngot:\n  {}",
             findings.0.join("\n  ")
-        );
-    }
-}
-
-#[test]
-fn every_pending_flag_is_used_by_a_manifest() {
-    let mut findings = Findings::default();
-    let docs = top_level(&mut findings).docs;
-    findings.assert_none("setup");
-    for (subcommand, flag) in PENDING_FLAGS {
-        let used = workloads(&docs).any(|doc| {
-            containers(doc).into_iter().any(|(_, c)| {
-                let args = strings(&c["args"]);
-                args.first() == Some(subcommand)
-                    && args.iter().any(|a| a.split('=').next() == Some(flag))
-            })
-        });
-        assert!(
-            used,
-            "PENDING_FLAGS lists `{subcommand} {flag}`, which no manifest uses: remove it"
         );
     }
 }

@@ -62,7 +62,7 @@ fn csidriver_declares_what_the_plugin_relies_on() {
 }
 
 #[test]
-fn cluster_role_grants_only_reads_of_our_resources() {
+fn cluster_role_grants_exactly_the_reads_the_plugin_makes() {
     let roles: Vec<serde_json::Value> = load("rbac.yaml");
     let role: ClusterRole = serde_json::from_value(roles[0].clone()).unwrap();
     let binding: ClusterRoleBinding = serde_json::from_value(roles[1].clone()).unwrap();
@@ -76,13 +76,14 @@ fn cluster_role_grants_only_reads_of_our_resources() {
             }
         }
     }
+    // Exactly the calls the plugin makes: the catalog's reflector (list, watch), the
+    // HSMDevice status of remote reads (get_device), the Nodes' InternalIPs
+    // (NodeAddressEndpoints lists them).
     let expected: BTreeSet<String> = [
-        "hsmsecrets.io/hsmsecrets:get",
         "hsmsecrets.io/hsmsecrets:list",
         "hsmsecrets.io/hsmsecrets:watch",
         "hsmsecrets.io/hsmdevices:get",
-        "hsmsecrets.io/hsmdevices:list",
-        "hsmsecrets.io/hsmdevices:watch",
+        "/nodes:list",
     ]
     .into_iter()
     .map(String::from)
@@ -208,4 +209,86 @@ fn daemonset_wires_socket_mounts_pin_and_flags_consistently() {
             .unwrap()
             .contains(&"--csi-address=/csi/csi.sock".to_string())
     );
+}
+
+/// The value of `--flag=value` among a container's args.
+fn flag<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    c.args
+        .as_ref()?
+        .iter()
+        .find_map(|a| a.strip_prefix(name)?.strip_prefix('='))
+}
+
+#[test]
+fn remote_reads_dial_the_port_agents_listen_on() {
+    let [ds]: [DaemonSet; 1] = load("daemonset.yaml").try_into().unwrap();
+    let plugin = container(&ds, "node-plugin");
+    let listen = flag(plugin, "--agent-listen").unwrap();
+    let port = flag(plugin, "--agent-port").unwrap();
+    assert_eq!(listen.rsplit(':').next(), Some(port));
+    // The node plugin's own flags parse as the binary reads them.
+    let command = CommonArgs::augment_args(NodeArgs::augment_args(clap::Command::new("node")));
+    let mut argv = vec!["node".to_string(), "--node-name=n1".into()];
+    argv.extend(plugin.args.as_ref().unwrap()[1..].iter().cloned());
+    argv.extend([
+        "--device=prod-hsm".into(),
+        "--pkcs11-library=/x.so".into(),
+        "--token-label=prod".into(),
+        "--pin-file=/pin".into(),
+    ]);
+    command.try_get_matches_from(&argv).unwrap();
+}
+
+/// The Secret commands in manifests/README.md are the ones `hsm-secrets pki` prints, and
+/// the directories it writes hold exactly the keys the workloads mount.
+#[test]
+fn the_readme_creates_the_secrets_as_pki_prints_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
+        .current_dir(dir.path())
+        .args(["pki", "--out", "./pki", "--nodes", "worker-1,worker-2"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let commands: Vec<&str> = stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("kubectl "))
+        .collect();
+    assert_eq!(commands.len(), 2, "{stdout}");
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/README.md"))
+            .unwrap();
+    for command in &commands {
+        assert!(
+            readme.lines().any(|l| l.trim() == *command),
+            "manifests/README.md lacks the command `hsm-secrets pki --out ./pki` prints:\n{command}"
+        );
+    }
+    // `--from-file=DIR` makes one key per file: the keys the node and controller mount.
+    for (secret, sub) in [
+        ("hsm-secrets-agent-tls", "agent"),
+        ("hsm-secrets-controller-tls", "controller"),
+    ] {
+        let command = commands
+            .iter()
+            .find(|c| c.contains(&format!(" {secret} ")))
+            .unwrap_or_else(|| panic!("pki prints no command for {secret}: {stdout}"));
+        assert!(
+            command.ends_with(&format!("--from-file=./pki/{sub}")),
+            "{command}"
+        );
+        let mut keys: Vec<String> = std::fs::read_dir(dir.path().join("pki").join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        keys.sort();
+        assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"], "{sub}");
+    }
 }

@@ -9,10 +9,10 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::controller::{
-    ControllerConfig, ControllerMetrics, GrpcAgents, run_controller_with_leadership,
+    ControllerConfig, ControllerMetrics, GrpcAgents, ops, run_controller_with_leadership,
 };
 use crate::failover::{FencingConfig, PlanConfig};
-use crate::mirror::{AgentTls, Peer, TlsFiles};
+use crate::mirror::{AgentTls, NodeAddressEndpoints, StaticEndpoints, TlsFiles};
 use crate::secret_sync::{
     AgentDirectory, DigestKey, FileCluster, KubeCluster, SecretReconciler, SecretSyncMetrics,
     load_or_create_digest_key, run_files, run_kube,
@@ -26,23 +26,24 @@ pub struct ControllerArgs {
     /// account) or a directory for the no-cluster mode.
     #[arg(long, env = "HSM_STATE", default_value = "kube")]
     pub state: String,
-    /// An agent, as NODE=https://HOST:PORT (repeatable).
-    #[arg(
-        long = "agent",
-        env = "HSM_AGENTS",
-        value_delimiter = ',',
-        required = true
-    )]
+    /// Agents listen on this port at their node's InternalIP (every node plugin serves
+    /// its agent on the same port): the controller finds them through the cluster's
+    /// Nodes each round. Needs `--state kube`.
+    #[arg(long, env = "HSM_AGENT_PORT")]
+    pub agent_port: Option<u16>,
+    /// An agent, as NODE=https://HOST:PORT (repeatable). With --agent-port these
+    /// override the address of the nodes they name; without it they are the agents.
+    #[arg(long = "agent", env = "HSM_AGENTS", value_delimiter = ',')]
     pub agents: Vec<String>,
     /// CA certificate that signed every agent's certificate (PEM).
-    #[arg(long, env = "HSM_AGENT_TLS_CA")]
-    pub tls_ca: PathBuf,
+    #[arg(long, alias = "tls-ca", env = "HSM_AGENT_TLS_CA")]
+    pub agent_tls_ca: PathBuf,
     /// This controller's client certificate for the agents (PEM).
-    #[arg(long, env = "HSM_AGENT_TLS_CERT")]
-    pub tls_cert: PathBuf,
+    #[arg(long, alias = "tls-cert", env = "HSM_AGENT_TLS_CERT")]
+    pub agent_tls_cert: PathBuf,
     /// Its private key (PEM).
-    #[arg(long, env = "HSM_AGENT_TLS_KEY")]
-    pub tls_key: PathBuf,
+    #[arg(long, alias = "tls-key", env = "HSM_AGENT_TLS_KEY")]
+    pub agent_tls_key: PathBuf,
     /// This replica's identity in the leader Lease.
     #[arg(long, env = "POD_NAME", default_value = "hsm-secrets-controller")]
     pub identity: String,
@@ -66,28 +67,29 @@ pub struct ControllerArgs {
 }
 
 impl ControllerArgs {
-    fn peers(&self) -> anyhow::Result<Vec<Peer>> {
-        self.agents
-            .iter()
-            .map(|a| match a.split_once('=') {
-                Some((node, endpoint)) if !node.is_empty() && endpoint.starts_with("https://") => {
-                    Ok(Peer {
-                        node: node.into(),
-                        endpoint: endpoint.into(),
-                    })
-                }
-                _ => bail!("--agent {a:?}: expected NODE=https://HOST:PORT"),
-            })
-            .collect()
+    /// The static `--agent` entries, checked; at least one way to find agents is required.
+    fn static_agents(&self) -> anyhow::Result<StaticEndpoints> {
+        let statics = StaticEndpoints::parse(&self.agents).context("--agent")?;
+        match (self.agent_port, statics.is_empty(), self.state.as_str()) {
+            (None, true, _) => bail!(
+                "no agents to reach: give --agent-port PORT (each node's InternalIP, the port \
+                 the node DaemonSet's --agent-listen uses) or --agent NODE=https://HOST:PORT"
+            ),
+            (Some(_), _, state) if state != "kube" => bail!(
+                "--agent-port finds agents through the cluster's Nodes, which --state {state:?} \
+                 has none of: name them with --agent NODE=https://HOST:PORT"
+            ),
+            _ => Ok(statics),
+        }
     }
 }
 
-pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
-    let peers = args.peers()?;
+pub fn run(args: ControllerArgs, common: CommonArgs) -> anyhow::Result<()> {
+    let statics = args.static_agents()?;
     let tls = AgentTls::from_files(&TlsFiles {
-        ca: args.tls_ca.clone(),
-        cert: args.tls_cert.clone(),
-        key: args.tls_key.clone(),
+        ca: args.agent_tls_ca.clone(),
+        cert: args.agent_tls_cert.clone(),
+        key: args.agent_tls_key.clone(),
     })?;
     let lease = Duration::from_millis(args.write_lease_ms);
     let probe_interval = Duration::from_millis(args.probe_interval_ms);
@@ -117,18 +119,61 @@ pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
         .build()
         .context("start the async runtime")?;
     runtime.block_on(async move {
-        let agents = Arc::new(GrpcAgents::new(
-            &peers,
-            &tls,
-            probe_interval.max(Duration::from_millis(500)),
-            lease,
-        )?);
+        let agent_timeout = probe_interval.max(Duration::from_millis(500));
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = ControllerMetrics::register(&mut registry);
+        // One registry for both reconcilers, scraped on --metrics-addr.
+        let sync_metrics = SecretSyncMetrics::register(&mut registry);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
+        });
+        let ops_server = match common.metrics_addr {
+            Some(addr) => {
+                let router = ops::router(
+                    Arc::new(registry),
+                    metrics.clone(),
+                    ops::stale_after(probe_interval),
+                );
+                let (local, server) = crate::node::ops::bind(addr, router, stopped())
+                    .await
+                    .with_context(|| format!("bind the metrics address {addr}"))?;
+                tracing::info!(%local, "serving /metrics, /healthz and /readyz");
+                // How scripts and tests learn a port picked by the kernel.
+                println!("hsm-secrets controller serving /metrics, /healthz and /readyz on {local}");
+                Some(tokio::spawn(server))
+            }
+            None => None,
+        };
         if args.state == "kube" {
             let client = kube::Client::try_default()
                 .await
                 .context("cannot reach the cluster (use --state DIR for the no-cluster mode)")?;
+            let agents = Arc::new(match args.agent_port {
+                Some(port) => {
+                    let agents = GrpcAgents::discovering(
+                        Arc::new(NodeAddressEndpoints::new(client.clone(), port, statics)),
+                        &tls,
+                        agent_timeout,
+                        lease,
+                    );
+                    // The HSMSecret reconciler takes the agents known now (the controller
+                    // itself re-resolves every round).
+                    if let Err(error) = agents.refresh_endpoints().await {
+                        tracing::warn!(%error, "cannot resolve agent endpoints yet; retrying every round");
+                    }
+                    agents
+                }
+                None => GrpcAgents::new(&statics.peers(), &tls, agent_timeout, lease)?,
+            });
             let state = Arc::new(KubeState::new(
                 client.clone(),
                 args.namespace.clone(),
@@ -147,7 +192,7 @@ pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
                     cluster,
                     AgentDirectory::new(agents.connections()),
                     key,
-                    SecretSyncMetrics::register(&mut registry),
+                    sync_metrics.clone(),
                 ));
                 Some(tokio::spawn(run_kube(client, reconciler, leading)))
             } else {
@@ -159,13 +204,19 @@ pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
                 config,
                 metrics,
                 leadership,
-                shutdown_signal(),
+                stopped(),
             )
             .await?;
             if let Some(task) = secrets {
                 task.await.context("the HSMSecret reconciler")?;
             }
         } else {
+            let agents = Arc::new(GrpcAgents::new(
+                &statics.peers(),
+                &tls,
+                agent_timeout,
+                lease,
+            )?);
             let state = Arc::new(FileState::open(&args.state)?);
             let (leadership, leading) = tokio::sync::watch::channel(false);
             let secrets = if args.secret_sync {
@@ -175,7 +226,7 @@ pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
                     Arc::new(FileCluster::new(state.clone())),
                     AgentDirectory::new(agents.connections()),
                     key,
-                    SecretSyncMetrics::register(&mut registry),
+                    sync_metrics.clone(),
                 ));
                 Some(tokio::spawn(run_files(
                     state.clone(),
@@ -192,11 +243,18 @@ pub fn run(args: ControllerArgs, _common: CommonArgs) -> anyhow::Result<()> {
                 config,
                 metrics,
                 leadership,
-                shutdown_signal(),
+                stopped(),
             )
             .await?;
             if let Some(task) = secrets {
                 task.await.context("the HSMSecret reconciler")?;
+            }
+        }
+        if let Some(server) = ops_server {
+            match tokio::time::timeout(Duration::from_secs(5), server).await {
+                Ok(Ok(Err(error))) => tracing::warn!(%error, "metrics server failed"),
+                Err(_) => tracing::warn!("metrics server did not stop within 5s"),
+                _ => {}
             }
         }
         Ok(())

@@ -69,7 +69,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
         let view = DeviceView::of(device);
         let status = device.status.clone().unwrap_or_default();
 
-        let mut nodes: BTreeSet<String> = self.agents.nodes(&view).await.into_iter().collect();
+        let mut nodes: BTreeSet<String> = self.agents.nodes(device).await.into_iter().collect();
         nodes.extend(view.target_nodes.iter().cloned());
         nodes.extend(view.preferred_primary.iter().cloned());
         nodes.extend(status.nodes.iter().map(|n| n.node.clone()));

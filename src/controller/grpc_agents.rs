@@ -1,65 +1,209 @@
 //! [`Agents`] over the agent gRPC protocol with mutual TLS: maps planner actions onto
 //! `AssignRole` / `RenewLease` and agent health onto probe reports.
+//!
+//! Where agents listen comes from an [`EndpointResolver`], asked once per round: a static
+//! list (`--agent`), or every Node's InternalIP at the agents' port (`--agent-port`) with
+//! static entries overriding. Channels are dialled lazily and kept per node while its
+//! endpoint stays the same, so a round costs one Node list and no new handshakes.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{AgentCallError, Agents};
-use crate::crd::{DeviceRole, MirroringPolicy};
+use crate::crd::{DeviceRole, HSMDevice, MirroringPolicy};
 use crate::failover::{
     Action, AgentReport, DeviceView, NodeError, NodeErrorKind, ProbeResult, WriteLease,
 };
-use crate::mirror::{AgentConnection, AgentTls, MirrorError, Peer, pb};
+use crate::mirror::{
+    AgentConnection, AgentTls, EndpointResolver, MirrorError, Peer, StaticEndpoints, pb,
+};
 
-/// A static directory of agents (node → endpoint), each reached with mutual TLS.
+/// The agents of every node, found through an [`EndpointResolver`] and reached with
+/// mutual TLS.
 pub struct GrpcAgents {
-    peers: BTreeMap<String, AgentConnection>,
+    resolver: Arc<dyn EndpointResolver>,
+    tls: AgentTls,
+    timeout: Duration,
     lease: Duration,
+    /// node → endpoint, as of the last successful [`refresh`](Agents::refresh).
+    known: RwLock<BTreeMap<String, String>>,
+    /// One lazily dialled channel per node; replaced when the node's endpoint changes.
+    channels: Mutex<BTreeMap<String, AgentConnection>>,
+    /// Per device, the nodes [`Agents::nodes`] found last (mirrors of an Active primary).
+    members: Mutex<HashMap<String, Vec<String>>>,
     /// When each node was last given a mirror role (epoch, unix ms): its data is a prefix
     /// of the primary's history only once a full pass finished after that.
     assigned: Mutex<HashMap<String, (u64, i64)>>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl GrpcAgents {
+    /// A fixed directory of agents (`--agent NODE=https://HOST:PORT`). Every endpoint is
+    /// checked now, so a malformed one fails at start rather than in a round.
     pub fn new(
         peers: &[Peer],
         tls: &AgentTls,
         timeout: Duration,
         lease: Duration,
     ) -> Result<Self, MirrorError> {
-        let peers = peers
+        let agents = Self::discovering(Arc::new(StaticEndpoints::new(peers)), tls, timeout, lease);
+        let known: BTreeMap<String, String> = peers
+            .iter()
+            .map(|p| (p.node.clone(), p.endpoint.clone()))
+            .collect();
+        let channels = peers
             .iter()
             .map(|p| Ok((p.node.clone(), AgentConnection::new(p, tls, timeout)?)))
             .collect::<Result<_, MirrorError>>()?;
-        Ok(Self {
-            peers,
+        *agents.known.write().unwrap_or_else(|p| p.into_inner()) = known;
+        *lock(&agents.channels) = channels;
+        Ok(agents)
+    }
+
+    /// Agents wherever `resolver` says, asked again every round. Nothing is known until
+    /// the first [`refresh`](Agents::refresh).
+    pub fn discovering(
+        resolver: Arc<dyn EndpointResolver>,
+        tls: &AgentTls,
+        timeout: Duration,
+        lease: Duration,
+    ) -> Self {
+        Self {
+            resolver,
+            tls: tls.clone(),
+            timeout,
             lease,
+            known: RwLock::default(),
+            channels: Mutex::default(),
+            members: Mutex::default(),
             assigned: Mutex::default(),
-        })
+        }
     }
 
-    /// The connections (clones share the channels), for other reconcilers of the process.
-    pub fn connections(&self) -> impl Iterator<Item = AgentConnection> + '_ {
-        self.peers.values().cloned()
+    /// Asks the resolver where agents listen now. On failure the last known endpoints
+    /// stay in use (a passing API outage must not make every agent unreachable).
+    pub async fn refresh_endpoints(&self) -> Result<usize, MirrorError> {
+        let endpoints = self.resolver.resolve().await?;
+        let count = endpoints.len();
+        *self.known.write().unwrap_or_else(|p| p.into_inner()) = endpoints;
+        Ok(count)
     }
 
-    fn connection(&self, node: &str) -> Result<&AgentConnection, AgentCallError> {
-        self.peers.get(node).ok_or_else(|| AgentCallError {
+    /// Every node with a known endpoint.
+    pub fn known_nodes(&self) -> Vec<String> {
+        self.known_endpoints().into_keys().collect()
+    }
+
+    fn known_endpoints(&self) -> BTreeMap<String, String> {
+        self.known.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Connections to every node with a known endpoint (clones share the channels), for
+    /// other reconcilers of the process. A snapshot: call after a refresh.
+    pub fn connections(&self) -> Vec<AgentConnection> {
+        self.known_nodes()
+            .iter()
+            .filter_map(|node| self.connection(node).ok())
+            .collect()
+    }
+
+    /// The shared channel to `node` at its endpoint as of the last round, for other
+    /// reconcilers of the process that need the agents a round found (not a snapshot).
+    pub fn connection_to(&self, node: &str) -> Option<AgentConnection> {
+        self.connection(node).ok()
+    }
+
+    /// The channel to `node` at its current endpoint, dialled on first use.
+    fn connection(&self, node: &str) -> Result<AgentConnection, AgentCallError> {
+        let endpoint = self
+            .known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned()
+            .ok_or_else(|| AgentCallError {
+                node: node.into(),
+                detail: "no agent endpoint is known for this node (not a Node of the cluster \
+                         with an InternalIP, and not named by --agent)"
+                    .into(),
+            })?;
+        let mut channels = lock(&self.channels);
+        if let Some(conn) = channels.get(node)
+            && conn.peer().endpoint == endpoint
+        {
+            return Ok(conn.clone());
+        }
+        let peer = Peer {
             node: node.into(),
-            detail: "no agent endpoint is known for this node".into(),
-        })
+            endpoint,
+        };
+        let conn = AgentConnection::new(&peer, &self.tls, self.timeout)
+            .map_err(|e| call_error(node, e))?;
+        channels.insert(node.into(), conn.clone());
+        Ok(conn)
     }
 
     fn peer(&self, node: &str) -> Result<Peer, AgentCallError> {
         Ok(self.connection(node)?.peer().clone())
     }
 
+    /// The nodes a device's spec and status name.
+    fn named_nodes(device: &HSMDevice) -> BTreeSet<String> {
+        let mirroring = device.mirroring();
+        let mut named = BTreeSet::new();
+        named.extend(mirroring.primary_node.clone());
+        named.extend(mirroring.target_nodes.iter().cloned());
+        if let Some(status) = &device.status {
+            named.extend(status.primary_node.clone());
+            named.extend(status.nodes.iter().map(|n| n.node.clone()));
+        }
+        named.retain(|n| !n.is_empty());
+        named
+    }
+
+    /// Whether the spec leaves membership to "every node that has the token": mirrored
+    /// with no targetNodes, or unmirrored with no node to start from.
+    fn membership_is_open(device: &HSMDevice) -> bool {
+        let mirroring = device.mirroring();
+        let view = DeviceView::of(device);
+        if view.is_mirrored() {
+            mirroring.target_nodes.is_empty()
+        } else {
+            mirroring.primary_node.is_none()
+                && device
+                    .status
+                    .as_ref()
+                    .is_none_or(|s| s.primary_node.is_none())
+        }
+    }
+
+    /// Known nodes outside `named` whose agent reports the device's token (by label: the
+    /// node plugins of a device open the token with the label in its spec).
+    async fn reporting_token(&self, device: &HSMDevice, named: &BTreeSet<String>) -> Vec<String> {
+        let label = device.spec.pkcs11.token_label.as_str();
+        let candidates: Vec<String> = self
+            .known_nodes()
+            .into_iter()
+            .filter(|n| !named.contains(n))
+            .collect();
+        let answers = futures::future::join_all(candidates.into_iter().map(|node| async move {
+            let conn = self.connection(&node).ok()?;
+            let h = conn.health().await.ok()?;
+            (h.token_present && h.token_label == label).then_some(node)
+        }))
+        .await;
+        answers.into_iter().flatten().collect()
+    }
+
     fn assigned(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, i64)>> {
-        self.assigned.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.assigned)
     }
 
     fn report(&self, node: &str, h: pb::HealthResponse) -> AgentReport {
@@ -172,8 +316,32 @@ fn role_pb(role: DeviceRole) -> i32 {
 
 #[async_trait]
 impl Agents for GrpcAgents {
-    async fn nodes(&self, _device: &DeviceView) -> Vec<String> {
-        self.peers.keys().cloned().collect()
+    async fn refresh(&self) {
+        match self.refresh_endpoints().await {
+            Ok(count) => tracing::debug!(agents = count, "agent endpoints resolved"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot resolve agent endpoints; using the last known")
+            }
+        }
+    }
+
+    async fn nodes(&self, device: &HSMDevice) -> Vec<String> {
+        let named = Self::named_nodes(device);
+        let known = self.known_endpoints();
+        let mut nodes: Vec<String> = named
+            .iter()
+            .filter(|n| known.contains_key(*n))
+            .cloned()
+            .collect();
+        if Self::membership_is_open(device) {
+            nodes.extend(self.reporting_token(device, &named).await);
+            nodes.sort();
+        }
+        lock(&self.members).insert(
+            device.metadata.name.clone().unwrap_or_default(),
+            nodes.clone(),
+        );
+        nodes
     }
 
     async fn probe(&self, _device: &DeviceView, node: &str) -> ProbeResult {
@@ -209,12 +377,19 @@ impl Agents for GrpcAgents {
             Action::Promote { node, epoch } => {
                 let me = self.peer(node)?;
                 let mirrors = if device.policy == MirroringPolicy::Active {
-                    self.peers
-                        .values()
-                        .filter(|c| c.node() != node)
-                        .map(|c| pb::MirrorTarget {
-                            node: c.peer().node.clone(),
-                            endpoint: c.peer().endpoint.clone(),
+                    // The device's own nodes, as found this round: another device's
+                    // agents must not hold up this primary's writes.
+                    let members = lock(&self.members)
+                        .get(&device.name)
+                        .cloned()
+                        .unwrap_or_default();
+                    members
+                        .iter()
+                        .filter(|n| *n != node)
+                        .filter_map(|n| self.peer(n).ok())
+                        .map(|p| pb::MirrorTarget {
+                            node: p.node,
+                            endpoint: p.endpoint,
                         })
                         .collect()
                 } else {

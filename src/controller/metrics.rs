@@ -1,7 +1,8 @@
 //! Controller metrics. Label values are device and node names (bounded by the cluster's
 //! configuration) and error kinds, never error text.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -32,8 +33,52 @@ pub struct ControllerMetrics {
     inner: Arc<Inner>,
 }
 
+/// What the control loop last did, for `/healthz` and `/readyz`.
+#[derive(Clone, Debug)]
+pub struct LoopState {
+    /// When the loop last went round (start-up counts as one, so a slow first Lease call
+    /// is not a dead loop).
+    pub last_tick: Instant,
+    /// Whether the loop went round at least once.
+    pub ticked: bool,
+    /// Whether the last round reached the Lease (its store answered, held or not).
+    pub lease_reachable: bool,
+    pub leading: bool,
+}
+
+impl Default for LoopState {
+    fn default() -> Self {
+        Self {
+            last_tick: Instant::now(),
+            ticked: false,
+            lease_reachable: false,
+            leading: false,
+        }
+    }
+}
+
+impl LoopState {
+    /// Live while the loop went round within `stale_after`.
+    pub fn is_live(&self, now: Instant, stale_after: Duration) -> bool {
+        now.saturating_duration_since(self.last_tick) <= stale_after
+    }
+
+    /// Ready once a round reached the Lease: a standby replica is ready too (it takes
+    /// over within the Lease duration); one that cannot reach its API is not.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        match (self.ticked, self.lease_reachable) {
+            (false, _) => Err("the control loop has not run a round yet"),
+            (true, false) => Err("the last round could not reach the controller Lease"),
+            (true, true) => Ok(()),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
+    loop_state: Mutex<LoopState>,
+    leader: Gauge,
+    last_round: Gauge,
     epoch: Family<DeviceLabel, Gauge>,
     ready: Family<DeviceLabel, Gauge>,
     failovers: Family<DeviceLabel, Gauge>,
@@ -48,6 +93,16 @@ impl ControllerMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("hsm_secrets");
+        r.register(
+            "controller_leader",
+            "1 while this replica holds the controller Lease",
+            m.inner.leader.clone(),
+        );
+        r.register(
+            "controller_last_round_timestamp_seconds",
+            "Unix time of the control loop's last round",
+            m.inner.last_round.clone(),
+        );
         r.register(
             "device_epoch",
             "Fencing epoch of each device",
@@ -115,6 +170,38 @@ impl ControllerMetrics {
                 self.inner.sync_lag.get_or_create(&l).set(lag);
             }
         }
+    }
+
+    /// The loop went round: `lease` is whether this replica holds the Lease, or None when
+    /// the Lease could not be reached.
+    pub(super) fn round(&self, lease: Option<bool>) {
+        let leading = lease == Some(true);
+        self.inner.leader.set(i64::from(leading));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.inner.last_round.set(now);
+        let mut state = self
+            .inner
+            .loop_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *state = LoopState {
+            last_tick: Instant::now(),
+            ticked: true,
+            lease_reachable: lease.is_some(),
+            leading,
+        };
+    }
+
+    /// What the control loop last did.
+    pub fn loop_state(&self) -> LoopState {
+        self.inner
+            .loop_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(super) fn probe_failed(&self, kind: &str) {

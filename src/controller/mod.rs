@@ -9,22 +9,28 @@
 mod device;
 mod grpc_agents;
 mod metrics;
+pub mod ops;
 mod run;
 
 pub use device::{DeviceController, RoundOutcome};
 pub use grpc_agents::GrpcAgents;
-pub use metrics::ControllerMetrics;
+pub use metrics::{ControllerMetrics, LoopState};
 pub use run::{ControllerConfig, run_controller, run_controller_with_leadership};
 
 use async_trait::async_trait;
 
+use crate::crd::HSMDevice;
 use crate::failover::{Action, DeviceView, ProbeResult};
 
 /// How the controller reaches the agents of a device's nodes.
 #[async_trait]
 pub trait Agents: Send + Sync + 'static {
-    /// Nodes whose agent serves this device (discovered, not only those in the spec).
-    async fn nodes(&self, device: &DeviceView) -> Vec<String>;
+    /// Called once at the start of every round the leader plans: learn where agents
+    /// listen now (nodes come and go, addresses change).
+    async fn refresh(&self) {}
+    /// Nodes whose agent serves this device: those its spec and status name and, where
+    /// the spec leaves membership open, those whose agent reports its token.
+    async fn nodes(&self, device: &HSMDevice) -> Vec<String>;
     /// One health probe, answered within the agent deadline or reported as failed.
     async fn probe(&self, device: &DeviceView, node: &str) -> ProbeResult;
     /// Carries out one agent action (RenewLease, FenceWrites, Promote, Demote, SetMirror).

@@ -56,15 +56,20 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
     leadership: tokio::sync::watch::Sender<bool>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StateError> {
-    let mut controller = DeviceController::new(state.clone(), agents, config.plan.clone(), metrics);
+    let mut controller = DeviceController::new(
+        state.clone(),
+        agents.clone(),
+        config.plan.clone(),
+        metrics.clone(),
+    );
     let mut leading = false;
     tokio::pin!(shutdown);
     loop {
         let mut wait = config.probe_interval;
-        match state
+        let lease = state
             .acquire_lease(&config.lease_name, &config.identity, config.lease_duration)
-            .await
-        {
+            .await;
+        match &lease {
             Ok(true) => {
                 if !leading {
                     tracing::info!(identity = %config.identity, "became leader");
@@ -72,6 +77,7 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
                     leading = true;
                 }
                 leadership.send_replace(true);
+                agents.refresh().await;
                 match state.list_devices().await {
                     Ok(devices) => {
                         for device in &devices {
@@ -106,6 +112,7 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
                 leading = false;
             }
         }
+        metrics.round(lease.as_ref().ok().copied());
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             _ = tokio::time::sleep(wait) => {}

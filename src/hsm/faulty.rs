@@ -84,4 +84,14 @@ impl<S: SecretStore> SecretStore for FaultyStore<S> {
         self.check("gc")?;
         self.inner.gc().await
     }
+
+    async fn load_agent_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.check("load_state")?;
+        self.inner.load_agent_state().await
+    }
+
+    async fn save_agent_state(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.check("save_state")?;
+        self.inner.save_agent_state(bytes).await
+    }
 }

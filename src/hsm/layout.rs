@@ -14,6 +14,42 @@ pub const META_APP: &[u8] = b"hsm-secrets/meta";
 /// `CKA_APPLICATION` of data objects.
 pub const DATA_APP: &[u8] = b"hsm-secrets/data";
 
+/// `CKA_APPLICATION` of the agent's state objects (never a secret: no path, not in the
+/// manifest, untouched by gc).
+pub const AGENT_APP: &[u8] = b"hsm-secrets/agent";
+/// Label of the agent's state objects.
+pub const AGENT_LABEL: &[u8] = b"hsm-secrets:agent-state";
+
+/// One saved copy of the agent state: `generation (8 bytes, big endian) || SHA-256 of
+/// generation and payload || payload`. A save writes generation g+1 before destroying
+/// older copies, so a crash leaves both and the newest intact one wins.
+pub fn encode_agent_state(generation: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = generation.to_be_bytes().to_vec();
+    out.extend_from_slice(&agent_state_digest(generation, payload));
+    out.extend_from_slice(payload);
+    out
+}
+
+/// (generation, payload) of an intact copy; None for a damaged or foreign one.
+pub fn decode_agent_state(bytes: &[u8]) -> Option<(u64, Vec<u8>)> {
+    if bytes.len() < 40 {
+        return None;
+    }
+    let generation = u64::from_be_bytes(bytes[..8].try_into().ok()?);
+    let payload = &bytes[40..];
+    (bytes[8..40] == agent_state_digest(generation, payload))
+        .then(|| (generation, payload.to_vec()))
+}
+
+fn agent_state_digest(generation: u64, payload: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"hsm-secrets agent state\0");
+    h.update(generation.to_be_bytes());
+    h.update(payload);
+    h.finalize().into()
+}
+
 /// Label of a secret's metadata object (matched exactly, never by prefix).
 pub fn meta_label(path: &SecretPath) -> Vec<u8> {
     format!("hsm-secrets:m:{path}").into_bytes()
@@ -113,5 +149,27 @@ mod tests {
         let future = Meta { f: 2, ..m };
         assert!(Meta::decode(&future.encode()).is_err());
         assert!(Meta::decode(b"{").is_err());
+    }
+}
+
+#[cfg(test)]
+mod agent_state_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn agent_state_copies_round_trip_and_damage_is_detected() {
+        let bytes = encode_agent_state(7, b"{\"epoch\":3}");
+        assert_eq!(
+            decode_agent_state(&bytes),
+            Some((7, b"{\"epoch\":3}".to_vec()))
+        );
+        let mut damaged = bytes.clone();
+        *damaged.last_mut().unwrap() ^= 1;
+        assert_eq!(decode_agent_state(&damaged), None);
+        let mut other_generation = bytes;
+        other_generation[7] = 8;
+        assert_eq!(decode_agent_state(&other_generation), None);
+        assert_eq!(decode_agent_state(b"short"), None);
     }
 }

@@ -21,6 +21,7 @@ pub struct MemoryStore {
 struct State {
     records: BTreeMap<SecretPath, Record>,
     sequence: u64,
+    agent_state: Option<Vec<u8>>,
 }
 
 impl MemoryStore {
@@ -135,5 +136,14 @@ impl SecretStore for MemoryStore {
 
     async fn gc(&self) -> Result<GcReport, StoreError> {
         Ok(GcReport::default())
+    }
+
+    async fn load_agent_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.state().agent_state.clone())
+    }
+
+    async fn save_agent_state(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.state().agent_state = Some(bytes.to_vec());
+        Ok(())
     }
 }

@@ -80,4 +80,17 @@ pub trait SecretStore: Send + Sync + 'static {
 
     /// Removes objects left behind by interrupted writes.
     async fn gc(&self) -> Result<GcReport, StoreError>;
+
+    /// The agent's own facts (epoch, role, lease) last saved on this token, so they
+    /// survive a restart of the process; None when never saved. Opaque to the store.
+    /// Stores without a token of their own (a remote view) keep none.
+    async fn load_agent_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(None)
+    }
+
+    /// Replaces the agent's facts crash-safely: after a crash at any point the previous
+    /// or the new bytes load, never a mix. Stores without a token of their own drop them.
+    async fn save_agent_state(&self, _bytes: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

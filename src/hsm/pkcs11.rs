@@ -142,7 +142,7 @@ impl Pkcs11Store {
         T: Send + 'static,
         F: FnOnce(&Tok<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        let mutates = matches!(operation, "write" | "apply" | "purge" | "gc");
+        let mutates = matches!(operation, "write" | "apply" | "purge" | "gc" | "save_state");
         let permit = self.acquire().await?;
         let shared = self.shared.clone();
         let task = tokio::task::spawn_blocking(move || {
@@ -385,6 +385,42 @@ impl SecretStore for Pkcs11Store {
         })
         .await
     }
+
+    async fn load_agent_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.run("load_state", |tok| {
+            Ok(tok
+                .agent_state_copies()?
+                .into_iter()
+                .next()
+                .map(|(_, _, payload)| payload))
+        })
+        .await
+    }
+
+    async fn save_agent_state(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        let _writer = self.shared.write_lock.lock().await;
+        let payload = bytes.to_vec();
+        self.run("save_state", move |tok| {
+            let copies = tok.agent_state_copies()?;
+            let generation = copies.first().map_or(0, |(g, _, _)| *g) + 1;
+            // The new copy first; a crash before the old ones are gone leaves both, and
+            // the newest intact copy is what loads.
+            tok.create(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Label(layout::AGENT_LABEL.to_vec()),
+                Attribute::Application(layout::AGENT_APP.to_vec()),
+                Attribute::Value(layout::encode_agent_state(generation, &payload)),
+            ])?;
+            for (_, handle, _) in copies {
+                tok.destroy(handle)?;
+            }
+            tok.destroy_damaged_agent_state()?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 impl Shared {
@@ -609,6 +645,36 @@ impl Tok<'_> {
                 token: self.label().into(),
                 detail: "not connected".into(),
             })
+    }
+
+    fn agent_state_handles(&self) -> Result<Vec<ObjectHandle>, StoreError> {
+        self.find(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Application(layout::AGENT_APP.to_vec()),
+            Attribute::Label(layout::AGENT_LABEL.to_vec()),
+        ])
+    }
+
+    /// Intact copies of the agent state as (generation, handle, payload), newest first.
+    fn agent_state_copies(&self) -> Result<Vec<(u64, ObjectHandle, Vec<u8>)>, StoreError> {
+        let mut copies = Vec::new();
+        for h in self.agent_state_handles()? {
+            if let Some((generation, payload)) = layout::decode_agent_state(&self.read_value(h)?) {
+                copies.push((generation, h, payload));
+            }
+        }
+        copies.sort_by_key(|c| std::cmp::Reverse(c.0));
+        Ok(copies)
+    }
+
+    /// Removes copies that do not decode (never produced by a save that finished).
+    fn destroy_damaged_agent_state(&self) -> Result<(), StoreError> {
+        for h in self.agent_state_handles()? {
+            if layout::decode_agent_state(&self.read_value(h)?).is_none() {
+                self.destroy(h)?;
+            }
+        }
+        Ok(())
     }
 
     /// The newest metadata of `path` and all its metadata handles, newest first.

@@ -20,6 +20,7 @@ use crate::hsm::{Body, Checksum, Expect, Record, SecretData, SecretPath, SecretS
 use super::MirrorError;
 use super::client::AgentConnection;
 use super::convert;
+use super::facts::AgentFacts;
 use super::fencing::{Assignment, Control};
 use super::local::{Applied, Guard, Local};
 use super::metrics::RpcMetrics;
@@ -138,6 +139,10 @@ struct Inner {
     sync_state: Arc<Mutex<SyncState>>,
     sync_interval_ms: Arc<AtomicU64>,
     counters: Counters,
+    /// The last accepted assignment: what is saved on the token with the role facts.
+    last_assignment: Mutex<Option<Assignment>>,
+    /// Serializes saves of the role facts, so an older snapshot never lands last.
+    persist: tokio::sync::Mutex<()>,
 }
 
 impl Agent {
@@ -149,7 +154,7 @@ impl Agent {
             tracing::warn!(node = %cfg.node, error = %e, "token not usable at start; the change index is built on first use");
         }
         let sync_interval_ms = Arc::new(AtomicU64::new(duration_ms(cfg.sync.sync_interval)));
-        Self {
+        let agent = Self {
             inner: Arc::new(Inner {
                 control: Mutex::new(Control::new(cfg.node.clone())),
                 local,
@@ -160,8 +165,77 @@ impl Agent {
                 sync_state: Arc::default(),
                 sync_interval_ms,
                 counters: Counters::default(),
+                last_assignment: Mutex::default(),
+                persist: tokio::sync::Mutex::new(()),
                 cfg,
             }),
+        };
+        agent.restore().await;
+        agent
+    }
+
+    /// Takes back the role and epoch saved on the token by a previous run, without the
+    /// write lease: a primary accepts writes again only once the controller renews its
+    /// lease or assigns it anew.
+    async fn restore(&self) {
+        let node = self.node().to_string();
+        let facts = match self.store().load_agent_state().await {
+            Ok(Some(bytes)) => match AgentFacts::decode(&bytes) {
+                Ok(facts) if facts.applies_to(&node) => facts,
+                Ok(facts) => {
+                    tracing::info!(%node, saved_by = %facts.node, "the token's saved role belongs to another node; starting as a fresh standby");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%node, %error, "cannot read the saved role; starting as a fresh standby");
+                    return;
+                }
+            },
+            Ok(None) => return,
+            Err(error) => {
+                self.count_store_error(&error);
+                tracing::warn!(%node, %error, "cannot load the saved role (token not usable); starting as a fresh standby");
+                return;
+            }
+        };
+        let assignment = facts.assignment();
+        match self.apply(assignment.clone()).await {
+            Ok(_) => {
+                let mut control = self.control();
+                control.revoke_lease();
+                if facts.fenced && facts.role == DeviceRole::Primary {
+                    let _ = control.fence(facts.epoch);
+                }
+                drop(control);
+                *lock_plain(&self.inner.last_assignment) = Some(assignment);
+                tracing::info!(%node, epoch = facts.epoch, role = ?facts.role, "resumed the saved role; writes wait for the controller's lease");
+            }
+            Err(error) => {
+                // The epoch still holds: nothing older may be assigned.
+                *self.control() = Control::restored_epoch(node.clone(), facts.epoch);
+                tracing::warn!(%node, epoch = facts.epoch, %error, "cannot resume the saved role; standby at the saved epoch until the controller assigns");
+            }
+        }
+    }
+
+    /// Saves the current role facts on the token. A failure is logged and counted, not
+    /// returned: the role already took effect in memory, which is what fencing needs; a
+    /// restart then resumes an older epoch, which the controller corrects.
+    async fn persist(&self) {
+        let _serial = self.inner.persist.lock().await;
+        let facts = {
+            let control = self.control();
+            let last = lock_plain(&self.inner.last_assignment);
+            match last.as_ref() {
+                Some(a) if a.epoch == control.epoch() && a.role == control.role() => {
+                    AgentFacts::new(self.node(), a, control.is_fenced())
+                }
+                _ => return,
+            }
+        };
+        if let Err(error) = self.store().save_agent_state(&facts.encode()).await {
+            self.count_store_error(&error);
+            tracing::warn!(node = %self.node(), epoch = facts.epoch, %error, "cannot save the role on the token; a restart would resume an older one");
         }
     }
 
@@ -315,8 +389,15 @@ impl Agent {
         h
     }
 
-    /// Applies a role assignment from the controller.
+    /// Applies a role assignment from the controller and saves it on the token.
     pub async fn assign(&self, a: Assignment) -> Result<pb::AssignRoleResponse, MirrorError> {
+        let response = self.apply(a.clone()).await?;
+        *lock_plain(&self.inner.last_assignment) = Some(a);
+        self.persist().await;
+        Ok(response)
+    }
+
+    async fn apply(&self, a: Assignment) -> Result<pb::AssignRoleResponse, MirrorError> {
         let now = Instant::now();
         let cfg = &self.inner.cfg;
         let mut engine = self.inner.engine.lock().await;
@@ -396,6 +477,12 @@ impl Agent {
     /// after which this primary publishes nothing more.
     pub fn fence(&self, epoch: u64) -> Result<u64, MirrorError> {
         self.control().fence(epoch)?;
+        // A fenced epoch stays fenced across a restart; saved in the background (this
+        // call answers the controller at once).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let agent = self.clone();
+            runtime.spawn(async move { agent.persist().await });
+        }
         Ok(self.applied_sequence(DeviceRole::Primary))
     }
 
@@ -806,4 +893,8 @@ fn record_size(record: &Record) -> usize {
 
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn lock_plain<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

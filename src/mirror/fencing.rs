@@ -245,6 +245,21 @@ impl Control {
         Ok(())
     }
 
+    /// Drops the write lease (a restarted primary: writes wait for a renewal or a new
+    /// assignment from the controller).
+    pub fn revoke_lease(&mut self) {
+        self.lease_until = None;
+    }
+
+    /// A fresh agent that remembers only `epoch` (its saved role could not be resumed):
+    /// standby, refusing anything older.
+    pub fn restored_epoch(node: impl Into<String>, epoch: u64) -> Self {
+        Self {
+            epoch,
+            ..Self::new(node)
+        }
+    }
+
     pub fn is_fenced(&self) -> bool {
         self.fenced
     }

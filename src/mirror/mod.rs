@@ -62,6 +62,7 @@ mod client;
 mod convert;
 pub mod endpoints;
 mod error;
+pub mod facts;
 pub mod fencing;
 pub mod identity;
 pub mod index;
