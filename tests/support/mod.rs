@@ -4,3 +4,4 @@
 pub mod fixtures;
 pub mod mock_api;
 pub mod softhsm;
+pub mod fake_api;
