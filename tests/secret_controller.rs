@@ -68,7 +68,8 @@ async fn run_kube_imports_while_leading_reacts_to_watched_secrets_and_stops_when
     let api = FakeApi::new();
     api.put(device("Ready"));
     api.put(hsmsecret(
-        json!({"secretName": "db-copy",
+        // A day between re-checks: every reconcile here comes from a watch.
+        json!({"secretName": "db-copy", "syncInterval": 86400,
             "source": {"secretRef": {"name": "db-import-x7k2p"}, "deleteAfterImport": false}}),
         None,
         false,
@@ -80,7 +81,10 @@ async fn run_kube_imports_while_leading_reacts_to_watched_secrets_and_stops_when
 
     // Following: nothing is listed, watched or read.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(api.calls("GET hsmsecrets") + api.calls("watch hsmsecrets"), 0);
+    assert_eq!(
+        api.calls("GET hsmsecrets") + api.calls("watch hsmsecrets"),
+        0
+    );
     assert_eq!(api.calls("GET secrets") + api.calls("watch secrets"), 0);
     assert_eq!(api.calls("GET hsmdevices"), 0);
     assert!(hsm_content(&hsm).await.is_none());
@@ -98,9 +102,15 @@ async fn run_kube_imports_while_leading_reacts_to_watched_secrets_and_stops_when
     })
     .await;
     let object = hsmsecret_now(&api);
-    assert_eq!(object["metadata"]["finalizers"], json!([hsm_secrets::crd::FINALIZER]));
+    assert_eq!(
+        object["metadata"]["finalizers"],
+        json!([hsm_secrets::crd::FINALIZER])
+    );
     let copy = secret_now(&api, "db-copy").unwrap();
-    assert_eq!(copy["metadata"]["ownerReferences"][0]["uid"], object["metadata"]["uid"]);
+    assert_eq!(
+        copy["metadata"]["ownerReferences"][0]["uid"],
+        object["metadata"]["uid"]
+    );
     // Secrets are watched as metadata only: their data never reaches the controller
     // through a watch.
     assert!(api.calls("watch secrets") >= 2);
@@ -118,26 +128,35 @@ async fn run_kube_imports_while_leading_reacts_to_watched_secrets_and_stops_when
 
     // A watched change of the owned copy (edited by hand) puts the HSM content back.
     until("the copy holds the re-imported data", || {
-        secret_now(&api, "db-copy").is_some_and(|s| data_of(&s) == pairs(&[("password", b"second")]))
+        secret_now(&api, "db-copy")
+            .is_some_and(|s| data_of(&s) == pairs(&[("password", b"second")]))
     })
     .await;
     let mut tampered = secret_now(&api, "db-copy").unwrap();
     tampered["data"] = json!({"password": b64(b"edited")});
     api.put(tampered);
     until("the copy is restored from the HSM", || {
-        secret_now(&api, "db-copy").is_some_and(|s| data_of(&s) == pairs(&[("password", b"second")]))
+        secret_now(&api, "db-copy")
+            .is_some_and(|s| data_of(&s) == pairs(&[("password", b"second")]))
     })
     .await;
 
     // Following again: the watches close and a further change is left alone.
     leadership.send(false).unwrap();
-    until("the controller's watches are closed", || api.open_watches() == 0).await;
+    until("the controller's watches are closed", || {
+        api.open_watches() == 0
+    })
+    .await;
     let reads = api.calls("GET hsmdevices");
     let status_writes = api.calls("PATCH hsmsecrets/status");
     api.put(import("1", &[("password", b"third")], None));
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(hsm_content(&hsm).await.unwrap().0, second);
-    assert_eq!(api.calls("GET hsmdevices"), reads, "no reconcile while following");
+    assert_eq!(
+        api.calls("GET hsmdevices"),
+        reads,
+        "no reconcile while following"
+    );
     assert_eq!(api.calls("PATCH hsmsecrets/status"), status_writes);
 
     // Leading again: a fresh start catches up with what changed meanwhile.

@@ -379,7 +379,13 @@ impl FakeApi {
         }
     }
 
-    pub fn get(&self, api_version: &str, kind: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
+    pub fn get(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Option<Value> {
         let key = Key {
             prefix: prefix_of(api_version),
             plural: plural_of(kind),
@@ -533,7 +539,11 @@ impl FakeApi {
                 }
                 let name = object["metadata"]["name"].as_str().unwrap().to_string();
                 if s.objects.contains_key(&key(&name)) {
-                    return failure(409, "AlreadyExists", &format!("{} {name} already exists", r.plural));
+                    return failure(
+                        409,
+                        "AlreadyExists",
+                        &format!("{} {name} already exists", r.plural),
+                    );
                 }
                 let created = s.create(|_| key(&name), object);
                 respond(201, &created)
@@ -579,7 +589,12 @@ impl FakeApi {
                         if let Some(status) = existing.get("status") {
                             next["status"] = status.clone();
                         }
-                        for field in ["uid", "creationTimestamp", "deletionTimestamp", "generation"] {
+                        for field in [
+                            "uid",
+                            "creationTimestamp",
+                            "deletionTimestamp",
+                            "generation",
+                        ] {
                             next["metadata"][field] = existing["metadata"][field].clone();
                         }
                         if next["spec"] != existing["spec"] {
@@ -608,7 +623,11 @@ impl FakeApi {
                 let stored = s.store(k, next);
                 respond(200, &stored)
             }
-            (m, _) => failure(405, "MethodNotAllowed", &format!("{m} {}", req.uri().path())),
+            (m, _) => failure(
+                405,
+                "MethodNotAllowed",
+                &format!("{m} {}", req.uri().path()),
+            ),
         }
     }
 }
