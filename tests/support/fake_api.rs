@@ -221,7 +221,13 @@ struct State {
     rv: u64,
     uid: u64,
     calls: BTreeMap<String, usize>,
+    /// Changes up to this resourceVersion are no longer in `history`.
+    forgotten: u64,
 }
+
+/// Changes kept for watches that start behind; older ones answer 410 Gone (clients
+/// then list again), as a real API server's watch cache does.
+const HISTORY: usize = 20_000;
 
 impl State {
     fn next_rv(&mut self) -> u64 {
@@ -244,6 +250,11 @@ impl State {
             key,
             object,
         });
+        if self.history.len() > 2 * HISTORY {
+            let cut = self.history.len() - HISTORY;
+            self.forgotten = self.history[cut - 1].rv;
+            self.history.drain(..cut);
+        }
     }
 
     /// Stores a new version of `key` (emitting MODIFIED), or removes it when its
@@ -426,12 +437,6 @@ impl FakeApi {
         s.watches.len()
     }
 
-    /// Drops the change log (a bench's fixture keeps it from growing without end;
-    /// watches from an older resourceVersion then miss those changes).
-    pub fn forget_history(&self) {
-        self.state.lock().unwrap().history.clear();
-    }
-
     /// Answers one request.
     pub fn handle(&self, req: Request<Bytes>) -> Response<ResponseBody> {
         let Some(r) = route(req.uri().path()) else {
@@ -480,6 +485,9 @@ impl FakeApi {
                     .get("resourceVersion")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
+                if from != 0 && from < s.forgotten {
+                    return failure(410, "Expired", "too old resource version");
+                }
                 let (tx, rx) = mpsc::unbounded_channel();
                 if from == 0 {
                     for (k, o) in &s.objects {
