@@ -512,21 +512,33 @@ impl FakeApi {
                     .unwrap()
             }
             ("GET", None) => {
-                let items: Vec<Value> = s
-                    .objects
-                    .iter()
-                    .filter(|(k, o)| filter.matches(k, o))
+                // Pages as a real API server does (`limit`, `continue`: the offset here).
+                let offset: usize = q.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+                let limit: usize = q
+                    .get("limit")
+                    .and_then(|l| l.parse().ok())
+                    .filter(|l| *l > 0)
+                    .unwrap_or(usize::MAX);
+                let mut matching = s.objects.iter().filter(|(k, o)| filter.matches(k, o));
+                let items: Vec<Value> = matching
+                    .by_ref()
+                    .skip(offset)
+                    .take(limit)
                     .map(|(_, o)| filter.view(o))
                     .collect();
+                let more = matching.next().is_some();
                 let kind = if filter.meta_only {
                     "PartialObjectMetadataList"
                 } else {
                     "List"
                 };
+                let mut metadata = json!({"resourceVersion": s.rv.to_string()});
+                if more {
+                    metadata["continue"] = json!((offset + items.len()).to_string());
+                }
                 respond(
                     200,
-                    &json!({"apiVersion": "v1", "kind": kind,
-                        "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
+                    &json!({"apiVersion": "v1", "kind": kind, "metadata": metadata, "items": items}),
                 )
             }
             ("GET", Some(name)) => match s.objects.get(&key(name)) {
