@@ -295,7 +295,6 @@ async fn run() {
         }
     }
 
-
     // Import pass.
     let started = Instant::now();
     let written = futures::stream::iter(all.iter())

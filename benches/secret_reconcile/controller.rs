@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use hsm_secrets::mirror::{AgentTls, TlsFiles};
 use hsm_secrets::secret_sync::{CONCURRENCY, run_kube};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
 use support::fake_api::FakeApi;
 use tokio::sync::watch;
 
@@ -64,7 +64,11 @@ fn as_applied(mut object: Value, spec_fields: Value, controller_fields: Value) -
     };
     object["metadata"]["managedFields"] = json!([
         entry("kubectl-client-side-apply", None, spec_fields),
-        entry("hsm-secrets-controller", None, json!({"f:metadata": {"f:finalizers": {".": {}, "v:\"hsmsecrets.io/finalizer\"": {}}}})),
+        entry(
+            "hsm-secrets-controller",
+            None,
+            json!({"f:metadata": {"f:finalizers": {".": {}, "v:\"hsmsecrets.io/finalizer\"": {}}}})
+        ),
         entry("hsm-secrets-controller", Some("status"), controller_fields),
     ]);
     object
@@ -241,7 +245,11 @@ pub async fn memory() {
             }
         );
     }
-    let fixture = rows.iter().map(|(_, m)| m.fixture.1).max().unwrap_or_default();
+    let fixture = rows
+        .iter()
+        .map(|(_, m)| m.fixture.1)
+        .max()
+        .unwrap_or_default();
     println!(
         "\n(Not counted above: this parent process holding the API server's objects and the agent's store peaked at {:.1} MiB. Concurrency of `run_kube`: {CONCURRENCY}.)",
         mib(fixture)
@@ -251,8 +259,8 @@ pub async fn memory() {
 /// The controller process.
 pub async fn child() {
     let var = |k: &str| std::env::var(k).unwrap();
-    let client = kube::Client::try_from(kube::Config::new(var("BENCH_API").parse().unwrap()))
-        .unwrap();
+    let client =
+        kube::Client::try_from(kube::Config::new(var("BENCH_API").parse().unwrap())).unwrap();
     let tls = AgentTls::from_files(&TlsFiles {
         ca: var("BENCH_CA").into(),
         cert: var("BENCH_CERT").into(),
