@@ -44,18 +44,15 @@ const CONTROLLER_GRANTS: &[&str] = &[
     "hsmsecrets.io/hsmsecrets:list",
     "hsmsecrets.io/hsmsecrets:watch",
     "hsmsecrets.io/hsmsecrets:patch",
-    "hsmsecrets.io/hsmsecrets:update",
-    "hsmsecrets.io/hsmsecrets/status:get",
     "hsmsecrets.io/hsmsecrets/status:patch",
-    "hsmsecrets.io/hsmsecrets/status:update",
     "hsmsecrets.io/hsmsecrets/finalizers:update",
-    // Secret sync (HSM -> Secret) and import (Secret -> HSM, delete after import).
+    // Secret sync (HSM -> Secret) and import (Secret -> HSM, delete after import), the
+    // digest key Secret; no patch (copies are replaced under their resourceVersion).
     "/secrets:get",
     "/secrets:list",
     "/secrets:watch",
     "/secrets:create",
     "/secrets:update",
-    "/secrets:patch",
     "/secrets:delete",
     // Agent discovery by InternalIP and the device-ready node label.
     "/nodes:get",

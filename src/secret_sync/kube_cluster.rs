@@ -11,9 +11,10 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event as KubeEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use tokio::sync::watch;
 
@@ -288,10 +289,42 @@ struct Context {
     leading: watch::Receiver<bool>,
 }
 
+/// Reconciles in flight at most: each holds a device, two Secrets and agent calls, so
+/// this bounds the controller's working memory whatever the number of HSMSecrets.
+pub const CONCURRENCY: u16 = 16;
+
+/// The annotation `kubectl apply` leaves, a second copy of the whole spec.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what the reconciler never reads before the object enters the cache:
+/// managedFields and the last-applied copy are often larger than the object itself.
+pub fn strip_for_cache(object: &mut HSMSecret) {
+    let meta = &mut object.metadata;
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
+/// The HSMSecret an import Secret names (label `hsmsecrets.io/import-for`, same
+/// namespace).
+fn import_target(secret: PartialObjectMeta<Secret>) -> Option<ObjectRef<HSMSecret>> {
+    let ns = secret.metadata.namespace?;
+    let name = secret.metadata.labels?.remove(IMPORT_FOR_LABEL)?;
+    Some(ObjectRef::<HSMSecret>::new(&name).within(&ns))
+}
+
 /// Runs the HSMSecret controller while `leading` is true (the controller Lease is held):
 /// watches HSMSecrets, the Secrets they own (label `hsmsecrets.io/device`) and import
 /// Secrets (label `hsmsecrets.io/import-for`, mapped back to the HSMSecret of that name
 /// in the same namespace). Returns when the sender of `leading` is dropped.
+///
+/// Memory: only HSMSecrets are cached, stripped by [`strip_for_cache`]; Secrets are
+/// watched as metadata only (their data never reaches this process through a watch,
+/// each reconcile reads the two it needs), and at most [`CONCURRENCY`] reconciles run.
 pub async fn run_kube(
     client: Client,
     reconciler: Arc<SecretReconciler<KubeCluster>>,
@@ -310,36 +343,40 @@ pub async fn run_kube(
             reconciler: reconciler.clone(),
             leading: leading.clone(),
         });
-        Controller::new(
+        // A fresh cache per term: what was seen while following is stale.
+        let (reader, writer) = reflector::store();
+        let hsmsecrets = watcher(
             Api::<HSMSecret>::all(client.clone()),
             watcher::Config::default(),
         )
-        .owns(
-            Api::<Secret>::all(client.clone()),
+        .default_backoff()
+        .modify(strip_for_cache)
+        .reflect(writer)
+        .applied_objects();
+        let owned = watcher(
+            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
             watcher::Config::default().labels(DEVICE_LABEL),
         )
-        .watches(
-            Api::<Secret>::all(client.clone()),
+        .default_backoff()
+        .touched_objects();
+        let imports = watcher(
+            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
             watcher::Config::default().labels(IMPORT_FOR_LABEL),
-            |secret: Secret| {
-                let ns = secret.metadata.namespace.clone()?;
-                let name = secret
-                    .metadata
-                    .labels
-                    .as_ref()?
-                    .get(IMPORT_FOR_LABEL)?
-                    .clone();
-                Some(ObjectRef::<HSMSecret>::new(&name).within(&ns))
-            },
         )
-        .graceful_shutdown_on(stopped)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "HSMSecret controller event");
-            }
-        })
-        .await;
+        .default_backoff()
+        .touched_objects();
+        Controller::for_stream(hsmsecrets, reader)
+            .with_config(controller::Config::default().concurrency(CONCURRENCY))
+            .owns_stream(owned)
+            .watches_stream(imports, import_target)
+            .graceful_shutdown_on(stopped)
+            .run(reconcile, error_policy, ctx)
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "HSMSecret controller event");
+                }
+            })
+            .await;
         tracing::info!("HSMSecret controller stopped (not the leader)");
         if leading.has_changed().is_err() {
             return;

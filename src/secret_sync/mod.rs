@@ -44,7 +44,9 @@ pub use cluster::{AgentDirectory, Cluster};
 pub use digest::{DIGEST_KEY_FIELD, DIGEST_KEY_SECRET, DigestKey};
 pub use error::{SyncError, SyncErrorKind};
 pub use files::{FileCluster, run_files};
-pub use kube_cluster::{KubeCluster, load_or_create_digest_key, run_kube};
+pub use kube_cluster::{
+    CONCURRENCY, KubeCluster, load_or_create_digest_key, run_kube, strip_for_cache,
+};
 pub use metrics::SecretSyncMetrics;
 pub use reconcile::{ReconcileOutcome, SecretReconciler};
 

@@ -48,7 +48,17 @@ pub struct Env {
     _server: tokio::task::JoinHandle<()>,
 }
 
-impl Env {
+/// The agent n1 serving an in-memory store on loopback with mutual TLS, made primary at
+/// epoch 1.
+pub struct Primary {
+    pub pki: Pki,
+    pub store: Arc<MemoryStore>,
+    pub agent: Agent,
+    pub primary: AgentConnection,
+    pub server: tokio::task::JoinHandle<()>,
+}
+
+impl Primary {
     pub async fn start() -> Self {
         let pki = Pki::new(&["n1"]);
         let store = Arc::new(MemoryStore::new("mem"));
@@ -83,6 +93,39 @@ impl Env {
             })
             .await
             .unwrap();
+        Self {
+            pki,
+            store,
+            agent,
+            primary,
+            server,
+        }
+    }
+
+    /// A reconciler writing through this agent, talking to the cluster through `client`.
+    pub fn reconciler(
+        &self,
+        client: kube::Client,
+        metrics: SecretSyncMetrics,
+    ) -> Arc<SecretReconciler<KubeCluster>> {
+        Arc::new(SecretReconciler::new(
+            Arc::new(KubeCluster::new(client, None)),
+            AgentDirectory::new([self.primary.clone()]),
+            DigestKey::from_bytes(vec![42; 32]).unwrap(),
+            metrics,
+        ))
+    }
+}
+
+impl Env {
+    pub async fn start() -> Self {
+        let Primary {
+            pki,
+            store,
+            agent,
+            primary,
+            server,
+        } = Primary::start().await;
         let (client, api) = mock_api::client();
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = SecretSyncMetrics::register(&mut registry);
