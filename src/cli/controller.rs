@@ -114,7 +114,10 @@ pub fn run(args: ControllerArgs, common: CommonArgs) -> anyhow::Result<()> {
         plan,
         ..ControllerConfig::default()
     };
+    // The controller waits on the network; two workers are plenty, and each extra thread
+    // costs a glibc malloc arena (measured by the secret_reconcile bench).
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("start the async runtime")?;
@@ -190,7 +193,7 @@ pub fn run(args: ControllerArgs, common: CommonArgs) -> anyhow::Result<()> {
                 ));
                 let reconciler = Arc::new(SecretReconciler::new(
                     cluster,
-                    AgentDirectory::new(agents.connections()),
+                    AgentDirectory::following(agents.clone()),
                     key,
                     sync_metrics.clone(),
                 ));
@@ -224,7 +227,7 @@ pub fn run(args: ControllerArgs, common: CommonArgs) -> anyhow::Result<()> {
                 let key = file_digest_key(&state.root().join("digest.key"))?;
                 let reconciler = Arc::new(SecretReconciler::new(
                     Arc::new(FileCluster::new(state.clone())),
-                    AgentDirectory::new(agents.connections()),
+                    AgentDirectory::following(agents.clone()),
                     key,
                     sync_metrics.clone(),
                 ));

@@ -2,6 +2,7 @@
 //! device's agents ([`AgentDirectory`]).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Secret;
@@ -47,28 +48,71 @@ pub trait Cluster: Send + Sync + 'static {
     async fn record_event(&self, object: &HSMSecret, event: &EventRecord) -> Result<(), SyncError>;
 }
 
-/// The agents of the devices' nodes (node → connection): reads from the primary, or a
-/// serving mirror when the primary does not answer; writes to the primary only.
+/// Where the agent of a node is reached.
+pub trait AgentLookup: Send + Sync {
+    /// The (shared) connection to `node`'s agent, if its endpoint is known.
+    fn connection_to(&self, node: &str) -> Option<AgentConnection>;
+}
+
+/// A fixed set of agents (static `--agent` lists and tests).
 #[derive(Clone, Debug, Default)]
+struct FixedAgents(BTreeMap<String, AgentConnection>);
+
+impl AgentLookup for FixedAgents {
+    fn connection_to(&self, node: &str) -> Option<AgentConnection> {
+        self.0.get(node).cloned()
+    }
+}
+
+impl AgentLookup for crate::controller::GrpcAgents {
+    fn connection_to(&self, node: &str) -> Option<AgentConnection> {
+        crate::controller::GrpcAgents::connection_to(self, node)
+    }
+}
+
+/// The agents of the devices' nodes: reads from the primary, or a serving mirror when
+/// the primary does not answer; writes to the primary only.
+#[derive(Clone)]
 pub struct AgentDirectory {
-    agents: BTreeMap<String, AgentConnection>,
+    agents: Arc<dyn AgentLookup>,
+}
+
+impl std::fmt::Debug for AgentDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentDirectory").finish_non_exhaustive()
+    }
+}
+
+impl Default for AgentDirectory {
+    fn default() -> Self {
+        Self::new([])
+    }
 }
 
 impl AgentDirectory {
+    /// A fixed set of agents.
     pub fn new(agents: impl IntoIterator<Item = AgentConnection>) -> Self {
         Self {
-            agents: agents
-                .into_iter()
-                .map(|c| (c.node().to_string(), c))
-                .collect(),
+            agents: Arc::new(FixedAgents(
+                agents
+                    .into_iter()
+                    .map(|c| (c.node().to_string(), c))
+                    .collect(),
+            )),
         }
     }
 
-    fn connection(&self, node: &str) -> Result<&AgentConnection, SyncError> {
-        self.agents.get(node).ok_or_else(|| SyncError::Hsm {
+    /// Agents as the device controller currently knows them (it re-resolves node
+    /// addresses every round when discovering them through the cluster).
+    pub fn following(agents: Arc<dyn AgentLookup>) -> Self {
+        Self { agents }
+    }
+
+    fn connection(&self, node: &str) -> Result<AgentConnection, SyncError> {
+        self.agents.connection_to(node).ok_or_else(|| SyncError::Hsm {
             kind: "no_agent",
             detail: format!(
-                "no agent endpoint is known for node {node}; add it with --agent {node}=https://HOST:PORT"
+                "no agent endpoint is known for node {node}; give the controller --agent-port (cluster discovery) or --agent {node}=https://HOST:PORT"
             ),
         })
     }
