@@ -130,11 +130,23 @@ impl TestNode {
         pki: &Pki,
         sync: SyncSettings,
     ) -> Option<Self> {
+        Self::start_serving(all, name, label, "", pki, sync).await
+    }
+
+    /// As [`TestNode::start`], the agent naming the HSMDevice `device` in its health.
+    pub async fn start_serving(
+        all: &[&str],
+        name: &str,
+        label: &str,
+        device: &str,
+        pki: &Pki,
+        sync: SyncSettings,
+    ) -> Option<Self> {
         let token = token(all, label)?;
         let store = Pkcs11Store::open(token.config()).await.unwrap();
         let plan = Arc::new(FaultPlan::new());
         let store: Arc<dyn SecretStore> = Arc::new(FaultyStore::new(store, plan.clone()));
-        let mut cfg = AgentConfig::new(name, pki.tls(name));
+        let mut cfg = AgentConfig::new(name, pki.tls(name)).with_device(device);
         cfg.sync = sync;
         cfg.replicate_timeout = Duration::from_secs(20);
         let agent = Agent::start(cfg, store.clone()).await;
