@@ -383,11 +383,24 @@ pub async fn spawn_agent_process_with(
     label: &str,
     extra: &[&str],
 ) -> AgentProcess {
+    spawn_agent_process_at(all, pki, name, label, "127.0.0.1:0", extra).await
+}
+
+/// As [`spawn_agent_process_with`], listening on `listen` (a restarted agent takes back
+/// the address its peers know).
+pub async fn spawn_agent_process_at(
+    all: &[&str],
+    pki: &Pki,
+    name: &str,
+    label: &str,
+    listen: &str,
+    extra: &[&str],
+) -> AgentProcess {
     use tokio::io::AsyncBufReadExt;
     let token = token(all, label).unwrap();
     let files = pki.generated.files(name).unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
-        .args(["agent", "--node", name, "--listen", "127.0.0.1:0"])
+        .args(["agent", "--node", name, "--listen", listen])
         .arg("--pkcs11-library")
         .arg(&token.library)
         .args(["--token-label", label])
