@@ -75,10 +75,13 @@ async fn probe(agents: &GrpcAgents, device: &HSMDevice, node: &str) -> ProbeResu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_round_resolves_nodes_and_each_device_gets_only_its_own() {
     let pki = Pki::new(&["n1", "n2", "n3"]);
-    let Some(n1) = TestNode::start(ALL, "n1", "disc-n1", &pki, manual_sync()).await else {
+    // n1 and n2 name the devices they serve; n3 is an older agent that names none.
+    let Some(n1) =
+        TestNode::start_serving(ALL, "n1", "disc-n1", "dev-a", &pki, manual_sync()).await
+    else {
         return;
     };
-    let n2 = TestNode::start(ALL, "n2", "disc-n2", &pki, manual_sync())
+    let n2 = TestNode::start_serving(ALL, "n2", "disc-n2", "dev-open", &pki, manual_sync())
         .await
         .unwrap();
     let n3 = TestNode::start(ALL, "n3", "disc-n3", &pki, manual_sync())
@@ -120,11 +123,23 @@ async fn each_round_resolves_nodes_and_each_device_gets_only_its_own() {
     assert_eq!(agents.nodes(&a).await, ["n1", "n2"]);
     // n4 has an address but no agent listens there: named, so probed (and found dead).
     assert_eq!(agents.nodes(&b).await, ["n3", "n4"]);
-    assert_eq!(
-        agents.nodes(&open).await,
-        ["n2"],
-        "only n2 reports token disc-n2"
+    assert_eq!(agents.nodes(&open).await, ["n2"], "only n2 serves dev-open");
+    // The device an agent names decides, not the label: dev-open under n1's label is
+    // still n2's, and another device on n2's label has no agent.
+    let relabelled = device("dev-open", "disc-n1", None, &[]);
+    assert_eq!(agents.nodes(&relabelled).await, ["n2"]);
+    let shares_label = device("dev-other", "disc-n2", None, &[]);
+    assert!(
+        agents.nodes(&shares_label).await.is_empty(),
+        "n2 serves dev-open, whatever its token label"
     );
+    match probe(&agents, &open, "n2").await {
+        ProbeResult::Reported(r) => assert!(r.token_present, "{r:?}"),
+        other => panic!("n2 serves dev-open: {other:?}"),
+    }
+    // An agent naming no device falls back to the token label.
+    let older = device("dev-c", "disc-n3", None, &[]);
+    assert_eq!(agents.nodes(&older).await, ["n3"]);
     match probe(&agents, &a, "n2").await {
         ProbeResult::Reported(r) => assert!(r.token_present, "{r:?}"),
         other => panic!("n2 through its InternalIP: {other:?}"),

@@ -33,6 +33,7 @@ impl AgentProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
             .arg("agent")
             .args(["--node", name, "--listen", "127.0.0.1:0"])
+            .args(["--device", "proc-dev"])
             .arg("--pkcs11-library")
             .arg(&token.library)
             .args(["--token-label", label])
@@ -191,6 +192,10 @@ async fn killed_agents_reads_continue_from_mirrors_and_a_restarted_mirror_catche
         .unwrap();
     wait_same(&c1, &c3, "the restarted n3 to catch up").await;
     let h3 = c3.health().await.unwrap();
+    assert_eq!(
+        h3.device, "proc-dev",
+        "the agent names the device of --device"
+    );
     assert_eq!(
         h3.applied_sequence,
         c1.health().await.unwrap().applied_sequence

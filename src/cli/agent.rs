@@ -48,6 +48,10 @@ pub struct AgentArgs {
     /// This node's name; the agent's certificate must name it.
     #[arg(long, env = "HSM_NODE_NAME")]
     pub node: String,
+    /// The HSMDevice whose token this agent serves, reported to the controller (which
+    /// falls back to matching the token label when it is empty).
+    #[arg(long, env = "HSM_DEVICE", default_value = "")]
+    pub device: String,
     /// Address to serve the agent on (port 0 picks a free port, printed on stdout).
     #[arg(long, env = "HSM_AGENT_LISTEN", default_value = "0.0.0.0:7443")]
     pub listen: SocketAddr,
@@ -94,7 +98,7 @@ async fn serve(args: AgentArgs, common: CommonArgs) -> anyhow::Result<()> {
     pkcs11.token_serial = args.token_serial.clone();
     let store = open_store(pkcs11).await?;
 
-    let cfg = args.sync.config(&args.node, tls);
+    let cfg = args.sync.config(&args.node, tls).with_device(&args.device);
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

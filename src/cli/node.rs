@@ -139,7 +139,11 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
         let device = device.clone();
         let agent = match (args.agent_listen, &tls) {
             (Some(listen), Some(tls)) => {
-                Some((listen, args.sync.config(&args.node_name, tls.clone())))
+                let cfg = args.sync.config(&args.node_name, tls.clone());
+                Some((
+                    listen,
+                    cfg.with_device(args.device.clone().unwrap_or_default()),
+                ))
             }
             _ => None,
         };

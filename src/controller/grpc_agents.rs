@@ -184,9 +184,11 @@ impl GrpcAgents {
         }
     }
 
-    /// Known nodes outside `named` whose agent reports the device's token (by label: the
-    /// node plugins of a device open the token with the label in its spec).
+    /// Known nodes outside `named` whose agent reports serving the device with its token
+    /// present. Agents that name no device (older ones) are matched by the token label
+    /// in the spec, which the node plugins of a device open.
     async fn reporting_token(&self, device: &HSMDevice, named: &BTreeSet<String>) -> Vec<String> {
+        let name = device.metadata.name.as_deref().unwrap_or_default();
         let label = device.spec.pkcs11.token_label.as_str();
         let candidates: Vec<String> = self
             .known_nodes()
@@ -196,7 +198,7 @@ impl GrpcAgents {
         let answers = futures::future::join_all(candidates.into_iter().map(|node| async move {
             let conn = self.connection(&node).ok()?;
             let h = conn.health().await.ok()?;
-            (h.token_present && h.token_label == label).then_some(node)
+            (h.token_present && serves(&h, name, label)).then_some(node)
         }))
         .await;
         answers.into_iter().flatten().collect()
@@ -296,6 +298,16 @@ fn call_error(node: &str, e: MirrorError) -> AgentCallError {
     AgentCallError {
         node: node.into(),
         detail: e.to_string(),
+    }
+}
+
+/// Whether an agent's health answer says it serves the HSMDevice `name`: by the device it
+/// names, or, from an agent that names none, by the token label `label`.
+fn serves(h: &pb::HealthResponse, name: &str, label: &str) -> bool {
+    if h.device.is_empty() {
+        h.token_label == label
+    } else {
+        h.device == name
     }
 }
 
@@ -449,6 +461,45 @@ impl Agents for GrpcAgents {
                 node: String::new(),
                 detail: format!("not an agent action: {other:?}"),
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(device: &str, label: &str) -> pb::HealthResponse {
+        pb::HealthResponse {
+            device: device.into(),
+            token_label: label.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_agent_serves_the_device_it_names_or_by_label_when_it_names_none() {
+        let cases = [
+            (health("prod-hsm", "prod"), true, "named device, same label"),
+            (
+                health("prod-hsm", "other"),
+                true,
+                "the name decides, not the label",
+            ),
+            (
+                health("test-hsm", "prod"),
+                false,
+                "another device sharing the label",
+            ),
+            (health("", "prod"), true, "an older agent: the label"),
+            (
+                health("", "other"),
+                false,
+                "an older agent on another token",
+            ),
+        ];
+        for (h, expected, why) in cases {
+            assert_eq!(serves(&h, "prod-hsm", "prod"), expected, "{why}");
         }
     }
 }

@@ -306,6 +306,8 @@ impl LocalCluster {
             "agent".into(),
             "--node".into(),
             node.into(),
+            "--device".into(),
+            DEVICE.into(),
             "--listen".into(),
             "127.0.0.1:0".into(),
             "--pkcs11-library".into(),

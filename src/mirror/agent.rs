@@ -34,6 +34,9 @@ use super::tls::AgentTls;
 pub struct AgentConfig {
     /// This node's name (what its certificate names, and how peers address it).
     pub node: String,
+    /// The HSMDevice whose token this agent serves, reported in Health so the controller
+    /// finds a device's agents by name; empty when not configured.
+    pub device: String,
     pub tls: AgentTls,
     pub sync: SyncSettings,
     /// How long a write under the Active policy waits for a mirror before dropping it.
@@ -50,6 +53,7 @@ impl AgentConfig {
     pub fn new(node: impl Into<String>, tls: AgentTls) -> Self {
         Self {
             node: node.into(),
+            device: String::new(),
             tls,
             sync: SyncSettings::default(),
             replicate_timeout: Duration::from_secs(5),
@@ -57,6 +61,12 @@ impl AgentConfig {
             batch_bytes: 4 * 1024 * 1024,
             rpc_metrics: RpcMetrics::default(),
         }
+    }
+
+    /// This configuration serving the HSMDevice `device`.
+    pub fn with_device(mut self, device: impl Into<String>) -> Self {
+        self.device = device.into();
+        self
     }
 }
 
@@ -348,6 +358,7 @@ impl Agent {
         };
         let mut h = pb::HealthResponse {
             node: self.node().into(),
+            device: self.inner.cfg.device.clone(),
             token_label: self.store().token_label().into(),
             role: convert::role_to_pb(role) as i32,
             epoch,

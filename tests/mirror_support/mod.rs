@@ -130,11 +130,23 @@ impl TestNode {
         pki: &Pki,
         sync: SyncSettings,
     ) -> Option<Self> {
+        Self::start_serving(all, name, label, "", pki, sync).await
+    }
+
+    /// As [`TestNode::start`], the agent naming the HSMDevice `device` in its health.
+    pub async fn start_serving(
+        all: &[&str],
+        name: &str,
+        label: &str,
+        device: &str,
+        pki: &Pki,
+        sync: SyncSettings,
+    ) -> Option<Self> {
         let token = token(all, label)?;
         let store = Pkcs11Store::open(token.config()).await.unwrap();
         let plan = Arc::new(FaultPlan::new());
         let store: Arc<dyn SecretStore> = Arc::new(FaultyStore::new(store, plan.clone()));
-        let mut cfg = AgentConfig::new(name, pki.tls(name));
+        let mut cfg = AgentConfig::new(name, pki.tls(name)).with_device(device);
         cfg.sync = sync;
         cfg.replicate_timeout = Duration::from_secs(20);
         let agent = Agent::start(cfg, store.clone()).await;
@@ -371,11 +383,24 @@ pub async fn spawn_agent_process_with(
     label: &str,
     extra: &[&str],
 ) -> AgentProcess {
+    spawn_agent_process_at(all, pki, name, label, "127.0.0.1:0", extra).await
+}
+
+/// As [`spawn_agent_process_with`], listening on `listen` (a restarted agent takes back
+/// the address its peers know).
+pub async fn spawn_agent_process_at(
+    all: &[&str],
+    pki: &Pki,
+    name: &str,
+    label: &str,
+    listen: &str,
+    extra: &[&str],
+) -> AgentProcess {
     use tokio::io::AsyncBufReadExt;
     let token = token(all, label).unwrap();
     let files = pki.generated.files(name).unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
-        .args(["agent", "--node", name, "--listen", "127.0.0.1:0"])
+        .args(["agent", "--node", name, "--listen", listen])
         .arg("--pkcs11-library")
         .arg(&token.library)
         .args(["--token-label", label])

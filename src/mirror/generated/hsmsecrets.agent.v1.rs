@@ -102,6 +102,10 @@ pub struct HealthResponse {
     /// Primary: writes stopped for a planned switchover under this epoch.
     #[prost(bool, tag = "17")]
     pub fenced: bool,
+    /// The HSMDevice this agent serves (`--device`); empty from agents that predate the
+    /// field or were started without a name, which the controller then matches by label.
+    #[prost(string, tag = "18")]
+    pub device: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SyncStatus {
