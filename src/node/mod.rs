@@ -8,7 +8,8 @@
 //!                ─► SecretCatalog::hsm_secret           (NotFound / Unavailable)
 //!                ─► access::authorize                   (PermissionDenied)
 //!                ─► LocalDevice::store ─► SecretStore::get  (Unavailable / NotFound)
-//!                   or, without a local token, RemoteReads ─► the device's agents
+//!                   or, without a local token (or one not open / not answering),
+//!                   RemoteReads ─► the device's agents (primary, then a mirror)
 //!                ─► Payload: <secret>/<key>, fileMode, the pod's fsGroup
 //! ```
 //!
