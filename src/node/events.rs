@@ -377,4 +377,29 @@ mod tests {
         r.volume_context.remove(pod_info::POD_UID);
         assert_eq!(sync_failed_event(&r, unavailable().kind()), None);
     }
+
+    #[tokio::test]
+    async fn the_reporter_counts_and_records_without_blocking_the_call() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = NodeMetrics::register(&mut registry);
+        let sink = Arc::new(Recording::default());
+        let reporter = NodeReporter::new(metrics, SyncFailureEvents::new(Some(sink.clone())));
+        reporter.republish_kept_last_good(&request("vol-a"), &unavailable());
+        let text = super::super::metrics::encode_text(&registry);
+        assert!(
+            text.contains(
+                r#"hsm_secrets_node_republish_kept_last_good_total{kind="source_unavailable"} 1"#
+            ),
+            "{text}"
+        );
+        // The Event is recorded on its own task.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while sink.0.lock().unwrap().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(sink.0.lock().unwrap()[0].pod.name, "web-0");
+    }
 }
