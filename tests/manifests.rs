@@ -68,13 +68,15 @@ const CONTROLLER_GRANTS: &[&str] = &[
     "coordination.k8s.io/leases:create@hsm-secrets-system",
 ];
 
-/// The node plugin and its agent only read: the HSMSecret catalog (a reflector), the
-/// status of devices it reads through their agents, and the Nodes' InternalIPs.
+/// The node plugin and its agent read the HSMSecret catalog (a reflector), the status of
+/// devices it reads through their agents and the Nodes' InternalIPs; they only create
+/// the pods' HSMSecretSyncFailed Events.
 const NODE_GRANTS: &[&str] = &[
     "hsmsecrets.io/hsmsecrets:list",
     "hsmsecrets.io/hsmsecrets:watch",
     "hsmsecrets.io/hsmdevices:get",
     "/nodes:list",
+    "events.k8s.io/events:create",
 ];
 
 fn root() -> &'static Path {

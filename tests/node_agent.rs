@@ -1,7 +1,7 @@
 //! The node plugin as a device agent and as a remote reader, as real processes: a node
 //! with a token serves CSI and the agent from one process (one store per token) and
-//! mirrors; a node without a token publishes through the agents, from the primary and,
-//! once the primary is killed, from a mirror.
+//! mirrors; a node without a token, or whose token cannot be opened, publishes through
+//! the agents, from the primary and, once the primary is killed, from a mirror.
 #![allow(clippy::unwrap_used)]
 
 mod mirror_support;
@@ -207,11 +207,11 @@ async fn a_node_with_its_agent_serves_csi_and_mirrors() {
 }
 
 #[tokio::test]
-async fn a_node_without_a_token_reads_from_the_primary_then_from_a_mirror() {
+async fn nodes_without_a_usable_token_read_from_the_primary_then_from_a_mirror() {
     if !prerequisites() {
         return;
     }
-    let pki = Pki::new(&["n1", "n2", "worker-9"]);
+    let pki = Pki::new(&["n1", "n2", "worker-9", "worker-8"]);
     let mut n1 = spawn_agent_process(TOKENS, &pki, "n1", "na-n1").await;
     let n2 = spawn_agent_process(TOKENS, &pki, "n2", "na-n2").await;
     let c1 = pki.controller(&n1.peer);
@@ -245,6 +245,42 @@ async fn a_node_without_a_token_reads_from_the_primary_then_from_a_mirror() {
     )
     .await;
     assert_eq!(node.publish("uid-1").await.unwrap(), b"remote-3c4d");
+    // A node named as the device's holder (the DaemonSet sets HSM_DEVICE everywhere)
+    // whose token is absent reads through the agents too, and counts it.
+    let lost_dir = tempfile::tempdir().unwrap();
+    let lost_metrics = free_port();
+    let t = token(TOKENS, TOKENS[0]).unwrap();
+    let (library, pin_file) = (
+        t.library.display().to_string(),
+        t.pin_file.display().to_string(),
+    );
+    let lost = NodeProcess::spawn(
+        lost_dir.path(),
+        &pki,
+        "worker-8",
+        &[
+            "--agent",
+            &agents,
+            "--state",
+            "none",
+            "--metrics-addr",
+            &lost_metrics,
+            "--device",
+            "prod-hsm",
+            "--pkcs11-library",
+            &library,
+            "--token-label",
+            "na-unplugged",
+            "--pin-file",
+            &pin_file,
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(lost.publish("uid-3").await.unwrap(), b"remote-3c4d");
+    let (_, text) = http_get(&lost_metrics, "/metrics").await;
+    let fallback = r#"hsm_secrets_node_remote_fallback_reads_total{kind="device_not_open"} 1"#;
+    assert!(text.contains(fallback), "{fallback} missing in:\n{text}");
 
     // The primary dies: the next pod's volume comes from the mirror.
     kill(
@@ -254,7 +290,9 @@ async fn a_node_without_a_token_reads_from_the_primary_then_from_a_mirror() {
     .unwrap();
     n1.child.wait().await.unwrap();
     assert_eq!(node.publish("uid-2").await.unwrap(), b"remote-3c4d");
+    assert_eq!(lost.publish("uid-4").await.unwrap(), b"remote-3c4d");
     unmount_everything_under(dir.path());
+    unmount_everything_under(lost_dir.path());
 }
 
 fn free_port() -> String {

@@ -78,12 +78,13 @@ fn cluster_role_grants_exactly_the_reads_the_plugin_makes() {
     }
     // Exactly the calls the plugin makes: the catalog's reflector (list, watch), the
     // HSMDevice status of remote reads (get_device), the Nodes' InternalIPs
-    // (NodeAddressEndpoints lists them).
+    // (NodeAddressEndpoints lists them), the HSMSecretSyncFailed Events (KubePodEvents).
     let expected: BTreeSet<String> = [
         "hsmsecrets.io/hsmsecrets:list",
         "hsmsecrets.io/hsmsecrets:watch",
         "hsmsecrets.io/hsmdevices:get",
         "/nodes:list",
+        "events.k8s.io/events:create",
     ]
     .into_iter()
     .map(String::from)

@@ -16,9 +16,10 @@ use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore};
 use crate::mirror::{
     AgentMetrics, AgentTls, EndpointResolver, NodeAddressEndpoints, StaticEndpoints, TlsFiles,
 };
+use crate::node::events::PodEventSink;
 use crate::node::{
-    HsmVolumeSource, KubeCatalog, LocalDevice, NodeMetrics, RemoteReads, SecretCatalog,
-    StaticCatalog, ops,
+    HsmVolumeSource, KubeCatalog, KubePodEvents, LocalDevice, NodeMetrics, NodeReporter,
+    RemoteReads, SecretCatalog, StaticCatalog, SyncFailureEvents, ops,
 };
 use crate::state::{FileState, KubeState, StateStore};
 use crate::telemetry::CommonArgs;
@@ -113,7 +114,11 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
         }
     };
 
-    let catalog = open_catalog(&args.catalog).await?;
+    let (catalog, client) = open_catalog(&args.catalog).await?;
+    // Events go to the pod only in a cluster; without one the failure is logged.
+    let events = SyncFailureEvents::new(client.map(|client| {
+        Arc::new(KubePodEvents::new(client, &args.node_name)) as Arc<dyn PodEventSink>
+    }));
     let device = args.device.clone().map(LocalDevice::opening);
     let tls = agent_tls(&args)?;
     let mut registry = Registry::default();
@@ -195,7 +200,8 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         source.clone(),
     );
-    let node = NodeService::new(config, source.clone()).with_observer(Arc::new(metrics));
+    let node = NodeService::new(config, source.clone())
+        .with_observer(Arc::new(NodeReporter::new(metrics, events)));
     match node.discover_mounts() {
         Ok(mounts) => tracing::info!(volumes = mounts.len(), "found volumes of a previous run"),
         Err(error) => tracing::warn!(%error, "cannot list existing volumes"),
@@ -324,19 +330,22 @@ async fn remote_reads(
     Ok(Some(RemoteReads::new(tls.clone(), endpoints, state)))
 }
 
-async fn open_catalog(spec: &str) -> anyhow::Result<Arc<dyn SecretCatalog>> {
+/// The catalog, and the API client when it is the cluster's.
+async fn open_catalog(
+    spec: &str,
+) -> anyhow::Result<(Arc<dyn SecretCatalog>, Option<kube::Client>)> {
     if spec == "kube" {
         let client = kube::Client::try_default().await.context(
             "connect to the Kubernetes API (in-cluster service account or kubeconfig); use \
              --catalog <file.yaml> to run without a cluster",
         )?;
-        return Ok(Arc::new(KubeCatalog::spawn(client)));
+        return Ok((Arc::new(KubeCatalog::spawn(client.clone())), Some(client)));
     }
     let path = PathBuf::from(spec);
     let catalog = StaticCatalog::from_yaml_file(&path)
         .with_context(|| format!("--catalog {spec:?} is neither `kube` nor a usable file"))?;
     tracing::info!(file = %path.display(), secrets = catalog.len(), "static HSMSecret catalog");
-    Ok(Arc::new(catalog))
+    Ok((Arc::new(catalog), None))
 }
 
 /// SIGTERM (kubelet stopping the pod) or ctrl-c.

@@ -91,7 +91,7 @@ impl LocalDevice {
                         %error,
                         kind = error.kind(),
                         retry_in = ?delay,
-                        "cannot open the HSM token; publishing answers Unavailable until it opens"
+                        "cannot open the HSM token; until it opens, publishing reads through the device's agents when remote reads are configured, else answers Unavailable"
                     );
                     self.set_opening_failed(error.to_string());
                     tokio::time::sleep(delay).await;

@@ -47,6 +47,7 @@ pub struct NodeMetrics {
     duration: Family<OperationLabels, Histogram, fn() -> Histogram>,
     kept_last_good: Family<KindLabels, Counter>,
     volume_errors: Family<KindLabels, Counter>,
+    remote_fallbacks: Family<KindLabels, Counter>,
     device_ready: Gauge,
 }
 
@@ -56,7 +57,9 @@ impl NodeMetrics {
     /// `hsm_secrets_node_unpublishes_total{outcome}`,
     /// `hsm_secrets_node_operation_duration_seconds{operation}`,
     /// `hsm_secrets_node_republish_kept_last_good_total{kind}`,
-    /// `hsm_secrets_node_volume_errors_total{kind}` and `hsm_secrets_node_device_ready`.
+    /// `hsm_secrets_node_volume_errors_total{kind}`,
+    /// `hsm_secrets_node_remote_fallback_reads_total{kind}` and
+    /// `hsm_secrets_node_device_ready`.
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
             publishes: Family::default(),
@@ -64,6 +67,7 @@ impl NodeMetrics {
             duration: Family::new_with_constructor(latency_histogram),
             kept_last_good: Family::default(),
             volume_errors: Family::default(),
+            remote_fallbacks: Family::default(),
             device_ready: Gauge::default(),
         };
         registry.register(
@@ -92,6 +96,12 @@ impl NodeMetrics {
             "hsm_secrets_node_volume_errors",
             "Volumes the HSM source refused or could not fill, by error kind",
             metrics.volume_errors.clone(),
+        );
+        registry.register(
+            "hsm_secrets_node_remote_fallback_reads",
+            "Volumes of this node's own device read through its agents because the local \
+             token could not serve, by why (an error kind)",
+            metrics.remote_fallbacks.clone(),
         );
         registry.register(
             "hsm_secrets_node_device_ready",
@@ -123,6 +133,14 @@ impl NodeMetrics {
     /// Counts a volume the source refused or failed, by [`super::VolumeError::kind`].
     pub fn volume_error(&self, kind: &'static str) {
         self.volume_errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// Counts a volume of the node's own device read remotely, by why the token could
+    /// not serve it ([`super::VolumeError::kind`]).
+    pub fn remote_fallback(&self, kind: &'static str) {
+        self.remote_fallbacks
+            .get_or_create(&KindLabels { kind })
+            .inc();
     }
 
     pub fn set_device_ready(&self, ready: bool) {

@@ -8,7 +8,8 @@
 //!                ─► SecretCatalog::hsm_secret           (NotFound / Unavailable)
 //!                ─► access::authorize                   (PermissionDenied)
 //!                ─► LocalDevice::store ─► SecretStore::get  (Unavailable / NotFound)
-//!                   or, without a local token, RemoteReads ─► the device's agents
+//!                   or, without a local token (or one not open / not answering),
+//!                   RemoteReads ─► the device's agents (primary, then a mirror)
 //!                ─► Payload: <secret>/<key>, fileMode, the pod's fsGroup
 //! ```
 //!
@@ -20,7 +21,8 @@
 //!   reads do not care), opened in the background so a missing HSM never crash-loops the
 //!   plugin.
 //! - [`NodeMetrics`] implements the csi crate's observer with Prometheus counters;
-//!   [`ops::router`] serves them with `/healthz` and `/readyz`.
+//!   [`ops::router`] serves them with `/healthz` and `/readyz`; [`NodeReporter`] adds the
+//!   pod Event of a republish that kept the last good content ([`events`]).
 //!
 //! [`VolumeSource`]: hsm_secrets_csi::VolumeSource
 
@@ -29,6 +31,7 @@ pub mod attributes;
 pub mod catalog;
 pub mod device;
 mod error;
+pub mod events;
 pub mod kube_catalog;
 pub mod metrics;
 pub mod ops;
@@ -39,6 +42,7 @@ pub use attributes::VolumeRequest;
 pub use catalog::{CatalogError, SecretCatalog, StaticCatalog};
 pub use device::LocalDevice;
 pub use error::VolumeError;
+pub use events::{KubePodEvents, NodeReporter, SyncFailureEvents};
 pub use kube_catalog::KubeCatalog;
 pub use metrics::NodeMetrics;
 pub use remote::RemoteReads;

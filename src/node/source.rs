@@ -1,6 +1,7 @@
 //! The csi crate's [`VolumeSource`] over the node's local HSM.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use hsm_secrets_csi::{Payload, PayloadFile, PublishRequest, SourceError, VolumeSource};
@@ -8,7 +9,7 @@ use hsm_secrets_csi::{Payload, PayloadFile, PublishRequest, SourceError, VolumeS
 use super::attributes::VolumeRequest;
 use super::remote::RemoteReads;
 use super::{LocalDevice, NodeMetrics, SecretCatalog, VolumeError, access};
-use crate::hsm::{SecretPath, SecretStore, StoreError, validate_key};
+use crate::hsm::{SecretData, SecretPath, SecretStore, StoreError, validate_key};
 
 /// Fills volumes with HSM secrets: parses the volume context, authorizes the pod against
 /// each HSMSecret, reads the secrets from the local device.
@@ -17,6 +18,9 @@ pub struct HsmVolumeSource {
     device: Option<Arc<LocalDevice>>,
     remote: Option<Arc<RemoteReads>>,
     metrics: Option<NodeMetrics>,
+    /// Whether reads of the node's own device currently go through its agents (logged
+    /// once per change, not per publish).
+    falling_back: AtomicBool,
 }
 
 impl HsmVolumeSource {
@@ -28,10 +32,12 @@ impl HsmVolumeSource {
             device,
             remote: None,
             metrics: None,
+            falling_back: AtomicBool::new(false),
         }
     }
 
-    /// Read devices this node holds no token of through their agents.
+    /// Read devices this node holds no token of through their agents, and this node's
+    /// own device while its token cannot serve.
     pub fn with_remote_reads(mut self, remote: Arc<RemoteReads>) -> Self {
         self.remote = Some(remote);
         self
@@ -60,12 +66,7 @@ impl HsmVolumeSource {
             let path = access::authorize(&volume.pod, &volume.device, secret, found.as_ref())?;
             paths.push(path);
         }
-        let store = self.store_for(&volume.device).await?;
-        // Secrets are independent objects on the token: read them concurrently.
-        let reads = paths
-            .iter()
-            .map(|path| read_secret(store.as_ref(), &volume.device, path));
-        let secrets = futures::future::try_join_all(reads).await?;
+        let secrets = self.read_all(&volume.device, &paths).await?;
 
         let mut files = Vec::new();
         for (path, data) in paths.iter().zip(&secrets) {
@@ -87,24 +88,84 @@ impl HsmVolumeSource {
         Ok(Payload::new(files))
     }
 
-    /// The node's own token when it holds the device, else the device's agents.
-    async fn store_for(&self, device: &str) -> Result<Arc<dyn SecretStore>, VolumeError> {
-        match (&self.device, &self.remote) {
-            (Some(local), _) if local.name() == device => local.store(),
-            (_, Some(remote)) => remote.store(device).await,
-            (other, None) => Err(VolumeError::NoLocalDevice {
-                device: device.to_string(),
-                node_device: other.as_ref().map(|d| d.name().to_string()),
-            }),
+    /// Reads `paths` from the node's own token when it holds the device, else through
+    /// the device's agents. A node whose token is not open (absent, PIN missing) or not
+    /// answering reads through the agents too when it has remote reads: the DaemonSet
+    /// names the device on every node, including nodes whose HSM is gone.
+    async fn read_all(
+        &self,
+        device: &str,
+        paths: &[SecretPath],
+    ) -> Result<Vec<SecretData>, VolumeError> {
+        let local = self.device.as_ref().filter(|d| d.name() == device);
+        let Some(local) = local else {
+            let Some(remote) = &self.remote else {
+                return Err(VolumeError::NoLocalDevice {
+                    device: device.to_string(),
+                    node_device: self.device.as_ref().map(|d| d.name().to_string()),
+                });
+            };
+            return read_from(remote.store(device).await?.as_ref(), device, paths).await;
+        };
+        let local_read = match local.store() {
+            Ok(store) => read_from(store.as_ref(), device, paths).await,
+            Err(not_open) => Err(not_open),
+        };
+        let error = match (local_read, &self.remote) {
+            (Err(error), Some(_)) if local_unavailable(&error) => error,
+            (result, _) => {
+                if result.is_ok() && self.falling_back.swap(false, Ordering::Relaxed) {
+                    tracing::info!(device, "the local token serves reads again");
+                }
+                return result;
+            }
+        };
+        if !self.falling_back.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                device,
+                %error,
+                kind = error.kind(),
+                "the local token cannot serve; reading through the device's agents"
+            );
+        } else {
+            tracing::debug!(
+                device,
+                kind = error.kind(),
+                "reading through the device's agents"
+            );
         }
+        if let Some(metrics) = &self.metrics {
+            metrics.remote_fallback(error.kind());
+        }
+        let remote = self.remote.as_ref().ok_or(error)?;
+        read_from(remote.store(device).await?.as_ref(), device, paths).await
     }
+}
+
+/// Whether the local token's failure is one the device's agents can cover: the token is
+/// not open or not answering, not a missing secret or a corrupt object.
+fn local_unavailable(error: &VolumeError) -> bool {
+    match error {
+        VolumeError::DeviceNotOpen { .. } => true,
+        VolumeError::Store { source, .. } => source.is_transient(),
+        _ => false,
+    }
+}
+
+/// Secrets are independent objects on the token: read them concurrently.
+async fn read_from(
+    store: &dyn SecretStore,
+    device: &str,
+    paths: &[SecretPath],
+) -> Result<Vec<SecretData>, VolumeError> {
+    futures::future::try_join_all(paths.iter().map(|path| read_secret(store, device, path))).await
 }
 
 async fn read_secret(
     store: &dyn SecretStore,
     device: &str,
     path: &SecretPath,
-) -> Result<crate::hsm::SecretData, VolumeError> {
+) -> Result<SecretData, VolumeError> {
     match store.get(path).await {
         Ok((_version, data)) => Ok(data),
         Err(StoreError::NotFound { token, .. }) => Err(VolumeError::NotOnToken {
@@ -157,5 +218,36 @@ impl VolumeSource for HsmVolumeSource {
             metrics.set_device_ready(health.is_ok());
         }
         health.map_err(SourceError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_token_that_cannot_answer_falls_back_to_the_agents() {
+        let store = |source| VolumeError::Store {
+            path: "shop/db".into(),
+            device: "prod-hsm".into(),
+            source: Box::new(source),
+        };
+        let not_open = VolumeError::DeviceNotOpen {
+            device: "prod-hsm".into(),
+            reason: "no token".into(),
+        };
+        let unplugged = store(StoreError::DeviceUnavailable {
+            token: "t".into(),
+            detail: "removed".into(),
+        });
+        let missing = VolumeError::NotOnToken {
+            path: "shop/db".into(),
+            token: "t".into(),
+            device: "prod-hsm".into(),
+        };
+        assert!(local_unavailable(&not_open));
+        assert!(local_unavailable(&unplugged));
+        // A secret the token lacks is an answer, not an outage: no second opinion.
+        assert!(!local_unavailable(&missing));
     }
 }
