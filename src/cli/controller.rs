@@ -267,7 +267,6 @@ pub fn run(args: ControllerArgs, common: CommonArgs) -> anyhow::Result<()> {
 /// Reads the no-cluster mode's digest key file, creating it (mode 0600) when absent.
 fn file_digest_key(path: &std::path::Path) -> anyhow::Result<DigestKey> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Ok(bytes) = std::fs::read(path) {
         return DigestKey::from_bytes(bytes).with_context(|| {
             format!(
@@ -277,14 +276,22 @@ fn file_digest_key(path: &std::path::Path) -> anyhow::Result<DigestKey> {
         });
     }
     let key = DigestKey::generate().context("read /dev/urandom for the digest key")?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(key.bytes()))
+    // Written whole to a temporary file (created 0600) and linked into place only then:
+    // a crash never leaves an empty or partial key behind.
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let file = tempfile::NamedTempFile::new_in(dir)
+        .and_then(|mut f| {
+            f.write_all(key.bytes())?;
+            f.as_file().sync_all()?;
+            Ok(f)
+        })
         .with_context(|| format!("write the digest key {}", path.display()))?;
-    Ok(key)
+    match file.persist_noclobber(path) {
+        Ok(_) => Ok(key),
+        // Another controller process made it first: use that one.
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => file_digest_key(path),
+        Err(e) => Err(e.error).with_context(|| format!("write the digest key {}", path.display())),
+    }
 }
 
 async fn shutdown_signal() {

@@ -186,9 +186,10 @@ async fn status(dir: PathBuf) -> anyhow::Result<()> {
 async fn put(dir: PathBuf, namespace: &str, name: &str, pairs: &[String]) -> anyhow::Result<()> {
     let state = StateFile::load(&dir)?;
     let mut data = crate::hsm::SecretData::new();
-    for pair in pairs {
+    for (n, pair) in pairs.iter().enumerate() {
         let Some((key, value)) = pair.split_once('=') else {
-            bail!("{pair:?}: expected KEY=VALUE");
+            // Not echoed: without its `=` the argument may be a bare value.
+            bail!("argument {} after the name: expected KEY=VALUE", n + 1);
         };
         data.insert(key, value.as_bytes().to_vec())
             .with_context(|| format!("key {key:?}"))?;
@@ -253,7 +254,7 @@ fn print_plain_directory_warning() {
 }
 
 fn down(dir: PathBuf) -> anyhow::Result<()> {
-    let state = StateFile::load(&dir)?;
+    let state = StateFile::load_to_stop(&dir)?;
     let mut processes = cluster::adopt(&state);
     let cleanup = cluster::stop_and_remove(&state.dir, &mut processes, false);
     println!(

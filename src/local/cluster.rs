@@ -127,13 +127,24 @@ impl StateFile {
             dir: dir.to_path_buf(),
             detail: format!("cannot read {}: {e}", path.display()),
         })?;
-        serde_json::from_str(&text).map_err(|e| LocalError::NotRunning {
+        let mut state: Self = serde_json::from_str(&text).map_err(|e| LocalError::NotRunning {
             dir: dir.to_path_buf(),
             detail: format!(
                 "{} is not a state file of this version: {e}",
                 path.display()
             ),
-        })
+        })?;
+        // The directory acted on is the one given, never one named inside the file.
+        state.dir = std::fs::canonicalize(dir).map_err(|e| LocalError::io("resolve", dir, e))?;
+        Ok(state)
+    }
+
+    /// Loads the state to act on it (`down` signals the processes it names and deletes
+    /// the directory): only from a directory of our own that nobody else can write to.
+    pub fn load_to_stop(dir: &Path) -> Result<Self, LocalError> {
+        let state = Self::load(dir)?;
+        check_private_dir(dir)?;
+        Ok(state)
     }
 
     pub fn save(&self) -> Result<(), LocalError> {
@@ -679,9 +690,30 @@ fn write_catalog(path: &Path, secrets: &[HSMSecret]) -> Result<(), LocalError> {
     write_file(path, text.as_bytes())
 }
 
+/// A directory of the local system must belong to this user and be closed to others
+/// (mode 0700 is set when it is ours): it holds tokens, PINs and the list of processes
+/// `down` stops.
+fn check_private_dir(dir: &Path) -> Result<(), LocalError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| LocalError::io("inspect", dir, e))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != me {
+        return Err(LocalError::Check(format!(
+            "{} is not a directory owned by uid {me}; choose another with --dir",
+            dir.display()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| LocalError::io("restrict", dir, e))?;
+    }
+    Ok(())
+}
+
 fn prepare_dir(config: &ClusterConfig) -> Result<PathBuf, LocalError> {
     if let Some(dir) = &config.dir {
         create_dir(dir)?;
+        check_private_dir(dir)?;
         let mut entries = std::fs::read_dir(dir).map_err(|e| LocalError::io("read", dir, e))?;
         if entries.next().is_some() {
             return Err(LocalError::Check(format!(

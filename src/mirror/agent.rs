@@ -486,14 +486,10 @@ impl Agent {
     /// Extends the primary's write lease from now.
     /// Stops writes for good under `epoch` (planned switchover); returns the sequence
     /// after which this primary publishes nothing more.
-    pub fn fence(&self, epoch: u64) -> Result<u64, MirrorError> {
+    pub async fn fence(&self, epoch: u64) -> Result<u64, MirrorError> {
         self.control().fence(epoch)?;
-        // A fenced epoch stays fenced across a restart; saved in the background (this
-        // call answers the controller at once).
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let agent = self.clone();
-            runtime.spawn(async move { agent.persist().await });
-        }
+        // Saved before answering: a fenced epoch stays fenced across a restart.
+        self.persist().await;
         Ok(self.applied_sequence(DeviceRole::Primary))
     }
 

@@ -71,6 +71,9 @@ impl Identity {
 pub enum Needs {
     /// Any certificate from the CA.
     AnyCaller,
+    /// The controller or an agent: a certificate the CA issued for hsm-secrets, not just
+    /// any certificate of a CA that may be shared with other workloads.
+    Member,
     Controller,
     Agent,
 }
@@ -80,7 +83,10 @@ pub fn needs(rpc: &str) -> Needs {
     match rpc {
         "AssignRole" | "Fence" | "RenewLease" | "Put" | "Delete" => Needs::Controller,
         "Replicate" => Needs::Agent,
-        _ => Needs::AnyCaller,
+        "Health" => Needs::AnyCaller,
+        // Everything that returns secret material or its metadata, and any RPC added
+        // later until it is given a rule here.
+        _ => Needs::Member,
     }
 }
 
@@ -88,10 +94,12 @@ pub fn needs(rpc: &str) -> Needs {
 pub fn authorize(rpc: &'static str, caller: Identity) -> Result<(), super::MirrorError> {
     let required = match (needs(rpc), caller) {
         (Needs::AnyCaller, _)
+        | (Needs::Member, Identity::Controller | Identity::Agent)
         | (Needs::Controller, Identity::Controller)
         | (Needs::Agent, Identity::Agent) => return Ok(()),
         (Needs::Controller, _) => "controller",
         (Needs::Agent, _) => "agent",
+        (Needs::Member, _) => "controller or agent",
     };
     Err(super::MirrorError::PermissionDenied {
         rpc,
@@ -105,7 +113,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn control_and_writes_need_the_controller_replicate_an_agent_reads_anyone() {
+    fn control_and_writes_need_the_controller_replicate_an_agent_reads_a_member() {
         use Identity::*;
         let table = [
             ("AssignRole", [true, false, false]),
@@ -115,10 +123,11 @@ mod tests {
             ("Delete", [true, false, false]),
             ("Replicate", [false, true, false]),
             ("Health", [true, true, true]),
-            ("Manifest", [true, true, true]),
-            ("Changes", [true, true, true]),
-            ("Fetch", [true, true, true]),
-            ("Get", [true, true, true]),
+            ("Manifest", [true, true, false]),
+            ("Changes", [true, true, false]),
+            ("Fetch", [true, true, false]),
+            ("Get", [true, true, false]),
+            ("SomethingNew", [true, true, false]),
         ];
         for (rpc, allowed) in table {
             for (caller, ok) in [Controller, Agent, Unidentified].into_iter().zip(allowed) {

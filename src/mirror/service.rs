@@ -314,7 +314,7 @@ impl pb::agent_server::Agent for AgentService {
         let started = std::time::Instant::now();
         let result: Result<Response<pb::FenceResponse>, Status> = async move {
             authorize(&request, "Fence")?;
-            let applied_sequence = self.agent.fence(request.into_inner().epoch)?;
+            let applied_sequence = self.agent.fence(request.into_inner().epoch).await?;
             Ok(Response::new(pb::FenceResponse { applied_sequence }))
         }
         .await;

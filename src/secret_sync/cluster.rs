@@ -133,7 +133,18 @@ impl AgentDirectory {
             detail: "the device has no primary and no serving mirror".into(),
         };
         for node in order {
+            let from_primary = Some(node) == status.primary_node.as_deref();
             match self.read_from(node, path).await {
+                // Only the primary may say a secret does not exist: a lagging mirror's
+                // "absent" would delete the copy or skip a tombstone.
+                Ok(HsmContent::Absent) if !from_primary => {
+                    last = SyncError::Hsm {
+                        kind: "primary_unavailable",
+                        detail: format!(
+                            "the primary did not answer and mirror {node} does not hold {path}; only the primary can confirm that it does not exist"
+                        ),
+                    };
+                }
                 Ok(content) => return content,
                 Err(e) => last = e,
             }
@@ -170,7 +181,12 @@ impl AgentDirectory {
                 data,
                 served_by: ServedBy {
                     node: answer.node,
-                    role: crate::mirror::role_from_pb(answer.role).unwrap_or(DeviceRole::Primary),
+                    role: crate::mirror::role_from_pb(answer.role).ok_or_else(|| {
+                        SyncError::Hsm {
+                            kind: "protocol",
+                            detail: format!("agent {node} answered Get with an unknown role"),
+                        }
+                    })?,
                 },
             }),
         }
