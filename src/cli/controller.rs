@@ -168,8 +168,8 @@ pub fn run(args: ControllerArgs, common: CommonArgs) -> anyhow::Result<()> {
                         agent_timeout,
                         lease,
                     );
-                    // The HSMSecret reconciler takes the agents known now (the controller
-                    // itself re-resolves every round).
+                    // Resolve once before the first round so the HSMSecret reconciler, which
+                    // follows the controller's view, finds agents from the start.
                     if let Err(error) = agents.refresh_endpoints().await {
                         tracing::warn!(%error, "cannot resolve agent endpoints yet; retrying every round");
                     }

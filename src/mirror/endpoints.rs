@@ -3,8 +3,9 @@
 //! (every node plugin serves its agent on the same port).
 //!
 //! The endpoint only says where to dial: the client still expects the server certificate
-//! to name the node ([`AgentTls::client_config`](super::AgentTls::client_config)), so a
-//! wrong or spoofed address fails the handshake instead of reaching another agent.
+//! to name the node ([`AgentTls::client_config`](super::AgentTls::client_config)), so an
+//! address outside the hsm-secrets PKI fails the handshake. It does not tell one agent
+//! from another: `hsm-secrets pki` issues one agent certificate naming every node.
 
 use std::collections::BTreeMap;
 

@@ -7,11 +7,13 @@
 //! | --- | --- | --- |
 //! | [`CONTROLLER_URI`] | the controller | AssignRole, Fence, RenewLease, Put, Delete, reads |
 //! | [`AGENT_URI`] | an agent (node plugin) | Replicate, reads |
-//! | none of these | unidentified | reads |
+//! | none of these | unidentified | Health only |
 //!
 //! Reads are Health, Manifest, Changes, Fetch and Get. So a node's certificate, which sits
-//! on every node, can neither take over a device (roles, leases, fencing) nor write into
-//! it; and the controller's certificate cannot push records into a mirror.
+//! on every node, can neither take over a device (roles, leases, fencing) nor write client
+//! data into it; and the controller's certificate cannot push records into a mirror. The
+//! agent certificate is shared by all nodes, so Replicate trusts every holder of it: a
+//! mirror accepts pushes only from the primary its controller assigned, by name.
 
 use rustls_pki_types::CertificateDer;
 
