@@ -93,8 +93,8 @@ pub enum HsmContent {
     Unavailable(SyncError),
 }
 
-/// Everything one reconcile looks at.
-#[derive(Clone, Copy, Debug)]
+/// Everything one reconcile looks at. `Debug` shows Secrets by name and key names only.
+#[derive(Clone, Copy)]
 pub struct Inputs<'a> {
     pub object: &'a HSMSecret,
     pub device: &'a DeviceAccess,
@@ -291,8 +291,8 @@ fn invalid_key_reason(e: &crate::hsm::StoreError) -> String {
     }
 }
 
-/// A write to the managed Secret.
-#[derive(Clone, Debug, PartialEq)]
+/// A write to the managed Secret. `Debug` shows the Secret by name and key names only.
+#[derive(Clone, PartialEq)]
 pub enum SecretWrite {
     Create(Secret),
     /// Replace under the resourceVersion it carries.
@@ -307,6 +307,60 @@ pub enum SecretWrite {
         name: String,
         resource_version: String,
     },
+}
+
+/// A Secret as `Debug` may show it: name, type and key names, never the values (the
+/// derived `Debug` of `Secret` prints every byte).
+struct Redacted<'a>(&'a Secret);
+
+impl std::fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&String> = self.0.data.iter().flat_map(|d| d.keys()).collect();
+        f.debug_struct("Secret")
+            .field("name", &self.0.metadata.name)
+            .field("resource_version", &self.0.metadata.resource_version)
+            .field("type", &self.0.type_)
+            .field("keys", &keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for SecretWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretWrite::Create(s) => f.debug_tuple("Create").field(&Redacted(s)).finish(),
+            SecretWrite::Replace(s) => f.debug_tuple("Replace").field(&Redacted(s)).finish(),
+            SecretWrite::Recreate {
+                resource_version,
+                secret,
+            } => f
+                .debug_struct("Recreate")
+                .field("resource_version", resource_version)
+                .field("secret", &Redacted(secret))
+                .finish(),
+            SecretWrite::Delete {
+                name,
+                resource_version,
+            } => f
+                .debug_struct("Delete")
+                .field("name", name)
+                .field("resource_version", resource_version)
+                .finish(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Inputs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inputs")
+            .field("object", &self.object.metadata.name)
+            .field("device", self.device)
+            .field("hsm", self.hsm)
+            .field("source", &self.source.map(Redacted))
+            .field("managed", &self.managed.map(Redacted))
+            .field("now", &self.now)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Whether `secret` is controlled by `object` (never adopt anything else).

@@ -564,3 +564,27 @@ fn device_access_follows_the_device_status() {
         DeviceAccess::NoWritablePrimary { .. }
     ));
 }
+
+#[test]
+fn debug_shows_secrets_by_name_and_key_names_only() {
+    let value = b"hunter2-distinctive".to_vec();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("db".into()),
+            ..Default::default()
+        },
+        data: Some([("password".to_string(), ByteString(value.clone()))].into()),
+        ..Default::default()
+    };
+    let shown = format!("{:?}", SecretWrite::Create(secret));
+    assert!(
+        shown.contains("db") && shown.contains("password"),
+        "{shown}"
+    );
+    let as_numbers = format!("{value:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(
+        !shown.contains(&as_numbers[1..as_numbers.len() - 1]),
+        "{shown}"
+    );
+}
