@@ -1,15 +1,19 @@
 //! The whole failover path as separate processes: three `hsm-secrets agent` processes on
 //! their own SoftHSM tokens and one `hsm-secrets controller` on the file-backed state.
 //! The primary is killed with SIGKILL; the controller promotes a mirror once the old
-//! write lease has lapsed, and the new primary serves every acknowledged write.
+//! write lease has lapsed, and the new primary serves every acknowledged write — under
+//! `Active` even writes acknowledged the instant before the kill, while the mirrors keep
+//! answering reads throughout.
 #![allow(clippy::unwrap_used)]
 
 mod mirror_support;
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hsm_secrets::crd::{DevicePhase, HSMDeviceStatus};
+use hsm_secrets::crd::{DevicePhase, HSMDevice, HSMDeviceStatus, MirroringPolicy};
 use hsm_secrets::hsm::Expect;
 use hsm_secrets::mirror::AgentConnection;
 use hsm_secrets::state::{FileState, StateStore};
@@ -18,7 +22,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::Command;
 
-const TOKENS: &[&str] = &["cp-n1", "cp-n2", "cp-n3"];
+const TOKENS: &[&str] = &["cp-n1", "cp-n2", "cp-n3", "ca-n1", "ca-n2", "ca-n3"];
 const WAIT: Duration = Duration::from_secs(120);
 
 async fn status(state: &FileState) -> HSMDeviceStatus {
@@ -31,66 +35,130 @@ async fn status(state: &FileState) -> HSMDeviceStatus {
         .unwrap_or_default()
 }
 
+/// Three agent processes and a controller process on a file-backed state directory,
+/// bootstrapped with n1 primary and both mirrors ready.
+struct Processes {
+    pki: Pki,
+    agents: Vec<AgentProcess>,
+    state: FileState,
+    _dir: tempfile::TempDir,
+    _controller: tokio::process::Child,
+    bootstrap: HSMDeviceStatus,
+}
+
+impl Processes {
+    async fn start(labels: [&str; 3], policy: MirroringPolicy) -> Option<Self> {
+        token(TOKENS, labels[0])?;
+        let pki = Pki::new(&["n1", "n2", "n3"]);
+        let mut agents = Vec::new();
+        for (node, label) in ["n1", "n2", "n3"].into_iter().zip(labels) {
+            agents.push(spawn_agent_process(TOKENS, &pki, node, label).await);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let state = FileState::open(dir.path()).unwrap();
+        let mut device: HSMDevice =
+            support::fixtures::mirrored_device(Some("n1"), &["n2", "n3"], 3);
+        if let Some(m) = device.spec.mirroring.as_mut() {
+            m.policy = policy;
+        }
+        state.apply_device(&device).unwrap();
+        let files = pki.generated.files(CONTROLLER).unwrap();
+        let endpoints = agents
+            .iter()
+            .map(|p| format!("{}={}", p.peer.node, p.peer.endpoint))
+            .collect::<Vec<_>>()
+            .join(",");
+        let controller = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
+            .arg("controller")
+            .arg("--state")
+            .arg(dir.path())
+            .args(["--agent", &endpoints])
+            .arg("--tls-ca")
+            .arg(&files.ca)
+            .arg("--tls-cert")
+            .arg(&files.cert)
+            .arg("--tls-key")
+            .arg(&files.key)
+            .args([
+                "--probe-interval-ms",
+                "1000",
+                "--write-lease-ms",
+                "2000",
+                "--lease-margin-ms",
+                "500",
+            ])
+            .env("HSM_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let bootstrap = wait_for(WAIT, "bootstrap", || async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let s = status(&state).await;
+            (s.primary_node.as_deref() == Some("n1")
+                && s.phase == DevicePhase::Ready
+                && s.mirrors.as_deref() == Some("2/2"))
+            .then_some(s)
+        })
+        .await;
+        Some(Self {
+            pki,
+            agents,
+            state,
+            _dir: dir,
+            _controller: controller,
+            bootstrap,
+        })
+    }
+
+    fn client(&self, node: &str) -> AgentConnection {
+        let agent = self.agents.iter().find(|a| a.peer.node == node).unwrap();
+        self.pki.controller(&agent.peer)
+    }
+
+    async fn sigkill(&mut self, node: &str) {
+        let agent = self
+            .agents
+            .iter_mut()
+            .find(|a| a.peer.node == node)
+            .unwrap();
+        kill(
+            Pid::from_raw(agent.child.id().unwrap() as i32),
+            Signal::SIGKILL,
+        )
+        .unwrap();
+        agent.child.wait().await.unwrap();
+    }
+
+    /// Waits until a node other than `old` is primary in status and accepts a write.
+    async fn writable_new_primary(&self, old: &str) -> (String, u64) {
+        wait_for(WAIT, "a writable new primary", || async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let s = status(&self.state).await;
+            let node = s.primary_node.filter(|p| p != old)?;
+            self.client(&node)
+                .put(
+                    &path("shop/after"),
+                    &data(&[("v", b"x")]),
+                    Expect::Any,
+                    s.epoch,
+                )
+                .await
+                .ok()?;
+            Some((node, s.epoch))
+        })
+        .await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_of_the_primary_process_fails_over_to_a_caught_up_mirror() {
-    if token(TOKENS, "cp-n1").is_none() {
+    let Some(mut p) =
+        Processes::start(["cp-n1", "cp-n2", "cp-n3"], MirroringPolicy::ReadOnly).await
+    else {
         return;
-    }
-    let pki = Pki::new(&["n1", "n2", "n3"]);
-    let mut n1 = spawn_agent_process(TOKENS, &pki, "n1", "cp-n1").await;
-    let n2 = spawn_agent_process(TOKENS, &pki, "n2", "cp-n2").await;
-    let n3 = spawn_agent_process(TOKENS, &pki, "n3", "cp-n3").await;
-
-    let dir = tempfile::tempdir().unwrap();
-    let state = FileState::open(dir.path()).unwrap();
-    state
-        .apply_device(&support::fixtures::mirrored_device(
-            Some("n1"),
-            &["n2", "n3"],
-            3,
-        ))
-        .unwrap();
-    let files = pki.generated.files(CONTROLLER).unwrap();
-    let agents = [&n1, &n2, &n3]
-        .iter()
-        .map(|p| format!("{}={}", p.peer.node, p.peer.endpoint))
-        .collect::<Vec<_>>()
-        .join(",");
-    let _controller = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
-        .arg("controller")
-        .arg("--state")
-        .arg(dir.path())
-        .args(["--agent", &agents])
-        .arg("--tls-ca")
-        .arg(&files.ca)
-        .arg("--tls-cert")
-        .arg(&files.cert)
-        .arg("--tls-key")
-        .arg(&files.key)
-        .args([
-            "--probe-interval-ms",
-            "1000",
-            "--write-lease-ms",
-            "2000",
-            "--lease-margin-ms",
-            "500",
-        ])
-        .env("HSM_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-
-    let st = wait_for(WAIT, "bootstrap", || async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let s = status(&state).await;
-        (s.primary_node.as_deref() == Some("n1")
-            && s.phase == DevicePhase::Ready
-            && s.mirrors.as_deref() == Some("2/2"))
-        .then_some(s)
-    })
-    .await;
-
-    let primary = pki.controller(&n1.peer);
+    };
+    let st = p.bootstrap.clone();
+    let primary = p.client("n1");
     for i in 0..10 {
         primary
             .put(
@@ -103,8 +171,8 @@ async fn sigkill_of_the_primary_process_fails_over_to_a_caught_up_mirror() {
             .unwrap();
     }
     let head = primary.health().await.unwrap().applied_sequence;
-    for p in [&n2, &n3] {
-        let c = pki.controller(&p.peer);
+    for node in ["n2", "n3"] {
+        let c = p.client(node);
         wait_for(WAIT, "mirror caught up", || async {
             tokio::time::sleep(Duration::from_millis(100)).await;
             (c.health().await.ok()?.applied_sequence >= head).then_some(())
@@ -112,38 +180,13 @@ async fn sigkill_of_the_primary_process_fails_over_to_a_caught_up_mirror() {
         .await;
     }
 
-    kill(
-        Pid::from_raw(n1.child.id().unwrap() as i32),
-        Signal::SIGKILL,
-    )
-    .unwrap();
-    n1.child.wait().await.unwrap();
+    p.sigkill("n1").await;
     let killed = Instant::now();
-    let (new_primary, epoch) = wait_for(WAIT, "a writable new primary", || async {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let s = status(&state).await;
-        let node = s.primary_node.filter(|p| p != "n1")?;
-        let peer = [&n2, &n3]
-            .into_iter()
-            .find(|p| p.peer.node == node)?
-            .peer
-            .clone();
-        let conn: AgentConnection = pki.controller(&peer);
-        conn.put(
-            &path("shop/after"),
-            &data(&[("v", b"x")]),
-            Expect::Any,
-            s.epoch,
-        )
-        .await
-        .ok()?;
-        Some((peer, s.epoch))
-    })
-    .await;
+    let (new_primary, epoch) = p.writable_new_primary("n1").await;
     eprintln!("SIGKILL to a writable new primary: {:?}", killed.elapsed());
     assert_eq!(epoch, st.epoch + 1);
 
-    let conn = pki.controller(&new_primary);
+    let conn = p.client(&new_primary);
     for i in 0..10 {
         let got = conn.get(&path(&format!("shop/s{i}"))).await.unwrap();
         let record = got.record.unwrap();
@@ -153,12 +196,114 @@ async fn sigkill_of_the_primary_process_fails_over_to_a_caught_up_mirror() {
             "acknowledged write shop/s{i} survived"
         );
     }
-    let reasons: Vec<String> = state
+    let reasons: Vec<String> = p
+        .state
         .events()
         .unwrap()
         .into_iter()
         .map(|e| e.event.reason)
         .collect();
     assert!(reasons.iter().any(|r| r == "HSMFailover"), "{reasons:?}");
-    assert_eq!(status(&state).await.failover_count, 1);
+    assert_eq!(status(&p.state).await.failover_count, 1);
+}
+
+/// Under `Active` a write is acknowledged only once every in-sync mirror applied it, so
+/// a primary killed in the middle of a stream of writes loses none that it acknowledged:
+/// nothing here waits for the mirrors to catch up. Meanwhile a reader keeps reading
+/// from both mirrors, before, during and after the failover, without one error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_active_every_write_acknowledged_before_the_sigkill_is_on_the_new_primary() {
+    let Some(mut p) = Processes::start(["ca-n1", "ca-n2", "ca-n3"], MirroringPolicy::Active).await
+    else {
+        return;
+    };
+    let epoch = p.bootstrap.epoch;
+    let seed = path("shop/seed");
+    p.client("n1")
+        .put(&seed, &data(&[("v", b"seed")]), Expect::Any, epoch)
+        .await
+        .unwrap();
+
+    // Reads from the mirrors, every 20 ms, until the end of the test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for node in ["n2", "n3"] {
+        let (conn, stop, reads, seed) = (p.client(node), stop.clone(), reads.clone(), seed.clone());
+        readers.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match conn.get(&seed).await {
+                    Ok(got) if got.record.is_some() => {}
+                    Ok(_) => errors.push("no record".to_string()),
+                    Err(e) => errors.push(e.to_string()),
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            errors
+        }));
+    }
+
+    // A stream of writes; the primary is killed while it runs.
+    let writer = {
+        let conn = p.client("n1");
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for i in 0..10_000u32 {
+                let at = path(&format!("shop/w{i}"));
+                match conn
+                    .put(
+                        &at,
+                        &data(&[("v", i.to_string().as_bytes())]),
+                        Expect::Any,
+                        epoch,
+                    )
+                    .await
+                {
+                    Ok(_) => acknowledged.push(i),
+                    Err(_) => break,
+                }
+            }
+            acknowledged
+        })
+    };
+    wait_for(WAIT, "writes flowing", || async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (p.client("n2").health().await.ok()?.applied_sequence > 25).then_some(())
+    })
+    .await;
+    p.sigkill("n1").await;
+    let acknowledged = writer.await.unwrap();
+    assert!(acknowledged.len() >= 20, "{} writes", acknowledged.len());
+
+    let (new_primary, new_epoch) = p.writable_new_primary("n1").await;
+    assert_eq!(new_epoch, epoch + 1);
+    let conn = p.client(&new_primary);
+    for i in &acknowledged {
+        let got = conn.get(&path(&format!("shop/w{i}"))).await.unwrap();
+        let record = got
+            .record
+            .unwrap_or_else(|| panic!("acknowledged write shop/w{i} lost"));
+        assert_eq!(record.data[0].value, i.to_string().into_bytes());
+    }
+    let s = status(&p.state).await;
+    assert!(
+        s.nodes.iter().all(|n| n.lost_writes.is_none()),
+        "Active lost nothing: {:?}",
+        s.nodes
+    );
+
+    // Reads went on through the failover: a few more rounds on the new layout, then stop.
+    let before = reads.load(Ordering::Relaxed);
+    wait_for(WAIT, "reads after the failover", || async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (reads.load(Ordering::Relaxed) > before + 20).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        let errors = reader.await.unwrap();
+        assert!(errors.is_empty(), "mirror reads failed: {errors:?}");
+    }
 }

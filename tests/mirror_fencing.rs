@@ -141,6 +141,90 @@ async fn a_primary_with_an_expired_lease_refuses_writes_until_renewed() {
     assert!(client.health().await.unwrap().write_lease_remaining_ms > 0);
 }
 
+/// A grant delivered late (a partition healed, a queued request) must not let the
+/// primary write past what the controller counted: leases are deadlines on the agent's
+/// clock, read from its Health answer.
+#[tokio::test]
+async fn a_lease_grant_ends_at_its_deadline_however_late_it_arrives() {
+    let pki = Pki::new(&["n1"]);
+    let n1 = node!("n1", "lease-n1", &pki, manual_sync());
+    assign_primary(&pki, &n1, 7, &[], HOUR).await;
+    let client = pki.controller(&n1.peer());
+    let clock = client.health().await.unwrap().clock.unwrap();
+    let deadline = |until_ms| pb::LeaseDeadline {
+        clock_id: clock.id,
+        until_ms,
+    };
+
+    // Delivered after its deadline: refused, and the lease held stays as it was.
+    let err = client
+        .renew_lease_until(7, HOUR, deadline(clock.now_ms))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Code::FailedPrecondition);
+    assert!(
+        err.to_string().contains("arrived after its deadline"),
+        "{err}"
+    );
+    let held = client.health().await.unwrap().write_lease_remaining_ms;
+    assert!(
+        held > 60_000,
+        "the refused grant changed the lease: {held} ms"
+    );
+
+    // Computed from another process's clock: refused.
+    let err = client
+        .renew_lease_until(
+            7,
+            HOUR,
+            pb::LeaseDeadline {
+                clock_id: clock.id ^ 2,
+                until_ms: u64::MAX,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("names another clock"), "{err}");
+
+    // An hour asked for, but the deadline is 300 ms after the reading: writes stop then.
+    let now = client.health().await.unwrap().clock.unwrap().now_ms;
+    let granted = client
+        .renew_lease_until(7, HOUR, deadline(now + 300))
+        .await
+        .unwrap();
+    assert!(granted.remaining_ms <= 300, "{}", granted.remaining_ms);
+    wait_for(WAIT, "the capped lease to lapse", || async {
+        (client.health().await.unwrap().write_lease_remaining_ms == 0).then_some(())
+    })
+    .await;
+    let err = client
+        .put(&path("a/b"), &data(&[("k", b"v")]), Expect::Any, 7)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("write lease expired"), "{err}");
+
+    // A promotion delivered after its deadline is refused too: the node keeps its epoch.
+    let late_promotion = client
+        .assign_role(pb::AssignRoleRequest {
+            role: pb::Role::Primary as i32,
+            epoch: 8,
+            primary_node: "n1".into(),
+            primary_endpoint: n1.endpoint.clone(),
+            lease_duration_ms: HOUR.as_millis() as u64,
+            lease_deadline: Some(deadline(now)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        late_promotion
+            .to_string()
+            .contains("arrived after its deadline"),
+        "{late_promotion}"
+    );
+    assert_eq!(client.health().await.unwrap().epoch, 7);
+}
+
 #[tokio::test]
 async fn stale_epochs_are_refused_everywhere() {
     let pki = Pki::new(&["n1", "n2"]);

@@ -203,17 +203,16 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
                 Ok(())
             }
             Action::RenewLease { epoch, .. } | Action::Promote { epoch, .. } => {
-                // The ack arrives after the agent applied it: anchoring the fencing clock
-                // at the ack instant is conservative.
-                self.agents
-                    .execute(view, action)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let result = self.agents.execute(view, action).await;
+                // Recorded whether or not the grant was acknowledged: it may still be
+                // delivered later, and it ends no later than its deadline, which was
+                // computed before this instant (lease + time of computing, on our clock).
+                self.renewals_mut()
+                    .insert(device.to_string(), (*epoch, Timestamp::now()));
+                result.map_err(|e| e.to_string())?;
                 if matches!(action, Action::Promote { .. }) {
                     self.metrics.promoted(device);
                 }
-                self.renewals_mut()
-                    .insert(device.to_string(), (*epoch, Timestamp::now()));
                 Ok(())
             }
             Action::FenceWrites { .. } | Action::Demote { .. } | Action::SetMirror { .. } => self

@@ -38,6 +38,31 @@ pub struct GrpcAgents {
     /// When each node was last given a mirror role (epoch, unix ms): its data is a prefix
     /// of the primary's history only once a full pass finished after that.
     assigned: Mutex<HashMap<String, (u64, i64)>>,
+    /// Per node, the agent's clock as of its latest Health answer: write leases are
+    /// granted as deadlines on it.
+    clocks: Mutex<HashMap<String, ClockReading>>,
+}
+
+/// An agent's clock reading and when its answer arrived here.
+#[derive(Clone, Copy, Debug)]
+struct ClockReading {
+    id: u64,
+    agent_ms: u64,
+    received: std::time::Instant,
+}
+
+impl ClockReading {
+    /// The deadline of a lease of `lease` granted now: on this process's clock it ends
+    /// no later than now + `lease`, since the agent read its clock before we received
+    /// the reading.
+    fn deadline(&self, lease: Duration) -> pb::LeaseDeadline {
+        let since = u64::try_from(self.received.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let lease = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        pb::LeaseDeadline {
+            clock_id: self.id,
+            until_ms: self.agent_ms.saturating_add(since).saturating_add(lease),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -84,6 +109,7 @@ impl GrpcAgents {
             channels: Mutex::default(),
             members: Mutex::default(),
             assigned: Mutex::default(),
+            clocks: Mutex::default(),
         }
     }
 
@@ -206,6 +232,20 @@ impl GrpcAgents {
 
     fn assigned(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, i64)>> {
         lock(&self.assigned)
+    }
+
+    /// A write lease for `node` as a deadline on its agent's clock, from its latest
+    /// Health answer (every round probes before it renews or promotes).
+    fn lease_deadline(&self, node: &str) -> Result<pb::LeaseDeadline, AgentCallError> {
+        lock(&self.clocks)
+            .get(node)
+            .map(|reading| reading.deadline(self.lease))
+            .ok_or_else(|| AgentCallError {
+                node: node.into(),
+                detail: "no clock reading from this node's agent (not probed yet, or an agent \
+                         that predates lease deadlines: upgrade the node plugin); no lease granted"
+                    .into(),
+            })
     }
 
     fn report(&self, node: &str, h: pb::HealthResponse) -> AgentReport {
@@ -364,7 +404,23 @@ impl Agents for GrpcAgents {
             ));
         };
         match conn.health().await {
-            Ok(h) => ProbeResult::Reported(self.report(node, h)),
+            Ok(h) => {
+                let received = std::time::Instant::now();
+                let mut clocks = lock(&self.clocks);
+                match &h.clock {
+                    Some(c) => clocks.insert(
+                        node.into(),
+                        ClockReading {
+                            id: c.id,
+                            agent_ms: c.now_ms,
+                            received,
+                        },
+                    ),
+                    None => clocks.remove(node),
+                };
+                drop(clocks);
+                ProbeResult::Reported(self.report(node, h))
+            }
             Err(e) => {
                 let text = e.to_string();
                 let kind = if text.contains("deadline") || text.contains("timed out") {
@@ -380,12 +436,14 @@ impl Agents for GrpcAgents {
     async fn execute(&self, device: &DeviceView, action: &Action) -> Result<(), AgentCallError> {
         let lease_ms = self.lease.as_millis() as u64;
         match action {
-            Action::RenewLease { node, epoch } => self
-                .connection(node)?
-                .renew_lease(*epoch, self.lease)
-                .await
-                .map(|_| ())
-                .map_err(|e| call_error(node, e)),
+            Action::RenewLease { node, epoch } => {
+                let deadline = self.lease_deadline(node)?;
+                self.connection(node)?
+                    .renew_lease_until(*epoch, self.lease, deadline)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| call_error(node, e))
+            }
             Action::Promote { node, epoch } => {
                 let me = self.peer(node)?;
                 let mirrors = if device.policy == MirroringPolicy::Active {
@@ -417,6 +475,7 @@ impl Agents for GrpcAgents {
                         mirrors,
                         lease_duration_ms: lease_ms,
                         sync_interval_seconds: device.sync_interval.as_secs() as u32,
+                        lease_deadline: Some(self.lease_deadline(node)?),
                     },
                 )
                 .await
@@ -447,6 +506,7 @@ impl Agents for GrpcAgents {
                         mirrors: Vec::new(),
                         lease_duration_ms: 0,
                         sync_interval_seconds: device.sync_interval.as_secs() as u32,
+                        lease_deadline: None,
                     },
                 )
                 .await

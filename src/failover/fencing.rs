@@ -14,9 +14,13 @@
 //! * a renewal carries the epoch; an agent refuses a renewal for an epoch other than the
 //!   one it was promoted under, and a renewal received after a fence (`FenceWrites`) for
 //!   that epoch;
-//! * a renewal that was not acknowledged must not be applicable later: the agent must
-//!   reject a renewal it receives after the request's deadline, or the controller must
-//!   report that renewal's deadline as `confirmed_renewal`;
+//! * a renewal that was not acknowledged must not extend the lease past what the
+//!   controller counted: every grant (renewal or promotion) carries a deadline on the
+//!   agent's monotonic clock, computed from the agent's latest Health reading as
+//!   `reading + time since the reading + T`, and the agent refuses a grant delivered
+//!   after it. On the controller's clock such a lease ends by `computed + T` however late
+//!   it arrives, and the controller records `confirmed_renewal` after every grant it
+//!   sent, acknowledged or not (`controller::device`, `mirror::fencing::AgentClock`);
 //! * the margin must exceed the longest write the agent lets run past its lease check
 //!   (its PKCS#11 call timeout) plus drift over `T`.
 
@@ -52,8 +56,9 @@ impl FencingConfig {
 /// The controller's timing facts about the current primary's lease.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseFacts {
-    /// When the controller received the current primary's acknowledgement of its latest
-    /// lease renewal (or of its promotion) under the current epoch.
+    /// When the controller finished sending the current primary's latest lease grant
+    /// (renewal or promotion) under the current epoch, acknowledged or not: the grant's
+    /// deadline was computed before then.
     pub confirmed_renewal: Option<Timestamp>,
     /// Where this controller's knowledge starts: a renewal or promotion it cannot vouch
     /// for (issued by a previous leader, or a promotion whose acknowledgement has not

@@ -21,7 +21,7 @@ use super::MirrorError;
 use super::client::AgentConnection;
 use super::convert;
 use super::facts::AgentFacts;
-use super::fencing::{Assignment, Control};
+use super::fencing::{AgentClock, Assignment, Control};
 use super::local::{Applied, Guard, Local};
 use super::metrics::RpcMetrics;
 use super::pb;
@@ -373,6 +373,11 @@ impl Agent {
             fenced,
             ..Default::default()
         };
+        let clock = AgentClock::process();
+        h.clock = Some(pb::AgentClock {
+            id: clock.id(),
+            now_ms: clock.now_ms(),
+        });
         match token {
             Ok(info) => {
                 h.token_present = true;

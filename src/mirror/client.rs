@@ -208,14 +208,38 @@ impl AgentConnection {
             .await
     }
 
+    /// Renews the write lease for `duration` from the agent's receipt of the request.
+    /// The controller uses [`renew_lease_until`](Self::renew_lease_until): a request
+    /// delivered late would otherwise extend the lease past what the controller counted.
     pub async fn renew_lease(
         &self,
         epoch: u64,
         duration: Duration,
     ) -> Result<pb::RenewLeaseResponse, MirrorError> {
+        self.renew(epoch, duration, None).await
+    }
+
+    /// Renews the write lease for at most `duration`, ending no later than `deadline` on
+    /// the agent's clock.
+    pub async fn renew_lease_until(
+        &self,
+        epoch: u64,
+        duration: Duration,
+        deadline: pb::LeaseDeadline,
+    ) -> Result<pb::RenewLeaseResponse, MirrorError> {
+        self.renew(epoch, duration, Some(deadline)).await
+    }
+
+    async fn renew(
+        &self,
+        epoch: u64,
+        duration: Duration,
+        deadline: Option<pb::LeaseDeadline>,
+    ) -> Result<pb::RenewLeaseResponse, MirrorError> {
         let request = pb::RenewLeaseRequest {
             epoch,
             duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+            deadline,
         };
         self.call(
             "RenewLease",

@@ -150,6 +150,11 @@ pub enum MirrorError {
 
     #[error("agent discovery: {detail}")]
     Discovery { detail: String },
+
+    #[error(
+        "write lease grant refused by node {node}: {why}; the controller probes the agent again and grants a new lease"
+    )]
+    LeaseGrantRefused { node: String, why: &'static str },
 }
 
 impl MirrorError {
@@ -177,6 +182,7 @@ impl MirrorError {
             MirrorError::NotSyncing { .. } => "not_syncing",
             MirrorError::PermissionDenied { .. } => "permission_denied",
             MirrorError::Discovery { .. } => "discovery",
+            MirrorError::LeaseGrantRefused { .. } => "lease_grant_refused",
         }
     }
 
@@ -202,6 +208,7 @@ impl MirrorError {
             MirrorError::Tls(_) | MirrorError::Serve { .. } => Code::Internal,
             MirrorError::PermissionDenied { .. } => Code::PermissionDenied,
             MirrorError::Discovery { .. } => Code::Unavailable,
+            MirrorError::LeaseGrantRefused { .. } => Code::FailedPrecondition,
         }
     }
 
@@ -372,6 +379,10 @@ mod tests {
                 epoch: 2,
                 primary: "n1".into(),
                 from: "n3".into(),
+            },
+            MirrorError::LeaseGrantRefused {
+                node: "n1".into(),
+                why: "it arrived after its deadline",
             },
         ]
     }

@@ -19,6 +19,76 @@ use super::MirrorError;
 /// The longest lease the controller may grant at once.
 pub const MAX_LEASE: Duration = Duration::from_secs(3600);
 
+/// This process's monotonic clock as the agent reports it in Health: milliseconds since
+/// an origin fixed at first use, under an id that differs in every process. The
+/// controller grants write leases as deadlines on this clock (see [`LeaseDeadline`]).
+#[derive(Debug)]
+pub struct AgentClock {
+    id: u64,
+    origin: std::time::Instant,
+}
+
+/// A lease end on an agent's clock, computed by the controller from a Health reading:
+/// `reading + time since the reading + lease`. The agent read its clock before the
+/// controller received the reading, so on the controller's clock the lease ends no later
+/// than the moment the controller computed the deadline plus the lease — however late
+/// the grant is delivered. A grant that arrives after its deadline is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseDeadline {
+    pub clock_id: u64,
+    pub until_ms: u64,
+}
+
+impl AgentClock {
+    /// The clock of this process.
+    pub fn process() -> &'static AgentClock {
+        static CLOCK: std::sync::OnceLock<AgentClock> = std::sync::OnceLock::new();
+        CLOCK.get_or_init(|| {
+            use std::hash::BuildHasher;
+            let seed = (std::process::id(), SystemTime::now());
+            AgentClock {
+                // Randomly keyed: two processes (or one restarted) never share an id.
+                id: std::collections::hash_map::RandomState::new().hash_one(seed) | 1,
+                origin: std::time::Instant::now(),
+            }
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long a lease of at most `length` from now may run under `deadline`.
+    pub fn lease_within(
+        &self,
+        node: &str,
+        length: Duration,
+        deadline: Option<LeaseDeadline>,
+    ) -> Result<Duration, MirrorError> {
+        let Some(deadline) = deadline else {
+            return Ok(length);
+        };
+        let refused = |why| MirrorError::LeaseGrantRefused {
+            node: node.into(),
+            why,
+        };
+        if deadline.clock_id != self.id {
+            return Err(refused(
+                "it names another clock (the agent restarted since the reading it was computed from)",
+            ));
+        }
+        let left = deadline.until_ms.saturating_sub(self.now_ms());
+        if left == 0 {
+            return Err(refused("it arrived after its deadline"));
+        }
+        Ok(length.min(Duration::from_millis(left)))
+    }
+}
+
 /// Another agent: its node name (what its certificate names) and gRPC endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
@@ -206,7 +276,7 @@ impl Control {
         Ok(transition)
     }
 
-    /// Extends the write lease to `now + duration`; returns the remaining time.
+    /// Sets the write lease to end at `now + duration`; returns the remaining time.
     pub fn renew(
         &mut self,
         epoch: u64,
@@ -410,6 +480,45 @@ mod tests {
     use super::*;
 
     const LEASE: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_lease_grant_runs_at_most_to_its_deadline_on_this_clock() {
+        let clock = AgentClock::process();
+        let at = |until_ms| {
+            Some(LeaseDeadline {
+                clock_id: clock.id(),
+                until_ms,
+            })
+        };
+        // Without a deadline: the whole length from receipt.
+        assert_eq!(clock.lease_within("n1", LEASE, None).unwrap(), LEASE);
+        // A deadline sooner than the length caps the lease.
+        let capped = clock
+            .lease_within("n1", LEASE, at(clock.now_ms() + 2_000))
+            .unwrap();
+        assert!(capped <= Duration::from_secs(2) && capped > Duration::ZERO);
+        // A later deadline does not lengthen it.
+        let full = clock
+            .lease_within("n1", LEASE, at(clock.now_ms() + 60_000))
+            .unwrap();
+        assert_eq!(full, LEASE);
+        // Delivered after its deadline: refused, whatever the length.
+        let late = clock
+            .lease_within("n1", LEASE, at(clock.now_ms()))
+            .unwrap_err();
+        assert!(
+            late.to_string().contains("arrived after its deadline"),
+            "{late}"
+        );
+        assert_eq!(late.kind(), "lease_grant_refused");
+        // Computed from another process's clock (the agent restarted): refused.
+        let other = Some(LeaseDeadline {
+            clock_id: clock.id() ^ 2,
+            until_ms: u64::MAX,
+        });
+        let err = clock.lease_within("n1", LEASE, other).unwrap_err();
+        assert!(err.to_string().contains("names another clock"), "{err}");
+    }
 
     fn peer(n: &str) -> Peer {
         Peer {

@@ -94,7 +94,7 @@ pub use client::{AgentConnection, MAX_MESSAGE_BYTES};
 pub use convert::{expect_to_pb, role_from_pb, role_to_pb};
 pub use endpoints::{EndpointResolver, NodeAddressEndpoints, StaticEndpoints};
 pub use error::MirrorError;
-pub use fencing::{Assignment, Peer};
+pub use fencing::{AgentClock, Assignment, LeaseDeadline, Peer};
 pub use identity::Identity;
 pub use metrics::{AgentMetrics, RpcMetrics};
 pub use remote::RemoteStore;

@@ -11,7 +11,7 @@ use super::MirrorError;
 use super::agent::{Agent, WriteOutcome};
 use super::client::MAX_MESSAGE_BYTES;
 use super::convert;
-use super::fencing::{Assignment, Peer};
+use super::fencing::{AgentClock, Assignment, LeaseDeadline, Peer};
 use super::identity::{self, Identity};
 use super::pb;
 use super::pb::agent_server::AgentServer;
@@ -78,6 +78,13 @@ fn peer(node: &str, endpoint: &str) -> Option<Peer> {
         node: node.into(),
         endpoint: endpoint.into(),
     })
+}
+
+fn lease_deadline(d: pb::LeaseDeadline) -> LeaseDeadline {
+    LeaseDeadline {
+        clock_id: d.clock_id,
+        until_ms: d.until_ms,
+    }
 }
 
 fn write_response(outcome: WriteOutcome) -> pb::WriteResponse {
@@ -279,7 +286,17 @@ impl pb::agent_server::Agent for AgentService {
         let started = std::time::Instant::now();
         let result: Result<Response<pb::AssignRoleResponse>, Status> = async move {
             authorize(&request, "AssignRole")?;
-            let assignment = assignment_from_pb(request.into_inner())?;
+            let r = request.into_inner();
+            let deadline = r.lease_deadline.map(lease_deadline);
+            let mut assignment = assignment_from_pb(r)?;
+            if assignment.role == DeviceRole::Primary {
+                // Measured at receipt: the lease runs from now, and not past its deadline.
+                assignment.lease = AgentClock::process().lease_within(
+                    self.agent.node(),
+                    assignment.lease,
+                    deadline,
+                )?;
+            }
             Ok(Response::new(self.agent.assign(assignment).await?))
         }
         .await;
@@ -295,9 +312,12 @@ impl pb::agent_server::Agent for AgentService {
         let result: Result<Response<pb::RenewLeaseResponse>, Status> = async move {
             authorize(&request, "RenewLease")?;
             let r = request.into_inner();
-            let remaining = self
-                .agent
-                .renew_lease(r.epoch, Duration::from_millis(r.duration_ms))?;
+            let lease = AgentClock::process().lease_within(
+                self.agent.node(),
+                Duration::from_millis(r.duration_ms),
+                r.deadline.map(lease_deadline),
+            )?;
+            let remaining = self.agent.renew_lease(r.epoch, lease)?;
             Ok(Response::new(pb::RenewLeaseResponse {
                 remaining_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
             }))

@@ -215,8 +215,14 @@ impl AgentDirectory {
             } if *version == written.version && Checksum::of_data(path, got) == expected => {
                 Ok(content)
             }
-            // A later write already replaced ours: what is there now is the truth.
-            HsmContent::Live { version, .. } if *version > written.version => Ok(content),
+            // A later write replaced ours before it could be read back: ours is not
+            // verified, so report a conflict (the source is kept) and plan again from
+            // what the HSM holds now.
+            HsmContent::Live { version, .. } if *version > written.version => {
+                Err(SyncError::Conflict {
+                    what: format!("HSM secret {path}"),
+                })
+            }
             _ => Err(SyncError::ChecksumMismatch {
                 path: path.to_string(),
                 version: written.version,

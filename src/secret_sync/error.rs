@@ -14,6 +14,7 @@ pub enum SyncErrorKind {
     ChecksumMismatch,
     SecretNotOwned,
     Conflict,
+    Rejected,
     Api,
     Unsupported,
 }
@@ -31,6 +32,7 @@ impl SyncErrorKind {
             SyncErrorKind::ChecksumMismatch => "checksum_mismatch",
             SyncErrorKind::SecretNotOwned => "secret_not_owned",
             SyncErrorKind::Conflict => "conflict",
+            SyncErrorKind::Rejected => "rejected",
             SyncErrorKind::Api => "api",
             SyncErrorKind::Unsupported => "unsupported",
         }
@@ -49,6 +51,7 @@ impl SyncErrorKind {
             SyncErrorKind::ChecksumMismatch => "ChecksumMismatch",
             SyncErrorKind::SecretNotOwned => "SecretNotOwned",
             SyncErrorKind::Conflict => "Conflict",
+            SyncErrorKind::Rejected => "SecretRejected",
             SyncErrorKind::Api => "APIError",
             SyncErrorKind::Unsupported => "Unsupported",
         }
@@ -97,6 +100,10 @@ pub enum SyncError {
     SecretNotOwned { namespace: String, name: String },
     #[error("{what} changed while it was being reconciled; retrying")]
     Conflict { what: String },
+    #[error(
+        "the API server refused {what}: {reason}; check spec.secretName and spec.secretType (a typed Secret needs the keys its type requires in the HSM secret)"
+    )]
+    Rejected { what: String, reason: String },
     #[error("Kubernetes API: {0}")]
     Api(String),
     #[error("{0}")]
@@ -116,6 +123,7 @@ impl SyncError {
             SyncError::ChecksumMismatch { .. } => SyncErrorKind::ChecksumMismatch,
             SyncError::SecretNotOwned { .. } => SyncErrorKind::SecretNotOwned,
             SyncError::Conflict { .. } => SyncErrorKind::Conflict,
+            SyncError::Rejected { .. } => SyncErrorKind::Rejected,
             SyncError::Api(_) => SyncErrorKind::Api,
             SyncError::Unsupported(_) => SyncErrorKind::Unsupported,
         }

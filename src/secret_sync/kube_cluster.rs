@@ -68,6 +68,19 @@ fn map_err(what: impl FnOnce() -> String, e: kube::Error) -> SyncError {
     }
 }
 
+/// A create or replace of the Secret copy: 409 is a conflict, 422 means the API server
+/// refused the object itself (name, type, or the keys that type requires) — retrying
+/// cannot help until the HSMSecret or the HSM content changes.
+fn map_secret_write_err(what: impl FnOnce() -> String, e: kube::Error) -> SyncError {
+    match &e {
+        kube::Error::Api(status) if status.code == 422 => SyncError::Rejected {
+            what: what(),
+            reason: status.message.clone(),
+        },
+        _ => map_err(what, e),
+    }
+}
+
 fn params() -> PostParams {
     PostParams {
         field_manager: Some(MANAGER.into()),
@@ -119,7 +132,7 @@ impl Cluster for KubeCluster {
             .await
             .map(|_| ())
             .map_err(|e| {
-                map_err(
+                map_secret_write_err(
                     || {
                         format!(
                             "Secret {namespace}/{}",
@@ -137,7 +150,7 @@ impl Cluster for KubeCluster {
             .replace(&name, &params(), secret)
             .await
             .map(|_| ())
-            .map_err(|e| map_err(|| format!("Secret {namespace}/{name}"), e))
+            .map_err(|e| map_secret_write_err(|| format!("Secret {namespace}/{name}"), e))
     }
 
     async fn delete_secret(

@@ -232,6 +232,7 @@ pub async fn assign_primary(
                 .collect(),
             lease_duration_ms: lease.as_millis() as u64,
             sync_interval_seconds: 0,
+            lease_deadline: None,
         })
         .await
         .unwrap();

@@ -106,6 +106,30 @@ pub struct HealthResponse {
     /// field or were started without a name, which the controller then matches by label.
     #[prost(string, tag = "18")]
     pub device: ::prost::alloc::string::String,
+    /// The agent's monotonic clock when it answered: the controller grants write leases
+    /// as deadlines on this clock, so a grant that arrives late cannot outlast it.
+    #[prost(message, optional, tag = "19")]
+    pub clock: ::core::option::Option<AgentClock>,
+}
+/// A reading of an agent's monotonic clock. `id` changes whenever the agent process
+/// restarts (a new clock origin).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentClock {
+    #[prost(fixed64, tag = "1")]
+    pub id: u64,
+    #[prost(uint64, tag = "2")]
+    pub now_ms: u64,
+}
+/// A write lease that ends at `until_ms` on the agent's clock `clock_id`, whenever the
+/// grant arrives. The controller computes it from a Health reading as
+/// reading + time since the reading + lease, so on the controller's clock the lease ends
+/// no later than the moment it sent the grant plus the lease duration.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LeaseDeadline {
+    #[prost(fixed64, tag = "1")]
+    pub clock_id: u64,
+    #[prost(uint64, tag = "2")]
+    pub until_ms: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SyncStatus {
@@ -361,12 +385,16 @@ pub struct AssignRoleRequest {
     /// policy (asynchronous mirrors).
     #[prost(message, repeated, tag = "5")]
     pub mirrors: ::prost::alloc::vec::Vec<MirrorTarget>,
-    /// Primary: write lease granted from the time of receipt.
+    /// Primary: the write lease's length (at most this long from receipt).
     #[prost(uint64, tag = "6")]
     pub lease_duration_ms: u64,
     /// Seconds between full verification passes (0 = keep the agent's setting).
     #[prost(uint32, tag = "7")]
     pub sync_interval_seconds: u32,
+    /// Primary: the lease also ends at this deadline; a grant that arrives after it is
+    /// refused. The controller always sends one; without it the lease runs from receipt.
+    #[prost(message, optional, tag = "8")]
+    pub lease_deadline: ::core::option::Option<LeaseDeadline>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AssignRoleResponse {
@@ -381,8 +409,12 @@ pub struct AssignRoleResponse {
 pub struct RenewLeaseRequest {
     #[prost(uint64, tag = "1")]
     pub epoch: u64,
+    /// At most this long from receipt.
     #[prost(uint64, tag = "2")]
     pub duration_ms: u64,
+    /// And no later than this (see AssignRoleRequest.lease_deadline).
+    #[prost(message, optional, tag = "3")]
+    pub deadline: ::core::option::Option<LeaseDeadline>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RenewLeaseResponse {
