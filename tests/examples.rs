@@ -276,6 +276,20 @@ fn every_example_is_accepted_and_references_resolve() {
         secrets.iter().any(|s| s.spec.source.is_some()),
         "an import example (spec.source)"
     );
+    // Every Secret an example imports carries the consent label the controller requires.
+    for s in secrets.iter().filter(|s| s.spec.source.is_some()) {
+        let source = &s.spec.source.as_ref().unwrap().secret_ref.name;
+        let labelled = examples.iter().any(|e| {
+            e.kind() == "Secret"
+                && e.value["metadata"]["name"] == source.as_str()
+                && e.value["metadata"]["labels"]["hsmsecrets.io/import-for"]
+                    == s.metadata.name.as_deref().unwrap()
+        });
+        assert!(
+            labelled,
+            "the example Secret {source} is labelled hsmsecrets.io/import-for"
+        );
+    }
     assert!(
         secrets.iter().any(|s| s.spec.secret_name.is_some()),
         "a sync example (spec.secretName)"

@@ -5,7 +5,9 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SyncErrorKind {
     InvalidSource,
+    InvalidCopyName,
     SourceNotFound,
+    SourceNotLabelled,
     InvalidKey,
     EmptyResult,
     ReadOnly,
@@ -23,7 +25,9 @@ impl SyncErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
             SyncErrorKind::InvalidSource => "invalid_source",
+            SyncErrorKind::InvalidCopyName => "invalid_copy_name",
             SyncErrorKind::SourceNotFound => "source_not_found",
+            SyncErrorKind::SourceNotLabelled => "source_not_labelled",
             SyncErrorKind::InvalidKey => "invalid_key",
             SyncErrorKind::EmptyResult => "empty_result",
             SyncErrorKind::ReadOnly => "read_only",
@@ -42,7 +46,9 @@ impl SyncErrorKind {
     pub fn reason(self) -> &'static str {
         match self {
             SyncErrorKind::InvalidSource => "InvalidSource",
+            SyncErrorKind::InvalidCopyName => "InvalidSecretName",
             SyncErrorKind::SourceNotFound => "SourceNotFound",
+            SyncErrorKind::SourceNotLabelled => "SourceNotLabelled",
             SyncErrorKind::InvalidKey => "InvalidKey",
             SyncErrorKind::EmptyResult => "EmptyResult",
             SyncErrorKind::ReadOnly => "DeviceReadOnly",
@@ -69,9 +75,25 @@ pub enum SyncError {
         why: String,
     },
     #[error(
+        "spec.secretName {name:?} is not a Secret name: {why}; the copy is kept in the HSMSecret's own namespace {namespace} under a plain name"
+    )]
+    InvalidCopyName {
+        namespace: String,
+        name: String,
+        why: String,
+    },
+    #[error(
         "source Secret {namespace}/{name} (spec.source.secretRef) not found; create it, or remove spec.source"
     )]
     SourceNotFound { namespace: String, name: String },
+    #[error(
+        "source Secret {namespace}/{name} is not labelled hsmsecrets.io/import-for={hsm_secret}; nothing was imported: whoever may write that Secret consents to its import with `kubectl -n {namespace} label secret {name} hsmsecrets.io/import-for={hsm_secret}` (kubectl hsm create/update label theirs)"
+    )]
+    SourceNotLabelled {
+        namespace: String,
+        name: String,
+        hsm_secret: String,
+    },
     #[error("source Secret {source_name}: key {key:?} {why}; rename or remove that key")]
     InvalidKey {
         source_name: String,
@@ -114,7 +136,9 @@ impl SyncError {
     pub fn kind(&self) -> SyncErrorKind {
         match self {
             SyncError::InvalidSource { .. } => SyncErrorKind::InvalidSource,
+            SyncError::InvalidCopyName { .. } => SyncErrorKind::InvalidCopyName,
             SyncError::SourceNotFound { .. } => SyncErrorKind::SourceNotFound,
+            SyncError::SourceNotLabelled { .. } => SyncErrorKind::SourceNotLabelled,
             SyncError::InvalidKey { .. } => SyncErrorKind::InvalidKey,
             SyncError::EmptyResult { .. } => SyncErrorKind::EmptyResult,
             SyncError::ReadOnly { .. } => SyncErrorKind::ReadOnly,

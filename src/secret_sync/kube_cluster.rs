@@ -416,3 +416,47 @@ fn error_policy(_object: Arc<HSMSecret>, error: &SyncError, _ctx: Arc<Context>) 
         _ => Action::requeue(Duration::from_secs(5)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16, message: &str) -> kube::Error {
+        let mut status = kube::core::Status::failure(message, "Invalid");
+        status.code = code;
+        kube::Error::Api(Box::new(status))
+    }
+
+    #[test]
+    fn a_secret_the_api_server_refuses_is_reported_as_such_not_retried_as_a_conflict() {
+        let what = || "Secret shop/db".to_string();
+        let refused = map_secret_write_err(
+            what,
+            api_error(
+                422,
+                "Secret \"db\" is invalid: data[tls.crt]: Required value",
+            ),
+        );
+        assert_eq!(refused.kind(), SyncErrorKind::Rejected);
+        let text = refused.to_string();
+        assert!(
+            text.contains("refused Secret shop/db")
+                && text.contains("data[tls.crt]: Required value"),
+            "{text}"
+        );
+        assert!(text.contains("spec.secretType"), "{text}");
+        // A lost race on a create is a conflict; a patch whose precondition failed too.
+        assert_eq!(
+            map_secret_write_err(what, api_error(409, "already exists")).kind(),
+            SyncErrorKind::Conflict
+        );
+        assert_eq!(
+            map_err(what, api_error(422, "the test operation failed")).kind(),
+            SyncErrorKind::Conflict
+        );
+        assert_eq!(
+            map_secret_write_err(what, api_error(500, "etcd")).kind(),
+            SyncErrorKind::Api
+        );
+    }
+}

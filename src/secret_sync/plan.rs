@@ -14,7 +14,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Owne
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 
-use super::{DEVICE_LABEL, DigestKey, REMOVE_KEYS_ANNOTATION, SyncError, VERSION_LABEL};
+use super::{
+    DEVICE_LABEL, DigestKey, IMPORT_FOR_LABEL, REMOVE_KEYS_ANNOTATION, SyncError, VERSION_LABEL,
+};
 use crate::crd::{
     DeletionPolicy, DevicePhase, HSMDevice, HSMSecret, HSMSecretStatus, ImportMode, ServedBy,
     SyncStatus,
@@ -134,20 +136,41 @@ pub fn source_name(object: &HSMSecret) -> Result<Option<&str>, SyncError> {
         name: name.into(),
         why: why.into(),
     };
-    if name.is_empty() || name.len() > 253 {
-        return Err(invalid("it must have 1 to 253 characters"));
+    match secret_name_problem(name) {
+        Some(why) => Err(invalid(why)),
+        None => Ok(Some(name)),
     }
-    if !name
+}
+
+/// `spec.secretName`, checked like the source: a plain Secret name of this namespace,
+/// never looked up or written when it is not one.
+pub fn copy_name(object: &HSMSecret) -> Result<Option<&str>, SyncError> {
+    let Some(name) = object.spec.secret_name.as_deref() else {
+        return Ok(None);
+    };
+    match secret_name_problem(name) {
+        Some(why) => Err(SyncError::InvalidCopyName {
+            namespace: namespace(object).into(),
+            name: name.into(),
+            why: why.into(),
+        }),
+        None => Ok(Some(name)),
+    }
+}
+
+/// Why `name` is not a Secret name (a DNS subdomain), if it is not one.
+fn secret_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() > 253 {
+        return Some("it must have 1 to 253 characters");
+    }
+    let dns = name
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        || name.starts_with(['-', '.'])
-        || name.ends_with(['-', '.'])
-    {
-        return Err(invalid(
-            "it must be a DNS subdomain (lowercase letters, digits, '-', '.'); a '/' or namespace prefix is not allowed",
-        ));
-    }
-    Ok(Some(name))
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.']);
+    (!dns).then_some(
+        "it must be a DNS subdomain (lowercase letters, digits, '-', '.'); a '/' or namespace prefix is not allowed",
+    )
 }
 
 /// The HSM write an import needs.
@@ -224,6 +247,21 @@ pub fn plan_import(inputs: &Inputs) -> Import {
     let source_version = source.metadata.resource_version.clone().unwrap_or_default();
     if imported == Some(source_version.as_str()) {
         return Import::Nothing;
+    }
+    // Whoever may write the Secret consents to its import by labelling it: an HSMSecret
+    // alone cannot pull (and, with deleteAfterImport, delete) any Secret of the namespace.
+    let hsm_secret = object.metadata.name.as_deref().unwrap_or_default();
+    let labelled_for = source
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(IMPORT_FOR_LABEL));
+    if labelled_for.map(String::as_str) != Some(hsm_secret) {
+        return Import::Refused(SyncError::SourceNotLabelled {
+            namespace: ns.into(),
+            name: name.into(),
+            hsm_secret: hsm_secret.into(),
+        });
     }
     let path = match hsm_path(object) {
         Ok(p) => p,
@@ -406,7 +444,7 @@ fn same_data(secret: &Secret, data: &SecretData) -> bool {
 /// Secret of that name belongs to someone else.
 pub fn plan_secret(inputs: &Inputs) -> Result<Option<SecretWrite>, SyncError> {
     let object = inputs.object;
-    let Some(name) = object.spec.secret_name.as_deref() else {
+    let Some(name) = copy_name(object)? else {
         return Ok(None);
     };
     let ns = namespace(object);

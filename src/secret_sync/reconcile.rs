@@ -87,9 +87,10 @@ impl<C: Cluster> SecretReconciler<C> {
                     .await
             }
         };
-        let managed = match object.spec.secret_name.as_deref() {
-            Some(name) => self.cluster.secret(&ns, name).await?,
-            None => None,
+        // An invalid spec.secretName is reported by the Secret plan, never looked up.
+        let managed = match plan::copy_name(object) {
+            Ok(Some(name)) => self.cluster.secret(&ns, name).await?,
+            _ => None,
         };
 
         if object.metadata.deletion_timestamp.is_some() {

@@ -64,6 +64,7 @@ fn source(rv: &str, pairs: &[(&str, &str)], remove: Option<&str>) -> Secret {
             name: Some("db-import-x".into()),
             namespace: Some("shop".into()),
             resource_version: Some(rv.into()),
+            labels: Some(BTreeMap::from([(IMPORT_FOR_LABEL.into(), "db".into())])),
             annotations: remove
                 .map(|r| BTreeMap::from([(REMOVE_KEYS_ANNOTATION.into(), r.into())])),
             ..Default::default()
@@ -288,6 +289,48 @@ fn a_source_reference_naming_another_namespace_is_refused_before_any_lookup() {
     }
     let o = object(None, None);
     assert_eq!(hsm_path(&o).unwrap().to_string(), "shop/db");
+}
+
+#[test]
+fn a_source_not_labelled_for_this_hsmsecret_is_never_imported() {
+    let w = writable();
+    let k = key();
+    let o = object(Some(("db-import-x", ImportMode::Replace)), None);
+    for label in [None, Some("other")] {
+        let mut s = source("7", &[("k", "v")], None);
+        s.metadata.labels = label.map(|l| BTreeMap::from([(IMPORT_FOR_LABEL.into(), l.into())]));
+        let i = inputs(&o, &w, &HsmContent::Absent, Some(&s), None, &k);
+        let Import::Refused(e) = plan_import(&i) else {
+            panic!("imported a Secret labelled {label:?}");
+        };
+        assert_eq!(e.kind(), SyncErrorKind::SourceNotLabelled);
+        assert!(
+            e.to_string()
+                .contains("label secret db-import-x hsmsecrets.io/import-for=db"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_copy_name_that_is_not_a_plain_secret_name_is_refused_before_any_lookup() {
+    let w = writable();
+    let k = key();
+    let hsm = live(3, &[("k", "v")]);
+    for name in ["other/db", "../db", "Db", "", "db-"] {
+        let o = object(None, Some(name));
+        let e = copy_name(&o).unwrap_err();
+        assert_eq!(e.kind(), SyncErrorKind::InvalidCopyName, "{name}");
+        assert!(e.to_string().contains("spec.secretName"), "{e}");
+        let i = inputs(&o, &w, &hsm, None, None, &k);
+        assert_eq!(
+            plan_secret(&i).unwrap_err(),
+            e,
+            "no Secret write for {name:?}"
+        );
+    }
+    let o = object(None, Some("db.copy-1"));
+    assert_eq!(copy_name(&o).unwrap(), Some("db.copy-1"));
 }
 
 fn managed(owner_uid: Option<&str>, rv: &str, pairs: &[(&str, &str)], version: &str) -> Secret {
