@@ -224,6 +224,26 @@ async fn crash_promote_restart(mut c: Cluster, unreplicated: bool) -> (u64, u64,
         Some("n2"),
         "no automatic failback"
     );
+    // The returned node refuses writes under either epoch and sends writers to n2.
+    for epoch in [1, 2] {
+        let err = c1
+            .put(&path("shop/late"), &data(&[("v", b"x")]), Expect::Any, epoch)
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("not the primary") && msg.contains("writes go to the primary n2"),
+            "epoch {epoch}: {msg}"
+        );
+    }
+    // Everything the mirror had before the crash, and n2's own writes, are on both.
+    for i in (0..8).chain(100..103) {
+        let at = path(&format!("shop/s{i}"));
+        for conn in [&c1, &c2] {
+            let record = conn.get(&at).await.unwrap().record.unwrap();
+            assert_eq!(record.data[0].value, i.to_string().into_bytes());
+        }
+    }
     (replicated, acknowledged_by_n1, seen)
 }
 
