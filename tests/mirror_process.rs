@@ -1,4 +1,5 @@
-//! Agents as separate `hsm-secrets agent` processes, each on its own SoftHSM token:
+//! Agents as separate `hsm-secrets agent` processes, each on its own SoftHSM token: 1,000
+//! secrets converge on both mirrors (manifests of versions and checksums equal), a mirror
 //! killed with SIGKILL, reads continue from the mirrors, a restarted mirror catches up,
 //! and a promoted mirror takes over.
 #![allow(clippy::unwrap_used)]
@@ -19,6 +20,8 @@ use tokio::process::{Child, Command};
 
 const TOKENS: &[&str] = &["proc-n1", "proc-n2", "proc-n3"];
 const WAIT: Duration = Duration::from_secs(300);
+/// Secrets written before the mirrors are compared.
+const INITIAL: u32 = 1_000;
 
 struct AgentProcess {
     name: String,
@@ -148,7 +151,7 @@ async fn killed_agents_reads_continue_from_mirrors_and_a_restarted_mirror_catche
         .unwrap();
 
     let value = |i: u32| format!("value-{i}").into_bytes();
-    for i in 0..30u32 {
+    for i in 0..INITIAL {
         c1.put(
             &path(&format!("web/s{i}")),
             &data(&[("v", &value(i))]),
@@ -174,7 +177,7 @@ async fn killed_agents_reads_continue_from_mirrors_and_a_restarted_mirror_catche
 
     // A mirror dies; writes go on; it comes back on the same token and catches up.
     n3.sigkill().await;
-    for i in 30..40u32 {
+    for i in INITIAL..INITIAL + 10 {
         c1.put(
             &path(&format!("web/s{i}")),
             &data(&[("v", &value(i))]),
@@ -203,7 +206,7 @@ async fn killed_agents_reads_continue_from_mirrors_and_a_restarted_mirror_catche
 
     // The primary dies: reads continue from the mirrors, verified, without a write path.
     n1.sigkill().await;
-    for i in 1..40u32 {
+    for i in (1..INITIAL + 10).step_by(7) {
         let (_, d) = remote.get(&path(&format!("web/s{i}"))).await.unwrap();
         assert_eq!(d.get("v"), Some(value(i).as_slice()), "web/s{i}");
     }
