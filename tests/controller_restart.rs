@@ -227,7 +227,12 @@ async fn crash_promote_restart(mut c: Cluster, unreplicated: bool) -> (u64, u64,
     // The returned node refuses writes under either epoch and sends writers to n2.
     for epoch in [1, 2] {
         let err = c1
-            .put(&path("shop/late"), &data(&[("v", b"x")]), Expect::Any, epoch)
+            .put(
+                &path("shop/late"),
+                &data(&[("v", b"x")]),
+                Expect::Any,
+                epoch,
+            )
             .await
             .unwrap_err();
         let msg = err.to_string();

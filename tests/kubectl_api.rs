@@ -518,6 +518,52 @@ async fn failover_annotates_the_device_and_polls_until_the_target_is_primary() {
 }
 
 #[tokio::test]
+async fn failover_force_asks_the_controller_to_promote_a_node_that_is_behind() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "GET");
+        req.reply(
+            200,
+            device("ReadOnly", "worker-1", three_nodes(), json!({})),
+        );
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("PATCH", &*format!("{DEVICES}/prod-hsm"))
+        );
+        assert_eq!(
+            req.body,
+            json!({"metadata": {"annotations": {"hsmsecrets.io/switchover-to": "worker-2,force"}}})
+        );
+        req.reply(
+            200,
+            device("ReadOnly", "worker-1", three_nodes(), json!({})),
+        );
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(
+        &[
+            "failover",
+            "prod-hsm",
+            "--to",
+            "worker-2",
+            "--force",
+            "--wait=false",
+        ],
+        client,
+    )
+    .await;
+    ran.result.as_ref().unwrap();
+    assert!(
+        ran.out.contains("switchover to worker-2 requested"),
+        "{}",
+        ran.out
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
 async fn failover_refuses_before_writing() {
     let (client, mut api) = mock_api::client();
     let server = tokio::spawn(async move {

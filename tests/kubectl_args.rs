@@ -453,3 +453,96 @@ async fn bash_completion_completes_subcommand_flags() {
     );
     assert!(stdout.contains("reply: --to --timeout"), "{stdout}");
 }
+
+/// Every argument error a person is likely to make, with the exact message and exit
+/// code, compared with tests/golden/kubectl/argument-errors.txt (refresh:
+/// UPDATE_GENERATED=1 cargo test --test kubectl_args).
+#[test]
+fn argument_errors_match_the_golden_file() {
+    let cases: &[&[&str]] = &[
+        &["failover", "prod-hsm"],
+        &["failover", "Prod_HSM", "--to", "worker-2"],
+        &["failover", "prod-hsm", "--to", "worker/2"],
+        &["get"],
+        &["get", "db", "--key", "a/b"],
+        &["get", "db", "-o", "xml"],
+        &["get", "db", "--show-values", "-A"],
+        &["create", "db"],
+        &[
+            "create",
+            "db",
+            "--device",
+            "prod-hsm",
+            "--from-literal",
+            "novalue",
+        ],
+        &[
+            "create",
+            "db",
+            "--device",
+            "prod-hsm",
+            "--from-literal",
+            "../k=v",
+        ],
+        &[
+            "create",
+            "db",
+            "--device",
+            "prod-hsm",
+            "--from-literal",
+            "k=1",
+            "--from-literal",
+            "k=2",
+        ],
+        &[
+            "create",
+            "db",
+            "--device",
+            "prod-hsm",
+            "--from-file",
+            "/nonexistent/hsm-secrets-test",
+        ],
+        &["update", "db", "--from-literal", "k=v", "--timeout", "soon"],
+        &["delete", "db", "--key", ""],
+        &["mirror", "status"],
+        &["completion", "powershell"],
+        &["list", "-n", "Bad_Namespace"],
+    ];
+    let mut report = String::new();
+    for args in cases {
+        let (code, message) = match parse(args) {
+            Err(e) => (e.exit_code(), e.render().to_string()),
+            Ok(cli) => {
+                let (mut out, mut err) = (Vec::new(), Vec::new());
+                let mut term = Term {
+                    out: &mut out,
+                    err: &mut err,
+                };
+                match Request::from_cli(&cli, &mut ScriptedPrompt(None), &mut term) {
+                    Err(e) => (e.exit_code(), e.to_string()),
+                    Ok(r) => panic!("kubectl hsm {} was accepted: {r:?}", args.join(" ")),
+                }
+            }
+        };
+        // Up to clap's usage lines, which follow a blank line.
+        let shown: Vec<&str> = message
+            .lines()
+            .take_while(|l| !l.trim().is_empty())
+            .collect();
+        report.push_str(&format!(
+            "$ kubectl hsm {}\nexit {code}: {}\n\n",
+            args.join(" "),
+            shown.join("\n")
+        ));
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/kubectl/argument-errors.txt");
+    if std::env::var_os("UPDATE_GENERATED").is_some() {
+        std::fs::write(&path, &report).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        expected == report,
+        "tests/golden/kubectl/argument-errors.txt differs; review and run: UPDATE_GENERATED=1 cargo test --test kubectl_args\n--- expected\n{expected}\n--- actual\n{report}"
+    );
+}

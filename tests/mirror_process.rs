@@ -1,7 +1,7 @@
 //! Agents as separate `hsm-secrets agent` processes, each on its own SoftHSM token: 1,000
 //! secrets converge on both mirrors (manifests of versions and checksums equal), a mirror
-//! killed with SIGKILL, reads continue from the mirrors, a restarted mirror catches up,
-//! and a promoted mirror takes over.
+//! killed with SIGKILL catches up after a restart, reads continue from the mirrors when
+//! the primary is killed, and a promoted mirror takes over.
 #![allow(clippy::unwrap_used)]
 
 mod mirror_support;

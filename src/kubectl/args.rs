@@ -202,6 +202,10 @@ pub struct FailoverArgs {
     /// Node to promote to primary.
     #[arg(long, required = true, value_name = "NODE")]
     pub to: String,
+    /// Promote NODE even when the primary is unreachable and NODE has not applied every
+    /// change it last reported: those changes may be lost (they are reported in status).
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
 }
@@ -330,6 +334,7 @@ pub struct MirrorStatusRequest {
 pub struct FailoverRequest {
     pub device: String,
     pub to: String,
+    pub force: bool,
     pub wait: Wait,
 }
 
@@ -438,6 +443,7 @@ impl Request {
                 Request::Failover(FailoverRequest {
                     device: f.device.clone(),
                     to: f.to.clone(),
+                    force: f.force,
                     wait: f.wait.into(),
                 })
             }

@@ -156,7 +156,13 @@ pub(crate) async fn failover(
             "refusing to fail over: {why}"
         )));
     }
-    let patch = json!({"metadata": {"annotations": {SWITCHOVER_ANNOTATION: r.to}}});
+    // The controller reads `NODE` or `NODE,force`.
+    let request = if r.force {
+        format!("{},force", r.to)
+    } else {
+        r.to.clone()
+    };
+    let patch = json!({"metadata": {"annotations": {SWITCHOVER_ANNOTATION: request}}});
     devices_api(s)
         .patch(&r.device, &PatchParams::default(), &Patch::Merge(&patch))
         .await
