@@ -22,7 +22,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::Command;
 
-const TOKENS: &[&str] = &["cp-n1", "cp-n2", "cp-n3", "ca-n1", "ca-n2", "ca-n3"];
+const TOKENS: &[&str] = &[
+    "cp-n1", "cp-n2", "cp-n3", "ca-n1", "ca-n2", "ca-n3", "cs-n1", "cs-n2", "cs-n3",
+];
 const WAIT: Duration = Duration::from_secs(120);
 
 async fn status(state: &FileState) -> HSMDeviceStatus {
@@ -306,4 +308,73 @@ async fn under_active_every_write_acknowledged_before_the_sigkill_is_on_the_new_
         let errors = reader.await.unwrap();
         assert!(errors.is_empty(), "mirror reads failed: {errors:?}");
     }
+}
+
+/// Under `Active` a mirror that stops applying pushes holds writes back (they are not
+/// acknowledged) only until the controller has recorded it outside the write set in
+/// HSMDevice status and said so with a renewal; writes then go on with the other mirror,
+/// and the stopped mirror comes back into the set by itself once it has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_active_a_stopped_mirror_leaves_the_write_set_through_the_status_first() {
+    let Some(p) = Processes::start(["cs-n1", "cs-n2", "cs-n3"], MirroringPolicy::Active).await
+    else {
+        return;
+    };
+    let epoch = p.bootstrap.epoch;
+    let primary = p.client("n1");
+    let n3 = p.agents.iter().find(|a| a.peer.node == "n3").unwrap();
+    let n3_pid = Pid::from_raw(n3.child.id().unwrap() as i32);
+    kill(n3_pid, Signal::SIGSTOP).unwrap();
+
+    let put = |i: u32| {
+        let primary = primary.clone();
+        async move {
+            primary
+                .put(
+                    &path(&format!("shop/k{i}")),
+                    &data(&[("v", i.to_string().as_bytes())]),
+                    Expect::Any,
+                    epoch,
+                )
+                .await
+        }
+    };
+    let err = put(0).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("mirror(s) n3 of the Active write set did not apply it"),
+        "{err}"
+    );
+    // Acknowledged again once the status shows n3 outside the write set.
+    let mut i = 1;
+    let w = wait_for(WAIT, "writes acknowledged without n3", || {
+        i += 1;
+        let attempt = put(i);
+        async move { attempt.await.ok() }
+    })
+    .await;
+    assert_eq!(w.replicated_to, ["n2"]);
+    let s = status(&p.state).await;
+    let entry = |s: &HSMDeviceStatus, node: &str| {
+        s.nodes
+            .iter()
+            .find(|n| n.node == node)
+            .unwrap()
+            .outside_write_set
+    };
+    assert!(entry(&s, "n3"), "{:?}", s.nodes);
+    assert!(!entry(&s, "n2"));
+
+    // n3 resumes, catches up by pulling, rejoins; the mark goes and writes wait for it.
+    kill(n3_pid, Signal::SIGCONT).unwrap();
+    wait_for(WAIT, "n3 back in the write set", || async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = status(&p.state).await;
+        (!entry(&s, "n3")).then_some(())
+    })
+    .await;
+    let w = put(1_000).await.unwrap();
+    let mut to = w.replicated_to.clone();
+    to.sort();
+    assert_eq!(to, ["n2", "n3"]);
 }

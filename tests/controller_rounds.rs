@@ -102,6 +102,7 @@ impl Agents for SimAgents {
             last_sync: Some(k8s_openapi::jiff::Timestamp::now()),
             write_lease,
             error: None,
+            write_set: None,
         })
     }
 

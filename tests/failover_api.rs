@@ -67,6 +67,7 @@ fn agent(
             WriteLease::NotHeld
         },
         error: None,
+        write_set: None,
     })
 }
 

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use hsm_secrets::crd::DeviceRole;
-use hsm_secrets::hsm::{Expect, FaultKind, StoreError};
+use hsm_secrets::hsm::{Expect, FaultKind};
 use hsm_secrets::mirror::{MirrorError, pb};
 use mirror_support::*;
 use tonic::Code;
@@ -26,6 +26,15 @@ macro_rules! node {
             None => return,
         }
     };
+}
+
+fn until(epoch: u64, length: Duration, deadline: pb::LeaseDeadline) -> pb::RenewLeaseRequest {
+    pb::RenewLeaseRequest {
+        epoch,
+        duration_ms: length.as_millis() as u64,
+        deadline: Some(deadline),
+        ..Default::default()
+    }
 }
 
 fn code(e: &MirrorError) -> Code {
@@ -158,7 +167,7 @@ async fn a_lease_grant_ends_at_its_deadline_however_late_it_arrives() {
 
     // Delivered after its deadline: refused, and the lease held stays as it was.
     let err = client
-        .renew_lease_until(7, HOUR, deadline(clock.now_ms))
+        .renew_lease_with(until(7, HOUR, deadline(clock.now_ms)))
         .await
         .unwrap_err();
     assert_eq!(code(&err), Code::FailedPrecondition);
@@ -174,14 +183,14 @@ async fn a_lease_grant_ends_at_its_deadline_however_late_it_arrives() {
 
     // Computed from another process's clock: refused.
     let err = client
-        .renew_lease_until(
+        .renew_lease_with(until(
             7,
             HOUR,
             pb::LeaseDeadline {
                 clock_id: clock.id ^ 2,
                 until_ms: u64::MAX,
             },
-        )
+        ))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("names another clock"), "{err}");
@@ -189,7 +198,7 @@ async fn a_lease_grant_ends_at_its_deadline_however_late_it_arrives() {
     // An hour asked for, but the deadline is 300 ms after the reading: writes stop then.
     let now = client.health().await.unwrap().clock.unwrap().now_ms;
     let granted = client
-        .renew_lease_until(7, HOUR, deadline(now + 300))
+        .renew_lease_with(until(7, HOUR, deadline(now + 300)))
         .await
         .unwrap();
     assert!(granted.remaining_ms <= 300, "{}", granted.remaining_ms);
@@ -352,39 +361,56 @@ async fn under_the_active_policy_an_acknowledged_write_is_on_every_in_sync_mirro
             .is_deleted()
     );
 
-    // n3 fails to apply one push: it is dropped, the write is still acknowledged, and
-    // Health says so.
-    n3.plan
-        .fail_op_times("apply", 1, FaultKind::DeviceUnavailable);
-    let p = path("pay/key-9");
-    let w = c1
-        .put(&p, &data(&[("k", b"v9")]), Expect::Any, 1)
-        .await
-        .unwrap();
-    assert_eq!(
-        (w.replicated_to.clone(), w.dropped.clone()),
-        (vec!["n2".to_string()], vec!["n3".to_string()])
-    );
-    assert!(n2.store.get(&p).await.is_ok());
-    assert!(matches!(
-        n3.store.get(&p).await,
-        Err(StoreError::NotFound { .. })
-    ));
+    // n3 stops applying pushes: a write it did not apply is not acknowledged (it names
+    // n3), and neither is the next one, until the controller takes n3 out of the write
+    // set. Health shows n3 as dropping meanwhile.
+    n3.plan.fail_op("apply", FaultKind::DeviceUnavailable);
+    for key in ["pay/key-9", "pay/key-10"] {
+        let err = c1
+            .put(&path(key), &data(&[("k", b"v")]), Expect::Any, 1)
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err), Code::Unavailable);
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("write of {key} not acknowledged"))
+                && msg.contains("mirror(s) n3 of the Active write set did not apply it"),
+            "{msg}"
+        );
+    }
+    assert!(n2.store.get(&path("pay/key-9")).await.is_ok());
     let replication = c1.health().await.unwrap().replication.unwrap();
     assert_eq!(replication.in_sync, ["n2"]);
-    assert_eq!(replication.dropped.len(), 1);
-    assert_eq!(replication.dropped[0].node, "n3");
+    assert!(replication.dropped.is_empty(), "{replication:?}");
+    assert_eq!(replication.dropping.len(), 1);
+    assert_eq!(replication.dropping[0].node, "n3");
     assert!(
-        replication.dropped[0].reason.contains("n3"),
+        replication.dropping[0].reason.contains("n3"),
         "{:?}",
-        replication.dropped[0]
+        replication.dropping[0]
     );
-    // Writes no longer wait for n3.
+
+    // The controller recorded n3 (and, wrongly, n2) outside the write set: the primary
+    // stops waiting for the dropping n3 only; an in-sync mirror is never dropped this way.
+    c1.renew_lease_with(pb::RenewLeaseRequest {
+        epoch: 1,
+        duration_ms: HOUR.as_millis() as u64,
+        outside_write_set: vec!["n3".into(), "n2".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let replication = c1.health().await.unwrap().replication.unwrap();
+    assert_eq!(replication.in_sync, ["n2"]);
+    assert_eq!(replication.dropped.len(), 1, "{replication:?}");
+    assert_eq!(replication.dropped[0].node, "n3");
+    assert!(replication.dropping.is_empty());
     let w = c1
         .put(&path("pay/key-10"), &data(&[("k", b"v10")]), Expect::Any, 1)
         .await
         .unwrap();
     assert_eq!(w.replicated_to, ["n2"]);
+    n3.plan.clear();
 
     // n3 catches up by pulling, which brings it back into the sync set.
     n3.agent.pull_now().await.unwrap();

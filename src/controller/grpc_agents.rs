@@ -17,6 +17,7 @@ use super::{AgentCallError, Agents};
 use crate::crd::{DeviceRole, HSMDevice, MirroringPolicy};
 use crate::failover::{
     Action, AgentReport, DeviceView, NodeError, NodeErrorKind, ProbeResult, WriteLease,
+    WriteSetReport,
 };
 use crate::mirror::{
     AgentConnection, AgentTls, EndpointResolver, MirrorError, Peer, StaticEndpoints, pb,
@@ -307,6 +308,15 @@ impl GrpcAgents {
             last_sync,
             write_lease,
             error,
+            write_set: h.replication.map(|r| WriteSetReport {
+                in_sync: r.in_sync,
+                outside: r
+                    .dropping
+                    .into_iter()
+                    .chain(r.dropped)
+                    .map(|d| d.node)
+                    .collect(),
+            }),
         }
     }
 
@@ -436,10 +446,19 @@ impl Agents for GrpcAgents {
     async fn execute(&self, device: &DeviceView, action: &Action) -> Result<(), AgentCallError> {
         let lease_ms = self.lease.as_millis() as u64;
         match action {
-            Action::RenewLease { node, epoch } => {
-                let deadline = self.lease_deadline(node)?;
+            Action::RenewLease {
+                node,
+                epoch,
+                outside_write_set,
+            } => {
+                let request = pb::RenewLeaseRequest {
+                    epoch: *epoch,
+                    duration_ms: lease_ms,
+                    deadline: Some(self.lease_deadline(node)?),
+                    outside_write_set: outside_write_set.clone(),
+                };
                 self.connection(node)?
-                    .renew_lease_until(*epoch, self.lease, deadline)
+                    .renew_lease_with(request)
                     .await
                     .map(|_| ())
                     .map_err(|e| call_error(node, e))

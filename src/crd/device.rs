@@ -280,6 +280,11 @@ pub struct DeviceNodeStatus {
     /// (possible under policy ReadOnly); cleared once the node has resynchronized.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_writes: Option<LostWrites>,
+    /// Policy Active: the primary stopped waiting for this mirror (it failed a push), so
+    /// it may lack acknowledged writes and is never promoted automatically; cleared once
+    /// the primary reports it back in its write set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outside_write_set: bool,
 }
 
 /// Annotation on an HSMDevice asking the controller for a planned switchover to a node

@@ -9,7 +9,14 @@ use crate::crd::DeviceRole;
 #[serde(tag = "action", rename_all = "camelCase")]
 pub enum Action {
     /// Extend the primary's write lease under `epoch` (every round while it is healthy).
-    RenewLease { node: String, epoch: u64 },
+    /// Under `Active`, also tell it which mirrors the stored status records as outside
+    /// its write set: it stops waiting for those (see `crate::mirror::replication`).
+    RenewLease {
+        node: String,
+        epoch: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        outside_write_set: Vec<String>,
+    },
     /// Stop writes now and for good under `epoch` (first step of a planned switchover).
     FenceWrites { node: String, epoch: u64 },
     /// Make `node` the primary under `epoch` (a fresh lease starts with it). Sent until

@@ -125,6 +125,7 @@ impl DeviceFixture {
             last_error: None,
             last_successful_probe: Some(Time(t(990))),
             lost_writes: None,
+            outside_write_set: false,
         });
         self.status.nodes.sort_by(|a, b| a.node.cmp(&b.node));
         self
@@ -146,6 +147,11 @@ impl DeviceFixture {
         if n >= threshold {
             entry.health = NodeHealth::Unhealthy;
         }
+        self
+    }
+    /// The stored status records `node` outside the Active primary's write set.
+    pub fn outside_write_set(mut self, node: &str) -> Self {
+        self.entry_mut(node).outside_write_set = true;
         self
     }
     fn entry_mut(&mut self, node: &str) -> &mut DeviceNodeStatus {
@@ -195,6 +201,7 @@ impl DeviceFixture {
                 WriteLease::NotHeld
             },
             error: None,
+            write_set: None,
         };
         edit(&mut report);
         self.probes.push(Probe {
@@ -374,6 +381,7 @@ impl Cluster {
                             WriteLease::NotHeld
                         },
                         error: None,
+                        write_set: None,
                     })
                 } else {
                     ProbeResult::Failed(NodeError::new(NodeErrorKind::Timeout, "no answer"))
@@ -401,7 +409,7 @@ impl Cluster {
                     a.fenced = false;
                     self.fx.lease.confirmed_renewal = Some(t(now));
                 }
-                Action::RenewLease { node, epoch } if self.agents[node].up => {
+                Action::RenewLease { node, epoch, .. } if self.agents[node].up => {
                     let a = self.agent(node);
                     if a.epoch == *epoch && !a.fenced {
                         a.renewed = Some(now);

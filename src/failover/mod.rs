@@ -69,6 +69,7 @@ pub use actions::{
 pub use fencing::{Fence, FencingConfig, LeaseFacts};
 pub use observe::{
     AgentReport, DeviceView, NodeError, NodeErrorKind, Probe, ProbeResult, WriteLease,
+    WriteSetReport,
 };
 pub use plan::{Plan, plan};
 pub use status::{ConditionReason, condition_types};

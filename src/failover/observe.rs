@@ -90,6 +90,17 @@ pub struct AgentReport {
     pub write_lease: WriteLease,
     /// The agent's latest operational error (e.g. a failing sync), if any.
     pub error: Option<NodeError>,
+    /// A primary under `Active`: its write set as it reports it.
+    #[serde(default)]
+    pub write_set: Option<WriteSetReport>,
+}
+
+/// The mirrors an `Active` primary's writes wait for, and those that failed a push
+/// (waiting for the controller to take them out, or already out).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteSetReport {
+    pub in_sync: Vec<String>,
+    pub outside: Vec<String>,
 }
 
 impl AgentReport {

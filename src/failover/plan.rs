@@ -7,7 +7,8 @@ use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::crd::{
-    DevicePhase, DeviceRole, EpochRecord, HSMDeviceStatus, MirroringPolicy, NodeHealth,
+    DeviceNodeStatus, DevicePhase, DeviceRole, EpochRecord, HSMDeviceStatus, MirroringPolicy,
+    NodeHealth,
 };
 
 use super::actions::{Action, DeviceEvent, EventReason, EventType};
@@ -264,6 +265,8 @@ impl<'a> Planner<'a> {
             self.actions.push(Action::RenewLease {
                 node: primary.to_string(),
                 epoch: self.epoch,
+                // Filled in from the status entries this round stores, in `finish`.
+                outside_write_set: Vec::new(),
             });
         }
     }
@@ -279,7 +282,9 @@ impl<'a> Planner<'a> {
             .filter(|r| r.name != old_primary)
             .filter_map(|r| r.usable().map(|report| (r, report)))
             .filter(|(_, report)| diverged_range(&self.history, report).is_none())
-            .filter(|(_, report)| !active || report.applied_sequence >= old_sequence)
+            .filter(|(r, report)| {
+                !active || (report.applied_sequence >= old_sequence && !outside_write_set(r))
+            })
             .max_by_key(|(r, report)| {
                 (
                     report.applied_sequence,
@@ -495,6 +500,9 @@ impl<'a> Planner<'a> {
                 ready: false,
             });
         }
+        if self.view.policy == MirroringPolicy::Active {
+            self.mark_write_set(&mut entries, &rounds);
+        }
         let status = self.summarize(entries, primary_sequence, &rounds);
         let mut actions = std::mem::take(&mut self.actions);
         actions.sort_by_key(execution_rank);
@@ -505,6 +513,51 @@ impl<'a> Planner<'a> {
             switchover: self.switchover,
         }
     }
+}
+
+impl Planner<'_> {
+    /// `Active`: which mirrors are outside the primary's write set, as the primary
+    /// reports this round (kept from the last status when it did not report). The
+    /// renewal tells the primary the same set only after this status is stored, so the
+    /// status never shows a mirror as eligible that the primary already stopped waiting
+    /// for.
+    fn mark_write_set(&mut self, entries: &mut [DeviceNodeStatus], rounds: &[NodeRound<'_>]) {
+        let primary = self.primary.clone().unwrap_or_default();
+        let reported = rounds
+            .iter()
+            .find(|r| r.name == primary)
+            .and_then(|r| r.usable())
+            .and_then(|r| r.write_set.as_ref());
+        for entry in entries.iter_mut().filter(|e| e.node != primary) {
+            let prev = rounds
+                .iter()
+                .find(|r| r.name == entry.node)
+                .is_some_and(outside_write_set);
+            entry.outside_write_set = match reported {
+                Some(set) if set.outside.contains(&entry.node) => true,
+                Some(set) if set.in_sync.contains(&entry.node) => false,
+                _ => prev,
+            };
+        }
+        let outside: Vec<String> = entries
+            .iter()
+            .filter(|e| e.outside_write_set)
+            .map(|e| e.node.clone())
+            .collect();
+        for action in &mut self.actions {
+            if let Action::RenewLease {
+                outside_write_set, ..
+            } = action
+            {
+                *outside_write_set = outside.clone();
+            }
+        }
+    }
+}
+
+/// As the stored status says: the primary may have stopped waiting for this mirror.
+fn outside_write_set(round: &NodeRound<'_>) -> bool {
+    round.prev.is_some_and(|p| p.outside_write_set)
 }
 
 /// Fence and demote before promoting; events after the commands they describe.

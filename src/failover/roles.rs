@@ -203,6 +203,7 @@ impl Planner<'_> {
                 prev.and_then(|p| p.last_successful_probe.clone())
             },
             lost_writes: None,
+            outside_write_set: false,
         }
     }
 

@@ -69,9 +69,13 @@ fn promote(node: &str, epoch: u64) -> Action {
     }
 }
 fn renew(node: &str, epoch: u64) -> Action {
+    renew_outside(node, epoch, &[])
+}
+fn renew_outside(node: &str, epoch: u64, outside: &[&str]) -> Action {
     RenewLease {
         node: node.into(),
         epoch,
+        outside_write_set: outside.iter().map(|n| n.to_string()).collect(),
     }
 }
 fn demote(node: &str, epoch: u64, primary: &str) -> Action {
@@ -244,6 +248,28 @@ fn single_round_decisions() {
             events: vec![HSMDeviceUnhealthy, HSMReadOnlyFallback],
         },
         Case {
+            name: "policy Active: a caught-up mirror the primary stopped waiting for is not promoted",
+            fx: DeviceFixture::new()
+                .policy(MirroringPolicy::Active)
+                .primary("n1", 10)
+                .mirror("n2", 10)
+                .mirror("n3", 10)
+                .outside_write_set("n2")
+                .failing("n1", 2)
+                .renewed_at(0)
+                .down("n1")
+                .ok("n2", 10)
+                .ok("n3", 10),
+            phase: DevicePhase::Degraded,
+            primary: "n3",
+            epoch: 2,
+            commands: vec![
+                promote("n3", 2),
+                set_mirror("n2", "n3", 2, DeviceRole::ReadOnly),
+            ],
+            events: vec![HSMFailover, HSMPromoted, HSMDeviceUnhealthy],
+        },
+        Case {
             name: "policy Active: an in-sync mirror is promoted",
             fx: DeviceFixture::new()
                 .policy(MirroringPolicy::Active)
@@ -342,6 +368,56 @@ fn single_round_decisions() {
             "{name}: writable"
         );
     }
+}
+
+/// The status records a mirror outside the write set as soon as the primary reports it
+/// (dropping or dropped), and the renewal of the same round, executed after the status
+/// is stored, tells the primary it may stop waiting; back in sync, the mark goes.
+#[test]
+fn active_write_set_is_recorded_before_the_primary_is_told() {
+    use super::observe::WriteSetReport;
+    let set = |in_sync: &[&str], outside: &[&str]| {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect();
+        Some(WriteSetReport {
+            in_sync: names(in_sync),
+            outside: names(outside),
+        })
+    };
+    let fx = || {
+        DeviceFixture::new()
+            .policy(MirroringPolicy::Active)
+            .primary("n1", 10)
+            .mirror("n2", 10)
+            .mirror("n3", 10)
+    };
+    let plan = fx()
+        .report("n1", 12, |r| r.write_set = set(&["n2"], &["n3"]))
+        .ok("n2", 12)
+        .ok("n3", 10)
+        .plan();
+    assert!(node_status(&plan, "n3").outside_write_set);
+    assert!(!node_status(&plan, "n2").outside_write_set);
+    assert_eq!(commands(&plan), vec![renew_outside("n1", 1, &["n3"])]);
+
+    // The primary does not answer this round: the stored mark stays.
+    let plan = fx()
+        .outside_write_set("n3")
+        .failing("n1", 0)
+        .down("n1")
+        .ok("n2", 12)
+        .ok("n3", 12)
+        .plan();
+    assert!(node_status(&plan, "n3").outside_write_set);
+
+    // Back in the write set: cleared, and the renewal names nobody.
+    let plan = fx()
+        .outside_write_set("n3")
+        .report("n1", 14, |r| r.write_set = set(&["n2", "n3"], &[]))
+        .ok("n2", 14)
+        .ok("n3", 14)
+        .plan();
+    assert!(!node_status(&plan, "n3").outside_write_set);
+    assert_eq!(commands(&plan), vec![renew("n1", 1)]);
 }
 
 #[test]

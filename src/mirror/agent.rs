@@ -498,8 +498,17 @@ impl Agent {
         Ok(self.applied_sequence(DeviceRole::Primary))
     }
 
-    pub fn renew_lease(&self, epoch: u64, duration: Duration) -> Result<Duration, MirrorError> {
-        self.control().renew(epoch, duration, Instant::now())
+    /// Extends the write lease; under Active, stops waiting for the mirrors the controller
+    /// recorded as outside the write set.
+    pub fn renew_lease(
+        &self,
+        epoch: u64,
+        duration: Duration,
+        outside_write_set: &[String],
+    ) -> Result<Duration, MirrorError> {
+        let remaining = self.control().renew(epoch, duration, Instant::now())?;
+        self.replication().acknowledge_outside(outside_write_set);
+        Ok(remaining)
     }
 
     /// A client write (primary only).
@@ -580,7 +589,7 @@ impl Agent {
         let targets = {
             let mut index = self.inner.local.index();
             index.record_write(path, version, checksum);
-            self.replication().in_sync()
+            self.replication().write_targets()
         };
         if self.control().check_lease(Instant::now()).is_err() {
             return Err(MirrorError::LeaseExpiredDuringWrite {
@@ -602,16 +611,25 @@ impl Agent {
             epoch,
             primary_node: self.node().into(),
         };
+        let mut missing = Vec::new();
         for (node, result) in
             replication::push(targets, request, self.inner.cfg.replicate_timeout).await
         {
             match result {
                 Ok(()) => outcome.replicated_to.push(node),
                 Err(e) => {
-                    self.replication().drop_member(&node, e.to_string());
-                    outcome.dropped.push(node);
+                    self.replication().mark_dropping(&node, e.to_string());
+                    missing.push(node);
                 }
             }
+        }
+        if !missing.is_empty() {
+            return Err(MirrorError::NotReplicated {
+                node: self.node().into(),
+                path: path.to_string(),
+                version,
+                mirrors: missing.join(", "),
+            });
         }
         Ok(outcome)
     }

@@ -209,38 +209,27 @@ impl AgentConnection {
     }
 
     /// Renews the write lease for `duration` from the agent's receipt of the request.
-    /// The controller uses [`renew_lease_until`](Self::renew_lease_until): a request
+    /// The controller uses [`renew_lease_with`](Self::renew_lease_with) and a deadline: a request
     /// delivered late would otherwise extend the lease past what the controller counted.
     pub async fn renew_lease(
         &self,
         epoch: u64,
         duration: Duration,
     ) -> Result<pb::RenewLeaseResponse, MirrorError> {
-        self.renew(epoch, duration, None).await
-    }
-
-    /// Renews the write lease for at most `duration`, ending no later than `deadline` on
-    /// the agent's clock.
-    pub async fn renew_lease_until(
-        &self,
-        epoch: u64,
-        duration: Duration,
-        deadline: pb::LeaseDeadline,
-    ) -> Result<pb::RenewLeaseResponse, MirrorError> {
-        self.renew(epoch, duration, Some(deadline)).await
-    }
-
-    async fn renew(
-        &self,
-        epoch: u64,
-        duration: Duration,
-        deadline: Option<pb::LeaseDeadline>,
-    ) -> Result<pb::RenewLeaseResponse, MirrorError> {
-        let request = pb::RenewLeaseRequest {
+        self.renew_lease_with(pb::RenewLeaseRequest {
             epoch,
             duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-            deadline,
-        };
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Renews with everything the controller says: a deadline on the agent's clock and,
+    /// under Active, the mirrors it recorded as outside the write set.
+    pub async fn renew_lease_with(
+        &self,
+        request: pb::RenewLeaseRequest,
+    ) -> Result<pb::RenewLeaseResponse, MirrorError> {
         self.call(
             "RenewLease",
             |mut c| async move { c.renew_lease(request).await },

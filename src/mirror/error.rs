@@ -155,6 +155,16 @@ pub enum MirrorError {
         "write lease grant refused by node {node}: {why}; the controller probes the agent again and grants a new lease"
     )]
     LeaseGrantRefused { node: String, why: &'static str },
+
+    #[error(
+        "write of {path} not acknowledged: primary {node} stored it at version {version}, but mirror(s) {mirrors} of the Active write set did not apply it; writes are acknowledged again once they catch up or the controller takes them out of the write set (within a probe interval); retry the write"
+    )]
+    NotReplicated {
+        node: String,
+        path: String,
+        version: u64,
+        mirrors: String,
+    },
 }
 
 impl MirrorError {
@@ -183,6 +193,7 @@ impl MirrorError {
             MirrorError::PermissionDenied { .. } => "permission_denied",
             MirrorError::Discovery { .. } => "discovery",
             MirrorError::LeaseGrantRefused { .. } => "lease_grant_refused",
+            MirrorError::NotReplicated { .. } => "not_replicated",
         }
     }
 
@@ -209,6 +220,7 @@ impl MirrorError {
             MirrorError::PermissionDenied { .. } => Code::PermissionDenied,
             MirrorError::Discovery { .. } => Code::Unavailable,
             MirrorError::LeaseGrantRefused { .. } => Code::FailedPrecondition,
+            MirrorError::NotReplicated { .. } => Code::Unavailable,
         }
     }
 
@@ -383,6 +395,12 @@ mod tests {
             MirrorError::LeaseGrantRefused {
                 node: "n1".into(),
                 why: "it arrived after its deadline",
+            },
+            MirrorError::NotReplicated {
+                node: "n1".into(),
+                path: "shop/db".into(),
+                version: 9,
+                mirrors: "n3".into(),
             },
         ]
     }

@@ -482,6 +482,7 @@ mod tests {
     const LEASE: Duration = Duration::from_secs(10);
 
     #[test]
+    #[allow(clippy::unwrap_used)]
     fn a_lease_grant_runs_at_most_to_its_deadline_on_this_clock() {
         let clock = AgentClock::process();
         let at = |until_ms| {

@@ -1,11 +1,16 @@
 //! The Active policy's sync set on the primary: the mirrors every write waits for.
 //!
-//! Semi-synchronous rule: after the local write, the record is pushed to every mirror in
-//! the sync set, and the write is acknowledged once all of them applied it. A mirror that
-//! fails or does not answer within the replication timeout is dropped from the set (and
-//! shown in Health with the reason); the write is still acknowledged, so one sick mirror
-//! never stops writes. A dropped mirror rejoins the set by itself once its pulls have
-//! brought it to the primary's sequence under the current epoch.
+//! Semi-synchronous rule: after the local write, the record is pushed to every mirror of
+//! the write set, and the write is acknowledged once all of them applied it. A mirror
+//! that fails or does not answer within the replication timeout becomes *dropping*: the
+//! write is not acknowledged (it may still reach every node), and later writes keep
+//! waiting for the mirror until the controller has recorded in HSMDevice status that it
+//! is outside the write set — so it is never promoted automatically — and says so with
+//! the next lease renewal. Only then is it *dropped* and writes go on without it. This
+//! costs writes about one probe interval when a mirror fails, and is what makes an
+//! acknowledged write survive any automatic failover. A dropping or dropped mirror
+//! rejoins the set by itself once its pulls have brought it to the primary's sequence
+//! under the current epoch.
 
 use std::time::{Duration, SystemTime};
 
@@ -21,7 +26,16 @@ use super::tls::AgentTls;
 #[derive(Debug)]
 enum MemberState {
     InSync,
-    Dropped { reason: String, since: SystemTime },
+    /// Failed a push; writes still wait for it until the controller takes it out.
+    Dropping {
+        reason: String,
+        since: SystemTime,
+    },
+    /// Taken out of the write set by the controller.
+    Dropped {
+        reason: String,
+        since: SystemTime,
+    },
 }
 
 struct Member {
@@ -66,21 +80,40 @@ impl SyncSet {
         self.members.is_empty()
     }
 
-    pub fn in_sync(&self) -> Vec<AgentConnection> {
+    /// The mirrors a write waits for: in sync, or dropping until the controller says.
+    pub fn write_targets(&self) -> Vec<AgentConnection> {
         self.members
             .iter()
-            .filter(|m| matches!(m.state, MemberState::InSync))
+            .filter(|m| !matches!(m.state, MemberState::Dropped { .. }))
             .map(|m| m.conn.clone())
             .collect()
     }
 
-    pub fn drop_member(&mut self, node: &str, reason: String) {
+    /// `node` failed a push: writes are not acknowledged without it until the controller
+    /// takes it out of the write set.
+    pub fn mark_dropping(&mut self, node: &str, reason: String) {
         for m in self.members.iter_mut().filter(|m| m.conn.node() == node) {
             if matches!(m.state, MemberState::InSync) {
-                tracing::warn!(mirror = %node, reason = %reason, "mirror dropped from the Active sync set; writes no longer wait for it");
-                m.state = MemberState::Dropped {
+                tracing::warn!(mirror = %node, reason = %reason, "mirror failed a push; writes are not acknowledged until the controller takes it out of the Active write set");
+                m.state = MemberState::Dropping {
                     reason: reason.clone(),
                     since: SystemTime::now(),
+                };
+            }
+        }
+    }
+
+    /// The controller recorded `outside` as outside the write set: stop waiting for those
+    /// of them that are dropping. Mirrors in sync are never dropped this way.
+    pub fn acknowledge_outside(&mut self, outside: &[String]) {
+        for m in self.members.iter_mut() {
+            if let MemberState::Dropping { reason, since } = &m.state
+                && outside.iter().any(|n| n == m.conn.node())
+            {
+                tracing::warn!(mirror = %m.conn.node(), "mirror out of the Active write set; writes no longer wait for it");
+                m.state = MemberState::Dropped {
+                    reason: reason.clone(),
+                    since: *since,
                 };
             }
         }
@@ -89,7 +122,7 @@ impl SyncSet {
     /// A mirror that has pulled everything is back in the set.
     pub fn rejoin(&mut self, node: &str) {
         for m in self.members.iter_mut().filter(|m| m.conn.node() == node) {
-            if matches!(m.state, MemberState::Dropped { .. }) {
+            if !matches!(m.state, MemberState::InSync) {
                 tracing::info!(mirror = %node, "mirror caught up and rejoined the Active sync set");
                 m.state = MemberState::InSync;
             }
@@ -101,14 +134,23 @@ impl SyncSet {
         for m in &self.members {
             match &m.state {
                 MemberState::InSync => status.in_sync.push(m.conn.node().to_string()),
-                MemberState::Dropped { reason, since } => status.dropped.push(pb::DroppedMirror {
-                    node: m.conn.node().to_string(),
-                    reason: reason.clone(),
-                    since_unix_ms: unix_ms(*since),
-                }),
+                MemberState::Dropping { reason, since } => {
+                    status.dropping.push(dropped(m, reason, *since))
+                }
+                MemberState::Dropped { reason, since } => {
+                    status.dropped.push(dropped(m, reason, *since))
+                }
             }
         }
         status
+    }
+}
+
+fn dropped(m: &Member, reason: &str, since: SystemTime) -> pb::DroppedMirror {
+    pb::DroppedMirror {
+        node: m.conn.node().to_string(),
+        reason: reason.to_string(),
+        since_unix_ms: unix_ms(since),
     }
 }
 

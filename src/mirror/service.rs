@@ -317,7 +317,9 @@ impl pb::agent_server::Agent for AgentService {
                 Duration::from_millis(r.duration_ms),
                 r.deadline.map(lease_deadline),
             )?;
-            let remaining = self.agent.renew_lease(r.epoch, lease)?;
+            let remaining = self
+                .agent
+                .renew_lease(r.epoch, lease, &r.outside_write_set)?;
             Ok(Response::new(pb::RenewLeaseResponse {
                 remaining_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
             }))

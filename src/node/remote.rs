@@ -212,6 +212,7 @@ mod tests {
             last_error: None,
             last_successful_probe: None,
             lost_writes: None,
+            outside_write_set: false,
         }
     }
 

@@ -206,9 +206,15 @@ pub struct ReplicationStatus {
     /// Mirrors every write waits for.
     #[prost(string, repeated, tag = "1")]
     pub in_sync: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
-    /// Mirrors that failed a push: writes no longer wait for them until they catch up.
+    /// Mirrors that failed a push and that the controller has taken out of the write set:
+    /// writes no longer wait for them until they catch up.
     #[prost(message, repeated, tag = "2")]
     pub dropped: ::prost::alloc::vec::Vec<DroppedMirror>,
+    /// Mirrors that failed a push, until the controller takes them out of the write set
+    /// (RenewLeaseRequest.outside_write_set): writes still wait for them, and a write one
+    /// of them did not apply is not acknowledged.
+    #[prost(message, repeated, tag = "3")]
+    pub dropping: ::prost::alloc::vec::Vec<DroppedMirror>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DroppedMirror {
@@ -343,7 +349,7 @@ pub struct WriteResponse {
     /// Active policy: mirrors that had applied the write before it was acknowledged.
     #[prost(string, repeated, tag = "2")]
     pub replicated_to: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
-    /// Active policy: mirrors dropped from the sync set by this write.
+    /// Unused: a write that a mirror of the write set did not apply is not acknowledged.
     #[prost(string, repeated, tag = "3")]
     pub dropped: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
@@ -405,7 +411,7 @@ pub struct AssignRoleResponse {
     #[prost(uint64, tag = "3")]
     pub applied_sequence: u64,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RenewLeaseRequest {
     #[prost(uint64, tag = "1")]
     pub epoch: u64,
@@ -415,6 +421,10 @@ pub struct RenewLeaseRequest {
     /// And no later than this (see AssignRoleRequest.lease_deadline).
     #[prost(message, optional, tag = "3")]
     pub deadline: ::core::option::Option<LeaseDeadline>,
+    /// Active policy: mirrors the controller has recorded in HSMDevice status as outside
+    /// the write set (so never promoted automatically); the primary stops waiting for them.
+    #[prost(string, repeated, tag = "4")]
+    pub outside_write_set: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RenewLeaseResponse {
