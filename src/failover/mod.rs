@@ -21,9 +21,10 @@
 //!   mirror with the highest applied sequence; ties prefer `primaryNode`, then name order.
 //!   Eligible: probed healthy this round, its data a prefix of the current history (see
 //!   [`EpochRecord`](crate::crd::EpochRecord)) and, under policy `Active`, holding at
-//!   least the primary's last reported sequence — an `Active` write is acknowledged only
-//!   once every healthy mirror applied it, so only such a mirror is known to hold every
-//!   acknowledged write. With no eligible mirror under `Active` the device stays in
+//!   least the primary's last reported sequence and not recorded outside the primary's
+//!   write set — an `Active` write is acknowledged only once every mirror of the write
+//!   set applied it, and a mirror leaves that set only after the status records it, so
+//!   only such a mirror is known to hold every acknowledged write. With no eligible mirror under `Active` the device stays in
 //!   `ReadOnlyFallback` rather than lose acknowledged writes (a manual `--force`
 //!   switchover can still promote).
 //! * **Fencing.** No promotion before the old primary's write lease has certainly

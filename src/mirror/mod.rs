@@ -43,7 +43,7 @@
 //!
 //! | action | call |
 //! | --- | --- |
-//! | `RenewLease{node, epoch}` | `renew_lease(epoch, lease)` |
+//! | `RenewLease{node, epoch, outside_write_set}` | `renew_lease_with(epoch, lease, deadline on the agent's clock, outside_write_set)` |
 //! | `Promote{node, epoch}` | `assign_role(ROLE_PRIMARY, epoch, mirrors: the Active sync set or empty, lease_duration_ms)` |
 //! | `Demote{node, epoch, primary}` | `assign_role(ROLE_STANDBY, epoch, primary_node, primary_endpoint)`: syncs (full pass, lost writes reported) but serves no reads |
 //! | `SetMirror{node, primary, epoch}` | `assign_role(ROLE_READ_ONLY, epoch, primary_node, primary_endpoint)` |
@@ -51,8 +51,9 @@
 //! Promote the new primary first, then point the mirrors at it. `Health` gives what the
 //! HSMDevice status needs: token presence and serial, role, epoch, applied sequence,
 //! lease remaining, the sync state (last sync, checksum failures, last full pass, lost
-//! writes) of mirrors and the Active sync set of the primary. An agent starts as a
-//! standby at epoch 0 and keeps nothing across restarts: the controller re-assigns it.
+//! writes) of mirrors and the Active sync set of the primary. An agent keeps its epoch
+//! and role on its token across restarts (never its write lease: a restarted primary
+//! waits for a renewal), so a returning old primary knows which history it held.
 //!
 //! Generated protobuf code lives in [`pb`] (from `proto/agent.proto`, regenerated and
 //! checked fresh by `tests/mirror_codegen.rs`).
