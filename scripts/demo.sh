@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The no-cluster demo on SoftHSM: `hsm-secrets demo` starts three simulated nodes (a
-# SoftHSM token, an agent and a CSI node plugin each), the admission webhook and the
+# SoftHSM token and one `hsm-secrets node` process serving its CSI plugin and device
+# agent each), the admission webhook and the
 # failover controller on file-backed state, then walks through storing secrets, pod
 # injection, a tmpfs mount on a mirror, SIGKILL of the primary, failover and read-only
 # enforcement, and cleans everything up. Extra arguments go to `hsm-secrets demo`

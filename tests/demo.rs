@@ -151,7 +151,12 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
         );
     }
     assert!(
-        step(&out, 11).contains("3 volumes unpublished over CSI"),
+        step(&out, 11)
+            .contains("2 volumes unpublished over CSI, 1 on killed nodes left to the shutdown"),
+        "{out}"
+    );
+    assert!(
+        step(&out, 11).contains("1 leftover mounts unmounted"),
         "{out}"
     );
 
@@ -246,7 +251,7 @@ fn without_the_privilege_to_mount_the_demo_uses_plain_directories() {
     assert_device_has_an_age(&step(&out, 6));
     let cleanup = step(&out, 11);
     assert!(
-        cleanup.contains("3 volumes unpublished over CSI"),
+        cleanup.contains("2 volumes unpublished over CSI, 1 on killed nodes left to the shutdown"),
         "{cleanup}"
     );
     assert!(cleanup.contains("3 volumes removed"), "{cleanup}");

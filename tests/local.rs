@@ -63,11 +63,11 @@ async fn up_status_put_get_mount_and_down() {
         "{out}"
     );
     for process in [
-        "agent worker-1",
-        "agent worker-3",
+        "node worker-1",
+        "node worker-2",
+        "node worker-3",
         "controller",
         "webhook",
-        "node worker-2",
     ] {
         assert!(
             out.lines()

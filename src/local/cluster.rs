@@ -198,10 +198,10 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    /// Creates the tokens, certificates and state, and starts the agents, the controller
-    /// and the webhook (node plugins come with [`start_node_plugins`]
-    /// (Self::start_node_plugins), once the tokens hold data). On error everything
-    /// started so far is stopped and removed.
+    /// Creates the tokens, certificates and state, and starts one node process per node
+    /// (`hsm-secrets node` with its device agent, as the DaemonSet runs it), the
+    /// controller and the webhook. On error everything started so far is stopped and
+    /// removed.
     pub fn start(config: &ClusterConfig) -> Result<Self, LocalError> {
         let dir = prepare_dir(config)?;
         let mut cluster = Self {
@@ -264,16 +264,17 @@ impl LocalCluster {
             let files = pki.files(node).cloned().ok_or_else(|| {
                 LocalError::Check(format!("the PKI has no certificate for {node}"))
             })?;
-            let agent = self.spawn_agent(node, token, &files, &logs)?;
             let node_dir = self.dir.join("nodes").join(node);
-            self.nodes.push(NodeEndpoints {
+            let mut endpoints = NodeEndpoints {
                 name: (*node).into(),
-                agent,
+                agent: String::new(),
                 csi_socket: node_dir.join("csi/csi.sock"),
                 kubelet_dir: node_dir.join("kubelet"),
                 softhsm_conf: token.conf.clone(),
                 pin_file: token.pin_file.clone(),
-            });
+            };
+            endpoints.agent = self.spawn_node(&endpoints, token, &files)?;
+            self.nodes.push(endpoints);
         }
         self.spawn_controller(&logs)?;
         self.spawn_webhook(&logs)?;
@@ -306,38 +307,52 @@ impl LocalCluster {
         Ok(self.processes.len() - 1)
     }
 
-    fn spawn_agent(
+    /// One node: the CSI plugin and the device agent on its token, in one process (the
+    /// token's only writer). Returns the agent's endpoint once it listens.
+    fn spawn_node(
         &mut self,
-        node: &str,
+        node: &NodeEndpoints,
         token: &NodeToken,
         files: &TlsFiles,
-        _logs: &Path,
     ) -> Result<String, LocalError> {
-        let args = vec![
-            "agent".into(),
-            "--node".into(),
-            node.into(),
+        if let Some(csi_dir) = node.csi_socket.parent() {
+            create_dir(csi_dir)?;
+        }
+        create_dir(&node.kubelet_dir.join("pods"))?;
+        let mut args = vec![
+            "node".into(),
+            "--node-name".into(),
+            node.name.clone(),
+            "--endpoint".into(),
+            format!("unix://{}", node.csi_socket.display()),
+            "--kubelet-dir".into(),
+            path_arg(&node.kubelet_dir),
+            "--catalog".into(),
+            path_arg(&self.catalog),
             "--device".into(),
             DEVICE.into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
             "--pkcs11-library".into(),
             path_arg(&self.module),
             "--token-label".into(),
             token.label.clone(),
             "--pin-file".into(),
             path_arg(&token.pin_file),
-            "--tls-ca".into(),
+            "--agent-listen".into(),
+            "127.0.0.1:0".into(),
+            "--agent-tls-ca".into(),
             path_arg(&files.ca),
-            "--tls-cert".into(),
+            "--agent-tls-cert".into(),
             path_arg(&files.cert),
-            "--tls-key".into(),
+            "--agent-tls-key".into(),
             path_arg(&files.key),
             "--pull-interval-ms".into(),
             self.timing.pull_interval_ms.to_string(),
         ];
+        if self.plain_directories {
+            args.push("--unsafe-plain-directory".into());
+        }
         let index = self.launch(
-            format!("agent {node}"),
+            format!("node {}", node.name),
             args,
             vec![("SOFTHSM2_CONF", path_arg(&token.conf))],
         )?;
@@ -413,49 +428,6 @@ impl LocalCluster {
         ];
         self.launch("webhook".into(), args, Vec::new())?;
         self.webhook_url = format!("https://127.0.0.1:{port}");
-        Ok(())
-    }
-
-    /// Starts one CSI node plugin per node, each opening its node's token. Call once
-    /// the tokens hold the secrets: a plugin knows the secrets present when it opened
-    /// its token (the agent owns the token's writes).
-    pub fn start_node_plugins(&mut self) -> Result<(), LocalError> {
-        for node in self.nodes.clone() {
-            let csi_dir = node
-                .csi_socket
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default();
-            create_dir(&csi_dir)?;
-            create_dir(&node.kubelet_dir.join("pods"))?;
-            let mut args = vec![
-                "node".into(),
-                "--endpoint".into(),
-                format!("unix://{}", node.csi_socket.display()),
-                "--node-name".into(),
-                node.name.clone(),
-                "--device".into(),
-                DEVICE.into(),
-                "--pkcs11-library".into(),
-                path_arg(&self.module),
-                "--token-label".into(),
-                TOKEN_LABEL.into(),
-                "--pin-file".into(),
-                path_arg(&node.pin_file),
-                "--kubelet-dir".into(),
-                path_arg(&node.kubelet_dir),
-                "--catalog".into(),
-                path_arg(&self.catalog),
-            ];
-            if self.plain_directories {
-                args.push("--unsafe-plain-directory".into());
-            }
-            self.launch(
-                format!("node {}", node.name),
-                args,
-                vec![("SOFTHSM2_CONF", path_arg(&node.softhsm_conf))],
-            )?;
-        }
         Ok(())
     }
 

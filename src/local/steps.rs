@@ -335,7 +335,6 @@ impl Walk<'_> {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        tokio::task::block_in_place(|| self.cluster.start_node_plugins())?;
         for node in self.cluster.nodes.clone() {
             clients::wait_csi_ready(&node.csi_socket, BOOT_TIMEOUT).await?;
             self.report.detail(&format!(
@@ -605,12 +604,9 @@ impl Walk<'_> {
 
     async fn kill_primary(&mut self) -> Result<String, LocalError> {
         let node = self.primary.clone();
-        let agent_pid =
-            tokio::task::block_in_place(|| self.cluster.kill_hard(&format!("agent {node}")))?;
-        let plugin_pid =
-            tokio::task::block_in_place(|| self.cluster.kill_hard(&format!("node {node}")))?;
+        let pid = tokio::task::block_in_place(|| self.cluster.kill_hard(&format!("node {node}")))?;
         self.report.detail(&format!(
-            "kill -9 {agent_pid} (agent {node}), kill -9 {plugin_pid} (CSI plugin {node})"
+            "kill -9 {pid} (node {node}: its device agent and CSI plugin)"
         ));
         self.killed_at = Instant::now();
         Ok(format!("node {node}, the primary, is gone (SIGKILL)"))
@@ -776,9 +772,9 @@ impl Walk<'_> {
         )
         .await?;
         let pid =
-            tokio::task::block_in_place(|| self.cluster.kill_hard(&format!("agent {primary}")))?;
+            tokio::task::block_in_place(|| self.cluster.kill_hard(&format!("node {primary}")))?;
         self.report
-            .detail(&format!("kill -9 {pid} (agent {primary}, the new primary)"));
+            .detail(&format!("kill -9 {pid} (node {primary}, the new primary)"));
         let status = self
             .wait_status("read-only fallback", FAILOVER_TIMEOUT, |s| {
                 (s.phase == DevicePhase::ReadOnlyFallback).then(|| s.clone())
@@ -874,11 +870,18 @@ impl Walk<'_> {
 
     async fn clean_up(&mut self) -> Result<String, LocalError> {
         let mut unpublished = 0;
+        let mut on_killed_nodes = 0;
         let mut errors = Vec::new();
         for volume in std::mem::take(&mut self.volumes) {
             let Some(node) = self.cluster.node(&volume.node).cloned() else {
                 continue;
             };
+            if self.is_dead(&volume.node) {
+                // Its plugin went with the node (step 7 or 10); the shutdown below
+                // unmounts what it left, as kubelet's cleanup would after a node loss.
+                on_killed_nodes += 1;
+                continue;
+            }
             let result = async {
                 clients::csi(&node.csi_socket)
                     .await?
@@ -904,8 +907,9 @@ impl Walk<'_> {
         }
         let cleanup: Cleanup = tokio::task::block_in_place(|| self.cluster.shutdown());
         errors.extend(cleanup.errors.iter().cloned());
-        self.report
-            .detail(&format!("{unpublished} volumes unpublished over CSI"));
+        self.report.detail(&format!(
+            "{unpublished} volumes unpublished over CSI, {on_killed_nodes} on killed nodes left to the shutdown"
+        ));
         if !cleanup.unmounted.is_empty() {
             self.report.detail(&format!(
                 "{} leftover mounts unmounted: {}",
@@ -944,7 +948,8 @@ impl Walk<'_> {
             "unmounted"
         };
         Ok(format!(
-            "{unpublished} volumes {unpublished_as}, {} processes stopped, {place}",
+            "{} volumes {unpublished_as}, {} processes stopped, {place}",
+            unpublished + on_killed_nodes,
             cleanup.stopped
         ))
     }
@@ -971,7 +976,7 @@ impl Walk<'_> {
     fn is_dead(&self, node: &str) -> bool {
         self.cluster
             .processes()
-            .any(|(name, _)| name == format!("killed agent {node}"))
+            .any(|(name, _)| name == format!("killed node {node}"))
     }
 
     /// Live nodes other than the primary, in name order.

@@ -68,7 +68,6 @@ pub async fn bring_up(cluster: &mut LocalCluster) -> Result<HSMDeviceStatus, Loc
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    tokio::task::block_in_place(|| cluster.start_node_plugins())?;
     for node in cluster.nodes.clone() {
         clients::wait_csi_ready(&node.csi_socket, TIMEOUT).await?;
     }
