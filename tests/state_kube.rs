@@ -166,3 +166,89 @@ async fn events_and_node_labels() {
         .unwrap();
     server.await.unwrap();
 }
+
+fn device_object(annotations: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMDevice",
+        "metadata": {"name": "prod-hsm", "generation": 1, "annotations": annotations},
+        "spec": {"pkcs11": {"library": "/l.so", "tokenLabel": "t",
+            "pinSecretRef": {"namespace": "n", "name": "p"}}},
+    })
+}
+
+/// With the device watch, rounds read HSMDevices from the watch cache (no list per
+/// round), a switchover request (an annotation) wakes the controller at once, and its
+/// own status writes do not.
+#[tokio::test]
+async fn watched_devices_are_listed_from_the_cache_and_wake_the_loop_on_spec_changes() {
+    let api = support::fake_api::FakeApi::new();
+    api.put(device_object(json!({})));
+    let state = KubeState::new(api.client(), "hsm-secrets-system", None).watching_devices();
+
+    // The first change the watch sees (the initial list) wakes a waiting round.
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        state.wait_device_change(Duration::from_secs(60)),
+    )
+    .await
+    .expect("the initial list wakes the loop");
+    let lists = api.calls("GET hsmdevices");
+    for _ in 0..5 {
+        let devices = state.list_devices().await.unwrap();
+        assert_eq!(devices.len(), 1);
+    }
+    assert_eq!(api.calls("GET hsmdevices"), lists, "rounds read the cache");
+
+    // A status write (the controller's own) does not wake the loop.
+    let device = state.list_devices().await.unwrap().remove(0);
+    let rv = device.metadata.resource_version.clone().unwrap();
+    let st = HSMDeviceStatus {
+        epoch: 3,
+        ..Default::default()
+    };
+    state
+        .replace_device_status("prod-hsm", &rv, &st)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    state.wait_device_change(Duration::from_millis(700)).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(650),
+        "woken by a status write after {:?}",
+        started.elapsed()
+    );
+    // The cache follows the write.
+    for _ in 0..100 {
+        if state.list_devices().await.unwrap()[0]
+            .status
+            .as_ref()
+            .is_some_and(|s| s.epoch == 3)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        state.list_devices().await.unwrap()[0]
+            .status
+            .as_ref()
+            .unwrap()
+            .epoch,
+        3
+    );
+
+    // A switchover request wakes it well before the interval.
+    let devices: kube::Api<hsm_secrets::crd::HSMDevice> = kube::Api::all(api.client());
+    let patch = json!({"metadata": {"annotations": {"hsmsecrets.io/switchover-to": "n2"}}});
+    devices
+        .patch(
+            "prod-hsm",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    state.wait_device_change(Duration::from_secs(30)).await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

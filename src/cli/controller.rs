@@ -177,11 +177,14 @@ pub fn run(args: ControllerArgs, common: CommonArgs) -> anyhow::Result<()> {
                 }
                 None => GrpcAgents::new(&statics.peers(), &tls, agent_timeout, lease)?,
             });
-            let state = Arc::new(KubeState::new(
-                client.clone(),
-                args.namespace.clone(),
-                Some(args.identity.clone()),
-            ));
+            let state = Arc::new(
+                KubeState::new(
+                    client.clone(),
+                    args.namespace.clone(),
+                    Some(args.identity.clone()),
+                )
+                .watching_devices(),
+            );
             let (leadership, leading) = tokio::sync::watch::channel(false);
             let secrets = if args.secret_sync {
                 let key = load_or_create_digest_key(client.clone(), &args.namespace)

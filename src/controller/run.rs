@@ -1,5 +1,6 @@
 //! The controller loop: hold the Lease, reconcile every device each probe interval (or
-//! sooner when a plan asks), step down when the Lease is lost.
+//! sooner when a plan asks, or when a device's spec or annotations change), step down
+//! when the Lease is lost.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -115,7 +116,7 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
         metrics.round(lease.as_ref().ok().copied());
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = tokio::time::sleep(wait) => {}
+            _ = state.wait_device_change(wait) => {}
         }
     }
 }

@@ -1,7 +1,15 @@
 //! The state store on a cluster: HSMDevice/HSMSecret through the API server, Events via
 //! events.k8s.io, node labels by merge patch, and a coordination.k8s.io Lease.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector;
+use kube::runtime::watcher::{self, watcher};
+use tokio::sync::Notify;
 
 use async_trait::async_trait;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -23,6 +31,24 @@ pub struct KubeState {
     recorder: Recorder,
     /// Namespace holding the controller's Lease.
     lease_namespace: String,
+    /// HSMDevices from a watch, when [`watching_devices`](Self::watching_devices).
+    devices: Option<DeviceCache>,
+}
+
+/// A reflector of every HSMDevice, and a signal when one's spec or annotations change.
+#[derive(Clone)]
+struct DeviceCache {
+    store: reflector::Store<HSMDevice>,
+    changed: Arc<Notify>,
+    _task: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl KubeState {
@@ -42,7 +68,53 @@ impl KubeState {
             client,
             recorder,
             lease_namespace: lease_namespace.into(),
+            devices: None,
         }
+    }
+
+    /// Lists HSMDevices from a watch instead of the API server each round, and wakes the
+    /// controller when a device's spec or annotations change (its own status writes do
+    /// not wake it: they would make every round start the next). Spawns the watch.
+    pub fn watching_devices(mut self) -> Self {
+        let (store, writer) = reflector::store();
+        let changed = Arc::new(Notify::new());
+        let stream = watcher(
+            Api::<HSMDevice>::all(self.client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+        let notify = changed.clone();
+        let task = tokio::spawn(async move {
+            let mut seen: HashMap<String, (Option<i64>, Option<BTreeMap<String, String>>)> =
+                HashMap::new();
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                let device = match event {
+                    Ok(device) => device,
+                    Err(error) => {
+                        tracing::warn!(%error, "HSMDevice watch failed; retrying");
+                        continue;
+                    }
+                };
+                let key = device.metadata.name.clone().unwrap_or_default();
+                let now = (
+                    device.metadata.generation,
+                    device.metadata.annotations.clone(),
+                );
+                if seen.get(&key) != Some(&now) {
+                    seen.insert(key, now);
+                    notify.notify_one();
+                }
+            }
+        });
+        self.devices = Some(DeviceCache {
+            store,
+            changed,
+            _task: Arc::new(AbortOnDrop(task)),
+        });
+        self
     }
 }
 
@@ -62,12 +134,30 @@ fn is_not_found(e: &kube::Error) -> bool {
 #[async_trait]
 impl StateStore for KubeState {
     async fn list_devices(&self) -> Result<Vec<HSMDevice>, StateError> {
+        if let Some(cache) = &self.devices {
+            // Ready once the watch listed everything; until then, ask the API server.
+            if tokio::time::timeout(Duration::ZERO, cache.store.wait_until_ready())
+                .await
+                .is_ok_and(|ready| ready.is_ok())
+            {
+                return Ok(cache.store.state().iter().map(|d| (**d).clone()).collect());
+            }
+        }
         let api: Api<HSMDevice> = Api::all(self.client.clone());
         Ok(api
             .list(&ListParams::default())
             .await
             .map_err(api_err)?
             .items)
+    }
+
+    async fn wait_device_change(&self, max: Duration) {
+        match &self.devices {
+            Some(cache) => {
+                let _ = tokio::time::timeout(max, cache.changed.notified()).await;
+            }
+            None => tokio::time::sleep(max).await,
+        }
     }
 
     async fn get_device(&self, name: &str) -> Result<Option<HSMDevice>, StateError> {

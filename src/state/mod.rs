@@ -91,6 +91,12 @@ impl ObjectRef {
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
     async fn list_devices(&self) -> Result<Vec<HSMDevice>, StateError>;
+    /// Waits at most `max`, returning early when an HSMDevice's spec or annotations (a
+    /// switchover request) change, so the controller's next round follows at once. A
+    /// store that does not watch just sleeps.
+    async fn wait_device_change(&self, max: std::time::Duration) {
+        tokio::time::sleep(max).await;
+    }
     async fn get_device(&self, name: &str) -> Result<Option<HSMDevice>, StateError>;
     /// Writes the status if the object's resourceVersion is still `resource_version`
     /// (optimistic concurrency: the fencing epoch must never go backwards).
