@@ -43,6 +43,9 @@ struct DeviceCache {
     _task: Arc<AbortOnDrop>,
 }
 
+/// What a round must follow: the spec (generation) and the annotations.
+type SpecVersion = (Option<i64>, Option<BTreeMap<String, String>>);
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -87,8 +90,7 @@ impl KubeState {
         .applied_objects();
         let notify = changed.clone();
         let task = tokio::spawn(async move {
-            let mut seen: HashMap<String, (Option<i64>, Option<BTreeMap<String, String>>)> =
-                HashMap::new();
+            let mut seen: HashMap<String, SpecVersion> = HashMap::new();
             futures::pin_mut!(stream);
             while let Some(event) = stream.next().await {
                 let device = match event {
