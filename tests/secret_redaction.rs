@@ -1,4 +1,4 @@
-//! After a full sync (import, copy, drift correction, a refused import, deletion) with
+//! After a full sync (import, copy, drift correction, refused imports, deletion) with
 //! distinctive secret values, none of those values, nor their base64, appears in any
 //! log line, Event, status patch or metrics text.
 #![allow(clippy::unwrap_used)]
@@ -163,6 +163,22 @@ async fn no_secret_value_reaches_logs_events_status_or_metrics() {
     )
     .await;
     assert!(out.error.is_some());
+
+    // An import from a Secret not labelled for this HSMSecret: refused, nothing read
+    // into the status or the logs.
+    let mut unlabelled = import("800", &[("password", VALUES[2])], None);
+    unlabelled["metadata"]["labels"] = json!({});
+    secrets.insert("db-import-x7k2p".to_string(), unlabelled);
+    let mut task = env.reconcile(&obj);
+    let out = serve(&mut api, &mut secrets, "Ready", &mut seen, &mut task).await;
+    assert!(!out.hsm_written);
+    assert_eq!(
+        out.error,
+        Some(hsm_secrets::secret_sync::SyncErrorKind::SourceNotLabelled)
+    );
+    let refused = &seen.statuses.last().unwrap()[1]["value"];
+    let message = refused["lastError"].as_str().unwrap_or_default();
+    assert!(message.contains("not labelled"), "{refused}");
 
     // Deletion with deletionPolicy Delete.
     let mut obj = hsmsecret(
