@@ -305,3 +305,52 @@ fn missing_or_inconsistent_flags_are_refused_by_name() {
         "{err}"
     );
 }
+
+/// `--log-format json`: every log line is one JSON object with a level and a message,
+/// as log collectors expect.
+#[test]
+fn json_log_format_writes_one_json_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog.yaml");
+    std::fs::write(&catalog, CATALOG).unwrap();
+    let socket = dir.path().join("csi.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
+        .args(["node", "--node-name", "n1", "--log-format", "json"])
+        .arg("--catalog")
+        .arg(&catalog)
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("--kubelet-dir")
+        .arg(dir.path().join("kubelet"))
+        .env("HSM_LOG", "info")
+        .env_remove("HSM_DEVICE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the plugin never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(status.success(), "exit {status}:\n{logs}");
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "{logs}");
+    for line in &lines {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(entry["level"].is_string(), "{line}");
+        assert!(entry["fields"]["message"].is_string(), "{line}");
+    }
+    assert!(logs.contains("\"message\":\"serving CSI\""), "{logs}");
+    assert!(logs.contains("\"message\":\"shutting down\""), "{logs}");
+}

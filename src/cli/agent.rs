@@ -14,6 +14,7 @@ use anyhow::Context;
 use clap::Args;
 use tokio::task::JoinHandle;
 
+use super::shutdown_signal;
 use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore};
 use crate::mirror::{self, Agent, AgentConfig, AgentMetrics, AgentTls, MirrorError, TlsFiles};
 use crate::telemetry::CommonArgs;
@@ -123,8 +124,10 @@ async fn serve(args: AgentArgs, common: CommonArgs) -> anyhow::Result<()> {
         "hsm-secrets agent {} listening on {}",
         args.node, served.addr
     );
+    let signalled = shutdown_signal();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signalled.await;
+        tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
     served.wait().await?;
@@ -193,21 +196,4 @@ async fn open_store(cfg: Pkcs11Config) -> anyhow::Result<Arc<dyn SecretStore>> {
             Err(e) => return Err(e).context("open the token"),
         }
     }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => std::future::pending().await,
-    }
-    tracing::info!("shutting down");
 }

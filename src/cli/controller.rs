@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 
+use super::shutdown_signal;
 use crate::controller::{
     ControllerConfig, ControllerMetrics, GrpcAgents, ops, run_controller_with_leadership,
 };
@@ -134,8 +135,9 @@ pub fn run(args: ControllerArgs, common: CommonArgs) -> anyhow::Result<()> {
                 let _ = rx.wait_for(|stop| *stop).await;
             }
         };
+        let signalled = shutdown_signal();
         tokio::spawn(async move {
-            shutdown_signal().await;
+            signalled.await;
             tracing::info!("shutting down");
             let _ = stop_tx.send(true);
         });
@@ -294,20 +296,5 @@ fn file_digest_key(path: &std::path::Path) -> anyhow::Result<DigestKey> {
         // Another controller process made it first: use that one.
         Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => file_digest_key(path),
         Err(e) => Err(e.error).with_context(|| format!("write the digest key {}", path.display())),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    if let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    } else {
-        std::future::pending::<()>().await;
     }
 }

@@ -12,6 +12,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use super::agent::{SyncTuning, serve_agent};
+use super::shutdown_signal;
 use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore};
 use crate::mirror::{
     AgentMetrics, AgentTls, EndpointResolver, NodeAddressEndpoints, StaticEndpoints, TlsFiles,
@@ -207,8 +208,9 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
         Err(error) => tracing::warn!(%error, "cannot list existing volumes"),
     }
 
+    let signalled = shutdown_signal();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signalled.await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
@@ -346,21 +348,4 @@ async fn open_catalog(
         .with_context(|| format!("--catalog {spec:?} is neither `kube` nor a usable file"))?;
     tracing::info!(file = %path.display(), secrets = catalog.len(), "static HSMSecret catalog");
     Ok((Arc::new(catalog), None))
-}
-
-/// SIGTERM (kubelet stopping the pod) or ctrl-c.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = ctrl_c => {}
-            }
-        }
-        Err(error) => {
-            tracing::warn!(%error, "cannot listen for SIGTERM; only ctrl-c stops the plugin");
-            let _ = ctrl_c.await;
-        }
-    }
 }

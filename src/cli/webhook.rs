@@ -104,8 +104,9 @@ pub fn run(args: WebhookArgs, common: CommonArgs) -> anyhow::Result<()> {
 
 async fn serve(args: WebhookArgs, common: CommonArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let signalled = super::shutdown_signal();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signalled.await;
         tracing::info!("shutdown requested; draining");
         let _ = stop_tx.send(true);
     });
@@ -238,22 +239,6 @@ async fn load_certificate(
         tokio::select! {
             () = &mut stopped => return Ok(None),
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
-        }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(error) => {
-            tracing::warn!(%error, "cannot watch SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
