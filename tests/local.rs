@@ -85,6 +85,10 @@ async fn up_status_put_get_mount_and_down() {
         out.contains("shop/payment-token: 2 key(s) written on worker-1"),
         "{out}"
     );
+    assert!(
+        out.contains("declared HSMSecret shop/payment-token on prod-hsm"),
+        "{out}"
+    );
     let (ok, out) = local(&["get", "payment-token", "--reveal"], &dir);
     assert!(ok, "{out}");
     assert!(
@@ -131,10 +135,49 @@ async fn up_status_put_get_mount_and_down() {
     );
     assert!(!mounts_under(&dir).is_empty());
 
-    // down: the mounted volume too.
+    // The secret written with `put` mounts too, from the mirror once it has pulled it.
+    let target = clients::target_path(&node.kubelet_dir, "uid-2", "hsm-secrets").unwrap();
+    let attributes: BTreeMap<String, String> = [
+        ("secrets".to_string(), "payment-token".to_string()),
+        ("device".to_string(), "prod-hsm".to_string()),
+    ]
+    .into();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let published = clients::csi(&node.csi_socket)
+            .await
+            .unwrap()
+            .node_publish_volume(clients::publish_request(
+                "vol-2",
+                &target,
+                &attributes,
+                &PodIdentity {
+                    namespace: "shop",
+                    name: "payments-0",
+                    uid: "uid-2",
+                    service_account: "payments",
+                    fs_group: 3000,
+                },
+            ))
+            .await;
+        match published {
+            Ok(_) => break,
+            Err(status) if std::time::Instant::now() < deadline => {
+                assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("payment-token never mounted: {status:?}"),
+        }
+    }
+    assert_eq!(
+        std::fs::read(target.join("payment-token/token")).unwrap(),
+        b"tok-51e2"
+    );
+
+    // down: the mounted volumes too.
     let (ok, out) = local(&["down"], &dir);
     assert!(ok, "{out}");
-    assert!(out.contains("unmounted 1 volumes"), "{out}");
+    assert!(out.contains("unmounted 2 volumes"), "{out}");
     assert!(!dir.exists(), "{} is left", dir.display());
     assert!(
         processes_under(&dir).is_empty(),

@@ -207,7 +207,42 @@ async fn put(dir: PathBuf, namespace: &str, name: &str, pairs: &[String]) -> any
         data.len(),
         written.version
     );
+    if declare_hsm_secret(&state, namespace, name).await? {
+        println!(
+            "declared HSMSecret {namespace}/{name} on {DEVICE}: any service account of {namespace} may mount it"
+        );
+    }
     Ok(())
+}
+
+/// Declares the HSMSecret of a secret written with `put` (the node plugins read the
+/// state at each publish), unless one exists. Returns whether it was created.
+async fn declare_hsm_secret(
+    state: &StateFile,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<bool> {
+    use crate::crd::{HSMSecret, HSMSecretSpec};
+    use crate::state::{FileState, StateStore};
+    let files = FileState::open(&state.state_dir)?;
+    if files.get_secret(namespace, name).await?.is_some() {
+        return Ok(false);
+    }
+    let mut secret = HSMSecret::new(
+        name,
+        HSMSecretSpec {
+            device_ref: DEVICE.into(),
+            secret_name: None,
+            secret_type: None,
+            sync_interval: None,
+            source: None,
+            access: None,
+            deletion_policy: None,
+        },
+    );
+    secret.metadata.namespace = Some(namespace.into());
+    files.apply_secret(&secret)?;
+    Ok(true)
 }
 
 async fn get(dir: PathBuf, namespace: &str, name: &str, reveal: bool) -> anyhow::Result<()> {

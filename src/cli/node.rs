@@ -20,7 +20,7 @@ use crate::mirror::{
 use crate::node::events::PodEventSink;
 use crate::node::{
     HsmVolumeSource, KubeCatalog, KubePodEvents, LocalDevice, NodeMetrics, NodeReporter,
-    RemoteReads, SecretCatalog, StaticCatalog, SyncFailureEvents, ops,
+    RemoteReads, SecretCatalog, StateCatalog, StaticCatalog, SyncFailureEvents, ops,
 };
 use crate::state::{FileState, KubeState, StateStore};
 use crate::telemetry::CommonArgs;
@@ -52,8 +52,9 @@ pub struct NodeArgs {
     /// kubelet's root directory; volumes are published only under its pods/ directory.
     #[arg(long, env = "KUBELET_DIR", default_value = hsm_secrets_csi::DEFAULT_KUBELET_DIR)]
     pub kubelet_dir: PathBuf,
-    /// Where HSMSecrets come from: `kube` (watch the cluster) or the path of a YAML file
-    /// of HSMSecret documents (no cluster).
+    /// Where HSMSecrets come from: `kube` (watch the cluster), the path of a YAML file
+    /// of HSMSecret documents, or the state directory of the no-cluster mode (read at
+    /// every publish).
     #[arg(long, env = "HSM_CATALOG", default_value = "kube")]
     pub catalog: String,
     /// Serve this node's token as the device agent (mirroring, the controller's probes)
@@ -344,6 +345,13 @@ async fn open_catalog(
         return Ok((Arc::new(KubeCatalog::spawn(client.clone())), Some(client)));
     }
     let path = PathBuf::from(spec);
+    if path.is_dir() {
+        let catalog = StateCatalog::open(&path).with_context(|| {
+            format!("--catalog {spec:?}: a directory must be a state directory")
+        })?;
+        tracing::info!(dir = %path.display(), "HSMSecrets from the no-cluster state");
+        return Ok((Arc::new(catalog), None));
+    }
     let catalog = StaticCatalog::from_yaml_file(&path)
         .with_context(|| format!("--catalog {spec:?} is neither `kube` nor a usable file"))?;
     tracing::info!(file = %path.display(), secrets = catalog.len(), "static HSMSecret catalog");

@@ -100,7 +100,6 @@ pub struct NodeEndpoints {
 pub struct StateFile {
     pub dir: PathBuf,
     pub state_dir: PathBuf,
-    pub catalog: PathBuf,
     pub softhsm_module: PathBuf,
     pub nodes: Vec<NodeEndpoints>,
     pub webhook_url: String,
@@ -180,7 +179,6 @@ pub struct LocalCluster {
     pub module: PathBuf,
     pub timing: Timing,
     pub state_dir: PathBuf,
-    pub catalog: PathBuf,
     pub nodes: Vec<NodeEndpoints>,
     pub controller_tls: TlsFiles,
     pub webhook_url: String,
@@ -209,7 +207,6 @@ impl LocalCluster {
             module: PathBuf::new(),
             timing: config.timing.clone(),
             state_dir: dir.join("state"),
-            catalog: dir.join("catalog.yaml"),
             nodes: Vec::new(),
             controller_tls: TlsFiles {
                 ca: PathBuf::new(),
@@ -258,7 +255,6 @@ impl LocalCluster {
         for secret in &secrets {
             state.apply_secret(secret)?;
         }
-        write_catalog(&self.catalog, &secrets)?;
 
         for (node, token) in NODES.iter().zip(&node_tokens) {
             let files = pki.files(node).cloned().ok_or_else(|| {
@@ -327,8 +323,10 @@ impl LocalCluster {
             format!("unix://{}", node.csi_socket.display()),
             "--kubelet-dir".into(),
             path_arg(&node.kubelet_dir),
+            // HSMSecrets from the state directory, read at each publish: secrets that
+            // `local put` declares later can be mounted too.
             "--catalog".into(),
-            path_arg(&self.catalog),
+            path_arg(&self.state_dir),
             "--device".into(),
             DEVICE.into(),
             "--pkcs11-library".into(),
@@ -475,7 +473,6 @@ impl LocalCluster {
         StateFile {
             dir: self.dir.clone(),
             state_dir: self.state_dir.clone(),
-            catalog: self.catalog.clone(),
             softhsm_module: self.module.clone(),
             nodes: self.nodes.clone(),
             webhook_url: self.webhook_url.clone(),
@@ -648,18 +645,6 @@ pub fn demo_secrets() -> Vec<HSMSecret> {
             secret
         })
         .collect()
-}
-
-fn write_catalog(path: &Path, secrets: &[HSMSecret]) -> Result<(), LocalError> {
-    let mut text = String::new();
-    for secret in secrets {
-        text.push_str("---\n");
-        text.push_str(
-            &serde_saphyr::to_string(secret)
-                .map_err(|e| LocalError::Check(format!("cannot encode the catalog: {e}")))?,
-        );
-    }
-    write_file(path, text.as_bytes())
 }
 
 /// A directory of the local system must belong to this user and be closed to others

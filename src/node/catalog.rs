@@ -1,5 +1,6 @@
 //! Where the node looks up HSMSecrets: an abstraction over the Kubernetes API cache
-//! ([`super::KubeCatalog`]) and a static list loaded from YAML ([`StaticCatalog`]).
+//! ([`super::KubeCatalog`]), a static list loaded from YAML ([`StaticCatalog`]) and the
+//! file-backed state of the no-cluster mode ([`StateCatalog`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -194,6 +195,52 @@ impl SecretCatalog for StaticCatalog {
             .read()
             .get(&(namespace.to_string(), name.to_string()))
             .cloned())
+    }
+
+    async fn ready(&self) -> Result<(), CatalogError> {
+        Ok(())
+    }
+}
+
+/// The HSMSecrets of the no-cluster mode's file-backed state, read at every lookup, so
+/// that secrets declared while the plugins run (`hsm-secrets local put`) can be mounted.
+/// A lookup reads one small file: cheap enough for a development machine.
+pub struct StateCatalog {
+    state: crate::state::FileState,
+}
+
+impl StateCatalog {
+    /// `dir`: the state directory (as the controller's and the webhook's `--state`).
+    pub fn open(dir: &Path) -> Result<Self, CatalogError> {
+        if !dir.join("secrets").is_dir() {
+            return Err(CatalogError::Read {
+                path: dir.to_path_buf(),
+                detail: "not a state directory of the no-cluster mode (no secrets/ inside)".into(),
+            });
+        }
+        let state = crate::state::FileState::open(dir).map_err(|e| CatalogError::Read {
+            path: dir.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        Ok(Self { state })
+    }
+}
+
+#[async_trait]
+impl SecretCatalog for StateCatalog {
+    async fn hsm_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<HSMSecret>, CatalogError> {
+        use crate::state::StateStore;
+        self.state
+            .get_secret(namespace, name)
+            .await
+            .map_err(|e| CatalogError::Read {
+                path: self.state.root().to_path_buf(),
+                detail: e.to_string(),
+            })
     }
 
     async fn ready(&self) -> Result<(), CatalogError> {

@@ -39,7 +39,7 @@ pub mod remote;
 mod source;
 
 pub use attributes::VolumeRequest;
-pub use catalog::{CatalogError, SecretCatalog, StaticCatalog};
+pub use catalog::{CatalogError, SecretCatalog, StateCatalog, StaticCatalog};
 pub use device::LocalDevice;
 pub use error::VolumeError;
 pub use events::{KubePodEvents, NodeReporter, SyncFailureEvents};
