@@ -361,3 +361,129 @@ async fn bootstrap_round_makes_exactly_the_expected_api_calls() {
     );
     assert_eq!(agents.agent("n1").role, Some(DeviceRole::Primary));
 }
+
+/// The failover round against a scripted API server, call by call: one conditional
+/// status patch (epoch 2, n2 primary), the node labels in name order (n1 no longer
+/// ready), then the Events of the transition. Nothing else reaches the API server.
+#[tokio::test]
+async fn failover_round_makes_exactly_the_expected_api_calls() {
+    // Reach a Ready device and a primary at its failure threshold on the file state.
+    let dir = tempfile::tempdir().unwrap();
+    let files = Arc::new(FileState::open(dir.path()).unwrap());
+    files
+        .apply_device(&support::fixtures::mirrored_device(
+            Some("n1"),
+            &["n2", "n3"],
+            3,
+        ))
+        .unwrap();
+    let lease = Duration::from_millis(50);
+    let agents = Arc::new(SimAgents::new(lease, &[("n1", 4), ("n2", 4), ("n3", 3)]));
+    let config = PlanConfig {
+        fencing: FencingConfig {
+            lease_duration: lease,
+            safety_margin: Duration::from_millis(10),
+        },
+        ..PlanConfig::default()
+    };
+    let on_files = DeviceController::new(
+        files.clone(),
+        agents.clone(),
+        config.clone(),
+        ControllerMetrics::default(),
+    );
+    for _ in 0..4 {
+        round(&on_files, &files).await;
+    }
+    agents.set_up("n1", false);
+    for _ in 0..2 {
+        round(&on_files, &files).await;
+    }
+    let mut dev = files.get_device("prod-hsm").await.unwrap().unwrap();
+    let before = dev.status.clone().unwrap();
+    assert_eq!(before.primary_node.as_deref(), Some("n1"));
+    assert_eq!(before.nodes[0].consecutive_failures, 2);
+    dev.metadata.resource_version = Some("200".into());
+
+    // The third failure, on the cluster: this controller leads since long before.
+    let (client, mut api) = mock_api::client();
+    let mut ctl = DeviceController::new(
+        Arc::new(KubeState::new(client, "hsm-secrets-system", None)),
+        agents.clone(),
+        config,
+        ControllerMetrics::default(),
+    );
+    ctl.became_leader(
+        k8s_openapi::jiff::Timestamp::now()
+            .checked_sub(k8s_openapi::jiff::SignedDuration::from_hours(1))
+            .unwrap(),
+    );
+    let spec = serde_json::to_value(&dev.spec).unwrap();
+    let server = tokio::spawn(async move {
+        let mut calls = Vec::new();
+        while let Ok(Some((req, respond))) =
+            tokio::time::timeout(Duration::from_millis(800), api.next_request()).await
+        {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let body: serde_json::Value =
+                serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+            let reply = if path.ends_with("/status") {
+                json!({"apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMDevice",
+                       "metadata": {"name": "prod-hsm", "resourceVersion": "201"},
+                       "spec": spec, "status": body[1]["value"].clone()})
+            } else {
+                body.clone()
+            };
+            respond.send_response(
+                http::Response::builder()
+                    .status(200)
+                    .body(kube::client::Body::from(
+                        serde_json::to_vec(&reply).unwrap(),
+                    ))
+                    .unwrap(),
+            );
+            calls.push((method, path, body));
+        }
+        calls
+    });
+    ctl.reconcile(&dev).await.unwrap();
+    let calls = server.await.unwrap();
+
+    let summary: Vec<String> = calls
+        .iter()
+        .map(|(method, path, body)| {
+            if path.ends_with("/status") {
+                let s = &body[1]["value"];
+                format!(
+                    "{method} {path} test={} primary={} epoch={} phase={} failovers={}",
+                    body[0]["value"], s["primaryNode"], s["epoch"], s["phase"], s["failoverCount"]
+                )
+            } else if path.starts_with("/api/v1/nodes/") {
+                format!(
+                    "{method} {path} label={}",
+                    body["metadata"]["labels"]["hsmsecrets.io/device.prod-hsm"]
+                )
+            } else {
+                format!(
+                    "{method} {path} reason={} type={}",
+                    body["reason"], body["type"]
+                )
+            }
+        })
+        .collect();
+    let events = "/apis/events.k8s.io/v1/namespaces/default/events";
+    let expected = vec![
+        "PATCH /apis/hsmsecrets.io/v1alpha1/hsmdevices/prod-hsm/status test=\"200\" primary=\"n2\" epoch=2 phase=\"Degraded\" failovers=1".to_string(),
+        "PATCH /api/v1/nodes/n1 label=null".into(),
+        "PATCH /api/v1/nodes/n2 label=\"ready\"".into(),
+        "PATCH /api/v1/nodes/n3 label=\"ready\"".into(),
+        format!("POST {events} reason=\"HSMFailover\" type=\"Warning\""),
+        format!("POST {events} reason=\"HSMPromoted\" type=\"Normal\""),
+        format!("POST {events} reason=\"HSMDeviceUnhealthy\" type=\"Warning\""),
+    ];
+    assert_eq!(summary, expected, "{calls:#?}");
+    assert_eq!(agents.agent("n2").role, Some(DeviceRole::Primary));
+    assert_eq!(agents.agent("n2").epoch, 2);
+    assert_eq!(agents.agent("n3").epoch, 2, "n3 follows the new primary");
+}
