@@ -259,43 +259,29 @@ async fn bootstrap_failover_after_fence_and_rejoin_without_failback() {
     assert_eq!(status.epoch, 2, "epoch only moves on promotion");
 }
 
-/// One bootstrap round against a scripted API server: exactly one conditional status
-/// patch, node label patches and an Event; nothing else.
-#[tokio::test]
-async fn bootstrap_round_makes_exactly_the_expected_api_calls() {
-    let (client, mut api) = mock_api::client();
-    let state = Arc::new(KubeState::new(client, "hsm-secrets-system", None));
-    let agents = Arc::new(SimAgents::new(
-        Duration::from_secs(15),
-        &[("n1", 4), ("n2", 4), ("n3", 4)],
-    ));
-    let ctl = DeviceController::new(
-        state,
-        agents.clone(),
-        PlanConfig::default(),
-        ControllerMetrics::default(),
-    );
-    let mut dev = support::fixtures::mirrored_device(Some("n1"), &["n2", "n3"], 3);
-    dev.metadata.resource_version = Some("100".into());
-    dev.metadata.generation = Some(1);
-    let server = tokio::spawn(async move {
+type Call = (String, String, serde_json::Value);
+
+/// Answers every call until none comes for 800 ms, and returns them in order (method,
+/// path, body). A status patch is answered with the device at `resource_version`
+/// carrying the written status; anything else with its own body.
+fn answer_every_call(
+    mut api: mock_api::Handle,
+    spec: serde_json::Value,
+    resource_version: &'static str,
+) -> tokio::task::JoinHandle<Vec<Call>> {
+    tokio::spawn(async move {
         let mut calls = Vec::new();
-        loop {
-            let req =
-                match tokio::time::timeout(Duration::from_millis(800), api.next_request()).await {
-                    Ok(Some((req, respond))) => (req, respond),
-                    _ => break,
-                };
-            let (req, respond) = req;
+        while let Ok(Some((req, respond))) =
+            tokio::time::timeout(Duration::from_millis(800), api.next_request()).await
+        {
             let method = req.method().to_string();
             let path = req.uri().path().to_string();
             let body: serde_json::Value =
                 serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
             let reply = if path.ends_with("/status") {
                 json!({"apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMDevice",
-                       "metadata": {"name": "prod-hsm", "resourceVersion": "101"},
-                       "spec": serde_json::to_value(support::fixtures::mirrored_device(Some("n1"), &["n2", "n3"], 3).spec).unwrap(),
-                       "status": body[1]["value"].clone()})
+                       "metadata": {"name": "prod-hsm", "resourceVersion": resource_version},
+                       "spec": spec, "status": body[1]["value"].clone()})
             } else {
                 body.clone()
             };
@@ -310,7 +296,29 @@ async fn bootstrap_round_makes_exactly_the_expected_api_calls() {
             calls.push((method, path, body));
         }
         calls
-    });
+    })
+}
+
+/// One bootstrap round against a scripted API server: exactly one conditional status
+/// patch, node label patches and an Event; nothing else.
+#[tokio::test]
+async fn bootstrap_round_makes_exactly_the_expected_api_calls() {
+    let (client, api) = mock_api::client();
+    let state = Arc::new(KubeState::new(client, "hsm-secrets-system", None));
+    let agents = Arc::new(SimAgents::new(
+        Duration::from_secs(15),
+        &[("n1", 4), ("n2", 4), ("n3", 4)],
+    ));
+    let ctl = DeviceController::new(
+        state,
+        agents.clone(),
+        PlanConfig::default(),
+        ControllerMetrics::default(),
+    );
+    let mut dev = support::fixtures::mirrored_device(Some("n1"), &["n2", "n3"], 3);
+    dev.metadata.resource_version = Some("100".into());
+    dev.metadata.generation = Some(1);
+    let server = answer_every_call(api, serde_json::to_value(&dev.spec).unwrap(), "101");
     ctl.reconcile(&dev).await.unwrap();
     let calls = server.await.unwrap();
     let (method, path, body) = &calls[0];
@@ -406,7 +414,7 @@ async fn failover_round_makes_exactly_the_expected_api_calls() {
     dev.metadata.resource_version = Some("200".into());
 
     // The third failure, on the cluster: this controller leads since long before.
-    let (client, mut api) = mock_api::client();
+    let (client, api) = mock_api::client();
     let mut ctl = DeviceController::new(
         Arc::new(KubeState::new(client, "hsm-secrets-system", None)),
         agents.clone(),
@@ -418,35 +426,7 @@ async fn failover_round_makes_exactly_the_expected_api_calls() {
             .checked_sub(k8s_openapi::jiff::SignedDuration::from_hours(1))
             .unwrap(),
     );
-    let spec = serde_json::to_value(&dev.spec).unwrap();
-    let server = tokio::spawn(async move {
-        let mut calls = Vec::new();
-        while let Ok(Some((req, respond))) =
-            tokio::time::timeout(Duration::from_millis(800), api.next_request()).await
-        {
-            let method = req.method().to_string();
-            let path = req.uri().path().to_string();
-            let body: serde_json::Value =
-                serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
-            let reply = if path.ends_with("/status") {
-                json!({"apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMDevice",
-                       "metadata": {"name": "prod-hsm", "resourceVersion": "201"},
-                       "spec": spec, "status": body[1]["value"].clone()})
-            } else {
-                body.clone()
-            };
-            respond.send_response(
-                http::Response::builder()
-                    .status(200)
-                    .body(kube::client::Body::from(
-                        serde_json::to_vec(&reply).unwrap(),
-                    ))
-                    .unwrap(),
-            );
-            calls.push((method, path, body));
-        }
-        calls
-    });
+    let server = answer_every_call(api, serde_json::to_value(&dev.spec).unwrap(), "201");
     ctl.reconcile(&dev).await.unwrap();
     let calls = server.await.unwrap();
 

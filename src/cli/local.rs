@@ -222,26 +222,12 @@ async fn declare_hsm_secret(
     namespace: &str,
     name: &str,
 ) -> anyhow::Result<bool> {
-    use crate::crd::{HSMSecret, HSMSecretSpec};
     use crate::state::{FileState, StateStore};
     let files = FileState::open(&state.state_dir)?;
     if files.get_secret(namespace, name).await?.is_some() {
         return Ok(false);
     }
-    let mut secret = HSMSecret::new(
-        name,
-        HSMSecretSpec {
-            device_ref: DEVICE.into(),
-            secret_name: None,
-            secret_type: None,
-            sync_interval: None,
-            source: None,
-            access: None,
-            deletion_policy: None,
-        },
-    );
-    secret.metadata.namespace = Some(namespace.into());
-    files.apply_secret(&secret)?;
+    files.apply_secret(&cluster::local_hsm_secret(namespace, name, None))?;
     Ok(true)
 }
 

@@ -626,25 +626,29 @@ pub fn demo_device(library: &str, timing: &Timing) -> HSMDevice {
 pub fn demo_secrets() -> Vec<HSMSecret> {
     SECRETS
         .iter()
-        .map(|name| {
-            let mut secret = HSMSecret::new(
-                name,
-                HSMSecretSpec {
-                    device_ref: DEVICE.into(),
-                    secret_name: None,
-                    secret_type: None,
-                    sync_interval: None,
-                    source: None,
-                    access: Some(AccessSpec {
-                        service_accounts: vec![SERVICE_ACCOUNT.into()],
-                    }),
-                    deletion_policy: None,
-                },
-            );
-            secret.metadata.namespace = Some(NAMESPACE.into());
-            secret
-        })
+        .map(|name| local_hsm_secret(NAMESPACE, name, Some(SERVICE_ACCOUNT)))
         .collect()
+}
+
+/// An HSMSecret of the demo device, mountable by `service_account` (any of the
+/// namespace's when `None`).
+pub fn local_hsm_secret(namespace: &str, name: &str, service_account: Option<&str>) -> HSMSecret {
+    let mut secret = HSMSecret::new(
+        name,
+        HSMSecretSpec {
+            device_ref: DEVICE.into(),
+            secret_name: None,
+            secret_type: None,
+            sync_interval: None,
+            source: None,
+            access: service_account.map(|sa| AccessSpec {
+                service_accounts: vec![sa.into()],
+            }),
+            deletion_policy: None,
+        },
+    );
+    secret.metadata.namespace = Some(namespace.into());
+    secret
 }
 
 /// A directory of the local system must belong to this user and be closed to others
