@@ -55,7 +55,11 @@ async fn one_round(round: usize) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     let state = FileState::open(dir.path()).unwrap();
     state
-        .apply_device(&support::fixtures::mirrored_device(None, &[], 3))
+        .apply_device(&support::fixtures::mirrored_device(
+            Some("n1"),
+            &["n2", "n3"],
+            3,
+        ))
         .unwrap();
     let files = pki.generated.files(CONTROLLER).unwrap();
     let agents = procs
