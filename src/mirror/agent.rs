@@ -85,8 +85,6 @@ pub struct WriteOutcome {
     pub version: u64,
     /// Active policy: mirrors that applied the write before it was acknowledged.
     pub replicated_to: Vec<String>,
-    /// Active policy: mirrors this write dropped from the sync set.
-    pub dropped: Vec<String>,
 }
 
 /// Counters for tests and metrics.
@@ -601,7 +599,6 @@ impl Agent {
         let mut outcome = WriteOutcome {
             version,
             replicated_to: Vec::new(),
-            dropped: Vec::new(),
         };
         let Some(record) = pushed.filter(|_| !targets.is_empty()) else {
             return Ok(outcome);

@@ -91,7 +91,8 @@ fn write_response(outcome: WriteOutcome) -> pb::WriteResponse {
     pb::WriteResponse {
         version: outcome.version,
         replicated_to: outcome.replicated_to,
-        dropped: outcome.dropped,
+        // Kept on the wire for older clients: an acknowledged write drops no mirror.
+        dropped: Vec::new(),
     }
 }
 
