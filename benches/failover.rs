@@ -21,8 +21,6 @@ use mirror_support::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use tokio::process::Command;
-
 const TOKENS: &[&str] = &["fo-n1", "fo-n2", "fo-n3"];
 const WAIT: Duration = Duration::from_secs(120);
 const ROUNDS: usize = 5;
@@ -61,35 +59,8 @@ async fn one_round(round: usize) -> Duration {
             3,
         ))
         .unwrap();
-    let files = pki.generated.files(CONTROLLER).unwrap();
-    let agents = procs
-        .iter()
-        .map(|p| format!("{}={}", p.peer.node, p.peer.endpoint))
-        .collect::<Vec<_>>()
-        .join(",");
-    let _controller = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
-        .arg("controller")
-        .arg("--state")
-        .arg(dir.path())
-        .args(["--agent", &agents])
-        .arg("--tls-ca")
-        .arg(&files.ca)
-        .arg("--tls-cert")
-        .arg(&files.cert)
-        .arg("--tls-key")
-        .arg(&files.key)
-        .args([
-            "--probe-interval-ms",
-            "1000",
-            "--write-lease-ms",
-            "2000",
-            "--lease-margin-ms",
-            "500",
-        ])
-        .env("HSM_LOG", "error")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let _controller =
+        spawn_controller_process(&pki, dir.path(), &procs.iter().collect::<Vec<_>>(), "error");
     let st = wait_for(WAIT, "bootstrap", || async {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let s = status(&state).await;

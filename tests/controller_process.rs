@@ -20,7 +20,6 @@ use hsm_secrets::state::{FileState, StateStore};
 use mirror_support::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::process::Command;
 
 const TOKENS: &[&str] = &[
     "cp-n1", "cp-n2", "cp-n3", "ca-n1", "ca-n2", "ca-n3", "cs-n1", "cs-n2", "cs-n3",
@@ -64,35 +63,8 @@ impl Processes {
             m.policy = policy;
         }
         state.apply_device(&device).unwrap();
-        let files = pki.generated.files(CONTROLLER).unwrap();
-        let endpoints = agents
-            .iter()
-            .map(|p| format!("{}={}", p.peer.node, p.peer.endpoint))
-            .collect::<Vec<_>>()
-            .join(",");
-        let controller = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
-            .arg("controller")
-            .arg("--state")
-            .arg(dir.path())
-            .args(["--agent", &endpoints])
-            .arg("--tls-ca")
-            .arg(&files.ca)
-            .arg("--tls-cert")
-            .arg(&files.cert)
-            .arg("--tls-key")
-            .arg(&files.key)
-            .args([
-                "--probe-interval-ms",
-                "1000",
-                "--write-lease-ms",
-                "2000",
-                "--lease-margin-ms",
-                "500",
-            ])
-            .env("HSM_LOG", "warn")
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let controller =
+            spawn_controller_process(&pki, dir.path(), &agents.iter().collect::<Vec<_>>(), "warn");
         let bootstrap = wait_for(WAIT, "bootstrap", || async {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let s = status(&state).await;
