@@ -8,6 +8,7 @@ pub mod crd;
 pub mod failover;
 pub mod hsm;
 pub mod inject;
+pub mod kube_events;
 pub mod kubectl;
 pub mod local;
 pub mod mirror;

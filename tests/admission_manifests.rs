@@ -238,7 +238,27 @@ fn the_service_and_webhook_configurations_point_at_the_webhook() {
         assert_eq!(webhook.side_effects, "None");
         assert_eq!(webhook.timeout_seconds, Some(5));
         assert_eq!(webhook.admission_review_versions, ["v1"]);
-        for rule in webhook.rules.unwrap() {
+        let rules = webhook.rules.unwrap();
+        // With failurePolicy Fail, every UPDATE a webhook sees stops while it is down:
+        // the controller's own edits (finalizers, annotations) must never be among them.
+        let updates = rules
+            .iter()
+            .any(|r| r.operations.iter().flatten().any(|o| o == "UPDATE"));
+        if updates {
+            let conditions = webhook.match_conditions.as_deref().unwrap_or_default();
+            assert!(
+                !conditions.is_empty(),
+                "{} judges every UPDATE; add matchConditions",
+                webhook.name
+            );
+            let expression = &conditions[0].expression;
+            assert!(
+                expression.contains("oldObject.spec"),
+                "{}: {expression}",
+                webhook.name
+            );
+        }
+        for rule in rules {
             resources.extend(rule.resources.unwrap());
         }
     }

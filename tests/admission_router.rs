@@ -516,7 +516,7 @@ async fn imports_are_denied_in_read_only_fallback_with_what_lifts_the_block() {
     ] {
         let answer = review(&app, "/validate", &fixture(name)).await;
         let message = denial_message(&answer);
-        assert_eq!(answer["status"]["code"], 503, "{name}");
+        assert_eq!(answer["status"]["code"], 409, "{name}");
         for expected in [
             "HSMSecret shop/db-credentials",
             "HSMDevice prod-hsm",

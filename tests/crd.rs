@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used)]
 
 use hsm_secrets::crd::{self, HSMDevice, HSMSecret, MirroringPolicy, schema};
-use kube::CustomResourceExt;
 use serde_json::{Value, json};
 
 const COMMITTED: &str = "manifests/crds/crds.yaml";
@@ -109,7 +108,7 @@ spec:
 #[test]
 fn seed_mirroring_block_is_accepted_verbatim() {
     let value = seed_device();
-    let crd = serde_json::to_value(HSMDevice::crd()).unwrap();
+    let crd = serde_json::to_value(crd::device_crd()).unwrap();
     let errors = schema::check(schema::crd_schema(&crd).unwrap(), &value);
     assert!(errors.is_empty(), "{errors:?}");
     let dev: HSMDevice = serde_json::from_value(value.clone()).unwrap();
@@ -127,7 +126,7 @@ fn seed_mirroring_block_is_accepted_verbatim() {
 
 #[test]
 fn schema_rejects_bad_device_specs() {
-    let crd = serde_json::to_value(HSMDevice::crd()).unwrap();
+    let crd = serde_json::to_value(crd::device_crd()).unwrap();
     let s = schema::crd_schema(&crd).unwrap();
     let cases = [
         ("/spec/mirroring/policy", json!("Sometimes"), "not one of"),
@@ -179,9 +178,94 @@ spec:
 "#,
     )
     .unwrap();
-    let crd = serde_json::to_value(HSMSecret::crd()).unwrap();
+    let crd = serde_json::to_value(crd::secret_crd()).unwrap();
     let errors = schema::check(schema::crd_schema(&crd).unwrap(), &v);
     assert!(errors.is_empty(), "{errors:?}");
     let s: HSMSecret = serde_json::from_value(v).unwrap();
     assert_eq!(s.spec.allowed_service_accounts(), ["checkout"]);
+}
+
+/// Every CEL rule of both CRDs as generated: each string, list and map it reaches is
+/// bounded, and its worst-case cost (model in `crd::cel_cost`) is within the API server's
+/// budgets, per rule and for the schema.
+#[test]
+fn cel_rules_are_bounded_and_within_the_servers_cost_budget() {
+    for doc in docs() {
+        let schema = schema::crd_schema(&doc).unwrap();
+        let report = crd::cel_cost::check(schema);
+        let name = doc["metadata"]["name"].as_str().unwrap();
+        assert!(report.problems.is_empty(), "{name}: {:?}", report.problems);
+        for rule in &report.rules {
+            eprintln!("{name} {} {:?}: cost {}", rule.path, rule.rule, rule.cost);
+        }
+        assert!(report.total() <= crd::cel_cost::SCHEMA_BUDGET);
+    }
+}
+
+/// Uniqueness of mirror nodes is a list type the server enforces, not an O(n²) rule, and
+/// each node name is bounded like a Node's name.
+#[test]
+fn target_nodes_is_a_bounded_set() {
+    let crd = serde_json::to_value(crd::device_crd()).unwrap();
+    let nodes = crd
+        .pointer(
+            "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/mirroring/properties/targetNodes",
+        )
+        .unwrap();
+    assert_eq!(nodes["x-kubernetes-list-type"], "set");
+    assert_eq!(nodes["items"]["maxLength"], 253);
+    assert!(nodes["maxItems"].as_u64().is_some());
+    assert!(nodes.get("x-kubernetes-validations").is_none());
+}
+
+/// The API server warns `unrecognized format "uint32"` on install for any format it does
+/// not know; only these are used.
+#[test]
+fn only_formats_the_server_knows() {
+    fn walk(v: &Value, found: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(f) = m.get("format").and_then(Value::as_str) {
+                    found.push(f.to_string());
+                }
+                m.values().for_each(|v| walk(v, found));
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, found)),
+            _ => {}
+        }
+    }
+    let known = ["int32", "int64", "date-time", "byte", "float", "double"];
+    for doc in docs() {
+        let mut found = Vec::new();
+        walk(&doc, &mut found);
+        for f in found {
+            assert!(known.contains(&f.as_str()), "unrecognized format {f:?}");
+        }
+    }
+}
+
+/// The device name ends up in a node-label key; the schema itself limits it to 56
+/// characters, with or without the webhook.
+#[test]
+fn device_name_limit_is_in_the_schema() {
+    let crd = serde_json::to_value(crd::device_crd()).unwrap();
+    let rules = crd
+        .pointer("/spec/versions/0/schema/openAPIV3Schema/x-kubernetes-validations")
+        .and_then(Value::as_array)
+        .unwrap();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["rule"] == "self.metadata.name.size() <= 56"),
+        "{rules:?}"
+    );
+    let longest = "d".repeat(56);
+    assert!(
+        hsm_secrets::crd::node_ready_label(&longest)
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .len()
+            <= 63
+    );
 }

@@ -138,7 +138,7 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
     // 10: refused writes say why and what to do; reads go on.
     let refusal = step(&out, 10);
     for expected in [
-        "denied by the validating webhook (HTTP 503)",
+        "denied by the validating webhook (HTTP 409)",
         "has no writable primary",
         "phase ReadOnlyFallback",
         "kubectl hsm failover prod-hsm --to worker-3",

@@ -124,6 +124,30 @@ fn validate(dir: &Path) -> Vec<String> {
                     for problem in device_spec_problems(&device.spec) {
                         problems.push(format!("{}: {problem}", example.at()));
                     }
+                    // Two devices over one token on shared nodes would fight over it.
+                    let nodes = |d: &HSMDevice| {
+                        let m = d.mirroring();
+                        m.primary_node
+                            .into_iter()
+                            .chain(m.target_nodes)
+                            .collect::<Vec<_>>()
+                    };
+                    for (other, seen) in &devices {
+                        let overlap = nodes(&device).iter().any(|n| nodes(seen).contains(n))
+                            || nodes(&device).is_empty()
+                            || nodes(seen).is_empty();
+                        if seen.spec.pkcs11.token_label == device.spec.pkcs11.token_label && overlap
+                        {
+                            problems.push(format!(
+                                "{}: token {} on the same nodes is already HSMDevice {other}; the examples must make one consistent setup",
+                                example.at(),
+                                device.spec.pkcs11.token_label
+                            ));
+                        }
+                    }
+                    if devices.contains_key(example.name()) {
+                        problems.push(format!("{}: HSMDevice defined twice", example.at()));
+                    }
                     devices.insert(example.name().to_owned(), device);
                 }
             }
@@ -314,13 +338,13 @@ fn a_broken_example_fails_with_its_file_name() {
             "mirrored-hsm-device.yaml",
             "policy: \"ReadOnly\"",
             "policy: \"ReadWrite\"",
-            "examples/mirrored-hsm-device.yaml: HSMDevice hsm-primary: .spec.mirroring.policy",
+            "examples/mirrored-hsm-device.yaml: HSMDevice prod-hsm: .spec.mirroring.policy",
         ),
         (
             "mirrored-hsm-device.yaml",
             "- \"worker-3\"",
             "- \"worker-1\"",
-            "examples/mirrored-hsm-device.yaml: HSMDevice hsm-primary: ",
+            "examples/mirrored-hsm-device.yaml: HSMDevice prod-hsm: ",
         ),
         (
             "complete-setup.yaml",

@@ -1012,3 +1012,95 @@ async fn an_unreachable_cluster_points_at_the_kubeconfig_flags() {
     assert!(msg.contains("missing"), "{msg}");
     assert!(msg.ends_with("; check --context/--kubeconfig"), "{msg}");
 }
+
+/// What the real API server did with the webhook's read-only refusal: it relayed the
+/// webhook's status code (503). The command must print the denial at once, send the
+/// HSMSecret write exactly once, and take the import Secret back. This goes through the
+/// client `kubectl hsm` really builds (`client_for`), over HTTP, where kube's default
+/// retry of 503 answers lived.
+#[tokio::test]
+async fn a_read_only_denial_over_http_returns_at_once_and_leaves_no_import_secret() {
+    use axum::extract::State;
+    use axum::routing::{delete, post};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Calls {
+        secret_creates: usize,
+        hsmsecret_creates: usize,
+        secret_deletes: Vec<String>,
+    }
+    type Shared = Arc<Mutex<Calls>>;
+    let denial = "admission webhook \"validate.hsmsecrets.io\" denied the request: HSMSecret shop/db imports data into HSMDevice prod-hsm, which has no writable primary";
+    let calls: Shared = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/api/v1/namespaces/shop/secrets",
+            post(
+                |State(c): State<Shared>, body: axum::Json<Value>| async move {
+                    c.lock().unwrap().secret_creates += 1;
+                    let mut created = body.0;
+                    created["metadata"]["name"] = json!("db-import-x7k2p");
+                    created["metadata"]["resourceVersion"] = json!("11");
+                    (http::StatusCode::CREATED, axum::Json(created))
+                },
+            ),
+        )
+        .route(
+            "/apis/hsmsecrets.io/v1alpha1/namespaces/shop/hsmsecrets",
+            post(move |State(c): State<Shared>| async move {
+                c.lock().unwrap().hsmsecret_creates += 1;
+                (
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(status(503, "ServiceUnavailable", denial)),
+                )
+            }),
+        )
+        .route(
+            "/api/v1/namespaces/shop/secrets/{name}",
+            delete(
+                |State(c): State<Shared>,
+                 axum::extract::Path(name): axum::extract::Path<String>| async move {
+                    c.lock().unwrap().secret_deletes.push(name);
+                    axum::Json(status(200, "", ""))
+                },
+            ),
+        )
+        .with_state(calls.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url: http::Uri = format!("http://{}", listener.local_addr().unwrap())
+        .parse()
+        .unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = hsm_secrets::kubectl::client_for(kube::Config::new(url)).unwrap();
+
+    let started = std::time::Instant::now();
+    let ran = tokio::time::timeout(
+        Duration::from_secs(60),
+        run(
+            &[
+                "create",
+                "db",
+                "--device",
+                "prod-hsm",
+                "--from-literal",
+                "a=1",
+            ],
+            client,
+        ),
+    )
+    .await
+    .expect("the denial reached the user within a minute");
+    let took = started.elapsed();
+    assert!(
+        ran.error().contains("no writable primary"),
+        "{}",
+        ran.error()
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.secret_creates, 1);
+    assert_eq!(calls.hsmsecret_creates, 1, "the refused write was retried");
+    assert_eq!(calls.secret_deletes, ["db-import-x7k2p"]);
+    server.abort();
+}

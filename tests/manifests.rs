@@ -61,7 +61,6 @@ const CONTROLLER_GRANTS: &[&str] = &[
     "/nodes:patch",
     // Events through kube-runtime's Recorder.
     "events.k8s.io/events:create",
-    "events.k8s.io/events:patch",
     // The leader Lease.
     "coordination.k8s.io/leases:get@hsm-secrets-system[hsm-secrets-controller]",
     "coordination.k8s.io/leases:update@hsm-secrets-system[hsm-secrets-controller]",

@@ -84,7 +84,7 @@ async fn events_labels_and_leases() {
         message: "promoted n2".into(),
     };
     state
-        .record_event(&ObjectRef::device("d"), &ev)
+        .record_event(&ObjectRef::device("d", None), &ev)
         .await
         .unwrap();
     let events = state.events().unwrap();

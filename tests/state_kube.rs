@@ -132,6 +132,11 @@ async fn events_and_node_labels() {
         assert_eq!(req.body["regarding"]["kind"], "HSMDevice");
         assert_eq!(req.body["regarding"]["name"], "prod-hsm");
         assert_eq!(req.body["note"], "promoted worker-2 at epoch 4");
+        assert_eq!(req.body["regarding"]["uid"], "dev-uid-1");
+        assert_eq!(
+            support::api_rules::event_problems(&req.body),
+            Vec::<String>::new()
+        );
         let body = req.body.clone();
         req.reply(201, body);
         let req = next(&mut api).await;
@@ -150,7 +155,7 @@ async fn events_and_node_labels() {
     });
     state
         .record_event(
-            &ObjectRef::device("prod-hsm"),
+            &ObjectRef::device("prod-hsm", Some("dev-uid-1")),
             &EventRecord {
                 type_: EventType::Warning,
                 reason: "HSMFailover".into(),

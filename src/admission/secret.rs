@@ -55,8 +55,10 @@ pub fn validate(
         return Verdict::allow("no_write");
     }
     match write_block(&device, now) {
+        // 409, not 503: clients retry a 503 on their own (kube's client for minutes), and
+        // this refusal must reach the user at once.
         Some(block) => Verdict::deny(
-            503,
+            409,
             "no_writable_primary",
             format!(
                 "HSMSecret {namespace}/{name} imports data into {block} (spec.source is a write \

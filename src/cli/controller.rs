@@ -61,6 +61,10 @@ pub struct ControllerArgs {
     /// Extra wait beyond the write lease before another node may be promoted.
     #[arg(long, env = "HSM_LEASE_MARGIN_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub lease_margin_ms: u64,
+    /// Duration of the controller's leader Lease in milliseconds. The leader renews it
+    /// every third of that; a standby takes over at most this long after the leader died.
+    #[arg(long, env = "HSM_LEADER_LEASE_MS", default_value_t = 6_000, value_parser = clap::value_parser!(u64).range(1_000..=600_000))]
+    pub leader_lease_ms: u64,
     /// Run the HSMSecret reconciler (imports and Secret copies) next to the HSMDevice
     /// controller, under the same Lease.
     #[arg(long, env = "HSM_SECRET_SYNC", default_value_t = true, action = clap::ArgAction::Set)]
@@ -111,6 +115,7 @@ pub fn run(args: ControllerArgs, common: CommonArgs) -> anyhow::Result<()> {
     }
     let config = ControllerConfig {
         identity: args.identity.clone(),
+        lease_duration: Duration::from_millis(args.leader_lease_ms),
         probe_interval,
         plan,
         ..ControllerConfig::default()

@@ -33,7 +33,14 @@ pub struct DeviceController<S, A> {
     leader_since: Timestamp,
     /// Per device: (epoch, instant the primary's last renewal or promotion was acknowledged).
     renewals: Mutex<HashMap<String, (u64, Timestamp)>>,
+    /// Per (device, node): the ready label last written and when. A round writes a label
+    /// only when it changes, or to repair drift once [`LABEL_RESYNC`] has passed.
+    labels: Mutex<HashMap<(String, String), (bool, Timestamp)>>,
 }
+
+/// How long a node label written by this leader is trusted before it is written again
+/// (someone may have edited it).
+pub const LABEL_RESYNC: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl<S: StateStore, A: Agents> DeviceController<S, A> {
     pub fn new(
@@ -49,6 +56,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             metrics,
             leader_since: Timestamp::now(),
             renewals: Mutex::default(),
+            labels: Mutex::default(),
         }
     }
 
@@ -56,6 +64,10 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
     pub fn became_leader(&mut self, at: Timestamp) {
         self.leader_since = at;
         self.renewals_mut().clear();
+        self.labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     fn renewals_mut(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Timestamp)>> {
@@ -66,6 +78,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
     #[tracing::instrument(skip_all, fields(device = %device.metadata.name.as_deref().unwrap_or_default()))]
     pub async fn reconcile(&self, device: &HSMDevice) -> Result<RoundOutcome, StateError> {
         let name = device.metadata.name.clone().unwrap_or_default();
+        let regarding = ObjectRef::device(&name, device.metadata.uid.as_deref());
         let view = DeviceView::of(device);
         let status = device.status.clone().unwrap_or_default();
 
@@ -136,7 +149,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             ..Default::default()
         };
         for action in &plan.actions {
-            if let Err(e) = self.execute(&view, action).await {
+            if let Err(e) = self.execute(&view, &regarding, action).await {
                 outcome.actions_failed += 1;
                 tracing::warn!(error = %e, "action failed; it is planned again next round");
             }
@@ -150,7 +163,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             }
             Some(SwitchoverOutcome::Rejected(err)) => {
                 self.record(
-                    &name,
+                    &regarding,
                     EventType::Warning,
                     "HSMFailover",
                     "Switchover",
@@ -166,12 +179,17 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
         Ok(outcome)
     }
 
-    async fn execute(&self, view: &DeviceView, action: &Action) -> Result<(), String> {
+    async fn execute(
+        &self,
+        view: &DeviceView,
+        regarding: &ObjectRef,
+        action: &Action,
+    ) -> Result<(), String> {
         let device = view.name.as_str();
         match action {
             Action::Event(e) => self
                 .record(
-                    device,
+                    regarding,
                     match e.type_ {
                         failover::EventType::Normal => EventType::Normal,
                         failover::EventType::Warning => EventType::Warning,
@@ -182,15 +200,34 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
                 )
                 .await
                 .map_err(|e| e.to_string()),
-            Action::LabelNode { node, ready } => self
-                .state
-                .set_node_label(
-                    node,
-                    &failover::ready_label_key(device),
-                    ready.then_some(failover::READY_LABEL_VALUE),
-                )
-                .await
-                .map_err(|e| e.to_string()),
+            Action::LabelNode { node, ready } => {
+                let key = (device.to_string(), node.clone());
+                let now = Timestamp::now();
+                let written = self
+                    .labels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&key)
+                    .copied();
+                if written.is_some_and(|(was, at)| {
+                    was == *ready && now.duration_since(at).unsigned_abs().lt(&LABEL_RESYNC)
+                }) {
+                    return Ok(());
+                }
+                self.state
+                    .set_node_label(
+                        node,
+                        &failover::ready_label_key(device),
+                        ready.then_some(failover::READY_LABEL_VALUE),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.labels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, (*ready, now));
+                Ok(())
+            }
             Action::ReportLostWrites {
                 node,
                 epoch,
@@ -225,7 +262,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
 
     async fn record(
         &self,
-        device: &str,
+        regarding: &ObjectRef,
         type_: EventType,
         reason: &str,
         action: &str,
@@ -233,7 +270,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
     ) -> Result<(), StateError> {
         self.state
             .record_event(
-                &ObjectRef::device(device),
+                regarding,
                 &EventRecord {
                     type_,
                     reason: reason.into(),

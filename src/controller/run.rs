@@ -27,7 +27,7 @@ impl Default for ControllerConfig {
         Self {
             identity: "hsm-secrets-controller".into(),
             lease_name: "hsm-secrets-controller".into(),
-            lease_duration: Duration::from_secs(15),
+            lease_duration: Duration::from_secs(6),
             probe_interval: Duration::from_secs(1),
             plan: PlanConfig::default(),
         }
@@ -64,12 +64,25 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
         metrics.clone(),
     );
     let mut leading = false;
+    // The leader renews its Lease every third of its duration, not every round: a
+    // renewal is an API write, and an idle cluster should cost no more than that.
+    let renew_every = config.lease_duration / 3;
+    let mut renewed: Option<std::time::Instant> = None;
     tokio::pin!(shutdown);
     loop {
         let mut wait = config.probe_interval;
-        let lease = state
-            .acquire_lease(&config.lease_name, &config.identity, config.lease_duration)
-            .await;
+        let due = !leading || renewed.is_none_or(|at| at.elapsed() >= renew_every);
+        let lease = if due {
+            let result = state
+                .acquire_lease(&config.lease_name, &config.identity, config.lease_duration)
+                .await;
+            if matches!(result, Ok(true)) {
+                renewed = Some(std::time::Instant::now());
+            }
+            result
+        } else {
+            Ok(true)
+        };
         match &lease {
             Ok(true) => {
                 if !leading {
@@ -114,6 +127,13 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
             }
         }
         metrics.round(lease.as_ref().ok().copied());
+        if leading {
+            // Wake in time for the next renewal even when devices ask for no round sooner.
+            let until_renewal = renewed.map_or(Duration::ZERO, |at| {
+                renew_every.saturating_sub(at.elapsed())
+            });
+            wait = wait.min(until_renewal.max(Duration::from_millis(20)));
+        }
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             _ = state.wait_device_change(wait) => {}

@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
     shortname = "hsmdev",
     category = "hsmsecrets",
     status = "HSMDeviceStatus",
+    // The name becomes part of a node-label key (`hsmsecrets.io/device.<name>`), whose
+    // name part is limited to 63 characters.
+    validation = Rule::new("self.metadata.name.size() <= 56").message("metadata.name of an HSMDevice must be at most 56 characters: it becomes part of the node label hsmsecrets.io/device.<name>"),
     printcolumn(
         name = "Policy",
         type_ = "string",
@@ -123,10 +126,11 @@ pub struct MirroringSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub primary_node: Option<String>,
-    /// Mirror nodes; empty means every node that has the token.
+    /// Mirror nodes; empty means every node that has the token. A set: the API server
+    /// refuses a node listed twice (`x-kubernetes-list-type: set`, no CEL needed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
-    #[x_kube(validation = Rule::new("self.all(n, self.exists_one(m, m == n))").message("mirroring.targetNodes must not list a node twice"))]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
     pub target_nodes: Vec<String>,
     /// Consecutive failed health checks of the primary before it is declared failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -15,7 +15,7 @@ use super::actions::{Action, DeviceEvent, EventReason, EventType};
 use super::fencing::{Fence, old_primary_fence};
 use super::nodes::{self, NodeRound, diverged_range, highest_known_epoch, probe_for};
 use super::observe::{AgentReport, DeviceView, WriteLease};
-use super::status::ConditionReason;
+use super::status::{self, ConditionReason};
 use super::switchover::{SwitchoverError, SwitchoverOutcome, SwitchoverStep, plan_switchover};
 use super::{Observations, PlanConfig};
 
@@ -119,7 +119,9 @@ pub fn plan(
         switchover: None,
     };
     planner.decide_primary();
-    planner.finish()
+    let mut plan = planner.finish();
+    plan.status = status::settle(previous, plan.status, observed.now);
+    plan
 }
 
 pub(super) struct Planner<'a> {

@@ -406,3 +406,34 @@ impl Planner<'_> {
         }
     }
 }
+
+/// How stale a timestamp in status (a node's last successful probe, its last sync) may
+/// grow before it is written again when nothing else changed. Rounds run every probe
+/// interval; writing their timestamps each time would cost an API write per device per
+/// round, fanned out to every watcher. Live values are in the metrics.
+pub const STATUS_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `fresh`, unless it differs from `prev` only in timestamps younger than
+/// [`STATUS_HEARTBEAT`]: then `prev` itself, so an idle round writes nothing.
+pub fn settle(prev: &HSMDeviceStatus, fresh: HSMDeviceStatus, now: Timestamp) -> HSMDeviceStatus {
+    let recent = |t: &Option<Time>| {
+        t.as_ref().is_some_and(|t| {
+            let age = now.duration_since(t.0);
+            !age.is_negative() && age.unsigned_abs() < STATUS_HEARTBEAT
+        })
+    };
+    let keep = |old: &Option<Time>, new: &mut Option<Time>| {
+        if new.is_some() && recent(old) {
+            new.clone_from(old);
+        }
+    };
+    let mut settled = fresh.clone();
+    for node in &mut settled.nodes {
+        if let Some(old) = prev.nodes.iter().find(|p| p.node == node.node) {
+            keep(&old.last_successful_probe, &mut node.last_successful_probe);
+            keep(&old.last_sync_time, &mut node.last_sync_time);
+        }
+    }
+    keep(&prev.last_sync_time, &mut settled.last_sync_time);
+    if settled == *prev { settled } else { fresh }
+}

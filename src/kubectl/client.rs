@@ -36,7 +36,7 @@ pub async fn connect(global: &GlobalArgs) -> Result<Session, KubectlError> {
         user: None,
     };
     let unreachable = |detail: String| KubectlError::Unreachable { detail };
-    let mut config = match &global.kubeconfig {
+    let config = match &global.kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path).map_err(|e| {
                 unreachable(format!("cannot read kubeconfig {}: {e}", path.display()))
@@ -52,14 +52,23 @@ pub async fn connect(global: &GlobalArgs) -> Result<Session, KubectlError> {
             .await
             .map_err(|e| unreachable(format!("no usable kubeconfig or in-cluster config: {e}")))?,
     };
-    // Fail fast on a dead endpoint instead of kube's 30 s default.
-    config.connect_timeout = Some(Duration::from_secs(10));
-    config.read_timeout = Some(Duration::from_secs(60));
     let namespace = global
         .namespace
         .clone()
         .unwrap_or_else(|| config.default_namespace.clone());
-    let client =
-        Client::try_from(config).map_err(|e| unreachable(format!("building the client: {e}")))?;
+    let client = client_for(config)?;
     Ok(Session::new(client, namespace))
+}
+
+/// A client that answers as kubectl does: a dead endpoint fails fast instead of after
+/// kube's 30 s default, and no request is retried on its own. kube retries 429, 503 and
+/// 504 with backoff by default, which turned one admission denial into minutes of
+/// repeated writes; the user (or the poll loop) decides what to try again.
+pub fn client_for(mut config: Config) -> Result<Client, KubectlError> {
+    config.connect_timeout = Some(Duration::from_secs(10));
+    config.read_timeout = Some(Duration::from_secs(60));
+    config.default_retry = false;
+    Client::try_from(config).map_err(|e| KubectlError::Unreachable {
+        detail: format!("building the client: {e}"),
+    })
 }

@@ -53,7 +53,7 @@ use std::io::Write;
 use std::time::Duration;
 
 pub use args::{Cli, Command, OutputFormat};
-pub use client::{Session, connect};
+pub use client::{Session, client_for, connect};
 pub use error::KubectlError;
 pub use input::{Prompt, SecretValue, TerminalPrompt};
 

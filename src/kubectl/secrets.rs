@@ -338,22 +338,32 @@ async fn send_import(
         .clone()
         .unwrap_or_default();
     let api = secrets_api(s);
-    let written = match write {
-        SourceWrite::Create { device } => api
-            .create(
-                &PostParams::default(),
-                &plan::new_hsmsecret(ns, name, device, &secret_name),
-            )
-            .await
-            .map_err(|e| Call::hsmsecret("create", Some(ns), Some(name)).fail(e)),
-        SourceWrite::Patch { mode } => api
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(&plan::source_patch(&secret_name, mode)),
-            )
-            .await
-            .map_err(|e| Call::hsmsecret("patch", Some(ns), Some(name)).fail(e)),
+    let write = async {
+        match write {
+            SourceWrite::Create { device } => api
+                .create(
+                    &PostParams::default(),
+                    &plan::new_hsmsecret(ns, name, device, &secret_name),
+                )
+                .await
+                .map_err(|e| Call::hsmsecret("create", Some(ns), Some(name)).fail(e)),
+            SourceWrite::Patch { mode } => api
+                .patch(
+                    name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&plan::source_patch(&secret_name, mode)),
+                )
+                .await
+                .map_err(|e| Call::hsmsecret("patch", Some(ns), Some(name)).fail(e)),
+        }
+    };
+    // An interrupted command must not leave the plaintext import Secret behind: until the
+    // HSMSecret points at it, Ctrl-C (or SIGTERM) takes it back like a refusal does.
+    let written = tokio::select! {
+        written = write => written,
+        signal = interrupted() => Err(KubectlError::Refused(format!(
+            "interrupted by {signal} before HSMSecret {ns}/{name} was written; nothing was imported"
+        ))),
     };
     let written = match written {
         Ok(obj) => obj,
@@ -436,5 +446,20 @@ async fn send_import(
                  `kubectl hsm get {name}` and the controller's logs, or wait longer with --timeout"
             ),
         }),
+    }
+}
+
+/// Resolves at the first SIGINT or SIGTERM, naming it; never when neither can be watched.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
     }
 }

@@ -15,13 +15,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hsm_secrets_csi::{Error as CsiError, NodeObserver, PublishRequest};
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::events::v1::Event as KubeEvent;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, PostParams};
 use tokio::time::Instant;
 
 use super::NodeMetrics;
 use super::attributes::SECRETS;
+use crate::kube_events::{self, Occurrence, Reporter, Severity};
 
 /// Reason of the Event on the pod.
 pub const REASON: &str = "HSMSecretSyncFailed";
@@ -223,38 +221,34 @@ impl KubePodEvents {
 impl PodEventSink for KubePodEvents {
     async fn record(&self, event: &PodEvent) -> Result<(), EventError> {
         let pod = &event.pod;
-        let record = KubeEvent {
-            metadata: ObjectMeta {
-                generate_name: Some(format!("{}.", pod.name)),
-                namespace: Some(pod.namespace.clone()),
-                ..Default::default()
-            },
-            event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
-            action: Some(event.action.into()),
-            reason: Some(event.reason.into()),
-            note: Some(event.note.clone()),
-            type_: Some("Warning".into()),
-            regarding: Some(ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: Some(pod.name.clone()),
-                namespace: Some(pod.namespace.clone()),
-                uid: Some(pod.uid.clone()),
-                ..Default::default()
-            }),
-            reporting_controller: Some(REPORTING_CONTROLLER.into()),
-            reporting_instance: Some(self.node.clone()),
+        let regarding = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            uid: Some(pod.uid.clone()),
             ..Default::default()
         };
-        Api::<KubeEvent>::namespaced(self.client.clone(), &pod.namespace)
-            .create(&PostParams::default(), &record)
-            .await
-            .map(drop)
-            .map_err(|e| EventError::Api {
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                detail: e.to_string(),
-            })
+        let reporter = Reporter {
+            controller: REPORTING_CONTROLLER.into(),
+            instance: self.node.clone(),
+        };
+        let what = Occurrence {
+            severity: Severity::Warning,
+            reason: event.reason,
+            action: event.action,
+            note: &event.note,
+        };
+        kube_events::publish(
+            &self.client,
+            &kube_events::build(regarding, &reporter, &what),
+        )
+        .await
+        .map_err(|e| EventError::Api {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            detail: e.to_string(),
+        })
     }
 }
 

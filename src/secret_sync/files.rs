@@ -101,6 +101,7 @@ impl<S: StateStore> Cluster for FileCluster<S> {
         let regarding = ObjectRef::secret(
             object.metadata.namespace.as_deref().unwrap_or_default(),
             object.metadata.name.as_deref().unwrap_or_default(),
+            object.metadata.uid.as_deref(),
         );
         self.state
             .record_event(&regarding, event)

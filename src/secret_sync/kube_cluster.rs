@@ -8,8 +8,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::events::v1::Event as KubeEvent;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
@@ -21,6 +20,7 @@ use tokio::sync::watch;
 use super::digest::{DIGEST_KEY_FIELD, DIGEST_KEY_SECRET, DigestKey};
 use super::{Cluster, DEVICE_LABEL, IMPORT_FOR_LABEL, SecretReconciler, SyncError, SyncErrorKind};
 use crate::crd::{HSMDevice, HSMSecret, HSMSecretStatus};
+use crate::kube_events::{self, Occurrence, Reporter, Severity};
 use crate::state::{EventRecord, EventType};
 
 /// Field manager and Event reporter of the HSMSecret reconciler.
@@ -205,39 +205,26 @@ impl Cluster for KubeCluster {
             .map_err(|e| map_err(|| name_of(object), e))
     }
 
-    /// Events are created directly rather than through kube's `Recorder`: the reconciler
-    /// announces changes only, so series aggregation buys little, and the Recorder's
-    /// cache would keep one Event per HSMSecret in memory for six minutes.
     async fn record_event(&self, object: &HSMSecret, event: &EventRecord) -> Result<(), SyncError> {
-        let ns = object.metadata.namespace.as_deref().unwrap_or("default");
-        let name = object.metadata.name.as_deref().unwrap_or_default();
-        let record = KubeEvent {
-            metadata: ObjectMeta {
-                generate_name: Some(format!("{name}.")),
-                namespace: Some(ns.into()),
-                ..Default::default()
+        let what = Occurrence {
+            severity: match event.type_ {
+                EventType::Normal => Severity::Normal,
+                EventType::Warning => Severity::Warning,
             },
-            event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
-            action: Some(event.action.clone()),
-            reason: Some(event.reason.clone()),
-            note: Some(event.message.clone()),
-            type_: Some(
-                match event.type_ {
-                    EventType::Normal => "Normal",
-                    EventType::Warning => "Warning",
-                }
-                .into(),
-            ),
-            regarding: Some(object.object_ref(&())),
-            reporting_controller: Some(MANAGER.into()),
-            reporting_instance: Some(self.instance.clone()),
-            ..Default::default()
+            reason: &event.reason,
+            action: &event.action,
+            note: &event.message,
         };
-        Api::<KubeEvent>::namespaced(self.client.clone(), ns)
-            .create(&params(), &record)
-            .await
-            .map(|_| ())
-            .map_err(|e| SyncError::Api(e.to_string()))
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: self.instance.clone(),
+        };
+        kube_events::publish(
+            &self.client,
+            &kube_events::build(object.object_ref(&()), &reporter, &what),
+        )
+        .await
+        .map_err(|e| SyncError::Api(e.to_string()))
     }
 }
 

@@ -16,11 +16,11 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporter};
 use kube::{Client, Resource};
 
 use super::{EventRecord, EventType, ObjectRef, StateError, StateStore};
 use crate::crd::{HSMDevice, HSMDeviceStatus, HSMSecret, HSMSecretStatus};
+use crate::kube_events::{self, Occurrence, Reporter, Severity};
 
 /// Field manager and Event reporter name.
 pub const MANAGER: &str = "hsm-secrets-controller";
@@ -28,7 +28,7 @@ pub const MANAGER: &str = "hsm-secrets-controller";
 #[derive(Clone)]
 pub struct KubeState {
     client: Client,
-    recorder: Recorder,
+    reporter: Reporter,
     /// Namespace holding the controller's Lease.
     lease_namespace: String,
     /// HSMDevices from a watch, when [`watching_devices`](Self::watching_devices).
@@ -60,16 +60,13 @@ impl KubeState {
         lease_namespace: impl Into<String>,
         instance: Option<String>,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance,
-            },
-        );
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: instance.unwrap_or_else(|| MANAGER.into()),
+        };
         Self {
             client,
-            recorder,
+            reporter,
             lease_namespace: lease_namespace.into(),
             devices: None,
         }
@@ -256,24 +253,24 @@ impl StateStore for KubeState {
             kind: Some(regarding.kind.clone()),
             name: Some(regarding.name.clone()),
             namespace: regarding.namespace.clone(),
+            uid: regarding.uid.clone(),
             ..Default::default()
         };
-        self.recorder
-            .publish(
-                &Event {
-                    type_: match event.type_ {
-                        EventType::Normal => KubeEventType::Normal,
-                        EventType::Warning => KubeEventType::Warning,
-                    },
-                    reason: event.reason.clone(),
-                    note: Some(event.message.clone()),
-                    action: event.action.clone(),
-                    secondary: None,
-                },
-                &reference,
-            )
-            .await
-            .map_err(api_err)
+        let what = Occurrence {
+            severity: match event.type_ {
+                EventType::Normal => Severity::Normal,
+                EventType::Warning => Severity::Warning,
+            },
+            reason: &event.reason,
+            action: &event.action,
+            note: &event.message,
+        };
+        kube_events::publish(
+            &self.client,
+            &kube_events::build(reference, &self.reporter, &what),
+        )
+        .await
+        .map_err(api_err)
     }
 
     async fn set_node_label(

@@ -68,22 +68,27 @@ pub struct ObjectRef {
     pub kind: String,
     pub namespace: Option<String>,
     pub name: String,
+    /// The object's uid: `kubectl describe` lists only Events that carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
 }
 
 impl ObjectRef {
-    pub fn device(name: &str) -> Self {
+    pub fn device(name: &str, uid: Option<&str>) -> Self {
         Self {
             kind: "HSMDevice".into(),
             namespace: None,
             name: name.into(),
+            uid: uid.map(String::from),
         }
     }
 
-    pub fn secret(namespace: &str, name: &str) -> Self {
+    pub fn secret(namespace: &str, name: &str, uid: Option<&str>) -> Self {
         Self {
             kind: "HSMSecret".into(),
             namespace: Some(namespace.into()),
             name: name.into(),
+            uid: uid.map(String::from),
         }
     }
 }

@@ -221,6 +221,8 @@ struct State {
     rv: u64,
     uid: u64,
     calls: BTreeMap<String, usize>,
+    /// Creates refused by the server's validation: (kind, why).
+    refused: Vec<(String, String)>,
     /// Changes up to this resourceVersion are no longer in `history`.
     forgotten: u64,
 }
@@ -430,6 +432,23 @@ impl FakeApi {
             .unwrap_or_default()
     }
 
+    /// Creates this server refused as invalid (kind, reasons), as a real one would.
+    pub fn refused(&self) -> Vec<(String, String)> {
+        self.state.lock().unwrap().refused.clone()
+    }
+
+    /// Writes (anything but GET, list and watch) answered so far, by `METHOD plural[/sub]`.
+    pub fn writes(&self) -> BTreeMap<String, usize> {
+        self.state
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .filter(|(what, _)| !what.starts_with("GET ") && !what.starts_with("watch "))
+            .map(|(w, n)| (w.clone(), *n))
+            .collect()
+    }
+
     /// Watches whose client is still connected.
     pub fn open_watches(&self) -> usize {
         let mut s = self.state.lock().unwrap();
@@ -547,6 +566,16 @@ impl FakeApi {
             },
             ("POST", None) => {
                 let mut object = body;
+                let problems = if r.prefix == "apis/events.k8s.io/v1" {
+                    super::api_rules::event_problems(&object)
+                } else {
+                    super::api_rules::metadata_problems(&object)
+                };
+                if !problems.is_empty() {
+                    let kind = object["kind"].as_str().unwrap_or_default().to_string();
+                    s.refused.push((kind, problems.join("; ")));
+                    return failure(422, "Invalid", &problems.join(", "));
+                }
                 if object["metadata"]["name"].is_null() {
                     let prefix = object["metadata"]["generateName"]
                         .as_str()
