@@ -467,3 +467,127 @@ async fn failover_round_makes_exactly_the_expected_api_calls() {
     assert_eq!(agents.agent("n2").epoch, 2);
     assert_eq!(agents.agent("n3").epoch, 2, "n3 follows the new primary");
 }
+
+/// Steady state on a real-shaped API: once a device is Ready, rounds every 100 ms for
+/// three seconds write no HSMDevice status, no Node label and no Event; the only writes
+/// are the leader Lease's renewals (every third of its duration). Reads are free to
+/// happen. Every round's agent report carries a new `lastSync`, so this also holds the
+/// status heartbeat.
+#[tokio::test]
+async fn idle_rounds_write_nothing_but_the_leader_lease() {
+    use hsm_secrets::controller::{ControllerConfig, run_controller};
+    use support::fake_api::FakeApi;
+
+    let api = FakeApi::new();
+    for node in ["n1", "n2", "n3"] {
+        api.put(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}));
+    }
+    let mut device =
+        serde_json::to_value(support::fixtures::mirrored_device(Some("n1"), &["n2", "n3"], 3))
+            .unwrap();
+    device["metadata"]["uid"] = json!("dev-uid-1");
+    api.put(device);
+    let state = Arc::new(KubeState::new(api.client(), "hsm-secrets-system", None));
+    let lease = Duration::from_millis(400);
+    let agents = Arc::new(SimAgents::new(lease, &[("n1", 10), ("n2", 10), ("n3", 10)]));
+    let leader_lease = Duration::from_millis(1500);
+    let config = ControllerConfig {
+        lease_duration: leader_lease,
+        probe_interval: Duration::from_millis(100),
+        plan: PlanConfig {
+            fencing: FencingConfig {
+                lease_duration: lease,
+                safety_margin: Duration::from_millis(100),
+            },
+            ..PlanConfig::default()
+        },
+        ..ControllerConfig::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(run_controller(
+        state.clone(),
+        agents.clone(),
+        config,
+        ControllerMetrics::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // Bootstrap: primary, mirrors, labels, Events.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dev = state.get_device("prod-hsm").await.unwrap().unwrap();
+        let status = dev.status.unwrap_or_default();
+        if status.phase == DevicePhase::Ready
+            && status
+                .nodes
+                .iter()
+                .all(|n| n.role == DeviceRole::Primary || n.role == DeviceRole::ReadOnly)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never Ready: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = api.writes();
+    let idle = Duration::from_secs(3);
+    tokio::time::sleep(idle).await;
+    let after = api.writes();
+    let _ = stop.send(());
+    controller.await.unwrap().unwrap();
+
+    let grown: BTreeMap<String, usize> = after
+        .iter()
+        .map(|(what, n)| (what.clone(), n - before.get(what).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let lease_renewals = grown.get("PUT leases").copied().unwrap_or(0);
+    let others: Vec<_> = grown.iter().filter(|(w, _)| *w != "PUT leases").collect();
+    assert!(others.is_empty(), "idle rounds wrote {others:?}");
+    // One renewal per 500 ms (a third of 1.5 s), give or take a round.
+    assert!(
+        (4..=8).contains(&lease_renewals),
+        "{lease_renewals} Lease renewals in {idle:?}"
+    );
+    assert!(api.refused().is_empty(), "{:?}", api.refused());
+}
+
+/// Each failover is its own Event with its own message, regarding the device by uid:
+/// nothing is merged into an earlier Event with the same reason.
+#[tokio::test]
+async fn every_event_is_its_own_record_with_the_devices_uid() {
+    use hsm_secrets::state::{EventRecord, EventType, ObjectRef};
+    use support::fake_api::FakeApi;
+
+    let api = FakeApi::new();
+    let state = KubeState::new(api.client(), "hsm-secrets-system", None);
+    for epoch in 2..=6 {
+        state
+            .record_event(
+                &ObjectRef::device("prod-hsm", Some("dev-uid-1")),
+                &EventRecord {
+                    type_: EventType::Warning,
+                    reason: "HSMFailover".into(),
+                    action: "Reconcile".into(),
+                    message: format!("promoted n{epoch} at epoch {epoch}"),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    assert!(api.refused().is_empty(), "{:?}", api.refused());
+    let events: Vec<serde_json::Value> = api.list("events.k8s.io/v1", "Event");
+    assert_eq!(events.len(), 5, "{events:?}");
+    for (event, epoch) in events.iter().zip(2..=6) {
+        assert_eq!(event["metadata"]["namespace"], "default");
+        assert_eq!(event["regarding"]["uid"], "dev-uid-1");
+        assert!(
+            events
+                .iter()
+                .any(|e| e["note"] == format!("promoted n{epoch} at epoch {epoch}")),
+            "{event}"
+        );
+    }
+    support::api_rules::event_names_unique(&events).unwrap();
+}

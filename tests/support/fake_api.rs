@@ -408,6 +408,19 @@ impl FakeApi {
         self.state.lock().unwrap().objects.get(&key).cloned()
     }
 
+    /// Every stored object of `kind`.
+    pub fn list(&self, api_version: &str, kind: &str) -> Vec<Value> {
+        let (prefix, plural) = (prefix_of(api_version), plural_of(kind));
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .iter()
+            .filter(|(k, _)| k.prefix == prefix && k.plural == plural)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// How many stored objects of `kind` satisfy `pred`.
     pub fn count(&self, api_version: &str, kind: &str, pred: impl Fn(&Value) -> bool) -> usize {
         let (prefix, plural) = (prefix_of(api_version), plural_of(kind));
