@@ -5,4 +5,5 @@ pub mod api_rules;
 pub mod fake_api;
 pub mod fixtures;
 pub mod mock_api;
+pub mod sim_agents;
 pub mod softhsm;
