@@ -33,12 +33,15 @@ fn main() {
 }
 
 async fn run() {
-    println!("| idle devices | HSMDevice status PATCH/min | Node PATCH/min | Event POST/min | Lease PUT/min | all writes/min | floor (Lease only) | ratio |");
+    println!(
+        "| idle devices | HSMDevice status PATCH/min | Node PATCH/min | Event POST/min | Lease PUT/min | all writes/min | floor (Lease only) | ratio |"
+    );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for devices in [1usize, 10, 100] {
         let writes = measure(devices).await;
-        let per_minute =
-            |what: &str| writes.get(what).copied().unwrap_or(0) as f64 * 60.0 / WINDOW.as_secs_f64();
+        let per_minute = |what: &str| {
+            writes.get(what).copied().unwrap_or(0) as f64 * 60.0 / WINDOW.as_secs_f64()
+        };
         let all: f64 = writes.values().sum::<usize>() as f64 * 60.0 / WINDOW.as_secs_f64();
         let floor = 60.0 / (ControllerConfig::default().lease_duration.as_secs_f64() / 3.0);
         println!(
@@ -95,7 +98,11 @@ async fn measure(count: usize) -> BTreeMap<String, usize> {
         let devices = state.list_devices().await.unwrap();
         let ready = devices
             .iter()
-            .filter(|d| d.status.as_ref().is_some_and(|s| s.phase == DevicePhase::Ready))
+            .filter(|d| {
+                d.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == DevicePhase::Ready)
+            })
             .count();
         if ready == count {
             break;

@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/ensure-softhsm.sh
+# Built-in objects of manifests/ and examples/ against the API schemas of Kubernetes 1.36.
+if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
+fi
+python3 scripts/validate-manifests.py 1.36
 # nextest runs every test in its own process: SoftHSM reads its configuration once per
 # process, and each test brings its own tokens.
 if ! command -v cargo-nextest >/dev/null 2>&1; then

@@ -3,16 +3,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use hsm_secrets::controller::{AgentCallError, Agents, ControllerMetrics, DeviceController};
-use hsm_secrets::crd::{DevicePhase, DeviceRole, HSMDevice};
-use hsm_secrets::failover::{
-    Action, AgentReport, DeviceView, FencingConfig, NodeError, NodeErrorKind, PlanConfig,
-    ProbeResult, WriteLease,
-};
+use hsm_secrets::controller::{ControllerMetrics, DeviceController};
+use hsm_secrets::crd::{DevicePhase, DeviceRole};
+use hsm_secrets::failover::{FencingConfig, PlanConfig};
 use hsm_secrets::state::{FileState, KubeState, StateStore};
 
 mod support;
@@ -352,9 +348,12 @@ async fn idle_rounds_write_nothing_but_the_leader_lease() {
     for node in ["n1", "n2", "n3"] {
         api.put(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}));
     }
-    let mut device =
-        serde_json::to_value(support::fixtures::mirrored_device(Some("n1"), &["n2", "n3"], 3))
-            .unwrap();
+    let mut device = serde_json::to_value(support::fixtures::mirrored_device(
+        Some("n1"),
+        &["n2", "n3"],
+        3,
+    ))
+    .unwrap();
     device["metadata"]["uid"] = json!("dev-uid-1");
     api.put(device);
     let state = Arc::new(KubeState::new(api.client(), "hsm-secrets-system", None));

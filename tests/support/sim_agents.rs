@@ -157,4 +157,3 @@ impl Agents for SimAgents {
         Ok(())
     }
 }
-
