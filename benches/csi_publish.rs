@@ -441,7 +441,7 @@ async fn floor_publish(
 }
 
 fn floor_unpublish(target: &Path) {
-    hsm_secrets_csi::mount::unmount(target).expect("floor unmount");
+    nix::mount::umount2(target, nix::mount::MntFlags::empty()).expect("floor unmount");
     std::fs::remove_dir(target).expect("floor rmdir");
 }
 

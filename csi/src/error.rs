@@ -40,6 +40,11 @@ pub enum Error {
     )]
     ForeignDirectory { target: PathBuf },
 
+    #[error(
+        "{path} is a symbolic link; the node plugin never follows one in a volume path (kubelet does not create them)"
+    )]
+    Symlink { path: PathBuf },
+
     #[error("mount tmpfs at {target}: {source}")]
     Mount { target: PathBuf, source: Errno },
 
@@ -98,6 +103,7 @@ impl Error {
             Self::OperationPending { .. } => "operation_pending",
             Self::ForeignMount { .. } => "foreign_mount",
             Self::ForeignDirectory { .. } => "foreign_directory",
+            Self::Symlink { .. } => "symlink",
             Self::Mount { .. } => "mount",
             Self::Unmount { .. } => "unmount",
             Self::Io { .. } => "io",
@@ -116,7 +122,9 @@ impl Error {
             Self::Source { source, .. } => source.code(),
             // The CSI spec's code for "an operation is pending for this volume".
             Self::OperationPending { .. } => Code::Aborted,
-            Self::ForeignMount { .. } | Self::ForeignDirectory { .. } => Code::FailedPrecondition,
+            Self::ForeignMount { .. } | Self::ForeignDirectory { .. } | Self::Symlink { .. } => {
+                Code::FailedPrecondition
+            }
             Self::Mount { .. } | Self::Unmount { .. } | Self::Io { .. } | Self::Task(_) => {
                 Code::Internal
             }
@@ -157,9 +165,10 @@ mod tests {
             Error::InvalidEndpoint { .. } => 10,
             Error::Transport(_) => 11,
             Error::ForeignDirectory { .. } => 12,
+            Error::Symlink { .. } => 13,
         }
     }
-    const VARIANTS: usize = 13;
+    const VARIANTS: usize = 14;
 
     fn source(e: SourceError) -> Error {
         Error::Source {
@@ -246,6 +255,13 @@ mod tests {
                 "not a volume of this driver",
             ),
             (
+                Error::Symlink {
+                    path: target.clone(),
+                },
+                Code::FailedPrecondition,
+                "symbolic link",
+            ),
+            (
                 Error::Mount {
                     target: target.clone(),
                     source: Errno::EPERM,
@@ -298,7 +314,7 @@ mod tests {
         assert!(seen.iter().all(|s| *s), "a variant lacks a row: {seen:?}");
         assert_eq!(
             kinds.len(),
-            17,
+            18,
             "kinds are distinct per variant and source code"
         );
     }

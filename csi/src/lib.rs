@@ -52,6 +52,7 @@ pub mod mountinfo;
 pub mod node;
 pub mod observer;
 pub mod payload_writer;
+pub mod pinned;
 pub mod plain_directory;
 mod request;
 pub mod serve;

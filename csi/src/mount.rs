@@ -5,6 +5,7 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 
+use crate::pinned::PinnedDir;
 use crate::{Error, Payload, mountinfo};
 
 /// Secrets are data: nothing on the volume may be a device, run, or gain privileges.
@@ -82,22 +83,41 @@ pub fn ensure_capacity(target: &Path, required: u64) -> Result<(), Error> {
     })
 }
 
-/// Unmount everything at `target`; a busy mount is detached lazily so the volume can still
-/// go away while a process holds a file open. Succeeds when nothing is mounted.
-pub fn unmount(target: &Path) -> Result<(), Error> {
+/// Unmount this driver's tmpfs at `target` (the entry `name` of the pinned `parent`),
+/// every layer of it; a busy mount is detached lazily so the volume can still go away
+/// while a process holds a file open. Succeeds when nothing is mounted; refuses, touching
+/// nothing, when what is mounted there is not a tmpfs of `driver_name`.
+///
+/// umount(2) is given `/proc/self/fd/<parent>/<name>` with `UMOUNT_NOFOLLOW`: the parent
+/// is the directory that was checked, and the last component is never followed.
+pub fn unmount(
+    parent: &PinnedDir,
+    name: &std::ffi::OsStr,
+    target: &Path,
+    driver_name: &str,
+) -> Result<(), Error> {
+    let at = parent.proc_path().join(name);
     let fail = |source| Error::Unmount {
         target: target.to_path_buf(),
         source,
     };
     for _ in 0..MAX_STACKED {
-        if !mountinfo::is_mount_point(target)? {
-            return Ok(());
+        match mountinfo::mount_at(target)? {
+            None => return Ok(()),
+            Some(m) if m.fs_type != "tmpfs" || m.source != driver_name => {
+                return Err(Error::ForeignMount {
+                    target: target.to_path_buf(),
+                    fs_type: m.fs_type,
+                    mount_source: m.source,
+                });
+            }
+            Some(_) => {}
         }
-        match nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+        match nix::mount::umount2(&at, MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) => {}
             Err(Errno::EBUSY) => {
                 tracing::warn!(target = %target.display(), "volume busy, detaching lazily");
-                nix::mount::umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW)
+                nix::mount::umount2(&at, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW)
                     .map_err(fail)?;
             }
             // Raced with another unmount: the loop re-reads mountinfo.

@@ -5,8 +5,6 @@
 //! restarted plugin carries on where the old one stopped.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -18,6 +16,7 @@ use crate::mount::{self, tmpfs_size_for};
 use crate::mountinfo;
 use crate::observer::{OUTCOME_KEPT_LAST_GOOD, OUTCOME_OK};
 use crate::payload_writer::{self, WriteOutcome};
+use crate::pinned::PinnedDir;
 use crate::plain_directory;
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self, Rpc, rpc};
@@ -181,7 +180,13 @@ impl<S: VolumeSource> NodeService<S> {
 
         let target = request.target_path.clone();
         let driver = self.config.driver_name.clone();
+        let kubelet_dir = self.config.kubelet_dir.clone();
         let (existing, plain) = blocking(move || {
+            // A symlink anywhere below the kubelet directory is refused before anything
+            // at the target is looked at.
+            if let Some((parent, name)) = PinnedDir::open_parent_under(&kubelet_dir, &target)? {
+                parent.child(&name)?;
+            }
             Ok((
                 mountinfo::mount_at(&target)?,
                 plain_directory::is_plain_volume(&target, &driver)?,
@@ -220,9 +225,13 @@ impl<S: VolumeSource> NodeService<S> {
         let target = request.target_path.clone();
         let driver_name = self.config.driver_name.clone();
         let gid = request.fs_group;
+        let kubelet_dir = self.config.kubelet_dir.clone();
         match self.config.mount_mode {
             MountMode::Tmpfs => {
-                blocking(move || mount_fresh_volume(&target, &driver_name, &payload, gid)).await?;
+                blocking(move || {
+                    mount_fresh_volume(&kubelet_dir, &target, &driver_name, &payload, gid)
+                })
+                .await?;
                 tracing::info!("volume published");
             }
             MountMode::PlainDirectory => {
@@ -249,10 +258,15 @@ impl<S: VolumeSource> NodeService<S> {
             let target = request.target_path.clone();
             let gid = request.fs_group;
             let warned = self.group_warned.clone();
+            let kubelet_dir = self.config.kubelet_dir.clone();
             blocking(move || match kind {
                 VolumeKind::Tmpfs => {
-                    mount::ensure_capacity(&target, tmpfs_size_for(&payload))?;
-                    payload_writer::write_payload(&target, &payload, gid)
+                    // Everything through the directory checked for symlinks.
+                    let dir = PinnedDir::open_under(&kubelet_dir, &target)?.ok_or_else(|| {
+                        Error::invalid("target_path", format!("{} vanished", target.display()))
+                    })?;
+                    mount::ensure_capacity(&dir.proc_path(), tmpfs_size_for(&payload))?;
+                    payload_writer::write_payload(&dir.proc_path(), &payload, gid)
                 }
                 VolumeKind::PlainDirectory => {
                     plain_directory::rewrite(&target, &payload, gid, &warned).map(|(_, o)| o)
@@ -298,19 +312,23 @@ impl<S: VolumeSource> NodeService<S> {
         let target = validate_target(&self.config.kubelet_dir, &raw.target_path)?;
         let _in_flight = self.begin(&target)?;
         let driver = self.config.driver_name.clone();
+        let kubelet_dir = self.config.kubelet_dir.clone();
         blocking(move || {
-            mount::unmount(&target)?;
+            // Nothing is followed through a symlink, and only this driver's own tmpfs is
+            // unmounted: anything else at the target is refused and left as it is.
+            let Some((parent, name)) = PinnedDir::open_parent_under(&kubelet_dir, &target)? else {
+                return Ok(());
+            };
+            if parent.child(&name)?.is_none() {
+                return Ok(());
+            }
+            mount::unmount(&parent, &name, &target, &driver)?;
             if plain_directory::is_plain_volume(&target, &driver)? {
                 return plain_directory::remove(&target);
             }
-            // remove_dir, never remove_dir_all: an unmounted target must be empty, and a
+            // rmdir, never a recursive delete: an unmounted target must be empty, and a
             // recursive delete under kubelet's tree is not ours to make.
-            match fs::remove_dir(&target) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    Err(Error::io("remove target dir", target, e))
-                }
-                _ => Ok(()),
-            }
+            parent.remove_child(&name)
         })
         .await?;
         tracing::info!("volume unpublished");
@@ -359,22 +377,26 @@ where
 }
 
 /// Create the target (kubelet creates only its parent), mount, write. On failure undo
-/// exactly what was done here.
+/// exactly what was done here. Every step goes through directories opened without
+/// following a symlink, so the tmpfs lands exactly at the target.
 fn mount_fresh_volume(
+    kubelet_dir: &Path,
     target: &Path,
     driver_name: &str,
     payload: &Payload,
     gid: Option<u32>,
 ) -> Result<(), Error> {
-    let created = match fs::create_dir(target) {
-        Ok(()) => true,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-        Err(e) => return Err(Error::io("create target dir", target, e)),
-    };
-    let result = mount_and_write(target, driver_name, payload, gid);
+    let (parent, name) = PinnedDir::open_parent_under(kubelet_dir, target)?.ok_or_else(|| {
+        Error::invalid(
+            "target_path",
+            format!("the parent of {} does not exist", target.display()),
+        )
+    })?;
+    let created = parent.create_child(&name)?;
+    let result = mount_and_write(&parent, &name, target, driver_name, payload, gid);
     if result.is_err()
         && created
-        && let Err(e) = fs::remove_dir(target)
+        && let Err(e) = parent.remove_child(&name)
     {
         tracing::warn!(error = %e, "could not remove target dir after failed publish");
     }
@@ -382,27 +404,40 @@ fn mount_fresh_volume(
 }
 
 fn mount_and_write(
+    parent: &PinnedDir,
+    name: &std::ffi::OsStr,
     target: &Path,
     driver_name: &str,
     payload: &Payload,
     gid: Option<u32>,
 ) -> Result<(), Error> {
-    // mount(2) follows symlinks; the target must be a real directory.
-    let meta = fs::symlink_metadata(target).map_err(|e| Error::io("inspect", target, e))?;
-    if !meta.is_dir() {
-        return Err(Error::invalid(
-            "target_path",
-            "exists and is not a directory",
-        ));
-    }
-    mount::mount_tmpfs(target, driver_name, tmpfs_size_for(payload), gid)?;
-    let written = payload_writer::write_payload(target, payload, gid);
+    let dir = parent
+        .child(name)?
+        .ok_or_else(|| Error::invalid("target_path", format!("{} vanished", target.display())))?;
+    mount::mount_tmpfs(&dir.proc_path(), driver_name, tmpfs_size_for(payload), gid)
+        .map_err(|e| retarget(e, target))?;
+    drop(dir);
+    let written = parent
+        .child(name)?
+        .ok_or_else(|| Error::invalid("target_path", format!("{} vanished", target.display())))
+        .and_then(|mounted| payload_writer::write_payload(&mounted.proc_path(), payload, gid));
     if written.is_err()
-        && let Err(e) = mount::unmount(target)
+        && let Err(e) = mount::unmount(parent, name, target, driver_name)
     {
         tracing::warn!(error = %e, "could not unmount after failed publish");
     }
     written.map(drop)
+}
+
+/// Names the target in a mount error rather than the `/proc/self/fd` path it went through.
+fn retarget(error: Error, target: &Path) -> Error {
+    match error {
+        Error::Mount { source, .. } => Error::Mount {
+            target: target.to_path_buf(),
+            source,
+        },
+        other => other,
+    }
 }
 
 #[tonic::async_trait]

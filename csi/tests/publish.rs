@@ -379,3 +379,77 @@ async fn unpublish_detaches_a_busy_volume() {
     assert_nothing_left(&target);
     drop(open);
 }
+
+/// Finding: unpublish unmounted whatever was at the target. A tmpfs of another driver (or
+/// anything that is not this driver's tmpfs) is refused and left mounted, with its
+/// directory.
+#[tokio::test]
+async fn unpublish_refuses_a_mount_that_is_not_ours() {
+    require_mounts!();
+    let h = Harness::start(db_and_api()).await;
+    let target = h.target("pod-a", "other");
+    std::fs::create_dir(&target).unwrap();
+    nix::mount::mount(
+        Some("other-driver"),
+        &target,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    std::fs::write(target.join("theirs"), b"keep").unwrap();
+
+    let err = h.unpublish("vol-x", &target).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("other-driver"), "{}", err.message());
+    assert!(is_mounted(&target), "a foreign mount was unmounted");
+    assert_eq!(read(&target.join("theirs")), "keep");
+    nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).unwrap();
+}
+
+/// Finding: a symlinked directory in the target path led publish, unpublish and the
+/// writer outside the kubelet directory. Symlinks are refused in every component, before
+/// anything is created, mounted, written or removed.
+#[tokio::test]
+async fn symlinks_anywhere_in_the_target_path_are_refused() {
+    require_mounts!();
+    let h = Harness::start(db_and_api()).await;
+    let outside = tempfile::tempdir().unwrap();
+    // The pod directory is a symlink to a directory outside kubelet's tree, laid out like
+    // a pod so the path checks pass.
+    let elsewhere = outside.path().join("volumes/kubernetes.io~csi/secrets");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let pod = h.kubelet_dir.join("pods/evil-pod");
+    std::os::unix::fs::symlink(outside.path(), &pod).unwrap();
+    let target = pod.join("volumes/kubernetes.io~csi/secrets/mount");
+
+    let err = h.publish_target("vol-1", &target).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("symbolic link"), "{}", err.message());
+    assert!(
+        !elsewhere.join("mount").exists(),
+        "publish followed the symlink"
+    );
+
+    // A mount of ours outside, reached through the symlink: unpublish leaves it alone.
+    let ours = elsewhere.join("mount");
+    std::fs::create_dir(&ours).unwrap();
+    nix::mount::mount(
+        Some(DRIVER),
+        &ours,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    let err = h.unpublish("vol-1", &target).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(is_mounted(&ours), "unpublish followed the symlink");
+    nix::mount::umount2(&ours, nix::mount::MntFlags::MNT_DETACH).unwrap();
+
+    // The last component as a symlink, inside kubelet's tree, too.
+    let volume = h.target("pod-b", "secrets");
+    std::os::unix::fs::symlink(outside.path(), &volume).unwrap();
+    let err = h.publish_target("vol-2", &volume).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+}
