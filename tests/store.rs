@@ -389,3 +389,43 @@ async fn tombstones_and_apply_replicate_exactly() {
         44
     );
 }
+
+/// A wrong PIN is offered to the token once. After `CKR_PIN_INCORRECT` the refusal is kept
+/// in the node's directory, so a second open (a retry, or a restarted process) refuses
+/// before it even loads the module, until the PIN file holds another PIN.
+#[tokio::test]
+async fn a_refused_pin_is_never_offered_to_the_token_again() {
+    let tok = token!("refused");
+    let refusals = tempfile::tempdir().unwrap();
+    let pin_file = tok.pin_file.with_extension("mounted");
+    std::fs::write(&pin_file, "0000\n").unwrap();
+    let mut cfg = tok.config();
+    cfg.pin_file = pin_file.clone();
+    cfg.pin_refusal_dir = Some(refusals.path().to_path_buf());
+
+    let err = Pkcs11Store::open(cfg.clone()).await.err().unwrap();
+    assert!(matches!(err, StoreError::PinIncorrect { .. }), "{err}");
+
+    // The retry never reaches the token: with the module gone it still answers the
+    // refusal, not a library error.
+    let mut no_module = cfg.clone();
+    no_module.library = "/nonexistent/libpkcs11.so".into();
+    let err = Pkcs11Store::open(no_module).await.err().unwrap();
+    assert!(matches!(err, StoreError::PinRefused { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("not offered to the token again"),
+        "{message}"
+    );
+    assert!(!message.contains("0000"), "PIN never in messages");
+    for entry in std::fs::read_dir(refusals.path()).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(!text.contains("0000"), "PIN never on disk: {text}");
+    }
+
+    // The Secret is fixed: the new PIN is tried and opens the token; the refusal is gone.
+    std::fs::copy(&tok.pin_file, &pin_file).unwrap();
+    let store = Pkcs11Store::open(cfg.clone()).await.unwrap();
+    store.manifest().await.unwrap();
+    assert_eq!(std::fs::read_dir(refusals.path()).unwrap().count(), 0);
+}

@@ -15,7 +15,7 @@ use clap::Args;
 use tokio::task::JoinHandle;
 
 use super::shutdown_signal;
-use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore};
+use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore, StoreError};
 use crate::mirror::{self, Agent, AgentConfig, AgentMetrics, AgentTls, MirrorError, TlsFiles};
 use crate::telemetry::CommonArgs;
 
@@ -68,6 +68,14 @@ pub struct AgentArgs {
     /// File holding the user PIN (a mounted Secret; never a flag or variable).
     #[arg(long, env = "HSM_PIN_FILE")]
     pub pin_file: PathBuf,
+    /// Directory on the node where a PIN the token refused is remembered (a salted
+    /// digest, never the PIN), so no restart offers the token that PIN again.
+    #[arg(
+        long,
+        env = "HSM_PIN_REFUSAL_DIR",
+        default_value = "/var/lib/hsm-secrets/pin-refusals"
+    )]
+    pub pin_refusal_dir: PathBuf,
     /// PEM file of the agent CA.
     #[arg(long, env = "HSM_AGENT_TLS_CA")]
     pub tls_ca: PathBuf,
@@ -97,6 +105,7 @@ async fn serve(args: AgentArgs, common: CommonArgs) -> anyhow::Result<()> {
     })?;
     let mut pkcs11 = Pkcs11Config::new(&args.pkcs11_library, &args.token_label, &args.pin_file);
     pkcs11.token_serial = args.token_serial.clone();
+    pkcs11.pin_refusal_dir = Some(args.pin_refusal_dir.clone());
     let store = open_store(pkcs11).await?;
 
     let cfg = args.sync.config(&args.node, tls).with_device(&args.device);
@@ -185,7 +194,17 @@ async fn open_store(cfg: Pkcs11Config) -> anyhow::Result<Arc<dyn SecretStore>> {
     loop {
         match Pkcs11Store::open(cfg.clone()).await {
             Ok(store) => return Ok(Arc::new(store)),
-            Err(e) if e.is_transient() => {
+            // A refused PIN waits for the PIN file to change (the store offers the token
+            // nothing meanwhile) instead of exiting into a restart loop.
+            Err(e)
+                if e.is_transient()
+                    || matches!(
+                        e,
+                        StoreError::PinIncorrect { .. }
+                            | StoreError::PinRefused { .. }
+                            | StoreError::PinFile { .. }
+                    ) =>
+            {
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "token not available yet");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

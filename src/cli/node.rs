@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::agent::{SyncTuning, serve_agent};
 use super::shutdown_signal;
-use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore};
+use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore, StoreError};
 use crate::mirror::{
     AgentMetrics, AgentTls, EndpointResolver, NodeAddressEndpoints, StaticEndpoints, TlsFiles,
 };
@@ -21,6 +21,7 @@ use crate::node::events::PodEventSink;
 use crate::node::{
     HsmVolumeSource, KubeCatalog, KubePodEvents, LocalDevice, NodeMetrics, NodeReporter,
     RemoteReads, SecretCatalog, StateCatalog, StaticCatalog, SyncFailureEvents, ops,
+    record_node_event,
 };
 use crate::state::{FileState, KubeState, StateStore};
 use crate::telemetry::CommonArgs;
@@ -49,6 +50,14 @@ pub struct NodeArgs {
     /// File holding the token's user PIN (mount the PIN Secret read-only).
     #[arg(long, env = "HSM_PIN_FILE", requires = "device")]
     pub pin_file: Option<PathBuf>,
+    /// Directory on the node where a PIN the token refused is remembered (a salted
+    /// digest, never the PIN), so no restart offers the token that PIN again.
+    #[arg(
+        long,
+        env = "HSM_PIN_REFUSAL_DIR",
+        default_value = "/var/lib/hsm-secrets/pin-refusals"
+    )]
+    pub pin_refusal_dir: PathBuf,
     /// kubelet's root directory; volumes are published only under its pods/ directory.
     #[arg(long, env = "KUBELET_DIR", default_value = hsm_secrets_csi::DEFAULT_KUBELET_DIR)]
     pub kubelet_dir: PathBuf,
@@ -117,6 +126,7 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
     };
 
     let (catalog, client) = open_catalog(&args.catalog).await?;
+    let node_events = client.clone();
     // Events go to the pod only in a cluster; without one the failure is logged.
     let events = SyncFailureEvents::new(client.map(|client| {
         Arc::new(KubePodEvents::new(client, &args.node_name)) as Arc<dyn PodEventSink>
@@ -155,6 +165,8 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
             _ => None,
         };
         let stop = stopped();
+        let open_metrics = metrics.clone();
+        let node_name = args.node_name.clone();
         opener = Some(tokio::spawn(async move {
             device
                 .open_with_retry(
@@ -168,6 +180,7 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
                     },
                     Duration::from_secs(1),
                     Duration::from_secs(30),
+                    pin_failure_reporter(open_metrics, node_events, node_name),
                 )
                 .await;
             let Some((listen, cfg)) = agent else {
@@ -256,7 +269,9 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
 fn pkcs11_config(args: &NodeArgs) -> anyhow::Result<Pkcs11Config> {
     match (&args.pkcs11_library, &args.token_label, &args.pin_file) {
         (Some(library), Some(label), Some(pin_file)) => {
-            Ok(Pkcs11Config::new(library, label, pin_file))
+            let mut config = Pkcs11Config::new(library, label, pin_file);
+            config.pin_refusal_dir = Some(args.pin_refusal_dir.clone());
+            Ok(config)
         }
         _ => {
             bail!("--device needs --pkcs11-library, --token-label and --pin-file to open the token")
@@ -356,4 +371,34 @@ async fn open_catalog(
         .with_context(|| format!("--catalog {spec:?} is neither `kube` nor a usable file"))?;
     tracing::info!(file = %path.display(), secrets = catalog.len(), "static HSMSecret catalog");
     Ok((Arc::new(catalog), None))
+}
+
+/// Counts every failure to open the token by kind, and records one Warning Event on the
+/// Node each time the token refuses a PIN (not for the quiet retries that follow, which
+/// offer the token nothing until the PIN file changes).
+fn pin_failure_reporter(
+    metrics: NodeMetrics,
+    client: Option<kube::Client>,
+    node: String,
+) -> impl FnMut(&StoreError) {
+    move |error| {
+        metrics.token_open_failed(error.kind());
+        if !matches!(error, StoreError::PinIncorrect { .. }) {
+            return;
+        }
+        let Some(client) = client.clone() else {
+            return;
+        };
+        let (node, note) = (node.clone(), error.to_string());
+        tokio::spawn(async move {
+            let note = format!(
+                "{note}; it is not offered again until the PIN Secret changes (hsm_secrets_node_token_open_failures_total{{kind=\"pin_refused\"}} counts the waits)"
+            );
+            if let Err(error) =
+                record_node_event(&client, &node, "HSMPinRefused", "OpenToken", &note).await
+            {
+                tracing::warn!(%error, "cannot record the HSMPinRefused Event");
+            }
+        });
+    }
 }

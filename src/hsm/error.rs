@@ -39,6 +39,11 @@ pub enum StoreError {
     )]
     PinFinalTry { token: String },
 
+    #[error(
+        "token {token:?} refused the PIN in {pin_file} (CKR_PIN_INCORRECT); that PIN is not offered to the token again, so the token's attempts are not worn down: put the right PIN in the PIN Secret, and the next PIN read is tried"
+    )]
+    PinRefused { token: String, pin_file: String },
+
     #[error("no token labelled {label:?} in {library}; tokens present: {present}")]
     TokenNotFound {
         label: String,
@@ -94,6 +99,7 @@ impl StoreError {
             StoreError::PinIncorrect { .. } => "pin_incorrect",
             StoreError::PinLocked { .. } => "pin_locked",
             StoreError::PinFinalTry { .. } => "pin_final_try",
+            StoreError::PinRefused { .. } => "pin_refused",
             StoreError::TokenNotFound { .. } => "token_not_found",
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::InvalidName { .. } => "invalid_name",

@@ -13,6 +13,7 @@ mod layout;
 mod memory;
 mod model;
 mod path;
+mod pin_refusal;
 mod pkcs11;
 
 pub use error::StoreError;
@@ -23,6 +24,7 @@ pub use model::{
     Body, Checksum, Expect, GcReport, ManifestEntry, Record, SecretBytes, SecretData, TokenInfo,
 };
 pub use path::{MAX_KEY_LEN, SecretPath, validate_key};
+pub use pin_refusal::PinRefusals;
 pub use pkcs11::{Pkcs11Config, Pkcs11Store};
 
 use async_trait::async_trait;

@@ -18,11 +18,13 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
+use secrecy::ExposeSecret;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
 use super::handles::{Entry, HandleCache, Lookup};
 use super::layout::{self, DATA_APP, META_APP, Meta};
+use super::pin_refusal::PinRefusals;
 use super::{
     Body, Expect, FaultPlan, GcReport, ManifestEntry, Record, SecretData, SecretPath, SecretStore,
     StoreError, TokenInfo,
@@ -43,6 +45,9 @@ pub struct Pkcs11Config {
     pub max_sessions: usize,
     /// Deadline of one store operation.
     pub op_timeout: Duration,
+    /// Where a PIN the token refused is remembered across restarts (see
+    /// [`PinRefusals`]); `None` remembers it in this process only.
+    pub pin_refusal_dir: Option<PathBuf>,
 }
 
 impl Pkcs11Config {
@@ -58,6 +63,7 @@ impl Pkcs11Config {
             pin_file: pin_file.into(),
             max_sessions: 8,
             op_timeout: Duration::from_secs(10),
+            pin_refusal_dir: None,
         }
     }
 }
@@ -78,6 +84,7 @@ struct Shared {
     cfg: Pkcs11Config,
     ctx: Pkcs11,
     pin: AuthPin,
+    refusals: PinRefusals,
     conn: Mutex<Option<Conn>>,
     conn_generation: AtomicU64,
     permits: Arc<Semaphore>,
@@ -115,9 +122,17 @@ impl Pkcs11Store {
         faults: Option<Arc<FaultPlan>>,
     ) -> Result<Self, StoreError> {
         let pin = read_pin(&cfg.pin_file)?;
+        let refusals = PinRefusals::new(cfg.pin_refusal_dir.clone());
+        if refusals.refused(&cfg.token_label, pin.expose_secret().as_bytes()) {
+            return Err(StoreError::PinRefused {
+                token: cfg.token_label.clone(),
+                pin_file: cfg.pin_file.display().to_string(),
+            });
+        }
         let ctx = context(&cfg.library)?;
         let shared = Arc::new(Shared {
             permits: Arc::new(Semaphore::new(cfg.max_sessions.max(1))),
+            refusals,
             cfg,
             ctx,
             pin,
@@ -453,11 +468,22 @@ impl Shared {
             info.user_pin_locked(),
             info.user_pin_final_try(),
         )?;
+        let pin = self.pin.expose_secret().as_bytes();
+        if self.refusals.refused(self.label(), pin) {
+            return Err(StoreError::PinRefused {
+                token: self.label().to_string(),
+                pin_file: self.cfg.pin_file.display().to_string(),
+            });
+        }
         match session.login(UserType::User, Some(&self.pin)) {
-            Ok(()) => {}
+            Ok(()) => self.refusals.clear_once(self.label()),
             Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(e) => {
                 let err = map_ck(self.label(), e, "C_Login");
+                if matches!(err, StoreError::PinIncorrect { .. }) {
+                    // Never again with this PIN, in this process or a later one.
+                    self.refusals.record(self.label(), pin);
+                }
                 if matches!(err, StoreError::DeviceUnavailable { .. }) {
                     *conn = None;
                 }

@@ -335,6 +335,8 @@ impl LocalCluster {
             token.label.clone(),
             "--pin-file".into(),
             path_arg(&token.pin_file),
+            "--pin-refusal-dir".into(),
+            path_arg(&self.state_dir.join("pin-refusals")),
             "--agent-listen".into(),
             "127.0.0.1:0".into(),
             "--agent-tls-ca".into(),

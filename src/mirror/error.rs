@@ -282,6 +282,7 @@ fn store_code(e: &StoreError) -> Code {
         StoreError::PinIncorrect { .. }
         | StoreError::PinLocked { .. }
         | StoreError::PinFinalTry { .. }
+        | StoreError::PinRefused { .. }
         | StoreError::PinFile { .. }
         | StoreError::Library { .. } => Code::FailedPrecondition,
         StoreError::Pkcs11 { .. } => Code::Internal,

@@ -71,9 +71,16 @@ impl LocalDevice {
     }
 
     /// Calls `open` until it succeeds, backing off from `initial` to `max` between
-    /// attempts and logging each failure's reason.
-    pub async fn open_with_retry<F, Fut>(&self, mut open: F, initial: Duration, max: Duration)
-    where
+    /// attempts, logging each failure's reason and handing it to `failed` (metrics,
+    /// Events). A refused PIN costs no login on later attempts: the store checks the
+    /// PIN file against the refusal first.
+    pub async fn open_with_retry<F, Fut>(
+        &self,
+        mut open: F,
+        initial: Duration,
+        max: Duration,
+        mut failed: impl FnMut(&StoreError),
+    ) where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<Arc<dyn SecretStore>, StoreError>>,
     {
@@ -93,6 +100,7 @@ impl LocalDevice {
                         retry_in = ?delay,
                         "cannot open the HSM token; until it opens, publishing reads through the device's agents when remote reads are configured, else answers Unavailable"
                     );
+                    failed(&error);
                     self.set_opening_failed(error.to_string());
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(max);
@@ -141,6 +149,7 @@ mod tests {
                         },
                         Duration::from_secs(1),
                         Duration::from_secs(4),
+                        |_| {},
                     )
                     .await
             })

@@ -167,6 +167,7 @@ impl From<VolumeError> for SourceError {
                 | StoreError::PinIncorrect { .. }
                 | StoreError::PinLocked { .. }
                 | StoreError::PinFinalTry { .. }
+                | StoreError::PinRefused { .. }
                 | StoreError::PinFile { .. }
                 | StoreError::Library { .. }
                 | StoreError::Injected { .. } => SourceError::Unavailable(message),

@@ -284,6 +284,50 @@ impl NodeObserver for NodeReporter {
     }
 }
 
+/// Records a Warning Event about this Node (namespace `default`, by the Node's uid so
+/// `kubectl describe node` lists it): for what concerns the node's token rather than a
+/// pod, such as a PIN the token refused. Needs `list nodes`, which the node plugin has.
+pub async fn record_node_event(
+    client: &kube::Client,
+    node: &str,
+    reason: &str,
+    action: &str,
+    note: &str,
+) -> Result<(), EventError> {
+    use k8s_openapi::api::core::v1::Node;
+    let failed = |detail: String| EventError::Api {
+        namespace: crate::kube_events::CLUSTER_EVENTS_NAMESPACE.into(),
+        name: node.into(),
+        detail,
+    };
+    let nodes: kube::Api<Node> = kube::Api::all(client.clone());
+    let listed = nodes
+        .list(&kube::api::ListParams::default().fields(&format!("metadata.name={node}")))
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let uid = listed.items.first().and_then(|n| n.metadata.uid.clone());
+    let regarding = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node.into()),
+        uid,
+        ..Default::default()
+    };
+    let reporter = Reporter {
+        controller: REPORTING_CONTROLLER.into(),
+        instance: node.into(),
+    };
+    let what = Occurrence {
+        severity: Severity::Warning,
+        reason,
+        action,
+        note,
+    };
+    kube_events::publish(client, &kube_events::build(regarding, &reporter, &what))
+        .await
+        .map_err(|e| failed(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

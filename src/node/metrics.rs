@@ -48,6 +48,7 @@ pub struct NodeMetrics {
     kept_last_good: Family<KindLabels, Counter>,
     volume_errors: Family<KindLabels, Counter>,
     remote_fallbacks: Family<KindLabels, Counter>,
+    token_open_failures: Family<KindLabels, Counter>,
     device_ready: Gauge,
 }
 
@@ -58,7 +59,8 @@ impl NodeMetrics {
     /// `hsm_secrets_node_operation_duration_seconds{operation}`,
     /// `hsm_secrets_node_republish_kept_last_good_total{kind}`,
     /// `hsm_secrets_node_volume_errors_total{kind}`,
-    /// `hsm_secrets_node_remote_fallback_reads_total{kind}` and
+    /// `hsm_secrets_node_remote_fallback_reads_total{kind}`,
+    /// `hsm_secrets_node_token_open_failures_total{kind}` and
     /// `hsm_secrets_node_device_ready`.
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
@@ -68,6 +70,7 @@ impl NodeMetrics {
             kept_last_good: Family::default(),
             volume_errors: Family::default(),
             remote_fallbacks: Family::default(),
+            token_open_failures: Family::default(),
             device_ready: Gauge::default(),
         };
         registry.register(
@@ -104,6 +107,13 @@ impl NodeMetrics {
             metrics.remote_fallbacks.clone(),
         );
         registry.register(
+            "hsm_secrets_node_token_open_failures",
+            "Failed attempts to open this node's token, by why (pin_incorrect: the token \
+             refused the PIN; pin_refused: the PIN file still holds a refused PIN, so no \
+             login was tried)",
+            metrics.token_open_failures.clone(),
+        );
+        registry.register(
             "hsm_secrets_node_device_ready",
             "1 when this node's HSM answered its last health check, else 0",
             metrics.device_ready.clone(),
@@ -128,6 +138,13 @@ impl NodeMetrics {
                 .get_or_create_owned(&OperationLabels { operation });
         }
         metrics
+    }
+
+    /// Counts a failed attempt to open the token, by [`crate::hsm::StoreError::kind`].
+    pub fn token_open_failed(&self, kind: &'static str) {
+        self.token_open_failures
+            .get_or_create(&KindLabels { kind })
+            .inc();
     }
 
     /// Counts a volume the source refused or failed, by [`super::VolumeError::kind`].

@@ -42,7 +42,7 @@ pub use attributes::VolumeRequest;
 pub use catalog::{CatalogError, SecretCatalog, StateCatalog, StaticCatalog};
 pub use device::LocalDevice;
 pub use error::VolumeError;
-pub use events::{KubePodEvents, NodeReporter, SyncFailureEvents};
+pub use events::{KubePodEvents, NodeReporter, SyncFailureEvents, record_node_event};
 pub use kube_catalog::KubeCatalog;
 pub use metrics::NodeMetrics;
 pub use remote::RemoteReads;
