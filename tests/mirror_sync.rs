@@ -26,7 +26,7 @@ const CONVERGE: Duration = Duration::from_secs(900);
 /// Every token this binary uses (created together, before SoftHSM is initialised).
 const TOKENS: &[&str] = &[
     "conv-n1", "conv-n2", "conv-n3", "del-n1", "del-n2", "rep-n1", "rep-n2", "forge-n1",
-    "forge-n2", "cost-n1", "cost-n2", "lost-n1", "lost-n2", "lost-n3",
+    "forge-n2", "cost-n1", "cost-n2", "lost-n1", "lost-n2", "lost-n3", "seq-n1", "seq-n2",
 ];
 
 macro_rules! node {
@@ -589,4 +589,81 @@ async fn a_demoted_primary_converges_and_reports_its_lost_writes() {
     assert!(n3_pass.lost_writes.is_empty(), "{n3_pass:?}");
     n3.agent.pull_now().await.unwrap();
     wait_converged(&n2, &n3, CONVERGE).await;
+}
+
+/// A push is accepted only in sequence: a version far ahead of what the mirror applied
+/// (the forged replication of a leaked agent certificate), or near the top of the integer
+/// range, is refused with a clear error, counted, shown in Health, and never applied; the
+/// real primary's next push still goes through.
+#[tokio::test]
+async fn pushes_out_of_sequence_are_refused_counted_and_shown() {
+    let pki = Pki::new(&["n1", "n2"]);
+    let n1 = node!("n1", "seq-n1", &pki, manual_sync());
+    let n2 = node!("n2", "seq-n2", &pki, manual_sync());
+    assign_primary(&pki, &n1, 1, &[], HOUR).await;
+    assign_mirror(&pki, &n2, 1, &n1).await;
+    let controller = pki.controller(&n1.peer());
+    controller
+        .put(&path("app/a"), &data(&[("k", b"1")]), Expect::Any, 1)
+        .await
+        .unwrap();
+    n2.agent.pull_now().await.unwrap();
+    let applied = n2.store.latest_sequence();
+
+    let push = |version: u64, value: &'static [u8]| {
+        let record = Record::live(path("app/forged"), version, data(&[("k", value)]));
+        pb::ReplicateRequest {
+            record: Some(pb::Record {
+                path: record.path.to_string(),
+                version: record.version,
+                checksum: record.checksum.0.to_vec(),
+                deleted: false,
+                data: vec![pb::KeyValue {
+                    key: "k".into(),
+                    value: value.to_vec(),
+                }],
+            }),
+            epoch: 1,
+            primary_node: "n1".into(),
+        }
+    };
+    for version in [applied + 5_000, u64::MAX] {
+        let err = pki
+            .agent("n1", &n2.peer())
+            .replicate(push(version, b"forged"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                hsm_secrets::mirror::MirrorError::Remote {
+                    code: Code::FailedPrecondition,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("refused a pushed record"), "{err}");
+    }
+    assert!(matches!(
+        n2.store.record(&path("app/forged")).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(
+        n2.store.latest_sequence(),
+        applied,
+        "the sequence did not jump"
+    );
+    assert_eq!(n2.agent.stats().pushes_refused, 2);
+    let health = pki.controller(&n2.peer()).health().await.unwrap();
+    assert_eq!(health.sync.unwrap().last_error_kind, "out_of_sequence");
+
+    // The next record in sequence is applied.
+    let applied_now = pki
+        .agent("n1", &n2.peer())
+        .replicate(push(applied + 1, b"next"))
+        .await
+        .unwrap();
+    assert!(applied_now.applied);
+    assert_eq!(n2.store.latest_sequence(), applied + 1);
 }

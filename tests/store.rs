@@ -141,8 +141,11 @@ async fn a_crash_at_any_step_leaves_old_or_new_never_a_mix() {
     let old = data(&[("a", b"old-a"), ("b", b"old-b"), ("c", b"old-c")]);
     let new = data(&[("a", b"new-a"), ("b", b"new-b"), ("d", b"new-d")]);
 
-    // Count the object operations of one overwrite.
+    // Count the object operations of one overwrite, and the objects a clean token holds
+    // for this secret (one generation of three keys and its metadata).
     store.put(&p, old.clone(), Expect::Any).await.unwrap();
+    store.gc().await.unwrap();
+    let clean_objects = store.object_count().await.unwrap();
     plan.clear();
     store.put(&p, new.clone(), Expect::Any).await.unwrap();
     let steps = plan.calls();
@@ -180,6 +183,8 @@ async fn a_crash_at_any_step_leaves_old_or_new_never_a_mix() {
     assert_eq!(store.gc().await.unwrap().orphan_objects, 0);
     let (_, after) = store.get(&p).await.unwrap();
     assert!(after == old || after == new);
+    // Exactly the live objects remain: as many as a clean token holds for it.
+    assert_eq!(store.object_count().await.unwrap(), clean_objects);
 }
 
 #[tokio::test]

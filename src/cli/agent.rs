@@ -31,6 +31,10 @@ pub struct SyncTuning {
     /// Milliseconds a write waits for a mirror under the Active policy before dropping it.
     #[arg(long, env = "HSM_REPLICATE_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub replicate_timeout_ms: u64,
+    /// Seconds between collections of what interrupted writes left on the token (one
+    /// also runs at start); 0 collects at start and then once a day.
+    #[arg(long, env = "HSM_GC_INTERVAL", default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub gc_interval: u64,
 }
 
 impl SyncTuning {
@@ -40,6 +44,12 @@ impl SyncTuning {
         cfg.sync.pull_interval = Duration::from_millis(self.pull_interval_ms);
         cfg.sync.sync_interval = Duration::from_secs(self.sync_interval);
         cfg.replicate_timeout = Duration::from_millis(self.replicate_timeout_ms);
+        // 0: at start only (the first collection runs, then the interval is a day).
+        cfg.gc_interval = Some(Duration::from_secs(if self.gc_interval == 0 {
+            86_400
+        } else {
+            self.gc_interval
+        }));
         cfg
     }
 }

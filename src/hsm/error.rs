@@ -44,6 +44,11 @@ pub enum StoreError {
     )]
     PinRefused { token: String, pin_file: String },
 
+    #[error(
+        "token {token:?} has handed out every change sequence number; no further write can be ordered (this only happens after a record with a forged sequence was stored)"
+    )]
+    SequenceExhausted { token: String },
+
     #[error("no token labelled {label:?} in {library}; tokens present: {present}")]
     TokenNotFound {
         label: String,
@@ -100,6 +105,7 @@ impl StoreError {
             StoreError::PinLocked { .. } => "pin_locked",
             StoreError::PinFinalTry { .. } => "pin_final_try",
             StoreError::PinRefused { .. } => "pin_refused",
+            StoreError::SequenceExhausted { .. } => "sequence_exhausted",
             StoreError::TokenNotFound { .. } => "token_not_found",
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::InvalidName { .. } => "invalid_name",

@@ -57,7 +57,12 @@ impl MemoryStore {
                 actual: live.map_or("absent".into(), |v| v.to_string()),
             });
         }
-        st.sequence += 1;
+        st.sequence = st
+            .sequence
+            .checked_add(1)
+            .ok_or_else(|| StoreError::SequenceExhausted {
+                token: self.label.clone(),
+            })?;
         let version = st.sequence;
         let record = match body {
             Body::Live(data) => Record::live(path.clone(), version, data),

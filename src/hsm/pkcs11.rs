@@ -147,8 +147,17 @@ impl Pkcs11Store {
         let store = Self { shared };
         let entries = store.manifest().await?;
         let max = entries.iter().map(|e| e.version).max().unwrap_or(0);
-        store.shared.next_version.store(max + 1, Ordering::SeqCst);
+        store
+            .shared
+            .next_version
+            .store(max.saturating_add(1), Ordering::SeqCst);
         Ok(store)
+    }
+
+    /// How many objects the logged-in user sees on the token, of any kind: what garbage
+    /// collection must bring back to the live secrets' objects (diagnostics and tests).
+    pub async fn object_count(&self) -> Result<usize, StoreError> {
+        self.run("count", |tok| Ok(tok.find(&[])?.len())).await
     }
 
     /// Runs `f` with a pooled session on the blocking pool, under the operation timeout.
@@ -246,7 +255,12 @@ impl Pkcs11Store {
                     actual: live_version.map_or("absent".into(), |v| v.to_string()),
                 });
             }
-            let version = shared.next_version.fetch_add(1, Ordering::SeqCst);
+            let version = shared
+                .next_version
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_add(1))
+                .map_err(|_| StoreError::SequenceExhausted {
+                    token: tok.label().into(),
+                })?;
             let record = match body {
                 Body::Live(data) => Record::live(path, version, data),
                 Body::Deleted => Record::tombstone(path, version),
@@ -305,7 +319,7 @@ impl SecretStore for Pkcs11Store {
             }
             shared
                 .next_version
-                .fetch_max(record.version + 1, Ordering::SeqCst);
+                .fetch_max(record.version.saturating_add(1), Ordering::SeqCst);
             tok.write_generation(&record, current)?;
             Ok(true)
         })

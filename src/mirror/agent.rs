@@ -15,7 +15,9 @@ use futures::StreamExt;
 use tokio::time::Instant;
 
 use crate::crd::DeviceRole;
-use crate::hsm::{Body, Checksum, Expect, Record, SecretData, SecretPath, SecretStore, StoreError};
+use crate::hsm::{
+    Body, Checksum, Expect, GcReport, Record, SecretData, SecretPath, SecretStore, StoreError,
+};
 
 use super::MirrorError;
 use super::client::AgentConnection;
@@ -47,6 +49,9 @@ pub struct AgentConfig {
     pub batch_bytes: usize,
     /// Where the gRPC service records RPC latency.
     pub rpc_metrics: RpcMetrics,
+    /// Between collections of what interrupted writes left on the token (one runs at
+    /// start); `None` never collects on its own.
+    pub gc_interval: Option<Duration>,
 }
 
 impl AgentConfig {
@@ -60,6 +65,7 @@ impl AgentConfig {
             rpc_timeout: Duration::from_secs(30),
             batch_bytes: 4 * 1024 * 1024,
             rpc_metrics: RpcMetrics::default(),
+            gc_interval: Some(Duration::from_secs(600)),
         }
     }
 
@@ -94,6 +100,8 @@ struct Counters {
     changes_answered_from_index: AtomicU64,
     records_sent: AtomicU64,
     pushes_refused: AtomicU64,
+    gc_runs: AtomicU64,
+    gc_collected: AtomicU64,
     /// Client writes refused, by error kind.
     refused: Mutex<BTreeMap<&'static str, u64>>,
     /// Local token failures outside the sync engine, by kind.
@@ -121,8 +129,12 @@ pub struct AgentStats {
     pub changes_answered_from_index: u64,
     /// Records sent in Changes and Fetch answers.
     pub records_sent: u64,
-    /// Pushes refused because their record failed verification.
+    /// Pushes refused: out of sequence, or failing verification.
     pub pushes_refused: u64,
+    /// Garbage collections run on the token.
+    pub gc_runs: u64,
+    /// Objects they removed (leftovers of interrupted writes, stale metadata).
+    pub gc_collected: u64,
 }
 
 /// One node's agent. Cheap to clone; clones share everything.
@@ -179,6 +191,9 @@ impl Agent {
             }),
         };
         agent.restore().await;
+        if let Some(interval) = agent.inner.cfg.gc_interval {
+            agent.spawn_gc(interval);
+        }
         agent
     }
 
@@ -278,7 +293,44 @@ impl Agent {
             changes_answered_from_index: c.changes_answered_from_index.load(Ordering::Relaxed),
             records_sent: c.records_sent.load(Ordering::Relaxed),
             pushes_refused: c.pushes_refused.load(Ordering::Relaxed),
+            gc_runs: c.gc_runs.load(Ordering::Relaxed),
+            gc_collected: c.gc_collected.load(Ordering::Relaxed),
         }
+    }
+
+    /// Removes what interrupted writes left on the token (objects of a generation that
+    /// never became current, superseded metadata). The store runs it under its write
+    /// lock, so it never races a write; counted and logged.
+    pub async fn collect_garbage(&self) -> Result<GcReport, MirrorError> {
+        let report = self
+            .store()
+            .gc()
+            .await
+            .inspect_err(|e| self.count_store_error(e))?;
+        let c = &self.inner.counters;
+        c.gc_runs.fetch_add(1, Ordering::Relaxed);
+        let collected = (report.orphan_objects + report.stale_metadata) as u64;
+        c.gc_collected.fetch_add(collected, Ordering::Relaxed);
+        if collected > 0 {
+            tracing::info!(node = %self.node(), orphan_objects = report.orphan_objects, stale_metadata = report.stale_metadata, "collected leftovers of interrupted writes");
+        }
+        Ok(report)
+    }
+
+    /// Collects garbage now and then every `interval`, for as long as the agent lives.
+    fn spawn_gc(&self, interval: Duration) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let agent = Agent { inner };
+                if let Err(error) = agent.collect_garbage().await {
+                    tracing::warn!(node = %agent.node(), %error, "garbage collection failed; retried at the next interval");
+                }
+                drop(agent);
+                tokio::time::sleep(interval).await;
+            }
+        });
     }
 
     /// Role, epoch, sequences and counters, for metrics.
@@ -859,6 +911,21 @@ impl Agent {
         })?;
         let record =
             convert::record_from_pb(&request.primary_node, wire).map_err(as_invalid("record"))?;
+        // Pushes follow the primary's sequence: a version more than a window of writes in
+        // flight beyond what this mirror applied is a jump no primary makes, and would
+        // stall every later push behind it (or wrap the sequence near its top).
+        let applied = self.inner.local.store.latest_sequence();
+        if !push_in_sequence(record.version, applied) {
+            let error = MirrorError::OutOfSequence {
+                node: self.node().into(),
+                from: request.primary_node.clone(),
+                version: record.version,
+                applied,
+                window: PUSH_WINDOW,
+            };
+            self.refuse_push(&error);
+            return Err(error);
+        }
         if record.verify().is_err() {
             self.inner
                 .counters
@@ -874,6 +941,17 @@ impl Agent {
         }
         let applied = self.inner.local.apply(record, Guard::NotOlder).await?;
         Ok(applied == Applied::Stored)
+    }
+
+    /// Counts and logs a refused push, and shows it as the sync engine's last error (in
+    /// Health, so in the HSMDevice status of this node) until the next clean pull.
+    fn refuse_push(&self, error: &MirrorError) {
+        self.inner
+            .counters
+            .pushes_refused
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(node = %self.node(), %error, "pushed record refused");
+        sync::lock(&self.inner.sync_state).last_error = Some((error.kind(), error.to_string()));
     }
 
     /// Runs one pull now (mirrors; for tests, benchmarks and diagnostics).
@@ -902,6 +980,16 @@ impl Agent {
             running.stop().await;
         }
     }
+}
+
+/// How far beyond a mirror's applied sequence a push may be: writes the primary has in
+/// flight at once (pushes of concurrent writes may arrive out of order).
+pub const PUSH_WINDOW: u64 = 1024;
+
+/// Whether a pushed record's version may follow `applied`: never 0, never beyond the
+/// window (checked arithmetic: a version near `u64::MAX` cannot wrap anything).
+pub fn push_in_sequence(version: u64, applied: u64) -> bool {
+    version != 0 && version <= applied.saturating_add(PUSH_WINDOW)
 }
 
 fn as_invalid(field: &'static str) -> impl Fn(MirrorError) -> MirrorError {

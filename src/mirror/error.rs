@@ -86,6 +86,17 @@ pub enum MirrorError {
         from: String,
     },
 
+    #[error(
+        "node {node} refused a pushed record at version {version} from {from}: it has applied up to {applied} and accepts a push only within {window} changes after that (a sequence that jumps is never applied; the change arrives by pull if it is real)"
+    )]
+    OutOfSequence {
+        node: String,
+        from: String,
+        version: u64,
+        applied: u64,
+        window: u64,
+    },
+
     #[error("invalid {field}: {why}")]
     InvalidArgument { field: &'static str, why: String },
 
@@ -180,6 +191,7 @@ impl MirrorError {
             MirrorError::LeaseExpiredDuringWrite { .. } => "lease_expired_during_write",
             MirrorError::NotMirror { .. } => "not_mirror",
             MirrorError::WrongPrimary { .. } => "wrong_primary",
+            MirrorError::OutOfSequence { .. } => "out_of_sequence",
             MirrorError::InvalidArgument { .. } => "invalid_argument",
             MirrorError::Store(e) => e.kind(),
             MirrorError::ChecksumMismatch { .. } => "checksum_mismatch",
@@ -206,6 +218,7 @@ impl MirrorError {
             | MirrorError::UnknownEpoch { .. }
             | MirrorError::NotMirror { .. }
             | MirrorError::WrongPrimary { .. }
+            | MirrorError::OutOfSequence { .. }
             | MirrorError::NotSyncing { .. } => Code::FailedPrecondition,
             MirrorError::LeaseExpired { .. }
             | MirrorError::LeaseExpiredDuringWrite { .. }
@@ -285,7 +298,7 @@ fn store_code(e: &StoreError) -> Code {
         | StoreError::PinRefused { .. }
         | StoreError::PinFile { .. }
         | StoreError::Library { .. } => Code::FailedPrecondition,
-        StoreError::Pkcs11 { .. } => Code::Internal,
+        StoreError::Pkcs11 { .. } | StoreError::SequenceExhausted { .. } => Code::Internal,
     }
 }
 

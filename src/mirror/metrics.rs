@@ -270,6 +270,24 @@ impl Collector for AgentCollector {
         )?;
         counter(
             &mut e,
+            "hsm_secrets_agent_gc_runs",
+            "Garbage collections of the token (at start and every gc interval)",
+            agent.stats().gc_runs,
+        )?;
+        counter(
+            &mut e,
+            "hsm_secrets_agent_gc_collected_objects",
+            "Objects garbage collection removed: leftovers of interrupted writes and superseded metadata",
+            agent.stats().gc_collected,
+        )?;
+        counter(
+            &mut e,
+            "hsm_secrets_agent_pushes_refused",
+            "Records pushed to this mirror that it refused (out of sequence, or failing verification); each is logged and shown as the node's last error",
+            agent.stats().pushes_refused,
+        )?;
+        counter(
+            &mut e,
             "hsm_secrets_agent_checksum_failures",
             "Records from the primary that failed checksum verification (never applied)",
             sync.checksum_failures,

@@ -176,6 +176,7 @@ impl From<VolumeError> for SourceError {
                 StoreError::NotFound { .. }
                 | StoreError::VersionConflict { .. }
                 | StoreError::InvalidName { .. }
+                | StoreError::SequenceExhausted { .. }
                 | StoreError::Pkcs11 { .. } => SourceError::Internal(message),
             },
         }
