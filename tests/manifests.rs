@@ -1096,10 +1096,42 @@ fn secret_file(doc: &Doc, c: &Value, path: &str) -> Option<(String, String)> {
         .as_array()?
         .iter()
         .find(|v| v["name"] == mount["name"])?;
+    if let Some(host) = volume["hostPath"]["path"].as_str() {
+        return Some((format!("hostPath {host}"), file.to_owned()));
+    }
     let secret = &volume["secret"];
     let items = secret["items"].as_array()?;
     let key = items.iter().find(|i| i["path"] == file)?["key"].as_str()?;
     Some((secret["secretName"].as_str()?.to_owned(), key.to_owned()))
+}
+
+/// The node's agent certificate: its own, a file on the node (hostPath), or, only where
+/// pushes from a shared certificate are explicitly allowed, the shared Secret.
+fn check_node_identity(node: &Doc, at: &str, plugin: &Value, findings: &mut Findings) {
+    let shared_allowed = plugin["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|e| e["name"] == "HSM_ALLOW_SHARED_AGENT_IDENTITY" && e["value"] == "true");
+    let wanted = if shared_allowed {
+        "hsm-secrets-agent-tls".to_string()
+    } else {
+        "hostPath /etc/hsm-secrets/agent-tls".to_string()
+    };
+    for (flag, key) in [
+        ("--agent-tls-ca", "ca.crt"),
+        ("--agent-tls-cert", "tls.crt"),
+        ("--agent-tls-key", "tls.key"),
+    ] {
+        let found = flag_value(plugin, flag).and_then(|path| secret_file(node, plugin, path));
+        if found != Some((wanted.clone(), key.to_owned())) {
+            findings.add(
+                node,
+                &format!("{at}.args {flag}"),
+                format!("must name {key} of {wanted} as mounted: {found:?}"),
+            );
+        }
+    }
 }
 
 /// The agent contract: the node serves on a port the controller dials, both with the
@@ -1156,15 +1188,14 @@ fn check_agent_contract(docs: &[Doc], findings: &mut Findings) {
             ),
         );
     }
-    for (doc, at, c, secret) in [
-        (node, &node_at, plugin, "hsm-secrets-agent-tls"),
-        (
+    check_node_identity(node, &node_at, plugin, findings);
+    {
+        let (doc, at, c, secret) = (
             controller,
             &controller_at,
             ctl,
             "hsm-secrets-controller-tls",
-        ),
-    ] {
+        );
         for (flag, key) in [
             ("--agent-tls-ca", "ca.crt"),
             ("--agent-tls-cert", "tls.crt"),

@@ -131,7 +131,7 @@ async fn the_pki_command_writes_working_secrets_with_private_keys() {
             .output()
             .unwrap()
     };
-    let first = run(&[]);
+    let first = run(&["--shared-agent"]);
     assert!(
         first.status.success(),
         "{}",
@@ -139,7 +139,8 @@ async fn the_pki_command_writes_working_secrets_with_private_keys() {
     );
     let stdout = String::from_utf8_lossy(&first.stdout);
     assert!(stdout.contains("hsm-secrets-agent-tls"), "{stdout}");
-    for secret in ["controller", "agent"] {
+    assert!(stdout.contains("/etc/hsm-secrets/agent-tls"), "{stdout}");
+    for secret in ["controller", "agent", "nodes/worker-1", "nodes/worker-2"] {
         for (file, mode) in [("ca.crt", 0o644), ("tls.crt", 0o644), ("tls.key", 0o600)] {
             let meta = std::fs::metadata(out.join(secret).join(file)).unwrap();
             assert_eq!(meta.permissions().mode() & 0o777, mode, "{secret}/{file}");
@@ -165,9 +166,13 @@ async fn the_pki_command_writes_working_secrets_with_private_keys() {
         })
         .unwrap()
     };
-    // worker-2 serves with the shared agent certificate; it names worker-2.
+    // worker-2 serves with its own certificate, which names it.
     let store = Pkcs11Store::open(token.config()).await.unwrap();
-    let agent = Agent::start(AgentConfig::new("worker-2", tls("agent")), Arc::new(store)).await;
+    let agent = Agent::start(
+        AgentConfig::new("worker-2", tls("nodes/worker-2")),
+        Arc::new(store),
+    )
+    .await;
     let listener = hsm_secrets::mirror::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -195,7 +200,7 @@ async fn the_pki_command_writes_working_secrets_with_private_keys() {
         .put(&path("shop/db"), &data(&[("k", b"v")]), Expect::Absent, 1)
         .await
         .unwrap();
-    let node_client = AgentConnection::new(&peer, &tls("agent"), timeout).unwrap();
+    let node_client = AgentConnection::new(&peer, &tls("nodes/worker-1"), timeout).unwrap();
     assert!(node_client.get(&path("shop/db")).await.is_ok());
     assert_denied(
         node_client
@@ -204,5 +209,99 @@ async fn the_pki_command_writes_working_secrets_with_private_keys() {
             .unwrap_err(),
         "Put",
         "controller",
+    );
+}
+
+/// The sender of a push is the node its certificate names, never what the request says:
+/// a mirror's certificate claiming to be the primary is refused, counted, and nothing is
+/// applied; a certificate shared by every node proves no node and is refused unless the
+/// operator allowed it.
+#[tokio::test]
+async fn a_push_comes_from_the_node_its_certificate_names() {
+    if token(TOKENS, "id-n1").is_none() {
+        return;
+    }
+    let pki = Pki::new(&["n1", "n2", "n3"]);
+    let n2 = TestNode::start(TOKENS, "n2", "id-n2", &pki, eager_sync())
+        .await
+        .unwrap();
+    let controller = pki.controller(&n2.peer());
+    controller
+        .assign_role(pb::AssignRoleRequest {
+            role: pb::Role::ReadOnly as i32,
+            epoch: 1,
+            primary_node: "n1".into(),
+            primary_endpoint: "https://127.0.0.1:9".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let record = hsm_secrets::hsm::Record::live(path("shop/forged"), 1, data(&[("k", b"x")]));
+    let push = pb::ReplicateRequest {
+        record: Some(pb::Record {
+            path: record.path.to_string(),
+            version: record.version,
+            checksum: record.checksum.0.to_vec(),
+            deleted: false,
+            data: vec![pb::KeyValue {
+                key: "k".into(),
+                value: b"x".to_vec(),
+            }],
+        }),
+        epoch: 1,
+        primary_node: "n1".into(),
+    };
+    // n3's certificate claiming to be the primary n1.
+    let err = pki
+        .agent("n3", &n2.peer())
+        .replicate(push.clone())
+        .await
+        .unwrap_err();
+    match &err {
+        MirrorError::Remote { code, message, .. } => {
+            assert_eq!(*code, Code::PermissionDenied, "{err}");
+            assert!(
+                message.contains("node n3 claiming to push as \"n1\""),
+                "{message}"
+            );
+        }
+        other => panic!("expected PermissionDenied, got {other}"),
+    }
+    assert_eq!(n2.agent.stats().pushes_refused, 1);
+    assert!(n2.store.record(&path("shop/forged")).await.is_err());
+
+    // The primary's own certificate is accepted (and names the sender by itself).
+    let mut unnamed = push.clone();
+    unnamed.primary_node.clear();
+    let applied = pki
+        .agent("n1", &n2.peer())
+        .replicate(unnamed)
+        .await
+        .unwrap();
+    assert!(applied.applied);
+}
+
+#[test]
+fn identities_come_from_the_certificate() {
+    use hsm_secrets::mirror::{CertificateAuthority, Identity};
+    let ca = CertificateAuthority::generate().unwrap();
+    let der = |pem: &str| {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    };
+    let node = ca.issue_node_agent("worker-1").unwrap();
+    assert_eq!(
+        Identity::of_certificate(&der(&node.cert_pem)),
+        Identity::Agent(Some("worker-1".into()))
+    );
+    let shared = ca.issue_shared_agent(&["worker-1", "worker-2"]).unwrap();
+    assert_eq!(
+        Identity::of_certificate(&der(&shared.cert_pem)),
+        Identity::Agent(None)
+    );
+    let controller = ca.issue_controller().unwrap();
+    assert_eq!(
+        Identity::of_certificate(&der(&controller.cert_pem)),
+        Identity::Controller
     );
 }

@@ -262,7 +262,7 @@ fn the_readme_creates_the_secrets_as_pki_prints_them() {
         .map(str::trim)
         .filter(|l| l.starts_with("kubectl "))
         .collect();
-    assert_eq!(commands.len(), 2, "{stdout}");
+    assert_eq!(commands.len(), 1, "{stdout}");
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/README.md"))
             .unwrap();
@@ -273,10 +273,23 @@ fn the_readme_creates_the_secrets_as_pki_prints_them() {
         );
     }
     // `--from-file=DIR` makes one key per file: the keys the node and controller mount.
-    for (secret, sub) in [
-        ("hsm-secrets-agent-tls", "agent"),
-        ("hsm-secrets-controller-tls", "controller"),
-    ] {
+    // Each node's own directory holds what the DaemonSet reads from the node.
+    for node in ["worker-1", "worker-2"] {
+        let mut keys: Vec<String> = std::fs::read_dir(dir.path().join("pki/nodes").join(node))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        keys.sort();
+        assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"], "{node}");
+        assert!(stdout.contains(&format!("./pki/nodes/{node}/")), "{stdout}");
+    }
+    assert!(stdout.contains("/etc/hsm-secrets/agent-tls"), "{stdout}");
+    assert!(
+        readme.contains("/etc/hsm-secrets/agent-tls"),
+        "manifests/README.md says where each node's certificate goes"
+    );
+    {
+        let (secret, sub) = ("hsm-secrets-controller-tls", "controller");
         let command = commands
             .iter()
             .find(|c| c.contains(&format!(" {secret} ")))

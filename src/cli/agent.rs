@@ -35,6 +35,11 @@ pub struct SyncTuning {
     /// also runs at start); 0 collects at start and then once a day.
     #[arg(long, env = "HSM_GC_INTERVAL", default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub gc_interval: u64,
+    /// Accept pushes from an agent certificate shared by every node, trusting the sender
+    /// the request names (development setups only: with per-node certificates from
+    /// `hsm-secrets pki`, each push is known to come from the node its certificate names).
+    #[arg(long, env = "HSM_ALLOW_SHARED_AGENT_IDENTITY")]
+    pub allow_shared_agent_identity: bool,
 }
 
 impl SyncTuning {
@@ -44,6 +49,7 @@ impl SyncTuning {
         cfg.sync.pull_interval = Duration::from_millis(self.pull_interval_ms);
         cfg.sync.sync_interval = Duration::from_secs(self.sync_interval);
         cfg.replicate_timeout = Duration::from_millis(self.replicate_timeout_ms);
+        cfg.allow_shared_agent_identity = self.allow_shared_agent_identity;
         // 0: at start only (the first collection runs, then the interval is a day).
         cfg.gc_interval = Some(Duration::from_secs(if self.gc_interval == 0 {
             86_400

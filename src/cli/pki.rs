@@ -1,14 +1,18 @@
-//! `hsm-secrets pki`: certificates for the agents and the controller, laid out as the
-//! Kubernetes Secrets the manifests mount (`ca.crt`, `tls.crt`, `tls.key`):
+//! `hsm-secrets pki`: certificates for the agents and the controller.
 //!
 //! ```text
-//! DIR/controller/   -> Secret hsm-secrets-controller-tls  (identity: controller)
-//! DIR/agent/        -> Secret hsm-secrets-agent-tls       (identity: agent, names every node)
-//! DIR/ca.crt        the CA certificate (its key is never written: re-run to add nodes)
+//! DIR/controller/      -> Secret hsm-secrets-controller-tls  (identity: controller)
+//! DIR/nodes/<node>/    -> installed on that node at /etc/hsm-secrets/agent-tls
+//!                         (identity: the agent of <node>)
+//! DIR/agent/           -> Secret hsm-secrets-agent-tls, only with --shared-agent
+//!                         (identity: some agent; development overlay)
+//! DIR/ca.crt           the CA certificate (its key is never written: re-run to add nodes)
 //! ```
 //!
-//! The DaemonSet mounts one Secret on every node, so the agent certificate names every
-//! node given: a client reaching node X expects a certificate valid for X.
+//! Each node gets its own key and certificate, naming it: a mirror accepts a pushed record
+//! only from the node its sender's certificate names, so one node's key cannot speak for
+//! another. That is why they are files for each node's own disk and not one Secret every
+//! node of the DaemonSet would mount.
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +33,11 @@ pub struct PkiArgs {
     /// Replace certificates already in DIR.
     #[arg(long)]
     pub force: bool,
+    /// Also write one agent certificate shared by every node (DIR/agent), for the
+    /// development overlay; pushes are accepted from it only with
+    /// `--allow-shared-agent-identity`.
+    #[arg(long)]
+    pub shared_agent: bool,
 }
 
 pub fn run(args: PkiArgs) -> anyhow::Result<()> {
@@ -47,15 +56,38 @@ pub fn run(args: PkiArgs) -> anyhow::Result<()> {
     let ca = CertificateAuthority::generate()?;
     let nodes: Vec<&str> = args.nodes.iter().map(String::as_str).collect();
     write_secret_dir(&args.out.join("controller"), &ca, &ca.issue_controller()?)?;
-    write_secret_dir(&args.out.join("agent"), &ca, &ca.issue_agent(&nodes)?)?;
+    for node in &nodes {
+        write_secret_dir(
+            &args.out.join("nodes").join(node),
+            &ca,
+            &ca.issue_node_agent(node)?,
+        )?;
+    }
     write_pem(&args.out.join("ca.crt"), ca.cert_pem().as_bytes(), false)?;
     let out = args.out.display();
     println!(
-        "wrote {out}/controller and {out}/agent (agent certificate valid for {}); create the Secrets:\n\
+        "wrote {out}/controller and one agent certificate per node in {out}/nodes ({}).\n\
+         Create the controller's Secret:\n\
          kubectl -n hsm-secrets-system create secret generic hsm-secrets-controller-tls --from-file={out}/controller\n\
-         kubectl -n hsm-secrets-system create secret generic hsm-secrets-agent-tls --from-file={out}/agent",
+         Install each node's directory on that node as /etc/hsm-secrets/agent-tls (root, mode 0700), e.g.:",
         nodes.join(", ")
     );
+    for node in &nodes {
+        println!(
+            "  ssh root@{node} install -d -m 0700 /etc/hsm-secrets/agent-tls && scp {out}/nodes/{node}/* root@{node}:/etc/hsm-secrets/agent-tls/"
+        );
+    }
+    if args.shared_agent {
+        write_secret_dir(
+            &args.out.join("agent"),
+            &ca,
+            &ca.issue_shared_agent(&nodes)?,
+        )?;
+        println!(
+            "and the shared agent certificate (development overlay only):\n\
+             kubectl -n hsm-secrets-system create secret generic hsm-secrets-agent-tls --from-file={out}/agent"
+        );
+    }
     Ok(())
 }
 

@@ -24,6 +24,7 @@ use super::client::AgentConnection;
 use super::convert;
 use super::facts::AgentFacts;
 use super::fencing::{AgentClock, Assignment, Control};
+use super::identity::Identity;
 use super::local::{Applied, Guard, Local};
 use super::metrics::RpcMetrics;
 use super::pb;
@@ -52,6 +53,9 @@ pub struct AgentConfig {
     /// Between collections of what interrupted writes left on the token (one runs at
     /// start); `None` never collects on its own.
     pub gc_interval: Option<Duration>,
+    /// Accept pushes from a certificate shared by every node, trusting the sender named
+    /// in the request (a development setup without per-node certificates).
+    pub allow_shared_agent_identity: bool,
 }
 
 impl AgentConfig {
@@ -66,6 +70,7 @@ impl AgentConfig {
             batch_bytes: 4 * 1024 * 1024,
             rpc_metrics: RpcMetrics::default(),
             gc_interval: Some(Duration::from_secs(600)),
+            allow_shared_agent_identity: false,
         }
     }
 
@@ -900,9 +905,21 @@ impl Agent {
         Ok(response)
     }
 
-    /// A push from the primary (Active policy).
-    pub async fn replicate(&self, request: pb::ReplicateRequest) -> Result<bool, MirrorError> {
+    /// A push from the primary (Active policy), sent by `sender` as its certificate
+    /// proves it.
+    pub async fn replicate(
+        &self,
+        mut request: pb::ReplicateRequest,
+        sender: &Identity,
+    ) -> Result<bool, MirrorError> {
         let _gate = self.inner.gate.read().await;
+        request.primary_node = match self.pushing_node(&request.primary_node, sender) {
+            Ok(node) => node,
+            Err(error) => {
+                self.refuse_push(&error);
+                return Err(error);
+            }
+        };
         self.control()
             .admit_replicate(request.epoch, &request.primary_node)?;
         let wire = request.record.ok_or(MirrorError::InvalidArgument {
@@ -941,6 +958,27 @@ impl Agent {
         }
         let applied = self.inner.local.apply(record, Guard::NotOlder).await?;
         Ok(applied == Applied::Stored)
+    }
+
+    /// The node a push comes from: the one its sender's certificate names. The request's
+    /// own claim must agree with it; a certificate shared by all nodes proves no node and
+    /// is accepted (taking the claim) only where the operator allowed it.
+    fn pushing_node(&self, claimed: &str, sender: &Identity) -> Result<String, MirrorError> {
+        let refused = |required: &'static str| MirrorError::PermissionDenied {
+            rpc: "Replicate",
+            required,
+            caller: format!("{} claiming to push as {claimed:?}", sender.describe()),
+        };
+        match sender {
+            Identity::Agent(Some(node)) if claimed.is_empty() || claimed == node => {
+                Ok(node.clone())
+            }
+            Identity::Agent(Some(_)) => Err(refused("pushing node's own")),
+            Identity::Agent(None) if self.inner.cfg.allow_shared_agent_identity => {
+                Ok(claimed.to_string())
+            }
+            _ => Err(refused("assigned primary's node")),
+        }
     }
 
     /// Counts and logs a refused push, and shows it as the sync engine's last error (in

@@ -6,27 +6,32 @@
 //! | URI SAN | identity | may call |
 //! | --- | --- | --- |
 //! | [`CONTROLLER_URI`] | the controller | AssignRole, Fence, RenewLease, Put, Delete, reads |
-//! | [`AGENT_URI`] | an agent (node plugin) | Replicate, reads |
+//! | [`AGENT_NODE_URI_PREFIX`]`<node>` | the agent of that node | Replicate (as that node), reads |
+//! | [`AGENT_URI`] | an agent of some node (a certificate shared by all nodes) | Replicate only where `--allow-shared-agent-identity` is set, reads |
 //! | none of these | unidentified | Health only |
 //!
-//! Reads are Health, Manifest, Changes, Fetch and Get. So a node's certificate, which sits
-//! on every node, can neither take over a device (roles, leases, fencing) nor write client
-//! data into it; and the controller's certificate cannot push records into a mirror. The
-//! agent certificate is shared by all nodes, so Replicate trusts every holder of it: a
-//! mirror accepts pushes only from the primary its controller assigned, by name.
+//! Reads are Health, Manifest, Changes, Fetch and Get. So a node's certificate can
+//! neither take over a device (roles, leases, fencing) nor write client data into it, and
+//! the controller's certificate cannot push records into a mirror. A push is accepted
+//! from the node its certificate names, and only when that node is the primary the
+//! mirror's controller assigned: what the request says about its sender is never trusted.
 
 use rustls_pki_types::CertificateDer;
 
 /// URI SAN of the controller's certificate.
 pub const CONTROLLER_URI: &str = "spiffe://hsmsecrets.io/controller";
-/// URI SAN of every agent's (node plugin's) certificate.
+/// URI SAN of an agent certificate shared by every node (it proves membership, not
+/// which node).
 pub const AGENT_URI: &str = "spiffe://hsmsecrets.io/agent";
+/// URI SAN prefix of a node's own agent certificate: `spiffe://hsmsecrets.io/agent/<node>`.
+pub const AGENT_NODE_URI_PREFIX: &str = "spiffe://hsmsecrets.io/agent/";
 
 /// The role a caller's certificate gives it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Identity {
     Controller,
-    Agent,
+    /// An agent; the node its certificate names, or `None` for a shared certificate.
+    Agent(Option<String>),
     /// A certificate from the CA without a role URI (or no certificate seen).
     Unidentified,
 }
@@ -37,19 +42,30 @@ impl Identity {
         let Ok(cert) = webpki::EndEntityCert::try_from(der) else {
             return Identity::Unidentified;
         };
-        let mut identity = Identity::Unidentified;
+        let (mut controller, mut shared_agent) = (false, false);
+        let mut nodes: Vec<&str> = Vec::new();
         for uri in cert.valid_uri_names() {
-            match uri {
-                // A certificate naming both is refused the controller's rights: a mistake
-                // in issuance must not widen them.
-                CONTROLLER_URI if identity == Identity::Unidentified => {
-                    identity = Identity::Controller
-                }
-                AGENT_URI => identity = Identity::Agent,
-                _ => {}
+            if uri == CONTROLLER_URI {
+                controller = true;
+            } else if uri == AGENT_URI {
+                shared_agent = true;
+            } else if let Some(node) = uri.strip_prefix(AGENT_NODE_URI_PREFIX)
+                && !node.is_empty()
+                && !nodes.contains(&node)
+            {
+                nodes.push(node);
             }
         }
-        identity
+        match nodes.as_slice() {
+            // A certificate naming two nodes proves neither.
+            [_, _, ..] => Identity::Unidentified,
+            // A certificate naming a node and the controller is refused the controller's
+            // rights: a mistake in issuance must not widen them.
+            [node] => Identity::Agent(Some((*node).to_string())),
+            [] if shared_agent => Identity::Agent(None),
+            [] if controller => Identity::Controller,
+            [] => Identity::Unidentified,
+        }
     }
 
     /// The role of the first (leaf) certificate, if any.
@@ -59,11 +75,12 @@ impl Identity {
             .map_or(Identity::Unidentified, Identity::of_certificate)
     }
 
-    pub fn describe(self) -> &'static str {
+    pub fn describe(&self) -> String {
         match self {
-            Identity::Controller => "the controller identity",
-            Identity::Agent => "an agent identity",
-            Identity::Unidentified => "a certificate without an hsm-secrets role URI",
+            Identity::Controller => "the controller identity".into(),
+            Identity::Agent(Some(node)) => format!("the agent identity of node {node}"),
+            Identity::Agent(None) => "the shared agent identity".into(),
+            Identity::Unidentified => "a certificate without an hsm-secrets role URI".into(),
         }
     }
 }
@@ -93,12 +110,12 @@ pub fn needs(rpc: &str) -> Needs {
 }
 
 /// Whether `caller` may call `rpc`; the refusal names the RPC and the identity needed.
-pub fn authorize(rpc: &'static str, caller: Identity) -> Result<(), super::MirrorError> {
+pub fn authorize(rpc: &'static str, caller: &Identity) -> Result<(), super::MirrorError> {
     let required = match (needs(rpc), caller) {
         (Needs::AnyCaller, _)
-        | (Needs::Member, Identity::Controller | Identity::Agent)
+        | (Needs::Member, Identity::Controller | Identity::Agent(_))
         | (Needs::Controller, Identity::Controller)
-        | (Needs::Agent, Identity::Agent) => return Ok(()),
+        | (Needs::Agent, Identity::Agent(_)) => return Ok(()),
         (Needs::Controller, _) => "controller",
         (Needs::Agent, _) => "agent",
         (Needs::Member, _) => "controller or agent",
@@ -106,7 +123,7 @@ pub fn authorize(rpc: &'static str, caller: Identity) -> Result<(), super::Mirro
     Err(super::MirrorError::PermissionDenied {
         rpc,
         required,
-        caller: caller.describe().into(),
+        caller: caller.describe(),
     })
 }
 
@@ -132,8 +149,11 @@ mod tests {
             ("SomethingNew", [true, true, false]),
         ];
         for (rpc, allowed) in table {
-            for (caller, ok) in [Controller, Agent, Unidentified].into_iter().zip(allowed) {
-                let result = authorize(rpc, caller);
+            for (caller, ok) in [Controller, Agent(Some("n1".into())), Unidentified]
+                .into_iter()
+                .zip(allowed)
+            {
+                let result = authorize(rpc, &caller);
                 assert_eq!(result.is_ok(), ok, "{rpc} by {caller:?}");
                 if let Err(e) = result {
                     let text = e.to_string();

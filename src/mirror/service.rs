@@ -51,18 +51,20 @@ impl AgentService {
     }
 }
 
-/// Refuses the call unless the caller's certificate carries the identity `rpc` needs.
-fn authorize<T>(request: &Request<T>, rpc: &'static str) -> Result<(), Status> {
+/// Refuses the call unless the caller's certificate carries the identity `rpc` needs;
+/// the identity proven, for calls that act on who the sender is.
+fn authorize<T>(request: &Request<T>, rpc: &'static str) -> Result<Identity, Status> {
     let certs = request.peer_certs();
     let caller = Identity::of_chain(certs.as_deref().map(Vec::as_slice));
-    identity::authorize(rpc, caller).map_err(|e| {
+    identity::authorize(rpc, &caller).map_err(|e| {
         tracing::warn!(
             rpc,
             caller = caller.describe(),
             "call refused: wrong identity"
         );
         Status::from(e)
-    })
+    })?;
+    Ok(caller)
 }
 
 fn parse_path(raw: &str) -> Result<SecretPath, MirrorError> {
@@ -270,8 +272,8 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::ReplicateResponse>, Status> {
         let started = std::time::Instant::now();
         let result: Result<Response<pb::ReplicateResponse>, Status> = async move {
-            authorize(&request, "Replicate")?;
-            let applied = self.agent.replicate(request.into_inner()).await?;
+            let sender = authorize(&request, "Replicate")?;
+            let applied = self.agent.replicate(request.into_inner(), &sender).await?;
             Ok(Response::new(pb::ReplicateResponse { applied }))
         }
         .await;

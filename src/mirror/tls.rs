@@ -221,15 +221,19 @@ impl CertificateAuthority {
         &self.pem
     }
 
-    /// An agent certificate valid for every name in `nodes` (DNS SANs, plus `localhost`
-    /// and 127.0.0.1), for server and client use.
-    pub fn issue_agent(&self, nodes: &[&str]) -> Result<IssuedCertificate, TlsError> {
-        let common_name = if nodes.len() == 1 {
-            nodes[0]
-        } else {
-            "hsm-secrets-agent"
-        };
-        self.issue(common_name, nodes, super::identity::AGENT_URI)
+    /// One node's own agent certificate: valid for that node's name (plus `localhost` and
+    /// 127.0.0.1), for server and client use, and naming the node in its identity URI
+    /// ([`AGENT_NODE_URI_PREFIX`](super::identity::AGENT_NODE_URI_PREFIX)), so a push it
+    /// sends is known to come from that node.
+    pub fn issue_node_agent(&self, node: &str) -> Result<IssuedCertificate, TlsError> {
+        let uri = format!("{}{node}", super::identity::AGENT_NODE_URI_PREFIX);
+        self.issue(node, &[node], &uri)
+    }
+
+    /// An agent certificate shared by every name in `nodes`: it proves membership, not
+    /// which node (pushes are accepted from it only with `--allow-shared-agent-identity`).
+    pub fn issue_shared_agent(&self, nodes: &[&str]) -> Result<IssuedCertificate, TlsError> {
+        self.issue("hsm-secrets-agent", nodes, super::identity::AGENT_URI)
     }
 
     /// The controller's (client) certificate.
@@ -289,7 +293,7 @@ pub fn generate_pki(dir: &Path, nodes: &[&str]) -> Result<GeneratedPki, TlsError
         let issued = if *node == CONTROLLER_CERT_NAME {
             ca.issue_controller()?
         } else {
-            ca.issue_agent(&[node])?
+            ca.issue_node_agent(node)?
         };
         let cert_path = dir.join(format!("{node}.pem"));
         let key_path = dir.join(format!("{node}-key.pem"));
