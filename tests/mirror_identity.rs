@@ -237,20 +237,7 @@ async fn a_push_comes_from_the_node_its_certificate_names() {
         .await
         .unwrap();
     let record = hsm_secrets::hsm::Record::live(path("shop/forged"), 1, data(&[("k", b"x")]));
-    let push = pb::ReplicateRequest {
-        record: Some(pb::Record {
-            path: record.path.to_string(),
-            version: record.version,
-            checksum: record.checksum.0.to_vec(),
-            deleted: false,
-            data: vec![pb::KeyValue {
-                key: "k".into(),
-                value: b"x".to_vec(),
-            }],
-        }),
-        epoch: 1,
-        primary_node: "n1".into(),
-    };
+    let push = push_request(&record.path, 1, &record.checksum.0, &[("k", b"x")], "n1");
     // n3's certificate claiming to be the primary n1.
     let err = pki
         .agent("n3", &n2.peer())

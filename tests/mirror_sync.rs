@@ -375,20 +375,13 @@ async fn forged_records_are_never_applied() {
     forged.body = Body::Live(data(&[("k", b"forged")]));
     let err = pki
         .agent("n1", &n2.peer())
-        .replicate(pb::ReplicateRequest {
-            record: Some(pb::Record {
-                path: forged.path.to_string(),
-                version: forged.version,
-                checksum: forged.checksum.0.to_vec(),
-                deleted: false,
-                data: vec![pb::KeyValue {
-                    key: "k".into(),
-                    value: b"forged".to_vec(),
-                }],
-            }),
-            epoch: 1,
-            primary_node: "n1".into(),
-        })
+        .replicate(push_request(
+            &forged.path,
+            forged.version,
+            &forged.checksum.0,
+            &[("k", b"forged")],
+            "n1",
+        ))
         .await
         .unwrap_err();
     assert!(
@@ -612,20 +605,13 @@ async fn pushes_out_of_sequence_are_refused_counted_and_shown() {
 
     let push = |version: u64, value: &'static [u8]| {
         let record = Record::live(path("app/forged"), version, data(&[("k", value)]));
-        pb::ReplicateRequest {
-            record: Some(pb::Record {
-                path: record.path.to_string(),
-                version: record.version,
-                checksum: record.checksum.0.to_vec(),
-                deleted: false,
-                data: vec![pb::KeyValue {
-                    key: "k".into(),
-                    value: value.to_vec(),
-                }],
-            }),
-            epoch: 1,
-            primary_node: "n1".into(),
-        }
+        push_request(
+            &record.path,
+            version,
+            &record.checksum.0,
+            &[("k", value)],
+            "n1",
+        )
     };
     for version in [applied + 5_000, u64::MAX] {
         let err = pki

@@ -479,3 +479,31 @@ pub fn spawn_controller_process(
         .spawn()
         .unwrap()
 }
+
+/// A push of one record as the primary `primary` would send it at epoch 1: `checksum` as
+/// given (a forged push may carry another record's) and the key-value pairs sent.
+pub fn push_request(
+    path: &SecretPath,
+    version: u64,
+    checksum: &[u8],
+    sent: &[(&str, &[u8])],
+    primary: &str,
+) -> pb::ReplicateRequest {
+    pb::ReplicateRequest {
+        record: Some(pb::Record {
+            path: path.to_string(),
+            version,
+            checksum: checksum.to_vec(),
+            deleted: false,
+            data: sent
+                .iter()
+                .map(|(k, v)| pb::KeyValue {
+                    key: (*k).into(),
+                    value: v.to_vec(),
+                })
+                .collect(),
+        }),
+        epoch: 1,
+        primary_node: primary.into(),
+    }
+}
