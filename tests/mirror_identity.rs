@@ -266,6 +266,24 @@ async fn a_push_comes_from_the_node_its_certificate_names() {
         .await
         .unwrap();
     assert!(applied.applied);
+
+    // A hostile 10 KB path comes back in a bounded status, not a 20 KB one.
+    let mut hostile = push.clone();
+    if let Some(record) = hostile.record.as_mut() {
+        record.path = format!("shop/{}", "x".repeat(10_000));
+        record.version = 3;
+    }
+    let err = pki
+        .agent("n1", &n2.peer())
+        .replicate(hostile)
+        .await
+        .unwrap_err();
+    match &err {
+        MirrorError::Remote { message, .. } => {
+            assert!(message.len() <= 1100, "a status of {} bytes", message.len());
+        }
+        other => panic!("expected the agent's refusal, got {other}"),
+    }
 }
 
 #[test]

@@ -133,15 +133,34 @@ impl Error {
     }
 }
 
+/// Longest message the plugin answers kubelet with (errors quote request fields).
+pub const STATUS_MESSAGE_MAX: usize = 1024;
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
-        Status::new(error.code(), error.to_string())
+        let mut message = error.to_string();
+        if message.len() > STATUS_MESSAGE_MAX {
+            let mut end = STATUS_MESSAGE_MAX;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("… (cut)");
+        }
+        Status::new(error.code(), message)
     }
 }
 
 impl From<tokio::task::JoinError> for Error {
+    /// A panic's message stays in the plugin's log: it goes no further than kubelet's
+    /// error either way, but may quote internal state.
     fn from(error: tokio::task::JoinError) -> Self {
-        Self::Task(error.to_string())
+        if error.is_panic() {
+            tracing::error!(panic = %error, "a blocking volume task panicked");
+            Self::Task("panicked (details in the node plugin's log)".into())
+        } else {
+            Self::Task("cancelled".into())
+        }
     }
 }
 

@@ -195,7 +195,7 @@ impl Pkcs11Store {
             Ok(Err(join)) => Err(StoreError::Pkcs11 {
                 token: self.shared.cfg.token_label.clone(),
                 function: operation.into(),
-                rv: format!("worker failed: {join}"),
+                rv: worker_failure(operation, join),
             }),
             Err(_) => Err(StoreError::Timeout {
                 token: self.shared.cfg.token_label.clone(),
@@ -572,6 +572,17 @@ impl Shared {
                 present.join(", ")
             },
         })
+    }
+}
+
+/// What a failed worker is reported as. A panic's message stays in this process's log:
+/// it may quote internal state, and the error travels to remote callers.
+fn worker_failure(operation: &'static str, join: tokio::task::JoinError) -> String {
+    if join.is_panic() {
+        tracing::error!(operation, panic = %join, "a PKCS#11 worker panicked");
+        "worker panicked (details in the agent's log)".into()
+    } else {
+        "worker cancelled".into()
     }
 }
 

@@ -302,9 +302,16 @@ fn store_code(e: &StoreError) -> Code {
     }
 }
 
+/// Longest message an agent answers with: errors quote request fields (a secret's
+/// path), and a status larger than a client's header limit would be refused whole.
+pub const STATUS_MESSAGE_MAX: usize = 1024;
+
 impl From<MirrorError> for Status {
     fn from(e: MirrorError) -> Self {
-        Status::new(e.code(), e.to_string())
+        Status::new(
+            e.code(),
+            hsm_secrets_webhook::bounded::bounded(&e.to_string(), STATUS_MESSAGE_MAX),
+        )
     }
 }
 

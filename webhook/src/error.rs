@@ -87,6 +87,11 @@ pub enum Error {
     #[error("AdmissionReview has no `request`; the API server always sends one")]
     MissingRequest,
 
+    #[error(
+        "AdmissionReview request.uid {found:?} is not a uid (1 to 128 characters); the API server always sends one"
+    )]
+    InvalidUid { found: String },
+
     #[error("cannot encode the AdmissionReview response: {0}")]
     EncodeResponse(#[source] serde_json::Error),
 }
@@ -109,6 +114,7 @@ impl Error {
             Error::MalformedReview(_) => "malformed_review",
             Error::UnsupportedReview { .. } => "unsupported_review",
             Error::MissingRequest => "missing_request",
+            Error::InvalidUid { .. } => "invalid_uid",
             Error::EncodeResponse(_) => "encode_response",
         }
     }
@@ -122,7 +128,8 @@ impl Error {
             Error::BodyRead(_)
             | Error::MalformedReview(_)
             | Error::UnsupportedReview { .. }
-            | Error::MissingRequest => StatusCode::BAD_REQUEST,
+            | Error::MissingRequest
+            | Error::InvalidUid { .. } => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -6,6 +6,7 @@
 //! is decided by an [`AdmissionRules`] implementation supplied by the caller;
 //! this crate knows nothing about HSMs.
 
+pub mod bounded;
 pub mod error;
 pub mod metrics;
 pub mod review;

@@ -6,6 +6,7 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use serde::{Deserialize, Serialize};
 
+use crate::bounded::{ECHO_MAX, MESSAGE_MAX, WARNINGS_MAX, bounded};
 use crate::error::Error;
 use crate::rules::Decision;
 
@@ -20,7 +21,15 @@ pub fn decode_request(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Er
     match serde_json::from_slice::<AdmissionReview<DynamicObject>>(body) {
         Ok(review) => {
             check_type(&review.types.api_version, &review.types.kind)?;
-            review.try_into().map_err(|_| Error::MissingRequest)
+            let request: AdmissionRequest<DynamicObject> =
+                review.try_into().map_err(|_| Error::MissingRequest)?;
+            // The uid is echoed in the answer and in logs: it must be one.
+            if request.uid.is_empty() || request.uid.len() > 128 {
+                return Err(Error::InvalidUid {
+                    found: bounded(&request.uid, ECHO_MAX),
+                });
+            }
+            Ok(request)
         }
         Err(parse_error) => {
             #[derive(Deserialize)]
@@ -42,14 +51,14 @@ fn check_type(api_version: &str, kind: &str) -> Result<(), Error> {
     if api_version != API_VERSION {
         return Err(Error::UnsupportedReview {
             field: "apiVersion",
-            found: api_version.to_string(),
+            found: bounded(api_version, ECHO_MAX),
             expected: API_VERSION,
         });
     }
     if kind != KIND {
         return Err(Error::UnsupportedReview {
             field: "kind",
-            found: kind.to_string(),
+            found: bounded(kind, ECHO_MAX),
             expected: KIND,
         });
     }
@@ -62,6 +71,14 @@ fn check_type(api_version: &str, kind: &str) -> Result<(), Error> {
 /// serializes the patch as a JSON array of numbers; the API contract is a
 /// base64 string.
 pub fn encode_response(uid: &str, decision: &Decision) -> Result<Vec<u8>, Error> {
+    // Messages and warnings quote what the request carried: bounded, whatever it was.
+    let bound_all = |warnings: &[String]| -> Vec<String> {
+        warnings
+            .iter()
+            .take(WARNINGS_MAX)
+            .map(|w| bounded(w, MESSAGE_MAX))
+            .collect()
+    };
     let response = match decision {
         Decision::Allow { patch, warnings } => {
             let patch = patch
@@ -75,7 +92,7 @@ pub fn encode_response(uid: &str, decision: &Decision) -> Result<Vec<u8>, Error>
                 status: None,
                 patch_type: patch.as_ref().map(|_| "JSONPatch"),
                 patch,
-                warnings,
+                warnings: bound_all(warnings),
             }
         }
         Decision::Deny {
@@ -92,11 +109,11 @@ pub fn encode_response(uid: &str, decision: &Decision) -> Result<Vec<u8>, Error>
                 } else {
                     403
                 },
-                message,
+                message: bounded(message, MESSAGE_MAX),
             }),
             patch: None,
             patch_type: None,
-            warnings,
+            warnings: bound_all(warnings),
         },
     };
     serde_json::to_vec(&ReviewBody {
@@ -121,21 +138,21 @@ struct ResponseBody<'a> {
     uid: &'a str,
     allowed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<StatusBody<'a>>,
+    status: Option<StatusBody>,
     #[serde(skip_serializing_if = "Option::is_none")]
     patch: Option<ByteString>,
     #[serde(skip_serializing_if = "Option::is_none")]
     patch_type: Option<&'static str>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    warnings: &'a [String],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
 }
 
 /// The subset of `metav1.Status` the API server reads from a denial.
 #[derive(Serialize)]
-struct StatusBody<'a> {
+struct StatusBody {
     status: &'static str,
     code: u16,
-    message: &'a str,
+    message: String,
 }
 
 #[cfg(test)]

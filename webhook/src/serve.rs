@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -30,6 +31,13 @@ pub struct ServeOptions {
     pub http2_keep_alive_interval: Duration,
     /// After shutdown is signalled, in-flight requests get this long to finish.
     pub shutdown_grace: Duration,
+    /// A connection with no request in flight for this long is closed, even when it
+    /// answers PINGs: idle clients cannot hold file descriptors without end.
+    pub idle_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams on one connection.
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for ServeOptions {
@@ -39,6 +47,9 @@ impl Default for ServeOptions {
             header_read_timeout: Duration::from_secs(10),
             http2_keep_alive_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            max_connections: 512,
+            max_streams_per_connection: 64,
         }
     }
 }
@@ -77,7 +88,8 @@ pub async fn serve_with(
         .header_read_timeout(options.header_read_timeout);
     http.http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(options.http2_keep_alive_interval);
+        .keep_alive_interval(options.http2_keep_alive_interval)
+        .max_concurrent_streams(options.max_streams_per_connection);
 
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -92,7 +104,8 @@ pub async fn serve_with(
             () = &mut shutdown => break,
             () = &mut poll_certificate => {}
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => match accepted {
+            // At the cap, new clients wait in the backlog until a connection ends.
+            accepted = listener.accept(), if connections.len() < options.max_connections.max(1) => match accepted {
                 Ok((tcp, peer)) => {
                     // Admission answers are small; don't let Nagle delay them.
                     let _ = tcp.set_nodelay(true);
@@ -103,6 +116,7 @@ pub async fn serve_with(
                         http.clone(),
                         router.clone(),
                         options.handshake_timeout,
+                        options.idle_timeout,
                         closing_rx.clone(),
                     ));
                 }
@@ -140,6 +154,7 @@ async fn serve_connection(
     http: auto::Builder<TokioExecutor>,
     router: Router,
     handshake_timeout: Duration,
+    idle_timeout: Duration,
     mut closing: watch::Receiver<bool>,
 ) {
     let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
@@ -153,9 +168,16 @@ async fn serve_connection(
             return;
         }
     };
+    let activity = Arc::new(Activity::default());
+    let seen = activity.clone();
     let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
         let mut router = router.clone();
-        async move { router.call(request).await }
+        let busy = seen.begin();
+        async move {
+            let answer = router.call(request).await;
+            drop(busy);
+            answer
+        }
     });
     let connection = http.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
@@ -165,12 +187,69 @@ async fn serve_connection(
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         }
+        () = activity.idle_for(idle_timeout) => {
+            tracing::debug!(%peer, "closing an idle connection");
+            connection.as_mut().graceful_shutdown();
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "idle connection ended with an error");
+            }
+        }
         _ = async { closing.wait_for(|closing| *closing).await.map(|_| ()) } => {
             // Finish in-flight requests, refuse new ones on this connection.
             connection.as_mut().graceful_shutdown();
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, %error, "connection ended with an error while draining");
             }
+        }
+    }
+}
+
+/// Requests in flight on one connection, and when the last one ended.
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    last_end: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            last_end: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+}
+
+/// One request in flight; its end is recorded when dropped.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last_end.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    /// Resolves once no request has been in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let since = *self.last_end.lock().unwrap_or_else(|p| p.into_inner());
+            let idle_at = since + timeout;
+            if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
+                && tokio::time::Instant::now() >= idle_at
+            {
+                return;
+            }
+            let next = idle_at.max(tokio::time::Instant::now() + Duration::from_millis(10));
+            tokio::time::sleep_until(next.min(tokio::time::Instant::now() + timeout)).await;
         }
     }
 }

@@ -165,8 +165,12 @@ async fn envelopes_that_are_not_v1_reviews_get_400_with_the_reason() {
     no_request.as_object_mut().unwrap().remove("request");
     let mut no_uid = pod_review(UID, &[], false);
     no_uid["request"].as_object_mut().unwrap().remove("uid");
+    let empty_uid = pod_review("", &[], false);
+    // Hostile values are never echoed in full.
+    let mut huge_version = pod_review(UID, &[], false);
+    huge_version["apiVersion"] = "v".repeat(2 << 20).into();
 
-    let cases: [(&str, Vec<u8>, &str); 6] = [
+    let cases: [(&str, Vec<u8>, &str); 8] = [
         (
             "/mutate",
             b"{\"kind\": \"AdmissionReview\",".to_vec(),
@@ -197,11 +201,22 @@ async fn envelopes_that_are_not_v1_reviews_get_400_with_the_reason() {
             serde_json::to_vec(&no_uid).unwrap(),
             "missing field `uid`",
         ),
+        (
+            "/validate",
+            serde_json::to_vec(&empty_uid).unwrap(),
+            "request.uid \"\" is not a uid",
+        ),
+        (
+            "/mutate",
+            serde_json::to_vec(&huge_version).unwrap(),
+            "bytes cut",
+        ),
     ];
     for (path, body, expected) in cases {
         let response = post(&app, path, body).await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{expected}");
         let message = text(response).await;
+        assert!(message.len() < 1024, "an answer of {} bytes", message.len());
         assert!(
             message.contains(expected),
             "{message:?} should contain {expected:?}"

@@ -241,3 +241,67 @@ async fn health_endpoints_over_https_report_the_certificate() {
     assert!(String::from_utf8_lossy(&body).contains("certificate: loaded"));
     server.shutdown().await.unwrap();
 }
+
+/// An HTTP/2 client that keeps its connection alive with PINGs but sends no request is
+/// closed after the idle timeout (GOAWAY), so idle clients cannot hold descriptors.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_even_when_it_answers_pings() {
+    let f = fixture();
+    let options = ServeOptions {
+        idle_timeout: Duration::from_millis(300),
+        http2_keep_alive_interval: Duration::from_millis(50),
+        ..ServeOptions::default()
+    };
+    let server = Server::start_with(rules_state(), f.tls.clone(), options).await;
+    let stream = common::tls_connect(server.addr, common::client(&[&f.ca.pem], &[b"h2"])).await;
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_millis(50))
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let closed = tokio::spawn(connection);
+    let response = sender
+        .send_request(review_post(
+            "https://localhost/validate",
+            pod_review_bytes("once", &[]),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the server closed the idle connection");
+    assert!(ended.is_ok(), "{ended:?}");
+    server.shutdown().await.unwrap();
+}
+
+/// Beyond the connection cap, a new client waits (its handshake does not complete) until
+/// a connection ends.
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_for_one_to_end() {
+    let f = fixture();
+    let options = ServeOptions {
+        max_connections: 2,
+        ..ServeOptions::default()
+    };
+    let server = Server::start_with(rules_state(), f.tls.clone(), options).await;
+    let first = common::tls_connect(server.addr, common::client(&[&f.ca.pem], &[])).await;
+    let _second = common::tls_connect(server.addr, common::client(&[&f.ca.pem], &[])).await;
+    let third = tokio::spawn(common::tls_connect(
+        server.addr,
+        common::client(&[&f.ca.pem], &[]),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !third.is_finished(),
+        "a third connection was served at a cap of 2"
+    );
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("served once a connection ended")
+        .unwrap();
+    server.shutdown().await.unwrap();
+}
