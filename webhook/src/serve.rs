@@ -115,8 +115,7 @@ pub async fn serve_with(
                         acceptor.clone(),
                         http.clone(),
                         router.clone(),
-                        options.handshake_timeout,
-                        options.idle_timeout,
+                        options.clone(),
                         closing_rx.clone(),
                     ));
                 }
@@ -153,10 +152,10 @@ async fn serve_connection(
     acceptor: TlsAcceptor,
     http: auto::Builder<TokioExecutor>,
     router: Router,
-    handshake_timeout: Duration,
-    idle_timeout: Duration,
+    options: ServeOptions,
     mut closing: watch::Receiver<bool>,
 ) {
+    let (handshake_timeout, idle_timeout) = (options.handshake_timeout, options.idle_timeout);
     let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
