@@ -797,3 +797,46 @@ async fn an_injected_pod_is_never_refused_on_reinvocation() {
     assert_eq!(answer["allowed"], true, "{answer}");
     assert!(answer.get("patch").is_none(), "{answer}");
 }
+
+/// A CSI volume written by hand (no injection) gets the node plugin's own attribute
+/// checks at admission: what the node would refuse at publish is refused here, naming
+/// the volume attribute and the fix.
+#[tokio::test]
+async fn hand_written_volumes_get_the_node_plugins_attribute_checks() {
+    let (app, _, _) = app(cluster(DeviceHealth::Ready));
+    let base = || {
+        let mut pod = fixture("pod_create_csi_writable.json");
+        pod["request"]["object"]["spec"]["volumes"][0]["csi"]["readOnly"] = true.into();
+        pod
+    };
+    assert_eq!(review(&app, "/validate", &base()).await["allowed"], true);
+    for (attribute, value, expected) in [
+        ("fileMode", Some("0777"), "write or execute"),
+        ("fileMode", Some("0"), "lets nobody read"),
+        ("secrets", None, "comma-separated"),
+        ("secrets", Some("../other"), "metadata.name"),
+        ("device", Some(" "), "HSMDevice"),
+    ] {
+        let mut pod = base();
+        let attributes = pod["request"]["object"]["spec"]["volumes"][0]["csi"]["volumeAttributes"]
+            .as_object_mut()
+            .unwrap();
+        match value {
+            Some(v) => {
+                attributes.insert(attribute.into(), v.into());
+            }
+            None => {
+                attributes.remove(attribute);
+            }
+        }
+        let answer = review(&app, "/validate", &pod).await;
+        let message = denial_message(&answer);
+        assert_eq!(answer["status"]["code"], 400, "{attribute}: {message}");
+        assert!(
+            message.contains("spec.volumes[0].csi.volumeAttributes")
+                && message.contains(attribute)
+                && message.contains(expected),
+            "{attribute}={value:?}: {message}"
+        );
+    }
+}

@@ -174,8 +174,31 @@ pub fn validate(request: &AdmissionRequest<DynamicObject>) -> Verdict {
         if csi.get("driver").and_then(Value::as_str) != Some(CSI_DRIVER) {
             continue;
         }
+        let name = volume.get("name").and_then(Value::as_str).unwrap_or("");
+        // The node plugin's own parser: what it would refuse at publish is refused here,
+        // for a volume written by hand as for one the injection added.
+        let attributes: BTreeMap<String, String> = csi
+            .get("volumeAttributes")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let namespace = request
+            .namespace
+            .as_deref()
+            .or(pod.metadata.namespace.as_deref())
+            .unwrap_or("default");
+        if let Err(error) = crate::node::VolumeAttributes::parse(&attributes, namespace) {
+            return Verdict::deny(
+                400,
+                "invalid_volume_attributes",
+                format!("volume {name:?} (spec.volumes[{index}].csi.volumeAttributes): {error}"),
+            );
+        }
         if csi.get("readOnly").and_then(Value::as_bool) != Some(true) {
-            let name = volume.get("name").and_then(Value::as_str).unwrap_or("");
             return Verdict::deny(
                 403,
                 "csi_not_read_only",

@@ -9,11 +9,20 @@ use super::error::InjectError;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountPath(String);
 
-/// Directories whose whole subtree belongs to the kernel or to Kubernetes.
+/// Directories whose whole subtree belongs to the kernel, the image's programs and
+/// libraries, or Kubernetes: no path below them either.
 const RESERVED_TREES: &[(&str, &str)] = &[
     ("/proc", "the process filesystem"),
     ("/sys", "the kernel's sysfs"),
     ("/dev", "the container's devices"),
+    ("/bin", "the container's programs"),
+    ("/sbin", "the container's programs"),
+    ("/usr", "the container's programs and libraries"),
+    ("/lib", "the container's libraries"),
+    ("/lib32", "the container's libraries"),
+    ("/lib64", "the container's libraries"),
+    ("/boot", "the container's boot files"),
+    ("/var/lib/kubelet", "kubelet's directory"),
     (
         "/var/run/secrets/kubernetes.io",
         "the service account token Kubernetes mounts",
@@ -24,20 +33,16 @@ const RESERVED_TREES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Directories that must not be covered themselves (below them is fine, e.g.
-/// `/etc/hsm` or `/var/run/hsm-secrets`).
+/// Directories that must not be replaced themselves, though a directory below them may
+/// hold secrets (`/etc/nginx/certs`, `/var/run/hsm-secrets`, `/home/app/secrets`).
 const RESERVED_EXACT: &[(&str, &str)] = &[
     ("/", "the container's whole filesystem"),
-    ("/bin", "the container's programs"),
-    ("/sbin", "the container's programs"),
-    ("/usr", "the container's programs and libraries"),
-    ("/lib", "the container's libraries"),
-    ("/lib64", "the container's libraries"),
     (
         "/etc",
         "the container's configuration (/etc/hosts, /etc/resolv.conf, ...)",
     ),
     ("/var", "the container's variable data"),
+    ("/var/lib", "the container's state"),
     ("/run", "the container's runtime state"),
     ("/var/run", "the container's runtime state"),
     (
@@ -175,6 +180,13 @@ mod tests {
             ("/dev/shm", "devices"),
             ("/etc", "configuration"),
             ("/etc/", "configuration"),
+            // Whole trees, not just their top directory.
+            ("/usr/lib", "libraries"),
+            ("/usr/local/bin", "programs"),
+            ("/lib64/x", "libraries"),
+            ("/var/lib/kubelet", "kubelet"),
+            ("/var/lib/kubelet/pods", "kubelet"),
+            ("/var/lib", "state"),
             ("/var/run/secrets/kubernetes.io", "service account"),
             (
                 "/var/run/secrets/kubernetes.io/serviceaccount",

@@ -13,11 +13,11 @@ use super::VolumeError;
 use crate::hsm::SecretPath;
 
 /// Comma-separated HSMSecret names of the pod's namespace.
-pub const SECRETS: &str = "secrets";
+pub const SECRETS: &str = crate::inject::ATTRIBUTE_SECRETS;
 /// Name of the HSMDevice that holds the secrets.
-pub const DEVICE: &str = "device";
+pub const DEVICE: &str = crate::inject::ATTRIBUTE_DEVICE;
 /// Octal permission bits of every file, e.g. `0440`.
-pub const FILE_MODE: &str = "fileMode";
+pub const FILE_MODE: &str = crate::inject::ATTRIBUTE_FILE_MODE;
 /// Owner and group may read; the pod reads through its fsGroup.
 pub const DEFAULT_FILE_MODE: u32 = 0o440;
 /// Bounds the work (and the tmpfs) of one volume.
@@ -46,6 +46,47 @@ impl SecretRef {
             attribute: SECRETS,
             problem: format!("entry {:?} is not a valid HSMSecret name ({e})", self.name),
             fix: "use the metadata.name of an HSMSecret in the pod's namespace".into(),
+        })
+    }
+}
+
+/// This driver's own attributes of a volume, validated: the one parser the node plugin
+/// applies at every publish and the validating webhook applies to a pod's CSI volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeAttributes {
+    pub secrets: Vec<SecretRef>,
+    pub device: String,
+    pub file_mode: u32,
+}
+
+impl VolumeAttributes {
+    /// Parses the `secrets`, `device` and `fileMode` attributes of a volume of a pod in
+    /// `pod_namespace`.
+    pub fn parse(
+        context: &BTreeMap<String, String>,
+        pod_namespace: &str,
+    ) -> Result<Self, VolumeError> {
+        let secrets = parse_secrets(context.get(SECRETS).map(String::as_str), pod_namespace)?;
+        let device = match context.get(DEVICE).map(|d| d.trim()) {
+            Some(d) if !d.is_empty() => d.to_string(),
+            _ => {
+                return Err(VolumeError::InvalidAttribute {
+                    attribute: DEVICE,
+                    problem: "is missing".into(),
+                    fix: "set it to the name of the HSMDevice holding the secrets (the \
+                          injection webhook sets it from the HSMSecrets' deviceRef)"
+                        .into(),
+                });
+            }
+        };
+        let file_mode = match context.get(FILE_MODE).map(|m| m.trim()) {
+            None | Some("") => DEFAULT_FILE_MODE,
+            Some(raw) => parse_file_mode(raw)?,
+        };
+        Ok(Self {
+            secrets,
+            device,
+            file_mode,
         })
     }
 }
@@ -87,23 +128,11 @@ impl VolumeRequest {
             service_account: pod_attribute(context, pod_info::SERVICE_ACCOUNT)?,
         };
         check_pod_uid(&pod.uid, target_path)?;
-        let secrets = parse_secrets(context.get(SECRETS).map(String::as_str), &pod.namespace)?;
-        let device = match context.get(DEVICE).map(|d| d.trim()) {
-            Some(d) if !d.is_empty() => d.to_string(),
-            _ => {
-                return Err(VolumeError::InvalidAttribute {
-                    attribute: DEVICE,
-                    problem: "is missing".into(),
-                    fix: "set it to the name of the HSMDevice holding the secrets (the \
-                          injection webhook sets it from the HSMSecrets' deviceRef)"
-                        .into(),
-                });
-            }
-        };
-        let file_mode = match context.get(FILE_MODE).map(|m| m.trim()) {
-            None | Some("") => DEFAULT_FILE_MODE,
-            Some(raw) => parse_file_mode(raw)?,
-        };
+        let VolumeAttributes {
+            secrets,
+            device,
+            file_mode,
+        } = VolumeAttributes::parse(context, &pod.namespace)?;
         Ok(Self {
             pod,
             secrets,
@@ -203,24 +232,22 @@ fn parse_secrets(raw: Option<&str>, pod_namespace: &str) -> Result<Vec<SecretRef
     Ok(secrets)
 }
 
+/// The webhook's own file-mode rule (read bits only, not 0), so a hand-written volume
+/// cannot get past the node what an annotation could not get past admission.
 fn parse_file_mode(raw: &str) -> Result<u32, VolumeError> {
-    let invalid = |problem: String| VolumeError::InvalidAttribute {
-        attribute: FILE_MODE,
-        problem,
-        fix: "use an octal mode of at most 0777, e.g. \"0440\" (owner and group read)".into(),
-    };
     let digits = raw.strip_prefix("0o").unwrap_or(raw);
-    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
-    {
-        return Err(invalid(format!("{raw:?} is not an octal file mode")));
-    }
-    let mode = u32::from_str_radix(digits, 8).map_err(|e| invalid(format!("{raw:?}: {e}")))?;
-    if mode > 0o777 {
-        return Err(invalid(format!(
-            "{raw:?} sets setuid, setgid or sticky bits"
-        )));
-    }
-    Ok(mode)
+    crate::inject::FileMode::parse(digits)
+        .map(crate::inject::FileMode::bits)
+        .map_err(|error| VolumeError::InvalidAttribute {
+            attribute: FILE_MODE,
+            problem: match error {
+                crate::inject::InjectError::InvalidFileMode { value, reason } => {
+                    format!("{value:?} {reason}")
+                }
+                other => other.to_string(),
+            },
+            fix: "use read bits only, e.g. \"0440\" (owner and group read) or \"0400\"".into(),
+        })
 }
 
 #[cfg(test)]
@@ -271,7 +298,12 @@ mod tests {
 
     #[test]
     fn spelling_variants_are_accepted() {
-        for (raw, mode) in [("0440", 0o440), ("440", 0o440), ("0o600", 0o600), ("0", 0)] {
+        for (raw, mode) in [
+            ("0440", 0o440),
+            ("440", 0o440),
+            ("0o400", 0o400),
+            ("0444", 0o444),
+        ] {
             assert_eq!(
                 parse(&[(FILE_MODE, Some(raw))]).unwrap().file_mode,
                 mode,
@@ -356,6 +388,14 @@ mod tests {
             (vec![(FILE_MODE, Some("04440"))], FILE_MODE, "0440"),
             (vec![(FILE_MODE, Some("4440"))], FILE_MODE, "setuid"),
             (vec![(FILE_MODE, Some("-440"))], FILE_MODE, "0440"),
+            // The webhook's rule: read bits only, and someone must be able to read.
+            (
+                vec![(FILE_MODE, Some("0777"))],
+                FILE_MODE,
+                "write or execute",
+            ),
+            (vec![(FILE_MODE, Some("0600"))], FILE_MODE, "\"0400\""),
+            (vec![(FILE_MODE, Some("0"))], FILE_MODE, "lets nobody read"),
         ];
         for (overrides, attribute, hint) in rows {
             let err = parse(&overrides).expect_err(&format!("{overrides:?}"));

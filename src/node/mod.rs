@@ -38,7 +38,7 @@ pub mod ops;
 pub mod remote;
 mod source;
 
-pub use attributes::VolumeRequest;
+pub use attributes::{VolumeAttributes, VolumeRequest};
 pub use catalog::{CatalogError, SecretCatalog, StateCatalog, StaticCatalog};
 pub use device::LocalDevice;
 pub use error::VolumeError;
