@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::mount::{self, tmpfs_size_for};
 use crate::mountinfo;
-use crate::observer::{OUTCOME_KEPT_LAST_GOOD, OUTCOME_OK};
+use crate::observer::{OUTCOME_KEPT_LAST_GOOD, OUTCOME_OK, OUTCOME_REVOKED};
 use crate::payload_writer::{self, WriteOutcome};
 use crate::pinned::PinnedDir;
 use crate::plain_directory;
@@ -283,6 +283,16 @@ impl<S: VolumeSource> NodeService<S> {
             }
             Err(error) => error,
         };
+        // The source's definite "no": the pod may no longer read these secrets (its
+        // service account left spec.access, the HSMSecret was deleted). Unlike a
+        // transient failure, keeping the last content would keep serving a revoked
+        // secret, so the files go, atomically, and the volume stays mounted and empty.
+        if revokes_access(&error) {
+            self.revoke(request, kind).await?;
+            tracing::warn!(%error, "access revoked; the volume's files were removed");
+            self.observer.republish_revoked(request, &error);
+            return Ok(OUTCOME_REVOKED);
+        }
         // A mount without content (the plugin died mid first publish) has nothing to keep.
         if payload_writer::current_generation(&request.target_path)?.is_none() {
             return Err(error);
@@ -290,6 +300,27 @@ impl<S: VolumeSource> NodeService<S> {
         tracing::warn!(%error, kind = error.kind(), "republish failed; keeping last good content");
         self.observer.republish_kept_last_good(request, &error);
         Ok(OUTCOME_KEPT_LAST_GOOD)
+    }
+
+    /// Replaces the volume's content with nothing (one atomic generation switch).
+    async fn revoke(&self, request: &PublishRequest, kind: VolumeKind) -> Result<(), Error> {
+        let target = request.target_path.clone();
+        let gid = request.fs_group;
+        let warned = self.group_warned.clone();
+        let kubelet_dir = self.config.kubelet_dir.clone();
+        let empty = Payload::default();
+        blocking(move || match kind {
+            VolumeKind::Tmpfs => {
+                let dir = PinnedDir::open_under(&kubelet_dir, &target)?.ok_or_else(|| {
+                    Error::invalid("target_path", format!("{} vanished", target.display()))
+                })?;
+                payload_writer::write_payload(&dir.proc_path(), &empty, gid).map(drop)
+            }
+            VolumeKind::PlainDirectory => {
+                plain_directory::rewrite(&target, &empty, gid, &warned).map(drop)
+            }
+        })
+        .await
     }
 
     async fn fetch_payload(&self, request: &PublishRequest) -> Result<Payload, Error> {
@@ -427,6 +458,18 @@ fn mount_and_write(
         tracing::warn!(error = %e, "could not unmount after failed publish");
     }
     written.map(drop)
+}
+
+/// Whether a republish error means the pod may no longer read the volume's secrets (as
+/// opposed to a failure that retrying can cure).
+fn revokes_access(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Source {
+            source: crate::SourceError::PermissionDenied(_) | crate::SourceError::NotFound(_),
+            ..
+        }
+    )
 }
 
 /// Names the target in a mount error rather than the `/proc/self/fd` path it went through.

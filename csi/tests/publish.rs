@@ -310,10 +310,6 @@ async fn failed_republish_keeps_last_good_content_and_reports_it() {
     assert_eq!(read(&target.join("db/password")), "s3cret");
     assert_eq!(h.observer.last_publish(), Some(("kept_last_good", true)));
 
-    h.source
-        .fail_with(Some(SourceError::NotFound("secret deleted".into())));
-    h.publish_target("vol-1", &target).await.unwrap();
-
     h.source.fail_with(None);
     h.source.set_files(&[("db/../../escape", "x")]);
     h.publish_target("vol-1", &target).await.unwrap();
@@ -323,7 +319,6 @@ async fn failed_republish_keeps_last_good_content_and_reports_it() {
         h.observer.kept(),
         vec![
             ("vol-1".to_string(), "source_unavailable"),
-            ("vol-1".to_string(), "source_not_found"),
             ("vol-1".to_string(), "invalid_payload_file"),
         ]
     );
@@ -331,6 +326,44 @@ async fn failed_republish_keeps_last_good_content_and_reports_it() {
     h.source.set_files(&[("db/password", "recovered")]);
     h.publish_target("vol-1", &target).await.unwrap();
     assert_eq!(read(&target.join("db/password")), "recovered");
+}
+
+/// Revocation: when a republish hears a definite "no" (the pod's service account left
+/// spec.access: PermissionDenied; the HSMSecret was deleted: NotFound), keeping the last
+/// content would keep serving a revoked secret. The files go at once, atomically; the
+/// volume stays mounted (empty) and the RPC succeeds, so kubelet does not tear the pod's
+/// volume down; the observer hears of it (an Event on the pod). Access given back
+/// restores the files at the next republish.
+#[tokio::test]
+async fn a_revoked_secret_is_removed_at_the_next_republish() {
+    require_mounts!();
+    for refusal in [
+        SourceError::PermissionDenied("service account checkout left spec.access".into()),
+        SourceError::NotFound("HSMSecret db was deleted".into()),
+    ] {
+        let h = Harness::start(db_and_api()).await;
+        let target = h.target("pod-a", "secrets");
+        h.publish_target("vol-1", &target).await.unwrap();
+        assert_eq!(read(&target.join("db/password")), "s3cret");
+
+        let kind = refusal.code();
+        h.source.fail_with(Some(refusal));
+        h.publish_target("vol-1", &target).await.unwrap();
+        assert!(is_mounted(&target), "{kind:?}: the volume stays mounted");
+        assert!(
+            !target.join("db/password").exists(),
+            "{kind:?}: still served"
+        );
+        assert!(!target.join("db").exists() && !target.join("api").exists());
+        assert_eq!(h.observer.last_publish(), Some(("revoked", true)));
+        assert_eq!(h.observer.revoked().len(), 1, "{kind:?}");
+        assert!(h.observer.kept().is_empty(), "{kind:?}");
+
+        h.source.fail_with(None);
+        h.publish_target("vol-1", &target).await.unwrap();
+        assert_eq!(read(&target.join("db/password")), "s3cret");
+        h.unpublish("vol-1", &target).await.unwrap();
+    }
 }
 
 #[tokio::test]

@@ -148,9 +148,11 @@ impl From<VolumeError> for SourceError {
             VolumeError::OtherNamespace { .. }
             | VolumeError::ServiceAccountDenied { .. }
             | VolumeError::DeviceMismatch { .. } => SourceError::PermissionDenied(message),
-            VolumeError::UnknownSecret { .. } | VolumeError::NotOnToken { .. } => {
-                SourceError::NotFound(message)
-            }
+            // A deleted HSMSecret is a definite "no" (a republish then removes its files);
+            // a secret the token does not hold yet is not: a mirror catching up, an import
+            // in progress. kubelet retries Unavailable.
+            VolumeError::UnknownSecret { .. } => SourceError::NotFound(message),
+            VolumeError::NotOnToken { .. } => SourceError::Unavailable(message),
             VolumeError::NoLocalDevice { .. }
             | VolumeError::NoAgents { .. }
             | VolumeError::DeviceNotOpen { .. }
@@ -290,7 +292,7 @@ mod tests {
                     token: t(),
                     device: "prod-hsm".into(),
                 },
-                Code::NotFound,
+                Code::Unavailable,
                 "not_on_token",
                 "holds no secret",
             ),

@@ -76,6 +76,33 @@ pub trait PodEventSink: Send + Sync + 'static {
 /// Builds the Event for a republish that kept the last good content; None when kubelet
 /// gave no pod info (`CSIDriver.podInfoOnMount` off): there is nothing to attach it to.
 pub fn sync_failed_event(request: &PublishRequest, error_kind: &str) -> Option<PodEvent> {
+    pod_event(request, REASON, |named| {
+        format!(
+            "cannot refresh {named} in volume {} ({error_kind}); the last good content is kept",
+            request.volume_id
+        )
+    })
+}
+
+/// Reason of the Event recorded when a republish finds access revoked.
+pub const REVOKED_REASON: &str = "HSMSecretRevoked";
+
+/// Builds the Event for a republish that removed a volume's files because the pod may no
+/// longer read them.
+pub fn revoked_event(request: &PublishRequest, error_kind: &str) -> Option<PodEvent> {
+    pod_event(request, REVOKED_REASON, |named| {
+        format!(
+            "access to {named} in volume {} was revoked ({error_kind}); its files were removed from the pod",
+            request.volume_id
+        )
+    })
+}
+
+fn pod_event(
+    request: &PublishRequest,
+    reason: &'static str,
+    note: impl FnOnce(&str) -> String,
+) -> Option<PodEvent> {
     let pod = PodRef {
         namespace: request.pod_namespace()?.to_string(),
         name: request.pod_name()?.to_string(),
@@ -96,14 +123,11 @@ pub fn sync_failed_event(request: &PublishRequest, error_kind: &str) -> Option<P
     } else {
         format!("HSMSecret {}", secrets.join(", "))
     };
-    let mut note = format!(
-        "cannot refresh {named} in volume {} ({}); the last good content is kept",
-        request.volume_id, error_kind
-    );
+    let mut note = note(&named);
     truncate(&mut note, MAX_NOTE);
     Some(PodEvent {
         pod,
-        reason: REASON,
+        reason,
         action: "Republish",
         note,
     })
@@ -170,10 +194,21 @@ impl SyncFailureEvents {
     /// Records the Event of a kept-last-good republish unless the volume had one lately.
     /// `error_kind` is the csi error's [`CsiError::kind`].
     pub async fn republish_kept_last_good(&self, request: &PublishRequest, error_kind: &str) {
-        let Some(event) = sync_failed_event(request, error_kind) else {
+        self.record(request, sync_failed_event(request, error_kind))
+            .await;
+    }
+
+    /// Records the Event of a revocation unless the volume had one lately.
+    pub async fn republish_revoked(&self, request: &PublishRequest, error_kind: &str) {
+        self.record(request, revoked_event(request, error_kind))
+            .await;
+    }
+
+    async fn record(&self, request: &PublishRequest, event: Option<PodEvent>) {
+        let Some(event) = event else {
             tracing::warn!(
                 volume = %request.volume_id,
-                "republish kept the last good content; no pod info in the volume context, so no Event"
+                "no pod info in the volume context, so no Event"
             );
             return;
         };
@@ -195,7 +230,7 @@ impl SyncFailureEvents {
             return;
         };
         if let Err(error) = sink.record(&event).await {
-            tracing::warn!(%error, kind = error.kind(), "cannot record the HSMSecretSyncFailed Event");
+            tracing::warn!(%error, kind = error.kind(), reason = event.reason, "cannot record the Event");
         }
     }
 }
@@ -281,6 +316,11 @@ impl NodeObserver for NodeReporter {
         // Observers must not block the CSI call: the API call runs on its own.
         let (events, request, kind) = (self.events.clone(), request.clone(), error.kind());
         tokio::spawn(async move { events.republish_kept_last_good(&request, kind).await });
+    }
+
+    fn republish_revoked(&self, request: &PublishRequest, error: &CsiError) {
+        let (events, request, kind) = (self.events.clone(), request.clone(), error.kind());
+        tokio::spawn(async move { events.republish_revoked(&request, kind).await });
     }
 }
 

@@ -131,6 +131,7 @@ pub struct RecordingObserver {
     pub publishes: Mutex<Vec<(&'static str, bool)>>,
     pub unpublishes: Mutex<Vec<&'static str>>,
     pub kept_last_good: Mutex<Vec<(String, &'static str)>>,
+    pub revoked: Mutex<Vec<(String, &'static str)>>,
 }
 
 impl NodeObserver for RecordingObserver {
@@ -148,6 +149,13 @@ impl NodeObserver for RecordingObserver {
             .unwrap()
             .push((request.volume_id.clone(), error.kind()));
     }
+
+    fn republish_revoked(&self, request: &PublishRequest, error: &Error) {
+        self.revoked
+            .lock()
+            .unwrap()
+            .push((request.volume_id.clone(), error.kind()));
+    }
 }
 
 impl RecordingObserver {
@@ -157,6 +165,10 @@ impl RecordingObserver {
 
     pub fn kept(&self) -> Vec<(String, &'static str)> {
         self.kept_last_good.lock().unwrap().clone()
+    }
+
+    pub fn revoked(&self) -> Vec<(String, &'static str)> {
+        self.revoked.lock().unwrap().clone()
     }
 }
 
