@@ -90,7 +90,9 @@ pub mod pb {
     include!("generated/hsmsecrets.agent.v1.rs");
 }
 
-pub use agent::{Agent, AgentConfig, AgentSnapshot, AgentStats, WriteOutcome};
+pub use agent::{
+    Agent, AgentConfig, AgentSnapshot, AgentStats, PUSH_WINDOW, WriteOutcome, push_in_sequence,
+};
 pub use client::{AgentConnection, MAX_MESSAGE_BYTES};
 pub use convert::{expect_to_pb, role_from_pb, role_to_pb};
 pub use endpoints::{EndpointResolver, NodeAddressEndpoints, StaticEndpoints};
