@@ -200,6 +200,20 @@ async fn the_pki_command_writes_working_secrets_with_private_keys() {
         .put(&path("shop/db"), &data(&[("k", b"v")]), Expect::Absent, 1)
         .await
         .unwrap();
+    // The shared certificate (`--shared-agent`) proves no node: worker-2, not configured
+    // to allow it, refuses a push from it whatever the request claims.
+    let shared = AgentConnection::new(&peer, &tls("agent"), timeout).unwrap();
+    let err = shared
+        .replicate(push_request(&path("shop/x"), 9, &[0; 32], &[], "worker-1"))
+        .await
+        .unwrap_err();
+    match &err {
+        MirrorError::Remote { code, message, .. } => {
+            assert_eq!(*code, Code::PermissionDenied, "{err}");
+            assert!(message.contains("shared agent identity"), "{message}");
+        }
+        other => panic!("expected PermissionDenied, got {other}"),
+    }
     let node_client = AgentConnection::new(&peer, &tls("nodes/worker-1"), timeout).unwrap();
     assert!(node_client.get(&path("shop/db")).await.is_ok());
     assert_denied(
