@@ -281,7 +281,7 @@ async fn failover_round_makes_exactly_the_expected_api_calls() {
 
     // The third failure, on the cluster: this controller leads since long before.
     let (client, api) = mock_api::client();
-    let mut ctl = DeviceController::new(
+    let ctl = DeviceController::new(
         Arc::new(KubeState::new(client, "hsm-secrets-system", None)),
         agents.clone(),
         config,
@@ -459,4 +459,98 @@ async fn every_event_is_its_own_record_with_the_devices_uid() {
         );
     }
     support::api_rules::event_names_unique(&events).unwrap();
+}
+
+/// One device whose agents hang (probes never answer) must not stall another device: its
+/// primary is killed and its failover happens in its usual time, while the hanging
+/// device's round is still waiting.
+#[tokio::test]
+async fn a_hanging_device_does_not_delay_another_devices_failover() {
+    use hsm_secrets::controller::{ControllerConfig, run_controller};
+    use support::fake_api::FakeApi;
+
+    let api = FakeApi::new();
+    for node in ["n1", "n2", "n3", "s1", "s2"] {
+        api.put(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}));
+    }
+    let mut prod = serde_json::to_value(support::fixtures::mirrored_device(
+        Some("n1"),
+        &["n2", "n3"],
+        3,
+    ))
+    .unwrap();
+    prod["metadata"]["uid"] = json!("uid-prod");
+    api.put(prod);
+    let mut stuck =
+        serde_json::to_value(support::fixtures::mirrored_device(Some("s1"), &["s2"], 3)).unwrap();
+    stuck["metadata"]["name"] = json!("stuck-hsm");
+    stuck["metadata"]["uid"] = json!("uid-stuck");
+    api.put(stuck);
+    let state = Arc::new(KubeState::new(api.client(), "hsm-secrets-system", None));
+    let lease = Duration::from_millis(300);
+    let agents = Arc::new(SimAgents::new(
+        lease,
+        &[("n1", 10), ("n2", 10), ("n3", 10), ("s1", 5), ("s2", 5)],
+    ));
+    let config = ControllerConfig {
+        lease_duration: Duration::from_secs(3),
+        probe_interval: Duration::from_millis(100),
+        plan: PlanConfig {
+            fencing: FencingConfig {
+                lease_duration: lease,
+                safety_margin: Duration::from_millis(100),
+            },
+            ..PlanConfig::default()
+        },
+        ..ControllerConfig::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(run_controller(
+        state.clone(),
+        agents.clone(),
+        config,
+        ControllerMetrics::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let primary_of = |name: &'static str| {
+        let state = state.clone();
+        async move {
+            state
+                .get_device(name)
+                .await
+                .unwrap()
+                .and_then(|d| d.status)
+                .and_then(|s| s.primary_node)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while primary_of("prod-hsm").await.as_deref() != Some("n1") {
+        assert!(Instant::now() < deadline, "prod-hsm never got its primary");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The other device's agents stop answering, then prod-hsm's primary dies.
+    agents.set_hanging("s1", true);
+    agents.set_hanging("s2", true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agents.set_up("n1", false);
+    let killed = Instant::now();
+    loop {
+        if let Some(primary) = primary_of("prod-hsm").await
+            && primary != "n1"
+        {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "prod-hsm did not fail over while stuck-hsm hung"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Threshold 3 × 100 ms, then write lease 300 ms + margin 100 ms after the last renewal.
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(3), "failover took {took:?}");
+    let _ = stop.send(());
+    controller.await.unwrap().unwrap();
 }

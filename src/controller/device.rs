@@ -30,7 +30,7 @@ pub struct DeviceController<S, A> {
     config: PlanConfig,
     metrics: ControllerMetrics,
     /// When this controller started acting: renewals issued before are not ours to vouch for.
-    leader_since: Timestamp,
+    leader_since: Mutex<Timestamp>,
     /// Per device: (epoch, instant the primary's last renewal or promotion was acknowledged).
     renewals: Mutex<HashMap<String, (u64, Timestamp)>>,
     /// Per (device, node): the ready label last written and when. A round writes a label
@@ -54,15 +54,15 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             agents,
             config,
             metrics,
-            leader_since: Timestamp::now(),
+            leader_since: Mutex::new(Timestamp::now()),
             renewals: Mutex::default(),
             labels: Mutex::default(),
         }
     }
 
     /// Marks the start of leadership (renewals by a previous leader cannot be vouched for).
-    pub fn became_leader(&mut self, at: Timestamp) {
-        self.leader_since = at;
+    pub fn became_leader(&self, at: Timestamp) {
+        *self.leader_since.lock().unwrap_or_else(|p| p.into_inner()) = at;
         self.renewals_mut().clear();
         self.labels
             .lock()
@@ -118,7 +118,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             probes,
             lease: LeaseFacts {
                 confirmed_renewal,
-                leader_since: self.leader_since,
+                leader_since: *self.leader_since.lock().unwrap_or_else(|p| p.into_inner()),
             },
             switchover,
             now: Timestamp::now(),

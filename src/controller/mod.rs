@@ -11,6 +11,7 @@ mod grpc_agents;
 mod metrics;
 pub mod ops;
 mod run;
+mod schedule;
 
 pub use device::{DeviceController, RoundOutcome};
 pub use grpc_agents::GrpcAgents;

@@ -8,7 +8,13 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::{Agents, ControllerMetrics, DeviceController};
+use std::collections::HashMap;
+use std::time::Instant;
+
+use tokio::task::JoinSet;
+
+use super::schedule::Schedule;
+use super::{Agents, ControllerMetrics, DeviceController, RoundOutcome};
 use crate::failover::PlanConfig;
 use crate::state::{StateError, StateStore};
 
@@ -57,12 +63,17 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
     leadership: tokio::sync::watch::Sender<bool>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StateError> {
-    let mut controller = DeviceController::new(
+    let controller = Arc::new(DeviceController::new(
         state.clone(),
         agents.clone(),
         config.plan.clone(),
         metrics.clone(),
-    );
+    ));
+    // Each device's round runs as its own task on its own schedule: a device whose agents
+    // hang, or whose rounds keep failing (backed off), holds up no other device.
+    let mut rounds: JoinSet<(String, Result<RoundOutcome, StateError>)> = JoinSet::new();
+    let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut schedule = Schedule::default();
     let mut leading = false;
     // The leader renews its Lease every third of its duration, not every round: a
     // renewal is an API write, and an idle cluster should cost no more than that.
@@ -88,26 +99,32 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
                 if !leading {
                     tracing::info!(identity = %config.identity, "became leader");
                     controller.became_leader(Timestamp::now());
+                    schedule.all_due(Instant::now());
                     leading = true;
                 }
                 leadership.send_replace(true);
                 agents.refresh().await;
                 match state.list_devices().await {
                     Ok(devices) => {
-                        for device in &devices {
-                            match controller.reconcile(device).await {
-                                Ok(outcome) => {
-                                    if outcome.conflict {
-                                        wait = Duration::from_millis(50);
-                                    }
-                                    if let Some(at) = outcome.replan_at {
-                                        let until = at.duration_since(Timestamp::now());
-                                        let until = Duration::try_from(until).unwrap_or_default();
-                                        wait = wait.min(until.max(Duration::from_millis(20)));
-                                    }
-                                }
-                                Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+                        let now = Instant::now();
+                        schedule.retain(|name| {
+                            devices
+                                .iter()
+                                .any(|d| d.metadata.name.as_deref() == Some(name))
+                        });
+                        for device in devices {
+                            let name = device.metadata.name.clone().unwrap_or_default();
+                            if running.values().any(|n| *n == name) || !schedule.is_due(&name, now)
+                            {
+                                continue;
                             }
+                            let controller = controller.clone();
+                            let task_name = name.clone();
+                            let task = rounds.spawn(async move {
+                                let result = controller.reconcile(&device).await;
+                                (task_name, result)
+                            });
+                            running.insert(task.id(), name);
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot list devices"),
@@ -118,12 +135,14 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
                 if leading {
                     tracing::warn!("lost the controller lease; standing by");
                     leading = false;
+                    stop_rounds(&mut rounds, &mut running).await;
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach the controller lease");
                 leadership.send_replace(false);
                 leading = false;
+                stop_rounds(&mut rounds, &mut running).await;
             }
         }
         metrics.round(lease.as_ref().ok().copied());
@@ -134,9 +153,53 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
             });
             wait = wait.min(until_renewal.max(Duration::from_millis(20)));
         }
+        if leading && let Some(due) = schedule.next_due_in(Instant::now()) {
+            wait = wait.min(due.max(Duration::from_millis(5)));
+        }
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            _ = state.wait_device_change(wait) => {}
+            _ = &mut shutdown => {
+                stop_rounds(&mut rounds, &mut running).await;
+                return Ok(());
+            }
+            Some(done) = rounds.join_next_with_id(), if !rounds.is_empty() => {
+                let now = Instant::now();
+                match done {
+                    Ok((id, (name, result))) => {
+                        running.remove(&id);
+                        if let Err(e) = &result {
+                            tracing::warn!(device = %name, error = %e, "reconcile failed; backing off");
+                        }
+                        schedule.finished(&name, &result, now, config.probe_interval);
+                    }
+                    Err(join) => {
+                        // A panicked round: back off that device like a failed one.
+                        if let Some(name) = running.remove(&join.id()) {
+                            tracing::error!(device = %name, "reconcile panicked; backing off");
+                            schedule.finished::<()>(&name, &Err(()), now, config.probe_interval);
+                        }
+                    }
+                }
+            }
+            woke_early = async {
+                let started = Instant::now();
+                state.wait_device_change(wait).await;
+                started.elapsed() + Duration::from_millis(2) < wait
+            } => {
+                // A spec or annotation change (a switchover request) is acted on at once.
+                if woke_early {
+                    schedule.all_due(Instant::now());
+                }
+            }
         }
     }
+}
+
+/// Cancels every round in flight (leadership lost, shutdown); their devices are planned
+/// afresh by whoever leads next.
+async fn stop_rounds(
+    rounds: &mut JoinSet<(String, Result<RoundOutcome, StateError>)>,
+    running: &mut HashMap<tokio::task::Id, String>,
+) {
+    rounds.shutdown().await;
+    running.clear();
 }

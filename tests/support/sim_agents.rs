@@ -21,6 +21,8 @@ pub struct SimAgent {
     pub history_epoch: u64,
     pub seq: u64,
     pub lease_until: Option<Instant>,
+    /// Probes never answer (an agent stuck behind a dead network path).
+    pub hanging: bool,
 }
 
 #[derive(Default)]
@@ -43,6 +45,7 @@ impl SimAgents {
                         history_epoch: 0,
                         seq: *seq,
                         lease_until: None,
+                        hanging: false,
                     },
                 )
             })
@@ -51,6 +54,10 @@ impl SimAgents {
             nodes: Mutex::new(map),
             lease,
         }
+    }
+
+    pub fn set_hanging(&self, node: &str, hanging: bool) {
+        self.nodes.lock().unwrap().get_mut(node).unwrap().hanging = hanging;
     }
 
     pub fn set_up(&self, node: &str, up: bool) {
@@ -84,6 +91,9 @@ impl Agents for SimAgents {
 
     async fn probe(&self, _device: &DeviceView, node: &str) -> ProbeResult {
         let a = self.agent(node);
+        if a.hanging {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
         if !a.up {
             return ProbeResult::Failed(NodeError::new(
                 NodeErrorKind::Unreachable,
