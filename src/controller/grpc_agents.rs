@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use k8s_openapi::jiff::Timestamp;
 
-use super::{AgentCallError, Agents};
+use super::{AgentCallCause, AgentCallError, Agents};
 use crate::crd::{DeviceRole, HSMDevice, MirroringPolicy};
 use crate::failover::{
     Action, AgentReport, DeviceView, NodeError, NodeErrorKind, ProbeResult, WriteLease,
@@ -157,9 +157,7 @@ impl GrpcAgents {
             .cloned()
             .ok_or_else(|| AgentCallError {
                 node: node.into(),
-                detail: "no agent endpoint is known for this node (not a Node of the cluster \
-                         with an InternalIP, and not named by --agent)"
-                    .into(),
+                cause: AgentCallCause::NoEndpoint,
             })?;
         let mut channels = lock(&self.channels);
         if let Some(conn) = channels.get(node)
@@ -243,9 +241,7 @@ impl GrpcAgents {
             .map(|reading| reading.deadline(self.lease))
             .ok_or_else(|| AgentCallError {
                 node: node.into(),
-                detail: "no clock reading from this node's agent (not probed yet, or an agent \
-                         that predates lease deadlines: upgrade the node plugin); no lease granted"
-                    .into(),
+                cause: AgentCallCause::NoClockReading,
             })
     }
 
@@ -347,7 +343,7 @@ impl GrpcAgents {
 fn call_error(node: &str, e: MirrorError) -> AgentCallError {
     AgentCallError {
         node: node.into(),
-        detail: e.to_string(),
+        cause: AgentCallCause::Call(Box::new(e)),
     }
 }
 
@@ -538,7 +534,7 @@ impl Agents for GrpcAgents {
                 .map_err(|e| call_error(node, e)),
             other => Err(AgentCallError {
                 node: String::new(),
-                detail: format!("not an agent action: {other:?}"),
+                cause: AgentCallCause::NotAnAgentAction(format!("{other:?}")),
             }),
         }
     }

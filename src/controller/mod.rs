@@ -41,8 +41,33 @@ pub trait Agents: Send + Sync + 'static {
 
 /// An agent call that did not get an acknowledgement.
 #[derive(Debug, thiserror::Error)]
-#[error("agent on {node}: {detail}")]
+#[error("agent on {node}: {cause}")]
 pub struct AgentCallError {
     pub node: String,
-    pub detail: String,
+    #[source]
+    pub cause: AgentCallCause,
+}
+
+/// Why an agent call was not acknowledged, kept as a cause so logs show the chain and
+/// callers can match on the kind.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentCallCause {
+    /// The agent answered with an error, or could not be reached.
+    #[error("{0}")]
+    Call(#[source] Box<crate::mirror::MirrorError>),
+    #[error(
+        "no agent endpoint is known for this node (not a Node of the cluster with an \
+         InternalIP, and not named by --agent)"
+    )]
+    NoEndpoint,
+    #[error(
+        "no clock reading from this node's agent (not probed yet, or an agent that predates \
+         lease deadlines: upgrade the node plugin); no lease granted"
+    )]
+    NoClockReading,
+    #[error("not an agent action: {0}")]
+    NotAnAgentAction(String),
+    /// The agent could not be reached (simulated agents in tests and benches).
+    #[error("unreachable")]
+    Unreachable,
 }

@@ -118,7 +118,7 @@ impl KubeState {
 }
 
 fn api_err(e: kube::Error) -> StateError {
-    StateError::Api(e.to_string())
+    StateError::Api(e)
 }
 
 /// 409, or 422 from a failed JSON Patch `test` (our resourceVersion precondition).
@@ -349,12 +349,18 @@ fn status_patch(
     resource_version: &str,
     status: &impl serde::Serialize,
 ) -> Result<json_patch::Patch, StateError> {
-    let value = serde_json::to_value(status).map_err(|e| StateError::Api(e.to_string()))?;
+    let value = serde_json::to_value(status).map_err(|source| StateError::Encode {
+        what: "a status",
+        source,
+    })?;
     serde_json::from_value(serde_json::json!([
         {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version},
         {"op": "add", "path": "/status", "value": value},
     ]))
-    .map_err(|e| StateError::Api(e.to_string()))
+    .map_err(|source| StateError::Encode {
+        what: "a status patch",
+        source,
+    })
 }
 
 fn jiff_now() -> k8s_openapi::jiff::Timestamp {

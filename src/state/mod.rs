@@ -30,8 +30,16 @@ pub enum StateError {
     NotFound { kind: &'static str, name: String },
     #[error("state file {path}: {detail}")]
     File { path: String, detail: String },
+    /// The API server's answer or the transport's failure, kept as the cause so logs show
+    /// the chain and callers can match on the kind (`kube::Error::Api` carries the code).
     #[error("Kubernetes API: {0}")]
-    Api(String),
+    Api(#[source] kube::Error),
+    #[error("cannot encode {what} for the Kubernetes API: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 impl StateError {
@@ -41,6 +49,7 @@ impl StateError {
             StateError::NotFound { .. } => "not_found",
             StateError::File { .. } => "file",
             StateError::Api(_) => "api",
+            StateError::Encode { .. } => "encode",
         }
     }
 }
@@ -146,4 +155,27 @@ pub trait StateStore: Send + Sync + 'static {
         holder: &str,
         duration: Duration,
     ) -> Result<bool, StateError>;
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    /// The API server's answer stays the cause: a log shows the chain, and code can match
+    /// on its status code instead of parsing text.
+    #[test]
+    fn api_errors_keep_their_cause() {
+        let status =
+            kube::core::Status::failure("lease held by another", "Conflict").with_code(409);
+        let error = StateError::Api(kube::Error::Api(Box::new(status)));
+        assert!(
+            error.to_string().contains("lease held by another"),
+            "{error}"
+        );
+        let cause = std::error::Error::source(&error)
+            .and_then(|e| e.downcast_ref::<kube::Error>())
+            .expect("the kube::Error is the source");
+        assert!(matches!(cause, kube::Error::Api(s) if s.code == 409));
+        assert_eq!(error.kind(), "api");
+    }
 }

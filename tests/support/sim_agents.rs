@@ -138,7 +138,7 @@ impl Agents for SimAgents {
         if !a.up {
             return Err(AgentCallError {
                 node,
-                detail: "unreachable".into(),
+                cause: hsm_secrets::controller::AgentCallCause::Unreachable,
             });
         }
         match action {
