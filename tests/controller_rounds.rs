@@ -341,7 +341,6 @@ async fn failover_round_makes_exactly_the_expected_api_calls() {
 /// status heartbeat.
 #[tokio::test]
 async fn idle_rounds_write_nothing_but_the_leader_lease() {
-    use hsm_secrets::controller::{ControllerConfig, run_controller};
     use support::fake_api::FakeApi;
 
     let api = FakeApi::new();
@@ -359,29 +358,7 @@ async fn idle_rounds_write_nothing_but_the_leader_lease() {
     let state = Arc::new(KubeState::new(api.client(), "hsm-secrets-system", None));
     let lease = Duration::from_millis(400);
     let agents = Arc::new(SimAgents::new(lease, &[("n1", 10), ("n2", 10), ("n3", 10)]));
-    let leader_lease = Duration::from_millis(1500);
-    let config = ControllerConfig {
-        lease_duration: leader_lease,
-        probe_interval: Duration::from_millis(100),
-        plan: PlanConfig {
-            fencing: FencingConfig {
-                lease_duration: lease,
-                safety_margin: Duration::from_millis(100),
-            },
-            ..PlanConfig::default()
-        },
-        ..ControllerConfig::default()
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(run_controller(
-        state.clone(),
-        agents.clone(),
-        config,
-        ControllerMetrics::default(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let (stop, controller) = spawn_controller(&state, &agents, lease, Duration::from_millis(1500));
     // Bootstrap: primary, mirrors, labels, Events.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -466,7 +443,6 @@ async fn every_event_is_its_own_record_with_the_devices_uid() {
 /// device's round is still waiting.
 #[tokio::test]
 async fn a_hanging_device_does_not_delay_another_devices_failover() {
-    use hsm_secrets::controller::{ControllerConfig, run_controller};
     use support::fake_api::FakeApi;
 
     let api = FakeApi::new();
@@ -492,28 +468,7 @@ async fn a_hanging_device_does_not_delay_another_devices_failover() {
         lease,
         &[("n1", 10), ("n2", 10), ("n3", 10), ("s1", 5), ("s2", 5)],
     ));
-    let config = ControllerConfig {
-        lease_duration: Duration::from_secs(3),
-        probe_interval: Duration::from_millis(100),
-        plan: PlanConfig {
-            fencing: FencingConfig {
-                lease_duration: lease,
-                safety_margin: Duration::from_millis(100),
-            },
-            ..PlanConfig::default()
-        },
-        ..ControllerConfig::default()
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(run_controller(
-        state.clone(),
-        agents.clone(),
-        config,
-        ControllerMetrics::default(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let (stop, controller) = spawn_controller(&state, &agents, lease, Duration::from_secs(3));
     let primary_of = |name: &'static str| {
         let state = state.clone();
         async move {
@@ -553,4 +508,42 @@ async fn a_hanging_device_does_not_delay_another_devices_failover() {
     assert!(took < Duration::from_secs(3), "failover took {took:?}");
     let _ = stop.send(());
     controller.await.unwrap().unwrap();
+}
+
+/// The controller loop on `state` and `agents` with 100 ms probes, the primary's write
+/// `lease` plus 100 ms margin and a leader Lease of `leader_lease`; send on the returned
+/// channel to stop it.
+fn spawn_controller(
+    state: &Arc<KubeState>,
+    agents: &Arc<SimAgents>,
+    lease: Duration,
+    leader_lease: Duration,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), hsm_secrets::state::StateError>>,
+) {
+    use hsm_secrets::controller::{ControllerConfig, run_controller};
+    let config = ControllerConfig {
+        lease_duration: leader_lease,
+        probe_interval: Duration::from_millis(100),
+        plan: PlanConfig {
+            fencing: FencingConfig {
+                lease_duration: lease,
+                safety_margin: Duration::from_millis(100),
+            },
+            ..PlanConfig::default()
+        },
+        ..ControllerConfig::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(run_controller(
+        state.clone(),
+        agents.clone(),
+        config,
+        ControllerMetrics::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    (stop, handle)
 }

@@ -262,9 +262,7 @@ impl<S: VolumeSource> NodeService<S> {
             blocking(move || match kind {
                 VolumeKind::Tmpfs => {
                     // Everything through the directory checked for symlinks.
-                    let dir = PinnedDir::open_under(&kubelet_dir, &target)?.ok_or_else(|| {
-                        Error::invalid("target_path", format!("{} vanished", target.display()))
-                    })?;
+                    let dir = pinned_tmpfs(&kubelet_dir, &target)?;
                     mount::ensure_capacity(&dir.proc_path(), tmpfs_size_for(&payload))?;
                     payload_writer::write_payload(&dir.proc_path(), &payload, gid)
                 }
@@ -311,9 +309,7 @@ impl<S: VolumeSource> NodeService<S> {
         let empty = Payload::default();
         blocking(move || match kind {
             VolumeKind::Tmpfs => {
-                let dir = PinnedDir::open_under(&kubelet_dir, &target)?.ok_or_else(|| {
-                    Error::invalid("target_path", format!("{} vanished", target.display()))
-                })?;
+                let dir = pinned_tmpfs(&kubelet_dir, &target)?;
                 payload_writer::write_payload(&dir.proc_path(), &empty, gid).map(drop)
             }
             VolumeKind::PlainDirectory => {
@@ -458,6 +454,19 @@ fn mount_and_write(
         tracing::warn!(error = %e, "could not unmount after failed publish");
     }
     written.map(drop)
+}
+
+/// The volume at `target`, opened without following symlinks, and checked to be a tmpfs
+/// through that very descriptor before anything is written into it.
+fn pinned_tmpfs(kubelet_dir: &Path, target: &Path) -> Result<PinnedDir, Error> {
+    let dir = PinnedDir::open_under(kubelet_dir, target)?
+        .ok_or_else(|| Error::invalid("target_path", format!("{} vanished", target.display())))?;
+    if !dir.is_tmpfs()? {
+        return Err(Error::ForeignDirectory {
+            target: target.to_path_buf(),
+        });
+    }
+    Ok(dir)
 }
 
 /// Whether a republish error means the pod may no longer read the volume's secrets (as

@@ -143,10 +143,12 @@ impl PinnedDir {
         &self.path
     }
 
-    /// (device, inode) of the directory.
-    pub fn identity(&self) -> Result<(u64, u64), Error> {
-        let stat = fstat(&self.fd).map_err(|e| Error::io("inspect", &self.path, e.into()))?;
-        Ok((stat.st_dev, stat.st_ino))
+    /// Whether the directory itself is on a tmpfs: what a volume of this driver must be
+    /// before anything is written into it (else the files would reach the disk below).
+    pub fn is_tmpfs(&self) -> Result<bool, Error> {
+        let fs = nix::sys::statfs::fstatfs(&self.fd)
+            .map_err(|e| Error::io("inspect", &self.path, e.into()))?;
+        Ok(fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
     }
 }
 

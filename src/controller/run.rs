@@ -79,14 +79,24 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
     // renewal is an API write, and an idle cluster should cost no more than that.
     let renew_every = config.lease_duration / 3;
     let mut renewed: Option<std::time::Instant> = None;
+    // Agent endpoints (a Node LIST) are refreshed at most once per probe interval, not at
+    // every wake: the loop wakes whenever a device's round ends.
+    let mut refreshed: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
         let mut wait = config.probe_interval;
         let due = !leading || renewed.is_none_or(|at| at.elapsed() >= renew_every);
         let lease = if due {
-            let result = state
-                .acquire_lease(&config.lease_name, &config.identity, config.lease_duration)
-                .await;
+            // A renewal that hangs must not outlast the Lease while rounds act on it.
+            let result = match tokio::time::timeout(
+                renew_every,
+                state.acquire_lease(&config.lease_name, &config.identity, config.lease_duration),
+            )
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Ok(false),
+            };
             if matches!(result, Ok(true)) {
                 renewed = Some(std::time::Instant::now());
             }
@@ -103,8 +113,16 @@ pub async fn run_controller_with_leadership<S: StateStore, A: Agents>(
                     leading = true;
                 }
                 leadership.send_replace(true);
-                agents.refresh().await;
-                match state.list_devices().await {
+                if refreshed.is_none_or(|at| at.elapsed() >= config.probe_interval) {
+                    let _ = tokio::time::timeout(renew_every, agents.refresh()).await;
+                    refreshed = Some(Instant::now());
+                }
+                let listed = tokio::time::timeout(renew_every, state.list_devices()).await;
+                match listed.unwrap_or_else(|_| {
+                    Err(StateError::Timeout {
+                        what: "listing HSMDevices",
+                    })
+                }) {
                     Ok(devices) => {
                         let now = Instant::now();
                         schedule.retain(|name| {

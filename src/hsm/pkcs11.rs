@@ -83,7 +83,8 @@ pub struct Pkcs11Store {
 struct Shared {
     cfg: Pkcs11Config,
     ctx: Pkcs11,
-    pin: AuthPin,
+    /// The PIN last read from the PIN file; read again when the token refused it.
+    pin: Mutex<AuthPin>,
     refusals: PinRefusals,
     conn: Mutex<Option<Conn>>,
     conn_generation: AtomicU64,
@@ -135,7 +136,7 @@ impl Pkcs11Store {
             refusals,
             cfg,
             ctx,
-            pin,
+            pin: Mutex::new(pin),
             conn: Mutex::new(None),
             conn_generation: AtomicU64::new(0),
             next_version: AtomicU64::new(1),
@@ -482,21 +483,16 @@ impl Shared {
             info.user_pin_locked(),
             info.user_pin_final_try(),
         )?;
-        let pin = self.pin.expose_secret().as_bytes();
-        if self.refusals.refused(self.label(), pin) {
-            return Err(StoreError::PinRefused {
-                token: self.label().to_string(),
-                pin_file: self.cfg.pin_file.display().to_string(),
-            });
-        }
-        match session.login(UserType::User, Some(&self.pin)) {
+        let pin = self.login_pin()?;
+        let pin_bytes = pin.expose_secret().as_bytes();
+        match session.login(UserType::User, Some(&pin)) {
             Ok(()) => self.refusals.clear_once(self.label()),
             Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(e) => {
                 let err = map_ck(self.label(), e, "C_Login");
                 if matches!(err, StoreError::PinIncorrect { .. }) {
                     // Never again with this PIN, in this process or a later one.
-                    self.refusals.record(self.label(), pin);
+                    self.refusals.record(self.label(), pin_bytes);
                 }
                 if matches!(err, StoreError::DeviceUnavailable { .. }) {
                     *conn = None;
@@ -505,6 +501,36 @@ impl Shared {
             }
         }
         Ok((session, c.generation))
+    }
+
+    /// The PIN to log in with. A refused PIN is never offered again: the PIN file is read
+    /// once more, and only a PIN the token has not refused is used (the Secret was fixed
+    /// while the store stayed open).
+    fn login_pin(&self) -> Result<AuthPin, StoreError> {
+        let mut pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
+        if self
+            .refusals
+            .refused(self.label(), pin.expose_secret().as_bytes())
+        {
+            match read_pin(&self.cfg.pin_file) {
+                Ok(fresh)
+                    if fresh.expose_secret() != pin.expose_secret()
+                        && !self
+                            .refusals
+                            .refused(self.label(), fresh.expose_secret().as_bytes()) =>
+                {
+                    tracing::info!(token = %self.label(), "the PIN file changed; trying the new PIN");
+                    *pin = fresh;
+                }
+                _ => {
+                    return Err(StoreError::PinRefused {
+                        token: self.label().to_string(),
+                        pin_file: self.cfg.pin_file.display().to_string(),
+                    });
+                }
+            }
+        }
+        Ok(AuthPin::from(pin.expose_secret().to_string()))
     }
 
     fn checkin(&self, session: Session, generation: u64) {

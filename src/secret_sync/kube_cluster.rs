@@ -20,8 +20,8 @@ use tokio::sync::watch;
 use super::digest::{DIGEST_KEY_FIELD, DIGEST_KEY_SECRET, DigestKey};
 use super::{Cluster, DEVICE_LABEL, IMPORT_FOR_LABEL, SecretReconciler, SyncError, SyncErrorKind};
 use crate::crd::{HSMDevice, HSMSecret, HSMSecretStatus};
-use crate::kube_events::{self, Occurrence, Reporter, Severity};
-use crate::state::{EventRecord, EventType};
+use crate::kube_events::{self, Reporter};
+use crate::state::EventRecord;
 
 /// Field manager and Event reporter of the HSMSecret reconciler.
 pub const MANAGER: &str = "hsm-secrets-controller";
@@ -206,15 +206,7 @@ impl Cluster for KubeCluster {
     }
 
     async fn record_event(&self, object: &HSMSecret, event: &EventRecord) -> Result<(), SyncError> {
-        let what = Occurrence {
-            severity: match event.type_ {
-                EventType::Normal => Severity::Normal,
-                EventType::Warning => Severity::Warning,
-            },
-            reason: &event.reason,
-            action: &event.action,
-            note: &event.message,
-        };
+        let what = event.occurrence();
         let reporter = Reporter {
             controller: MANAGER.into(),
             instance: self.instance.clone(),

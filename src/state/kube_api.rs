@@ -18,9 +18,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource};
 
-use super::{EventRecord, EventType, ObjectRef, StateError, StateStore};
+use super::{EventRecord, ObjectRef, StateError, StateStore};
 use crate::crd::{HSMDevice, HSMDeviceStatus, HSMSecret, HSMSecretStatus};
-use crate::kube_events::{self, Occurrence, Reporter, Severity};
+use crate::kube_events::{self, Reporter};
 
 /// Field manager and Event reporter name.
 pub const MANAGER: &str = "hsm-secrets-controller";
@@ -256,15 +256,7 @@ impl StateStore for KubeState {
             uid: regarding.uid.clone(),
             ..Default::default()
         };
-        let what = Occurrence {
-            severity: match event.type_ {
-                EventType::Normal => Severity::Normal,
-                EventType::Warning => Severity::Warning,
-            },
-            reason: &event.reason,
-            action: &event.action,
-            note: &event.message,
-        };
+        let what = event.occurrence();
         kube_events::publish(
             &self.client,
             &kube_events::build(reference, &self.reporter, &what),

@@ -34,6 +34,8 @@ pub enum StateError {
     /// the chain and callers can match on the kind (`kube::Error::Api` carries the code).
     #[error("Kubernetes API: {0}")]
     Api(#[source] kube::Error),
+    #[error("{what} did not finish in time")]
+    Timeout { what: &'static str },
     #[error("cannot encode {what} for the Kubernetes API: {source}")]
     Encode {
         what: &'static str,
@@ -50,6 +52,7 @@ impl StateError {
             StateError::File { .. } => "file",
             StateError::Api(_) => "api",
             StateError::Encode { .. } => "encode",
+            StateError::Timeout { .. } => "timeout",
         }
     }
 }
@@ -69,6 +72,21 @@ pub struct EventRecord {
     pub reason: String,
     pub action: String,
     pub message: String,
+}
+
+impl EventRecord {
+    /// The occurrence [`crate::kube_events`] turns into an Event.
+    pub fn occurrence(&self) -> crate::kube_events::Occurrence<'_> {
+        crate::kube_events::Occurrence {
+            severity: match self.type_ {
+                EventType::Normal => crate::kube_events::Severity::Normal,
+                EventType::Warning => crate::kube_events::Severity::Warning,
+            },
+            reason: &self.reason,
+            action: &self.action,
+            note: &self.message,
+        }
+    }
 }
 
 /// The object an Event is about.
