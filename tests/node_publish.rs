@@ -355,7 +355,7 @@ async fn ops_endpoints_report_metrics_health_and_readiness() {
         hsm_secrets::node::HsmVolumeSource::new(catalog, Some(opening.clone()))
             .with_metrics(metrics),
     );
-    let router = hsm_secrets::node::ops::router(Arc::new(registry), source);
+    let router = hsm_secrets::node::ops::router(Arc::new(registry), source, None);
     let get = |path: &str| {
         let router = router.clone();
         let request = http::Request::get(path)

@@ -150,13 +150,75 @@ proptest! {
         if let Ok(request) = VolumeRequest::parse(&context, target) {
             prop_assert_eq!(request.pod.uid.as_str(), "uid-1");
             prop_assert!(!request.secrets.is_empty() && request.secrets.len() <= 64);
-            prop_assert!(request.file_mode != 0 && request.file_mode & !0o444 == 0);
+            prop_assert!(request.file_mode.bits() != 0 && request.file_mode.bits() & !0o444 == 0);
             for secret in &request.secrets {
                 prop_assert!(secret.path().is_ok());
             }
             // The webhook's check (the same parser) agrees.
             prop_assert!(attributes.is_ok());
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(Config::with_cases(CASES))]
+
+    /// Any layout options over any keys and values: parsing and rendering never panic,
+    /// and whatever renders is a payload the volume writer accepts (no two files at one
+    /// path, no path outside the volume, read-only modes) with no value in an error.
+    #[test]
+    fn any_layout_renders_a_valid_payload_or_a_clear_refusal(
+        options in proptest::collection::vec(
+            (
+                prop_oneof![Just("fileMode."), Just("keyNames."), Just("path."), Just("format.")],
+                prop_oneof![Just("db"), Just("tls"), Just("other")],
+                prop_oneof![
+                    Just("env".to_string()),
+                    Just("json".to_string()),
+                    Just("files".to_string()),
+                    "[0-7]{3,4}",
+                    "[a-z.]{1,5}=[0-7]{4}",
+                    "[a-zA-Z_.]{1,5}=[a-zA-Z_.]{1,6}(,[a-z.]{1,5}=[A-Za-z_.]{1,6})?",
+                    hostile_text(6),
+                ],
+            ),
+            0..6,
+        ),
+        keys in proptest::collection::btree_map("[a-zA-Z_.][a-zA-Z0-9_.-]{0,5}", proptest::collection::vec(any::<u8>(), 0..12), 1..5),
+    ) {
+        let fields: Vec<(String, String)> = options
+            .into_iter()
+            .map(|(option, secret, value)| (format!("{option}{secret}"), value))
+            .collect();
+        let Ok(layout) = inject::VolumeLayout::parse(
+            fields.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            inject::Spelling::Attribute,
+            &["db", "tls"],
+        ) else {
+            return Ok(());
+        };
+        let mut data = SecretData::new();
+        for (key, value) in &keys {
+            if data.insert(key, value.clone()).is_err() {
+                return Ok(());
+            }
+        }
+        let mut files = Vec::new();
+        for secret in ["db", "tls"] {
+            match hsm_secrets::node::render::render_secret(secret, &data, &layout, inject::FileMode::DEFAULT) {
+                Ok(rendered) => files.extend(rendered),
+                Err(error) => {
+                    let message = error.to_string();
+                    for value in keys.values().filter(|v| v.len() > 3) {
+                        prop_assert!(!message.as_bytes().windows(value.len()).any(|w| w == value.as_slice()));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        let payload = hsm_secrets_csi::Payload::new(files);
+        prop_assert!(hsm_secrets_csi::payload_writer::validate_payload(&payload).is_ok(), "{:?}", payload.files.iter().map(|f| &f.path).collect::<Vec<_>>());
+        prop_assert!(payload.files.iter().all(|f| f.mode != 0 && f.mode & !0o444 == 0));
     }
 }
 

@@ -76,7 +76,7 @@ pub use error::Error;
 pub use identity::IdentityService;
 pub use mountinfo::{discover_mounts, is_mount_point};
 pub use node::{MountMode, NodeConfig, NodeService};
-pub use observer::{NodeObserver, NoopObserver};
+pub use observer::{NodeObserver, NoopObserver, Operation, OperationKind};
 pub use serve::{bind_unix, connect_unix, serve, serve_on, socket_path};
 pub use source::{Payload, PayloadFile, PublishRequest, SourceError, VolumeSource};
 

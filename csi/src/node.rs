@@ -14,7 +14,9 @@ use tonic::{Request, Response, Status};
 
 use crate::mount::{self, tmpfs_size_for};
 use crate::mountinfo;
-use crate::observer::{OUTCOME_KEPT_LAST_GOOD, OUTCOME_OK, OUTCOME_REVOKED};
+use crate::observer::{
+    OUTCOME_KEPT_LAST_GOOD, OUTCOME_OK, OUTCOME_REVOKED, Operation, OperationKind,
+};
 use crate::payload_writer::{self, WriteOutcome};
 use crate::pinned::PinnedDir;
 use crate::plain_directory;
@@ -173,10 +175,11 @@ impl<S: VolumeSource> NodeService<S> {
     async fn publish(
         &self,
         raw: NodePublishVolumeRequest,
-        republish: &mut bool,
+        trail: &mut Trail,
     ) -> Result<&'static str, Error> {
         let mut request = validate_publish(&self.config, raw)?;
         let _in_flight = self.begin(&request.target_path)?;
+        trail.request = Some(request.clone());
 
         let target = request.target_path.clone();
         let driver = self.config.driver_name.clone();
@@ -213,10 +216,15 @@ impl<S: VolumeSource> NodeService<S> {
                 );
             }
             request.republish = true;
-            *republish = true;
-            return self.republish(&request, kind).await;
+            trail.republish = true;
+            if let Some(request) = &mut trail.request {
+                request.republish = true;
+            }
+            return self.republish(&request, kind, trail).await;
         }
-        self.publish_first(&request).await.map(|()| OUTCOME_OK)
+        self.publish_first(&request).await?;
+        trail.changed = true;
+        Ok(OUTCOME_OK)
     }
 
     async fn publish_first(&self, request: &PublishRequest) -> Result<(), Error> {
@@ -252,6 +260,7 @@ impl<S: VolumeSource> NodeService<S> {
         &self,
         request: &PublishRequest,
         kind: VolumeKind,
+        trail: &mut Trail,
     ) -> Result<&'static str, Error> {
         let result = async {
             let payload = self.fetch_payload(request).await?;
@@ -277,6 +286,7 @@ impl<S: VolumeSource> NodeService<S> {
             Ok(WriteOutcome::Unchanged) => return Ok(OUTCOME_OK),
             Ok(WriteOutcome::Written { .. }) => {
                 tracing::info!("volume content rotated");
+                trail.changed = true;
                 return Ok(OUTCOME_OK);
             }
             Err(error) => error,
@@ -289,6 +299,8 @@ impl<S: VolumeSource> NodeService<S> {
             self.revoke(request, kind).await?;
             tracing::warn!(%error, "access revoked; the volume's files were removed");
             self.observer.republish_revoked(request, &error);
+            trail.changed = true;
+            trail.error = Some(error);
             return Ok(OUTCOME_REVOKED);
         }
         // A mount without content (the plugin died mid first publish) has nothing to keep.
@@ -297,6 +309,7 @@ impl<S: VolumeSource> NodeService<S> {
         }
         tracing::warn!(%error, kind = error.kind(), "republish failed; keeping last good content");
         self.observer.republish_kept_last_good(request, &error);
+        trail.error = Some(error);
         Ok(OUTCOME_KEPT_LAST_GOOD)
     }
 
@@ -379,6 +392,16 @@ impl<S: VolumeSource> NodeService<S> {
             target: target.to_path_buf(),
         })
     }
+}
+
+/// What a publish learned on its way, for [`NodeObserver::finished`].
+#[derive(Default)]
+struct Trail {
+    republish: bool,
+    changed: bool,
+    request: Option<PublishRequest>,
+    /// The failure a republish absorbed (kept the last content, or revoked it).
+    error: Option<Error>,
 }
 
 struct InFlight {
@@ -504,8 +527,9 @@ impl<S: VolumeSource> Node for NodeService<S> {
         let span = tracing::Span::current();
         span.record("volume_id", raw.volume_id.as_str());
         span.record("target", raw.target_path.as_str());
-        let mut republish = false;
-        let result = self.publish(raw, &mut republish).await;
+        let (volume_id, target) = (raw.volume_id.clone(), PathBuf::from(&raw.target_path));
+        let mut trail = Trail::default();
+        let result = self.publish(raw, &mut trail).await;
         let outcome = match &result {
             Ok(outcome) => outcome,
             Err(error) => {
@@ -513,7 +537,20 @@ impl<S: VolumeSource> Node for NodeService<S> {
                 error.kind()
             }
         };
-        self.observer.publish(outcome, republish, started.elapsed());
+        self.observer
+            .publish(outcome, trail.republish, started.elapsed());
+        self.observer.finished(&Operation {
+            kind: match trail.republish {
+                true => OperationKind::Republish,
+                false => OperationKind::Publish,
+            },
+            volume_id: &volume_id,
+            target: &target,
+            request: trail.request.as_ref(),
+            outcome,
+            changed: trail.changed,
+            error: result.as_ref().err().or(trail.error.as_ref()),
+        });
         result
             .map(|_| Response::new(NodePublishVolumeResponse {}))
             .map_err(Status::from)
@@ -529,6 +566,7 @@ impl<S: VolumeSource> Node for NodeService<S> {
         let span = tracing::Span::current();
         span.record("volume_id", raw.volume_id.as_str());
         span.record("target", raw.target_path.as_str());
+        let (volume_id, target) = (raw.volume_id.clone(), PathBuf::from(&raw.target_path));
         let result = self.unpublish(raw).await;
         let outcome = match &result {
             Ok(()) => OUTCOME_OK,
@@ -538,6 +576,15 @@ impl<S: VolumeSource> Node for NodeService<S> {
             }
         };
         self.observer.unpublish(outcome, started.elapsed());
+        self.observer.finished(&Operation {
+            kind: OperationKind::Unpublish,
+            volume_id: &volume_id,
+            target: &target,
+            request: None,
+            outcome,
+            changed: result.is_ok(),
+            error: result.as_ref().err(),
+        });
         result
             .map(|()| Response::new(NodeUnpublishVolumeResponse {}))
             .map_err(Status::from)

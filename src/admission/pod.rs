@@ -95,6 +95,17 @@ fn inject_into(
         })
         .collect();
     let resolution = inject::resolve_device(spec.device.as_deref(), &references, namespace)?;
+    // The keys an HSMSecret reports are what the node will render: a name they cannot
+    // take is refused now rather than at every mount attempt.
+    for (name, secret) in &secrets {
+        let Some(status) = secret.as_ref().and_then(|s| s.status.as_ref()) else {
+            continue;
+        };
+        if !status.keys.is_empty() {
+            let keys: Vec<&str> = status.keys.iter().map(String::as_str).collect();
+            spec.layout.rendered_names(name, &keys)?;
+        }
+    }
     let patch = inject::injection_patch(pod_spec, !no_annotations, spec, &resolution.device)?;
 
     let mut verdict = Verdict {
@@ -128,7 +139,8 @@ fn inject_into(
             Some(known) => format!("unknown annotation {unknown} ignored; did you mean {known}?"),
             None => format!(
                 "unknown annotation {unknown} ignored; known: inject, secrets, mount-path, \
-                 containers, file-mode, node-affinity, device"
+                 containers, file-mode, node-affinity, device, and per secret \
+                 file-mode.<secret>, key-names.<secret>, path.<secret>, format.<secret>"
             ),
         });
     }

@@ -19,8 +19,8 @@ use crate::mirror::{
 };
 use crate::node::events::PodEventSink;
 use crate::node::{
-    HsmVolumeSource, KubeCatalog, KubePodEvents, LocalDevice, NodeMetrics, NodeReporter,
-    RemoteReads, SecretCatalog, StateCatalog, StaticCatalog, SyncFailureEvents, ops,
+    AuditLog, HsmVolumeSource, KubeCatalog, KubePodEvents, LocalDevice, Mounts, NodeMetrics,
+    NodeReporter, RemoteReads, SecretCatalog, StateCatalog, StaticCatalog, SyncFailureEvents, ops,
     record_node_event,
 };
 use crate::state::{FileState, KubeState, StateStore};
@@ -102,6 +102,10 @@ pub struct NodeArgs {
     /// (secrets reach the disk); for running without the privilege to mount.
     #[arg(long, env = "HSM_UNSAFE_PLAIN_DIRECTORY")]
     pub unsafe_plain_directory: bool,
+    /// Where the audit trail goes, one JSON record per line: `-` (standard output, the
+    /// default), a file appended to, or `none`.
+    #[arg(long, env = "HSM_AUDIT_LOG", default_value = "-")]
+    pub audit_log: PathBuf,
 }
 
 /// Runs the node plugin until SIGTERM or ctrl-c.
@@ -140,7 +144,28 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
         .agent_listen
         .is_some()
         .then(|| AgentMetrics::register(&mut registry));
+    let audit = match args.audit_log.as_os_str() == "none" {
+        true => None,
+        false => {
+            let sink = AuditLog::open_sink(&args.audit_log).with_context(|| {
+                format!(
+                    "open the audit log {} (--audit-log: a writable file, - or none)",
+                    args.audit_log.display()
+                )
+            })?;
+            let mounts = Arc::new(Mounts::default());
+            Some(Arc::new(AuditLog::new(
+                &args.node_name,
+                sink,
+                mounts,
+                &mut registry,
+            )))
+        }
+    };
     let mut source = HsmVolumeSource::new(catalog, device.clone()).with_metrics(metrics.clone());
+    if let Some(audit) = &audit {
+        source = source.with_mounts(audit.mounts().clone());
+    }
     match remote_reads(&args, tls.as_ref()).await? {
         Some(remote) => source = source.with_remote_reads(Arc::new(remote)),
         None if device.is_none() => tracing::info!(
@@ -190,6 +215,8 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
             let store = device.store()?;
             let node = cfg.node.clone();
             let served = serve_agent(cfg, store, listen, stop, agent_metrics.as_ref()).await?;
+            let agent = served.agent.clone();
+            device.set_role_source(move || agent.role());
             // How scripts and tests learn a port picked by the kernel.
             println!("hsm-secrets node {node} agent listening on {}", served.addr);
             served.wait().await
@@ -198,7 +225,8 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
 
     let mut ops_server = None;
     if let Some(addr) = common.metrics_addr {
-        let router = ops::router(Arc::new(registry), source.clone());
+        let mounts = audit.as_ref().map(|a| a.mounts().clone());
+        let router = ops::router(Arc::new(registry), source.clone(), mounts);
         let (local, server) = ops::bind(addr, router, stopped())
             .await
             .with_context(|| format!("bind the metrics address {addr}"))?;
@@ -215,8 +243,11 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         source.clone(),
     );
-    let node = NodeService::new(config, source.clone())
-        .with_observer(Arc::new(NodeReporter::new(metrics, events)));
+    let mut reporter = NodeReporter::new(metrics, events);
+    if let Some(audit) = audit {
+        reporter = reporter.with_audit(audit);
+    }
+    let node = NodeService::new(config, source.clone()).with_observer(Arc::new(reporter));
     match node.discover_mounts() {
         Ok(mounts) => tracing::info!(volumes = mounts.len(), "found volumes of a previous run"),
         Err(error) => tracing::warn!(%error, "cannot list existing volumes"),

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::error::InjectError;
 use super::file_mode::FileMode;
+use super::layout::{Spelling, VolumeLayout, is_layout_annotation};
 use super::mount_path::MountPath;
 use super::names::{validate_device_name, validate_object_name};
 use super::{
@@ -63,6 +64,8 @@ pub struct InjectionSpec {
     /// regular container.
     pub containers: Option<Vec<String>>,
     pub file_mode: FileMode,
+    /// Per-secret names, modes and formats (`hsmsecrets.io/file-mode.<secret>` …).
+    pub layout: VolumeLayout,
     pub node_affinity: NodeAffinityMode,
     /// The device named by `hsmsecrets.io/device`, if any.
     pub device: Option<String>,
@@ -134,6 +137,11 @@ pub fn parse_annotations(
         Some(value) => FileMode::parse(value)?,
         None => FileMode::DEFAULT,
     };
+    let layout = VolumeLayout::parse(
+        annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        Spelling::Annotation,
+        &secrets.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
     let node_affinity = match annotations.get(ANNOTATION_NODE_AFFINITY) {
         Some(value) => NodeAffinityMode::parse(value)?,
         None => NodeAffinityMode::default(),
@@ -153,7 +161,9 @@ pub fn parse_annotations(
     let unknown_annotations = annotations
         .keys()
         .filter(|key| {
-            key.starts_with(crate::crd::PREFIX) && !KNOWN_ANNOTATIONS.contains(&key.as_str())
+            key.starts_with(crate::crd::PREFIX)
+                && !KNOWN_ANNOTATIONS.contains(&key.as_str())
+                && !is_layout_annotation(key)
         })
         .cloned()
         .collect();
@@ -163,6 +173,7 @@ pub fn parse_annotations(
         mount_path,
         containers,
         file_mode,
+        layout,
         node_affinity,
         device,
         unknown_annotations,

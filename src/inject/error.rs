@@ -134,6 +134,9 @@ pub enum InjectError {
         reason: String,
     },
 
+    #[error(transparent)]
+    Layout(#[from] super::LayoutError),
+
     #[error("the pod spec cannot be read ({detail}); this webhook only injects into valid pods")]
     UnreadablePod { detail: String },
 }
@@ -162,6 +165,7 @@ impl InjectError {
             InjectError::DeviceUnresolved { .. } => "device_unresolved",
             InjectError::UnusableDeviceRef { .. } => "unusable_device_ref",
             InjectError::UnreadablePod { .. } => "unreadable_pod",
+            InjectError::Layout(_) => "invalid_layout",
         }
     }
 

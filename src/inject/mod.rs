@@ -10,6 +10,7 @@ mod annotations;
 mod device;
 mod error;
 mod file_mode;
+mod layout;
 mod mount_path;
 mod names;
 mod patch;
@@ -19,6 +20,10 @@ pub use annotations::{InjectRequest, InjectionSpec, NodeAffinityMode, parse_anno
 pub use device::{DeviceResolution, SecretReference, resolve_device};
 pub use error::InjectError;
 pub use file_mode::FileMode;
+pub use layout::{
+    Format, LayoutError, LayoutOption, SecretLayout, Spelling, VolumeLayout, check_variable_name,
+    is_layout_annotation,
+};
 pub use mount_path::MountPath;
 pub use names::{
     MAX_DEVICE_NAME_LEN, device_ready_label, validate_device_name, validate_object_name,

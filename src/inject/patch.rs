@@ -22,16 +22,22 @@ const PREFERRED_WEIGHT: i32 = 100;
 
 /// The CSI inline volume for `spec`, reading from `device`.
 pub fn injected_volume(spec: &InjectionSpec, device: &str) -> Value {
+    let mut attributes = serde_json::Map::new();
+    attributes.insert(ATTRIBUTE_SECRETS.into(), spec.secrets.join(",").into());
+    attributes.insert(ATTRIBUTE_DEVICE.into(), device.into());
+    attributes.insert(
+        ATTRIBUTE_FILE_MODE.into(),
+        spec.file_mode.to_string().into(),
+    );
+    for (key, value) in spec.layout.attributes() {
+        attributes.insert(key, value.into());
+    }
     json!({
         "name": VOLUME_NAME,
         "csi": {
             "driver": CSI_DRIVER,
             "readOnly": true,
-            "volumeAttributes": {
-                ATTRIBUTE_SECRETS: spec.secrets.join(","),
-                ATTRIBUTE_DEVICE: device,
-                ATTRIBUTE_FILE_MODE: spec.file_mode.to_string(),
-            }
+            "volumeAttributes": attributes,
         }
     })
 }

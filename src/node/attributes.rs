@@ -11,6 +11,7 @@ use hsm_secrets_csi::source::pod_info;
 
 use super::VolumeError;
 use crate::hsm::SecretPath;
+use crate::inject::{FileMode, Spelling, VolumeLayout};
 
 /// Comma-separated HSMSecret names of the pod's namespace.
 pub const SECRETS: &str = crate::inject::ATTRIBUTE_SECRETS;
@@ -19,7 +20,7 @@ pub const DEVICE: &str = crate::inject::ATTRIBUTE_DEVICE;
 /// Octal permission bits of every file, e.g. `0440`.
 pub const FILE_MODE: &str = crate::inject::ATTRIBUTE_FILE_MODE;
 /// Owner and group may read; the pod reads through its fsGroup.
-pub const DEFAULT_FILE_MODE: u32 = 0o440;
+pub const DEFAULT_FILE_MODE: FileMode = FileMode::DEFAULT;
 /// Bounds the work (and the tmpfs) of one volume.
 pub const MAX_SECRETS_PER_VOLUME: usize = 64;
 
@@ -56,7 +57,9 @@ impl SecretRef {
 pub struct VolumeAttributes {
     pub secrets: Vec<SecretRef>,
     pub device: String,
-    pub file_mode: u32,
+    pub file_mode: FileMode,
+    /// Per-secret names, modes and formats (`fileMode.<secret>` …).
+    pub layout: VolumeLayout,
 }
 
 impl VolumeAttributes {
@@ -83,10 +86,17 @@ impl VolumeAttributes {
             None | Some("") => DEFAULT_FILE_MODE,
             Some(raw) => parse_file_mode(raw)?,
         };
+        let names: Vec<&str> = secrets.iter().map(|s| s.name.as_str()).collect();
+        let layout = VolumeLayout::parse(
+            context.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            Spelling::Attribute,
+            &names,
+        )?;
         Ok(Self {
             secrets,
             device,
             file_mode,
+            layout,
         })
     }
 }
@@ -97,7 +107,8 @@ pub struct VolumeRequest {
     pub pod: PodIdentity,
     pub secrets: Vec<SecretRef>,
     pub device: String,
-    pub file_mode: u32,
+    pub file_mode: FileMode,
+    pub layout: VolumeLayout,
 }
 
 impl VolumeRequest {
@@ -132,12 +143,14 @@ impl VolumeRequest {
             secrets,
             device,
             file_mode,
+            layout,
         } = VolumeAttributes::parse(context, &pod.namespace)?;
         Ok(Self {
             pod,
             secrets,
             device,
             file_mode,
+            layout,
         })
     }
 }
@@ -234,20 +247,18 @@ fn parse_secrets(raw: Option<&str>, pod_namespace: &str) -> Result<Vec<SecretRef
 
 /// The webhook's own file-mode rule (read bits only, not 0), so a hand-written volume
 /// cannot get past the node what an annotation could not get past admission.
-fn parse_file_mode(raw: &str) -> Result<u32, VolumeError> {
+fn parse_file_mode(raw: &str) -> Result<FileMode, VolumeError> {
     let digits = raw.strip_prefix("0o").unwrap_or(raw);
-    crate::inject::FileMode::parse(digits)
-        .map(crate::inject::FileMode::bits)
-        .map_err(|error| VolumeError::InvalidAttribute {
-            attribute: FILE_MODE,
-            problem: match error {
-                crate::inject::InjectError::InvalidFileMode { value, reason } => {
-                    format!("{value:?} {reason}")
-                }
-                other => other.to_string(),
-            },
-            fix: "use read bits only, e.g. \"0440\" (owner and group read) or \"0400\"".into(),
-        })
+    FileMode::parse(digits).map_err(|error| VolumeError::InvalidAttribute {
+        attribute: FILE_MODE,
+        problem: match error {
+            crate::inject::InjectError::InvalidFileMode { value, reason } => {
+                format!("{value:?} {reason}")
+            }
+            other => other.to_string(),
+        },
+        fix: "use read bits only, e.g. \"0440\" (owner and group read) or \"0400\"".into(),
+    })
 }
 
 #[cfg(test)]
@@ -290,7 +301,7 @@ mod tests {
         assert_eq!(v.pod.namespace, "shop");
         assert_eq!(v.pod.service_account, "checkout");
         assert_eq!(v.device, "prod-hsm");
-        assert_eq!(v.file_mode, 0o440);
+        assert_eq!(v.file_mode.bits(), 0o440);
         let names: Vec<_> = v.secrets.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["db", "api"]);
         assert!(v.secrets.iter().all(|s| s.namespace == "shop"));
@@ -305,12 +316,15 @@ mod tests {
             ("0444", 0o444),
         ] {
             assert_eq!(
-                parse(&[(FILE_MODE, Some(raw))]).unwrap().file_mode,
+                parse(&[(FILE_MODE, Some(raw))]).unwrap().file_mode.bits(),
                 mode,
                 "{raw}"
             );
         }
-        assert_eq!(parse(&[(FILE_MODE, Some(""))]).unwrap().file_mode, 0o440);
+        assert_eq!(
+            parse(&[(FILE_MODE, Some(""))]).unwrap().file_mode.bits(),
+            0o440
+        );
         let v = parse(&[(SECRETS, Some(" db , api "))]).unwrap();
         assert_eq!(v.secrets[1].name, "api");
         let v = parse(&[(SECRETS, Some("other/db"))]).unwrap();

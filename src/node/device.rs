@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::VolumeError;
+use crate::crd::DeviceRole;
 use crate::hsm::{SecretStore, StoreError};
 
 enum State {
@@ -20,7 +21,11 @@ enum State {
 pub struct LocalDevice {
     name: String,
     state: RwLock<State>,
+    /// The role of this node's agent, once it runs (for the audit trail).
+    role: std::sync::OnceLock<RoleSource>,
 }
+
+type RoleSource = Box<dyn Fn() -> DeviceRole + Send + Sync>;
 
 impl LocalDevice {
     /// A device whose token is being opened.
@@ -30,6 +35,7 @@ impl LocalDevice {
             state: RwLock::new(State::Opening {
                 reason: "the token has not been opened yet".into(),
             }),
+            role: std::sync::OnceLock::new(),
         })
     }
 
@@ -38,12 +44,23 @@ impl LocalDevice {
         Arc::new(Self {
             name: name.into(),
             state: RwLock::new(State::Open(store)),
+            role: std::sync::OnceLock::new(),
         })
     }
 
     /// The HSMDevice name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Where reads learn this token's role: the agent serving it in this process.
+    pub fn set_role_source(&self, role: impl Fn() -> DeviceRole + Send + Sync + 'static) {
+        let _ = self.role.set(Box::new(role));
+    }
+
+    /// The token's role, when an agent in this process serves it.
+    pub fn role(&self) -> Option<DeviceRole> {
+        self.role.get().map(|role| role())
     }
 
     pub fn is_open(&self) -> bool {

@@ -10,6 +10,17 @@ use crate::hsm::StoreError;
 /// name the object and the fix, and never carry secret bytes or PINs.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
+    #[error(transparent)]
+    Layout(#[from] crate::inject::LayoutError),
+
+    #[error("HSMSecret {secret:?}: key {key:?} {problem}; {fix}")]
+    Unrenderable {
+        secret: String,
+        key: String,
+        problem: String,
+        fix: &'static str,
+    },
+
     #[error("volume attribute {attribute:?} {problem}; {fix}")]
     InvalidAttribute {
         attribute: &'static str,
@@ -120,6 +131,8 @@ impl VolumeError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::InvalidAttribute { .. } => "invalid_attribute",
+            Self::Layout(_) => "invalid_layout",
+            Self::Unrenderable { .. } => "unrenderable_value",
             Self::OtherNamespace { .. } => "other_namespace",
             Self::UnknownSecret { .. } => "unknown_secret",
             Self::ServiceAccountDenied { .. } => "service_account_denied",
@@ -144,7 +157,9 @@ impl From<VolumeError> for SourceError {
     fn from(error: VolumeError) -> Self {
         let message = error.to_string();
         match error {
-            VolumeError::InvalidAttribute { .. } => SourceError::InvalidArgument(message),
+            VolumeError::InvalidAttribute { .. }
+            | VolumeError::Layout(_)
+            | VolumeError::Unrenderable { .. } => SourceError::InvalidArgument(message),
             VolumeError::OtherNamespace { .. }
             | VolumeError::ServiceAccountDenied { .. }
             | VolumeError::DeviceMismatch { .. } => SourceError::PermissionDenied(message),

@@ -287,10 +287,12 @@ impl PodEventSink for KubePodEvents {
     }
 }
 
-/// The plugin's observer: metrics for every call, an Event for kept-last-good republishes.
+/// The plugin's observer: metrics for every call, an Event for kept-last-good republishes,
+/// an audit record per operation.
 pub struct NodeReporter {
     metrics: NodeMetrics,
     events: Arc<SyncFailureEvents>,
+    audit: Option<Arc<super::AuditLog>>,
 }
 
 impl NodeReporter {
@@ -298,7 +300,13 @@ impl NodeReporter {
         Self {
             metrics,
             events: Arc::new(events),
+            audit: None,
         }
+    }
+
+    pub fn with_audit(mut self, audit: Arc<super::AuditLog>) -> Self {
+        self.audit = Some(audit);
+        self
     }
 }
 
@@ -321,6 +329,12 @@ impl NodeObserver for NodeReporter {
     fn republish_revoked(&self, request: &PublishRequest, error: &CsiError) {
         let (events, request, kind) = (self.events.clone(), request.clone(), error.kind());
         tokio::spawn(async move { events.republish_revoked(&request, kind).await });
+    }
+
+    fn finished(&self, operation: &hsm_secrets_csi::Operation<'_>) {
+        if let Some(audit) = &self.audit {
+            audit.finished(operation);
+        }
     }
 }
 

@@ -28,6 +28,7 @@
 
 pub mod access;
 pub mod attributes;
+pub mod audit;
 pub mod catalog;
 pub mod device;
 mod error;
@@ -36,9 +37,11 @@ pub mod kube_catalog;
 pub mod metrics;
 pub mod ops;
 pub mod remote;
+pub mod render;
 mod source;
 
 pub use attributes::{VolumeAttributes, VolumeRequest};
+pub use audit::{AuditLog, Mounts};
 pub use catalog::{CatalogError, SecretCatalog, StateCatalog, StaticCatalog};
 pub use device::LocalDevice;
 pub use error::VolumeError;

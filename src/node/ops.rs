@@ -9,13 +9,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use hsm_secrets_csi::VolumeSource;
 use http::{StatusCode, header};
 use prometheus_client::registry::Registry;
 
+use super::Mounts;
 use super::metrics::encode_text;
 
 /// OpenMetrics text, as [`encode_text`] renders it.
@@ -24,15 +25,50 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 struct Ops<S> {
     registry: Arc<Registry>,
     source: Arc<S>,
+    mounts: Option<Arc<Mounts>>,
 }
 
-/// The routes; tests drive them with `tower::ServiceExt::oneshot`.
-pub fn router<S: VolumeSource>(registry: Arc<Registry>, source: Arc<S>) -> Router {
+/// The routes; tests drive them with `tower::ServiceExt::oneshot`. With `mounts`,
+/// `/mounts?namespace=NS&secret=NAME` lists the volumes mounted now (pods, secret names
+/// and versions, never values).
+pub fn router<S: VolumeSource>(
+    registry: Arc<Registry>,
+    source: Arc<S>,
+    mounts: Option<Arc<Mounts>>,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics::<S>))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz::<S>))
-        .with_state(Arc::new(Ops { registry, source }))
+        .route("/mounts", get(mounted::<S>))
+        .with_state(Arc::new(Ops {
+            registry,
+            source,
+            mounts,
+        }))
+}
+
+async fn mounted<S: VolumeSource>(
+    State(ops): State<Arc<Ops<S>>>,
+    RawQuery(query): RawQuery,
+) -> axum::response::Response {
+    let Some(mounts) = &ops.mounts else {
+        return (
+            StatusCode::NOT_FOUND,
+            "the mount table is kept only with the audit trail (--audit-log)\n",
+        )
+            .into_response();
+    };
+    let (mut namespace, mut secret) = (None, None);
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "namespace" => namespace = Some(value.into_owned()),
+            "secret" => secret = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    let list = mounts.list(namespace.as_deref(), secret.as_deref());
+    axum::Json(list).into_response()
 }
 
 async fn metrics<S: VolumeSource>(State(ops): State<Arc<Ops<S>>>) -> impl IntoResponse {

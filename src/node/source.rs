@@ -4,12 +4,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use hsm_secrets_csi::{Payload, PayloadFile, PublishRequest, SourceError, VolumeSource};
+use hsm_secrets_csi::{Payload, PublishRequest, SourceError, VolumeSource};
 
 use super::attributes::VolumeRequest;
+use super::audit::{Mounts, ReadFrom, SecretVersion, VolumeRead};
 use super::remote::RemoteReads;
+use super::render;
 use super::{LocalDevice, NodeMetrics, SecretCatalog, VolumeError, access};
-use crate::hsm::{SecretData, SecretPath, SecretStore, StoreError, validate_key};
+use crate::hsm::{SecretData, SecretPath, SecretStore, StoreError};
 
 /// Fills volumes with HSM secrets: parses the volume context, authorizes the pod against
 /// each HSMSecret, reads the secrets from the local device.
@@ -21,6 +23,8 @@ pub struct HsmVolumeSource {
     /// Whether reads of the node's own device currently go through its agents (logged
     /// once per change, not per publish).
     falling_back: AtomicBool,
+    /// Where each publish notes what it read, for the audit trail.
+    mounts: Option<Arc<Mounts>>,
 }
 
 impl HsmVolumeSource {
@@ -33,7 +37,14 @@ impl HsmVolumeSource {
             remote: None,
             metrics: None,
             falling_back: AtomicBool::new(false),
+            mounts: None,
         }
+    }
+
+    /// Note what each publish read (secret versions, which copy) in `mounts`.
+    pub fn with_mounts(mut self, mounts: Arc<Mounts>) -> Self {
+        self.mounts = Some(mounts);
+        self
     }
 
     /// Read devices this node holds no token of through their agents, and this node's
@@ -66,24 +77,32 @@ impl HsmVolumeSource {
             let path = access::authorize(&volume.pod, &volume.device, secret, found.as_ref())?;
             paths.push(path);
         }
-        let secrets = self.read_all(&volume.device, &paths).await?;
+        let (read_from, secrets) = self.read_all(&volume.device, &paths).await?;
 
         let mut files = Vec::new();
-        for (path, data) in paths.iter().zip(&secrets) {
-            for (key, value) in data.iter() {
-                // The store validates keys on write; checked again because they become
-                // file names on the node.
-                validate_key(key).map_err(|source| VolumeError::Store {
-                    path: path.to_string(),
-                    device: volume.device.clone(),
-                    source: Box::new(source),
-                })?;
-                files.push(PayloadFile::new(
-                    format!("{}/{key}", path.name()),
-                    value.to_vec(),
-                    volume.file_mode,
-                ));
-            }
+        for (path, (_, data)) in paths.iter().zip(&secrets) {
+            files.extend(render::render_secret(
+                path.name(),
+                data,
+                &volume.layout,
+                volume.file_mode,
+            )?);
+        }
+        if let Some(mounts) = &self.mounts {
+            let secrets = paths
+                .iter()
+                .zip(&secrets)
+                .map(|(path, (version, _))| SecretVersion {
+                    name: path.name().to_string(),
+                    version: Some(*version),
+                })
+                .collect();
+            let read = VolumeRead {
+                device: volume.device.clone(),
+                read_from,
+                secrets,
+            };
+            mounts.read(&request.target_path, read);
         }
         Ok(Payload::new(files))
     }
@@ -96,7 +115,7 @@ impl HsmVolumeSource {
         &self,
         device: &str,
         paths: &[SecretPath],
-    ) -> Result<Vec<SecretData>, VolumeError> {
+    ) -> Result<(ReadFrom, Vec<(u64, SecretData)>), VolumeError> {
         let local = self.device.as_ref().filter(|d| d.name() == device);
         let Some(local) = local else {
             let Some(remote) = &self.remote else {
@@ -105,7 +124,11 @@ impl HsmVolumeSource {
                     node_device: self.device.as_ref().map(|d| d.name().to_string()),
                 });
             };
-            return read_from(remote.store(device).await?.as_ref(), device, paths).await;
+            let store = remote.store(device).await?;
+            return Ok((
+                ReadFrom::RemoteAgents,
+                read_from(store.as_ref(), device, paths).await?,
+            ));
         };
         let local_read = match local.store() {
             Ok(store) => read_from(store.as_ref(), device, paths).await,
@@ -117,7 +140,7 @@ impl HsmVolumeSource {
                 if result.is_ok() && self.falling_back.swap(false, Ordering::Relaxed) {
                     tracing::info!(device, "the local token serves reads again");
                 }
-                return result;
+                return result.map(|read| (ReadFrom::local(local.role()), read));
             }
         };
         if !self.falling_back.swap(true, Ordering::Relaxed) {
@@ -138,7 +161,11 @@ impl HsmVolumeSource {
             metrics.remote_fallback(error.kind());
         }
         let remote = self.remote.as_ref().ok_or(error)?;
-        read_from(remote.store(device).await?.as_ref(), device, paths).await
+        let store = remote.store(device).await?;
+        Ok((
+            ReadFrom::RemoteAgents,
+            read_from(store.as_ref(), device, paths).await?,
+        ))
     }
 }
 
@@ -157,7 +184,7 @@ async fn read_from(
     store: &dyn SecretStore,
     device: &str,
     paths: &[SecretPath],
-) -> Result<Vec<SecretData>, VolumeError> {
+) -> Result<Vec<(u64, SecretData)>, VolumeError> {
     futures::future::try_join_all(paths.iter().map(|path| read_secret(store, device, path))).await
 }
 
@@ -165,9 +192,9 @@ async fn read_secret(
     store: &dyn SecretStore,
     device: &str,
     path: &SecretPath,
-) -> Result<SecretData, VolumeError> {
+) -> Result<(u64, SecretData), VolumeError> {
     match store.get(path).await {
-        Ok((_version, data)) => Ok(data),
+        Ok(read) => Ok(read),
         Err(StoreError::NotFound { token, .. }) => Err(VolumeError::NotOnToken {
             path: path.to_string(),
             token,
