@@ -840,3 +840,126 @@ async fn hand_written_volumes_get_the_node_plugins_attribute_checks() {
         );
     }
 }
+
+#[tokio::test]
+async fn per_secret_layouts_reach_the_volume_and_the_validating_webhook_accepts_them() {
+    let (app, _, _) = app(cluster(DeviceHealth::Ready));
+    let mut original = fixture("pod_create_typical.json");
+    let annotations = &mut original["request"]["object"]["metadata"]["annotations"];
+    annotations["hsmsecrets.io/format.db-credentials"] = "env".into();
+    annotations["hsmsecrets.io/key-names.db-credentials"] = "password=DB_PASSWORD".into();
+    annotations["hsmsecrets.io/file-mode.db-credentials"] = "0400".into();
+    annotations["hsmsecrets.io/file-mode.api-key"] = "0444,tls.key=0400".into();
+    annotations["hsmsecrets.io/key-names.api-key"] = "private=tls.key".into();
+    annotations["hsmsecrets.io/path.api-key"] = "tls".into();
+    let answer = review(&app, "/mutate", &original).await;
+    assert!(
+        !warnings(&answer)
+            .iter()
+            .any(|w| w.contains("unknown annotation")),
+        "{:?}",
+        warnings(&answer)
+    );
+    let pod = patched_pod(&app, &original, &answer).await;
+    let attributes = attributes(&our_volume(&pod));
+    assert_eq!(attributes["format.db-credentials"], "env");
+    assert_eq!(
+        attributes["keyNames.db-credentials"],
+        "password=DB_PASSWORD"
+    );
+    assert_eq!(attributes["fileMode.db-credentials"], "0400");
+    assert_eq!(attributes["fileMode.api-key"], "0444,tls.key=0400");
+    assert_eq!(attributes["keyNames.api-key"], "private=tls.key");
+    assert_eq!(attributes["path.api-key"], "tls");
+
+    // The injected pod passes the validating webhook, which parses the same attributes
+    // with the node plugin's parser; a hand-edited bad one does not.
+    let mut created = fixture("pod_create_typical.json");
+    created["request"]["object"] = serde_json::to_value(&pod).unwrap();
+    assert_eq!(
+        review(&app, "/validate", &created).await["allowed"],
+        true
+    );
+    let volumes = created["request"]["object"]["spec"]["volumes"]
+        .as_array_mut()
+        .unwrap();
+    let ours = volumes
+        .iter_mut()
+        .find(|v| v["name"] == "hsm-secrets")
+        .unwrap();
+    ours["csi"]["volumeAttributes"]["format.db-credentials"] = "yaml".into();
+    let message = denial_message(&review(&app, "/validate", &created).await);
+    assert!(message.contains("\"format.db-credentials\""), "{message}");
+}
+
+#[tokio::test]
+async fn bad_layouts_are_denied_naming_the_annotation_and_the_fix() {
+    let state = cluster(DeviceHealth::Ready);
+    // An HSMSecret whose keys are known from its status: names they cannot take are
+    // refused at admission.
+    let mut known = admission_common::secret("shop", "db-credentials", "prod-hsm", &["checkout"]);
+    known.status = Some(serde_json::from_value(json!({"keys": ["password", "tls.crt"]})).unwrap());
+    state.put_secret(known);
+    let (app, _, _) = app(state);
+    let rows: &[(&[(&str, &str)], &str, &str)] = &[
+        (
+            &[("hsmsecrets.io/format.api-key", "yaml")],
+            "hsmsecrets.io/format.api-key",
+            "\"json\"",
+        ),
+        (
+            &[("hsmsecrets.io/format.payments", "env")],
+            "hsmsecrets.io/format.payments",
+            "not among the volume's secrets",
+        ),
+        (
+            &[("hsmsecrets.io/key-names.api-key", "a=x,b=x")],
+            "hsmsecrets.io/key-names.api-key",
+            "own name",
+        ),
+        (
+            &[("hsmsecrets.io/file-mode.api-key", "tls.key=0640")],
+            "hsmsecrets.io/file-mode.api-key",
+            "read bits only",
+        ),
+        (
+            &[("hsmsecrets.io/path.api-key", "db-credentials")],
+            "hsmsecrets.io/path.api-key",
+            "own path",
+        ),
+        (
+            &[
+                ("hsmsecrets.io/format.api-key", "env"),
+                ("hsmsecrets.io/file-mode.api-key", "token=0400"),
+            ],
+            "hsmsecrets.io/file-mode.api-key",
+            "one file",
+        ),
+        // Known keys: tls.crt is no variable name; a rename of a key it does not hold.
+        (
+            &[("hsmsecrets.io/format.db-credentials", "env")],
+            "hsmsecrets.io/key-names.db-credentials",
+            "tls.crt=TLS_CRT",
+        ),
+        (
+            &[("hsmsecrets.io/key-names.db-credentials", "pasword=pw")],
+            "hsmsecrets.io/key-names.db-credentials",
+            "does not hold",
+        ),
+        (
+            &[("hsmsecrets.io/key-names.db-credentials", "password=tls.crt")],
+            "hsmsecrets.io/key-names.db-credentials",
+            "both as \"tls.crt\"",
+        ),
+    ];
+    for (annotations, field, hint) in rows {
+        let mut original = fixture("pod_create_typical.json");
+        for (key, value) in *annotations {
+            original["request"]["object"]["metadata"]["annotations"][*key] = (*value).into();
+        }
+        let answer = review(&app, "/mutate", &original).await;
+        let message = denial_message(&answer);
+        assert!(message.contains(field), "{annotations:?}: {message}");
+        assert!(message.contains(hint), "{annotations:?}: {message}");
+    }
+}

@@ -379,3 +379,256 @@ async fn ops_endpoints_report_metrics_health_and_readiness() {
     assert_eq!(status, http::StatusCode::OK);
     assert!(body.contains("hsm_secrets_node_device_ready 1"), "{body}");
 }
+
+/// Publishes `secrets` with the layout `attributes` into a new pod's volume.
+fn laid_out(
+    target: &std::path::Path,
+    secrets: &str,
+    attributes: &[(&str, &str)],
+) -> hsm_secrets_csi::proto::NodePublishVolumeRequest {
+    attributes
+        .iter()
+        .fold(volume("vol-1", target, secrets), |request, (k, v)| {
+            with_attribute(request, k, Some(v))
+        })
+}
+
+/// What `sh` makes of an env file: `set -a; . FILE`, then the variable's exact bytes.
+fn sourced(file: &std::path::Path, variable: &str) -> Vec<u8> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("set -a; . \"$1\"; printf %s \"${variable}\""))
+        .arg("sh")
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[tokio::test]
+async fn per_key_names_modes_and_formats_are_rendered_and_re_rendered_on_rotation() {
+    let token = token_or_skip!("node-layout");
+    let store: Arc<dyn SecretStore> = Arc::new(token.open().await);
+    put(
+        store.as_ref(),
+        "shop/tls",
+        &[
+            ("private", b"PRIVATE-KEY"),
+            ("certificate", b"CERT"),
+            ("ca.crt", b"CA"),
+        ],
+    )
+    .await;
+    put(
+        store.as_ref(),
+        "shop/db",
+        &[
+            ("username", b"app"),
+            ("password", b"it's $HOME `x`\n\"two\""),
+        ],
+    )
+    .await;
+    put(store.as_ref(), "shop/api", &[("token", b"t\"o\\k")]).await;
+    let h = NodeHarness::with_store(
+        catalog(&[
+            (NAMESPACE, "tls", DEVICE, &[]),
+            (NAMESPACE, "db", DEVICE, &[]),
+            (NAMESPACE, "api", DEVICE, &[]),
+        ]),
+        store.clone(),
+    )
+    .await;
+    let target = h.target("uid-1", "secrets");
+    let request = laid_out(
+        &target,
+        "tls,db,api",
+        &[
+            ("fileMode.tls", "0444,private=0400"),
+            ("keyNames.tls", "private=tls.key,certificate=tls.crt"),
+            ("path.tls", "web"),
+            ("format.db", "env"),
+            ("keyNames.db", "username=DB_USER,password=DB_PASSWORD"),
+            ("fileMode.db", "0400"),
+            ("format.api", "json"),
+        ],
+    );
+    h.publish(request.clone()).await.unwrap();
+    assert!(is_mounted(&target));
+    assert_eq!(
+        visible_files(&target),
+        [
+            "api.json",
+            "db.env",
+            "web/ca.crt",
+            "web/tls.crt",
+            "web/tls.key"
+        ]
+    );
+    assert_eq!(mode_and_gid(&target.join("web/tls.key")), (0o400, GID));
+    assert_eq!(mode_and_gid(&target.join("web/tls.crt")), (0o444, GID));
+    assert_eq!(read(&target.join("web/tls.key")), b"PRIVATE-KEY");
+    assert_eq!(mode_and_gid(&target.join("db.env")), (0o400, GID));
+    assert_eq!(mode_and_gid(&target.join("api.json")), (0o440, GID));
+    assert_eq!(
+        sourced(&target.join("db.env"), "DB_PASSWORD"),
+        b"it's $HOME `x`\n\"two\""
+    );
+    assert_eq!(sourced(&target.join("db.env"), "DB_USER"), b"app");
+    let json: serde_json::Value = serde_json::from_slice(&read(&target.join("api.json"))).unwrap();
+    assert_eq!(json, serde_json::json!({"token": "t\"o\\k"}));
+
+    // A rotation re-renders the env file, atomically, through the same layout.
+    put(
+        store.as_ref(),
+        "shop/db",
+        &[("username", b"app"), ("password", b"rotated")],
+    )
+    .await;
+    h.publish(request.clone()).await.unwrap();
+    assert_eq!(sourced(&target.join("db.env"), "DB_PASSWORD"), b"rotated");
+    h.publish(request).await.unwrap(); // unchanged: no record
+    h.unpublish("vol-1", &target).await.unwrap();
+    assert_nothing_left(&target);
+
+    let records = h.audit.records();
+    let summary: Vec<_> = records
+        .iter()
+        .map(|r| {
+            (
+                r["operation"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("publish", "ok"), ("republish", "ok"), ("unpublish", "ok")]
+    );
+    let versions = |r: &serde_json::Value| -> Vec<(String, u64)> {
+        r["secrets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap().into(),
+                    s["version"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let first = versions(&records[0]);
+    let rotated = versions(&records[1]);
+    assert_eq!(
+        first.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["tls", "db", "api"]
+    );
+    assert!(
+        rotated[1].1 > first[1].1,
+        "db's version moved: {first:?} {rotated:?}"
+    );
+    assert_eq!(rotated[0], first[0], "tls unchanged");
+    for record in &records {
+        assert_eq!(record["pod"]["name"], "checkout-0");
+        assert_eq!(record["pod"]["serviceAccount"], SERVICE_ACCOUNT);
+        assert_eq!(record["device"], DEVICE);
+        assert_eq!(record["readFrom"], "local");
+        assert_eq!(record["node"], "worker-1");
+    }
+    assert_no_value(
+        &h.audit.bytes(),
+        &[b"PRIVATE-KEY", b"it's $HOME", b"rotated", b"t\"o"],
+    );
+    assert!(h.mounts.list(None, None).is_empty(), "unpublished");
+}
+
+fn assert_no_value(trail: &[u8], values: &[&[u8]]) {
+    for value in values {
+        assert!(
+            !trail.windows(value.len()).any(|w| w == *value),
+            "a secret value reached the audit trail: {}",
+            String::from_utf8_lossy(trail)
+        );
+    }
+}
+
+#[tokio::test]
+async fn layouts_the_secret_cannot_take_are_invalid_argument_audited_and_leave_nothing() {
+    let token = token_or_skip!("node-layout-bad");
+    let store: Arc<dyn SecretStore> = Arc::new(token.open().await);
+    put(
+        store.as_ref(),
+        "shop/db",
+        &[("password", b"pw-value"), ("tls.crt", b"cert-value")],
+    )
+    .await;
+    put(store.as_ref(), "shop/bin", &[("blob", b"\xff\xfe-binary")]).await;
+    let h = NodeHarness::with_store(
+        catalog(&[
+            (NAMESPACE, "db", DEVICE, &[]),
+            (NAMESPACE, "bin", DEVICE, &[]),
+        ]),
+        store,
+    )
+    .await;
+    let rows: &[(&str, &[(&str, &str)], &str)] = &[
+        // Two keys rendered to one file.
+        (
+            "db",
+            &[("keyNames.db", "password=tls.crt")],
+            "both as \"tls.crt\"",
+        ),
+        // A key that is no variable name.
+        ("db", &[("format.db", "env")], "tls.crt=TLS_CRT"),
+        // A format the plugin does not know.
+        ("db", &[("format.db", "yaml")], "\"format.db\""),
+        // A rename of a key the secret does not hold.
+        ("db", &[("keyNames.db", "pasword=PW")], "does not hold"),
+        // Binary data cannot be JSON text.
+        ("bin", &[("format.bin", "json")], "not UTF-8"),
+        // Per-key modes on a single-file format.
+        (
+            "db",
+            &[("format.db", "json"), ("fileMode.db", "password=0400")],
+            "one file",
+        ),
+    ];
+    for (i, (secrets, attributes, hint)) in rows.iter().enumerate() {
+        let target = h.target(&format!("uid-{i}"), "secrets");
+        let status = h
+            .publish(laid_out(&target, secrets, attributes))
+            .await
+            .expect_err(&format!("{attributes:?}"));
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{attributes:?}: {status:?}"
+        );
+        assert!(
+            status.message().contains(hint),
+            "{attributes:?}: {}",
+            status.message()
+        );
+        assert_nothing_left(&target);
+    }
+    let records = h.audit.records();
+    assert_eq!(records.len(), rows.len());
+    for record in &records {
+        assert_eq!(record["operation"], "publish");
+        assert_ne!(record["outcome"], "ok");
+        assert!(record["reason"].as_str().unwrap().len() > 10, "{record}");
+    }
+    assert_no_value(&h.audit.bytes(), &[b"pw-value", b"cert-value", b"-binary"]);
+    let metrics = h.metrics_text();
+    assert!(
+        metrics.contains(
+            r#"hsm_secrets_node_audit_records_total{operation="publish",outcome="source_invalid_argument"} 6"#
+        ),
+        "{metrics}"
+    );
+}

@@ -12,7 +12,9 @@ use std::time::Duration;
 use hsm_secrets::crd::{AccessSpec, HSMSecret, HSMSecretSpec};
 use hsm_secrets::hsm::{Expect, SecretData, SecretPath, SecretStore};
 use hsm_secrets::node::metrics::encode_text;
-use hsm_secrets::node::{HsmVolumeSource, LocalDevice, NodeMetrics, StaticCatalog};
+use hsm_secrets::node::{
+    AuditLog, HsmVolumeSource, LocalDevice, Mounts, NodeMetrics, StaticCatalog,
+};
 use hsm_secrets_csi::proto::identity_client::IdentityClient;
 use hsm_secrets_csi::proto::node_client::NodeClient;
 use hsm_secrets_csi::proto::volume_capability::access_mode::Mode;
@@ -107,6 +109,9 @@ pub struct NodeHarness {
     pub registry: Arc<Registry>,
     pub node: NodeClient<Channel>,
     pub identity: IdentityClient<Channel>,
+    /// The audit trail the plugin wrote, JSON lines.
+    pub audit: AuditBuffer,
+    pub mounts: Arc<Mounts>,
     running: Option<Running>,
     dir: tempfile::TempDir,
 }
@@ -120,8 +125,19 @@ impl NodeHarness {
         let socket = dir.path().join("plugin/csi.sock");
         let mut registry = Registry::default();
         let metrics = NodeMetrics::register(&mut registry);
-        let source =
-            Arc::new(HsmVolumeSource::new(catalog.clone(), device).with_metrics(metrics.clone()));
+        let audit = AuditBuffer::default();
+        let mounts = Arc::new(Mounts::default());
+        let audit_log = Arc::new(AuditLog::new(
+            "worker-1",
+            Box::new(audit.clone()),
+            mounts.clone(),
+            &mut registry,
+        ));
+        let source = Arc::new(
+            HsmVolumeSource::new(catalog.clone(), device)
+                .with_metrics(metrics.clone())
+                .with_mounts(mounts.clone()),
+        );
         let listener = hsm_secrets_csi::bind_unix(socket.to_str().unwrap()).unwrap();
         let identity = IdentityService::new(DRIVER, "0.0.0-test", source.clone());
         let node = NodeService::new(
@@ -130,7 +146,7 @@ impl NodeHarness {
                 .with_kubelet_dir(&kubelet_dir),
             source.clone(),
         )
-        .with_observer(Arc::new(metrics));
+        .with_observer(Arc::new(Observers(metrics, audit_log)));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(hsm_secrets_csi::serve_on(listener, identity, node, async {
             let _ = stopped.await;
@@ -144,6 +160,8 @@ impl NodeHarness {
             registry: Arc::new(registry),
             node: NodeClient::new(channel.clone()),
             identity: IdentityClient::new(channel),
+            audit,
+            mounts,
             running: Some(Running { stop, task }),
             dir,
         }
@@ -202,6 +220,58 @@ impl NodeHarness {
 
     pub fn metrics_text(&self) -> String {
         encode_text(&self.registry)
+    }
+}
+
+/// The plugin's metrics and its audit trail, as `hsm-secrets node` wires them.
+struct Observers(NodeMetrics, Arc<AuditLog>);
+
+impl hsm_secrets_csi::NodeObserver for Observers {
+    fn publish(&self, outcome: &'static str, republish: bool, elapsed: Duration) {
+        self.0.publish(outcome, republish, elapsed);
+    }
+    fn unpublish(&self, outcome: &'static str, elapsed: Duration) {
+        self.0.unpublish(outcome, elapsed);
+    }
+    fn republish_kept_last_good(
+        &self,
+        request: &hsm_secrets_csi::PublishRequest,
+        error: &hsm_secrets_csi::Error,
+    ) {
+        self.0.republish_kept_last_good(request, error);
+    }
+    fn finished(&self, operation: &hsm_secrets_csi::Operation<'_>) {
+        self.1.finished(operation);
+    }
+}
+
+/// An in-memory audit sink.
+#[derive(Clone, Default)]
+pub struct AuditBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl AuditBuffer {
+    /// Every record written so far.
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        let bytes = self.0.lock().unwrap().clone();
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl std::io::Write for AuditBuffer {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
