@@ -876,10 +876,7 @@ async fn per_secret_layouts_reach_the_volume_and_the_validating_webhook_accepts_
     // with the node plugin's parser; a hand-edited bad one does not.
     let mut created = fixture("pod_create_typical.json");
     created["request"]["object"] = serde_json::to_value(&pod).unwrap();
-    assert_eq!(
-        review(&app, "/validate", &created).await["allowed"],
-        true
-    );
+    assert_eq!(review(&app, "/validate", &created).await["allowed"], true);
     let volumes = created["request"]["object"]["spec"]["volumes"]
         .as_array_mut()
         .unwrap();

@@ -1104,3 +1104,182 @@ async fn a_read_only_denial_over_http_returns_at_once_and_leaves_no_import_secre
     assert_eq!(calls.secret_deletes, ["db-import-x7k2p"]);
     server.abort();
 }
+
+/// A node plugin's `/mounts` answer, produced by the plugin's own audit log and ops
+/// router after one publish of `shop/db` (version 7) into pod web-0.
+async fn plugin_mounts_answer(query: &str) -> Value {
+    use hsm_secrets::node::audit::{ReadFrom, SecretVersion, VolumeRead};
+    use hsm_secrets::node::{AuditLog, Mounts};
+    use hsm_secrets_csi::{Operation, OperationKind, PublishRequest};
+    use std::sync::Arc;
+    use tower::ServiceExt;
+
+    let target =
+        std::path::Path::new("/var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/hsm/mount");
+    let mounts = Arc::new(Mounts::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let audit = AuditLog::new(
+        "worker-2",
+        Box::new(std::io::sink()),
+        mounts.clone(),
+        &mut registry,
+    );
+    let request = PublishRequest {
+        volume_id: "v1".into(),
+        target_path: target.into(),
+        volume_context: [
+            ("csi.storage.k8s.io/pod.namespace", "shop"),
+            ("csi.storage.k8s.io/pod.name", "web-0"),
+            ("csi.storage.k8s.io/pod.uid", "u1"),
+            ("csi.storage.k8s.io/serviceAccount.name", "web"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+        read_only: true,
+        fs_group: None,
+        republish: false,
+    };
+    mounts.read(
+        target,
+        VolumeRead {
+            device: "prod-hsm".into(),
+            read_from: ReadFrom::LocalMirror,
+            secrets: vec![SecretVersion {
+                name: "db".into(),
+                version: Some(7),
+            }],
+        },
+    );
+    hsm_secrets_csi::NodeObserver::finished(
+        &audit,
+        &Operation {
+            kind: OperationKind::Publish,
+            volume_id: "v1",
+            target,
+            request: Some(&request),
+            outcome: "ok",
+            changed: true,
+            error: None,
+        },
+    );
+    struct Never;
+    #[async_trait::async_trait]
+    impl hsm_secrets_csi::VolumeSource for Never {
+        async fn payload(
+            &self,
+            _: &PublishRequest,
+        ) -> Result<hsm_secrets_csi::Payload, hsm_secrets_csi::SourceError> {
+            unreachable!()
+        }
+        async fn ready(&self) -> Result<(), hsm_secrets_csi::SourceError> {
+            Ok(())
+        }
+    }
+    let router = hsm_secrets::node::ops::router(Arc::new(registry), Arc::new(Never), Some(mounts));
+    let response = router
+        .oneshot(
+            http::Request::get(format!("/mounts?{query}"))
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn plugin_pod(name: &str, node: &str) -> Value {
+    json!({"metadata": {"name": name, "namespace": "hsm-secrets-system"}, "spec": {"nodeName": node, "containers": []}})
+}
+
+#[tokio::test]
+async fn mounts_asks_every_node_plugin_through_the_pod_proxy_and_names_the_unreachable() {
+    let answer = plugin_mounts_answer("namespace=shop&secret=db").await;
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("GET", "/api/v1/namespaces/hsm-secrets-system/pods")
+        );
+        assert!(
+            req.path_and_query.contains(
+                "labelSelector=app.kubernetes.io%2Fname%3Dhsm-secrets%2Capp.kubernetes.io%2Fcomponent%3Dnode"
+            ),
+            "{}",
+            req.path_and_query
+        );
+        req.reply(
+            200,
+            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+                   "items": [plugin_pod("node-a", "worker-1"), plugin_pod("node-b", "worker-2")]}),
+        );
+        let req = next(&mut api).await;
+        assert_eq!(
+            req.path_and_query,
+            "/api/v1/namespaces/hsm-secrets-system/pods/node-a:8080/proxy/mounts?namespace=shop&secret=db"
+        );
+        req.reply(
+            503,
+            status(503, "ServiceUnavailable", "no endpoints available"),
+        );
+        let req = next(&mut api).await;
+        assert_eq!(
+            req.path(),
+            "/api/v1/namespaces/hsm-secrets-system/pods/node-b:8080/proxy/mounts"
+        );
+        req.reply(200, answer);
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["mounts", "db"], client).await;
+    ran.result.as_ref().unwrap();
+    server.await.unwrap();
+    let lines: Vec<&str> = ran.out.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", ran.out);
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        row[..6],
+        ["shop", "web-0", "db", "7", "worker-2", "local_mirror"],
+        "{}",
+        ran.out
+    );
+    assert!(
+        ran.err.contains("worker-1"),
+        "the unreachable plugin is named: {}",
+        ran.err
+    );
+}
+
+#[tokio::test]
+async fn mounts_without_pods_proxy_rights_says_which_rbac_is_missing() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        req.reply(
+            200,
+            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+                   "items": [plugin_pod("node-a", "worker-1")]}),
+        );
+        let req = next(&mut api).await;
+        req.reply(
+            403,
+            status(
+                403,
+                "Forbidden",
+                "pods \"node-a\" is forbidden: User \"dev\" cannot get resource \"pods/proxy\"",
+            ),
+        );
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["mounts", "-o", "json"], client).await;
+    let error = ran.error();
+    assert!(
+        error.contains("pods/proxy") && error.contains("RBAC"),
+        "{error}"
+    );
+    server.await.unwrap();
+}

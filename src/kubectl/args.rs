@@ -69,6 +69,9 @@ pub enum Command {
     Mirror(MirrorArgs),
     /// Switch a device's primary to another node (planned: waits for it to catch up).
     Failover(FailoverArgs),
+    /// Which pods have HSM secrets (or SECRET) mounted now, at which version, read from
+    /// which copy (the node plugins' tables, through the API server's pod proxy).
+    Mounts(MountsArgs),
     /// Print a shell completion script.
     Completion(CompletionArgs),
 }
@@ -87,6 +90,26 @@ pub struct OutputArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct MountsArgs {
+    /// Only pods that mount this HSMSecret.
+    pub secret: Option<String>,
+    /// Namespace of the node plugin DaemonSet.
+    #[arg(long, default_value = "hsm-secrets-system")]
+    pub plugin_namespace: String,
+    /// Label selector of the node plugin pods.
+    #[arg(
+        long,
+        default_value = "app.kubernetes.io/name=hsm-secrets,app.kubernetes.io/component=node"
+    )]
+    pub plugin_selector: String,
+    /// The node plugins' metrics port, where they serve /mounts.
+    #[arg(long, default_value_t = 8080)]
+    pub plugin_port: u16,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Args, Debug)]
@@ -281,6 +304,17 @@ pub enum Request {
     Health(OutputFormat),
     MirrorStatus(MirrorStatusRequest),
     Failover(FailoverRequest),
+    Mounts(MountsRequest),
+}
+
+#[derive(Debug)]
+pub struct MountsRequest {
+    pub secret: Option<String>,
+    pub all_namespaces: bool,
+    pub plugin_namespace: String,
+    pub plugin_selector: String,
+    pub plugin_port: u16,
+    pub output: OutputFormat,
 }
 
 #[derive(Debug)]
@@ -353,7 +387,7 @@ impl Request {
         let only_list = |cmd: &str| -> Result<(), KubectlError> {
             if all {
                 Err(KubectlError::usage(format!(
-                    "-A/--all-namespaces applies only to `list`, not to `{cmd}`; use -n NAMESPACE"
+                    "-A/--all-namespaces applies only to `list` and `mounts`, not to `{cmd}`; use -n NAMESPACE"
                 )))
             } else {
                 Ok(())
@@ -445,6 +479,20 @@ impl Request {
                     to: f.to.clone(),
                     force: f.force,
                     wait: f.wait.into(),
+                })
+            }
+            Command::Mounts(m) => {
+                if let Some(secret) = &m.secret {
+                    validate_name("HSMSecret name", secret, 253, true)?;
+                }
+                validate_name("--plugin-namespace", &m.plugin_namespace, 63, false)?;
+                Request::Mounts(MountsRequest {
+                    secret: m.secret.clone(),
+                    all_namespaces: all,
+                    plugin_namespace: m.plugin_namespace.clone(),
+                    plugin_selector: m.plugin_selector.clone(),
+                    plugin_port: m.plugin_port,
+                    output: m.output.output,
                 })
             }
             Command::Completion(_) => {

@@ -44,6 +44,7 @@ mod client;
 mod devices;
 mod error;
 pub mod input;
+pub mod mounts;
 pub mod plan;
 pub mod render;
 mod secrets;
@@ -116,6 +117,7 @@ pub async fn execute(
         R::Health(o) => devices::health(session, o, term).await,
         R::MirrorStatus(r) => devices::mirror_status(session, &r, term).await,
         R::Failover(r) => devices::failover(session, &r, term).await,
+        R::Mounts(r) => mounts::mounts(session, &r, term).await,
     }
 }
 
