@@ -159,6 +159,21 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
         step(&out, 11).contains("1 leftover mounts unmounted"),
         "{out}"
     );
+    // The node plugins' audit trails, read by the demo before they are removed: a
+    // record of every publish with its pod and versions, none with a value.
+    let audit = step(&out, 11);
+    for expected in [
+        "audit trail: ",
+        "records from 3 node plugins",
+        "publish ok: 3",
+        "unpublish ok: 2",
+        "no secret value in it",
+    ] {
+        assert!(
+            audit.contains(expected),
+            "missing {expected:?} in:\n{audit}"
+        );
+    }
 
     // Nothing left: processes, mounts, directories.
     assert!(

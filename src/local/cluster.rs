@@ -303,6 +303,11 @@ impl LocalCluster {
         Ok(self.processes.len() - 1)
     }
 
+    /// Where each node plugin writes its audit trail, `<node>.jsonl`.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.dir.join("audit")
+    }
+
     /// One node: the CSI plugin and the device agent on its token, in one process (the
     /// token's only writer). Returns the agent's endpoint once it listens.
     fn spawn_node(
@@ -315,6 +320,7 @@ impl LocalCluster {
             create_dir(csi_dir)?;
         }
         create_dir(&node.kubelet_dir.join("pods"))?;
+        create_dir(&self.audit_dir())?;
         let mut args = vec![
             "node".into(),
             "--node-name".into(),
@@ -347,6 +353,8 @@ impl LocalCluster {
             path_arg(&files.key),
             "--pull-interval-ms".into(),
             self.timing.pull_interval_ms.to_string(),
+            "--audit-log".into(),
+            path_arg(&self.audit_dir().join(format!("{}.jsonl", node.name))),
         ];
         if self.plain_directories {
             args.push("--unsafe-plain-directory".into());

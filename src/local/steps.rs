@@ -273,7 +273,7 @@ impl Walk<'_> {
             let mut plain = BTreeMap::new();
             for (key, random_bytes) in keys {
                 let value = if random_bytes == 0 {
-                    b"checkout".to_vec()
+                    b"db-user-checkout".to_vec()
                 } else {
                     super::tokens::random_hex(random_bytes / 2)?.into_bytes()
                 };
@@ -868,6 +868,59 @@ impl Walk<'_> {
 
     // ---- step 11 --------------------------------------------------------------------
 
+    /// The node plugins' audit trails: every record parses, each publish names the pod,
+    /// its service account and the versions read, and no stored value appears anywhere.
+    fn audit_summary(&self) -> Result<String, LocalError> {
+        let dir = self.cluster.audit_dir();
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        let (mut records, mut nodes) = (0, 0);
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| LocalError::Check(format!("audit directory {}: {e}", dir.display())))?;
+        for entry in entries {
+            let path = entry
+                .map_err(|e| LocalError::Check(format!("audit directory: {e}")))?
+                .path();
+            let bytes = std::fs::read(&path)
+                .map_err(|e| LocalError::Check(format!("{}: {e}", path.display())))?;
+            for value in self.stored.values().flat_map(|keys| keys.values()) {
+                if bytes.windows(value.len()).any(|w| w == value.as_slice()) {
+                    return Err(LocalError::Check(format!(
+                        "a secret value appears in the audit trail {}",
+                        path.display()
+                    )));
+                }
+            }
+            nodes += 1;
+            for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let record: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
+                    LocalError::Check(format!("{}: a record is not JSON: {e}", path.display()))
+                })?;
+                let field = |name: &str| record[name].as_str().unwrap_or_default().to_string();
+                let (operation, outcome) = (field("operation"), field("outcome"));
+                if operation == "publish" && outcome == "ok" {
+                    let complete = record["pod"]["serviceAccount"] == "checkout"
+                        && record["secrets"].as_array().is_some_and(|s| {
+                            !s.is_empty() && s.iter().all(|s| s["version"].is_u64())
+                        });
+                    if !complete {
+                        return Err(LocalError::Check(format!(
+                            "audit record without pod or versions in {}",
+                            path.display()
+                        )));
+                    }
+                }
+                records += 1;
+                *counts.entry(format!("{operation} {outcome}")).or_default() += 1;
+            }
+        }
+        let counts: Vec<String> = counts.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+        Ok(format!(
+            "audit trail: {records} records from {nodes} node plugins ({}); each publish names \
+             the pod, its service account and the versions read; no secret value in it",
+            counts.join(", ")
+        ))
+    }
+
     async fn clean_up(&mut self) -> Result<String, LocalError> {
         let mut unpublished = 0;
         let mut on_killed_nodes = 0;
@@ -904,6 +957,11 @@ impl Walk<'_> {
                 Ok(Err(e)) => errors.push(e.to_string()),
                 Err(_) => errors.push(format!("NodeUnpublishVolume on {} timed out", volume.node)),
             }
+        }
+        // Read before the shutdown removes the directory.
+        match self.audit_summary() {
+            Ok(summary) => self.report.detail(&summary),
+            Err(e) => errors.push(e.to_string()),
         }
         let cleanup: Cleanup = tokio::task::block_in_place(|| self.cluster.shutdown());
         errors.extend(cleanup.errors.iter().cloned());
