@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hsm_secrets::hsm::{Expect, Pkcs11Config, Pkcs11Store, SecretData, SecretPath, SecretStore};
-use hsm_secrets::node::{HsmVolumeSource, LocalDevice, NodeMetrics, StaticCatalog};
+use hsm_secrets::node::{
+    AuditLog, HsmVolumeSource, LocalDevice, Mounts, NodeMetrics, StaticCatalog,
+};
 use hsm_secrets_csi::proto::node_client::NodeClient;
 use hsm_secrets_csi::proto::volume_capability::access_mode::Mode;
 use hsm_secrets_csi::proto::volume_capability::{AccessMode, AccessType, MountVolume};
@@ -107,6 +109,14 @@ async fn run(dir: PathBuf) {
     let socket = dir.join("plugin/csi.sock");
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = NodeMetrics::register(&mut registry);
+    // The audit trail is on by default in `hsm-secrets node`: measured with it, to a file.
+    let mounts = Arc::new(Mounts::default());
+    let audit = Arc::new(AuditLog::new(
+        "bench-node",
+        AuditLog::open_sink(&dir.join("audit.jsonl")).expect("audit log"),
+        mounts.clone(),
+        &mut registry,
+    ));
     let source = Arc::new(
         HsmVolumeSource::new(
             catalog,
@@ -115,7 +125,8 @@ async fn run(dir: PathBuf) {
                 store.clone() as Arc<dyn SecretStore>,
             )),
         )
-        .with_metrics(metrics.clone()),
+        .with_metrics(metrics.clone())
+        .with_mounts(mounts),
     );
     let listener = hsm_secrets_csi::bind_unix(socket.to_str().expect("utf-8")).expect("bind");
     let node = NodeService::new(
@@ -124,7 +135,7 @@ async fn run(dir: PathBuf) {
             .with_kubelet_dir(&kubelet),
         source.clone(),
     )
-    .with_observer(Arc::new(metrics));
+    .with_observer(Arc::new(Observers(metrics, audit)));
     let identity = IdentityService::new(DRIVER, "bench", source);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(hsm_secrets_csi::serve_on(listener, identity, node, async {
@@ -162,6 +173,7 @@ async fn run(dir: PathBuf) {
     }
     let (rpc_p50, rpc_p99) = percentiles(&mut rpc);
     let (mut ours, mut floor) = (Vec::new(), Vec::new());
+    let (mut per_key, mut env) = (Vec::new(), Vec::new());
     let mut parts = FloorParts::default();
     for i in 0..sequential {
         let t = target(&kubelet, &format!("seq-{i}"));
@@ -170,6 +182,14 @@ async fn run(dir: PathBuf) {
         ours.push(started.elapsed());
         unpublish(&client, &t).await;
 
+        for (layout, samples) in [(PER_KEY, &mut per_key), (ENV, &mut env)] {
+            let t = target(&kubelet, &format!("seq-{i}-{}", samples.len()));
+            let started = Instant::now();
+            publish_with(&client, &t, layout).await;
+            samples.push(started.elapsed());
+            unpublish(&client, &t).await;
+        }
+
         let f = floor_target(&floor_root, &format!("seq-{i}"));
         let started = Instant::now();
         let p = floor_publish(store.as_ref(), &path, &f).await;
@@ -177,10 +197,21 @@ async fn run(dir: PathBuf) {
         parts.add(p);
         floor_unpublish(&f);
     }
+    let floor = percentiles(&mut floor);
     rows.push(Row {
         name: format!("sequential, {sequential} publishes"),
         ours: percentiles(&mut ours),
-        floor: percentiles(&mut floor),
+        floor,
+    });
+    rows.push(Row {
+        name: "sequential, per-key modes and names".into(),
+        ours: percentiles(&mut per_key),
+        floor,
+    });
+    rows.push(Row {
+        name: "sequential, one .env file".into(),
+        ours: percentiles(&mut env),
+        floor,
     });
 
     let rounds = common::env_usize("BENCH_CONCURRENT_ROUNDS", 5);
@@ -323,7 +354,43 @@ fn floor_target(root: &Path, name: &str) -> PathBuf {
     parent.join("mount")
 }
 
+/// Per-secret layout attributes of a publish (none: a file per key, the volume's mode).
+type Layout = &'static [(&'static str, &'static str)];
+
+const PER_KEY: Layout = &[
+    ("fileMode.ten-keys", "0444,key-0=0400,key-1=0400"),
+    ("keyNames.ten-keys", "key-0=tls.key,key-1=tls.crt"),
+    ("path.ten-keys", "tls"),
+];
+
+const ENV: Layout = &[
+    ("format.ten-keys", "env"),
+    (
+        "keyNames.ten-keys",
+        "key-0=K0,key-1=K1,key-2=K2,key-3=K3,key-4=K4,key-5=K5,key-6=K6,key-7=K7,key-8=K8,key-9=K9",
+    ),
+];
+
+/// The bench plugin's metrics and audit trail, as `hsm-secrets node` wires them.
+struct Observers(NodeMetrics, Arc<AuditLog>);
+
+impl hsm_secrets_csi::NodeObserver for Observers {
+    fn publish(&self, outcome: &'static str, republish: bool, elapsed: Duration) {
+        self.0.publish(outcome, republish, elapsed);
+    }
+    fn unpublish(&self, outcome: &'static str, elapsed: Duration) {
+        self.0.unpublish(outcome, elapsed);
+    }
+    fn finished(&self, operation: &hsm_secrets_csi::Operation<'_>) {
+        self.1.finished(operation);
+    }
+}
+
 fn request(target: &Path) -> NodePublishVolumeRequest {
+    request_with(target, &[])
+}
+
+fn request_with(target: &Path, layout: Layout) -> NodePublishVolumeRequest {
     let uid = target
         .ancestors()
         .nth(4)
@@ -355,6 +422,7 @@ fn request(target: &Path) -> NodePublishVolumeRequest {
             ("device", DEVICE),
         ]
         .into_iter()
+        .chain(layout.iter().copied())
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect(),
         ..Default::default()
@@ -367,6 +435,14 @@ async fn publish(client: &NodeClient<Channel>, target: &Path) {
         .node_publish_volume(request(target))
         .await
         .expect("publish");
+}
+
+async fn publish_with(client: &NodeClient<Channel>, target: &Path, layout: Layout) {
+    client
+        .clone()
+        .node_publish_volume(request_with(target, layout))
+        .await
+        .expect("publish with a layout");
 }
 
 async fn unpublish(client: &NodeClient<Channel>, target: &Path) {
