@@ -179,6 +179,12 @@ fn validate(dir: &Path) -> Vec<String> {
             "ServiceAccount" => {
                 typed::<ServiceAccount>(example, &mut problems);
             }
+            "Role" => {
+                typed::<k8s_openapi::api::rbac::v1::Role>(example, &mut problems);
+            }
+            "RoleBinding" => {
+                typed::<k8s_openapi::api::rbac::v1::RoleBinding>(example, &mut problems);
+            }
             other => problems.push(format!(
                 "{}: kind {other} is not expected in examples",
                 example.at()
