@@ -12,6 +12,12 @@
 # into plain directories on disk (--unsafe-plain-directory), and every mount step says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "==> Checking for SoftHSM2 (installed with apt-get when missing)" >&2
 ./scripts/ensure-softhsm.sh
+# The build shows cargo's own progress; only the run below is quiet.
+echo "==> Building hsm-secrets: the first build compiles every dependency and takes about" \
+  "10 minutes on 2 cores; later runs start in seconds" >&2
+cargo build --locked -p hsm-secrets --bin hsm-secrets
+echo "==> Running the demo" >&2
 # cargo replaces itself with the program (exec), so ctrl-c reaches the demo directly.
 exec cargo run --locked --quiet -p hsm-secrets --bin hsm-secrets -- demo "$@"

@@ -350,3 +350,131 @@ fn a_missing_softhsm_module_fails_the_first_step_by_name() {
         "nothing left"
     );
 }
+
+/// A directory of stand-in programs for the scripts' tests, first on their `PATH`.
+struct FakeTools {
+    dir: tempfile::TempDir,
+}
+
+impl FakeTools {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// `name` as a bash script with `body`.
+    fn script(&self, name: &str, body: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, format!("#!/bin/bash\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// The real `name` (from /usr/bin or /bin), reachable under the fake PATH.
+    fn real(&self, name: &str) {
+        let real = ["/usr/bin", "/bin"]
+            .iter()
+            .map(|d| std::path::Path::new(d).join(name))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("no {name} in /usr/bin or /bin"));
+        std::os::unix::fs::symlink(real, self.dir.path().join(name)).unwrap();
+    }
+
+    fn log(&self) -> std::path::PathBuf {
+        self.dir.path().join("calls.log")
+    }
+
+    fn calls(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    /// Runs `script` (relative to the repository) with bash and only these tools on the
+    /// PATH: (success, stderr).
+    fn run(&self, script: &str, args: &[&str], path: &str) -> (bool, String) {
+        let out = std::process::Command::new("/bin/bash")
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+            .args(args)
+            .env("PATH", path)
+            .env("FAKE_LOG", self.log())
+            .env("FAKE_DIR", self.dir.path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// A first run on a machine without SoftHSM is not silent: the script says what it is
+/// missing and which package it installs, with what, then the version it installed.
+#[test]
+fn ensure_softhsm_says_what_it_installs() {
+    let tools = FakeTools::new();
+    for tool in ["id", "env"] {
+        tools.real(tool);
+    }
+    tools.script("sudo", r#"exec "$@""#);
+    tools.script(
+        "apt-get",
+        r#"echo "apt-get $*" >> "$FAKE_LOG"
+if [ "$1" = install ]; then
+  printf '#!/bin/bash\necho 2.6.1\n' > "$FAKE_DIR/softhsm2-util"
+  /bin/chmod +x "$FAKE_DIR/softhsm2-util"
+fi"#,
+    );
+    let path = tools.dir.path().display().to_string();
+    let (ok, err) = tools.run("scripts/ensure-softhsm.sh", &[], &path);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("SoftHSM2") && err.contains("missing") && err.contains("softhsm2 package"),
+        "{err}"
+    );
+    assert!(
+        err.contains("apt-get update, then apt-get install softhsm2"),
+        "{err}"
+    );
+    assert!(err.contains("SoftHSM2 2.6.1 installed"), "{err}");
+    let calls = tools.calls();
+    assert!(calls.contains("apt-get update"), "{calls}");
+    assert!(calls.contains("install -y -qq softhsm2"), "{calls}");
+
+    // Installed now: one line saying so, nothing installed again.
+    std::fs::remove_file(tools.log()).unwrap();
+    let (ok, err) = tools.run("scripts/ensure-softhsm.sh", &[], &path);
+    assert!(ok, "{err}");
+    assert_eq!(err.trim(), "SoftHSM2 2.6.1 is installed");
+    assert_eq!(tools.calls(), "");
+}
+
+/// `scripts/demo.sh` says what it does before each long step (the first build takes
+/// minutes) and lets cargo show its build progress, then runs the demo quietly with the
+/// user's arguments.
+#[test]
+fn the_demo_script_announces_the_build_and_shows_its_progress() {
+    let tools = FakeTools::new();
+    tools.script("softhsm2-util", "echo 2.6.1");
+    tools.script("cargo", r#"echo "cargo $*" >> "$FAKE_LOG""#);
+    let path = format!("{}:/usr/bin:/bin", tools.dir.path().display());
+    let (ok, err) = tools.run("scripts/demo.sh", &["--keep"], &path);
+    assert!(ok, "{err}");
+    let calls = tools.calls();
+    let calls: Vec<&str> = calls.lines().collect();
+    assert_eq!(
+        calls,
+        [
+            "cargo build --locked -p hsm-secrets --bin hsm-secrets",
+            "cargo run --locked --quiet -p hsm-secrets --bin hsm-secrets -- demo --keep",
+        ],
+        "the build is not --quiet; only the run is"
+    );
+    let checking = err.find("Checking for SoftHSM2").expect(&err);
+    let building = err.find("Building hsm-secrets").expect(&err);
+    let running = err.find("Running the demo").expect(&err);
+    assert!(checking < building && building < running, "{err}");
+    assert!(err.contains("SoftHSM2 2.6.1 is installed"), "{err}");
+    assert!(err.contains("about 10 minutes on 2 cores"), "{err}");
+    assert!(err.contains("later runs start in seconds"), "{err}");
+}
