@@ -29,7 +29,13 @@ pub struct CommonArgs {
 pub fn init(args: &CommonArgs) {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: a file, a pipe or a log collector would
+    // keep the escape codes as text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let _ = match args.log_format {
         LogFormat::Plain => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

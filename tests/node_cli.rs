@@ -306,16 +306,17 @@ fn missing_or_inconsistent_flags_are_refused_by_name() {
     );
 }
 
-/// `--log-format json`: every log line is one JSON object with a level and a message,
-/// as log collectors expect.
-#[test]
-fn json_log_format_writes_one_json_object_per_line() {
+/// Serves the plugin without a token (static catalog, no device) with `args` added,
+/// stops it with SIGTERM once its socket is up, and returns everything it wrote to its
+/// stderr, which is a pipe here as under a container runtime or a log collector.
+fn serve_briefly(args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let catalog = dir.path().join("catalog.yaml");
     std::fs::write(&catalog, CATALOG).unwrap();
     let socket = dir.path().join("csi.sock");
     let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
-        .args(["node", "--node-name", "n1", "--log-format", "json"])
+        .args(["node", "--node-name", "n1"])
+        .args(args)
         .arg("--catalog")
         .arg(&catalog)
         .arg("--endpoint")
@@ -324,6 +325,7 @@ fn json_log_format_writes_one_json_object_per_line() {
         .arg(dir.path().join("kubelet"))
         .env("HSM_LOG", "info")
         .env_remove("HSM_DEVICE")
+        .env_remove("HSM_LOG_FORMAT")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -343,6 +345,14 @@ fn json_log_format_writes_one_json_object_per_line() {
         .read_to_string(&mut logs)
         .unwrap();
     assert!(status.success(), "exit {status}:\n{logs}");
+    logs
+}
+
+/// `--log-format json`: every log line is one JSON object with a level and a message,
+/// as log collectors expect.
+#[test]
+fn json_log_format_writes_one_json_object_per_line() {
+    let logs = serve_briefly(&["--log-format", "json"]);
     let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(lines.len() >= 3, "{logs}");
     for line in &lines {
@@ -353,4 +363,17 @@ fn json_log_format_writes_one_json_object_per_line() {
     }
     assert!(logs.contains("\"message\":\"serving CSI\""), "{logs}");
     assert!(logs.contains("\"message\":\"shutting down\""), "{logs}");
+}
+
+/// Plain logs into a pipe or a file carry no colour codes: those are for a terminal,
+/// and in a log file they are escape sequences around every level and field name.
+#[test]
+fn plain_logs_written_to_a_pipe_carry_no_colour_codes() {
+    let logs = serve_briefly(&["--log-format", "plain"]);
+    assert!(logs.contains("serving CSI"), "{logs}");
+    assert!(logs.contains("INFO"), "{logs}");
+    assert!(
+        !logs.contains("\x1b["),
+        "ANSI escape codes in piped logs:\n{logs:?}"
+    );
 }
