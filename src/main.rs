@@ -32,10 +32,27 @@ enum Command {
     Pki(hsm_secrets::cli::pki::PkiArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     hsm_secrets::local::exit_with_parent_from_env();
     let cli = Cli::parse();
     hsm_secrets::telemetry::init(&cli.common);
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The message and its causes, never anyhow's backtrace (RUST_BACKTRACE=1 is
+            // common on developer machines).
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "{}",
+                hsm_secrets::cli::error_report(&error)
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Crdgen => print!("{}", hsm_secrets::crd::crd_yaml()?),
         Command::Node(args) => hsm_secrets::cli::node::run(*args, cli.common)?,

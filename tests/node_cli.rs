@@ -377,3 +377,49 @@ fn plain_logs_written_to_a_pipe_carry_no_colour_codes() {
         "ANSI escape codes in piped logs:\n{logs:?}"
     );
 }
+
+/// With `RUST_BACKTRACE=1` (common on developer machines) an error that ends the command
+/// is still its message and its causes, each said once: no stack trace, no repeated
+/// "Caused by" links. Here: `node` without `--catalog`, outside any cluster and with no
+/// kubeconfig, is told to pass `--catalog`.
+#[test]
+fn an_error_is_its_message_and_causes_once_never_a_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("no-such-kubeconfig");
+    let out = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
+        .args(["node", "--node-name", "n1", "--endpoint"])
+        .arg(format!("unix://{}", dir.path().join("csi.sock").display()))
+        .arg("--kubelet-dir")
+        .arg(dir.path().join("kubelet"))
+        .env("RUST_BACKTRACE", "1")
+        .env("RUST_LIB_BACKTRACE", "1")
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HSM_LOG", "error")
+        .env_remove("HSM_CATALOG")
+        .env_remove("HSM_DEVICE")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: connect to the Kubernetes API") && err.contains("--catalog"),
+        "{err}"
+    );
+    for trace in [
+        "stack backtrace",
+        "Stack backtrace",
+        "Caused by",
+        "anyhow::",
+    ] {
+        assert!(!err.contains(trace), "{trace:?} in:\n{err}");
+    }
+    // kube repeats each link of its chain inside the one above it; the path of the
+    // missing kubeconfig is said once.
+    let path = kubeconfig.display().to_string();
+    assert_eq!(err.matches(&path).count(), 1, "{err}");
+    assert!(err.lines().count() <= 2, "{err}");
+}
