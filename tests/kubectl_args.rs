@@ -419,6 +419,86 @@ async fn exit_codes_are_0_ok_1_error_2_usage() {
     );
 }
 
+/// A kubeconfig with one context, `dev`, whose cluster nothing listens for: any failure
+/// below happens before a request is sent.
+fn kubeconfig_with_dev_context(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("config");
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Config\ncurrent-context: dev\nclusters:\n- name: dev\n  cluster:\n    server: https://127.0.0.1:1\ncontexts:\n- name: dev\n  context: {cluster: dev, user: u}\n- name: orphan\n  context: {cluster: gone, user: u}\nusers:\n- name: u\n  user: {token: t}\n",
+    )
+    .unwrap();
+    path
+}
+
+/// `--context nope` is a mistake in the kubeconfig flags, not an unreachable cluster: the
+/// error names the context, the file, and how to list the contexts there are.
+#[tokio::test]
+async fn an_unknown_context_is_a_kubeconfig_error_naming_it_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kubeconfig_with_dev_context(dir.path());
+    let connect = |context: &'static str| {
+        let cli = parse(&[
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--context",
+            context,
+            "devices",
+        ])
+        .unwrap();
+        async move {
+            hsm_secrets::kubectl::connect(&cli.global)
+                .await
+                .err()
+                .unwrap()
+        }
+    };
+
+    let err = connect("nope").await;
+    let msg = err.to_string();
+    assert_eq!(err.kind(), "kubeconfig", "{msg}");
+    assert_eq!(err.exit_code(), 1);
+    assert!(msg.contains("no context named \"nope\""), "{msg}");
+    assert!(msg.contains(kubeconfig.to_str().unwrap()), "{msg}");
+    assert!(msg.contains("kubectl config get-contexts"), "{msg}");
+    assert!(msg.contains("--context"), "{msg}");
+    assert!(!msg.contains("cannot reach"), "{msg}");
+
+    // A context whose cluster the file does not define says which cluster.
+    let msg = connect("orphan").await.to_string();
+    assert!(
+        msg.contains("context \"orphan\" names cluster \"gone\", which is not defined"),
+        "{msg}"
+    );
+
+    // A kubeconfig that is not there names the file and the flag.
+    let cli = parse(&["--kubeconfig", "/nonexistent/kubeconfig", "devices"]).unwrap();
+    let err = hsm_secrets::kubectl::connect(&cli.global)
+        .await
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    assert_eq!(err.kind(), "kubeconfig", "{msg}");
+    assert!(
+        msg.contains("/nonexistent/kubeconfig") && msg.contains("--kubeconfig"),
+        "{msg}"
+    );
+
+    // Through the plugin's entry point: one line on stderr, exit code 1.
+    assert_eq!(
+        hsm_secrets::kubectl::main_with_args([
+            "kubectl-hsm",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--context",
+            "nope",
+            "devices",
+        ])
+        .await,
+        1
+    );
+}
+
 /// The bash script completes subcommands and their flags when sourced in a real bash.
 #[tokio::test]
 async fn bash_completion_completes_subcommand_flags() {

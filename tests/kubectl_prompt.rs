@@ -70,9 +70,13 @@ fn values_typed_at_the_prompt_are_not_echoed() {
     master.write_all(b"\n").unwrap();
 
     let status = child.wait().unwrap();
-    // Input read, then the (absent) cluster is the error: exit code 1.
+    // Input read, then the (absent) kubeconfig is the error: exit code 1.
     assert_eq!(status.code(), Some(1));
-    wait_for(&stderr, "cannot reach the cluster", 1);
+    wait_for(
+        &stderr,
+        "kubeconfig /nonexistent/kubeconfig: cannot be read",
+        1,
+    );
     let err_text = String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
     assert!(!err_text.contains("hunter2"), "{err_text}");
     // The terminal echoed the key name but not the value.

@@ -11,6 +11,14 @@ pub enum KubectlError {
     Usage(String),
     #[error("cannot reach the cluster: {detail}; check --context/--kubeconfig")]
     Unreachable { detail: String },
+    /// The kubeconfig on this machine names no usable cluster (an unknown context, a
+    /// missing file): nothing was sent to any cluster.
+    #[error("kubeconfig {file}: {problem}; {fix}")]
+    Kubeconfig {
+        file: String,
+        problem: String,
+        fix: String,
+    },
     #[error(
         "the cluster rejected your credentials (401 Unauthorized): {message}; check --context/--kubeconfig or log in again"
     )]
@@ -80,6 +88,7 @@ impl KubectlError {
         match self {
             KubectlError::Usage(_) => "usage",
             KubectlError::Unreachable { .. } => "unreachable",
+            KubectlError::Kubeconfig { .. } => "kubeconfig",
             KubectlError::Unauthorized { .. } => "unauthorized",
             KubectlError::CrdMissing { .. } => "crd_missing",
             KubectlError::Forbidden { .. } => "forbidden",
