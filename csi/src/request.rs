@@ -13,13 +13,22 @@ pub(crate) fn validate_publish(
     config: &NodeConfig,
     raw: NodePublishVolumeRequest,
 ) -> Result<PublishRequest, Error> {
+    // Every missing required field is named before the target's layout is judged, as
+    // the CSI spec and its conformance suite (csi-sanity) expect: csi-sanity sends its
+    // own `<mountdir>/target` without a capability and must hear about the capability.
+    // The layout rule itself is unchanged: such a target is still refused below.
     if raw.volume_id.is_empty() {
         return Err(Error::MissingField { field: "volume_id" });
     }
-    let target_path = validate_target(&config.kubelet_dir, &raw.target_path)?;
+    if raw.target_path.is_empty() {
+        return Err(Error::MissingField {
+            field: "target_path",
+        });
+    }
     let capability = raw.volume_capability.as_ref().ok_or(Error::MissingField {
         field: "volume_capability",
     })?;
+    let target_path = validate_target(&config.kubelet_dir, &raw.target_path)?;
     let mount = match &capability.access_type {
         Some(AccessType::Mount(mount)) => mount,
         Some(AccessType::Block(_)) => {
@@ -177,6 +186,61 @@ mod tests {
                 field: "target_path"
             })
         ));
+    }
+
+    /// The argument checks of the CSI conformance suite, with its own target path
+    /// (`<mountdir>/target`, outside kubelet's layout): each is refused for the field it
+    /// leaves out; with every field present, the target is still refused.
+    #[test]
+    fn required_fields_are_named_before_the_target_layout_is_judged() {
+        use crate::proto::VolumeCapability;
+        use crate::proto::volume_capability::AccessMode;
+        let config = NodeConfig::new("n1").with_kubelet_dir("/var/lib/kubelet");
+        let sanity_target = "/tmp/csi-mount/target";
+        let refused = |request: NodePublishVolumeRequest| {
+            validate_publish(&config, request).expect_err("refused")
+        };
+        let field = |error: Error| match error {
+            Error::MissingField { field } => field.to_string(),
+            other => format!("{other}"),
+        };
+        assert_eq!(
+            field(refused(NodePublishVolumeRequest::default())),
+            "volume_id"
+        );
+        let no_target = NodePublishVolumeRequest {
+            volume_id: "v".into(),
+            ..Default::default()
+        };
+        assert_eq!(field(refused(no_target)), "target_path");
+        let no_capability = NodePublishVolumeRequest {
+            volume_id: "v".into(),
+            target_path: sanity_target.into(),
+            ..Default::default()
+        };
+        let error = refused(no_capability);
+        assert_eq!(error.code(), tonic::Code::InvalidArgument);
+        assert_eq!(field(error), "volume_capability");
+
+        let complete = NodePublishVolumeRequest {
+            volume_id: "v".into(),
+            target_path: sanity_target.into(),
+            volume_capability: Some(VolumeCapability {
+                access_type: Some(AccessType::Mount(MountVolume::default())),
+                access_mode: Some(AccessMode {
+                    mode: Mode::SingleNodeWriter as i32,
+                }),
+            }),
+            readonly: true,
+            ..Default::default()
+        };
+        let error = refused(complete);
+        assert_eq!(error.code(), tonic::Code::InvalidArgument);
+        assert!(
+            error.to_string().contains("target_path")
+                && error.to_string().contains("/volumes/kubernetes.io~csi/"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -227,6 +227,42 @@ async fn bad_publish_requests_are_invalid_argument_and_leave_nothing() {
     assert_eq!(h.source.calls(), 0, "bad requests never reach the source");
 }
 
+/// csi-sanity's own NodePublishVolume argument cases use its mount directory
+/// (`<mountdir>/target`), not kubelet's layout: each is refused for the field it leaves
+/// out, and a complete request to that target is still refused for its path and creates
+/// nothing (the README's "CSI conformance (csi-sanity)" section).
+#[tokio::test]
+async fn csi_sanity_argument_cases_name_their_field_and_its_target_stays_refused() {
+    let h = Harness::start(source()).await;
+    let mountdir = tempfile::tempdir().unwrap();
+    let sanity_target = mountdir.path().join("target");
+    let sanity_target = sanity_target.to_str().unwrap();
+
+    let no_capability = NodePublishVolumeRequest {
+        volume_id: "sanity-vol".into(),
+        target_path: sanity_target.into(),
+        volume_capability: None,
+        ..Default::default()
+    };
+    let status = h.publish(no_capability).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("volume_capability"), "{status:?}");
+
+    let mut complete = publish_request("sanity-vol", &h.target("pod-a", "secrets"));
+    complete.target_path = sanity_target.into();
+    let status = h.publish(complete).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("target_path"), "{status:?}");
+    assert!(!std::path::Path::new(sanity_target).exists());
+    assert_eq!(h.source.calls(), 0);
+
+    let status = h
+        .unpublish("sanity-vol", std::path::Path::new(sanity_target))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
 #[tokio::test]
 async fn single_node_writer_modes_are_accepted_for_inline_volumes() {
     require_mounts!();
