@@ -9,8 +9,8 @@ if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
 fi
 python3 scripts/validate-manifests.py 1.36
-# nextest runs every test in its own process: SoftHSM reads its configuration once per
-# process, and each test brings its own tokens.
+# nextest runs every test in its own process; `cargo test --workspace` passes as well,
+# since every test creates its own SoftHSM tokens under labels no other test uses.
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi

@@ -15,7 +15,6 @@ use hsm_secrets::mirror::{MirrorError, pb};
 use mirror_support::*;
 use tonic::Code;
 
-const TOKENS: &[&str] = &["rs-n1", "rs-n2", "rs-crash", "rs-gc"];
 const WAIT: Duration = Duration::from_secs(120);
 const HOUR_MS: u64 = 3_600_000;
 
@@ -34,11 +33,16 @@ fn assign(role: pb::Role, epoch: u64, primary: &AgentProcess) -> pb::AssignRoleR
     }
 }
 
-async fn restart(pki: &Pki, mut process: AgentProcess, label: &str) -> AgentProcess {
+async fn restart(
+    tokens: &Tokens,
+    pki: &Pki,
+    mut process: AgentProcess,
+    label: &str,
+) -> AgentProcess {
     let node = process.peer.node.clone();
     process.child.kill().await.unwrap();
     process.child.wait().await.unwrap();
-    spawn_agent_process(TOKENS, pki, &node, label).await
+    spawn_agent_process(tokens, pki, &node, label).await
 }
 
 fn code(err: MirrorError) -> (Code, String) {
@@ -50,12 +54,13 @@ fn code(err: MirrorError) -> (Code, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_resumes_its_saved_epoch_and_role_without_the_lease() {
-    if token(TOKENS, "rs-n1").is_none() {
+    let tokens = Tokens::new();
+    if tokens.get("rs-n1").is_none() {
         return;
     }
     let pki = Pki::new(&["n1", "n2"]);
-    let n1 = spawn_agent_process(TOKENS, &pki, "n1", "rs-n1").await;
-    let n2 = spawn_agent_process(TOKENS, &pki, "n2", "rs-n2").await;
+    let n1 = spawn_agent_process(&tokens, &pki, "n1", "rs-n1").await;
+    let n2 = spawn_agent_process(&tokens, &pki, "n2", "rs-n2").await;
     let c1 = pki.controller(&n1.peer);
     c1.assign_role(assign(pb::Role::Primary, 3, &n1))
         .await
@@ -70,7 +75,7 @@ async fn a_restarted_agent_resumes_its_saved_epoch_and_role_without_the_lease() 
 
     // The mirror dies and comes back: ReadOnly at epoch 3, following n1 again on its own
     // (no AssignRole), catching up a write made while it was down.
-    let n2 = restart(&pki, n2, "rs-n2").await;
+    let n2 = restart(&tokens, &pki, n2, "rs-n2").await;
     let c2 = pki.controller(&n2.peer);
     let h2 = c2.health().await.unwrap();
     assert_eq!(
@@ -98,7 +103,7 @@ async fn a_restarted_agent_resumes_its_saved_epoch_and_role_without_the_lease() 
     );
 
     // The primary dies and comes back: primary at epoch 3, but no lease.
-    let n1 = restart(&pki, n1, "rs-n1").await;
+    let n1 = restart(&tokens, &pki, n1, "rs-n1").await;
     let c1 = pki.controller(&n1.peer);
     let h1 = c1.health().await.unwrap();
     assert_eq!(
@@ -140,7 +145,7 @@ async fn a_restarted_agent_resumes_its_saved_epoch_and_role_without_the_lease() 
     let mut fenced = false;
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        n1 = restart(&pki, n1, "rs-n1").await;
+        n1 = restart(&tokens, &pki, n1, "rs-n1").await;
         if pki.controller(&n1.peer).health().await.unwrap().fenced {
             fenced = true;
             break;
@@ -175,7 +180,7 @@ async fn saving_the_agent_state_is_crash_safe_at_every_step() {
     use std::sync::Arc;
 
     use hsm_secrets::hsm::{FaultPlan, Pkcs11Store, SecretStore};
-    let Some(tok) = token(TOKENS, "rs-crash") else {
+    let Some(tok) = TestToken::new("rs-crash") else {
         return;
     };
     let plan = Arc::new(FaultPlan::new());
@@ -240,7 +245,7 @@ async fn an_agent_collects_the_leftovers_of_interrupted_writes_at_start() {
 
     use hsm_secrets::hsm::{FaultPlan, Pkcs11Store, SecretStore};
     use hsm_secrets::mirror::{Agent, AgentConfig};
-    let Some(tok) = token(TOKENS, "rs-gc") else {
+    let Some(tok) = TestToken::new("rs-gc") else {
         return;
     };
     let plan = Arc::new(FaultPlan::new());

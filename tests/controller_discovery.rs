@@ -21,8 +21,6 @@ use mirror_support::*;
 use serde_json::json;
 use support::mock_api;
 
-const ALL: &[&str] = &["disc-n1", "disc-n2", "disc-n3"];
-
 fn node_list(nodes: &[(&str, &str)]) -> serde_json::Value {
     json!({
         "apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "1"},
@@ -75,18 +73,20 @@ async fn probe(agents: &GrpcAgents, device: &HSMDevice, node: &str) -> ProbeResu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_round_resolves_nodes_and_each_device_gets_only_its_own() {
     let pki = Pki::new(&["n1", "n2", "n3"]);
+    let tokens = Tokens::new();
     // n1 and n2 name the devices they serve; n3 is an older agent that names none.
     let Some(n1) =
-        TestNode::start_serving(ALL, "n1", "disc-n1", "dev-a", &pki, manual_sync()).await
+        TestNode::start_serving(&tokens, "n1", "disc-n1", "dev-a", &pki, manual_sync()).await
     else {
         return;
     };
-    let n2 = TestNode::start_serving(ALL, "n2", "disc-n2", "dev-open", &pki, manual_sync())
+    let n2 = TestNode::start_serving(&tokens, "n2", "disc-n2", "dev-open", &pki, manual_sync())
         .await
         .unwrap();
-    let n3 = TestNode::start(ALL, "n3", "disc-n3", &pki, manual_sync())
+    let n3 = TestNode::start(&tokens, "n3", "disc-n3", &pki, manual_sync())
         .await
         .unwrap();
+    let (l1, l2, l3) = (&n1.token.label, &n2.token.label, &n3.token.label);
     let port = serve_at(&n1, "127.0.0.2", 0).await;
     serve_at(&n2, "127.0.0.3", port).await;
 
@@ -105,9 +105,9 @@ async fn each_round_resolves_nodes_and_each_device_gets_only_its_own() {
     );
 
     // Two devices on disjoint nodes; a third leaves membership to its token's label.
-    let a = device("dev-a", "disc-n1", Some("n1"), &["n2"]);
-    let b = device("dev-b", "disc-n3", Some("n3"), &["n4"]);
-    let open = device("dev-open", "disc-n2", None, &[]);
+    let a = device("dev-a", l1, Some("n1"), &["n2"]);
+    let b = device("dev-b", l3, Some("n3"), &["n4"]);
+    let open = device("dev-open", l2, None, &[]);
 
     refresh(
         &agents,
@@ -126,9 +126,9 @@ async fn each_round_resolves_nodes_and_each_device_gets_only_its_own() {
     assert_eq!(agents.nodes(&open).await, ["n2"], "only n2 serves dev-open");
     // The device an agent names decides, not the label: dev-open under n1's label is
     // still n2's, and another device on n2's label has no agent.
-    let relabelled = device("dev-open", "disc-n1", None, &[]);
+    let relabelled = device("dev-open", l1, None, &[]);
     assert_eq!(agents.nodes(&relabelled).await, ["n2"]);
-    let shares_label = device("dev-other", "disc-n2", None, &[]);
+    let shares_label = device("dev-other", l2, None, &[]);
     assert!(
         agents.nodes(&shares_label).await.is_empty(),
         "n2 serves dev-open, whatever its token label"
@@ -138,7 +138,7 @@ async fn each_round_resolves_nodes_and_each_device_gets_only_its_own() {
         other => panic!("n2 serves dev-open: {other:?}"),
     }
     // An agent naming no device falls back to the token label.
-    let older = device("dev-c", "disc-n3", None, &[]);
+    let older = device("dev-c", l3, None, &[]);
     assert_eq!(agents.nodes(&older).await, ["n3"]);
     match probe(&agents, &a, "n2").await {
         ProbeResult::Reported(r) => assert!(r.token_present, "{r:?}"),

@@ -18,8 +18,6 @@ use hsm_secrets::mirror::AgentConnection;
 use hsm_secrets::state::{FileState, StateStore};
 use mirror_support::*;
 
-const ALL: &[&str] = &["ctl-n1", "ctl-n2", "ctl-n3"];
-
 async fn round(
     ctl: &DeviceController<FileState, GrpcAgents>,
     state: &FileState,
@@ -77,9 +75,11 @@ struct Setup {
 
 async fn setup() -> Option<Setup> {
     let pki = Pki::new(&["n1", "n2", "n3"]);
-    let n1 = TestNode::start(ALL, "n1", "ctl-n1", &pki, eager_sync()).await?;
-    let n2 = TestNode::start(ALL, "n2", "ctl-n2", &pki, eager_sync()).await?;
-    let n3 = TestNode::start(ALL, "n3", "ctl-n3", &pki, eager_sync()).await?;
+    // This test's own tokens: no other test's writes are ever counted here.
+    let tokens = Tokens::new();
+    let n1 = TestNode::start(&tokens, "n1", "ctl-n1", &pki, eager_sync()).await?;
+    let n2 = TestNode::start(&tokens, "n2", "ctl-n2", &pki, eager_sync()).await?;
+    let n3 = TestNode::start(&tokens, "n3", "ctl-n3", &pki, eager_sync()).await?;
     let dir = tempfile::tempdir().unwrap();
     let state = Arc::new(FileState::open(dir.path()).unwrap());
     state

@@ -13,8 +13,6 @@ use hsm_secrets::state::FileState;
 use mirror_support::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
-const TOKENS: &[&str] = &["ops-n1"];
-
 /// One HTTP/1.1 GET over a fresh connection: (status code, body).
 async fn get(addr: &str, path: &str) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -63,11 +61,12 @@ fn probe_paths() -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_readiness_are_served_over_http() {
-    if token(TOKENS, "ops-n1").is_none() {
+    let tokens = Tokens::new();
+    if tokens.get("ops-n1").is_none() {
         return;
     }
     let pki = Pki::new(&["n1"]);
-    let n1 = spawn_agent_process(TOKENS, &pki, "n1", "ops-n1").await;
+    let n1 = spawn_agent_process(&tokens, &pki, "n1", "ops-n1").await;
     let dir = tempfile::tempdir().unwrap();
     let state = FileState::open(dir.path()).unwrap();
     state

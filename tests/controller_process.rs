@@ -21,9 +21,6 @@ use mirror_support::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-const TOKENS: &[&str] = &[
-    "cp-n1", "cp-n2", "cp-n3", "ca-n1", "ca-n2", "ca-n3", "cs-n1", "cs-n2", "cs-n3",
-];
 const WAIT: Duration = Duration::from_secs(120);
 
 async fn status(state: &FileState) -> HSMDeviceStatus {
@@ -49,11 +46,12 @@ struct Processes {
 
 impl Processes {
     async fn start(labels: [&str; 3], policy: MirroringPolicy) -> Option<Self> {
-        token(TOKENS, labels[0])?;
+        let tokens = Tokens::new();
+        tokens.get(labels[0])?;
         let pki = Pki::new(&["n1", "n2", "n3"]);
         let mut agents = Vec::new();
         for (node, label) in ["n1", "n2", "n3"].into_iter().zip(labels) {
-            agents.push(spawn_agent_process(TOKENS, &pki, node, label).await);
+            agents.push(spawn_agent_process(&tokens, &pki, node, label).await);
         }
         let dir = tempfile::tempdir().unwrap();
         let state = FileState::open(dir.path()).unwrap();

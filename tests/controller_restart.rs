@@ -22,12 +22,13 @@ use mirror_support::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-const ALL: &[&str] = &["rj-n1", "rj-n2", "lw-n1", "lw-n2"];
 const WAIT: Duration = Duration::from_secs(120);
 
 type Controller = DeviceController<FileState, GrpcAgents>;
 
 struct Cluster {
+    /// The test's tokens: a restarted agent gets its own back.
+    tokens: Tokens,
     pki: Pki,
     n1: AgentProcess,
     n2: AgentProcess,
@@ -41,10 +42,11 @@ struct Cluster {
 /// controller over them with a 5 s write lease, long enough for rounds that wait out
 /// the probe of a stopped agent. None when SoftHSM is absent.
 async fn cluster(l1: &'static str, l2: &'static str) -> Option<Cluster> {
-    token(ALL, l1)?;
+    let tokens = Tokens::new();
+    tokens.get(l1)?;
     let pki = Pki::new(&["n1", "n2"]);
-    let n1 = spawn_agent_process(ALL, &pki, "n1", l1).await;
-    let n2 = spawn_agent_process(ALL, &pki, "n2", l2).await;
+    let n1 = spawn_agent_process(&tokens, &pki, "n1", l1).await;
+    let n2 = spawn_agent_process(&tokens, &pki, "n2", l2).await;
     let dir = tempfile::tempdir().unwrap();
     let state = Arc::new(FileState::open(dir.path()).unwrap());
     state
@@ -69,6 +71,7 @@ async fn cluster(l1: &'static str, l2: &'static str) -> Option<Cluster> {
     };
     let ctl = DeviceController::new(state.clone(), agents, config, ControllerMetrics::default());
     Some(Cluster {
+        tokens,
         pki,
         n1,
         n2,
@@ -190,7 +193,7 @@ async fn crash_promote_restart(mut c: Cluster, unreplicated: bool) -> (u64, u64,
             .endpoint
             .trim_start_matches("https://")
             .to_string();
-    c.n1 = spawn_agent_process_at(ALL, &c.pki, "n1", c.n1_label, &listen, &[]).await;
+    c.n1 = spawn_agent_process_at(&c.tokens, &c.pki, "n1", c.n1_label, &listen, &[]).await;
     let c1 = c.pki.controller(&c.n1.peer);
     let mut seen = Vec::new();
     let deadline = Instant::now() + WAIT;

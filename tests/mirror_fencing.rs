@@ -14,14 +14,11 @@ use hsm_secrets::mirror::{MirrorError, pb};
 use mirror_support::*;
 use tonic::Code;
 
-const TOKENS: &[&str] = &[
-    "ro-n1", "ro-n2", "lease-n1", "epoch-n1", "epoch-n2", "act-n1", "act-n2", "act-n3",
-];
 const WAIT: Duration = Duration::from_secs(300);
 
 macro_rules! node {
-    ($name:expr, $label:expr, $pki:expr, $sync:expr) => {
-        match TestNode::start(TOKENS, $name, $label, $pki, $sync).await {
+    ($tokens:expr, $name:expr, $label:expr, $pki:expr, $sync:expr) => {
+        match TestNode::start($tokens, $name, $label, $pki, $sync).await {
             Some(n) => n,
             None => return,
         }
@@ -46,9 +43,10 @@ fn code(e: &MirrorError) -> Code {
 
 #[tokio::test]
 async fn a_mirror_refuses_client_writes_and_names_the_primary() {
+    let tokens = Tokens::new();
     let pki = Pki::new(&["n1", "n2"]);
-    let n1 = node!("n1", "ro-n1", &pki, manual_sync());
-    let n2 = node!("n2", "ro-n2", &pki, manual_sync());
+    let n1 = node!(&tokens, "n1", "ro-n1", &pki, manual_sync());
+    let n2 = node!(&tokens, "n2", "ro-n2", &pki, manual_sync());
     assign_primary(&pki, &n1, 1, &[], HOUR).await;
     assign_mirror(&pki, &n2, 1, &n1).await;
     let mirror = pki.controller(&n2.peer());
@@ -88,8 +86,9 @@ async fn a_mirror_refuses_client_writes_and_names_the_primary() {
 
 #[tokio::test]
 async fn a_primary_with_an_expired_lease_refuses_writes_until_renewed() {
+    let tokens = Tokens::new();
     let pki = Pki::new(&["n1"]);
-    let n1 = node!("n1", "lease-n1", &pki, manual_sync());
+    let n1 = node!(&tokens, "n1", "lease-n1", &pki, manual_sync());
     // Before any assignment the agent is a standby without a primary.
     let client = pki.controller(&n1.peer());
     let err = client
@@ -155,8 +154,9 @@ async fn a_primary_with_an_expired_lease_refuses_writes_until_renewed() {
 /// clock, read from its Health answer.
 #[tokio::test]
 async fn a_lease_grant_ends_at_its_deadline_however_late_it_arrives() {
+    let tokens = Tokens::new();
     let pki = Pki::new(&["n1"]);
-    let n1 = node!("n1", "lease-n1", &pki, manual_sync());
+    let n1 = node!(&tokens, "n1", "lease-n1", &pki, manual_sync());
     assign_primary(&pki, &n1, 7, &[], HOUR).await;
     let client = pki.controller(&n1.peer());
     let clock = client.health().await.unwrap().clock.unwrap();
@@ -236,9 +236,10 @@ async fn a_lease_grant_ends_at_its_deadline_however_late_it_arrives() {
 
 #[tokio::test]
 async fn stale_epochs_are_refused_everywhere() {
+    let tokens = Tokens::new();
     let pki = Pki::new(&["n1", "n2"]);
-    let n1 = node!("n1", "epoch-n1", &pki, manual_sync());
-    let n2 = node!("n2", "epoch-n2", &pki, manual_sync());
+    let n1 = node!(&tokens, "n1", "epoch-n1", &pki, manual_sync());
+    let n2 = node!(&tokens, "n2", "epoch-n2", &pki, manual_sync());
     assign_primary(&pki, &n1, 5, &[], HOUR).await;
     assign_mirror(&pki, &n2, 5, &n1).await;
     let c1 = pki.controller(&n1.peer());
@@ -319,11 +320,12 @@ async fn stale_epochs_are_refused_everywhere() {
 
 #[tokio::test]
 async fn under_the_active_policy_an_acknowledged_write_is_on_every_in_sync_mirror() {
+    let tokens = Tokens::new();
     let pki = Pki::new(&["n1", "n2", "n3"]);
     // Mirrors never pull on their own here: only the primary's pushes can deliver.
-    let n1 = node!("n1", "act-n1", &pki, manual_sync());
-    let n2 = node!("n2", "act-n2", &pki, manual_sync());
-    let n3 = node!("n3", "act-n3", &pki, manual_sync());
+    let n1 = node!(&tokens, "n1", "act-n1", &pki, manual_sync());
+    let n2 = node!(&tokens, "n2", "act-n2", &pki, manual_sync());
+    let n3 = node!(&tokens, "n3", "act-n3", &pki, manual_sync());
     assign_mirror(&pki, &n2, 1, &n1).await;
     assign_mirror(&pki, &n3, 1, &n1).await;
     assign_primary(&pki, &n1, 1, &[&n2, &n3], HOUR).await;

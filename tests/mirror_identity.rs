@@ -17,8 +17,6 @@ use hsm_secrets::mirror::{
 use mirror_support::*;
 use tonic::Code;
 
-const TOKENS: &[&str] = &["id-n1", "id-n2", "id-pki"];
-
 fn assert_denied(err: MirrorError, rpc: &str, required: &str) {
     match &err {
         MirrorError::Remote { code, message, .. } => {
@@ -35,14 +33,15 @@ fn assert_denied(err: MirrorError, rpc: &str, required: &str) {
 
 #[tokio::test]
 async fn agents_cannot_control_or_write_and_the_controller_cannot_push() {
-    if token(TOKENS, "id-n1").is_none() {
+    let tokens = Tokens::new();
+    if tokens.get("id-n1").is_none() {
         return;
     }
     let pki = Pki::new(&["n1", "n2"]);
-    let n1 = TestNode::start(TOKENS, "n1", "id-n1", &pki, eager_sync())
+    let n1 = TestNode::start(&tokens, "n1", "id-n1", &pki, eager_sync())
         .await
         .unwrap();
-    let n2 = TestNode::start(TOKENS, "n2", "id-n2", &pki, eager_sync())
+    let n2 = TestNode::start(&tokens, "n2", "id-n2", &pki, eager_sync())
         .await
         .unwrap();
 
@@ -116,7 +115,8 @@ async fn agents_cannot_control_or_write_and_the_controller_cannot_push() {
 
 #[tokio::test]
 async fn the_pki_command_writes_working_secrets_with_private_keys() {
-    let Some(token) = token(TOKENS, "id-pki") else {
+    let tokens = Tokens::new();
+    let Some(token) = tokens.get("id-pki") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -232,11 +232,12 @@ async fn the_pki_command_writes_working_secrets_with_private_keys() {
 /// operator allowed it.
 #[tokio::test]
 async fn a_push_comes_from_the_node_its_certificate_names() {
-    if token(TOKENS, "id-n1").is_none() {
+    let tokens = Tokens::new();
+    if tokens.get("id-n1").is_none() {
         return;
     }
     let pki = Pki::new(&["n1", "n2", "n3"]);
-    let n2 = TestNode::start(TOKENS, "n2", "id-n2", &pki, eager_sync())
+    let n2 = TestNode::start(&tokens, "n2", "id-n2", &pki, eager_sync())
         .await
         .unwrap();
     let controller = pki.controller(&n2.peer());

@@ -18,7 +18,6 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-const TOKENS: &[&str] = &["proc-n1", "proc-n2", "proc-n3"];
 const WAIT: Duration = Duration::from_secs(300);
 /// Secrets written before the mirrors are compared.
 const INITIAL: u32 = 1_000;
@@ -30,8 +29,8 @@ struct AgentProcess {
 }
 
 impl AgentProcess {
-    async fn spawn(pki: &Pki, name: &str, label: &str) -> Self {
-        let token = token(TOKENS, label).unwrap();
+    async fn spawn(tokens: &Tokens, pki: &Pki, name: &str, label: &str) -> Self {
+        let token = tokens.get(label).unwrap();
         let files = pki.generated.files(name).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
             .arg("agent")
@@ -39,7 +38,7 @@ impl AgentProcess {
             .args(["--device", "proc-dev"])
             .arg("--pkcs11-library")
             .arg(&token.library)
-            .args(["--token-label", label])
+            .args(["--token-label", &token.label])
             .arg("--pin-file")
             .arg(&token.pin_file)
             .arg("--tls-ca")
@@ -130,13 +129,14 @@ async fn wait_same(a: &AgentConnection, b: &AgentConnection, what: &str) {
 
 #[tokio::test]
 async fn killed_agents_reads_continue_from_mirrors_and_a_restarted_mirror_catches_up() {
-    if token(TOKENS, "proc-n1").is_none() {
+    let tokens = Tokens::new();
+    if tokens.get("proc-n1").is_none() {
         return;
     }
     let pki = Pki::new(&["n1", "n2", "n3", "n4"]);
-    let n1 = AgentProcess::spawn(&pki, "n1", "proc-n1").await;
-    let n2 = AgentProcess::spawn(&pki, "n2", "proc-n2").await;
-    let mut n3 = AgentProcess::spawn(&pki, "n3", "proc-n3").await;
+    let n1 = AgentProcess::spawn(&tokens, &pki, "n1", "proc-n1").await;
+    let n2 = AgentProcess::spawn(&tokens, &pki, "n2", "proc-n2").await;
+    let mut n3 = AgentProcess::spawn(&tokens, &pki, "n3", "proc-n3").await;
     let c1 = pki.controller(&n1.peer());
     let c2 = pki.controller(&n2.peer());
     c1.assign_role(assign(pb::Role::Primary, 1, &n1))
@@ -188,7 +188,7 @@ async fn killed_agents_reads_continue_from_mirrors_and_a_restarted_mirror_catche
         .unwrap();
     }
     c1.delete(&path("web/s0"), Expect::Any, 1).await.unwrap();
-    n3 = AgentProcess::spawn(&pki, "n3", "proc-n3").await;
+    n3 = AgentProcess::spawn(&tokens, &pki, "n3", "proc-n3").await;
     let c3 = pki.controller(&n3.peer());
     c3.assign_role(assign(pb::Role::ReadOnly, 1, &n1))
         .await

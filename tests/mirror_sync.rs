@@ -23,15 +23,10 @@ use tonic::Code;
 
 const CONVERGE: Duration = Duration::from_secs(900);
 
-/// Every token this binary uses (created together, before SoftHSM is initialised).
-const TOKENS: &[&str] = &[
-    "conv-n1", "conv-n2", "conv-n3", "del-n1", "del-n2", "rep-n1", "rep-n2", "forge-n1",
-    "forge-n2", "cost-n1", "cost-n2", "lost-n1", "lost-n2", "lost-n3", "seq-n1", "seq-n2",
-];
-
+/// A node on the test's own token `label` (see `Tokens`), or return (skip) without SoftHSM.
 macro_rules! node {
-    ($name:expr, $label:expr, $pki:expr, $sync:expr) => {
-        match TestNode::start(TOKENS, $name, $label, $pki, $sync).await {
+    ($tokens:expr, $name:expr, $label:expr, $pki:expr, $sync:expr) => {
+        match TestNode::start($tokens, $name, $label, $pki, $sync).await {
             Some(n) => n,
             None => return,
         }
@@ -40,10 +35,11 @@ macro_rules! node {
 
 #[tokio::test]
 async fn a_thousand_secrets_converge_on_both_mirrors_with_verified_checksums() {
+    let tokens = Tokens::new();
     let pki = Pki::new(&["n1", "n2", "n3"]);
-    let n1 = node!("n1", "conv-n1", &pki, eager_sync());
-    let n2 = node!("n2", "conv-n2", &pki, eager_sync());
-    let n3 = node!("n3", "conv-n3", &pki, eager_sync());
+    let n1 = node!(&tokens, "n1", "conv-n1", &pki, eager_sync());
+    let n2 = node!(&tokens, "n2", "conv-n2", &pki, eager_sync());
+    let n3 = node!(&tokens, "n3", "conv-n3", &pki, eager_sync());
     assign_primary(&pki, &n1, 1, &[], HOUR).await;
     assign_mirror(&pki, &n2, 1, &n1).await;
     assign_mirror(&pki, &n3, 1, &n1).await;
@@ -100,9 +96,10 @@ async fn a_thousand_secrets_converge_on_both_mirrors_with_verified_checksums() {
 
 #[tokio::test]
 async fn deletes_propagate_as_tombstones_and_never_come_back() {
+    let tokens = Tokens::new();
     let pki = Pki::new(&["n1", "n2"]);
-    let n1 = node!("n1", "del-n1", &pki, manual_sync());
-    let n2 = node!("n2", "del-n2", &pki, manual_sync());
+    let n1 = node!(&tokens, "n1", "del-n1", &pki, manual_sync());
+    let n2 = node!(&tokens, "n2", "del-n2", &pki, manual_sync());
     assign_primary(&pki, &n1, 1, &[], HOUR).await;
     assign_mirror(&pki, &n2, 1, &n1).await;
     let client = pki.controller(&n1.peer());
@@ -178,9 +175,10 @@ async fn deletes_propagate_as_tombstones_and_never_come_back() {
 
 #[tokio::test]
 async fn damaged_objects_on_a_mirror_are_found_and_repaired_by_the_verification_pass() {
+    let tokens = Tokens::new();
     let pki = Pki::new(&["n1", "n2"]);
-    let n1 = node!("n1", "rep-n1", &pki, manual_sync());
-    let n2 = node!("n2", "rep-n2", &pki, manual_sync());
+    let n1 = node!(&tokens, "n1", "rep-n1", &pki, manual_sync());
+    let n2 = node!(&tokens, "n2", "rep-n2", &pki, manual_sync());
     assign_primary(&pki, &n1, 1, &[], HOUR).await;
     assign_mirror(&pki, &n2, 1, &n1).await;
     let client = pki.controller(&n1.peer());
@@ -272,9 +270,10 @@ impl SecretStore for ForgingStore {
 
 #[tokio::test]
 async fn forged_records_are_never_applied() {
+    let tokens = Tokens::new();
     let pki = Pki::new(&["n1", "n2"]);
     // The primary's agent serves a store that forges one secret on demand.
-    let Some(token) = mirror_support::token(TOKENS, "forge-n1") else {
+    let Some(token) = tokens.get("forge-n1") else {
         return;
     };
     let target = path("bank/vault");
@@ -296,7 +295,7 @@ async fn forged_records_are_never_applied() {
         listener,
         std::future::pending(),
     ));
-    let n2 = node!("n2", "forge-n2", &pki, manual_sync());
+    let n2 = node!(&tokens, "n2", "forge-n2", &pki, manual_sync());
     let n1_peer = hsm_secrets::mirror::Peer {
         node: "n1".into(),
         endpoint: n1_endpoint,
@@ -403,9 +402,10 @@ async fn forged_records_are_never_applied() {
 
 #[tokio::test]
 async fn a_pass_with_nothing_new_touches_no_token_whatever_the_size() {
+    let tokens = Tokens::new();
     let pki = Pki::new(&["n1", "n2"]);
-    let n1 = node!("n1", "cost-n1", &pki, manual_sync());
-    let n2 = node!("n2", "cost-n2", &pki, manual_sync());
+    let n1 = node!(&tokens, "n1", "cost-n1", &pki, manual_sync());
+    let n2 = node!(&tokens, "n2", "cost-n2", &pki, manual_sync());
     assign_primary(&pki, &n1, 1, &[], HOUR).await;
     assign_mirror(&pki, &n2, 1, &n1).await;
     let client = pki.controller(&n1.peer());
@@ -473,10 +473,11 @@ async fn a_pass_with_nothing_new_touches_no_token_whatever_the_size() {
 
 #[tokio::test]
 async fn a_demoted_primary_converges_and_reports_its_lost_writes() {
+    let tokens = Tokens::new();
     let pki = Pki::new(&["n1", "n2", "n3"]);
-    let mut n1 = node!("n1", "lost-n1", &pki, manual_sync());
-    let n2 = node!("n2", "lost-n2", &pki, manual_sync());
-    let n3 = node!("n3", "lost-n3", &pki, manual_sync());
+    let mut n1 = node!(&tokens, "n1", "lost-n1", &pki, manual_sync());
+    let n2 = node!(&tokens, "n2", "lost-n2", &pki, manual_sync());
+    let n3 = node!(&tokens, "n3", "lost-n3", &pki, manual_sync());
     assign_primary(&pki, &n1, 1, &[], HOUR).await;
     assign_mirror(&pki, &n2, 1, &n1).await;
     assign_mirror(&pki, &n3, 1, &n1).await;
@@ -590,9 +591,10 @@ async fn a_demoted_primary_converges_and_reports_its_lost_writes() {
 /// real primary's next push still goes through.
 #[tokio::test]
 async fn pushes_out_of_sequence_are_refused_counted_and_shown() {
+    let tokens = Tokens::new();
     let pki = Pki::new(&["n1", "n2"]);
-    let n1 = node!("n1", "seq-n1", &pki, manual_sync());
-    let n2 = node!("n2", "seq-n2", &pki, manual_sync());
+    let n1 = node!(&tokens, "n1", "seq-n1", &pki, manual_sync());
+    let n2 = node!(&tokens, "n2", "seq-n2", &pki, manual_sync());
     assign_primary(&pki, &n1, 1, &[], HOUR).await;
     assign_mirror(&pki, &n2, 1, &n1).await;
     let controller = pki.controller(&n1.peer());

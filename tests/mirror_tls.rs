@@ -8,12 +8,13 @@ mod support;
 use std::time::Duration;
 
 use hsm_secrets::mirror::{AgentConnection, AgentTls, Peer, generate_pki};
-use mirror_support::{Pki, TestNode, manual_sync};
+use mirror_support::{Pki, TestNode, Tokens, manual_sync};
 
 #[tokio::test]
 async fn mutual_tls_accepts_agent_certificates_and_refuses_others() {
     let pki = Pki::new(&["n1", "n2"]);
-    let Some(node) = TestNode::start(&["tls-n1"], "n1", "tls-n1", &pki, manual_sync()).await else {
+    let tokens = Tokens::new();
+    let Some(node) = TestNode::start(&tokens, "n1", "tls-n1", &pki, manual_sync()).await else {
         return;
     };
     let timeout = Duration::from_secs(30);

@@ -16,7 +16,8 @@ use hsm_secrets::hsm::Expect;
 use hsm_secrets::mirror::{AgentConnection, Peer, pb};
 use hsm_secrets_csi::proto::node_client::NodeClient;
 use mirror_support::{
-    HOUR, Pki, data, path, spawn_agent_process, spawn_agent_process_with, token, wait_for,
+    HOUR, Pki, TestToken, Tokens, data, path, spawn_agent_process, spawn_agent_process_with,
+    wait_for,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -24,7 +25,6 @@ use node_support::{read, target_under, unmount_everything_under, volume};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-const TOKENS: &[&str] = &["na-n1", "na-n2"];
 const WAIT: Duration = Duration::from_secs(180);
 const CATALOG: &str = "\
 apiVersion: hsmsecrets.io/v1alpha1
@@ -42,7 +42,13 @@ struct NodeProcess {
 }
 
 impl NodeProcess {
-    async fn spawn(dir: &Path, pki: &Pki, name: &str, extra: &[&str], token: Option<&str>) -> Self {
+    async fn spawn(
+        dir: &Path,
+        pki: &Pki,
+        name: &str,
+        extra: &[&str],
+        token: Option<&TestToken>,
+    ) -> Self {
         std::fs::write(dir.join("catalog.yaml"), CATALOG).unwrap();
         let socket = dir.join("plugin/csi.sock");
         let kubelet_dir = dir.join("kubelet");
@@ -68,12 +74,11 @@ impl NodeProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        if let Some(label) = token {
-            let t = mirror_support::token(TOKENS, label).unwrap();
+        if let Some(t) = token {
             command
                 .args(["--device", "prod-hsm", "--pkcs11-library"])
                 .arg(&t.library)
-                .args(["--token-label", label, "--pin-file"])
+                .args(["--token-label", &t.label, "--pin-file"])
                 .arg(&t.pin_file)
                 .args(["--agent-listen", "127.0.0.1:0", "--pull-interval-ms", "200"]);
         }
@@ -150,20 +155,22 @@ async fn wait_applied(conn: &AgentConnection, sequence: u64) {
     .await;
 }
 
-fn prerequisites() -> bool {
-    node_support::mounts_available() && token(TOKENS, TOKENS[0]).is_some()
+fn prerequisites(tokens: &Tokens) -> bool {
+    node_support::mounts_available() && tokens.get("na-n1").is_some()
 }
 
 #[tokio::test]
 async fn a_node_with_its_agent_serves_csi_and_mirrors() {
-    if !prerequisites() {
+    let tokens = Tokens::new();
+    if !prerequisites(&tokens) {
         return;
     }
     let pki = Pki::new(&["n1", "n2"]);
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::spawn(dir.path(), &pki, "n1", &[], Some("na-n1")).await;
+    let n1_token = tokens.get("na-n1");
+    let node = NodeProcess::spawn(dir.path(), &pki, "n1", &[], n1_token.as_deref()).await;
     let n1 = node.agent.clone().unwrap();
-    let n2 = spawn_agent_process(TOKENS, &pki, "n2", "na-n2").await;
+    let n2 = spawn_agent_process(&tokens, &pki, "n2", "na-n2").await;
     let c1 = pki.controller(&n1);
     let c2 = pki.controller(&n2.peer);
     c1.assign_role(assign(pb::Role::Primary, 1, &n1))
@@ -208,12 +215,13 @@ async fn a_node_with_its_agent_serves_csi_and_mirrors() {
 
 #[tokio::test]
 async fn nodes_without_a_usable_token_read_from_the_primary_then_from_a_mirror() {
-    if !prerequisites() {
+    let tokens = Tokens::new();
+    if !prerequisites(&tokens) {
         return;
     }
     let pki = Pki::new(&["n1", "n2", "worker-9", "worker-8"]);
-    let mut n1 = spawn_agent_process(TOKENS, &pki, "n1", "na-n1").await;
-    let n2 = spawn_agent_process(TOKENS, &pki, "n2", "na-n2").await;
+    let mut n1 = spawn_agent_process(&tokens, &pki, "n1", "na-n1").await;
+    let n2 = spawn_agent_process(&tokens, &pki, "n2", "na-n2").await;
     let c1 = pki.controller(&n1.peer);
     let c2 = pki.controller(&n2.peer);
     c1.assign_role(assign(pb::Role::Primary, 1, &n1.peer))
@@ -249,7 +257,7 @@ async fn nodes_without_a_usable_token_read_from_the_primary_then_from_a_mirror()
     // whose token is absent reads through the agents too, and counts it.
     let lost_dir = tempfile::tempdir().unwrap();
     let lost_metrics = free_port();
-    let t = token(TOKENS, TOKENS[0]).unwrap();
+    let t = tokens.get("na-n1").unwrap();
     let (library, pin_file) = (
         t.library.display().to_string(),
         t.pin_file.display().to_string(),
@@ -318,19 +326,21 @@ async fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 #[tokio::test]
 async fn agents_alone_and_inside_the_node_serve_metrics_without_secret_values() {
-    if !prerequisites() {
+    let tokens = Tokens::new();
+    if !prerequisites(&tokens) {
         return;
     }
     let pki = Pki::new(&["n1", "n2"]);
     let (m1, m2) = (free_port(), free_port());
-    let n1 = spawn_agent_process_with(TOKENS, &pki, "n1", "na-n1", &["--metrics-addr", &m1]).await;
+    let n1 = spawn_agent_process_with(&tokens, &pki, "n1", "na-n1", &["--metrics-addr", &m1]).await;
     let dir = tempfile::tempdir().unwrap();
+    let n2_token = tokens.get("na-n2");
     let node = NodeProcess::spawn(
         dir.path(),
         &pki,
         "n2",
         &["--metrics-addr", &m2],
-        Some("na-n2"),
+        n2_token.as_deref(),
     )
     .await;
     let n2 = node.agent.clone().unwrap();

@@ -298,11 +298,15 @@ async fn wrong_pin_and_missing_label_are_explained() {
     let msg = err.to_string();
     assert!(matches!(err, StoreError::TokenNotFound { .. }), "{msg}");
     assert!(
-        msg.contains("no-such-token") && msg.contains("\"pins\""),
+        msg.contains("no-such-token") && msg.contains(&format!("{:?}", tok.label)),
         "{msg}"
     );
 
-    let cfg = Pkcs11Config::new(&tok.library, "pins", tok.pin_file.with_extension("missing"));
+    let cfg = Pkcs11Config::new(
+        &tok.library,
+        &tok.label,
+        tok.pin_file.with_extension("missing"),
+    );
     let err = Pkcs11Store::open(cfg).await.err().unwrap();
     assert!(matches!(err, StoreError::PinFile { .. }), "{err}");
 }

@@ -4,10 +4,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
@@ -21,7 +20,8 @@ use hsm_secrets::mirror::{
 };
 use tokio::task::JoinHandle;
 
-use crate::support::softhsm::{self, TestToken};
+use crate::support::softhsm;
+pub use crate::support::softhsm::TestToken;
 
 /// The name the test's controller identity has in the PKI.
 pub const CONTROLLER: &str = "controller";
@@ -87,33 +87,70 @@ pub fn eager_sync() -> SyncSettings {
     }
 }
 
-/// The tokens of this test process, all created before any store opens one: SoftHSM
-/// lists tokens once, when the module is initialised, so a token created later in the
-/// same process would be invisible. `all` names every label the test binary uses; the
-/// first call creates them. None when SoftHSM is absent outside CI.
-pub fn token(all: &[&str], label: &str) -> Option<&'static TestToken> {
-    static TOKENS: OnceLock<Option<HashMap<String, TestToken>>> = OnceLock::new();
-    let tokens = TOKENS
-        .get_or_init(|| {
-            let mut map = HashMap::new();
-            for l in all {
-                map.insert((*l).to_string(), TestToken::new(l)?);
-            }
-            Some(map)
-        })
-        .as_ref()?;
-    Some(
-        tokens
-            .get(label)
-            .unwrap_or_else(|| panic!("token {label:?} is not in this test binary's list")),
-    )
+/// The tokens of one test, under the names the test gives them (`"n1"`, `"crash"`):
+/// each created on first use, with a label no other test's token has, so tests share no
+/// token whether they run as threads of one process (`cargo test`) or each in its own
+/// (nextest). A test that restarts a node asks again by the same name and gets the same
+/// token.
+#[derive(Default)]
+pub struct Tokens {
+    made: std::sync::Mutex<HashMap<String, Arc<TestToken>>>,
+}
+
+impl Tokens {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The token this test calls `name`; None when SoftHSM is absent outside CI.
+    pub fn get(&self, name: &str) -> Option<Arc<TestToken>> {
+        let mut made = self.made.lock().unwrap();
+        if let Some(token) = made.get(name) {
+            return Some(token.clone());
+        }
+        let token = Arc::new(TestToken::new(name)?);
+        made.insert(name.to_string(), token.clone());
+        Some(token)
+    }
+}
+
+/// Where a scenario's tokens come from, by the names it gives them: a test's own
+/// [`Tokens`], or a benchmark's list of names (one scenario per process).
+pub trait TokenSource {
+    /// The token called `name`; None when SoftHSM is absent outside CI.
+    fn token(&self, name: &str) -> Option<Arc<TestToken>>;
+}
+
+impl TokenSource for Tokens {
+    fn token(&self, name: &str) -> Option<Arc<TestToken>> {
+        self.get(name)
+    }
+}
+
+/// A benchmark's token names: one set for the whole process, which is right for a
+/// benchmark (one scenario per process) and wrong for tests (they would share tokens
+/// under `cargo test`): tests use their own [`Tokens`].
+impl TokenSource for [&str] {
+    fn token(&self, name: &str) -> Option<Arc<TestToken>> {
+        static SHARED: std::sync::OnceLock<Tokens> = std::sync::OnceLock::new();
+        assert!(
+            self.contains(&name),
+            "token {name:?} is not in this benchmark's list"
+        );
+        SHARED.get_or_init(Tokens::new).get(name)
+    }
+}
+
+/// The process-wide token `label` (one of `all`), for benchmarks; tests use [`Tokens`].
+pub fn token(all: &[&str], label: &str) -> Option<Arc<TestToken>> {
+    all.token(label)
 }
 
 /// One node: a SoftHSM token, its store (wrapped so store calls are counted), its agent
 /// and the agent's server on 127.0.0.1.
 pub struct TestNode {
     pub name: String,
-    pub token: &'static TestToken,
+    pub token: Arc<TestToken>,
     pub plan: Arc<FaultPlan>,
     pub store: Arc<dyn SecretStore>,
     pub agent: Agent,
@@ -122,27 +159,27 @@ pub struct TestNode {
 }
 
 impl TestNode {
-    /// An agent over the token `label` (one of `all`, see [`token`]).
+    /// An agent over the test's token `label` (see [`Tokens`]).
     pub async fn start(
-        all: &[&str],
+        tokens: &(impl TokenSource + ?Sized),
         name: &str,
         label: &str,
         pki: &Pki,
         sync: SyncSettings,
     ) -> Option<Self> {
-        Self::start_serving(all, name, label, "", pki, sync).await
+        Self::start_serving(tokens, name, label, "", pki, sync).await
     }
 
     /// As [`TestNode::start`], the agent naming the HSMDevice `device` in its health.
     pub async fn start_serving(
-        all: &[&str],
+        tokens: &(impl TokenSource + ?Sized),
         name: &str,
         label: &str,
         device: &str,
         pki: &Pki,
         sync: SyncSettings,
     ) -> Option<Self> {
-        let token = token(all, label)?;
+        let token = tokens.token(label)?;
         let store = Pkcs11Store::open(token.config()).await.unwrap();
         let plan = Arc::new(FaultPlan::new());
         let store: Arc<dyn SecretStore> = Arc::new(FaultyStore::new(store, plan.clone()));
@@ -292,19 +329,9 @@ pub struct RawToken {
     session: Session,
 }
 
-fn raw_context() -> &'static Pkcs11 {
-    static CTX: OnceLock<Pkcs11> = OnceLock::new();
-    CTX.get_or_init(|| {
-        let ctx = Pkcs11::new(softhsm::library().unwrap()).unwrap();
-        // The store already initialised the module in this process.
-        let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-        ctx
-    })
-}
-
 impl RawToken {
     pub fn open(label: &str) -> Self {
-        let ctx = raw_context();
+        let ctx = softhsm::pkcs11(&softhsm::library().unwrap());
         let slot = ctx
             .get_slots_with_token()
             .unwrap()
@@ -370,27 +397,32 @@ pub struct AgentProcess {
     pub peer: Peer,
 }
 
-/// Starts `hsm-secrets agent` for `name` on the token `label` (one of `all`), on a port
-/// the kernel picks; the agent announces it on its first stdout line.
-pub async fn spawn_agent_process(all: &[&str], pki: &Pki, name: &str, label: &str) -> AgentProcess {
-    spawn_agent_process_with(all, pki, name, label, &[]).await
+/// Starts `hsm-secrets agent` for `name` on the test's token `label` (see [`Tokens`]), on
+/// a port the kernel picks; the agent announces it on its first stdout line.
+pub async fn spawn_agent_process(
+    tokens: &(impl TokenSource + ?Sized),
+    pki: &Pki,
+    name: &str,
+    label: &str,
+) -> AgentProcess {
+    spawn_agent_process_with(tokens, pki, name, label, &[]).await
 }
 
 /// As [`spawn_agent_process`], with extra command-line arguments.
 pub async fn spawn_agent_process_with(
-    all: &[&str],
+    tokens: &(impl TokenSource + ?Sized),
     pki: &Pki,
     name: &str,
     label: &str,
     extra: &[&str],
 ) -> AgentProcess {
-    spawn_agent_process_at(all, pki, name, label, "127.0.0.1:0", extra).await
+    spawn_agent_process_at(tokens, pki, name, label, "127.0.0.1:0", extra).await
 }
 
 /// As [`spawn_agent_process_with`], listening on `listen` (a restarted agent takes back
 /// the address its peers know).
 pub async fn spawn_agent_process_at(
-    all: &[&str],
+    tokens: &(impl TokenSource + ?Sized),
     pki: &Pki,
     name: &str,
     label: &str,
@@ -398,13 +430,13 @@ pub async fn spawn_agent_process_at(
     extra: &[&str],
 ) -> AgentProcess {
     use tokio::io::AsyncBufReadExt;
-    let token = token(all, label).unwrap();
+    let token = tokens.token(label).unwrap();
     let files = pki.generated.files(name).unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
         .args(["agent", "--node", name, "--listen", listen])
         .arg("--pkcs11-library")
         .arg(&token.library)
-        .args(["--token-label", label])
+        .args(["--token-label", &token.label])
         .arg("--pin-file")
         .arg(&token.pin_file)
         .arg("--tls-ca")
