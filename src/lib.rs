@@ -2,6 +2,7 @@
 //! modules, delivered as tmpfs volumes, mirrored across nodes and failed over with fencing.
 
 pub mod admission;
+pub mod archive;
 pub mod cli;
 pub mod controller;
 pub mod crd;

@@ -898,7 +898,8 @@ async fn bad_layouts_are_denied_naming_the_annotation_and_the_fix() {
     known.status = Some(serde_json::from_value(json!({"keys": ["password", "tls.crt"]})).unwrap());
     state.put_secret(known);
     let (app, _, _) = app(state);
-    let rows: &[(&[(&str, &str)], &str, &str)] = &[
+    type Row<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+    let rows: &[Row] = &[
         (
             &[("hsmsecrets.io/format.api-key", "yaml")],
             "hsmsecrets.io/format.api-key",

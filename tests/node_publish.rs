@@ -576,7 +576,8 @@ async fn layouts_the_secret_cannot_take_are_invalid_argument_audited_and_leave_n
         store,
     )
     .await;
-    let rows: &[(&str, &[(&str, &str)], &str)] = &[
+    type Row<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let rows: &[Row] = &[
         // Two keys rendered to one file.
         (
             "db",

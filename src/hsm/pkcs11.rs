@@ -22,6 +22,8 @@ use secrecy::ExposeSecret;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
+mod archive_key;
+
 use super::handles::{Entry, HandleCache, Lookup};
 use super::layout::{self, DATA_APP, META_APP, Meta};
 use super::pin_refusal::PinRefusals;
@@ -167,7 +169,10 @@ impl Pkcs11Store {
         T: Send + 'static,
         F: FnOnce(&Tok<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        let mutates = matches!(operation, "write" | "apply" | "purge" | "gc" | "save_state");
+        let mutates = matches!(
+            operation,
+            "write" | "apply" | "purge" | "gc" | "save_state" | "archive_key_generate"
+        );
         let permit = self.acquire().await?;
         let shared = self.shared.clone();
         let task = tokio::task::spawn_blocking(move || {

@@ -95,6 +95,7 @@ pub use agent::{
 };
 pub use client::{AgentConnection, MAX_MESSAGE_BYTES};
 pub use convert::{expect_to_pb, role_from_pb, role_to_pb};
+pub(crate) use convert::{record_from_pb, record_to_pb};
 pub use endpoints::{EndpointResolver, NodeAddressEndpoints, StaticEndpoints};
 pub use error::MirrorError;
 pub use fencing::{AgentClock, Assignment, LeaseDeadline, Peer};

@@ -1,0 +1,402 @@
+//! The archiver: a task beside the device agent that, while its token is the device's
+//! unfenced primary, ships every change to the bucket. It keeps no state of its own: the
+//! bucket's newest object of the current epoch is where it resumes, and when there is
+//! none (a new primary after a failover, a first start) it writes a base.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+
+use super::chain::{ArchiveRoot, Entry};
+use super::envelope::{self, FORMAT, ObjectHeader, ObjectKind};
+use super::{ArchiveError, Bucket, KeyWrap, payload};
+use crate::crd::DeviceRole;
+use crate::hsm::Record;
+use crate::mirror::{Agent, pb};
+
+/// Most change bytes one segment carries; more changes make more segments.
+const SEGMENT_BYTES: usize = 32 * 1024 * 1024;
+const BASE_READ_CONCURRENCY: usize = 8;
+
+#[derive(Clone, Debug)]
+pub struct ArchiverConfig {
+    pub root: ArchiveRoot,
+    /// How often changes are shipped: the most writes a lost device costs (RPO).
+    pub segment_interval: Duration,
+    /// How often a new base starts a new chain (restores replay at most this much).
+    pub base_interval: Duration,
+}
+
+/// The end of the chain the archiver appends to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Head {
+    epoch: u64,
+    covers: u64,
+    digest: String,
+    /// When this chain's base was written (unix ms).
+    base_millis: u64,
+}
+
+/// What one step did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Not the unfenced primary: nothing to do here.
+    NotPrimary,
+    /// Everything acknowledged is in the bucket.
+    UpToDate { sequence: u64 },
+    Base {
+        name: String,
+        records: usize,
+        sequence: u64,
+    },
+    Segment {
+        name: String,
+        records: usize,
+        sequence: u64,
+    },
+}
+
+/// What the archiver last achieved, for metrics and status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ArchiverState {
+    /// Every change up to this sequence is durable in the bucket.
+    pub archived_sequence: u64,
+    /// The primary's sequence when last looked at.
+    pub primary_sequence: u64,
+    /// Unix ms of the last step that left nothing behind.
+    pub up_to_date_at: Option<u64>,
+    pub last_error: Option<String>,
+    pub objects_written: u64,
+    pub failures: u64,
+}
+
+pub struct Archiver {
+    cfg: ArchiverConfig,
+    bucket: Bucket,
+    keys: Vec<Arc<dyn KeyWrap>>,
+    head: Option<Head>,
+    state: Arc<Mutex<ArchiverState>>,
+}
+
+impl Archiver {
+    /// `keys`: the recipients every object is sealed for (the token's archive key, the
+    /// offline recovery key).
+    pub fn new(cfg: ArchiverConfig, bucket: Bucket, keys: Vec<Arc<dyn KeyWrap>>) -> Self {
+        Self {
+            cfg,
+            bucket,
+            keys,
+            head: None,
+            state: Arc::default(),
+        }
+    }
+
+    pub fn state(&self) -> Arc<Mutex<ArchiverState>> {
+        self.state.clone()
+    }
+
+    /// Ships what is new, as the primary; a base when the chain cannot continue or is due.
+    pub async fn step(&mut self, agent: &Agent) -> Result<Step, ArchiveError> {
+        let snapshot = agent.snapshot();
+        if snapshot.role != DeviceRole::Primary || snapshot.lease_remaining.is_zero() {
+            // A fenced or demoted primary never writes into the archive; its successor
+            // continues it.
+            self.head = None;
+            return Ok(Step::NotPrimary);
+        }
+        let published = agent.store().latest_sequence();
+        self.update(|s| s.primary_sequence = published);
+        if self.head.as_ref().is_none_or(|h| h.epoch != snapshot.epoch) {
+            self.head = self.find_head(snapshot.epoch, published).await?;
+        }
+        let due = self.head.as_ref().is_none_or(|h| {
+            now_millis().saturating_sub(h.base_millis) >= self.cfg.base_interval.as_millis() as u64
+        });
+        if due {
+            return self.write_base(agent, snapshot.epoch).await;
+        }
+        self.write_segments(agent, snapshot.epoch).await
+    }
+
+    /// The newest object of this epoch's chain, if it can be continued.
+    async fn find_head(&self, epoch: u64, published: u64) -> Result<Option<Head>, ArchiveError> {
+        let listed = self.bucket.list(&self.cfg.root.prefix()).await?;
+        let entries: Vec<Entry> = listed
+            .iter()
+            .filter_map(|l| Entry::parse(&self.cfg.root, &l.name))
+            .filter(|e| e.epoch == epoch)
+            .collect();
+        let Some(base) = entries
+            .iter()
+            .filter(|e| e.kind == ObjectKind::Base)
+            .max_by_key(|e| (e.last, e.millis))
+        else {
+            return Ok(None);
+        };
+        // Follow the base's chain by name; the digest of its last object is what the next
+        // segment names. (A restore checks every link again.)
+        let mut head = self.head_of(base, base.millis).await?;
+        loop {
+            let next = entries
+                .iter()
+                .filter(|e| e.kind == ObjectKind::Segment && e.first == head.covers + 1)
+                .max_by_key(|e| e.millis);
+            match next {
+                Some(next) => head = self.head_of(next, head.base_millis).await?,
+                None => break,
+            }
+        }
+        // An archive ahead of this token (restored elsewhere, rewound): start afresh.
+        Ok((head.covers <= published).then_some(head))
+    }
+
+    async fn head_of(&self, entry: &Entry, base_millis: u64) -> Result<Head, ArchiveError> {
+        let bytes = self.bucket.get(&entry.name).await?;
+        let header = envelope::peek_header(&entry.name, &bytes)?;
+        Ok(Head {
+            epoch: header.epoch,
+            covers: header.covers(),
+            digest: hex::encode(Sha256::digest(&bytes)),
+            base_millis,
+        })
+    }
+
+    async fn write_base(&mut self, agent: &Agent, epoch: u64) -> Result<Step, ArchiveError> {
+        let store = agent.store().clone();
+        let from = store.latest_sequence();
+        let manifest = store.manifest().await.map_err(ArchiveError::Token)?;
+        let live: Vec<_> = manifest.into_iter().filter(|e| !e.deleted).collect();
+        let mut records: Vec<Record> = futures::stream::iter(live.into_iter().map(|entry| {
+            let store = store.clone();
+            async move { store.record(&entry.path).await }
+        }))
+        .buffered(BASE_READ_CONCURRENCY)
+        .filter_map(|r| async move {
+            match r {
+                Ok(record) if !record.is_deleted() => Some(Ok(record)),
+                Ok(_) | Err(crate::hsm::StoreError::NotFound { .. }) => None,
+                Err(e) => Some(Err(ArchiveError::Token(e))),
+            }
+        })
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+        records.sort_by_key(|r| r.version);
+        let last = store.latest_sequence().max(from);
+        let millis = now_millis();
+        let name = self.cfg.root.base_name(epoch, last, millis);
+        let header = self.header(
+            ObjectKind::Base,
+            epoch,
+            0,
+            last,
+            Some(from),
+            None,
+            millis,
+            records.len(),
+        );
+        let bytes = self.seal(header, &records).await?;
+        let digest = hex::encode(Sha256::digest(&bytes));
+        self.bucket.put(&name, bytes).await?;
+        self.head = Some(Head {
+            epoch,
+            covers: from,
+            digest,
+            base_millis: millis,
+        });
+        self.update(|s| {
+            s.archived_sequence = from;
+            s.objects_written += 1;
+        });
+        tracing::info!(object = %name, records = records.len(), sequence = last, "archive base written");
+        Ok(Step::Base {
+            name,
+            records: records.len(),
+            sequence: last,
+        })
+    }
+
+    async fn write_segments(&mut self, agent: &Agent, epoch: u64) -> Result<Step, ArchiveError> {
+        let mut last_step = None;
+        loop {
+            let Some(head) = self.head.clone() else {
+                return Err(ArchiveError::Source("no chain to append to".into()));
+            };
+            let (records, through, more) = self.pull(agent, head.covers).await?;
+            if records.is_empty() && through <= head.covers {
+                self.update(|s| {
+                    s.archived_sequence = head.covers;
+                    s.up_to_date_at = Some(now_millis());
+                });
+                return Ok(last_step.unwrap_or(Step::UpToDate {
+                    sequence: head.covers,
+                }));
+            }
+            let first = head.covers + 1;
+            let last = records
+                .iter()
+                .map(|r| r.version)
+                .max()
+                .unwrap_or(0)
+                .max(through);
+            let millis = now_millis();
+            let name = self.cfg.root.segment_name(epoch, first, last, millis);
+            let header = self.header(
+                ObjectKind::Segment,
+                epoch,
+                first,
+                last,
+                None,
+                Some(head.digest.clone()),
+                millis,
+                records.len(),
+            );
+            let bytes = self.seal(header, &records).await?;
+            let digest = hex::encode(Sha256::digest(&bytes));
+            self.bucket.put(&name, bytes).await?;
+            self.head = Some(Head {
+                epoch,
+                covers: last,
+                digest,
+                base_millis: head.base_millis,
+            });
+            self.update(|s| {
+                s.archived_sequence = last;
+                s.objects_written += 1;
+                if !more {
+                    s.up_to_date_at = Some(now_millis());
+                }
+            });
+            tracing::debug!(object = %name, records = records.len(), "archive segment written");
+            last_step = Some(Step::Segment {
+                name,
+                records: records.len(),
+                sequence: last,
+            });
+            if !more {
+                return Ok(last_step.unwrap_or(Step::UpToDate { sequence: last }));
+            }
+        }
+    }
+
+    /// Changes after `since` from the primary's change feed, up to one segment's worth.
+    async fn pull(
+        &self,
+        agent: &Agent,
+        since: u64,
+    ) -> Result<(Vec<Record>, u64, bool), ArchiveError> {
+        let mut records = Vec::new();
+        let (mut through, mut bytes) = (since, 0usize);
+        loop {
+            let answer = agent
+                .changes(pb::ChangesRequest {
+                    since: through,
+                    limit: 0,
+                    node: String::new(),
+                    verified_epoch: 0,
+                })
+                .await
+                .map_err(|e| ArchiveError::Source(e.to_string()))?;
+            for record in answer.records {
+                let record = crate::mirror::record_from_pb("primary", record)
+                    .map_err(|e| ArchiveError::Source(e.to_string()))?;
+                bytes += record_bytes(&record);
+                records.push(record);
+            }
+            through = answer.through.max(through);
+            if !answer.more {
+                return Ok((records, through, false));
+            }
+            if bytes >= SEGMENT_BYTES {
+                return Ok((records, through, true));
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn header(
+        &self,
+        kind: ObjectKind,
+        epoch: u64,
+        first: u64,
+        last: u64,
+        base_from: Option<u64>,
+        prev: Option<String>,
+        millis: u64,
+        records: usize,
+    ) -> ObjectHeader {
+        ObjectHeader {
+            format: FORMAT,
+            kind,
+            device: self.cfg.root.device.clone(),
+            archive: self.cfg.root.archive.clone(),
+            epoch,
+            first,
+            last,
+            base_from,
+            prev,
+            created: rfc3339(millis),
+            records: records as u64,
+            recipients: Vec::new(),
+        }
+    }
+
+    async fn seal(
+        &self,
+        header: ObjectHeader,
+        records: &[Record],
+    ) -> Result<Vec<u8>, ArchiveError> {
+        let plain = zeroize::Zeroizing::new(payload::encode(records));
+        let keys: Vec<&dyn KeyWrap> = self.keys.iter().map(|k| k.as_ref()).collect();
+        envelope::seal(header, &plain, &keys).await
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ArchiverState)) {
+        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Steps every `segment_interval` until `stop`; failures are counted, logged and
+    /// retried (the device keeps taking writes; only the archive's lag grows).
+    pub async fn run(mut self, agent: Agent, stop: impl std::future::Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            match self.step(&agent).await {
+                Ok(_) => self.update(|s| s.last_error = None),
+                Err(error) => {
+                    tracing::warn!(%error, kind = error.kind(), "archiving failed; retrying");
+                    self.update(|s| {
+                        s.failures += 1;
+                        s.last_error = Some(error.to_string());
+                    });
+                }
+            }
+            tokio::select! {
+                () = &mut stop => return,
+                () = tokio::time::sleep(self.cfg.segment_interval) => {}
+            }
+        }
+    }
+}
+
+fn record_bytes(record: &Record) -> usize {
+    match &record.body {
+        crate::hsm::Body::Live(data) => data.iter().map(|(k, v)| k.len() + v.len()).sum(),
+        crate::hsm::Body::Deleted => 0,
+    }
+}
+
+pub fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn rfc3339(millis: u64) -> String {
+    k8s_openapi::jiff::Timestamp::from_millisecond(millis as i64)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
