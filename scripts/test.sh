@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: real SoftHSM2 tokens, tmpfs mounts (as root), TLS and gRPC on
-# loopback, several node processes. Installs SoftHSM2 first when it is missing.
+# loopback, several node processes, an S3 server (moto) for the archive. Installs SoftHSM2,
+# kubernetes-validate and moto first when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/ensure-softhsm.sh
@@ -9,6 +10,11 @@ if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
 fi
 python3 scripts/validate-manifests.py 1.36
+# A real S3 API for the archive tests: each test starts its own moto_server on loopback.
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "installing moto[server] (an S3-compatible server for the archive tests) with pip"
+  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
+fi
 # nextest runs every test in its own process; `cargo test --workspace` passes as well,
 # since every test creates its own SoftHSM tokens under labels no other test uses.
 if ! command -v cargo-nextest >/dev/null 2>&1; then

@@ -186,11 +186,12 @@ impl Bucket {
             _ if detail.contains("InvalidAccessKeyId")
                 || detail.contains("SignatureDoesNotMatch")
                 || detail.contains("AccessDenied")
-                || detail.contains("403") =>
+                || detail.contains("Forbidden") =>
             {
                 "check the credentials Secret (access-key-id, secret-access-key) and the bucket policy"
             }
             _ if detail.contains("connect")
+                || detail.contains("error sending request")
                 || detail.contains("timed out")
                 || detail.contains("dns") =>
             {

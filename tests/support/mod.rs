@@ -5,5 +5,6 @@ pub mod api_rules;
 pub mod fake_api;
 pub mod fixtures;
 pub mod mock_api;
+pub mod s3;
 pub mod sim_agents;
 pub mod softhsm;

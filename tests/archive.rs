@@ -1,0 +1,398 @@
+//! The archive against a real S3 API (moto on loopback) and real SoftHSM tokens: the
+//! archiver beside a primary agent ships bases and segments, a restore rebuilds any point
+//! into an empty token with the token's archive key or with the offline recovery key, and
+//! every kind of bad object stops the restore before it, by name.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hsm_secrets::archive::archiver::Step;
+use hsm_secrets::archive::chain::{ArchiveRoot, Target};
+use hsm_secrets::archive::{
+    ARCHIVE_KEY_LABEL, ArchiveError, Archiver, ArchiverConfig, Bucket, BucketConfig, KeyWrap,
+    RecoverySecretKey, TokenArchiveKey, restore,
+};
+use hsm_secrets::crd::DeviceRole;
+use hsm_secrets::hsm::{Expect, Pkcs11Store, SecretData, SecretPath, SecretStore};
+use hsm_secrets::mirror::{Agent, AgentConfig, AgentTls, Assignment, generate_pki};
+use support::s3::S3Server;
+use support::softhsm::TestToken;
+
+const DEVICE: &str = "prod-hsm";
+
+fn path(p: &str) -> SecretPath {
+    p.parse().unwrap()
+}
+
+fn data(pairs: &[(&str, &[u8])]) -> SecretData {
+    let mut d = SecretData::new();
+    for (k, v) in pairs {
+        d.insert(k, v.to_vec()).unwrap();
+    }
+    d
+}
+
+struct Primary {
+    agent: Agent,
+    store: Arc<Pkcs11Store>,
+    _pki: tempfile::TempDir,
+}
+
+/// A primary agent at `epoch` on a fresh token holding the device's archive key.
+async fn start_primary(name: &str, epoch: u64) -> Primary {
+    let token = TestToken::new(name).unwrap();
+    let store = Arc::new(token.open().await);
+    store.archive_key_generate(ARCHIVE_KEY_LABEL).await.unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let files = generate_pki(pki.path(), &["n1"]).unwrap();
+    let tls = AgentTls::from_files(files.files("n1").unwrap()).unwrap();
+    let agent = Agent::start(AgentConfig::new("n1", tls), store.clone()).await;
+    agent
+        .assign(Assignment {
+            role: DeviceRole::Primary,
+            epoch,
+            primary: None,
+            mirrors: Vec::new(),
+            lease: Duration::from_secs(3600),
+            sync_interval: None,
+        })
+        .await
+        .unwrap();
+    Primary {
+        agent,
+        store,
+        _pki: pki,
+    }
+}
+
+fn s3_bucket(server: &S3Server, bucket: &str) -> Bucket {
+    server.create_bucket(bucket);
+    let credentials = tempfile::tempdir().unwrap().keep();
+    std::fs::write(credentials.join("access-key-id"), "testing\n").unwrap();
+    std::fs::write(credentials.join("secret-access-key"), "testing\n").unwrap();
+    Bucket::open(&BucketConfig {
+        url: format!("s3://{bucket}/archives"),
+        endpoint: Some(server.endpoint.clone()),
+        region: None,
+        credentials_dir: Some(credentials),
+        timeout: Duration::from_secs(10),
+    })
+    .unwrap()
+}
+
+fn archiver(bucket: &Bucket, primary: &Primary, recovery: &RecoverySecretKey) -> Archiver {
+    let keys: Vec<Arc<dyn KeyWrap>> = vec![
+        Arc::new(TokenArchiveKey::new(
+            primary.store.clone(),
+            ARCHIVE_KEY_LABEL,
+        )),
+        Arc::new(recovery.public()),
+    ];
+    Archiver::new(
+        ArchiverConfig {
+            root: ArchiveRoot::new(DEVICE, "a1").unwrap(),
+            segment_interval: Duration::from_millis(100),
+            base_interval: Duration::from_secs(3600),
+        },
+        bucket.clone(),
+        keys,
+    )
+}
+
+async fn put(primary: &Primary, p: &str, pairs: &[(&str, &[u8])]) -> u64 {
+    let epoch = primary.agent.epoch();
+    primary
+        .agent
+        .put(&path(p), data(pairs), Expect::Any, epoch)
+        .await
+        .unwrap();
+    primary.store.latest_sequence()
+}
+
+async fn empty_token(name: &str) -> Pkcs11Store {
+    TestToken::new(name).unwrap().open().await
+}
+
+async fn value(store: &dyn SecretStore, p: &str, key: &str) -> Option<Vec<u8>> {
+    match store.get(&path(p)).await {
+        Ok((_, d)) => d.get(key).map(<[u8]>::to_vec),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn the_archive_restores_any_point_with_the_token_key_or_the_recovery_key() {
+    let Some(s3) = S3Server::start() else { return };
+    let bucket = s3_bucket(&s3, "restore-points");
+    let recovery = RecoverySecretKey::generate().unwrap();
+    let primary = start_primary("arc-primary", 1).await;
+    let root = ArchiveRoot::new(DEVICE, "a1").unwrap();
+    let mut archiver = archiver(&bucket, &primary, &recovery);
+
+    put(&primary, "shop/db", &[("password", b"pw-one")]).await;
+    let step = archiver.step(&primary.agent).await.unwrap();
+    assert!(matches!(step, Step::Base { records: 1, .. }), "{step:?}");
+    put(&primary, "shop/api", &[("token", b"tok-one")]).await;
+    let first_point = put(&primary, "shop/db", &[("password", b"pw-two")]).await;
+    let step = archiver.step(&primary.agent).await.unwrap();
+    assert!(
+        matches!(step, Step::Segment { records: 2, sequence, .. } if sequence == first_point),
+        "{step:?}"
+    );
+    primary
+        .agent
+        .delete(&path("shop/api"), Expect::Any, 1)
+        .await
+        .unwrap();
+    put(&primary, "shop/tls", &[("tls.key", b"key-bytes")]).await;
+    assert!(matches!(
+        archiver.step(&primary.agent).await.unwrap(),
+        Step::Segment { .. }
+    ));
+    assert!(matches!(
+        archiver.step(&primary.agent).await.unwrap(),
+        Step::UpToDate { .. }
+    ));
+
+    // Every token of the device lost: the offline recovery key opens the archive.
+    let rebuilt = empty_token("arc-rebuilt").await;
+    let report = restore(&bucket, &root, &recovery, Target::Latest, &rebuilt, false)
+        .await
+        .unwrap();
+    assert_eq!(report.secrets, 2, "{report:?}");
+    assert_eq!(report.segments, 2);
+    assert_eq!(report.sequence, primary.store.latest_sequence());
+    assert!(report.stopped.is_none(), "{report:?}");
+    assert_eq!(
+        value(&rebuilt, "shop/db", "password").await.unwrap(),
+        b"pw-two"
+    );
+    assert_eq!(
+        value(&rebuilt, "shop/tls", "tls.key").await.unwrap(),
+        b"key-bytes"
+    );
+    assert!(
+        value(&rebuilt, "shop/api", "token").await.is_none(),
+        "deleted before the point"
+    );
+
+    // An earlier point, opened with the token's own archive key.
+    let earlier = empty_token("arc-earlier").await;
+    let key = TokenArchiveKey::new(primary.store.clone(), ARCHIVE_KEY_LABEL);
+    let report = restore(
+        &bucket,
+        &root,
+        &key,
+        Target::Sequence(first_point),
+        &earlier,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.sequence, first_point);
+    assert_eq!(
+        value(&earlier, "shop/api", "token").await.unwrap(),
+        b"tok-one"
+    );
+    assert!(value(&earlier, "shop/tls", "tls.key").await.is_none());
+
+    // A token that holds data is refused unless forced; a stranger's key opens nothing.
+    let error = restore(&bucket, &root, &recovery, Target::Latest, &rebuilt, false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, ArchiveError::TargetNotEmpty { secrets: 2, .. }),
+        "{error}"
+    );
+    let stranger = RecoverySecretKey::generate().unwrap();
+    let error = restore(
+        &bucket,
+        &root,
+        &stranger,
+        Target::Latest,
+        &empty_token("arc-x").await,
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(error, ArchiveError::NoMatchingKey { .. }),
+        "{error}"
+    );
+
+    // No secret value is readable in the bucket.
+    for object in bucket.list("").await.unwrap() {
+        let bytes = bucket.get(&object.name).await.unwrap();
+        for secret in [&b"pw-one"[..], b"pw-two", b"tok-one", b"key-bytes"] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret),
+                "{}",
+                object.name
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn tampered_truncated_reordered_replayed_foreign_and_missing_objects_stop_the_restore() {
+    let Some(s3) = S3Server::start() else { return };
+    let bucket = s3_bucket(&s3, "bad-objects");
+    let recovery = RecoverySecretKey::generate().unwrap();
+    let primary = start_primary("arc-bad", 1).await;
+    let root = ArchiveRoot::new(DEVICE, "a1").unwrap();
+    let mut archiver = archiver(&bucket, &primary, &recovery);
+    archiver.step(&primary.agent).await.unwrap(); // the base
+    let mut segments = Vec::new();
+    for i in 0..3u8 {
+        put(&primary, &format!("shop/s{i}"), &[("v", &[b'a' + i; 8])]).await;
+        match archiver.step(&primary.agent).await.unwrap() {
+            Step::Segment { name, .. } => segments.push(name),
+            other => panic!("{other:?}"),
+        }
+    }
+    let original = bucket.get(&segments[1]).await.unwrap();
+    let restore_latest = || async {
+        let target = empty_token("arc-bad-target").await;
+        restore(&bucket, &root, &recovery, Target::Latest, &target, false).await
+    };
+    // Whole chain: three segments.
+    assert_eq!(restore_latest().await.unwrap().segments, 3);
+
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "tampered",
+            {
+                let mut b = original.clone();
+                let at = b.len() - 20;
+                b[at] ^= 0x40;
+                b
+            },
+            "authentication failed",
+        ),
+        (
+            "truncated",
+            original[..original.len() / 2].to_vec(),
+            "cut short",
+        ),
+        // The first segment stored again in the second's place (a replay or reordering).
+        (
+            "replayed",
+            bucket.get(&segments[0]).await.unwrap(),
+            "does not match its authenticated header",
+        ),
+    ];
+    for (what, bytes, hint) in cases {
+        bucket.put(&segments[1], bytes).await.unwrap();
+        let report = restore_latest().await.unwrap();
+        assert_eq!(
+            report.segments, 1,
+            "{what}: applied up to the bad object only"
+        );
+        let stopped = report.stopped.unwrap_or_default();
+        assert!(
+            stopped.contains(&segments[1]) && stopped.contains(hint),
+            "{what}: {stopped}"
+        );
+    }
+
+    // An object of another device's archive under this name.
+    let other = start_primary("arc-other", 1).await;
+    let other_bucket = s3_bucket(&s3, "other-device");
+    let mut foreign_archiver = Archiver::new(
+        ArchiverConfig {
+            root: ArchiveRoot::new("other-hsm", "a1").unwrap(),
+            segment_interval: Duration::from_millis(100),
+            base_interval: Duration::from_secs(3600),
+        },
+        other_bucket.clone(),
+        vec![Arc::new(recovery.public()) as Arc<dyn KeyWrap>],
+    );
+    foreign_archiver.step(&other.agent).await.unwrap();
+    put(&other, "bank/vault", &[("k", b"v")]).await;
+    let Step::Segment { name, .. } = foreign_archiver.step(&other.agent).await.unwrap() else {
+        panic!("no foreign segment");
+    };
+    bucket
+        .put(&segments[1], other_bucket.get(&name).await.unwrap())
+        .await
+        .unwrap();
+    let stopped = restore_latest().await.unwrap().stopped.unwrap_or_default();
+    assert!(stopped.contains("belongs to device other-hsm"), "{stopped}");
+
+    // A missing segment: a gap, named, and nothing after it applied.
+    bucket.delete(&segments[1]).await.unwrap();
+    let report = restore_latest().await.unwrap();
+    assert_eq!(report.segments, 1);
+    let stopped = report.stopped.unwrap_or_default();
+    assert!(
+        stopped.contains("a gap") && stopped.contains(&segments[2]),
+        "{stopped}"
+    );
+}
+
+#[tokio::test]
+async fn bucket_failures_name_the_object_store_and_the_fix_and_never_block_writes() {
+    let Some(s3) = S3Server::start() else { return };
+    let recovery = RecoverySecretKey::generate().unwrap();
+    let primary = start_primary("arc-fail", 1).await;
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::write(credentials.path().join("access-key-id"), "testing").unwrap();
+    std::fs::write(credentials.path().join("secret-access-key"), "testing").unwrap();
+    let open = |url: &str, endpoint: String| {
+        Bucket::open(&BucketConfig {
+            url: url.into(),
+            endpoint: Some(endpoint),
+            region: None,
+            credentials_dir: Some(credentials.path().to_path_buf()),
+            timeout: Duration::from_secs(3),
+        })
+        .unwrap()
+    };
+    let missing = open("s3://no-such-bucket", s3.endpoint.clone());
+    let error = archiver(&missing, &primary, &recovery)
+        .step(&primary.agent)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("create the bucket"), "{error}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let unreachable = open("s3://archive", format!("http://{closed}"));
+    let error = archiver(&unreachable, &primary, &recovery)
+        .step(&primary.agent)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("check the endpoint"), "{error}");
+    // The device goes on taking writes.
+    put(&primary, "shop/db", &[("password", b"still-writable")]).await;
+
+    for (url, hint) in [
+        ("ftp://x", "no known scheme"),
+        ("s3://", "names no bucket"),
+        ("file://relative", "absolute"),
+    ] {
+        let error = Bucket::open(&BucketConfig {
+            url: url.into(),
+            ..BucketConfig::default()
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(error.contains(hint), "{url}: {error}");
+    }
+    let error = Bucket::open(&BucketConfig {
+        url: "s3://b".into(),
+        credentials_dir: Some("/nonexistent".into()),
+        ..BucketConfig::default()
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(error.contains("access-key-id"), "{error}");
+}
