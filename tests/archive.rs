@@ -396,3 +396,126 @@ async fn bucket_failures_name_the_object_store_and_the_fix_and_never_block_write
     .to_string();
     assert!(error.contains("access-key-id"), "{error}");
 }
+
+/// The archive key goes to the device's other tokens only wrapped, token to token.
+async fn copy_archive_key(from: &Pkcs11Store, to: &Pkcs11Store) {
+    let transport = to.archive_transport_begin(ARCHIVE_KEY_LABEL).await.unwrap();
+    let wrapped = from
+        .archive_key_export(ARCHIVE_KEY_LABEL, &transport)
+        .await
+        .unwrap();
+    to.archive_key_import(ARCHIVE_KEY_LABEL, wrapped)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn after_a_failover_the_new_primary_continues_the_archive_and_restores_follow_it() {
+    let Some(s3) = S3Server::start() else { return };
+    let bucket = s3_bucket(&s3, "failover");
+    let recovery = RecoverySecretKey::generate().unwrap();
+    let root = ArchiveRoot::new(DEVICE, "a1").unwrap();
+    let old = start_primary("arc-old", 1).await;
+    let mut old_archiver = archiver(&bucket, &old, &recovery);
+    put(&old, "shop/db", &[("password", b"before")]).await;
+    old_archiver.step(&old.agent).await.unwrap();
+    put(&old, "shop/db", &[("password", b"replicated")]).await;
+    old_archiver.step(&old.agent).await.unwrap();
+
+    // The mirror: its token received the archive key in the ceremony, and holds what was
+    // replicated to it.
+    let token = TestToken::new("arc-new").unwrap();
+    let store = Arc::new(token.open().await);
+    let error = store
+        .archive_key_import(ARCHIVE_KEY_LABEL, vec![0; 384])
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("key-receive-begin"), "{error}");
+    copy_archive_key(&old.store, &store).await;
+    for entry in old.store.manifest().await.unwrap() {
+        store
+            .apply(old.store.record(&entry.path).await.unwrap())
+            .await
+            .unwrap();
+    }
+    // A write the old primary takes and archives, which never reaches the mirror.
+    put(&old, "shop/lost", &[("k", b"lost-write")]).await;
+    old_archiver.step(&old.agent).await.unwrap();
+
+    // The mirror is promoted at epoch 2 and takes writes; its archiver starts a new chain.
+    let pki = tempfile::tempdir().unwrap();
+    let files = generate_pki(pki.path(), &["n2"]).unwrap();
+    let tls = AgentTls::from_files(files.files("n2").unwrap()).unwrap();
+    let agent = Agent::start(AgentConfig::new("n2", tls), store.clone()).await;
+    agent
+        .assign(Assignment {
+            role: DeviceRole::Primary,
+            epoch: 2,
+            primary: None,
+            mirrors: Vec::new(),
+            lease: Duration::from_secs(3600),
+            sync_interval: None,
+        })
+        .await
+        .unwrap();
+    let new = Primary {
+        agent,
+        store,
+        _pki: pki,
+    };
+    let mut new_archiver = archiver(&bucket, &new, &recovery);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let promoted_at = hsm_secrets::archive::archiver::now_millis();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let step = new_archiver.step(&new.agent).await.unwrap();
+    assert!(
+        matches!(step, Step::Base { .. }),
+        "a new epoch starts a new chain: {step:?}"
+    );
+    put(&new, "shop/db", &[("password", b"after-failover")]).await;
+    assert!(matches!(
+        new_archiver.step(&new.agent).await.unwrap(),
+        Step::Segment { .. }
+    ));
+
+    // A fenced old primary writes nothing more into the archive.
+    old.agent.fence(1).await.unwrap();
+    assert_eq!(
+        old_archiver.step(&old.agent).await.unwrap(),
+        Step::NotPrimary
+    );
+
+    let target = empty_token("arc-failover-target").await;
+    let report = restore(&bucket, &root, &recovery, Target::Latest, &target, false)
+        .await
+        .unwrap();
+    assert_eq!(report.epoch, 2, "{report:?}");
+    assert_eq!(
+        value(&target, "shop/db", "password").await.unwrap(),
+        b"after-failover"
+    );
+    assert!(
+        value(&target, "shop/lost", "k").await.is_none(),
+        "the old primary's unreplicated write is not in its successor's history"
+    );
+    // A point in time before the promotion restores the history as it was then: the old
+    // primary's chain, its last write included. (A sequence number names a point of the
+    // newest epoch: after a failover the new primary reuses the numbers its predecessor's
+    // lost writes had.)
+    let before = empty_token("arc-old-point").await;
+    let report = restore(
+        &bucket,
+        &root,
+        &recovery,
+        Target::Time(promoted_at),
+        &before,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.epoch, 1, "{report:?}");
+    assert_eq!(
+        value(&before, "shop/lost", "k").await.unwrap(),
+        b"lost-write"
+    );
+}

@@ -25,7 +25,7 @@ pub use model::{
 };
 pub use path::{MAX_KEY_LEN, SecretPath, validate_key};
 pub use pin_refusal::PinRefusals;
-pub use pkcs11::{Pkcs11Config, Pkcs11Store};
+pub use pkcs11::{Pkcs11Config, Pkcs11Store, TransportPublicKey};
 
 use async_trait::async_trait;
 

@@ -23,6 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
 mod archive_key;
+pub use archive_key::TransportPublicKey;
 
 use super::handles::{Entry, HandleCache, Lookup};
 use super::layout::{self, DATA_APP, META_APP, Meta};

@@ -2,9 +2,10 @@
 //! token, never readable in clear (`CKA_SENSITIVE`), used through `C_Encrypt` /
 //! `C_Decrypt` with AES-GCM to wrap the data keys of archive objects.
 
-use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
@@ -110,6 +111,187 @@ impl Pkcs11Store {
                 .decrypt(&Mechanism::AesGcm(params), key, data)
                 .map(Zeroizing::new)
                 .map_err(|e| tok.map_err(e, "C_Decrypt"))
+        })
+        .await
+    }
+}
+
+/// The public half of a token's transport key pair: what another token wraps the archive
+/// key for.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportPublicKey {
+    /// The token the key pair lives on.
+    pub token: String,
+    /// RSA modulus and public exponent, hex.
+    pub modulus: String,
+    pub exponent: String,
+}
+
+/// OAEP with SHA-1: the digest every PKCS#11 token implements for OAEP (SoftHSM only
+/// that); OAEP's security does not rest on collision resistance.
+fn oaep() -> Mechanism<'static> {
+    Mechanism::RsaPkcsOaep(PkcsOaepParams::new(
+        MechanismType::SHA1,
+        PkcsMgfType::MGF1_SHA1,
+        PkcsOaepSource::empty(),
+    ))
+}
+
+fn transport_label(archive_label: &str) -> String {
+    format!("{archive_label}/transport")
+}
+
+impl Pkcs11Store {
+    /// Key ceremony, on a token that lacks the archive key: makes an RSA-3072 key pair
+    /// whose private half can only unwrap, and returns the public half to hand to a token
+    /// that has the key. Replaces an earlier, unused pair.
+    pub async fn archive_transport_begin(
+        &self,
+        label: &str,
+    ) -> Result<TransportPublicKey, StoreError> {
+        let transport = transport_label(label);
+        let label = label.to_string();
+        self.run("archive_key_generate", move |tok| {
+            if tok.archive_key(&label)?.is_some() {
+                return Err(StoreError::InvalidName {
+                    what: "archive key",
+                    name: label.clone(),
+                    why: "is already on this token: nothing to receive".into(),
+                });
+            }
+            for old in tok.find(&[Attribute::Label(transport.as_bytes().to_vec())])? {
+                tok.destroy(old)?;
+            }
+            let public = [
+                Attribute::Token(true),
+                Attribute::Label(transport.as_bytes().to_vec()),
+                Attribute::ModulusBits(3072.into()),
+                Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+                Attribute::Wrap(true),
+                Attribute::Encrypt(false),
+                Attribute::Verify(false),
+            ];
+            let private = [
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Label(transport.as_bytes().to_vec()),
+                Attribute::Unwrap(true),
+                Attribute::Decrypt(false),
+                Attribute::Sign(false),
+            ];
+            let (public, _) = tok
+                .session
+                .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)
+                .map_err(|e| tok.map_err(e, "C_GenerateKeyPair"))?;
+            let attributes = tok.read(
+                public,
+                &[AttributeType::Modulus, AttributeType::PublicExponent],
+            )?;
+            let (mut modulus, mut exponent) = (Vec::new(), Vec::new());
+            for attribute in attributes {
+                match attribute {
+                    Attribute::Modulus(m) => modulus = m,
+                    Attribute::PublicExponent(e) => exponent = e,
+                    _ => {}
+                }
+            }
+            Ok(TransportPublicKey {
+                token: tok.label().to_string(),
+                modulus: hex::encode(modulus),
+                exponent: hex::encode(exponent),
+            })
+        })
+        .await
+    }
+
+    /// Key ceremony, on a token that has the archive key: wraps it (RSA-OAEP, inside the
+    /// token) for the token whose transport public key this is.
+    pub async fn archive_key_export(
+        &self,
+        label: &str,
+        to: &TransportPublicKey,
+    ) -> Result<Vec<u8>, StoreError> {
+        let label = label.to_string();
+        let bad = |what: &str| StoreError::InvalidName {
+            what: "transport key",
+            name: to.token.clone(),
+            why: format!("its {what} is not hex"),
+        };
+        let modulus = hex::decode(&to.modulus).map_err(|_| bad("modulus"))?;
+        let exponent = hex::decode(&to.exponent).map_err(|_| bad("exponent"))?;
+        self.run("archive_key", move |tok| {
+            let key = tok.require_archive_key(&label)?;
+            let public = tok
+                .session
+                .create_object(&[
+                    Attribute::Class(ObjectClass::PUBLIC_KEY),
+                    Attribute::KeyType(KeyType::RSA),
+                    Attribute::Token(false),
+                    Attribute::Modulus(modulus),
+                    Attribute::PublicExponent(exponent),
+                    Attribute::Wrap(true),
+                ])
+                .map_err(|e| tok.map_err(e, "C_CreateObject"))?;
+            let wrapped = tok
+                .session
+                .wrap_key(&oaep(), public, key)
+                .map_err(|e| tok.map_err(e, "C_WrapKey"));
+            tok.destroy(public)?;
+            wrapped
+        })
+        .await
+    }
+
+    /// Key ceremony, back on the receiving token: unwraps the archive key with the
+    /// transport private key (inside the token) and destroys the transport pair.
+    pub async fn archive_key_import(
+        &self,
+        label: &str,
+        wrapped: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let transport = transport_label(label);
+        let label = label.to_string();
+        self.run("archive_key_generate", move |tok| {
+            if tok.archive_key(&label)?.is_some() {
+                return Err(StoreError::InvalidName {
+                    what: "archive key",
+                    name: label.clone(),
+                    why: "is already on this token".into(),
+                });
+            }
+            let private = tok
+                .find(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Label(transport.as_bytes().to_vec()),
+                ])?
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::NotFound {
+                    token: tok.label().into(),
+                    path: format!(
+                        "transport key {transport} (run `hsm-secrets archive key-receive-begin`                          on this token first)"
+                    ),
+                })?;
+            let template = [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(true),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ];
+            tok.session
+                .unwrap_key(&oaep(), private, &wrapped, &template)
+                .map_err(|e| tok.map_err(e, "C_UnwrapKey"))?;
+            for pair in tok.find(&[Attribute::Label(transport.as_bytes().to_vec())])? {
+                tok.destroy(pair)?;
+            }
+            Ok(())
         })
         .await
     }
