@@ -30,6 +30,9 @@ enum Command {
     Local(hsm_secrets::cli::local::LocalArgs),
     /// Write a CA, the controller's and the agents' certificates for their Secrets.
     Pki(hsm_secrets::cli::pki::PkiArgs),
+    /// Disaster recovery: the archive key ceremony, the offline recovery key, listing
+    /// and point-in-time restore of a device's archive.
+    Archive(hsm_secrets::cli::archive::ArchiveArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,6 +65,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => hsm_secrets::cli::demo::run(args, cli.common)?,
         Command::Local(args) => hsm_secrets::cli::local::run(args, cli.common)?,
         Command::Pki(args) => hsm_secrets::cli::pki::run(args)?,
+        Command::Archive(args) => hsm_secrets::cli::archive::run(args)?,
     }
     Ok(())
 }

@@ -7,6 +7,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 
 use super::chain::{ArchiveRoot, Entry};
@@ -78,6 +83,55 @@ pub struct Archiver {
     keys: Vec<Arc<dyn KeyWrap>>,
     head: Option<Head>,
     state: Arc<Mutex<ArchiverState>>,
+    metrics: Option<ArchiveMetrics>,
+}
+
+/// The archive's figures on `/metrics`.
+#[derive(Clone, Default)]
+pub struct ArchiveMetrics {
+    archived: Gauge,
+    lag: Gauge,
+    up_to_date: Gauge,
+    objects: Counter,
+    failures: Family<KindLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+impl ArchiveMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "hsm_secrets_archive_sequence",
+            "Every change up to this sequence is durable in the archive",
+            metrics.archived.clone(),
+        );
+        registry.register(
+            "hsm_secrets_archive_lag_sequences",
+            "Changes the primary acknowledged that the archive does not hold yet",
+            metrics.lag.clone(),
+        );
+        registry.register(
+            "hsm_secrets_archive_up_to_date_timestamp_seconds",
+            "When the archive last held every acknowledged change (unix seconds): the RPO a \
+             lost device would cost is now minus this",
+            metrics.up_to_date.clone(),
+        );
+        registry.register(
+            "hsm_secrets_archive_objects_written",
+            "Archive bases and segments written",
+            metrics.objects.clone(),
+        );
+        registry.register(
+            "hsm_secrets_archive_failures",
+            "Archiving attempts that failed, by error kind",
+            metrics.failures.clone(),
+        );
+        metrics
+    }
 }
 
 impl Archiver {
@@ -90,6 +144,41 @@ impl Archiver {
             keys,
             head: None,
             state: Arc::default(),
+            metrics: None,
+        }
+    }
+
+    /// Replaces the recipients objects are sealed for.
+    pub fn with_keys(mut self, keys: Vec<Arc<dyn KeyWrap>>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    pub fn with_metrics(mut self, metrics: ArchiveMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn publish_metrics(&self, failed: Option<&'static str>) {
+        let Some(metrics) = &self.metrics else { return };
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        metrics.archived.set(state.archived_sequence as i64);
+        metrics.lag.set(
+            state
+                .primary_sequence
+                .saturating_sub(state.archived_sequence) as i64,
+        );
+        if let Some(at) = state.up_to_date_at {
+            metrics.up_to_date.set((at / 1000) as i64);
+        }
+        let written = state.objects_written.saturating_sub(metrics.objects.get());
+        metrics.objects.inc_by(written);
+        if let Some(kind) = failed {
+            metrics.failures.get_or_create(&KindLabels { kind }).inc();
         }
     }
 
@@ -364,13 +453,17 @@ impl Archiver {
         let mut stop = std::pin::pin!(stop);
         loop {
             match self.step(&agent).await {
-                Ok(_) => self.update(|s| s.last_error = None),
+                Ok(_) => {
+                    self.update(|s| s.last_error = None);
+                    self.publish_metrics(None);
+                }
                 Err(error) => {
                     tracing::warn!(%error, kind = error.kind(), "archiving failed; retrying");
                     self.update(|s| {
                         s.failures += 1;
                         s.last_error = Some(error.to_string());
                     });
+                    self.publish_metrics(Some(error.kind()));
                 }
             }
             tokio::select! {

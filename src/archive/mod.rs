@@ -26,7 +26,7 @@ pub mod keys;
 pub mod payload;
 pub mod restore;
 
-pub use archiver::{Archiver, ArchiverConfig};
+pub use archiver::{ArchiveMetrics, Archiver, ArchiverConfig};
 pub use bucket::{Bucket, BucketConfig};
 pub use keys::{KeyUnwrap, KeyWrap, RecoveryPublicKey, RecoverySecretKey, TokenArchiveKey};
 pub use restore::{RestoreReport, RestoreTarget, restore};

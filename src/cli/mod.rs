@@ -1,6 +1,7 @@
 //! Subcommands of the `hsm-secrets` binary, one module each.
 
 pub mod agent;
+pub mod archive;
 pub mod controller;
 pub mod demo;
 pub mod local;

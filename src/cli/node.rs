@@ -13,6 +13,11 @@ use tokio::sync::watch;
 
 use super::agent::{SyncTuning, serve_agent};
 use super::shutdown_signal;
+use crate::archive::chain::ArchiveRoot;
+use crate::archive::{
+    ARCHIVE_KEY_LABEL, ArchiveMetrics, Archiver, ArchiverConfig, Bucket, BucketConfig, KeyWrap,
+    RecoveryPublicKey, TokenArchiveKey,
+};
 use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore, StoreError};
 use crate::mirror::{
     AgentMetrics, AgentTls, EndpointResolver, NodeAddressEndpoints, StaticEndpoints, TlsFiles,
@@ -106,6 +111,32 @@ pub struct NodeArgs {
     /// default), a file appended to, or `none`.
     #[arg(long, env = "HSM_AUDIT_LOG", default_value = "-")]
     pub audit_log: PathBuf,
+    /// Archive every change to this bucket while this node's token is the primary
+    /// (`s3://BUCKET[/PREFIX]` or `file:///DIRECTORY`). Needs --agent-listen and
+    /// --archive-recovery-public-key.
+    #[arg(long, env = "HSM_ARCHIVE_URL", requires_all = ["archive_recovery_public_key", "agent_listen"])]
+    pub archive_url: Option<String>,
+    /// S3 endpoint of an S3-compatible server (MinIO, Ceph): http(s)://HOST:PORT.
+    #[arg(long, env = "HSM_ARCHIVE_ENDPOINT")]
+    pub archive_endpoint: Option<String>,
+    #[arg(long, env = "HSM_ARCHIVE_REGION")]
+    pub archive_region: Option<String>,
+    /// Directory with the files access-key-id and secret-access-key (a mounted Secret).
+    #[arg(long, env = "HSM_ARCHIVE_CREDENTIALS_DIR")]
+    pub archive_credentials_dir: Option<PathBuf>,
+    /// The archive's name within the device's prefix.
+    #[arg(long, env = "HSM_ARCHIVE_NAME", default_value = "main")]
+    pub archive_name: String,
+    /// The offline recovery key's public half (`archive recovery-keygen` wrote FILE.pub):
+    /// every object is sealed for it too, so the archive opens when every token is lost.
+    #[arg(long, env = "HSM_ARCHIVE_RECOVERY_PUBLIC_KEY")]
+    pub archive_recovery_public_key: Option<PathBuf>,
+    /// How often changes are shipped: the most writes losing every token would cost.
+    #[arg(long, env = "HSM_ARCHIVE_SEGMENT_INTERVAL_MS", default_value_t = 5000)]
+    pub archive_segment_interval_ms: u64,
+    /// How often a new base snapshot starts a chain (restores replay at most this much).
+    #[arg(long, env = "HSM_ARCHIVE_BASE_INTERVAL_S", default_value_t = 21600)]
+    pub archive_base_interval_s: u64,
 }
 
 /// Runs the node plugin until SIGTERM or ctrl-c.
@@ -175,9 +206,14 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
     }
     let source = Arc::new(source);
 
+    let archive = archive_setup(&args, &mut registry)?;
     let mut opener = None;
     if let Some(device) = &device {
         let config = pkcs11_config(&args)?;
+        // The archiver uses the token's archive key through the token itself.
+        let token: Arc<std::sync::Mutex<Option<Arc<Pkcs11Store>>>> = Arc::default();
+        let opened = token.clone();
+        let archive_stop = stopped();
         let device = device.clone();
         let agent = match (args.agent_listen, &tls) {
             (Some(listen), Some(tls)) => {
@@ -196,11 +232,11 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
             device
                 .open_with_retry(
                     || {
-                        let config = config.clone();
+                        let (config, opened) = (config.clone(), opened.clone());
                         async move {
-                            Pkcs11Store::open(config)
-                                .await
-                                .map(|s| Arc::new(s) as Arc<dyn SecretStore>)
+                            let store = Arc::new(Pkcs11Store::open(config).await?);
+                            *opened.lock().unwrap_or_else(|p| p.into_inner()) = Some(store.clone());
+                            Ok(store as Arc<dyn SecretStore>)
                         }
                     },
                     Duration::from_secs(1),
@@ -217,6 +253,15 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
             let served = serve_agent(cfg, store, listen, stop, agent_metrics.as_ref()).await?;
             let agent = served.agent.clone();
             device.set_role_source(move || agent.role());
+            let token = token.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let (Some((archiver, metrics, recovery)), Some(token)) = (archive, token) {
+                let keys: Vec<Arc<dyn KeyWrap>> = vec![
+                    Arc::new(TokenArchiveKey::new(token, ARCHIVE_KEY_LABEL)),
+                    Arc::new(recovery),
+                ];
+                let archiver = archiver.with_keys(keys).with_metrics(metrics);
+                tokio::spawn(archiver.run(served.agent.clone(), archive_stop));
+            }
             // How scripts and tests learn a port picked by the kernel.
             println!("hsm-secrets node {node} agent listening on {}", served.addr);
             served.wait().await
@@ -295,6 +340,45 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
     served.with_context(|| format!("serve CSI on {}", args.endpoint))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The archiver this node runs while its token is the primary, if configured.
+fn archive_setup(
+    args: &NodeArgs,
+    registry: &mut Registry,
+) -> anyhow::Result<Option<(Archiver, ArchiveMetrics, RecoveryPublicKey)>> {
+    let Some(url) = &args.archive_url else {
+        return Ok(None);
+    };
+    let Some(device) = &args.device else {
+        bail!("--archive-url needs --device: the archive is of this node's device");
+    };
+    let recovery = RecoveryPublicKey::read(
+        args.archive_recovery_public_key
+            .as_deref()
+            .context("--archive-url needs --archive-recovery-public-key")?,
+    )?;
+    let bucket = Bucket::open(&BucketConfig {
+        url: url.clone(),
+        endpoint: args.archive_endpoint.clone(),
+        region: args.archive_region.clone(),
+        credentials_dir: args.archive_credentials_dir.clone(),
+        timeout: Duration::from_secs(30),
+    })?;
+    if args.archive_segment_interval_ms == 0 || args.archive_base_interval_s == 0 {
+        bail!("--archive-segment-interval-ms and --archive-base-interval-s must be above 0");
+    }
+    let config = ArchiverConfig {
+        root: ArchiveRoot::new(device, &args.archive_name)?,
+        segment_interval: Duration::from_millis(args.archive_segment_interval_ms),
+        base_interval: Duration::from_secs(args.archive_base_interval_s),
+    };
+    let metrics = ArchiveMetrics::register(registry);
+    Ok(Some((
+        Archiver::new(config, bucket, Vec::new()),
+        metrics,
+        recovery,
+    )))
 }
 
 fn pkcs11_config(args: &NodeArgs) -> anyhow::Result<Pkcs11Config> {
