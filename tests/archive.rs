@@ -519,3 +519,147 @@ async fn after_a_failover_the_new_primary_continues_the_archive_and_restores_fol
         b"lost-write"
     );
 }
+
+/// `hsm-secrets archive …` as an operator runs it, on this process's SoftHSM tokens.
+fn cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
+        .arg("archive")
+        .args(args)
+        .env("SOFTHSM2_CONF", support::softhsm::conf_path())
+        .env_remove("HSM_LOG_FORMAT")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "archive {args:?}: {stdout}{stderr}");
+    stdout
+}
+
+fn token_flags(token: &TestToken) -> Vec<String> {
+    vec![
+        "--pkcs11-library".into(),
+        token.library.display().to_string(),
+        "--token-label".into(),
+        token.label.clone(),
+        "--pin-file".into(),
+        token.pin_file.display().to_string(),
+    ]
+}
+
+#[tokio::test]
+async fn the_ceremony_and_a_restore_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(holder) = TestToken::new("arc-cli-holder") else {
+        return;
+    };
+    let receiver = TestToken::new("arc-cli-receiver").unwrap();
+    let fresh = TestToken::new("arc-cli-fresh").unwrap();
+    let at = |name: &str| dir.path().join(name).display().to_string();
+    let text = cli(&["recovery-keygen", "--out", &at("recovery.key")]);
+    assert!(text.contains("keep it offline"), "{text}");
+
+    let flags = |t: &TestToken| token_flags(t);
+    let mut args: Vec<String> = vec!["key-init".into()];
+    args.extend(flags(&holder));
+    cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut args: Vec<String> = vec!["key-receive-begin".into()];
+    args.extend(flags(&receiver));
+    args.extend(["--out".into(), at("transport.json")]);
+    cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut args: Vec<String> = vec!["key-export".into()];
+    args.extend(flags(&holder));
+    args.extend([
+        "--transport".into(),
+        at("transport.json"),
+        "--out".into(),
+        at("wrapped.bin"),
+    ]);
+    cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut args: Vec<String> = vec!["key-receive".into()];
+    args.extend(flags(&receiver));
+    args.extend(["--wrapped".into(), at("wrapped.bin")]);
+    cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // The receiving token archives as the primary; the bucket is a local directory.
+    let store = Arc::new(receiver.open().await);
+    assert!(store.archive_key_exists(ARCHIVE_KEY_LABEL).await.unwrap());
+    let pki = tempfile::tempdir().unwrap();
+    let files = generate_pki(pki.path(), &["n1"]).unwrap();
+    let tls = AgentTls::from_files(files.files("n1").unwrap()).unwrap();
+    let agent = Agent::start(AgentConfig::new("n1", tls), store.clone()).await;
+    agent
+        .assign(Assignment {
+            role: DeviceRole::Primary,
+            epoch: 1,
+            primary: None,
+            mirrors: Vec::new(),
+            lease: Duration::from_secs(3600),
+            sync_interval: None,
+        })
+        .await
+        .unwrap();
+    let primary = Primary {
+        agent,
+        store,
+        _pki: pki,
+    };
+    let url = format!("file://{}", at("bucket"));
+    let bucket = Bucket::open(&BucketConfig {
+        url: url.clone(),
+        ..BucketConfig::default()
+    })
+    .unwrap();
+    let recovery =
+        hsm_secrets::archive::RecoveryPublicKey::read(&dir.path().join("recovery.pub")).unwrap();
+    let mut archiver = Archiver::new(
+        ArchiverConfig {
+            root: ArchiveRoot::new(DEVICE, "main").unwrap(),
+            segment_interval: Duration::from_millis(100),
+            base_interval: Duration::from_secs(3600),
+        },
+        bucket,
+        vec![
+            Arc::new(TokenArchiveKey::new(
+                primary.store.clone(),
+                ARCHIVE_KEY_LABEL,
+            )),
+            Arc::new(recovery),
+        ],
+    );
+    archiver.step(&primary.agent).await.unwrap();
+    put(&primary, "shop/db", &[("password", b"from-the-cli")]).await;
+    archiver.step(&primary.agent).await.unwrap();
+
+    let listing = cli(&["list", "--bucket-url", &url, "--device", DEVICE]);
+    assert_eq!(
+        listing.lines().filter(|l| l.starts_with("base")).count(),
+        1,
+        "{listing}"
+    );
+    assert_eq!(
+        listing.lines().filter(|l| l.starts_with("segment")).count(),
+        1,
+        "{listing}"
+    );
+
+    let mut args: Vec<String> = vec![
+        "restore".into(),
+        "--bucket-url".into(),
+        url,
+        "--device".into(),
+        DEVICE.into(),
+        "--recovery-key".into(),
+        at("recovery.key"),
+        "--json".into(),
+    ];
+    args.extend(flags(&fresh));
+    let report: serde_json::Value =
+        serde_json::from_str(&cli(&args.iter().map(String::as_str).collect::<Vec<_>>())).unwrap();
+    assert_eq!(report["secrets"], 1, "{report}");
+    assert_eq!(report["segments"], 1);
+    let restored = fresh.open().await;
+    assert_eq!(
+        value(&restored, "shop/db", "password").await.unwrap(),
+        b"from-the-cli"
+    );
+}
