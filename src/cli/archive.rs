@@ -71,7 +71,7 @@ pub enum ArchiveCommand {
         bucket: BucketArgs,
     },
     /// Rebuild a device's secrets from the archive into an empty token.
-    Restore(RestoreArgs),
+    Restore(Box<RestoreArgs>),
 }
 
 /// A token, as the node plugin opens it.
@@ -297,6 +297,7 @@ async fn execute(args: ArchiveArgs) -> anyhow::Result<()> {
             }
         }
         ArchiveCommand::Restore(args) => {
+            let args = *args;
             let target = match (&args.to_sequence, &args.to_time) {
                 (Some(n), _) => Target::Sequence(*n),
                 (None, Some(t)) => {
