@@ -663,3 +663,43 @@ async fn the_ceremony_and_a_restore_from_the_command_line() {
         b"from-the-cli"
     );
 }
+
+#[tokio::test]
+async fn a_restore_drill_rebuilds_in_memory_and_agrees_with_the_device_until_it_does_not() {
+    let Some(s3) = S3Server::start() else { return };
+    let bucket = s3_bucket(&s3, "drills");
+    let recovery = RecoverySecretKey::generate().unwrap();
+    let primary = start_primary("arc-drill", 1).await;
+    let root = ArchiveRoot::new(DEVICE, "a1").unwrap();
+    let mut archiver = archiver(&bucket, &primary, &recovery);
+    for i in 0..20u8 {
+        put(&primary, &format!("shop/s{i}"), &[("v", &[i; 16])]).await;
+    }
+    archiver.step(&primary.agent).await.unwrap();
+    put(&primary, "shop/s1", &[("v", b"changed")]).await;
+    archiver.step(&primary.agent).await.unwrap();
+    // The device moves on after the archived point: still verified.
+    put(&primary, "shop/s2", &[("v", b"not archived yet")]).await;
+
+    let key = TokenArchiveKey::new(primary.store.clone(), ARCHIVE_KEY_LABEL);
+    let live = primary.store.manifest().await.unwrap();
+    let report = hsm_secrets::archive::drill::verify(&bucket, &root, &key, &live)
+        .await
+        .unwrap();
+    assert!(report.verified(), "{report:?}");
+    assert_eq!(report.secrets, 20);
+    assert_eq!(report.sequence + 1, primary.store.latest_sequence());
+
+    // Against another device's content the drill fails, naming the paths.
+    let other = start_primary("arc-drill-other", 1).await;
+    put(&other, "shop/s0", &[("v", &[9; 16])]).await;
+    let live = other.store.manifest().await.unwrap();
+    let report = hsm_secrets::archive::drill::verify(&bucket, &root, &key, &live)
+        .await
+        .unwrap();
+    assert!(!report.verified());
+    assert!(
+        report.mismatches.iter().any(|m| m.starts_with("shop/s0")),
+        "{report:?}"
+    );
+}

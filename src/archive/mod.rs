@@ -21,6 +21,7 @@
 pub mod archiver;
 pub mod bucket;
 pub mod chain;
+pub mod drill;
 pub mod envelope;
 pub mod keys;
 pub mod payload;

@@ -72,6 +72,19 @@ pub enum ArchiveCommand {
     },
     /// Rebuild a device's secrets from the archive into an empty token.
     Restore(Box<RestoreArgs>),
+    /// A restore drill: rebuild the newest point in memory (never a live token) and compare
+    /// it with a token of the device, opened with that token's archive key. Exit code 1
+    /// when they disagree or the chain breaks.
+    Verify {
+        #[command(flatten)]
+        bucket: BucketArgs,
+        /// A token of the device (read only: its manifest and its archive key).
+        #[command(flatten)]
+        token: TokenArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// A token, as the node plugin opens it.
@@ -295,6 +308,52 @@ async fn execute(args: ArchiveArgs) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        ArchiveCommand::Verify {
+            bucket: args,
+            token,
+            json,
+        } => {
+            let bucket = Bucket::open(&args.config())?;
+            let root = args.root(&bucket).await?;
+            let store = token.open().await?;
+            let live = crate::hsm::SecretStore::manifest(store.as_ref()).await?;
+            let key = TokenArchiveKey::new(store, ARCHIVE_KEY_LABEL);
+            let report = crate::archive::drill::verify(&bucket, &root, &key, &live).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "restore drill of device {} archive {}: sequence {} (epoch {}, written {}), \
+                     {} secrets, {} bytes, rebuilt in {} ms",
+                    root.device,
+                    root.archive,
+                    report.sequence,
+                    report.epoch,
+                    report.time,
+                    report.secrets,
+                    report.bytes,
+                    report.duration_ms
+                );
+                for mismatch in &report.mismatches {
+                    println!("  mismatch: {mismatch}");
+                }
+                if let Some(stopped) = &report.stopped {
+                    println!("  stopped early: {stopped}");
+                }
+            }
+            if !report.verified() {
+                bail!(
+                    "the restore drill failed: {} mismatch(es){}",
+                    report.mismatches.len(),
+                    report
+                        .stopped
+                        .as_deref()
+                        .map(|s| format!(", {s}"))
+                        .unwrap_or_default()
+                );
+            }
+            println!("verified");
         }
         ArchiveCommand::Restore(args) => {
             let args = *args;
