@@ -25,8 +25,8 @@ fn demo(work: &std::path::Path) -> Running {
 
 /// The lines of step `n`, from its header to the next header.
 fn step(output: &str, n: usize) -> String {
-    let header = format!("[{n}/11]");
-    let next = format!("[{}/11]", n + 1);
+    let header = format!("[{n}/12]");
+    let next = format!("[{}/12]", n + 1);
     let start = output
         .find(&header)
         .unwrap_or_else(|| panic!("no step {n}:\n{output}"));
@@ -44,14 +44,14 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
     let _unmount = UnmountOnDrop(work.path());
     let (status, out) = demo(work.path()).finish(RUN_TIMEOUT);
     assert!(status.success(), "demo failed ({status}):\n{out}");
-    for n in 1..=11 {
+    for n in 1..=12 {
         assert!(
             out.contains(&format!("✔ step {n}:")),
             "step {n} did not pass:\n{out}"
         );
     }
     assert!(!out.contains('✘'), "{out}");
-    assert!(out.contains("demo complete: 11/11 steps passed"), "{out}");
+    assert!(out.contains("demo complete: 12/12 steps passed"), "{out}");
 
     // 1-2: the system and the secrets.
     assert!(
@@ -150,23 +150,45 @@ fn the_demo_walks_through_every_step_and_leaves_nothing_behind() {
             "missing {expected:?} in:\n{refusal}"
         );
     }
+    // 11: every token lost, restored from the archive, verified, served by a new node.
+    let recovery = step(&out, 11);
+    for expected in [
+        "2 base(s)",
+        "epochs {1, 2}",
+        "no token of prod-hsm is left",
+        "$ hsm-secrets archive restore --recovery-key",
+        "(epoch 2), 3 secrets",
+        "$ hsm-secrets archive verify: restore drill of device prod-hsm",
+        "NodePublishVolume on worker-4",
+        "worker-4 serves the 3 files as stored",
+    ] {
+        assert!(
+            recovery.contains(expected),
+            "missing {expected:?} in:\n{recovery}"
+        );
+    }
+    assert_eq!(
+        recovery.matches("content = stored").count(),
+        3,
+        "{recovery}"
+    );
     assert!(
-        step(&out, 11)
-            .contains("2 volumes unpublished over CSI, 1 on killed nodes left to the shutdown"),
+        step(&out, 12)
+            .contains("1 volumes unpublished over CSI, 3 on killed nodes left to the shutdown"),
         "{out}"
     );
     assert!(
-        step(&out, 11).contains("1 leftover mounts unmounted"),
+        step(&out, 12).contains("3 leftover mounts unmounted"),
         "{out}"
     );
     // The node plugins' audit trails, read by the demo before they are removed: a
     // record of every publish with its pod and versions, none with a value.
-    let audit = step(&out, 11);
+    let audit = step(&out, 12);
     for expected in [
         "audit trail: ",
-        "records from 3 node plugins",
-        "publish ok: 3",
-        "unpublish ok: 2",
+        "records from 4 node plugins",
+        "publish ok: 4",
+        "unpublish ok: 1",
         "no secret value in it",
     ] {
         assert!(
@@ -224,14 +246,14 @@ fn without_the_privilege_to_mount_the_demo_uses_plain_directories() {
     c.arg("demo").arg("--work-dir").arg(&run.work);
     let (status, out) = Running::start(c).finish(RUN_TIMEOUT);
     assert!(status.success(), "demo failed ({status}):\n{out}");
-    for n in 1..=11 {
+    for n in 1..=12 {
         assert!(
             out.contains(&format!("✔ step {n}:")),
             "step {n} did not pass:\n{out}"
         );
     }
     assert!(!out.contains('✘'), "{out}");
-    assert!(out.contains("demo complete: 11/11 steps passed"), "{out}");
+    assert!(out.contains("demo complete: 12/12 steps passed"), "{out}");
 
     let boot = step(&out, 1);
     assert!(boot.contains(PLAIN_WARNING), "{boot}");
@@ -241,7 +263,7 @@ fn without_the_privilege_to_mount_the_demo_uses_plain_directories() {
     } else {
         nix::unistd::geteuid().as_raw()
     };
-    for n in [5, 8, 10] {
+    for n in [5, 8, 10, 11] {
         let mount = step(&out, n);
         assert!(mount.contains(PLAIN_WARNING), "step {n}:\n{mount}");
         assert!(
@@ -264,12 +286,12 @@ fn without_the_privilege_to_mount_the_demo_uses_plain_directories() {
         "{out}"
     );
     assert_device_has_an_age(&step(&out, 6));
-    let cleanup = step(&out, 11);
+    let cleanup = step(&out, 12);
     assert!(
-        cleanup.contains("2 volumes unpublished over CSI, 1 on killed nodes left to the shutdown"),
+        cleanup.contains("1 volumes unpublished over CSI, 3 on killed nodes left to the shutdown"),
         "{cleanup}"
     );
-    assert!(cleanup.contains("3 volumes removed"), "{cleanup}");
+    assert!(cleanup.contains("4 volumes removed"), "{cleanup}");
 
     // Nothing left: processes, mounts (there never were any), files.
     assert!(
@@ -343,7 +365,7 @@ fn a_missing_softhsm_module_fails_the_first_step_by_name() {
         ),
         "{out}"
     );
-    assert!(out.contains("step 1/11 (Start three nodes"), "{out}");
+    assert!(out.contains("step 1/12 (Start three nodes"), "{out}");
     assert_eq!(
         std::fs::read_dir(work.path()).unwrap().count(),
         0,

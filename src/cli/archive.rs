@@ -73,14 +73,18 @@ pub enum ArchiveCommand {
     /// Rebuild a device's secrets from the archive into an empty token.
     Restore(Box<RestoreArgs>),
     /// A restore drill: rebuild the newest point in memory (never a live token) and compare
-    /// it with a token of the device, opened with that token's archive key. Exit code 1
-    /// when they disagree or the chain breaks.
+    /// it with a token of the device, opened with that token's archive key (or the offline
+    /// recovery key). Exit code 1 when they disagree or the chain breaks.
     Verify {
         #[command(flatten)]
         bucket: BucketArgs,
-        /// A token of the device (read only: its manifest and its archive key).
+        /// A token of the device (read only: its manifest, and its archive key).
         #[command(flatten)]
         token: TokenArgs,
+        /// Open the archive with the offline recovery key instead of the token's key (a
+        /// token just restored holds no archive key yet).
+        #[arg(long)]
+        recovery_key: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -312,14 +316,18 @@ async fn execute(args: ArchiveArgs) -> anyhow::Result<()> {
         ArchiveCommand::Verify {
             bucket: args,
             token,
+            recovery_key,
             json,
         } => {
             let bucket = Bucket::open(&args.config())?;
             let root = args.root(&bucket).await?;
             let store = token.open().await?;
             let live = crate::hsm::SecretStore::manifest(store.as_ref()).await?;
-            let key = TokenArchiveKey::new(store, ARCHIVE_KEY_LABEL);
-            let report = crate::archive::drill::verify(&bucket, &root, &key, &live).await?;
+            let key: Box<dyn KeyUnwrap> = match &recovery_key {
+                Some(file) => Box::new(RecoverySecretKey::read(file)?),
+                None => Box::new(TokenArchiveKey::new(store, ARCHIVE_KEY_LABEL)),
+            };
+            let report = crate::archive::drill::verify(&bucket, &root, key.as_ref(), &live).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

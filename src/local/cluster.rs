@@ -28,6 +28,10 @@ pub const NODES: [&str; 3] = ["worker-1", "worker-2", "worker-3"];
 pub const TOKEN_LABEL: &str = "prod";
 /// The controller's name in the agent PKI.
 pub const CONTROLLER: &str = "controller";
+/// The node a disaster recovery brings up on a token restored from the archive.
+pub const RESTORED_NODE: &str = "worker-4";
+/// The archive's name in the bucket.
+pub const ARCHIVE_NAME: &str = "main";
 /// The Service the webhook certificate is issued for (what the API server would dial).
 pub const WEBHOOK_IDENTITY: (&str, &str) = ("hsm-secrets-webhook", "hsm-secrets-system");
 /// Namespace and service account of the example workload.
@@ -189,6 +193,8 @@ pub struct LocalCluster {
     /// `--unsafe-plain-directory` and volumes are plain directories on disk.
     pub plain_directories: bool,
     processes: Vec<ChildProcess>,
+    /// Agent certificate of the node a disaster recovery brings up.
+    restored_tls: Option<TlsFiles>,
     tied_to_parent: bool,
     keep: bool,
     detached: bool,
@@ -219,6 +225,7 @@ impl LocalCluster {
             webhook_server_name: String::new(),
             plain_directories: false,
             processes: Vec::new(),
+            restored_tls: None,
             tied_to_parent: config.tied_to_parent,
             keep: config.keep,
             detached: false,
@@ -243,7 +250,10 @@ impl LocalCluster {
         }
         let mut names: Vec<&str> = NODES.to_vec();
         names.push(CONTROLLER);
+        names.push(RESTORED_NODE);
         let pki = generate_pki(&self.dir.join("pki"), &names)?;
+        self.restored_tls = pki.files(RESTORED_NODE).cloned();
+        self.prepare_archive(&node_tokens)?;
         self.controller_tls = pki
             .files(CONTROLLER)
             .cloned()
@@ -303,6 +313,96 @@ impl LocalCluster {
         Ok(self.processes.len() - 1)
     }
 
+    /// The archive's bucket: a local directory.
+    pub fn archive_url(&self) -> String {
+        format!(
+            "file://{}",
+            self.dir.join("archive").join("bucket").display()
+        )
+    }
+
+    /// The offline recovery key (the cluster's nodes only get its `.pub`).
+    pub fn recovery_key(&self) -> PathBuf {
+        self.dir.join("archive").join("recovery.key")
+    }
+
+    /// The offline recovery key pair, and the device's archive key inside every token: made
+    /// on the first token, copied to the others by the key ceremony, each step a run of
+    /// `hsm-secrets archive` on that node's token.
+    fn prepare_archive(&self, tokens: &[NodeToken]) -> Result<(), LocalError> {
+        let dir = self.dir.join("archive");
+        create_dir(&dir)?;
+        crate::archive::RecoverySecretKey::generate()
+            .and_then(|key| key.write_new(&self.recovery_key()))
+            .map_err(|e| LocalError::Check(format!("recovery key: {e}")))?;
+        let Some((first, others)) = tokens.split_first() else {
+            return Ok(());
+        };
+        self.archive_command(first, &["key-init"])?;
+        for (n, token) in others.iter().enumerate() {
+            let transport = path_arg(&dir.join(format!("transport-{n}.json")));
+            let wrapped = path_arg(&dir.join(format!("wrapped-{n}.bin")));
+            self.archive_command(token, &["key-receive-begin", "--out", &transport])?;
+            self.archive_command(
+                first,
+                &["key-export", "--transport", &transport, "--out", &wrapped],
+            )?;
+            self.archive_command(token, &["key-receive", "--wrapped", &wrapped])?;
+        }
+        Ok(())
+    }
+
+    /// Runs `hsm-secrets archive ARGS` on `token` to completion; its standard output.
+    pub fn archive_command(&self, token: &NodeToken, args: &[&str]) -> Result<String, LocalError> {
+        let exe = std::env::current_exe().map_err(|e| LocalError::Spawn {
+            process: "archive".into(),
+            detail: format!("cannot find this program's path: {e}"),
+        })?;
+        let out = std::process::Command::new(exe)
+            .arg("archive")
+            .args(args)
+            .args(["--pkcs11-library", &path_arg(&self.module)])
+            .args(["--token-label", &token.label])
+            .args(["--pin-file", &path_arg(&token.pin_file)])
+            .env("SOFTHSM2_CONF", &token.conf)
+            .env("HSM_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .output()
+            .map_err(|e| LocalError::Spawn {
+                process: "archive".into(),
+                detail: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(LocalError::Check(format!(
+                "hsm-secrets archive {}: {}",
+                args.first().copied().unwrap_or_default(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts a node on `token` (restored from the archive): its CSI plugin reads the
+    /// restored token; no controller assigns it a role.
+    pub fn spawn_restored_node(&mut self, token: &NodeToken) -> Result<(), LocalError> {
+        let files = self
+            .restored_tls
+            .clone()
+            .ok_or_else(|| LocalError::Check("no certificate for the restored node".into()))?;
+        let node_dir = self.dir.join("nodes").join(RESTORED_NODE);
+        let mut endpoints = NodeEndpoints {
+            name: RESTORED_NODE.into(),
+            agent: String::new(),
+            csi_socket: node_dir.join("csi/csi.sock"),
+            kubelet_dir: node_dir.join("kubelet"),
+            softhsm_conf: token.conf.clone(),
+            pin_file: token.pin_file.clone(),
+        };
+        endpoints.agent = self.spawn_node(&endpoints, token, &files)?;
+        self.nodes.push(endpoints);
+        Ok(())
+    }
+
     /// Where each node plugin writes its audit trail, `<node>.jsonl`.
     pub fn audit_dir(&self) -> PathBuf {
         self.dir.join("audit")
@@ -355,6 +455,15 @@ impl LocalCluster {
             self.timing.pull_interval_ms.to_string(),
             "--audit-log".into(),
             path_arg(&self.audit_dir().join(format!("{}.jsonl", node.name))),
+            // While its token is the primary, the node ships every change to the archive.
+            "--archive-url".into(),
+            self.archive_url(),
+            "--archive-name".into(),
+            ARCHIVE_NAME.into(),
+            "--archive-recovery-public-key".into(),
+            path_arg(&self.recovery_key().with_extension("pub")),
+            "--archive-segment-interval-ms".into(),
+            "200".into(),
         ];
         if self.plain_directories {
             args.push("--unsafe-plain-directory".into());
@@ -722,7 +831,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), LocalError> {
         .map_err(|e| LocalError::io("write", path, e))
 }
 
-fn path_arg(path: &Path) -> String {
+pub(crate) fn path_arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 

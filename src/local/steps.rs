@@ -14,10 +14,11 @@ use serde_json::{Value, json};
 use super::LocalError;
 use super::clients::{self, AdmissionClient, PodIdentity};
 use super::cluster::{
-    Cleanup, ClusterConfig, DEVICE, LocalCluster, NAMESPACE, NODES, PLAIN_DIRECTORY_WARNING,
-    SECRETS, SERVICE_ACCOUNT,
+    ARCHIVE_NAME, Cleanup, ClusterConfig, DEVICE, LocalCluster, NAMESPACE, NODES,
+    PLAIN_DIRECTORY_WARNING, RESTORED_NODE, SECRETS, SERVICE_ACCOUNT, TOKEN_LABEL, path_arg,
 };
 use super::report::Report;
+use super::tokens;
 use crate::crd::{DevicePhase, DeviceRole, HSMDevice, HSMDeviceStatus, NodeHealth};
 use crate::hsm::{Expect, SecretData, SecretPath};
 use crate::inject::{ATTRIBUTE_DEVICE, ATTRIBUTE_SECRETS, VOLUME_NAME};
@@ -27,7 +28,7 @@ use crate::mirror::{AgentConnection, role_from_pb};
 use crate::state::{FileState, StateStore};
 
 /// The titles of the walk-through, in order.
-pub const STEPS: [&str; 11] = [
+pub const STEPS: [&str; 12] = [
     "Start three nodes: SoftHSM tokens, agents, controller, webhook",
     "Store secrets on the primary (agent protocol, mutual TLS)",
     "Mirrors converge; start a CSI node plugin per node",
@@ -38,6 +39,7 @@ pub const STEPS: [&str; 11] = [
     "Reads continue from a mirror during the outage",
     "Failover: a mirror is promoted at the next epoch",
     "Read-only enforcement: writes refused while no primary is writable",
+    "Disaster recovery: lose every token, restore from the encrypted archive",
     "Clean up: unmount, stop every process, remove the directory",
 ];
 
@@ -191,6 +193,7 @@ impl Walk<'_> {
                 8 => self.read_during_outage(&attributes).await,
                 9 => self.failover().await,
                 10 => self.read_only_enforcement(&attributes).await,
+                11 => self.disaster_recovery(&attributes).await,
                 _ => unreachable!("step numbers come from STEPS"),
             };
             match outcome {
@@ -867,6 +870,129 @@ impl Walk<'_> {
     }
 
     // ---- step 11 --------------------------------------------------------------------
+
+    async fn disaster_recovery(
+        &mut self,
+        attributes: &BTreeMap<String, String>,
+    ) -> Result<String, LocalError> {
+        use crate::archive::chain::{ArchiveRoot, Entry};
+        use crate::archive::envelope::ObjectKind;
+        // What the primaries shipped while they were primary (every 200 ms here).
+        let bucket = crate::archive::Bucket::open(&crate::archive::BucketConfig {
+            url: self.cluster.archive_url(),
+            timeout: Duration::from_secs(10),
+            ..Default::default()
+        })
+        .map_err(|e| LocalError::Check(e.to_string()))?;
+        let root =
+            ArchiveRoot::new(DEVICE, ARCHIVE_NAME).map_err(|e| LocalError::Check(e.to_string()))?;
+        let entries: Vec<Entry> = bucket
+            .list(&root.prefix())
+            .await
+            .map_err(|e| LocalError::Check(e.to_string()))?
+            .iter()
+            .filter_map(|l| Entry::parse(&root, &l.name))
+            .collect();
+        let bases = entries
+            .iter()
+            .filter(|e| e.kind == ObjectKind::Base)
+            .count();
+        let epochs: std::collections::BTreeSet<u64> = entries.iter().map(|e| e.epoch).collect();
+        self.report.detail(&format!(
+            "archive {}: {bases} base(s), {} segment(s), epochs {:?}, every object sealed for the \
+             tokens' archive key and the offline recovery key",
+            self.cluster.archive_url(),
+            entries.len() - bases,
+            epochs
+        ));
+        // The disaster: every token of the device is gone.
+        for node in NODES {
+            if !self.is_dead(node) {
+                let pid = tokio::task::block_in_place(|| {
+                    self.cluster.kill_hard(&format!("node {node}"))
+                })?;
+                self.report.detail(&format!("kill -9 {pid} (node {node})"));
+            }
+            let hsm = self.cluster.dir.join("nodes").join(node).join("hsm");
+            std::fs::remove_dir_all(&hsm).map_err(|e| LocalError::io("remove", &hsm, e))?;
+        }
+        self.report.detail(&format!(
+            "the token directories of {} are deleted: no token of {DEVICE} is left",
+            NODES.join(", ")
+        ));
+        // A new, empty token, restored from the bucket with the offline recovery key.
+        let token = tokens::init_token(
+            &self
+                .cluster
+                .dir
+                .join("nodes")
+                .join(RESTORED_NODE)
+                .join("hsm"),
+            TOKEN_LABEL,
+        )?;
+        let recovery = path_arg(&self.cluster.recovery_key());
+        let url = self.cluster.archive_url();
+        let bucket_flags = ["--bucket-url", url.as_str(), "--device", DEVICE];
+        let text = tokio::task::block_in_place(|| {
+            self.cluster.archive_command(
+                &token,
+                &[
+                    &["restore"],
+                    &bucket_flags[..],
+                    &["--recovery-key", recovery.as_str(), "--json"],
+                ]
+                .concat(),
+            )
+        })?;
+        let report: Value = serde_json::from_str(&text)
+            .map_err(|e| LocalError::Check(format!("the restore report: {e}")))?;
+        self.report.detail(&format!(
+            "$ hsm-secrets archive restore --recovery-key … into a new token on {RESTORED_NODE}: \
+             sequence {} (epoch {}), {} secrets, {} bytes, from a base and {} segment(s)",
+            report["sequence"],
+            report["epoch"],
+            report["secrets"],
+            report["bytes"],
+            report["segments"]
+        ));
+        if let Some(stopped) = report["stopped"].as_str() {
+            return Err(LocalError::Check(format!(
+                "the restore stopped early: {stopped}"
+            )));
+        }
+        let verified = tokio::task::block_in_place(|| {
+            self.cluster.archive_command(
+                &token,
+                &[
+                    &["verify"],
+                    &bucket_flags[..],
+                    &["--recovery-key", recovery.as_str()],
+                ]
+                .concat(),
+            )
+        })?;
+        if let Some(line) = verified.lines().next() {
+            self.report
+                .detail(&format!("$ hsm-secrets archive verify: {line}"));
+        }
+        // A node on the restored token serves the secrets as they were stored.
+        tokio::task::block_in_place(|| self.cluster.spawn_restored_node(&token))?;
+        let node = self
+            .cluster
+            .node(RESTORED_NODE)
+            .cloned()
+            .ok_or_else(|| LocalError::Check("the restored node did not start".into()))?;
+        clients::wait_csi_ready(&node.csi_socket, CONVERGE_TIMEOUT).await?;
+        let target = self
+            .publish(RESTORED_NODE, "checkout-3", attributes)
+            .await?;
+        let files = self.check_volume(&target)?;
+        Ok(format!(
+            "every token lost; restored to sequence {} from the archive with the offline \
+             recovery key, verified, and {RESTORED_NODE} serves the {files} files as stored",
+            report["sequence"]
+        ))
+    }
 
     /// The node plugins' audit trails: every record parses, each publish names the pod,
     /// its service account and the versions read, and no stored value appears anywhere.
