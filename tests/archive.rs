@@ -96,6 +96,7 @@ fn archiver(bucket: &Bucket, primary: &Primary, recovery: &RecoverySecretKey) ->
             root: ArchiveRoot::new(DEVICE, "a1").unwrap(),
             segment_interval: Duration::from_millis(100),
             base_interval: Duration::from_secs(3600),
+            retention: None,
         },
         bucket.clone(),
         keys,
@@ -306,6 +307,7 @@ async fn tampered_truncated_reordered_replayed_foreign_and_missing_objects_stop_
             root: ArchiveRoot::new("other-hsm", "a1").unwrap(),
             segment_interval: Duration::from_millis(100),
             base_interval: Duration::from_secs(3600),
+            retention: None,
         },
         other_bucket.clone(),
         vec![Arc::new(recovery.public()) as Arc<dyn KeyWrap>],
@@ -616,6 +618,7 @@ async fn the_ceremony_and_a_restore_from_the_command_line() {
             root: ArchiveRoot::new(DEVICE, "main").unwrap(),
             segment_interval: Duration::from_millis(100),
             base_interval: Duration::from_secs(3600),
+            retention: None,
         },
         bucket,
         vec![
@@ -701,5 +704,71 @@ async fn a_restore_drill_rebuilds_in_memory_and_agrees_with_the_device_until_it_
     assert!(
         report.mismatches.iter().any(|m| m.starts_with("shop/s0")),
         "{report:?}"
+    );
+}
+
+#[tokio::test]
+async fn retention_deletes_only_what_no_point_in_the_window_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_) = TestToken::new("arc-retention-probe") else {
+        return;
+    };
+    let bucket = Bucket::open(&BucketConfig {
+        url: format!("file://{}", dir.path().join("bucket").display()),
+        ..BucketConfig::default()
+    })
+    .unwrap();
+    let recovery = RecoverySecretKey::generate().unwrap();
+    let primary = start_primary("arc-retention", 1).await;
+    let root = ArchiveRoot::new(DEVICE, "a1").unwrap();
+    let mut first = archiver(&bucket, &primary, &recovery);
+    first.step(&primary.agent).await.unwrap();
+    for i in 0..2u8 {
+        put(&primary, &format!("shop/s{i}"), &[("v", &[i; 4])]).await;
+        first.step(&primary.agent).await.unwrap();
+    }
+    let before_second_base = hsm_secrets::archive::archiver::now_millis();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // A base is due at once, and the window keeps only what points from now on need.
+    let mut second = Archiver::new(
+        ArchiverConfig {
+            root: root.clone(),
+            segment_interval: Duration::from_millis(100),
+            base_interval: Duration::ZERO,
+            retention: Some(Duration::ZERO),
+        },
+        bucket.clone(),
+        vec![Arc::new(recovery.public()) as Arc<dyn KeyWrap>],
+    );
+    assert!(matches!(
+        second.step(&primary.agent).await.unwrap(),
+        Step::Base { .. }
+    ));
+    let left = bucket.list("").await.unwrap();
+    assert_eq!(left.len(), 1, "only the new base: {left:?}");
+    let report = restore(
+        &bucket,
+        &root,
+        &recovery,
+        Target::Latest,
+        &empty_token("arc-ret-t").await,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.secrets, 2);
+    let error = restore(
+        &bucket,
+        &root,
+        &recovery,
+        Target::Time(before_second_base),
+        &empty_token("arc-ret-old").await,
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(error, ArchiveError::NothingToRestore(_)),
+        "{error}"
     );
 }

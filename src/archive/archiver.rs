@@ -32,6 +32,9 @@ pub struct ArchiverConfig {
     pub segment_interval: Duration,
     /// How often a new base starts a new chain (restores replay at most this much).
     pub base_interval: Duration,
+    /// How far back points stay restorable; older objects are deleted after each base.
+    /// `None` keeps everything.
+    pub retention: Option<Duration>,
 }
 
 /// The end of the chain the archiver appends to.
@@ -301,6 +304,9 @@ impl Archiver {
             s.objects_written += 1;
         });
         tracing::info!(object = %name, records = records.len(), sequence = last, "archive base written");
+        if let Some(window) = self.cfg.retention {
+            self.prune(window).await?;
+        }
         Ok(Step::Base {
             name,
             records: records.len(),
@@ -369,6 +375,26 @@ impl Archiver {
                 return Ok(last_step.unwrap_or(Step::UpToDate { sequence: last }));
             }
         }
+    }
+
+    /// Deletes what no point inside the retention window needs.
+    pub async fn prune(&self, window: Duration) -> Result<usize, ArchiveError> {
+        let listed = self.bucket.list(&self.cfg.root.prefix()).await?;
+        let entries: Vec<Entry> = listed
+            .iter()
+            .filter_map(|l| Entry::parse(&self.cfg.root, &l.name))
+            .collect();
+        let doomed = super::chain::prunable(&entries, now_millis(), window.as_millis() as u64);
+        for entry in &doomed {
+            self.bucket.delete(&entry.name).await?;
+        }
+        if !doomed.is_empty() {
+            tracing::info!(
+                objects = doomed.len(),
+                "archive objects past retention deleted"
+            );
+        }
+        Ok(doomed.len())
     }
 
     /// Changes after `since` from the primary's change feed, up to one segment's worth.

@@ -193,6 +193,22 @@ pub fn unreachable_after(entries: &[Entry], covers: u64, target: Target) -> Vec<
         .collect()
 }
 
+/// What retention may delete: every object older than the newest base written before
+/// `now - window` (that base and everything after it stay, so every point inside the
+/// window keeps its base and its chain). With no base that old, nothing is deleted.
+pub fn prunable(entries: &[Entry], now_millis: u64, window_millis: u64) -> Vec<&Entry> {
+    let horizon = now_millis.saturating_sub(window_millis);
+    let Some(keep_from) = entries
+        .iter()
+        .filter(|e| e.kind == ObjectKind::Base && e.millis <= horizon)
+        .map(|e| e.millis)
+        .max()
+    else {
+        return Vec::new();
+    };
+    entries.iter().filter(|e| e.millis < keep_from).collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -207,6 +223,26 @@ mod tests {
             .iter()
             .map(|n| Entry::parse(&root(), n).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn retention_keeps_the_base_every_point_in_the_window_needs() {
+        let r = root();
+        let all = entries(&[
+            r.base_name(1, 10, 100),
+            r.segment_name(1, 11, 20, 150),
+            r.base_name(1, 20, 200),
+            r.segment_name(1, 21, 30, 250),
+            r.base_name(1, 30, 300),
+        ]);
+        // Window reaches back to 260: the base at 200 is the newest before it; it stays.
+        let pruned: Vec<u64> = prunable(&all, 360, 100).iter().map(|e| e.millis).collect();
+        assert_eq!(pruned, [100, 150]);
+        // A window older than every base prunes nothing.
+        assert!(prunable(&all, 360, 1000).is_empty());
+        // Everything but the newest chain once the window is short.
+        let pruned: Vec<u64> = prunable(&all, 301, 0).iter().map(|e| e.millis).collect();
+        assert_eq!(pruned, [100, 150, 200, 250]);
     }
 
     #[test]

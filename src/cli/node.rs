@@ -137,6 +137,10 @@ pub struct NodeArgs {
     /// How often a new base snapshot starts a chain (restores replay at most this much).
     #[arg(long, env = "HSM_ARCHIVE_BASE_INTERVAL_S", default_value_t = 21600)]
     pub archive_base_interval_s: u64,
+    /// How far back points stay restorable (seconds); older bases and segments are
+    /// deleted after each new base. 0 keeps everything.
+    #[arg(long, env = "HSM_ARCHIVE_RETENTION_S", default_value_t = 7 * 24 * 3600)]
+    pub archive_retention_s: u64,
 }
 
 /// Runs the node plugin until SIGTERM or ctrl-c.
@@ -372,6 +376,8 @@ fn archive_setup(
         root: ArchiveRoot::new(device, &args.archive_name)?,
         segment_interval: Duration::from_millis(args.archive_segment_interval_ms),
         base_interval: Duration::from_secs(args.archive_base_interval_s),
+        retention: (args.archive_retention_s > 0)
+            .then(|| Duration::from_secs(args.archive_retention_s)),
     };
     let metrics = ArchiveMetrics::register(registry);
     Ok(Some((
