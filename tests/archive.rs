@@ -772,3 +772,174 @@ async fn retention_deletes_only_what_no_point_in_the_window_needs() {
         "{error}"
     );
 }
+
+/// An object store whose PUTs fail from a chosen one on, as if the archiver's process
+/// died while uploading: the object is not there.
+#[derive(Debug)]
+struct Crashing {
+    inner: Arc<dyn object_store::ObjectStore>,
+    puts: std::sync::atomic::AtomicUsize,
+    fail_at: usize,
+}
+
+impl std::fmt::Display for Crashing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "crashing({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for Crashing {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        let n = self.puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if n >= self.fail_at {
+            return Err(object_store::Error::Generic {
+                store: "crashing",
+                source: "the archiver died during the upload".into(),
+            });
+        }
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    async fn delete(&self, location: &object_store::path::Path) -> object_store::Result<()> {
+        self.inner.delete(location).await
+    }
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+    ) -> object_store::Result<()> {
+        self.inner.copy(from, to).await
+    }
+    async fn copy_if_not_exists(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+    ) -> object_store::Result<()> {
+        self.inner.copy_if_not_exists(from, to).await
+    }
+}
+
+#[tokio::test]
+async fn an_archiver_killed_at_any_upload_leaves_a_restorable_archive_that_catches_up() {
+    let Some(_) = TestToken::new("arc-crash-probe") else {
+        return;
+    };
+    let recovery = RecoverySecretKey::generate().unwrap();
+    let root = ArchiveRoot::new(DEVICE, "a1").unwrap();
+    // Each run dies at its k-th upload, is restarted from nothing, and catches up; the
+    // writes never stop. Uploads are a base then segments, or (every base due) only bases.
+    let runs = (0..4)
+        .map(|k| (k, Duration::from_secs(3600)))
+        .chain((1..3).map(|k| (k, Duration::ZERO)));
+    for (fail_at, doomed_base_interval) in runs {
+        let dir = tempfile::tempdir().unwrap();
+        let local: Arc<dyn object_store::ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let url = format!("file://{}", dir.path().display());
+        let primary = start_primary(
+            &format!("arc-crash-{fail_at}-{}", doomed_base_interval.as_secs()),
+            1,
+        )
+        .await;
+        let crashing = Bucket::from_store(
+            Arc::new(Crashing {
+                inner: local.clone(),
+                puts: Default::default(),
+                fail_at,
+            }),
+            url.clone(),
+        );
+        let config = |base_interval| ArchiverConfig {
+            root: root.clone(),
+            segment_interval: Duration::from_millis(100),
+            base_interval,
+            retention: None,
+        };
+        let keys = || vec![Arc::new(recovery.public()) as Arc<dyn KeyWrap>];
+        let mut doomed = Archiver::new(config(doomed_base_interval), crashing, keys());
+        let mut died = false;
+        for i in 0..4u8 {
+            put(&primary, &format!("shop/s{i}"), &[("v", &[i; 8])]).await;
+            if doomed.step(&primary.agent).await.is_err() {
+                died = true;
+                break;
+            }
+        }
+        assert!(
+            died || fail_at >= 5,
+            "run {fail_at} never reached its crash"
+        );
+        // More acknowledged writes while nothing archives.
+        put(&primary, "shop/while-down", &[("v", b"x")]).await;
+        // A new process: no memory of the old one, only the bucket.
+        let healthy = Bucket::from_store(local.clone(), url);
+        let mut restarted =
+            Archiver::new(config(Duration::from_secs(3600)), healthy.clone(), keys());
+        let mut steps = 0;
+        while !matches!(
+            restarted.step(&primary.agent).await.unwrap(),
+            Step::UpToDate { .. }
+        ) {
+            steps += 1;
+            assert!(steps < 10, "run {fail_at}: never caught up");
+        }
+        let target = empty_token(&format!(
+            "arc-crash-t{fail_at}-{}",
+            doomed_base_interval.as_secs()
+        ))
+        .await;
+        let report = restore(&healthy, &root, &recovery, Target::Latest, &target, false)
+            .await
+            .unwrap();
+        assert!(report.stopped.is_none(), "run {fail_at}: {report:?}");
+        assert_eq!(
+            report.sequence,
+            primary.store.latest_sequence(),
+            "run {fail_at}"
+        );
+        let live = primary.store.manifest().await.unwrap();
+        let restored = target.manifest().await.unwrap();
+        let key = |m: &[hsm_secrets::hsm::ManifestEntry]| -> Vec<(String, u64)> {
+            m.iter()
+                .filter(|e| !e.deleted)
+                .map(|e| (e.path.to_string(), e.version))
+                .collect()
+        };
+        assert_eq!(
+            key(&restored),
+            key(&live),
+            "run {fail_at}: nothing acknowledged is missing"
+        );
+    }
+}

@@ -106,6 +106,16 @@ impl Bucket {
         })
     }
 
+    /// A bucket over an object store built elsewhere (a wrapper that injects faults, in
+    /// tests), named `url` in messages.
+    pub fn from_store(store: Arc<dyn ObjectStore>, url: impl Into<String>) -> Self {
+        Self {
+            store,
+            url: url.into(),
+            prefix: String::new(),
+        }
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }
