@@ -943,3 +943,50 @@ async fn an_archiver_killed_at_any_upload_leaves_a_restorable_archive_that_catch
         );
     }
 }
+
+#[tokio::test]
+async fn a_damaged_newest_base_is_skipped_for_the_one_before_it_and_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_) = TestToken::new("arc-fallback-probe") else {
+        return;
+    };
+    let bucket = Bucket::open(&BucketConfig {
+        url: format!("file://{}", dir.path().join("bucket").display()),
+        ..BucketConfig::default()
+    })
+    .unwrap();
+    let recovery = RecoverySecretKey::generate().unwrap();
+    let primary = start_primary("arc-fallback", 1).await;
+    let root = ArchiveRoot::new(DEVICE, "a1").unwrap();
+    let mut first = archiver(&bucket, &primary, &recovery);
+    first.step(&primary.agent).await.unwrap();
+    let first_point = put(&primary, "shop/a", &[("v", b"one")]).await;
+    first.step(&primary.agent).await.unwrap();
+    put(&primary, "shop/b", &[("v", b"two")]).await;
+    let mut second = Archiver::new(
+        ArchiverConfig {
+            root: root.clone(),
+            segment_interval: Duration::from_millis(100),
+            base_interval: Duration::ZERO,
+            retention: None,
+        },
+        bucket.clone(),
+        vec![Arc::new(recovery.public()) as Arc<dyn KeyWrap>],
+    );
+    let Step::Base { name, .. } = second.step(&primary.agent).await.unwrap() else {
+        panic!("no second base");
+    };
+    let mut bytes = bucket.get(&name).await.unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 1;
+    bucket.put(&name, bytes).await.unwrap();
+    let target = empty_token("arc-fallback-t").await;
+    let report = restore(&bucket, &root, &recovery, Target::Latest, &target, false)
+        .await
+        .unwrap();
+    assert_eq!(report.sequence, first_point, "{report:?}");
+    assert_eq!(report.skipped.len(), 1, "{report:?}");
+    assert!(
+        report.skipped[0].contains(&name) && report.skipped[0].contains("authentication failed")
+    );
+}

@@ -85,6 +85,9 @@ pub struct Archiver {
     bucket: Bucket,
     keys: Vec<Arc<dyn KeyWrap>>,
     head: Option<Head>,
+    /// A PUT failed: the object may have landed anyway (a timeout after the store took
+    /// it), so the chain it would follow is left alone and a new one starts with a base.
+    fresh_chain: bool,
     state: Arc<Mutex<ArchiverState>>,
     metrics: Option<ArchiveMetrics>,
 }
@@ -146,6 +149,7 @@ impl Archiver {
             bucket,
             keys,
             head: None,
+            fresh_chain: false,
             state: Arc::default(),
             metrics: None,
         }
@@ -200,19 +204,31 @@ impl Archiver {
         }
         let published = agent.store().latest_sequence();
         self.update(|s| s.primary_sequence = published);
-        if self.head.as_ref().is_none_or(|h| h.epoch != snapshot.epoch) {
+        if !self.fresh_chain && self.head.as_ref().is_none_or(|h| h.epoch != snapshot.epoch) {
             self.head = self.find_head(snapshot.epoch, published).await?;
         }
-        let due = self.head.as_ref().is_none_or(|h| {
-            now_millis().saturating_sub(h.base_millis) >= self.cfg.base_interval.as_millis() as u64
-        });
-        if due {
-            return self.write_base(agent, snapshot.epoch).await;
+        let due = self.fresh_chain
+            || self.head.as_ref().is_none_or(|h| {
+                now_millis().saturating_sub(h.base_millis)
+                    >= self.cfg.base_interval.as_millis() as u64
+            });
+        let result = match due {
+            true => self.write_base(agent, snapshot.epoch).await,
+            false => self.write_segments(agent, snapshot.epoch).await,
+        };
+        if let Err(ArchiveError::Bucket {
+            operation: "PUT", ..
+        }) = &result
+        {
+            self.head = None;
+            self.fresh_chain = true;
         }
-        self.write_segments(agent, snapshot.epoch).await
+        result
     }
 
-    /// The newest object of this epoch's chain, if it can be continued.
+    /// The newest object of this epoch's chain, if it can be continued. Anything odd (an
+    /// object that does not open, a name that does not match its header, a link that does
+    /// not follow) ends the search: a new chain with a base is always safe.
     async fn find_head(&self, epoch: u64, published: u64) -> Result<Option<Head>, ArchiveError> {
         let listed = self.bucket.list(&self.cfg.root.prefix()).await?;
         let entries: Vec<Entry> = listed
@@ -227,16 +243,25 @@ impl Archiver {
         else {
             return Ok(None);
         };
-        // Follow the base's chain by name; the digest of its last object is what the next
-        // segment names. (A restore checks every link again.)
-        let mut head = self.head_of(base, base.millis).await?;
+        let mut head = match self.head_of(base, base.millis, None).await {
+            Some(head) => head,
+            None => return Ok(None),
+        };
         loop {
-            let next = entries
+            let mut next: Vec<&Entry> = entries
                 .iter()
                 .filter(|e| e.kind == ObjectKind::Segment && e.first == head.covers + 1)
-                .max_by_key(|e| e.millis);
-            match next {
-                Some(next) => head = self.head_of(next, head.base_millis).await?,
+                .collect();
+            next.sort_by_key(|e| std::cmp::Reverse(e.millis));
+            let mut followed = None;
+            for candidate in next {
+                if let Some(h) = self.head_of(candidate, head.base_millis, Some(&head)).await {
+                    followed = Some(h);
+                    break;
+                }
+            }
+            match followed {
+                Some(h) => head = h,
                 None => break,
             }
         }
@@ -244,10 +269,19 @@ impl Archiver {
         Ok((head.covers <= published).then_some(head))
     }
 
-    async fn head_of(&self, entry: &Entry, base_millis: u64) -> Result<Head, ArchiveError> {
-        let bytes = self.bucket.get(&entry.name).await?;
-        let header = envelope::peek_header(&entry.name, &bytes)?;
-        Ok(Head {
+    /// `entry` as the end of a chain, if it opens, matches its name and (after `after`)
+    /// names it and moves forward.
+    async fn head_of(&self, entry: &Entry, base_millis: u64, after: Option<&Head>) -> Option<Head> {
+        let bytes = self.bucket.get(&entry.name).await.ok()?;
+        let header = envelope::peek_header(&entry.name, &bytes).ok()?;
+        self.cfg.root.check(&entry.name, &header).ok()?;
+        if let Some(prev) = after {
+            let links = header.prev.as_deref() == Some(prev.digest.as_str());
+            if !links || header.covers() <= prev.covers {
+                return None;
+            }
+        }
+        Some(Head {
             epoch: header.epoch,
             covers: header.covers(),
             digest: hex::encode(Sha256::digest(&bytes)),
@@ -293,6 +327,7 @@ impl Archiver {
         let bytes = self.seal(header, &records).await?;
         let digest = hex::encode(Sha256::digest(&bytes));
         self.bucket.put(&name, bytes).await?;
+        self.fresh_chain = false;
         self.head = Some(Head {
             epoch,
             covers: from,

@@ -71,18 +71,25 @@ impl ArchiveRoot {
             });
         }
         let listed = Entry::parse(self, name);
+        let created = header
+            .created
+            .parse::<k8s_openapi::jiff::Timestamp>()
+            .ok()
+            .map(|t| t.as_millisecond());
         let matches = listed.is_some_and(|e| {
             e.kind == header.kind
                 && e.epoch == header.epoch
                 && e.first == header.first
                 && e.last == header.last
+                && created == Some(e.millis as i64)
         });
         if !matches {
             return Err(ArchiveError::Tampered {
                 object: name.into(),
                 detail: format!(
-                    "its name does not match its authenticated header ({:?} epoch {} {}..={})",
-                    header.kind, header.epoch, header.first, header.last
+                    "its name does not match its authenticated header ({:?} epoch {} {}..={} \
+                     written {})",
+                    header.kind, header.epoch, header.first, header.last, header.created
                 ),
             });
         }
@@ -155,15 +162,15 @@ impl Target {
     }
 }
 
-/// The bases a restore to `target` may start from, best first: the newest point, then the
-/// newest epoch (after a failover the new primary's history wins over writes its
-/// predecessor never replicated).
+/// The bases a restore to `target` may start from, best first: the newest epoch (after a
+/// failover the new primary's history wins over writes its predecessor never replicated,
+/// whatever their sequence numbers), then the newest point.
 pub fn bases_for(entries: &[Entry], target: Target) -> Vec<&Entry> {
     let mut bases: Vec<&Entry> = entries
         .iter()
         .filter(|e| e.kind == ObjectKind::Base && target.admits(e))
         .collect();
-    bases.sort_by_key(|e| std::cmp::Reverse((e.last, e.epoch, e.millis)));
+    bases.sort_by_key(|e| std::cmp::Reverse((e.epoch, e.last, e.millis)));
     bases
 }
 
@@ -282,6 +289,10 @@ mod tests {
         ]);
         let pick = |t| bases_for(&all, t).first().map(|e| (e.epoch, e.last));
         assert_eq!(pick(Target::Latest), Some((2, 38)));
+        // A newer epoch wins over a higher sequence of an older one (a failed primary's
+        // unreplicated writes reuse numbers its successor hands out again).
+        let forked = entries(&[r.base_name(1, 100, 100), r.base_name(2, 95, 200)]);
+        assert_eq!(bases_for(&forked, Target::Latest)[0].epoch, 2);
         assert_eq!(pick(Target::Sequence(35)), Some((1, 30)));
         assert_eq!(pick(Target::Sequence(9)), None);
         assert_eq!(pick(Target::Time(250)), Some((1, 10)));

@@ -52,6 +52,9 @@ pub trait KeyUnwrap: Send + Sync {
 }
 
 const RECOVERY_INFO: &[u8] = b"hsm-secrets archive recovery v1";
+/// How each half is written, so one is never taken for the other.
+const PUBLIC_TAG: &str = "hsm-secrets-recovery-public-v1:";
+const PRIVATE_TAG: &str = "hsm-secrets-recovery-private-v1:";
 
 /// The public half of the offline recovery key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,17 +64,25 @@ pub struct RecoveryPublicKey([u8; 32]);
 pub struct RecoverySecretKey(Zeroizing<[u8; 32]>);
 
 impl RecoveryPublicKey {
-    /// Parses the hex line `recovery-keygen` printed (and wrote to the `.pub` file).
+    /// Parses what `recovery-keygen` wrote to the `.pub` file.
     pub fn parse(text: &str) -> Result<Self, ArchiveError> {
-        let bytes = hex::decode(text.trim())
-            .ok()
+        let text = text.trim();
+        if text.starts_with(PRIVATE_TAG) {
+            return Err(ArchiveError::Config(
+                "this is the PRIVATE recovery key: keep it offline and give the cluster the \
+                 .pub file next to it"
+                    .into(),
+            ));
+        }
+        let bytes = text
+            .strip_prefix(PUBLIC_TAG)
+            .and_then(|h| hex::decode(h).ok())
             .and_then(|b| <[u8; 32]>::try_from(b).ok());
         bytes.map(Self).ok_or_else(|| {
-            ArchiveError::Config(
-                "the recovery public key is not 64 hex digits; use the .pub file that \
-                 `hsm-secrets archive recovery-keygen` wrote"
-                    .into(),
-            )
+            ArchiveError::Config(format!(
+                "not a recovery public key ({PUBLIC_TAG} and 64 hex digits); use the .pub \
+                 file that `hsm-secrets archive recovery-keygen` wrote"
+            ))
         })
     }
 
@@ -82,11 +93,15 @@ impl RecoveryPublicKey {
                 path.display()
             ))
         })?;
-        Self::parse(&text)
+        Self::parse(&text).map_err(|e| match e {
+            ArchiveError::Config(why) => ArchiveError::Config(format!("{}: {why}", path.display())),
+            other => other,
+        })
     }
 
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+    /// The `.pub` file's content.
+    pub fn to_text(&self) -> String {
+        format!("{PUBLIC_TAG}{}", hex::encode(self.0))
     }
 
     /// `recovery:` and the first 16 hex digits of SHA-256 of the key.
@@ -109,24 +124,37 @@ impl RecoverySecretKey {
         RecoveryPublicKey(x25519(*self.0, X25519_BASEPOINT_BYTES))
     }
 
-    /// Writes the private key (hex, mode 0600, refusing to overwrite) and the public key
-    /// next to it (`<path>.pub`).
+    /// Writes the private key (mode 0600) and the public key next to it (`<path>.pub`),
+    /// refusing to overwrite either.
     pub fn write_new(&self, path: &Path) -> Result<(), ArchiveError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let failed =
-            |e: std::io::Error| ArchiveError::Config(format!("write {}: {e}", path.display()));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(failed)?;
-        let text = Zeroizing::new(format!("{}\n", hex::encode(*self.0)));
-        file.write_all(text.as_bytes()).map_err(failed)?;
+        if path.extension().is_some_and(|e| e == "pub") {
+            return Err(ArchiveError::Config(format!(
+                "{} ends in .pub, the name of the public half; name the private key file \
+                 otherwise (e.g. recovery.key)",
+                path.display()
+            )));
+        }
         let public = path.with_extension("pub");
-        std::fs::write(&public, format!("{}\n", self.public().to_hex()))
-            .map_err(|e| ArchiveError::Config(format!("write {}: {e}", public.display())))
+        if public.exists() {
+            return Err(ArchiveError::Config(format!(
+                "{} exists already; choose another name",
+                public.display()
+            )));
+        }
+        let create = |path: &Path, mode: u32, text: &str| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(path)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .map_err(|e| ArchiveError::Config(format!("write {}: {e}", path.display())))
+        };
+        let text = Zeroizing::new(format!("{PRIVATE_TAG}{}\n", hex::encode(*self.0)));
+        create(path, 0o600, &text)?;
+        create(&public, 0o644, &format!("{}\n", self.public().to_text()))
     }
 
     pub fn read(path: &Path) -> Result<Self, ArchiveError> {
@@ -134,10 +162,11 @@ impl RecoverySecretKey {
             ArchiveError::Config(format!("read the recovery key {}: {e}", path.display()))
         })?);
         let mut key = Zeroizing::new([0u8; 32]);
-        hex::decode_to_slice(text.trim(), key.as_mut()).map_err(|_| {
+        let hex_digits = text.trim().strip_prefix(PRIVATE_TAG).unwrap_or_default();
+        hex::decode_to_slice(hex_digits, key.as_mut()).map_err(|_| {
             ArchiveError::Config(format!(
-                "{} is not a recovery key (64 hex digits from `hsm-secrets archive \
-                 recovery-keygen`)",
+                "{} is not a private recovery key (the file `hsm-secrets archive \
+                 recovery-keygen --out` wrote, not its .pub)",
                 path.display()
             ))
         })?;
@@ -305,7 +334,7 @@ mod tests {
     #[tokio::test]
     async fn the_recovery_key_unwraps_what_its_public_half_wrapped() {
         let secret = RecoverySecretKey::generate().unwrap();
-        let public = RecoveryPublicKey::parse(&secret.public().to_hex()).unwrap();
+        let public = RecoveryPublicKey::parse(&secret.public().to_text()).unwrap();
         let dek = [7u8; 32];
         let wrapped = public.wrap(&dek).await.unwrap();
         assert!(secret.accepts(&wrapped));
@@ -332,5 +361,11 @@ mod tests {
         let public = RecoveryPublicKey::read(&path.with_extension("pub")).unwrap();
         assert_eq!(public, secret.public());
         assert!(RecoveryPublicKey::parse("zz").is_err());
+        // One half is never taken for the other, and the private file cannot be a .pub.
+        let error = RecoveryPublicKey::read(&path).unwrap_err().to_string();
+        assert!(error.contains("PRIVATE"), "{error}");
+        assert!(RecoverySecretKey::read(&path.with_extension("pub")).is_err());
+        let error = secret.write_new(&dir.path().join("other.pub")).unwrap_err();
+        assert!(error.to_string().contains("ends in .pub"), "{error}");
     }
 }

@@ -37,6 +37,9 @@ pub struct RestoreReport {
     /// Why the restore stopped before later objects of the archive, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stopped: Option<String>,
+    /// Newer bases that could not be used, and why (damaged, never made consistent).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 /// The verified content of an archive at a point, before it is written anywhere.
@@ -47,7 +50,8 @@ pub struct Rebuilt {
 }
 
 /// Reads and verifies the chain for `target` without writing anything (also what a drill
-/// runs into scratch space).
+/// runs into scratch space). Starts from the best base; a base that is damaged or whose
+/// chain never reaches the point it is consistent from is skipped for the next one.
 pub async fn rebuild(
     bucket: &Bucket,
     root: &ArchiveRoot,
@@ -59,7 +63,8 @@ pub async fn rebuild(
         .iter()
         .filter_map(|l| Entry::parse(root, &l.name))
         .collect();
-    let Some(base) = chain::bases_for(&entries, target).first().copied() else {
+    let bases = chain::bases_for(&entries, target);
+    if bases.is_empty() {
         return Err(ArchiveError::NothingToRestore(match entries.is_empty() {
             true => format!(
                 "{} holds no object of device {} archive {}; check the bucket URL, the device \
@@ -70,9 +75,36 @@ pub async fn rebuild(
             ),
             false => "no base snapshot is as old as the target; choose a later point".into(),
         }));
-    };
+    }
+    let mut skipped = Vec::new();
+    let mut first_error = None;
+    for base in bases {
+        match rebuild_from(bucket, root, key, &entries, base, target).await {
+            Ok(mut rebuilt) => {
+                rebuilt.report.skipped = skipped;
+                return Ok(rebuilt);
+            }
+            Err(error) => {
+                skipped.push(format!("{}: {error}", base.name));
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| ArchiveError::NothingToRestore(skipped.join("; "))))
+}
+
+async fn rebuild_from(
+    bucket: &Bucket,
+    root: &ArchiveRoot,
+    key: &dyn KeyUnwrap,
+    entries: &[Entry],
+    base: &Entry,
+    target: Target,
+) -> Result<Rebuilt, ArchiveError> {
     let mut records: BTreeMap<String, Record> = BTreeMap::new();
     let (header, digest) = open_checked(bucket, root, key, base, &mut records).await?;
+    // A base is a fuzzy snapshot: consistent once replay reaches `last`.
+    let consistent_from = header.last;
     let mut report = RestoreReport {
         device: root.device.clone(),
         archive: root.archive.clone(),
@@ -84,7 +116,7 @@ pub async fn rebuild(
     };
     let (mut covers, mut epoch, mut prev) = (header.covers(), header.epoch, digest);
     loop {
-        let candidates = chain::successors(&entries, covers, epoch, target);
+        let candidates = chain::successors(entries, covers, epoch, target);
         let mut followed = None;
         let mut refused = None;
         for next in candidates {
@@ -92,7 +124,7 @@ pub async fn rebuild(
             let mut staged = BTreeMap::new();
             match open_checked(bucket, root, key, next, &mut staged).await {
                 Ok((h, d)) if h.prev.as_deref() == Some(prev.as_str()) => {
-                    followed = Some((next, h, d, staged));
+                    followed = Some((h, d, staged));
                     break;
                 }
                 Ok(_) => {
@@ -105,8 +137,8 @@ pub async fn rebuild(
                 Err(error) => refused = Some(error.to_string()),
             }
         }
-        let Some((next, h, d, staged)) = followed else {
-            let beyond = chain::unreachable_after(&entries, covers, target);
+        let Some((h, d, staged)) = followed else {
+            let beyond = chain::unreachable_after(entries, covers, target);
             if let Some(why) = refused {
                 report.stopped = Some(why);
             } else if let Some(first) = beyond.first() {
@@ -128,7 +160,20 @@ pub async fn rebuild(
         report.epoch = h.epoch;
         report.time = h.created.clone();
         (covers, epoch, prev) = (h.covers(), h.epoch, d);
-        let _ = next;
+    }
+    if covers < consistent_from {
+        return Err(ArchiveError::Broken {
+            object: base.name.clone(),
+            detail: format!(
+                "the base is consistent from sequence {consistent_from}, but its chain reaches \
+                 only {covers}{}",
+                report
+                    .stopped
+                    .as_deref()
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default()
+            ),
+        });
     }
     let live: Vec<&Record> = records.values().filter(|r| !r.is_deleted()).collect();
     report.secrets = live.len();

@@ -207,6 +207,10 @@ pub struct RestoreArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Succeed even when the restore stopped before later objects of the archive (a gap,
+    /// a damaged object): by default that is an error, since writes after it are missing.
+    #[arg(long)]
+    pub allow_partial: bool,
 }
 
 pub fn run(args: ArchiveArgs) -> anyhow::Result<()> {
@@ -425,6 +429,16 @@ async fn execute(args: ArchiveArgs) -> anyhow::Result<()> {
                 if let Some(stopped) = &report.stopped {
                     println!("stopped early: {stopped}");
                 }
+                for skipped in &report.skipped {
+                    println!("skipped base: {skipped}");
+                }
+            }
+            if let (Some(stopped), false) = (&report.stopped, args.allow_partial) {
+                bail!(
+                    "the restore stopped early ({stopped}); the token holds the point above, \
+                     without what the archive holds after it: repair the archive, restore to \
+                     an earlier point, or accept it with --allow-partial"
+                );
             }
         }
     }

@@ -235,8 +235,10 @@ impl AuditLog {
 
     /// The record of `operation` (if it deserves one), updating the mount table.
     fn settle(&self, operation: &Operation<'_>) -> Option<AuditRecord> {
-        let read = match operation.kind {
-            OperationKind::Unpublish => None,
+        // A publish refused before it began (a concurrent one holds the target) read
+        // nothing: the pending read belongs to the one in flight.
+        let read = match (operation.kind, operation.request) {
+            (OperationKind::Unpublish, _) | (_, None) => None,
             _ => self.mounts.take_read(operation.target),
         };
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
@@ -260,7 +262,12 @@ impl AuditLog {
         let mut mounted = lock(&self.mounts.mounted);
         match (operation.kind, read) {
             (OperationKind::Unpublish, _) => {
-                if let Some(gone) = mounted.remove(operation.target) {
+                // A failed unpublish leaves the volume mounted: it stays in the table.
+                let gone = match operation.outcome == hsm_secrets_csi::observer::OUTCOME_OK {
+                    true => mounted.remove(operation.target),
+                    false => mounted.get(operation.target).cloned(),
+                };
+                if let Some(gone) = gone {
                     record.pod = gone.pod;
                     record.device = Some(gone.device);
                     record.read_from = Some(gone.read_from);
@@ -509,6 +516,29 @@ mod tests {
                 ("unpublish", "ok", Some(4)),
             ]
         );
+        // A refused concurrent publish takes nothing of the read in flight, and a failed
+        // unpublish leaves the volume in the table.
+        mounts.read(target, read(5));
+        log.finished(&operation(
+            OperationKind::Publish,
+            None,
+            "operation_pending",
+            false,
+        ));
+        log.finished(&operation(
+            OperationKind::Publish,
+            Some(&request),
+            OUTCOME_OK,
+            true,
+        ));
+        assert_eq!(mounts.list(None, None)[0].secrets[0].version, Some(5));
+        log.finished(&operation(
+            OperationKind::Unpublish,
+            None,
+            "unmount_failed",
+            false,
+        ));
+        assert_eq!(mounts.list(None, None).len(), 1, "still mounted");
         let last = &records[3];
         assert_eq!(last["pod"]["name"], "web-0", "unpublish knows the pod");
         assert_eq!(last["readFrom"], "local_mirror");

@@ -271,7 +271,8 @@ impl Pkcs11Store {
                 .ok_or_else(|| StoreError::NotFound {
                     token: tok.label().into(),
                     path: format!(
-                        "transport key {transport} (run `hsm-secrets archive key-receive-begin`                          on this token first)"
+                        "transport key {transport} (run `hsm-secrets archive key-receive-begin` on \
+                         this token first)"
                     ),
                 })?;
             let template = [
