@@ -46,10 +46,15 @@ async fn start_primary(name: &str, epoch: u64) -> Primary {
     let token = TestToken::new(name).unwrap();
     let store = Arc::new(token.open().await);
     store.archive_key_generate(ARCHIVE_KEY_LABEL).await.unwrap();
+    primary_on(store, "n1", epoch).await
+}
+
+/// An agent on `store`, assigned the primary at `epoch`.
+async fn primary_on(store: Arc<Pkcs11Store>, node: &str, epoch: u64) -> Primary {
     let pki = tempfile::tempdir().unwrap();
-    let files = generate_pki(pki.path(), &["n1"]).unwrap();
-    let tls = AgentTls::from_files(files.files("n1").unwrap()).unwrap();
-    let agent = Agent::start(AgentConfig::new("n1", tls), store.clone()).await;
+    let files = generate_pki(pki.path(), &[node]).unwrap();
+    let tls = AgentTls::from_files(files.files(node).unwrap()).unwrap();
+    let agent = Agent::start(AgentConfig::new(node, tls), store.clone()).await;
     agent
         .assign(Assignment {
             role: DeviceRole::Primary,
@@ -445,26 +450,7 @@ async fn after_a_failover_the_new_primary_continues_the_archive_and_restores_fol
     old_archiver.step(&old.agent).await.unwrap();
 
     // The mirror is promoted at epoch 2 and takes writes; its archiver starts a new chain.
-    let pki = tempfile::tempdir().unwrap();
-    let files = generate_pki(pki.path(), &["n2"]).unwrap();
-    let tls = AgentTls::from_files(files.files("n2").unwrap()).unwrap();
-    let agent = Agent::start(AgentConfig::new("n2", tls), store.clone()).await;
-    agent
-        .assign(Assignment {
-            role: DeviceRole::Primary,
-            epoch: 2,
-            primary: None,
-            mirrors: Vec::new(),
-            lease: Duration::from_secs(3600),
-            sync_interval: None,
-        })
-        .await
-        .unwrap();
-    let new = Primary {
-        agent,
-        store,
-        _pki: pki,
-    };
+    let new = primary_on(store, "n2", 2).await;
     let mut new_archiver = archiver(&bucket, &new, &recovery);
     tokio::time::sleep(Duration::from_millis(5)).await;
     let promoted_at = hsm_secrets::archive::archiver::now_millis();
@@ -585,26 +571,7 @@ async fn the_ceremony_and_a_restore_from_the_command_line() {
     // The receiving token archives as the primary; the bucket is a local directory.
     let store = Arc::new(receiver.open().await);
     assert!(store.archive_key_exists(ARCHIVE_KEY_LABEL).await.unwrap());
-    let pki = tempfile::tempdir().unwrap();
-    let files = generate_pki(pki.path(), &["n1"]).unwrap();
-    let tls = AgentTls::from_files(files.files("n1").unwrap()).unwrap();
-    let agent = Agent::start(AgentConfig::new("n1", tls), store.clone()).await;
-    agent
-        .assign(Assignment {
-            role: DeviceRole::Primary,
-            epoch: 1,
-            primary: None,
-            mirrors: Vec::new(),
-            lease: Duration::from_secs(3600),
-            sync_interval: None,
-        })
-        .await
-        .unwrap();
-    let primary = Primary {
-        agent,
-        store,
-        _pki: pki,
-    };
+    let primary = primary_on(store, "n1", 1).await;
     let url = format!("file://{}", at("bucket"));
     let bucket = Bucket::open(&BucketConfig {
         url: url.clone(),

@@ -270,17 +270,7 @@ impl LocalCluster {
             let files = pki.files(node).cloned().ok_or_else(|| {
                 LocalError::Check(format!("the PKI has no certificate for {node}"))
             })?;
-            let node_dir = self.dir.join("nodes").join(node);
-            let mut endpoints = NodeEndpoints {
-                name: (*node).into(),
-                agent: String::new(),
-                csi_socket: node_dir.join("csi/csi.sock"),
-                kubelet_dir: node_dir.join("kubelet"),
-                softhsm_conf: token.conf.clone(),
-                pin_file: token.pin_file.clone(),
-            };
-            endpoints.agent = self.spawn_node(&endpoints, token, &files)?;
-            self.nodes.push(endpoints);
+            self.start_node(node, token, &files)?;
         }
         self.spawn_controller(&logs)?;
         self.spawn_webhook(&logs)?;
@@ -389,16 +379,26 @@ impl LocalCluster {
             .restored_tls
             .clone()
             .ok_or_else(|| LocalError::Check("no certificate for the restored node".into()))?;
-        let node_dir = self.dir.join("nodes").join(RESTORED_NODE);
+        self.start_node(RESTORED_NODE, token, &files)
+    }
+
+    /// Starts node `name` on `token` under `<dir>/nodes/<name>` and records its endpoints.
+    fn start_node(
+        &mut self,
+        name: &str,
+        token: &NodeToken,
+        files: &TlsFiles,
+    ) -> Result<(), LocalError> {
+        let node_dir = self.dir.join("nodes").join(name);
         let mut endpoints = NodeEndpoints {
-            name: RESTORED_NODE.into(),
+            name: name.into(),
             agent: String::new(),
             csi_socket: node_dir.join("csi/csi.sock"),
             kubelet_dir: node_dir.join("kubelet"),
             softhsm_conf: token.conf.clone(),
             pin_file: token.pin_file.clone(),
         };
-        endpoints.agent = self.spawn_node(&endpoints, token, &files)?;
+        endpoints.agent = self.spawn_node(&endpoints, token, files)?;
         self.nodes.push(endpoints);
         Ok(())
     }

@@ -29,19 +29,8 @@ impl Pkcs11Store {
                         .into(),
                 });
             }
-            let template = [
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::ValueLen(32.into()),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                // Copied to the device's other tokens only wrapped, by the ceremony.
-                Attribute::Extractable(true),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(true),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ];
+            let mut template = archive_key_template(&label);
+            template.push(Attribute::ValueLen(32.into()));
             tok.session
                 .generate_key(&Mechanism::AesKeyGen, &template)
                 .map_err(|e| tok.map_err(e, "C_GenerateKey"))?;
@@ -135,6 +124,23 @@ fn oaep() -> Mechanism<'static> {
         PkcsMgfType::MGF1_SHA1,
         PkcsOaepSource::empty(),
     ))
+}
+
+/// The archive key as every token holds it, generated or received: AES, on the token,
+/// never readable in clear.
+fn archive_key_template(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        // Copied to the device's other tokens only wrapped, by the ceremony.
+        Attribute::Extractable(true),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
 }
 
 fn transport_label(archive_label: &str) -> String {
@@ -275,17 +281,7 @@ impl Pkcs11Store {
                          this token first)"
                     ),
                 })?;
-            let template = [
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(true),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(true),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ];
+            let template = archive_key_template(&label);
             tok.session
                 .unwrap_key(&oaep(), private, &wrapped, &template)
                 .map_err(|e| tok.map_err(e, "C_UnwrapKey"))?;
