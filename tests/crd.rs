@@ -149,6 +149,57 @@ fn schema_rejects_bad_device_specs() {
 }
 
 #[test]
+fn backup_block_takes_defaults_and_refuses_out_of_range_values() {
+    let crd = serde_json::to_value(crd::device_crd()).unwrap();
+    let s = schema::crd_schema(&crd).unwrap();
+    let mut v = seed_device();
+    v["spec"]["backup"] =
+        json!({"url": "s3://hsm-archive/site-a", "credentialsSecret": "hsm-archive"});
+    assert!(
+        schema::check(s, &v).is_empty(),
+        "{:?}",
+        schema::check(s, &v)
+    );
+    let dev: HSMDevice = serde_json::from_value(v.clone()).unwrap();
+    let backup = dev.spec.backup.unwrap();
+    assert_eq!(
+        (
+            backup.archive_name(),
+            backup.segment_interval_seconds(),
+            backup.base_interval_minutes(),
+            backup.retention_days(),
+            backup.verify_interval_minutes(),
+        ),
+        ("main", 5, 360, 7, 1440)
+    );
+    let cases = [
+        ("/spec/backup/segmentIntervalSeconds", json!(0), "at least"),
+        ("/spec/backup/retentionDays", json!(0), "at least"),
+        ("/spec/backup/verifyIntervalMinutes", json!(-1), "at least"),
+        ("/spec/backup/credentialsSecret", json!(""), "at least"),
+        ("/spec/backup/url", json!("s3:"), "at least"),
+        ("/spec/backup/bucket", json!("x"), "unknown field"),
+    ];
+    for (ptr, bad, why) in cases {
+        let mut bad_device = v.clone();
+        let (parent, field) = ptr.rsplit_once('/').unwrap();
+        bad_device.pointer_mut(parent).unwrap()[field] = bad;
+        let errors = schema::check(s, &bad_device);
+        assert!(errors.iter().any(|e| e.contains(why)), "{ptr}: {errors:?}");
+    }
+    let mut missing = v.clone();
+    missing["spec"]["backup"]
+        .as_object_mut()
+        .unwrap()
+        .remove("credentialsSecret");
+    let errors = schema::check(s, &missing);
+    assert!(
+        errors.iter().any(|e| e.contains("credentialsSecret")),
+        "{errors:?}"
+    );
+}
+
+#[test]
 fn false_stays_false() {
     let mut v = seed_device();
     v["spec"]["mirroring"]["autoFailover"] = json!(false);

@@ -23,6 +23,7 @@ fn device(name: &str) -> HSMDevice {
                 },
             },
             mirroring: None,
+            backup: None,
         },
     )
 }

@@ -57,6 +57,20 @@ use serde::{Deserialize, Serialize};
         priority = "1"
     ),
     printcolumn(
+        name = "Archive Lag",
+        type_ = "integer",
+        json_path = ".status.backup.lagSeconds",
+        description = "seconds of acknowledged writes the archive does not hold yet (the RPO now)",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Verified",
+        type_ = "date",
+        json_path = ".status.backup.lastVerified.finishedAt",
+        description = "when a restore drill last verified the archive",
+        priority = "1"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -69,6 +83,96 @@ pub struct HSMDeviceSpec {
     /// Mirroring and failover. Omitted means policy `None` (one device, no mirrors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirroring: Option<MirroringSpec>,
+    /// Continuous encrypted archive to object storage, restore drills. Omitted: no archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+}
+
+/// Where and how often the primary archives the device (disaster recovery).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// `s3://BUCKET[/PREFIX]`, or `file:///DIRECTORY` on the primary's node (single-node
+    /// setups and the no-cluster mode).
+    #[x_kube(validation = Rule::new("self.startsWith('s3://') || self.startsWith('file:///')").message("backup.url must be s3://BUCKET[/PREFIX] or file:///DIRECTORY"))]
+    #[schemars(length(min = 6, max = 1024))]
+    pub url: String,
+    /// Endpoint of an S3-compatible server (MinIO, Ceph): `http(s)://HOST:PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("backup.endpoint must be an http(s):// URL"))]
+    #[schemars(length(min = 8, max = 1024))]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub region: Option<String>,
+    /// Secret in the node plugin's namespace, mounted on every node at
+    /// `/etc/hsm-secrets/archive/<name>` (never read through the API): `recovery.pub`
+    /// (the offline recovery key's public half) and, for S3, `access-key-id` and
+    /// `secret-access-key`.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("backup.credentialsSecret must be a Secret name (lowercase letters, digits, '-' and '.')"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub credentials_secret: String,
+    /// The archive's name under the device's prefix; a new name starts a new archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("backup.archiveName must be lowercase letters, digits and '-'"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub archive_name: Option<String>,
+    /// Seconds between shipped segments: the most writes losing every token costs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub segment_interval_seconds: Option<u32>,
+    /// Minutes between base snapshots (a restore replays at most this much).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 43200))]
+    pub base_interval_minutes: Option<u32>,
+    /// Days every point stays restorable; older objects no retained point needs are
+    /// deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub retention_days: Option<u32>,
+    /// Minutes between restore drills (0: only on demand, `kubectl hsm backup verify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 43200))]
+    pub verify_interval_minutes: Option<u32>,
+    /// Archive lag, in seconds, above which the BackupArchived condition turns False and
+    /// a Warning Event is recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub lag_alert_seconds: Option<u32>,
+}
+
+impl BackupSpec {
+    pub const DEFAULT_ARCHIVE_NAME: &str = "main";
+    pub const DEFAULT_SEGMENT_INTERVAL_SECONDS: u32 = 5;
+    pub const DEFAULT_BASE_INTERVAL_MINUTES: u32 = 360;
+    pub const DEFAULT_RETENTION_DAYS: u32 = 7;
+    pub const DEFAULT_VERIFY_INTERVAL_MINUTES: u32 = 1440;
+    pub const DEFAULT_LAG_ALERT_SECONDS: u32 = 60;
+
+    pub fn archive_name(&self) -> &str {
+        self.archive_name
+            .as_deref()
+            .unwrap_or(Self::DEFAULT_ARCHIVE_NAME)
+    }
+    pub fn segment_interval_seconds(&self) -> u32 {
+        self.segment_interval_seconds
+            .unwrap_or(Self::DEFAULT_SEGMENT_INTERVAL_SECONDS)
+    }
+    pub fn base_interval_minutes(&self) -> u32 {
+        self.base_interval_minutes
+            .unwrap_or(Self::DEFAULT_BASE_INTERVAL_MINUTES)
+    }
+    pub fn retention_days(&self) -> u32 {
+        self.retention_days.unwrap_or(Self::DEFAULT_RETENTION_DAYS)
+    }
+    pub fn verify_interval_minutes(&self) -> u32 {
+        self.verify_interval_minutes
+            .unwrap_or(Self::DEFAULT_VERIFY_INTERVAL_MINUTES)
+    }
+    pub fn lag_alert_seconds(&self) -> u32 {
+        self.lag_alert_seconds
+            .unwrap_or(Self::DEFAULT_LAG_ALERT_SECONDS)
+    }
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -230,6 +334,79 @@ pub struct HSMDeviceStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub epoch_history: Vec<EpochRecord>,
+    /// The archive, as the primary's node reports it (with `spec.backup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupStatus>,
+}
+
+/// The archive's state: what a failure would cost now, what can be restored, and the
+/// last restore drill.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    /// The node whose agent archives (the primary's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Every change up to this sequence is durable in the bucket.
+    #[serde(default)]
+    pub archived_sequence: u64,
+    /// Changes the primary acknowledged that the bucket does not hold yet.
+    #[serde(default)]
+    pub lag_sequences: u64,
+    /// Seconds since the archive last held every acknowledged change (0 while it does):
+    /// the writes losing every token would cost now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<i64>,
+    /// When the archive last held every acknowledged change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_to_date_time: Option<Time>,
+    /// When this was last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_time: Option<Time>,
+    /// Why the last archive step failed (names the object and the fix; never a value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub last_error: Option<String>,
+    /// The points a restore can start from (newest last).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub bases: Vec<BackupPoint>,
+    /// The last `kubectl hsm backup now` carried out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub last_base_request: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verified: Option<BackupDrill>,
+}
+
+/// A base snapshot in the bucket.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupPoint {
+    pub epoch: u64,
+    pub sequence: u64,
+    pub time: Time,
+}
+
+/// The outcome of one restore drill.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupDrill {
+    /// What asked for it: `scheduled` or the time `kubectl hsm backup verify` was run.
+    #[schemars(length(max = 64))]
+    pub request: String,
+    pub verified: bool,
+    /// The archive point restored.
+    pub sequence: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+    pub secrets: u64,
+    pub duration_ms: u64,
+    pub finished_at: Time,
+    /// What disagreed or failed (names only, never a value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub message: Option<String>,
 }
 
 /// One promotion: from `epoch` on, `primary` is the source of truth, its history
@@ -294,6 +471,13 @@ pub struct DeviceNodeStatus {
 /// Annotation on an HSMDevice asking the controller for a planned switchover to a node
 /// (set by `kubectl hsm failover DEVICE --to NODE`; removed by the controller when done).
 pub const SWITCHOVER_ANNOTATION: &str = "hsmsecrets.io/switchover-to";
+
+/// Annotation asking for a base snapshot now (`kubectl hsm backup now`): its value, a
+/// request id, is copied to `status.backup.lastBaseRequest` once the base is durable.
+pub const BACKUP_NOW_ANNOTATION: &str = "hsmsecrets.io/backup-now";
+/// Annotation asking for a restore drill now (`kubectl hsm backup verify`): its value is
+/// copied to `status.backup.lastVerified.request` when the drill ends.
+pub const BACKUP_VERIFY_ANNOTATION: &str = "hsmsecrets.io/backup-verify";
 
 /// `hsmsecrets.io/device.<device>`: the label a node carries (value `ready`) while its copy
 /// of the device serves; the controller sets it and pod injection's affinity matches it.

@@ -20,6 +20,8 @@ pub mod condition_types {
     pub const SYNCED: &str = "Synced";
     /// Something needs attention (phase other than Ready and Pending).
     pub const DEGRADED: &str = "Degraded";
+    /// Every type above: the planner replaces these and keeps any other.
+    pub const ALL: [&str; 3] = [READY, SYNCED, DEGRADED];
 }
 
 /// Condition reasons (CamelCase, as Kubernetes expects).
@@ -377,6 +379,14 @@ impl Planner<'_> {
                 generation,
             ),
         ];
+        // Conditions other loops own (the archive's) are carried over untouched.
+        let mut conditions = conditions;
+        conditions.extend(
+            prev_conditions
+                .iter()
+                .filter(|c| !condition_types::ALL.contains(&c.type_.as_str()))
+                .cloned(),
+        );
         let no_writer = matches!(phase, DevicePhase::ReadOnlyFallback | DevicePhase::Failed);
         let max_sync_lag_seconds = mirrors.iter().filter_map(|n| n.sync_lag_seconds).max();
         let last_sync_time = mirrors
@@ -403,6 +413,7 @@ impl Planner<'_> {
             observed_generation: generation,
             conditions,
             epoch_history: std::mem::take(&mut self.history),
+            backup: self.prev.backup.clone(),
         }
     }
 }

@@ -737,6 +737,7 @@ pub fn demo_device(library: &str, timing: &Timing) -> HSMDevice {
                 target_nodes: NODES[1..].iter().map(|n| n.to_string()).collect(),
                 failover_threshold: Some(timing.failover_threshold),
             }),
+            backup: None,
         },
     )
 }

@@ -27,6 +27,7 @@ pub fn mirrored_device(primary: Option<&str>, targets: &[&str], threshold: u32) 
                 target_nodes: targets.iter().map(|t| t.to_string()).collect(),
                 failover_threshold: Some(threshold),
             }),
+            backup: None,
         },
     )
 }

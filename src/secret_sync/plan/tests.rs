@@ -578,6 +578,7 @@ fn device_access_follows_the_device_status() {
                 },
             },
             mirroring: None,
+            backup: None,
         },
     );
     assert!(matches!(
