@@ -78,6 +78,35 @@ pub struct ArchiverState {
     pub last_error: Option<String>,
     pub objects_written: u64,
     pub failures: u64,
+    /// A base asked for out of schedule (`kubectl hsm backup now`), by request id.
+    pub base_requested: Option<String>,
+    /// The last such request a durable base answered.
+    pub base_done: Option<String>,
+    /// The bases in the bucket as last listed: where restores can start.
+    pub bases: Vec<BasePoint>,
+}
+
+/// A base snapshot in the bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BasePoint {
+    pub epoch: u64,
+    pub sequence: u64,
+    pub millis: u64,
+}
+
+/// The bases among `entries`, oldest first.
+fn base_points(entries: &[Entry]) -> Vec<BasePoint> {
+    let mut bases: Vec<BasePoint> = entries
+        .iter()
+        .filter(|e| e.kind == ObjectKind::Base)
+        .map(|e| BasePoint {
+            epoch: e.epoch,
+            sequence: e.last,
+            millis: e.millis,
+        })
+        .collect();
+    bases.sort_by_key(|b| (b.millis, b.epoch, b.sequence));
+    bases
 }
 
 pub struct Archiver {
@@ -207,7 +236,15 @@ impl Archiver {
         if !self.fresh_chain && self.head.as_ref().is_none_or(|h| h.epoch != snapshot.epoch) {
             self.head = self.find_head(snapshot.epoch, published).await?;
         }
+        let requested = {
+            let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state
+                .base_requested
+                .clone()
+                .filter(|r| state.base_done.as_ref() != Some(r))
+        };
         let due = self.fresh_chain
+            || requested.is_some()
             || self.head.as_ref().is_none_or(|h| {
                 now_millis().saturating_sub(h.base_millis)
                     >= self.cfg.base_interval.as_millis() as u64
@@ -216,6 +253,9 @@ impl Archiver {
             true => self.write_base(agent, snapshot.epoch).await,
             false => self.write_segments(agent, snapshot.epoch).await,
         };
+        if result.is_ok() && requested.is_some() {
+            self.update(|s| s.base_done = requested);
+        }
         if let Err(ArchiveError::Bucket {
             operation: "PUT", ..
         }) = &result
@@ -231,11 +271,12 @@ impl Archiver {
     /// not follow) ends the search: a new chain with a base is always safe.
     async fn find_head(&self, epoch: u64, published: u64) -> Result<Option<Head>, ArchiveError> {
         let listed = self.bucket.list(&self.cfg.root.prefix()).await?;
-        let entries: Vec<Entry> = listed
+        let all: Vec<Entry> = listed
             .iter()
             .filter_map(|l| Entry::parse(&self.cfg.root, &l.name))
-            .filter(|e| e.epoch == epoch)
             .collect();
+        self.update(|s| s.bases = base_points(&all));
+        let entries: Vec<Entry> = all.into_iter().filter(|e| e.epoch == epoch).collect();
         let Some(base) = entries
             .iter()
             .filter(|e| e.kind == ObjectKind::Base)
@@ -342,6 +383,12 @@ impl Archiver {
         if let Some(window) = self.cfg.retention {
             self.prune(window).await?;
         }
+        let listed = self.bucket.list(&self.cfg.root.prefix()).await?;
+        let entries: Vec<Entry> = listed
+            .iter()
+            .filter_map(|l| Entry::parse(&self.cfg.root, &l.name))
+            .collect();
+        self.update(|s| s.bases = base_points(&entries));
         Ok(Step::Base {
             name,
             records: records.len(),

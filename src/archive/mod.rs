@@ -26,11 +26,13 @@ pub mod envelope;
 pub mod keys;
 pub mod payload;
 pub mod restore;
+pub mod supervisor;
 
 pub use archiver::{ArchiveMetrics, Archiver, ArchiverConfig};
 pub use bucket::{Bucket, BucketConfig};
 pub use keys::{KeyUnwrap, KeyWrap, RecoveryPublicKey, RecoverySecretKey, TokenArchiveKey};
 pub use restore::{RestoreReport, RestoreTarget, restore};
+pub use supervisor::{ArchiveSettings, Supervisor};
 
 use crate::hsm::StoreError;
 

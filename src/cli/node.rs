@@ -13,10 +13,8 @@ use tokio::sync::watch;
 
 use super::agent::{SyncTuning, serve_agent};
 use super::shutdown_signal;
-use crate::archive::chain::ArchiveRoot;
 use crate::archive::{
-    ARCHIVE_KEY_LABEL, ArchiveMetrics, Archiver, ArchiverConfig, Bucket, BucketConfig, KeyWrap,
-    RecoveryPublicKey, TokenArchiveKey,
+    ARCHIVE_KEY_LABEL, ArchiveMetrics, ArchiveSettings, Supervisor, TokenArchiveKey,
 };
 use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore, StoreError};
 use crate::mirror::{
@@ -141,6 +139,10 @@ pub struct NodeArgs {
     /// deleted after each new base. 0 keeps everything.
     #[arg(long, env = "HSM_ARCHIVE_RETENTION_S", default_value_t = 7 * 24 * 3600)]
     pub archive_retention_s: u64,
+    /// Where the Secrets an HSMDevice's spec.backup names are mounted, one directory per
+    /// Secret (recovery.pub, access-key-id, secret-access-key).
+    #[arg(long, env = "HSM_ARCHIVE_CREDENTIALS_ROOT", default_value = crate::archive::supervisor::DEFAULT_CREDENTIALS_ROOT)]
+    pub archive_credentials_root: PathBuf,
 }
 
 /// Runs the node plugin until SIGTERM or ctrl-c.
@@ -210,15 +212,17 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
     }
     let source = Arc::new(source);
 
-    let archive = archive_setup(&args, &mut registry)?;
+    let archive = archive_setup(&args)?;
+    let archive_metrics = ArchiveMetrics::register(&mut registry);
+    let credentials_root = args.archive_credentials_root.clone();
     let mut opener = None;
     if let Some(device) = &device {
         let config = pkcs11_config(&args)?;
         // The archiver uses the token's archive key through the token itself.
         let token: Arc<std::sync::Mutex<Option<Arc<Pkcs11Store>>>> = Arc::default();
         let opened = token.clone();
-        let archive_stop = stopped();
         let device = device.clone();
+        let device_name = args.device.clone().unwrap_or_default();
         let agent = match (args.agent_listen, &tls) {
             (Some(listen), Some(tls)) => {
                 let cfg = args.sync.config(&args.node_name, tls.clone());
@@ -258,13 +262,15 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
             let agent = served.agent.clone();
             device.set_role_source(move || agent.role());
             let token = token.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            if let (Some((archiver, metrics, recovery)), Some(token)) = (archive, token) {
-                let keys: Vec<Arc<dyn KeyWrap>> = vec![
-                    Arc::new(TokenArchiveKey::new(token, ARCHIVE_KEY_LABEL)),
-                    Arc::new(recovery),
-                ];
-                let archiver = archiver.with_keys(keys).with_metrics(metrics);
-                tokio::spawn(archiver.run(served.agent.clone(), archive_stop));
+            if let Some(token) = token {
+                let key = Arc::new(TokenArchiveKey::new(token, ARCHIVE_KEY_LABEL));
+                let supervisor =
+                    Supervisor::new(served.agent.clone(), device_name, key, credentials_root)
+                        .with_metrics(archive_metrics);
+                if let Some(settings) = archive {
+                    supervisor.configure(settings)?;
+                }
+                served.agent.set_archive_control(Arc::new(supervisor));
             }
             // How scripts and tests learn a port picked by the kernel.
             println!("hsm-secrets node {node} agent listening on {}", served.addr);
@@ -346,45 +352,36 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The archiver this node runs while its token is the primary, if configured.
-fn archive_setup(
-    args: &NodeArgs,
-    registry: &mut Registry,
-) -> anyhow::Result<Option<(Archiver, ArchiveMetrics, RecoveryPublicKey)>> {
+/// The archive the node's flags configure, if any (a spec.backup the controller sends
+/// replaces it).
+fn archive_setup(args: &NodeArgs) -> anyhow::Result<Option<ArchiveSettings>> {
     let Some(url) = &args.archive_url else {
         return Ok(None);
     };
-    let Some(device) = &args.device else {
+    if args.device.is_none() {
         bail!("--archive-url needs --device: the archive is of this node's device");
-    };
-    let recovery = RecoveryPublicKey::read(
-        args.archive_recovery_public_key
-            .as_deref()
-            .context("--archive-url needs --archive-recovery-public-key")?,
-    )?;
-    let bucket = Bucket::open(&BucketConfig {
+    }
+    if args.archive_segment_interval_ms == 0 || args.archive_base_interval_s == 0 {
+        bail!("--archive-segment-interval-ms and --archive-base-interval-s must be above 0");
+    }
+    let settings = ArchiveSettings {
         url: url.clone(),
         endpoint: args.archive_endpoint.clone(),
         region: args.archive_region.clone(),
         credentials_dir: args.archive_credentials_dir.clone(),
-        timeout: Duration::from_secs(30),
-    })?;
-    if args.archive_segment_interval_ms == 0 || args.archive_base_interval_s == 0 {
-        bail!("--archive-segment-interval-ms and --archive-base-interval-s must be above 0");
-    }
-    let config = ArchiverConfig {
-        root: ArchiveRoot::new(device, &args.archive_name)?,
+        recovery_public_key: args
+            .archive_recovery_public_key
+            .clone()
+            .context("--archive-url needs --archive-recovery-public-key")?,
+        archive_name: args.archive_name.clone(),
         segment_interval: Duration::from_millis(args.archive_segment_interval_ms),
         base_interval: Duration::from_secs(args.archive_base_interval_s),
         retention: (args.archive_retention_s > 0)
             .then(|| Duration::from_secs(args.archive_retention_s)),
     };
-    let metrics = ArchiveMetrics::register(registry);
-    Ok(Some((
-        Archiver::new(config, bucket, Vec::new()),
-        metrics,
-        recovery,
-    )))
+    // Refuse a bad key file or bucket URL at start, not once the token opens.
+    settings.check()?;
+    Ok(Some(settings))
 }
 
 fn pkcs11_config(args: &NodeArgs) -> anyhow::Result<Pkcs11Config> {

@@ -168,6 +168,8 @@ struct Inner {
     last_assignment: Mutex<Option<Assignment>>,
     /// Serializes saves of the role facts, so an older snapshot never lands last.
     persist: tokio::sync::Mutex<()>,
+    /// Who answers the Archive RPC on this node, once the node set it up.
+    archive: std::sync::OnceLock<Arc<dyn super::service::ArchiveControl>>,
 }
 
 impl Agent {
@@ -192,6 +194,7 @@ impl Agent {
                 counters: Counters::default(),
                 last_assignment: Mutex::default(),
                 persist: tokio::sync::Mutex::new(()),
+                archive: std::sync::OnceLock::new(),
                 cfg,
             }),
         };
@@ -273,6 +276,16 @@ impl Agent {
 
     pub fn config(&self) -> &AgentConfig {
         &self.inner.cfg
+    }
+
+    /// Hands the Archive RPC to the node's archive supervisor (once; later calls are
+    /// ignored).
+    pub fn set_archive_control(&self, control: Arc<dyn super::service::ArchiveControl>) {
+        let _ = self.inner.archive.set(control);
+    }
+
+    pub fn archive_control(&self) -> Option<Arc<dyn super::service::ArchiveControl>> {
+        self.inner.archive.get().cloned()
     }
 
     pub fn store(&self) -> &Arc<dyn SecretStore> {

@@ -100,7 +100,7 @@ pub enum Needs {
 /// The rule of each RPC of the agent service.
 pub fn needs(rpc: &str) -> Needs {
     match rpc {
-        "AssignRole" | "Fence" | "RenewLease" | "Put" | "Delete" => Needs::Controller,
+        "AssignRole" | "Fence" | "RenewLease" | "Put" | "Delete" | "Archive" => Needs::Controller,
         "Replicate" => Needs::Agent,
         "Health" => Needs::AnyCaller,
         // Everything that returns secret material or its metadata, and any RPC added

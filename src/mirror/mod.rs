@@ -103,7 +103,7 @@ pub use identity::Identity;
 pub use metrics::{AgentMetrics, RpcMetrics};
 pub use remote::RemoteStore;
 pub use serve::{bind, serve};
-pub use service::{AgentService, assignment_from_pb};
+pub use service::{AgentService, ArchiveControl, assignment_from_pb};
 pub use sync::{FullPassReport, LostWrite, PullReport, SyncSettings, SyncState};
 pub use tls::{
     AgentTls, CONTROLLER_CERT_NAME, CertificateAuthority, GeneratedPki, IssuedCertificate,

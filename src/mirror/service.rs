@@ -16,6 +16,13 @@ use super::identity::{self, Identity};
 use super::pb;
 use super::pb::agent_server::AgentServer;
 
+/// What answers the Archive RPC: the node's archive supervisor, which lives outside the
+/// agent (it needs the bucket, the credentials and the token's archive key).
+#[async_trait::async_trait]
+pub trait ArchiveControl: Send + Sync + 'static {
+    async fn archive(&self, request: pb::ArchiveRequest) -> Result<pb::ArchiveResponse, Status>;
+}
+
 /// Implements the generated `Agent` service over an [`Agent`].
 #[derive(Clone)]
 pub struct AgentService {
@@ -344,6 +351,29 @@ impl pb::agent_server::Agent for AgentService {
         }
         .await;
         self.observe("Fence", started, &result);
+        result
+    }
+
+    async fn archive(
+        &self,
+        request: Request<pb::ArchiveRequest>,
+    ) -> Result<Response<pb::ArchiveResponse>, Status> {
+        let started = std::time::Instant::now();
+        let result: Result<Response<pb::ArchiveResponse>, Status> = async move {
+            authorize(&request, "Archive")?;
+            let Some(control) = self.agent.archive_control() else {
+                return Err(Status::failed_precondition(
+                    "this node does not archive: it runs without a token archive key \
+                     supervisor (start the node plugin with --agent-listen and a token)",
+                ));
+            };
+            control
+                .archive(request.into_inner())
+                .await
+                .map(Response::new)
+        }
+        .await;
+        self.observe("Archive", started, &result);
         result
     }
 }

@@ -442,6 +442,104 @@ pub struct FenceResponse {
     #[prost(uint64, tag = "1")]
     pub applied_sequence: u64,
 }
+/// spec.backup as the agent applies it. Credentials and the recovery key's public half are
+/// read on the node from the mounted Secret named here, never sent over the wire.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ArchiveSpec {
+    #[prost(string, tag = "1")]
+    pub url: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub endpoint: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub region: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub credentials_secret: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub archive_name: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "6")]
+    pub segment_interval_ms: u64,
+    #[prost(uint64, tag = "7")]
+    pub base_interval_s: u64,
+    /// 0 keeps everything.
+    #[prost(uint64, tag = "8")]
+    pub retention_s: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ArchiveRequest {
+    #[prost(message, optional, tag = "1")]
+    pub spec: ::core::option::Option<ArchiveSpec>,
+    /// Non-empty: take a base now, once per distinct value.
+    #[prost(string, tag = "2")]
+    pub base_request: ::prost::alloc::string::String,
+    /// Non-empty: start a restore drill, once per distinct value.
+    #[prost(string, tag = "3")]
+    pub verify_request: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ArchivePoint {
+    #[prost(uint64, tag = "1")]
+    pub epoch: u64,
+    #[prost(uint64, tag = "2")]
+    pub sequence: u64,
+    #[prost(uint64, tag = "3")]
+    pub time_ms: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DrillOutcome {
+    #[prost(string, tag = "1")]
+    pub request: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub verified: bool,
+    #[prost(uint64, tag = "3")]
+    pub sequence: u64,
+    #[prost(uint64, tag = "4")]
+    pub epoch: u64,
+    /// When the restored point was written (unix ms; 0 when the drill found none).
+    #[prost(uint64, tag = "5")]
+    pub time_ms: u64,
+    #[prost(uint64, tag = "6")]
+    pub secrets: u64,
+    #[prost(uint64, tag = "7")]
+    pub bytes: u64,
+    #[prost(uint64, tag = "8")]
+    pub duration_ms: u64,
+    #[prost(uint64, tag = "9")]
+    pub finished_ms: u64,
+    /// Names only, never a value: what disagreed, where the rebuild stopped, or the error.
+    #[prost(string, tag = "10")]
+    pub message: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ArchiveResponse {
+    /// The spec could not be applied (a missing Secret file, a bad URL): why and the fix.
+    #[prost(string, tag = "1")]
+    pub config_error: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub archived_sequence: u64,
+    #[prost(uint64, tag = "3")]
+    pub primary_sequence: u64,
+    /// Unix ms of the last step that left nothing acknowledged behind; 0: never.
+    #[prost(uint64, tag = "4")]
+    pub up_to_date_ms: u64,
+    #[prost(string, tag = "5")]
+    pub last_error: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub last_error_kind: ::prost::alloc::string::String,
+    /// Restorable starting points in the bucket, oldest first (at most 32, the newest).
+    #[prost(message, repeated, tag = "7")]
+    pub bases: ::prost::alloc::vec::Vec<ArchivePoint>,
+    /// The last base_request carried out.
+    #[prost(string, tag = "8")]
+    pub base_done: ::prost::alloc::string::String,
+    /// The drill in progress, if any, and the last one finished.
+    #[prost(string, tag = "9")]
+    pub drill_running: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "10")]
+    pub drill: ::core::option::Option<DrillOutcome>,
+    /// This agent is not the unfenced primary: it does not archive.
+    #[prost(bool, tag = "11")]
+    pub not_primary: bool,
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Role {
@@ -826,6 +924,33 @@ pub mod agent_client {
                 .insert(GrpcMethod::new("hsmsecrets.agent.v1.Agent", "Fence"));
             self.inner.unary(req, path, codec).await
         }
+        /// Controller, to the primary's agent: archive as the HSMDevice's spec.backup says,
+        /// take a base or start a restore drill when asked, and report how the archive stands.
+        /// Never waits for a drill: its outcome comes with a later call.
+        pub async fn archive(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ArchiveRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ArchiveResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/hsmsecrets.agent.v1.Agent/Archive",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("hsmsecrets.agent.v1.Agent", "Archive"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -909,6 +1034,13 @@ pub mod agent_server {
             &self,
             request: tonic::Request<super::FenceRequest>,
         ) -> std::result::Result<tonic::Response<super::FenceResponse>, tonic::Status>;
+        /// Controller, to the primary's agent: archive as the HSMDevice's spec.backup says,
+        /// take a base or start a restore drill when asked, and report how the archive stands.
+        /// Never waits for a drill: its outcome comes with a later call.
+        async fn archive(
+            &self,
+            request: tonic::Request<super::ArchiveRequest>,
+        ) -> std::result::Result<tonic::Response<super::ArchiveResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AgentServer<T> {
@@ -1444,6 +1576,49 @@ pub mod agent_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = FenceSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/hsmsecrets.agent.v1.Agent/Archive" => {
+                    #[allow(non_camel_case_types)]
+                    struct ArchiveSvc<T: Agent>(pub Arc<T>);
+                    impl<T: Agent> tonic::server::UnaryService<super::ArchiveRequest>
+                    for ArchiveSvc<T> {
+                        type Response = super::ArchiveResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ArchiveRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::archive(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ArchiveSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
