@@ -25,6 +25,7 @@ pub mod drill;
 pub mod envelope;
 pub mod keys;
 pub mod payload;
+pub mod plan;
 pub mod restore;
 pub mod supervisor;
 

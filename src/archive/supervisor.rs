@@ -396,6 +396,7 @@ impl ArchiveControl for Supervisor {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn spec(secret: &str) -> pb::ArchiveSpec {

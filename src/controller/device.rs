@@ -6,7 +6,11 @@ use std::sync::{Arc, Mutex};
 use k8s_openapi::jiff::Timestamp;
 
 use super::{Agents, ControllerMetrics};
-use crate::crd::{HSMDevice, SWITCHOVER_ANNOTATION};
+use crate::archive::plan::{self as backup_plan, ArchiveReport, BackupEvent};
+use crate::crd::{
+    BACKUP_NOW_ANNOTATION, BACKUP_VERIFY_ANNOTATION, HSMDevice, HSMDeviceStatus,
+    SWITCHOVER_ANNOTATION,
+};
 use crate::failover::{
     self, Action, DeviceView, LeaseFacts, Observations, PlanConfig, Probe, SwitchoverOutcome,
     SwitchoverRequest,
@@ -124,14 +128,12 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             now: Timestamp::now(),
         };
         let plan = failover::plan(&view, &status, &observations, &self.config);
+        let mut next = plan.status.clone();
+        let backup_events = self.backup_round(device, &mut next).await;
 
         let rv = device.metadata.resource_version.clone().unwrap_or_default();
-        if plan.status != status {
-            match self
-                .state
-                .replace_device_status(&name, &rv, &plan.status)
-                .await
-            {
+        if next != status {
+            match self.state.replace_device_status(&name, &rv, &next).await {
                 Ok(_) => {}
                 Err(StateError::Conflict { .. }) => {
                     return Ok(RoundOutcome {
@@ -142,7 +144,15 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
                 Err(e) => return Err(e),
             }
         }
-        self.metrics.observe_status(&name, &plan.status);
+        self.metrics.observe_status(&name, &next);
+        for event in backup_events {
+            let type_ = match event.warning {
+                true => EventType::Warning,
+                false => EventType::Normal,
+            };
+            self.record(&regarding, type_, event.reason, "Archive", event.message)
+                .await?;
+        }
 
         let mut outcome = RoundOutcome {
             replan_at: plan.replan_at,
@@ -177,6 +187,89 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             _ => {}
         }
         Ok(outcome)
+    }
+
+    /// With `spec.backup`: asks the primary's agent to archive as the spec says (a base or
+    /// a drill when due or asked for) and folds its answer into `status`. Returns the
+    /// Events to record once the status is stored.
+    async fn backup_round(
+        &self,
+        device: &HSMDevice,
+        status: &mut HSMDeviceStatus,
+    ) -> Vec<BackupEvent> {
+        let name = device.metadata.name.clone().unwrap_or_default();
+        let Some(spec) = &device.spec.backup else {
+            status.backup = None;
+            status
+                .conditions
+                .retain(|c| !backup_plan::condition_types::ALL.contains(&c.type_.as_str()));
+            return Vec::new();
+        };
+        let Some(primary) = status.primary_node.clone() else {
+            return Vec::new();
+        };
+        let now = Timestamp::now();
+        let annotation = |key: &str| {
+            device
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(key))
+                .map(String::as_str)
+        };
+        let ask = backup_plan::ask(
+            spec,
+            status.backup.as_ref(),
+            annotation(BACKUP_NOW_ANNOTATION),
+            annotation(BACKUP_VERIFY_ANNOTATION),
+            now,
+        );
+        let report = match self.agents.archive(&primary, spec, &ask).await {
+            Ok(report) if report.not_primary => return Vec::new(),
+            Ok(report) => report,
+            // What the archive held when last heard of still stands; the lag grows.
+            Err(e) => {
+                let prev = status.backup.clone().unwrap_or_default();
+                ArchiveReport {
+                    archived_sequence: prev.archived_sequence,
+                    primary_sequence: prev.archived_sequence + prev.lag_sequences,
+                    up_to_date_ms: prev
+                        .up_to_date_time
+                        .map(|t| t.0.as_millisecond().max(0) as u64),
+                    last_error: Some(format!("the primary's agent did not answer: {e}")),
+                    bases: prev
+                        .bases
+                        .iter()
+                        .map(|b| (b.epoch, b.sequence, b.time.0.as_millisecond().max(0) as u64))
+                        .collect(),
+                    ..Default::default()
+                }
+            }
+        };
+        let (backup, conditions, events) = backup_plan::observe(
+            spec,
+            status.backup.as_ref(),
+            &status.conditions,
+            &primary,
+            &report,
+            now,
+            device.metadata.generation,
+        );
+        let new_drill = events
+            .iter()
+            .any(|e| matches!(e.reason, "BackupVerified" | "BackupVerifyFailed"));
+        self.metrics.observe_backup(
+            &name,
+            &backup,
+            backup_plan::lag_seconds(&report, now),
+            new_drill,
+        );
+        status
+            .conditions
+            .retain(|c| !backup_plan::condition_types::ALL.contains(&c.type_.as_str()));
+        status.conditions.extend(conditions);
+        status.backup = Some(backup);
+        events
     }
 
     async fn execute(

@@ -14,7 +14,8 @@ use async_trait::async_trait;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{AgentCallCause, AgentCallError, Agents};
-use crate::crd::{DeviceRole, HSMDevice, MirroringPolicy};
+use crate::archive::plan::{ArchiveAsk, ArchiveReport, DrillResult};
+use crate::crd::{BackupSpec, DeviceRole, HSMDevice, MirroringPolicy};
 use crate::failover::{
     Action, AgentReport, DeviceView, NodeError, NodeErrorKind, ProbeResult, WriteLease,
     WriteSetReport,
@@ -340,6 +341,48 @@ impl GrpcAgents {
     }
 }
 
+fn archive_spec_pb(spec: &BackupSpec) -> pb::ArchiveSpec {
+    pb::ArchiveSpec {
+        url: spec.url.clone(),
+        endpoint: spec.endpoint.clone().unwrap_or_default(),
+        region: spec.region.clone().unwrap_or_default(),
+        credentials_secret: spec.credentials_secret.clone(),
+        archive_name: spec.archive_name().to_string(),
+        segment_interval_ms: u64::from(spec.segment_interval_seconds()) * 1000,
+        base_interval_s: u64::from(spec.base_interval_minutes()) * 60,
+        retention_s: u64::from(spec.retention_days()) * 86_400,
+    }
+}
+
+fn archive_report(r: pb::ArchiveResponse) -> ArchiveReport {
+    let text = |s: String| (!s.is_empty()).then_some(s);
+    ArchiveReport {
+        config_error: text(r.config_error),
+        archived_sequence: r.archived_sequence,
+        primary_sequence: r.primary_sequence,
+        up_to_date_ms: (r.up_to_date_ms > 0).then_some(r.up_to_date_ms),
+        last_error: text(r.last_error),
+        bases: r
+            .bases
+            .into_iter()
+            .map(|b| (b.epoch, b.sequence, b.time_ms))
+            .collect(),
+        base_done: text(r.base_done),
+        drill_running: text(r.drill_running),
+        drill: r.drill.map(|d| DrillResult {
+            request: d.request,
+            verified: d.verified,
+            sequence: d.sequence,
+            time_ms: (d.time_ms > 0).then_some(d.time_ms),
+            secrets: d.secrets,
+            duration_ms: d.duration_ms,
+            finished_ms: d.finished_ms,
+            message: text(d.message),
+        }),
+        not_primary: r.not_primary,
+    }
+}
+
 fn call_error(node: &str, e: MirrorError) -> AgentCallError {
     AgentCallError {
         node: node.into(),
@@ -437,6 +480,25 @@ impl Agents for GrpcAgents {
                 ProbeResult::Failed(NodeError::new(kind, text))
             }
         }
+    }
+
+    async fn archive(
+        &self,
+        node: &str,
+        spec: &BackupSpec,
+        ask: &ArchiveAsk,
+    ) -> Result<ArchiveReport, AgentCallError> {
+        let request = pb::ArchiveRequest {
+            spec: Some(archive_spec_pb(spec)),
+            base_request: ask.base_request.clone().unwrap_or_default(),
+            verify_request: ask.verify_request.clone().unwrap_or_default(),
+        };
+        let response = self
+            .connection(node)?
+            .archive(request)
+            .await
+            .map_err(|e| call_error(node, e))?;
+        Ok(archive_report(response))
     }
 
     async fn execute(&self, device: &DeviceView, action: &Action) -> Result<(), AgentCallError> {

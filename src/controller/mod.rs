@@ -20,7 +20,8 @@ pub use run::{ControllerConfig, run_controller, run_controller_with_leadership};
 
 use async_trait::async_trait;
 
-use crate::crd::HSMDevice;
+use crate::archive::plan::{ArchiveAsk, ArchiveReport};
+use crate::crd::{BackupSpec, HSMDevice};
 use crate::failover::{Action, DeviceView, ProbeResult};
 
 /// How the controller reaches the agents of a device's nodes.
@@ -37,6 +38,20 @@ pub trait Agents: Send + Sync + 'static {
     /// Carries out one agent action (RenewLease, FenceWrites, Promote, Demote, SetMirror).
     /// Ok means the agent acknowledged it.
     async fn execute(&self, device: &DeviceView, action: &Action) -> Result<(), AgentCallError>;
+    /// Asks the primary's agent to archive as `spec` says (and take a base or start a
+    /// drill when `ask` says so), returning how its archive stands.
+    async fn archive(
+        &self,
+        node: &str,
+        spec: &BackupSpec,
+        ask: &ArchiveAsk,
+    ) -> Result<ArchiveReport, AgentCallError> {
+        let _ = (spec, ask);
+        Err(AgentCallError {
+            node: node.into(),
+            cause: AgentCallCause::NotAnAgentAction("Archive".into()),
+        })
+    }
 }
 
 /// An agent call that did not get an acknowledgement.

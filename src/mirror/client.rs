@@ -202,6 +202,14 @@ impl AgentConnection {
         .await
     }
 
+    pub async fn archive(
+        &self,
+        request: pb::ArchiveRequest,
+    ) -> Result<pb::ArchiveResponse, MirrorError> {
+        self.call("Archive", |mut c| async move { c.archive(request).await })
+            .await
+    }
+
     pub async fn fence(&self, epoch: u64) -> Result<pb::FenceResponse, MirrorError> {
         let request = pb::FenceRequest { epoch };
         self.call("Fence", |mut c| async move { c.fence(request).await })

@@ -1,0 +1,605 @@
+//! What the controller asks of the primary's archive each round, and how the answer
+//! shows in `status.backup`, the Backup* conditions and Events. Pure: no IO, no clock.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::crd::{BackupDrill, BackupPoint, BackupSpec, BackupStatus};
+
+/// Condition types this module owns on an HSMDevice.
+pub mod condition_types {
+    /// The archive holds every acknowledged change, or lags less than the alert.
+    pub const BACKUP_ARCHIVED: &str = "BackupArchived";
+    /// The last restore drill rebuilt the archive and it matched the device.
+    pub const BACKUP_VERIFIED: &str = "BackupVerified";
+    pub const ALL: [&str; 2] = [BACKUP_ARCHIVED, BACKUP_VERIFIED];
+}
+
+/// Requests without a schedule start with this; the rest is the due time (unix ms).
+const SCHEDULED: &str = "scheduled";
+
+/// What one round asks of the primary's agent beyond "archive as the spec says".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ArchiveAsk {
+    pub base_request: Option<String>,
+    pub verify_request: Option<String>,
+}
+
+/// The agent's answer, as domain values.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ArchiveReport {
+    pub config_error: Option<String>,
+    pub archived_sequence: u64,
+    pub primary_sequence: u64,
+    pub up_to_date_ms: Option<u64>,
+    pub last_error: Option<String>,
+    /// (epoch, sequence, unix ms), oldest first.
+    pub bases: Vec<(u64, u64, u64)>,
+    pub base_done: Option<String>,
+    pub drill_running: Option<String>,
+    pub drill: Option<DrillResult>,
+    pub not_primary: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DrillResult {
+    pub request: String,
+    pub verified: bool,
+    pub sequence: u64,
+    pub time_ms: Option<u64>,
+    pub secrets: u64,
+    pub duration_ms: u64,
+    pub finished_ms: u64,
+    pub message: Option<String>,
+}
+
+/// An Event the round should record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupEvent {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// A base when `kubectl hsm backup now` asked for one not yet done; a drill when
+/// `kubectl hsm backup verify` asked for one not yet reported, or when the schedule says
+/// one is due.
+pub fn ask(
+    spec: &BackupSpec,
+    status: Option<&BackupStatus>,
+    base_annotation: Option<&str>,
+    verify_annotation: Option<&str>,
+    now: Timestamp,
+) -> ArchiveAsk {
+    let base_request = base_annotation
+        .filter(|r| !r.is_empty())
+        .filter(|r| status.and_then(|s| s.last_base_request.as_deref()) != Some(*r))
+        .map(str::to_string);
+    let last = status.and_then(|s| s.last_verified.as_ref());
+    let on_demand = verify_annotation
+        .filter(|r| !r.is_empty())
+        .filter(|r| last.map(|d| d.request.as_str()) != Some(*r))
+        .map(str::to_string);
+    let interval_ms = i64::from(spec.verify_interval_minutes()) * 60_000;
+    let scheduled = (interval_ms > 0)
+        .then(|| match last {
+            None => Some(format!("{SCHEDULED}:first")),
+            Some(d) => {
+                let due = d.finished_at.0.as_millisecond() + interval_ms;
+                (due <= now.as_millisecond()).then(|| format!("{SCHEDULED}:{due}"))
+            }
+        })
+        .flatten();
+    ArchiveAsk {
+        base_request,
+        verify_request: on_demand.or(scheduled),
+    }
+}
+
+/// Seconds since the archive last held every acknowledged change: 0 while it does, None
+/// before it ever did.
+pub fn lag_seconds(report: &ArchiveReport, now: Timestamp) -> Option<i64> {
+    let behind = report.primary_sequence > report.archived_sequence;
+    match (behind, report.up_to_date_ms) {
+        (false, Some(_)) => Some(0),
+        (true, Some(at)) => Some(((now.as_millisecond() - at as i64) / 1000).max(0)),
+        (_, None) => None,
+    }
+}
+
+/// `status.backup` and the Backup* conditions after `report` from `node`, with the Events
+/// a change deserves. `prev_conditions` are the device's conditions before the round.
+pub fn observe(
+    spec: &BackupSpec,
+    prev: Option<&BackupStatus>,
+    prev_conditions: &[Condition],
+    node: &str,
+    report: &ArchiveReport,
+    now: Timestamp,
+    generation: Option<i64>,
+) -> (BackupStatus, Vec<Condition>, Vec<BackupEvent>) {
+    let time = |ms: u64| Timestamp::from_millisecond(ms as i64).ok().map(Time);
+    let lag_sequences = report
+        .primary_sequence
+        .saturating_sub(report.archived_sequence);
+    let lag_seconds = lag_seconds(report, now);
+    let error = report
+        .config_error
+        .clone()
+        .or_else(|| report.last_error.clone());
+    let drill = match (&report.drill, prev.and_then(|p| p.last_verified.clone())) {
+        (Some(d), _) => Some(BackupDrill {
+            request: truncate(&d.request, 64),
+            verified: d.verified,
+            sequence: d.sequence,
+            time: d.time_ms.and_then(time),
+            secrets: d.secrets,
+            duration_ms: d.duration_ms,
+            finished_at: time(d.finished_ms).unwrap_or(Time(now)),
+            message: d.message.as_deref().map(|m| truncate(m, 2048)),
+        }),
+        (None, kept) => kept,
+    };
+    let fresh = BackupStatus {
+        node: Some(node.to_string()),
+        archived_sequence: report.archived_sequence,
+        lag_sequences,
+        lag_seconds,
+        up_to_date_time: report.up_to_date_ms.and_then(time),
+        observed_time: Some(Time(now)),
+        last_error: error.as_deref().map(|e| truncate(e, 1024)),
+        bases: report
+            .bases
+            .iter()
+            .rev()
+            .take(32)
+            .rev()
+            .filter_map(|&(epoch, sequence, ms)| {
+                time(ms).map(|time| BackupPoint {
+                    epoch,
+                    sequence,
+                    time,
+                })
+            })
+            .collect(),
+        last_base_request: report
+            .base_done
+            .clone()
+            .or_else(|| prev.and_then(|p| p.last_base_request.clone())),
+        last_verified: drill.clone(),
+    };
+
+    let alert = i64::from(spec.lag_alert_seconds());
+    let (archived_ok, archived_reason, archived_message) = match (&report.config_error, &error) {
+        (Some(e), _) => (false, "ConfigurationError", e.clone()),
+        (None, Some(e)) => (false, "ArchiveFailing", e.clone()),
+        (None, None) => match lag_seconds {
+            None => (
+                false,
+                "Starting",
+                "the archive has not caught up with the primary yet".to_string(),
+            ),
+            // Messages hold no moving figure, so a steady state writes no status.
+            Some(lag) if lag > alert => (
+                false,
+                "Lagging",
+                format!(
+                    "the archive lags the primary by more than {alert} s (status.backup.lagSeconds); \
+                     check the bucket's reachability and the node plugin's archive metrics"
+                ),
+            ),
+            Some(_) => (
+                true,
+                "UpToDate",
+                format!("the archive keeps within {alert} s of the primary"),
+            ),
+        },
+    };
+    let (verified_status, verified_reason, verified_message) = match &drill {
+        None => (
+            "Unknown",
+            "NotVerifiedYet",
+            "no restore drill has finished yet".to_string(),
+        ),
+        Some(d) if d.verified => (
+            "True",
+            "DrillPassed",
+            format!(
+                "restored sequence {} ({} secrets) in {} ms and it matched the device",
+                d.sequence, d.secrets, d.duration_ms
+            ),
+        ),
+        Some(d) => (
+            "False",
+            "DrillFailed",
+            d.message
+                .clone()
+                .unwrap_or_else(|| "the drill did not verify the archive".into()),
+        ),
+    };
+    let conditions = vec![
+        condition(
+            prev_conditions,
+            condition_types::BACKUP_ARCHIVED,
+            if archived_ok { "True" } else { "False" },
+            archived_reason,
+            archived_message.clone(),
+            now,
+            generation,
+        ),
+        condition(
+            prev_conditions,
+            condition_types::BACKUP_VERIFIED,
+            verified_status,
+            verified_reason,
+            verified_message.clone(),
+            now,
+            generation,
+        ),
+    ];
+
+    let mut events = Vec::new();
+    let was = |type_: &str| {
+        prev_conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    // Starting is not worth a Warning: a new archive has not caught up yet.
+    if !archived_ok
+        && archived_reason != "Starting"
+        && was(condition_types::BACKUP_ARCHIVED)
+            != Some(("False".into(), archived_reason.to_string()))
+    {
+        events.push(BackupEvent {
+            warning: true,
+            reason: "BackupFailing",
+            message: archived_message,
+        });
+    }
+    let new_drill = report.drill.as_ref().is_some_and(|d| {
+        prev.and_then(|p| p.last_verified.as_ref())
+            .is_none_or(|old| old.request != truncate(&d.request, 64))
+    });
+    if new_drill && let Some(d) = &drill {
+        events.push(BackupEvent {
+            warning: !d.verified,
+            reason: if d.verified {
+                "BackupVerified"
+            } else {
+                "BackupVerifyFailed"
+            },
+            message: verified_message,
+        });
+    }
+
+    let steady = conditions.iter().all(|c| {
+        prev_conditions
+            .iter()
+            .any(|p| p.type_ == c.type_ && p.status == c.status && p.message == c.message)
+    });
+    let status = if steady {
+        settle(prev, fresh, now)
+    } else {
+        fresh
+    };
+    (status, conditions, events)
+}
+
+/// How long the moving figures (sequence, lag) may stay unwritten when nothing else
+/// changed: every round writing them would cost an API write per device per round.
+pub const BACKUP_HEARTBEAT_MS: i64 = 60_000;
+
+/// `prev` when `fresh` differs only in the moving figures and `prev` is recent.
+fn settle(prev: Option<&BackupStatus>, fresh: BackupStatus, now: Timestamp) -> BackupStatus {
+    let Some(prev) = prev else { return fresh };
+    let recent = prev.observed_time.as_ref().is_some_and(|t| {
+        (0..BACKUP_HEARTBEAT_MS).contains(&(now.as_millisecond() - t.0.as_millisecond()))
+    });
+    let moving = |s: &BackupStatus| BackupStatus {
+        archived_sequence: 0,
+        lag_sequences: 0,
+        lag_seconds: None,
+        up_to_date_time: None,
+        observed_time: None,
+        ..s.clone()
+    };
+    if recent && moving(prev) == moving(&fresh) {
+        prev.clone()
+    } else {
+        fresh
+    }
+}
+
+fn condition(
+    previous: &[Condition],
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: String,
+    now: Timestamp,
+    generation: Option<i64>,
+) -> Condition {
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or(Time(now), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time,
+        observed_generation: generation,
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub(1);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end.saturating_sub(2)])
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn spec() -> BackupSpec {
+        BackupSpec {
+            url: "s3://b".into(),
+            endpoint: None,
+            region: None,
+            credentials_secret: "s".into(),
+            archive_name: None,
+            segment_interval_seconds: None,
+            base_interval_minutes: None,
+            retention_days: None,
+            verify_interval_minutes: Some(60),
+            lag_alert_seconds: Some(30),
+        }
+    }
+
+    fn at(ms: i64) -> Timestamp {
+        Timestamp::from_millisecond(ms).unwrap()
+    }
+
+    fn drilled(request: &str, finished_ms: i64, verified: bool) -> BackupStatus {
+        BackupStatus {
+            last_verified: Some(BackupDrill {
+                request: request.into(),
+                verified,
+                sequence: 9,
+                time: None,
+                secrets: 3,
+                duration_ms: 5,
+                finished_at: Time(at(finished_ms)),
+                message: None,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn drills_are_asked_on_schedule_and_on_demand_once_each() {
+        let hour = 3_600_000;
+        type Case<'a> = (
+            &'a str,
+            Option<BackupStatus>,
+            Option<&'a str>,
+            i64,
+            Option<&'a str>,
+        );
+        let cases: [Case; 6] = [
+            ("never drilled", None, None, 0, Some("scheduled:first")),
+            (
+                "drilled recently",
+                Some(drilled("x", 0, true)),
+                None,
+                hour - 1,
+                None,
+            ),
+            (
+                "due",
+                Some(drilled("x", 0, true)),
+                None,
+                hour,
+                Some("scheduled:3600000"),
+            ),
+            (
+                "asked",
+                Some(drilled("x", 0, true)),
+                Some("t1"),
+                5,
+                Some("t1"),
+            ),
+            (
+                "asked and done",
+                Some(drilled("t1", 0, true)),
+                Some("t1"),
+                5,
+                None,
+            ),
+            (
+                "asked, done, due",
+                Some(drilled("t1", 0, true)),
+                Some("t1"),
+                hour,
+                Some("scheduled:3600000"),
+            ),
+        ];
+        for (name, status, annotation, now, want) in cases {
+            let got = ask(&spec(), status.as_ref(), None, annotation, at(now));
+            assert_eq!(got.verify_request.as_deref(), want, "{name}");
+        }
+        let mut only_on_demand = spec();
+        only_on_demand.verify_interval_minutes = Some(0);
+        assert_eq!(
+            ask(&only_on_demand, None, None, None, at(0)).verify_request,
+            None
+        );
+    }
+
+    #[test]
+    fn a_base_is_asked_until_the_agent_reports_it_done() {
+        let done = BackupStatus {
+            last_base_request: Some("b1".into()),
+            ..Default::default()
+        };
+        let spec = spec();
+        assert_eq!(
+            ask(&spec, None, Some("b1"), None, at(0))
+                .base_request
+                .as_deref(),
+            Some("b1")
+        );
+        assert_eq!(
+            ask(&spec, Some(&done), Some("b1"), None, at(0)).base_request,
+            None
+        );
+        assert_eq!(
+            ask(&spec, Some(&done), Some("b2"), None, at(0))
+                .base_request
+                .as_deref(),
+            Some("b2")
+        );
+    }
+
+    fn report(archived: u64, primary: u64, up_to_date_ms: Option<u64>) -> ArchiveReport {
+        ArchiveReport {
+            archived_sequence: archived,
+            primary_sequence: primary,
+            up_to_date_ms,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn lag_turns_the_condition_false_above_the_alert_with_one_event() {
+        let spec = spec();
+        let now = at(100_000);
+        let (status, conditions, events) = observe(
+            &spec,
+            None,
+            &[],
+            "n1",
+            &report(7, 7, Some(99_000)),
+            now,
+            None,
+        );
+        assert_eq!((status.lag_seconds, status.lag_sequences), (Some(0), 0));
+        assert_eq!(conditions[0].status, "True");
+        assert!(events.is_empty());
+
+        let (status, conditions, events) = observe(
+            &spec,
+            Some(&status),
+            &conditions,
+            "n1",
+            &report(7, 20, Some(60_000)),
+            now,
+            None,
+        );
+        assert_eq!((status.lag_seconds, status.lag_sequences), (Some(40), 13));
+        assert_eq!(
+            (conditions[0].status.as_str(), conditions[0].reason.as_str()),
+            ("False", "Lagging")
+        );
+        assert_eq!(events.len(), 1);
+        assert!(events[0].warning && events[0].message.contains("more than 30 s"));
+
+        // Still lagging: no second Event.
+        let (_, _, events) = observe(
+            &spec,
+            Some(&status),
+            &conditions,
+            "n1",
+            &report(7, 21, Some(60_000)),
+            at(101_000),
+            None,
+        );
+        assert!(events.is_empty(), "{events:?}");
+    }
+
+    #[test]
+    fn errors_and_drills_reach_conditions_and_events() {
+        let spec = spec();
+        let failing = ArchiveReport {
+            config_error: Some("archive configuration: /etc/x/recovery.pub is missing".into()),
+            ..Default::default()
+        };
+        let (status, conditions, events) = observe(&spec, None, &[], "n1", &failing, at(0), None);
+        assert_eq!(conditions[0].reason, "ConfigurationError");
+        assert!(status.last_error.unwrap().contains("recovery.pub"));
+        assert_eq!(events[0].reason, "BackupFailing");
+        assert_eq!(conditions[1].status, "Unknown");
+
+        let failed_drill = ArchiveReport {
+            drill: Some(DrillResult {
+                request: "t1".into(),
+                verified: false,
+                finished_ms: 5,
+                message: Some("1 path(s) differ from the device: shop/db".into()),
+                ..Default::default()
+            }),
+            ..report(3, 3, Some(0))
+        };
+        let (status, conditions, events) =
+            observe(&spec, None, &[], "n1", &failed_drill, at(10), None);
+        assert_eq!(
+            (conditions[1].status.as_str(), conditions[1].reason.as_str()),
+            ("False", "DrillFailed")
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| e.reason == "BackupVerifyFailed" && e.warning)
+        );
+        // Reported again next round: no new Event.
+        let (_, _, again) = observe(
+            &spec,
+            Some(&status),
+            &conditions,
+            "n1",
+            &failed_drill,
+            at(20),
+            None,
+        );
+        assert!(
+            again.iter().all(|e| e.reason != "BackupVerifyFailed"),
+            "{again:?}"
+        );
+    }
+
+    #[test]
+    fn moving_figures_are_written_at_most_once_a_heartbeat() {
+        let spec = spec();
+        let (first, conditions, _) =
+            observe(&spec, None, &[], "n1", &report(5, 5, Some(0)), at(0), None);
+        let (next, _, _) = observe(
+            &spec,
+            Some(&first),
+            &conditions,
+            "n1",
+            &report(6, 6, Some(1000)),
+            at(1000),
+            None,
+        );
+        assert_eq!(next, first, "a moving figure alone waits for the heartbeat");
+        let (later, _, _) = observe(
+            &spec,
+            Some(&first),
+            &conditions,
+            "n1",
+            &report(6, 6, Some(61_000)),
+            at(61_000),
+            None,
+        );
+        assert_eq!(later.archived_sequence, 6);
+    }
+}
