@@ -957,3 +957,209 @@ async fn a_damaged_newest_base_is_skipped_for_the_one_before_it_and_said() {
         report.skipped[0].contains(&name) && report.skipped[0].contains("authentication failed")
     );
 }
+
+/// The cluster path end to end: `spec.backup` on the HSMDevice, the controller's rounds
+/// over gRPC with mutual TLS, the node's supervisor reading the mounted Secret, moto as
+/// the bucket. A Secret that is not mounted is a condition naming the file; fixed, the
+/// archive catches up, a drill asked for by annotation verifies it (condition, Event),
+/// and a base asked for is taken.
+#[tokio::test]
+async fn the_controller_archives_per_spec_backup_and_verifies_on_demand() {
+    use hsm_secrets::archive::Supervisor;
+    use hsm_secrets::controller::{ControllerMetrics, DeviceController, GrpcAgents};
+    use hsm_secrets::crd::{
+        BACKUP_NOW_ANNOTATION, BACKUP_VERIFY_ANNOTATION, BackupSpec, HSMDevice,
+    };
+    use hsm_secrets::failover::{FencingConfig, PlanConfig};
+    use hsm_secrets::mirror::Peer;
+    use hsm_secrets::state::{FileState, StateStore};
+
+    let Some(s3) = S3Server::start() else { return };
+    s3.create_bucket("spec-backup");
+    let recovery = RecoverySecretKey::generate().unwrap();
+    let mounts = tempfile::tempdir().unwrap();
+    let secret = mounts.path().join("hsm-archive");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("access-key-id"), "testing\n").unwrap();
+    std::fs::write(secret.join("secret-access-key"), "testing\n").unwrap();
+    std::fs::write(secret.join("recovery.pub"), recovery.public().to_text()).unwrap();
+
+    let token = TestToken::new("spec-primary").unwrap();
+    let store = Arc::new(token.open().await);
+    store.archive_key_generate(ARCHIVE_KEY_LABEL).await.unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let files = generate_pki(pki.path(), &["n1", "controller"]).unwrap();
+    let tls = AgentTls::from_files(files.files("n1").unwrap()).unwrap();
+    let agent = Agent::start(
+        AgentConfig::new("n1", tls).with_device(DEVICE),
+        store.clone(),
+    )
+    .await;
+    let key = Arc::new(TokenArchiveKey::new(store.clone(), ARCHIVE_KEY_LABEL));
+    agent.set_archive_control(Arc::new(Supervisor::new(
+        agent.clone(),
+        DEVICE,
+        key,
+        mounts.path(),
+    )));
+    let listener = hsm_secrets::mirror::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let endpoint = format!("https://{}", listener.local_addr().unwrap());
+    tokio::spawn(hsm_secrets::mirror::serve(
+        agent.clone(),
+        listener,
+        std::future::pending(),
+    ));
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = Arc::new(FileState::open(dir.path()).unwrap());
+    let mut device = support::fixtures::mirrored_device(Some("n1"), &[], 2);
+    device.spec.backup = Some(BackupSpec {
+        url: "s3://spec-backup/site-a".into(),
+        endpoint: Some(s3.endpoint.clone()),
+        region: None,
+        credentials_secret: "not-mounted".into(),
+        archive_name: None,
+        segment_interval_seconds: Some(1),
+        base_interval_minutes: None,
+        retention_days: None,
+        verify_interval_minutes: Some(0),
+        lag_alert_seconds: None,
+    });
+    state.apply_device(&device).unwrap();
+    let lease = Duration::from_secs(30);
+    let agents = Arc::new(
+        GrpcAgents::new(
+            &[Peer {
+                node: "n1".into(),
+                endpoint,
+            }],
+            &AgentTls::from_files(files.files("controller").unwrap()).unwrap(),
+            Duration::from_secs(5),
+            lease,
+        )
+        .unwrap(),
+    );
+    let config = PlanConfig {
+        fencing: FencingConfig {
+            lease_duration: lease,
+            safety_margin: Duration::from_millis(500),
+        },
+        ..PlanConfig::default()
+    };
+    let ctl = DeviceController::new(state.clone(), agents, config, ControllerMetrics::default());
+    let current = || async { state.get_device(DEVICE).await.unwrap().unwrap() };
+    let condition = |d: &HSMDevice, type_: &str| {
+        d.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_).cloned())
+    };
+    // Rounds until `done` holds of the device, or fails after 60 s naming `what`.
+    macro_rules! rounds_until {
+        ($what:expr, $done:expr) => {{
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let d = current().await;
+                ctl.reconcile(&d).await.unwrap();
+                let d = current().await;
+                if $done(&d) {
+                    break d;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{}: {:#?}",
+                    $what,
+                    d.status
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }};
+    }
+
+    // The Secret is not mounted: said, with the file and the fix; writes go on.
+    let d = rounds_until!("a configuration error", |d: &HSMDevice| {
+        condition(d, "BackupArchived").is_some_and(|c| c.reason == "ConfigurationError")
+    });
+    let message = condition(&d, "BackupArchived").unwrap().message;
+    assert!(
+        message.contains("not-mounted/recovery.pub") && message.contains("mount it"),
+        "{message}"
+    );
+    let epoch = agent.epoch();
+    for i in 0..5 {
+        let p = path(&format!("shop/s{i}"));
+        agent
+            .put(&p, data(&[("v", b"1")]), Expect::Any, epoch)
+            .await
+            .unwrap();
+    }
+
+    // Mounted: the archive catches up with every acknowledged write.
+    let mut fixed = current().await;
+    fixed.spec.backup.as_mut().unwrap().credentials_secret = "hsm-archive".into();
+    state.apply_device(&fixed).unwrap();
+    let written = store.latest_sequence();
+    let d = rounds_until!("the archive catching up", |d: &HSMDevice| {
+        let b = d.status.as_ref().and_then(|s| s.backup.clone());
+        condition(d, "BackupArchived").is_some_and(|c| c.status == "True")
+            && b.is_some_and(|b| b.archived_sequence >= written && !b.bases.is_empty())
+    });
+    let backup = d.status.clone().unwrap().backup.unwrap();
+    assert_eq!(backup.node.as_deref(), Some("n1"));
+    assert_eq!(backup.lag_sequences, 0);
+    assert_eq!(
+        condition(&d, "BackupVerified").unwrap().status,
+        "Unknown",
+        "no drill asked for yet (verifyIntervalMinutes 0)"
+    );
+
+    // `kubectl hsm backup verify` and `backup now`, as annotations.
+    let mut asked = current().await;
+    let annotations = asked.metadata.annotations.get_or_insert_default();
+    annotations.insert(
+        BACKUP_VERIFY_ANNOTATION.into(),
+        "2026-12-07T08:00:00Z".into(),
+    );
+    annotations.insert(BACKUP_NOW_ANNOTATION.into(), "2026-12-07T08:00:01Z".into());
+    state.apply_device(&asked).unwrap();
+    let bases_before = backup.bases.len();
+    let d = rounds_until!("the drill and the base", |d: &HSMDevice| {
+        let b = d.status.as_ref().and_then(|s| s.backup.clone());
+        b.is_some_and(|b| {
+            b.last_verified
+                .as_ref()
+                .is_some_and(|v| v.request == "2026-12-07T08:00:00Z")
+                && b.last_base_request.as_deref() == Some("2026-12-07T08:00:01Z")
+                && b.bases.len() > bases_before
+        })
+    });
+    let drill = d
+        .status
+        .clone()
+        .unwrap()
+        .backup
+        .unwrap()
+        .last_verified
+        .unwrap();
+    assert!(drill.verified, "{drill:?}");
+    assert!(drill.sequence >= written && drill.secrets == 5, "{drill:?}");
+    let verified = condition(&d, "BackupVerified").unwrap();
+    assert_eq!(
+        (verified.status.as_str(), verified.reason.as_str()),
+        ("True", "DrillPassed")
+    );
+    let events = state.events().unwrap();
+    assert!(
+        events.iter().any(|e| e.event.reason == "BackupVerified"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.event.reason == "BackupFailing" && e.event.message.contains("not-mounted")),
+        "{events:?}"
+    );
+    // The failover planner's own conditions are still there beside the archive's.
+    assert!(condition(&d, "Ready").is_some());
+}
