@@ -1285,3 +1285,94 @@ async fn mounts_without_pods_proxy_rights_says_which_rbac_is_missing() {
     );
     server.await.unwrap();
 }
+
+fn backed_up(extra_status: Value) -> Value {
+    let mut d = device("ReadOnly", "worker-1", three_nodes(), extra_status);
+    d["spec"]["backup"] =
+        json!({"url": "s3://hsm-archive/site-a", "credentialsSecret": "hsm-archive"});
+    d
+}
+
+#[tokio::test]
+async fn backup_verify_annotates_the_device_and_fails_when_the_drill_does_not_verify() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("GET", &*format!("{DEVICES}/prod-hsm"))
+        );
+        req.reply(200, backed_up(json!({})));
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("PATCH", &*format!("{DEVICES}/prod-hsm"))
+        );
+        // The request id is the time it was asked; the controller echoes it back.
+        let id = req.body["metadata"]["annotations"]["hsmsecrets.io/backup-verify"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(id.parse::<k8s_openapi::jiff::Timestamp>().is_ok(), "{id}");
+        req.reply(200, backed_up(json!({})));
+        let req = next(&mut api).await;
+        req.reply(200, backed_up(json!({})));
+        let failed = json!({"backup": {"node": "worker-1", "archivedSequence": 40, "lagSequences": 2,
+            "lastVerified": {"request": id, "verified": false, "sequence": 40, "secrets": 7,
+                "durationMs": 12, "finishedAt": "2026-12-07T08:00:00Z",
+                "message": "1 path(s) differ from the device: shop/db"}}});
+        for _ in 0..2 {
+            let req = next(&mut api).await;
+            req.reply(200, backed_up(failed.clone()));
+        }
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["backup", "verify", "prod-hsm"], client).await;
+    let error = ran.error();
+    assert!(
+        error.contains("did not verify") && error.contains("shop/db") && error.contains("worker-1"),
+        "{error}"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn backup_list_shows_lag_points_and_drill_and_refuses_a_device_without_backup() {
+    let (client, mut api) = mock_api::client();
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        req.reply(200, backed_up(json!({
+            "conditions": [{"type": "BackupArchived", "status": "True", "reason": "UpToDate",
+                "message": "the archive keeps within 60 s of the primary",
+                "lastTransitionTime": "2026-12-07T07:00:00Z"}],
+            "backup": {"node": "worker-1", "archivedSequence": 42, "lagSequences": 0, "lagSeconds": 0,
+                "bases": [{"epoch": 3, "sequence": 30, "time": "2026-12-07T06:00:00Z"},
+                          {"epoch": 3, "sequence": 41, "time": "2026-12-07T07:00:00Z"}],
+                "lastVerified": {"request": "scheduled:first", "verified": true, "sequence": 41,
+                    "secrets": 7, "durationMs": 12, "finishedAt": "2026-12-07T07:01:00Z"}}})));
+        let req = next(&mut api).await;
+        req.reply(
+            200,
+            device("ReadOnly", "worker-1", three_nodes(), json!({})),
+        );
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(&["backup", "list", "prod-hsm"], client.clone()).await;
+    ran.result.as_ref().unwrap();
+    for want in [
+        "archived through sequence 42 on worker-1",
+        "BackupArchived=True UpToDate",
+        "last drill: verified at sequence 41 (7 secrets, 12 ms)",
+        "2026-12-07T07:00:00Z",
+        "SEQUENCE",
+    ] {
+        assert!(ran.out.contains(want), "{want}: {}", ran.out);
+    }
+    let refused = run(&["backup", "now", "prod-hsm"], client).await;
+    let error = refused.error();
+    assert!(
+        error.contains("no spec.backup") && error.contains("credentialsSecret"),
+        "{error}"
+    );
+    server.await.unwrap();
+}

@@ -72,6 +72,9 @@ pub enum Command {
     /// Which pods have HSM secrets (or SECRET) mounted now, at which version, read from
     /// which copy (the node plugins' tables, through the API server's pod proxy).
     Mounts(MountsArgs),
+    /// A device's archive: lag, restorable points and drills; take a base or run a
+    /// restore drill now.
+    Backup(BackupArgs),
     /// Print a shell completion script.
     Completion(CompletionArgs),
 }
@@ -204,6 +207,39 @@ pub struct MirrorArgs {
     pub command: MirrorCommand,
 }
 
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub command: BackupCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// The archive of a device: lag, restorable points, the last restore drill.
+    List(BackupListArgs),
+    /// Take a base snapshot now: a new restorable point.
+    Now(BackupActArgs),
+    /// Run a restore drill now: rebuild the newest point in scratch space (never the
+    /// live tokens) and compare it with the device; exits 1 when it does not verify.
+    Verify(BackupActArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BackupListArgs {
+    /// HSMDevice name.
+    pub device: String,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct BackupActArgs {
+    /// HSMDevice name.
+    pub device: String,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum MirrorCommand {
     /// Per-node replication state of a device.
@@ -305,6 +341,20 @@ pub enum Request {
     MirrorStatus(MirrorStatusRequest),
     Failover(FailoverRequest),
     Mounts(MountsRequest),
+    Backup(BackupRequest),
+}
+
+#[derive(Debug)]
+pub struct BackupRequest {
+    pub device: String,
+    pub action: BackupAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupAction {
+    List(OutputFormat),
+    Now(Wait),
+    Verify(Wait),
 }
 
 #[derive(Debug)]
@@ -479,6 +529,19 @@ impl Request {
                     to: f.to.clone(),
                     force: f.force,
                     wait: f.wait.into(),
+                })
+            }
+            Command::Backup(b) => {
+                only_list("backup")?;
+                let (device, action) = match &b.command {
+                    BackupCommand::List(a) => (&a.device, BackupAction::List(a.output.output)),
+                    BackupCommand::Now(a) => (&a.device, BackupAction::Now(a.wait.into())),
+                    BackupCommand::Verify(a) => (&a.device, BackupAction::Verify(a.wait.into())),
+                };
+                validate_name("device", device, 253, true)?;
+                Request::Backup(BackupRequest {
+                    device: device.clone(),
+                    action,
                 })
             }
             Command::Mounts(m) => {

@@ -12,7 +12,7 @@ use super::wait::{Outcome, Step, poll};
 use super::{KubectlError, OutputFormat, Session, Term};
 use crate::crd::{HSMDevice, MirroringPolicy, NodeHealth, SWITCHOVER_ANNOTATION};
 
-fn devices_api(s: &Session) -> Api<HSMDevice> {
+pub(crate) fn devices_api(s: &Session) -> Api<HSMDevice> {
     Api::all(s.client.clone())
 }
 
@@ -24,7 +24,7 @@ async fn list_devices(s: &Session) -> Result<Vec<HSMDevice>, KubectlError> {
         .items)
 }
 
-async fn get_device(s: &Session, name: &str) -> Result<HSMDevice, KubectlError> {
+pub(crate) async fn get_device(s: &Session, name: &str) -> Result<HSMDevice, KubectlError> {
     devices_api(s)
         .get(name)
         .await

@@ -40,6 +40,7 @@
 //! Ready), 2 usage.
 
 pub mod args;
+mod backup;
 mod client;
 mod devices;
 mod error;
@@ -118,6 +119,7 @@ pub async fn execute(
         R::MirrorStatus(r) => devices::mirror_status(session, &r, term).await,
         R::Failover(r) => devices::failover(session, &r, term).await,
         R::Mounts(r) => mounts::mounts(session, &r, term).await,
+        R::Backup(r) => backup::backup(session, &r, term).await,
     }
 }
 
