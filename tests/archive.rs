@@ -968,7 +968,7 @@ async fn the_controller_archives_per_spec_backup_and_verifies_on_demand() {
     use hsm_secrets::archive::Supervisor;
     use hsm_secrets::controller::{ControllerMetrics, DeviceController, GrpcAgents};
     use hsm_secrets::crd::{
-        BACKUP_NOW_ANNOTATION, BACKUP_VERIFY_ANNOTATION, BackupSpec, HSMDevice,
+        BACKUP_NOW_ANNOTATION, BACKUP_VERIFY_ANNOTATION, BackupSpec, HSMDevice, RESTORE_ANNOTATION,
     };
     use hsm_secrets::failover::{FencingConfig, PlanConfig};
     use hsm_secrets::mirror::Peer;
@@ -1162,4 +1162,177 @@ async fn the_controller_archives_per_spec_backup_and_verifies_on_demand() {
     );
     // The failover planner's own conditions are still there beside the archive's.
     assert!(condition(&d, "Ready").is_some());
+
+    // `kubectl hsm restore`: refused on a device holding secrets unless forced.
+    let restore_to = |d: &mut HSMDevice, id: &str, force: bool| {
+        let value = serde_json::json!({"id": id, "toSequence": written, "force": force});
+        d.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(RESTORE_ANNOTATION.into(), value.to_string());
+    };
+    let mut asked = current().await;
+    restore_to(&mut asked, "r1", false);
+    state.apply_device(&asked).unwrap();
+    let d = rounds_until!("the refused restore", |d: &HSMDevice| {
+        d.status
+            .as_ref()
+            .and_then(|s| s.backup.as_ref())
+            .and_then(|b| b.last_restore.as_ref())
+            .is_some_and(|r| r.request == "r1")
+    });
+    let refused = d.status.unwrap().backup.unwrap().last_restore.unwrap();
+    assert!(!refused.succeeded);
+    assert!(
+        refused
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("already holds 5 secrets"),
+        "{refused:?}"
+    );
+
+    // Writes after the point, then a forced restore to it: the device equals the point
+    // again, through the primary (the sequence moves on), and the archive follows.
+    for i in 5..8 {
+        agent
+            .put(
+                &path(&format!("shop/s{i}")),
+                data(&[("v", b"2")]),
+                Expect::Any,
+                epoch,
+            )
+            .await
+            .unwrap();
+    }
+    agent
+        .put(
+            &path("shop/s0"),
+            data(&[("v", b"changed")]),
+            Expect::Any,
+            epoch,
+        )
+        .await
+        .unwrap();
+    let before_restore = store.latest_sequence();
+    let mut asked = current().await;
+    restore_to(&mut asked, "r2", true);
+    state.apply_device(&asked).unwrap();
+    let d = rounds_until!("the forced restore", |d: &HSMDevice| {
+        d.status
+            .as_ref()
+            .and_then(|s| s.backup.as_ref())
+            .and_then(|b| b.last_restore.as_ref())
+            .is_some_and(|r| r.request == "r2")
+    });
+    let restored = d.status.unwrap().backup.unwrap().last_restore.unwrap();
+    assert!(restored.succeeded, "{restored:?}");
+    assert_eq!((restored.sequence, restored.secrets), (written, 5));
+    for i in 0..5 {
+        assert_eq!(
+            value(store.as_ref(), &format!("shop/s{i}"), "v")
+                .await
+                .as_deref(),
+            Some(&b"1"[..]),
+            "shop/s{i} is back at the point"
+        );
+    }
+    for i in 5..8 {
+        assert_eq!(
+            value(store.as_ref(), &format!("shop/s{i}"), "v").await,
+            None
+        );
+    }
+    assert!(
+        store.latest_sequence() > before_restore,
+        "restored as new writes"
+    );
+    let events = state.events().unwrap();
+    assert!(
+        events.iter().any(|e| e.event.reason == "RestoreFailed"
+            && e.event.message.contains("already holds")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e.event.reason == "Restored"),
+        "{events:?}"
+    );
+    // The archive follows: its newest point, opened with the offline recovery key, is the
+    // restored device.
+    let after = store.latest_sequence();
+    let bucket = Bucket::open(&BucketConfig {
+        url: "s3://spec-backup/site-a".into(),
+        endpoint: Some(s3.endpoint.clone()),
+        region: None,
+        credentials_dir: Some(secret.clone()),
+        timeout: Duration::from_secs(10),
+    })
+    .unwrap();
+    let root = ArchiveRoot::new(DEVICE, "main").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let newest = loop {
+        ctl.reconcile(&current().await).await.unwrap();
+        let rebuilt =
+            hsm_secrets::archive::restore::rebuild(&bucket, &root, &recovery, Target::Latest)
+                .await
+                .unwrap();
+        if rebuilt.report.sequence >= after {
+            break rebuilt;
+        }
+        assert!(std::time::Instant::now() < deadline, "{:?}", rebuilt.report);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let live: Vec<String> = newest
+        .records
+        .values()
+        .filter(|r| !r.is_deleted())
+        .map(|r| r.path.to_string())
+        .collect();
+    assert_eq!(
+        live,
+        ["shop/s0", "shop/s1", "shop/s2", "shop/s3", "shop/s4"]
+    );
+}
+
+/// A wiped or replaced token (empty) promoted over an archive that holds the device must
+/// not write its empty base: it would become the newest point. The archiver says to
+/// restore first, writes nothing, and the device keeps taking writes.
+#[tokio::test]
+async fn an_empty_token_never_writes_an_empty_base_over_a_real_archive() {
+    let Some(s3) = S3Server::start() else { return };
+    let bucket = s3_bucket(&s3, "wiped");
+    let recovery = RecoverySecretKey::generate().unwrap();
+    let root = ArchiveRoot::new(DEVICE, "a1").unwrap();
+    let old = start_primary("arc-wiped-old", 1).await;
+    let mut old_archiver = archiver(&bucket, &old, &recovery);
+    put(&old, "shop/db", &[("password", b"kept")]).await;
+    old_archiver.step(&old.agent).await.unwrap();
+    let before = bucket.list(&root.prefix()).await.unwrap();
+
+    let token = TestToken::new("arc-wiped-new").unwrap();
+    let store = Arc::new(token.open().await);
+    copy_archive_key(&old.store, &store).await;
+    let wiped = primary_on(store, "n2", 2).await;
+    let mut wiped_archiver = archiver(&bucket, &wiped, &recovery);
+    let error = wiped_archiver.step(&wiped.agent).await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("holds no change")
+            && text.contains("up to sequence 1")
+            && text.contains("restore it first")
+            && text.contains("archiveName"),
+        "{text}"
+    );
+    assert_eq!(bucket.list(&root.prefix()).await.unwrap(), before);
+    let rebuilt = hsm_secrets::archive::restore::rebuild(&bucket, &root, &recovery, Target::Latest)
+        .await
+        .unwrap();
+    assert_eq!(rebuilt.report.secrets, 1, "the real point stays the newest");
+
+    // Once it holds a change (restored, or a first write), it archives again.
+    put(&wiped, "shop/new", &[("k", b"v")]).await;
+    assert!(matches!(
+        wiped_archiver.step(&wiped.agent).await.unwrap(),
+        Step::Base { .. }
+    ));
 }

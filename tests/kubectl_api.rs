@@ -1376,3 +1376,63 @@ async fn backup_list_shows_lag_points_and_drill_and_refuses_a_device_without_bac
     );
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn restore_names_the_base_asks_by_annotation_and_reports_what_was_restored() {
+    let (client, mut api) = mock_api::client();
+    let bases = json!({"backup": {"node": "worker-1", "archivedSequence": 90, "lagSequences": 0,
+        "bases": [{"epoch": 3, "sequence": 30, "time": "2026-12-07T06:00:00Z"},
+                  {"epoch": 3, "sequence": 60, "time": "2026-12-07T07:00:00Z"}]}});
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        req.reply(200, backed_up(bases.clone()));
+        let req = next(&mut api).await;
+        assert_eq!(
+            (req.method.as_str(), req.path()),
+            ("PATCH", &*format!("{DEVICES}/prod-hsm"))
+        );
+        let value = req.body["metadata"]["annotations"]["hsmsecrets.io/restore"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let asked: Value = serde_json::from_str(&value).unwrap();
+        assert_eq!(
+            (asked["toSequence"].clone(), asked["force"].clone()),
+            (json!(45), json!(true))
+        );
+        let id = asked["id"].as_str().unwrap().to_string();
+        req.reply(200, backed_up(bases.clone()));
+        let mut done = bases.clone();
+        done["backup"]["lastRestore"] = json!({"request": id, "succeeded": true, "sequence": 44,
+            "time": "2026-12-07T06:30:00Z", "secrets": 12, "bytes": 3400,
+            "finishedAt": "2026-12-07T08:00:00Z"});
+        let req = next(&mut api).await;
+        req.reply(200, backed_up(done));
+        // Earlier than every base: refused before writing anything.
+        let req = next(&mut api).await;
+        req.reply(200, backed_up(bases));
+        no_more_calls(&mut api).await;
+    });
+    let ran = run(
+        &["restore", "prod-hsm", "--to-sequence", "45", "--force"],
+        client.clone(),
+    )
+    .await;
+    ran.result.as_ref().unwrap();
+    assert!(
+        ran.err.contains("from the base at sequence 30"),
+        "{}",
+        ran.err
+    );
+    assert_eq!(
+        ran.out,
+        "hsmdevice prod-hsm: restored to archive sequence 44 written 2026-12-07T06:30:00Z (12 secrets, 3400 bytes)\n"
+    );
+    let early = run(&["restore", "prod-hsm", "--to-sequence", "10"], client).await;
+    let error = early.error();
+    assert!(
+        error.contains("no archived point that early") && error.contains("sequence 30"),
+        "{error}"
+    );
+    server.await.unwrap();
+}

@@ -626,3 +626,26 @@ fn argument_errors_match_the_golden_file() {
         "tests/golden/kubectl/argument-errors.txt differs; review and run: UPDATE_GENERATED=1 cargo test --test kubectl_args\n--- expected\n{expected}\n--- actual\n{report}"
     );
 }
+
+#[test]
+fn restore_needs_exactly_one_point_and_a_real_time() {
+    let missing = parse(&["restore", "prod-hsm"]).unwrap_err();
+    assert_eq!(missing.kind(), ErrorKind::MissingRequiredArgument);
+    assert!(missing.to_string().contains("--to-sequence"), "{missing}");
+    let both = parse(&["restore", "prod-hsm", "--to-sequence", "3", "--latest"]).unwrap_err();
+    assert_eq!(both.kind(), ErrorKind::ArgumentConflict);
+    let bad = usage_error(&["restore", "prod-hsm", "--to-time", "yesterday"]);
+    assert!(
+        bad.contains("--to-time") && bad.contains("RFC 3339"),
+        "{bad}"
+    );
+    match request(&["restore", "prod-hsm", "--to-time", "2026-12-07T08:00:00Z"]).unwrap() {
+        Request::Restore(r) => {
+            assert_eq!(r.to_time.unwrap().to_string(), "2026-12-07T08:00:00Z");
+            assert!(!r.force && r.wait.enabled);
+        }
+        other => panic!("{other:?}"),
+    }
+    let all = usage_error(&["-A", "backup", "list", "prod-hsm"]);
+    assert!(all.contains("backup"), "{all}");
+}

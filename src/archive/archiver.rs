@@ -276,6 +276,21 @@ impl Archiver {
             .filter_map(|l| Entry::parse(&self.cfg.root, &l.name))
             .collect();
         self.update(|s| s.bases = base_points(&all));
+        // A token that never held a change over an archive that holds some: a wiped or
+        // replaced token. Its empty base would become the newest point (and start the
+        // clock on pruning the real ones), so nothing is written until it is restored.
+        if published == 0
+            && let Some(newest) = all.iter().filter(|e| e.last > 0).max_by_key(|e| e.millis)
+        {
+            return Err(ArchiveError::Config(format!(
+                "the token holds no change but archive {} holds the device up to sequence {} \
+                 ({}); restore it first (kubectl hsm restore, or hsm-secrets archive restore \
+                 on the node), or start a new archive with another spec.backup.archiveName",
+                self.cfg.root.prefix(),
+                newest.last,
+                newest.name
+            )));
+        }
         let entries: Vec<Entry> = all.into_iter().filter(|e| e.epoch == epoch).collect();
         let Some(base) = entries
             .iter()

@@ -4,7 +4,10 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::crd::{BackupDrill, BackupPoint, BackupSpec, BackupStatus};
+use crate::crd::{
+    BackupDrill, BackupPoint, BackupRestore, BackupSpec, BackupStatus, RESTORE_ANNOTATION,
+    RestoreAnnotation,
+};
 
 /// Condition types this module owns on an HSMDevice.
 pub mod condition_types {
@@ -23,6 +26,49 @@ const SCHEDULED: &str = "scheduled";
 pub struct ArchiveAsk {
     pub base_request: Option<String>,
     pub verify_request: Option<String>,
+    pub restore: Option<RestoreAsk>,
+}
+
+/// A restore to carry out through the primary.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreAsk {
+    pub id: String,
+    pub to_sequence: Option<u64>,
+    /// Unix ms.
+    pub to_time_ms: Option<u64>,
+    pub force: bool,
+}
+
+/// Reads the restore annotation; the error names the annotation and the fix.
+pub fn parse_restore(value: &str) -> Result<RestoreAsk, String> {
+    let bad = |why: String| {
+        format!(
+            "annotation {RESTORE_ANNOTATION} is not a restore request ({why}); use \
+             `kubectl hsm restore DEVICE --to-sequence N | --to-time T`"
+        )
+    };
+    let parsed: RestoreAnnotation = serde_json::from_str(value).map_err(|e| bad(e.to_string()))?;
+    if parsed.id.is_empty() || parsed.id.len() > 64 {
+        return Err(bad("id must be 1 to 64 characters".into()));
+    }
+    let to_time_ms = match &parsed.to_time {
+        None => None,
+        Some(t) => Some(
+            t.parse::<Timestamp>()
+                .map_err(|e| bad(format!("toTime {t:?}: {e}")))?
+                .as_millisecond()
+                .max(0) as u64,
+        ),
+    };
+    if parsed.to_sequence.is_some() && to_time_ms.is_some() {
+        return Err(bad("give toSequence or toTime, not both".into()));
+    }
+    Ok(RestoreAsk {
+        id: parsed.id,
+        to_sequence: parsed.to_sequence,
+        to_time_ms,
+        force: parsed.force,
+    })
 }
 
 /// The agent's answer, as domain values.
@@ -38,7 +84,21 @@ pub struct ArchiveReport {
     pub base_done: Option<String>,
     pub drill_running: Option<String>,
     pub drill: Option<DrillResult>,
+    pub restore_running: Option<String>,
+    pub restore: Option<RestoreResult>,
     pub not_primary: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreResult {
+    pub id: String,
+    pub succeeded: bool,
+    pub sequence: u64,
+    pub time_ms: Option<u64>,
+    pub secrets: u64,
+    pub bytes: u64,
+    pub finished_ms: u64,
+    pub message: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -69,6 +129,7 @@ pub fn ask(
     status: Option<&BackupStatus>,
     base_annotation: Option<&str>,
     verify_annotation: Option<&str>,
+    restore: Option<&RestoreAsk>,
     now: Timestamp,
 ) -> ArchiveAsk {
     let base_request = base_annotation
@@ -90,9 +151,17 @@ pub fn ask(
             }
         })
         .flatten();
+    let restore = restore
+        .filter(|r| {
+            status
+                .and_then(|s| s.last_restore.as_ref())
+                .is_none_or(|done| done.request != r.id)
+        })
+        .cloned();
     ArchiveAsk {
         base_request,
         verify_request: on_demand.or(scheduled),
+        restore,
     }
 }
 
@@ -140,6 +209,19 @@ pub fn observe(
         }),
         (None, kept) => kept,
     };
+    let restored = match (&report.restore, prev.and_then(|p| p.last_restore.clone())) {
+        (Some(r), _) => Some(BackupRestore {
+            request: truncate(&r.id, 64),
+            succeeded: r.succeeded,
+            sequence: r.sequence,
+            time: r.time_ms.and_then(time),
+            secrets: r.secrets,
+            bytes: r.bytes,
+            finished_at: time(r.finished_ms).unwrap_or(Time(now)),
+            message: r.message.as_deref().map(|m| truncate(m, 2048)),
+        }),
+        (None, kept) => kept,
+    };
     let fresh = BackupStatus {
         node: Some(node.to_string()),
         archived_sequence: report.archived_sequence,
@@ -167,6 +249,7 @@ pub fn observe(
             .clone()
             .or_else(|| prev.and_then(|p| p.last_base_request.clone())),
         last_verified: drill.clone(),
+        last_restore: restored.clone(),
     };
 
     let alert = i64::from(spec.lag_alert_seconds());
@@ -273,6 +356,31 @@ pub fn observe(
         });
     }
 
+    let new_restore = report.restore.as_ref().is_some_and(|r| {
+        prev.and_then(|p| p.last_restore.as_ref())
+            .is_none_or(|old| old.request != truncate(&r.id, 64))
+    });
+    if new_restore && let Some(r) = &restored {
+        events.push(BackupEvent {
+            warning: !r.succeeded,
+            reason: if r.succeeded {
+                "Restored"
+            } else {
+                "RestoreFailed"
+            },
+            message: match (r.succeeded, &r.message) {
+                (true, _) => format!(
+                    "restored the device to archive sequence {} ({} secrets, {} bytes)",
+                    r.sequence, r.secrets, r.bytes
+                ),
+                (false, m) => format!(
+                    "restore {} failed: {}",
+                    r.request,
+                    m.as_deref().unwrap_or("no detail")
+                ),
+            },
+        });
+    }
     let steady = conditions.iter().all(|c| {
         prev_conditions
             .iter()
@@ -434,13 +542,13 @@ mod tests {
             ),
         ];
         for (name, status, annotation, now, want) in cases {
-            let got = ask(&spec(), status.as_ref(), None, annotation, at(now));
+            let got = ask(&spec(), status.as_ref(), None, annotation, None, at(now));
             assert_eq!(got.verify_request.as_deref(), want, "{name}");
         }
         let mut only_on_demand = spec();
         only_on_demand.verify_interval_minutes = Some(0);
         assert_eq!(
-            ask(&only_on_demand, None, None, None, at(0)).verify_request,
+            ask(&only_on_demand, None, None, None, None, at(0)).verify_request,
             None
         );
     }
@@ -453,17 +561,17 @@ mod tests {
         };
         let spec = spec();
         assert_eq!(
-            ask(&spec, None, Some("b1"), None, at(0))
+            ask(&spec, None, Some("b1"), None, None, at(0))
                 .base_request
                 .as_deref(),
             Some("b1")
         );
         assert_eq!(
-            ask(&spec, Some(&done), Some("b1"), None, at(0)).base_request,
+            ask(&spec, Some(&done), Some("b1"), None, None, at(0)).base_request,
             None
         );
         assert_eq!(
-            ask(&spec, Some(&done), Some("b2"), None, at(0))
+            ask(&spec, Some(&done), Some("b2"), None, None, at(0))
                 .base_request
                 .as_deref(),
             Some("b2")
@@ -601,5 +709,57 @@ mod tests {
             None,
         );
         assert_eq!(later.archived_sequence, 6);
+    }
+
+    #[test]
+    fn restore_requests_are_read_once_and_bad_ones_named() {
+        let ok =
+            parse_restore(r#"{"id":"t1","toTime":"2026-12-07T08:00:00Z","force":true}"#).unwrap();
+        assert_eq!(
+            (ok.to_time_ms, ok.to_sequence, ok.force),
+            (Some(1_796_630_400_000), None, true)
+        );
+        for (bad, why) in [
+            ("not json", "expected"),
+            (
+                r#"{"id":"t1","toSequence":3,"toTime":"2026-12-07T08:00:00Z"}"#,
+                "not both",
+            ),
+            (r#"{"id":"t1","toTime":"yesterday"}"#, "toTime"),
+            (r#"{"id":"","toSequence":3}"#, "id must be"),
+            (r#"{"id":"t1","to":3}"#, "unknown field"),
+        ] {
+            let e = parse_restore(bad).unwrap_err();
+            assert!(
+                e.contains(why) && e.contains("hsmsecrets.io/restore"),
+                "{bad}: {e}"
+            );
+        }
+        let spec = spec();
+        let done = BackupStatus {
+            last_restore: Some(BackupRestore {
+                request: "t1".into(),
+                succeeded: true,
+                sequence: 3,
+                time: None,
+                secrets: 1,
+                bytes: 1,
+                finished_at: Time(at(0)),
+                message: None,
+            }),
+            ..drilled("x", 0, true)
+        };
+        assert_eq!(
+            ask(&spec, Some(&done), None, None, Some(&ok), at(0)).restore,
+            None
+        );
+        let again = RestoreAsk {
+            id: "t2".into(),
+            ..ok.clone()
+        };
+        assert_eq!(
+            ask(&spec, Some(&done), None, None, Some(&again), at(0)).restore,
+            Some(again)
+        );
     }
 }

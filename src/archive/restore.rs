@@ -222,6 +222,80 @@ pub async fn restore(
     Ok(rebuilt.report)
 }
 
+/// Restores `target` through the device's primary agent, as writes: the sequence moves
+/// on, mirrors replicate and the archive records the result, so a device is rolled back
+/// to the point rather than rewritten under its own history. Refuses a device that holds
+/// secrets unless `force`; with `force` the device ends equal to the point (secrets made
+/// after it are deleted). Nothing is written unless the whole chain verified.
+pub async fn restore_through_agent(
+    bucket: &Bucket,
+    root: &ArchiveRoot,
+    key: &dyn KeyUnwrap,
+    target: Target,
+    agent: &crate::mirror::Agent,
+    force: bool,
+) -> Result<RestoreReport, ArchiveError> {
+    let store = agent.store();
+    let live: std::collections::BTreeSet<String> = store
+        .manifest()
+        .await
+        .map_err(ArchiveError::Token)?
+        .into_iter()
+        .filter(|e| !e.deleted)
+        .map(|e| e.path.to_string())
+        .collect();
+    if !live.is_empty() && !force {
+        return Err(ArchiveError::TargetNotEmpty {
+            token: store.token_label().to_string(),
+            secrets: live.len(),
+        });
+    }
+    let rebuilt = rebuild(bucket, root, key, target).await?;
+    // A point asked for by sequence or time must be reached exactly; the newest point is
+    // whatever verifies.
+    if let (Some(stopped), false) = (&rebuilt.report.stopped, target == Target::Latest) {
+        return Err(ArchiveError::Broken {
+            object: rebuilt.report.base.clone(),
+            detail: format!(
+                "the chain ends at sequence {} before the point asked for ({stopped}); \
+                 restore to sequence {} or earlier",
+                rebuilt.report.sequence, rebuilt.report.sequence
+            ),
+        });
+    }
+    let epoch = agent.epoch();
+    let refused = |e: crate::mirror::MirrorError| {
+        ArchiveError::Source(format!("the primary refused a restored write: {e}"))
+    };
+    for record in rebuilt.records.values() {
+        match &record.body {
+            Body::Live(data) => {
+                agent
+                    .put(&record.path, data.clone(), crate::hsm::Expect::Any, epoch)
+                    .await
+                    .map_err(refused)?;
+            }
+            Body::Deleted if live.contains(&record.path.to_string()) => {
+                agent
+                    .delete(&record.path, crate::hsm::Expect::Any, epoch)
+                    .await
+                    .map_err(refused)?;
+            }
+            Body::Deleted => {}
+        }
+    }
+    for path in live.iter().filter(|p| !rebuilt.records.contains_key(*p)) {
+        let path: crate::hsm::SecretPath = path
+            .parse()
+            .map_err(|e: crate::hsm::StoreError| ArchiveError::Token(e))?;
+        agent
+            .delete(&path, crate::hsm::Expect::Any, epoch)
+            .await
+            .map_err(refused)?;
+    }
+    Ok(rebuilt.report)
+}
+
 /// Opens `entry`, checks it belongs to `root` and matches its name, verifies every record,
 /// and adds them to `records`. Returns the header and the SHA-256 of the object.
 async fn open_checked(

@@ -13,7 +13,9 @@ use tonic::Status;
 
 use super::archiver::{ArchiverState, now_millis};
 use super::chain::ArchiveRoot;
+use super::chain::Target;
 use super::drill::{self, DrillReport};
+use super::restore::{RestoreReport, restore_through_agent};
 use super::{
     ArchiveError, ArchiveMetrics, Archiver, ArchiverConfig, Bucket, BucketConfig, KeyUnwrap,
     KeyWrap, RecoveryPublicKey,
@@ -132,6 +134,8 @@ struct Supervised {
     config_error: Option<String>,
     drill_running: Option<String>,
     drill: Option<(String, Result<DrillReport, String>, u64)>,
+    restore_running: Option<String>,
+    restore: Option<(String, Result<RestoreReport, String>, u64)>,
 }
 
 /// Runs this node's archiver and drills.
@@ -235,6 +239,9 @@ impl Supervisor {
         if !request.verify_request.is_empty() {
             self.start_drill(&request.verify_request);
         }
+        if let Some(restore) = request.restore.as_ref().filter(|r| !r.id.is_empty()) {
+            self.start_restore(restore);
+        }
         self.report()
     }
 
@@ -294,6 +301,79 @@ impl Supervisor {
         });
     }
 
+    /// Starts a restore for `request` unless one for its id is running or done. Refused
+    /// (as its outcome) while another runs or when nothing archives here.
+    fn start_restore(&self, request: &pb::RestoreRequest) {
+        let id = request.id.clone();
+        let (bucket, root) = {
+            let mut supervised = self.lock();
+            let seen = supervised.restore_running.as_deref() == Some(id.as_str())
+                || supervised
+                    .restore
+                    .as_ref()
+                    .is_some_and(|(r, _, _)| *r == id);
+            if seen {
+                return;
+            }
+            let refusal = match (&supervised.restore_running, &supervised.running) {
+                (Some(other), _) => Some(format!(
+                    "restore {other} is still running on this node; ask again when it ended"
+                )),
+                (None, None) => Some(
+                    "this node does not archive (see the BackupArchived condition); fix \
+                     spec.backup first"
+                        .to_string(),
+                ),
+                (None, Some(_)) => None,
+            };
+            if let Some(why) = refusal {
+                supervised.restore = Some((id, Err(why), now_millis()));
+                return;
+            }
+            let Some(running) = &supervised.running else {
+                return;
+            };
+            let target = (running.bucket.clone(), running.root.clone());
+            supervised.restore_running = Some(id.clone());
+            target
+        };
+        let target = match (request.to_sequence, request.to_time_ms) {
+            (0, 0) => Target::Latest,
+            (n, 0) => Target::Sequence(n),
+            (_, t) => Target::Time(t),
+        };
+        let (agent, token, state, force) = (
+            self.agent.clone(),
+            self.token.clone(),
+            self.state.clone(),
+            request.force,
+        );
+        tokio::spawn(async move {
+            tracing::info!(%id, ?target, force, "restoring the device from its archive");
+            let outcome = restore_through_agent(
+                &bucket,
+                &root,
+                &*token as &dyn KeyUnwrap,
+                target,
+                &agent,
+                force,
+            )
+            .await
+            .map_err(|e| e.to_string());
+            match &outcome {
+                Ok(report) => tracing::info!(
+                    sequence = report.sequence,
+                    secrets = report.secrets,
+                    "device restored from its archive"
+                ),
+                Err(error) => tracing::warn!(%error, "restore failed"),
+            }
+            let mut supervised = state.lock().unwrap_or_else(PoisonError::into_inner);
+            supervised.restore_running = None;
+            supervised.restore = Some((id, outcome, now_millis()));
+        });
+    }
+
     /// How the archive stands, as the RPC answers it.
     pub fn report(&self) -> pb::ArchiveResponse {
         let snapshot = self.agent.snapshot();
@@ -308,6 +388,11 @@ impl Supervisor {
                 .as_ref()
                 .map(|(request, outcome, finished)| drill_pb(request, outcome, *finished)),
             not_primary,
+            restore_running: supervised.restore_running.clone().unwrap_or_default(),
+            restore: supervised
+                .restore
+                .as_ref()
+                .map(|(id, outcome, finished)| restore_pb(id, outcome, *finished)),
             ..Default::default()
         };
         if let Some(running) = &supervised.running {
@@ -357,6 +442,36 @@ fn drill_pb(
         },
         Err(error) => pb::DrillOutcome {
             request: request.into(),
+            finished_ms: finished,
+            message: error.clone(),
+            ..Default::default()
+        },
+    }
+}
+
+fn restore_pb(
+    id: &str,
+    outcome: &Result<RestoreReport, String>,
+    finished: u64,
+) -> pb::RestoreOutcome {
+    match outcome {
+        Ok(report) => pb::RestoreOutcome {
+            id: id.into(),
+            succeeded: true,
+            sequence: report.sequence,
+            epoch: report.epoch,
+            time_ms: rfc3339_millis(&report.time),
+            secrets: report.secrets as u64,
+            bytes: report.bytes,
+            finished_ms: finished,
+            message: report
+                .stopped
+                .as_deref()
+                .map(|s| format!("the chain stopped early, at the newest verified point: {s}"))
+                .unwrap_or_default(),
+        },
+        Err(error) => pb::RestoreOutcome {
+            id: id.into(),
             finished_ms: finished,
             message: error.clone(),
             ..Default::default()

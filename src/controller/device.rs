@@ -9,7 +9,7 @@ use super::{Agents, ControllerMetrics};
 use crate::archive::plan::{self as backup_plan, ArchiveReport, BackupEvent};
 use crate::crd::{
     BACKUP_NOW_ANNOTATION, BACKUP_VERIFY_ANNOTATION, HSMDevice, HSMDeviceStatus,
-    SWITCHOVER_ANNOTATION,
+    RESTORE_ANNOTATION, SWITCHOVER_ANNOTATION,
 };
 use crate::failover::{
     self, Action, DeviceView, LeaseFacts, Observations, PlanConfig, Probe, SwitchoverOutcome,
@@ -40,6 +40,8 @@ pub struct DeviceController<S, A> {
     /// Per (device, node): the ready label last written and when. A round writes a label
     /// only when it changes, or to repair drift once [`LABEL_RESYNC`] has passed.
     labels: Mutex<HashMap<(String, String), (bool, Timestamp)>>,
+    /// Restore annotations already reported as unreadable, per device.
+    bad_restores: Mutex<BTreeSet<(String, String)>>,
 }
 
 /// How long a node label written by this leader is trusted before it is written again
@@ -61,6 +63,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             leader_since: Mutex::new(Timestamp::now()),
             renewals: Mutex::default(),
             labels: Mutex::default(),
+            bad_restores: Mutex::default(),
         }
     }
 
@@ -217,15 +220,33 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
                 .and_then(|a| a.get(key))
                 .map(String::as_str)
         };
+        let mut events = Vec::new();
+        let restore = match annotation(RESTORE_ANNOTATION).map(backup_plan::parse_restore) {
+            Some(Ok(restore)) => Some(restore),
+            Some(Err(why)) => {
+                // Said once per distinct value: the annotation stays until replaced.
+                let mut seen = self.bad_restores.lock().unwrap_or_else(|p| p.into_inner());
+                if seen.insert((name.clone(), why.clone())) {
+                    events.push(BackupEvent {
+                        warning: true,
+                        reason: "RestoreFailed",
+                        message: why,
+                    });
+                }
+                None
+            }
+            None => None,
+        };
         let ask = backup_plan::ask(
             spec,
             status.backup.as_ref(),
             annotation(BACKUP_NOW_ANNOTATION),
             annotation(BACKUP_VERIFY_ANNOTATION),
+            restore.as_ref(),
             now,
         );
         let report = match self.agents.archive(&primary, spec, &ask).await {
-            Ok(report) if report.not_primary => return Vec::new(),
+            Ok(report) if report.not_primary => return events,
             Ok(report) => report,
             // What the archive held when last heard of still stands; the lag grows.
             Err(e) => {
@@ -246,7 +267,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
                 }
             }
         };
-        let (backup, conditions, events) = backup_plan::observe(
+        let (backup, conditions, observed) = backup_plan::observe(
             spec,
             status.backup.as_ref(),
             &status.conditions,
@@ -255,6 +276,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             now,
             device.metadata.generation,
         );
+        events.extend(observed);
         let new_drill = events
             .iter()
             .any(|e| matches!(e.reason, "BackupVerified" | "BackupVerifyFailed"));

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{AgentCallCause, AgentCallError, Agents};
-use crate::archive::plan::{ArchiveAsk, ArchiveReport, DrillResult};
+use crate::archive::plan::{ArchiveAsk, ArchiveReport, DrillResult, RestoreResult};
 use crate::crd::{BackupSpec, DeviceRole, HSMDevice, MirroringPolicy};
 use crate::failover::{
     Action, AgentReport, DeviceView, NodeError, NodeErrorKind, ProbeResult, WriteLease,
@@ -379,6 +379,17 @@ fn archive_report(r: pb::ArchiveResponse) -> ArchiveReport {
             finished_ms: d.finished_ms,
             message: text(d.message),
         }),
+        restore_running: text(r.restore_running),
+        restore: r.restore.map(|o| RestoreResult {
+            id: o.id,
+            succeeded: o.succeeded,
+            sequence: o.sequence,
+            time_ms: (o.time_ms > 0).then_some(o.time_ms),
+            secrets: o.secrets,
+            bytes: o.bytes,
+            finished_ms: o.finished_ms,
+            message: text(o.message),
+        }),
         not_primary: r.not_primary,
     }
 }
@@ -492,6 +503,12 @@ impl Agents for GrpcAgents {
             spec: Some(archive_spec_pb(spec)),
             base_request: ask.base_request.clone().unwrap_or_default(),
             verify_request: ask.verify_request.clone().unwrap_or_default(),
+            restore: ask.restore.as_ref().map(|r| pb::RestoreRequest {
+                id: r.id.clone(),
+                to_sequence: r.to_sequence.unwrap_or(0),
+                to_time_ms: r.to_time_ms.unwrap_or(0),
+                force: r.force,
+            }),
         };
         let response = self
             .connection(node)?

@@ -377,6 +377,44 @@ pub struct BackupStatus {
     pub last_base_request: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verified: Option<BackupDrill>,
+    /// The last `kubectl hsm restore` carried out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restore: Option<BackupRestore>,
+}
+
+/// The outcome of one restore from the archive.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupRestore {
+    /// The request's id (`kubectl hsm restore` sets the time it was asked).
+    #[schemars(length(max = 64))]
+    pub request: String,
+    pub succeeded: bool,
+    /// The archive point the device now equals.
+    pub sequence: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+    pub secrets: u64,
+    pub bytes: u64,
+    pub finished_at: Time,
+    /// Why it failed, or what it could not reach (names only, never a value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub message: Option<String>,
+}
+
+/// What `kubectl hsm restore` asks, as the value of [`RESTORE_ANNOTATION`] (JSON).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestoreAnnotation {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_sequence: Option<u64>,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_time: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// A base snapshot in the bucket.
@@ -478,6 +516,10 @@ pub const BACKUP_NOW_ANNOTATION: &str = "hsmsecrets.io/backup-now";
 /// Annotation asking for a restore drill now (`kubectl hsm backup verify`): its value is
 /// copied to `status.backup.lastVerified.request` when the drill ends.
 pub const BACKUP_VERIFY_ANNOTATION: &str = "hsmsecrets.io/backup-verify";
+/// Annotation asking for a restore of the device from its archive (`kubectl hsm
+/// restore`), a JSON [`RestoreAnnotation`]; its id is copied to
+/// `status.backup.lastRestore.request` when the restore ends.
+pub const RESTORE_ANNOTATION: &str = "hsmsecrets.io/restore";
 
 /// `hsmsecrets.io/device.<device>`: the label a node carries (value `ready`) while its copy
 /// of the device serves; the controller sets it and pod injection's affinity matches it.

@@ -75,6 +75,9 @@ pub enum Command {
     /// A device's archive: lag, restorable points and drills; take a base or run a
     /// restore drill now.
     Backup(BackupArgs),
+    /// Restore a device from its archive to a point, through its primary (mirrors
+    /// follow); refused when the device holds secrets unless --force.
+    Restore(RestoreArgs),
     /// Print a shell completion script.
     Completion(CompletionArgs),
 }
@@ -240,6 +243,29 @@ pub struct BackupActArgs {
     pub wait: WaitArgs,
 }
 
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("point").required(true).args(["to_sequence", "to_time", "latest"])))]
+pub struct RestoreArgs {
+    /// HSMDevice name.
+    pub device: String,
+    /// The newest archived point at or before this change sequence.
+    #[arg(long, value_name = "N")]
+    pub to_sequence: Option<u64>,
+    /// The newest archived point written at or before this time (RFC 3339, e.g.
+    /// 2026-12-07T08:00:00Z).
+    #[arg(long, value_name = "TIME")]
+    pub to_time: Option<String>,
+    /// The newest point the archive holds.
+    #[arg(long)]
+    pub latest: bool,
+    /// Restore onto a device that holds secrets: it ends equal to the point (secrets
+    /// made after it are deleted).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum MirrorCommand {
     /// Per-node replication state of a device.
@@ -342,6 +368,16 @@ pub enum Request {
     Failover(FailoverRequest),
     Mounts(MountsRequest),
     Backup(BackupRequest),
+    Restore(RestoreRequest),
+}
+
+#[derive(Debug)]
+pub struct RestoreRequest {
+    pub device: String,
+    pub to_sequence: Option<u64>,
+    pub to_time: Option<k8s_openapi::jiff::Timestamp>,
+    pub force: bool,
+    pub wait: Wait,
 }
 
 #[derive(Debug)]
@@ -542,6 +578,28 @@ impl Request {
                 Request::Backup(BackupRequest {
                     device: device.clone(),
                     action,
+                })
+            }
+            Command::Restore(a) => {
+                only_list("restore")?;
+                validate_name("device", &a.device, 253, true)?;
+                let to_time = a
+                    .to_time
+                    .as_deref()
+                    .map(|t| {
+                        t.parse::<k8s_openapi::jiff::Timestamp>().map_err(|e| {
+                            KubectlError::usage(format!(
+                                "--to-time {t:?} is not an RFC 3339 time ({e}); use e.g. 2026-12-07T08:00:00Z"
+                            ))
+                        })
+                    })
+                    .transpose()?;
+                Request::Restore(RestoreRequest {
+                    device: a.device.clone(),
+                    to_sequence: a.to_sequence,
+                    to_time,
+                    force: a.force,
+                    wait: a.wait.into(),
                 })
             }
             Command::Mounts(m) => {

@@ -7,7 +7,7 @@ use kube::api::{Patch, PatchParams};
 use serde::Serialize;
 use serde_json::json;
 
-use super::args::{BackupAction, BackupRequest, Wait};
+use super::args::{BackupAction, BackupRequest, RestoreRequest, Wait};
 use super::devices::{devices_api, get_device};
 use super::error::Call;
 use super::render::{self, Table};
@@ -16,6 +16,7 @@ use super::{KubectlError, OutputFormat, Session, Term};
 use crate::archive::plan::condition_types;
 use crate::crd::{
     BACKUP_NOW_ANNOTATION, BACKUP_VERIFY_ANNOTATION, BackupSpec, BackupStatus, HSMDevice,
+    RESTORE_ANNOTATION, RestoreAnnotation,
 };
 
 /// What `backup list -o json|yaml` prints.
@@ -99,6 +100,19 @@ pub fn backup_table(view: &BackupView, now: Timestamp) -> String {
                 .unwrap_or_default()
         )),
         None => out.push_str("  last drill: none yet (kubectl hsm backup verify)\n"),
+    }
+    if let Some(r) = &status.last_restore {
+        out.push_str(&format!(
+            "  last restore: {} to sequence {} ({} secrets), {} ago{}\n",
+            if r.succeeded { "succeeded" } else { "FAILED" },
+            r.sequence,
+            r.secrets,
+            render::age(Some(&r.finished_at), now, "never"),
+            r.message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        ));
     }
     if status.bases.is_empty() {
         out.push_str("  restorable points: none yet\n");
@@ -232,4 +246,114 @@ async fn view_node(s: &Session, device: &str) -> String {
         .and_then(|st| st.backup)
         .and_then(|b| b.node)
         .unwrap_or_else(|| "the primary's node".into())
+}
+
+/// `kubectl hsm restore`: says which base the point starts from, asks the controller by
+/// annotation, and waits for the primary's node to report the restore.
+pub(crate) async fn restore(
+    s: &Session,
+    r: &RestoreRequest,
+    term: &mut Term<'_>,
+) -> Result<(), KubectlError> {
+    let device = get_device(s, &r.device).await?;
+    let view = BackupView::new(&device)?;
+    let bases = view
+        .status
+        .as_ref()
+        .map(|b| b.bases.clone())
+        .unwrap_or_default();
+    let admits = |b: &&crate::crd::BackupPoint| match (r.to_sequence, r.to_time) {
+        (Some(n), _) => b.sequence <= n,
+        (None, Some(t)) => b.time.0 <= t,
+        (None, None) => true,
+    };
+    match bases
+        .iter()
+        .filter(admits)
+        .max_by_key(|b| (b.epoch, b.time.0))
+    {
+        Some(b) => term.note(&format!(
+            "restoring HSMDevice {} from the base at sequence {} (epoch {}, written {})",
+            r.device, b.sequence, b.epoch, b.time.0
+        )),
+        None if !bases.is_empty() => {
+            return Err(KubectlError::Refused(format!(
+                "HSMDevice {} has no archived point that early: its oldest base is sequence {} \
+                 written {}; `kubectl hsm backup list {}` shows every restorable point",
+                r.device, bases[0].sequence, bases[0].time.0, r.device
+            )));
+        }
+        None => term.note(&format!(
+            "HSMDevice {} reports no restorable point yet; the node checks the bucket itself",
+            r.device
+        )),
+    }
+    let id = Timestamp::now().to_string();
+    let request = RestoreAnnotation {
+        id: id.clone(),
+        to_sequence: r.to_sequence,
+        to_time: r.to_time.map(|t| t.to_string()),
+        force: r.force,
+    };
+    let value = serde_json::to_string(&request)
+        .map_err(|e| KubectlError::Refused(format!("encode the restore request: {e}")))?;
+    let patch = json!({"metadata": {"annotations": {RESTORE_ANNOTATION: value}}});
+    devices_api(s)
+        .patch(&r.device, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| Call::hsmdevice("patch", Some(&r.device)).fail(e))?;
+    term.note(&format!(
+        "restore of HSMDevice {} requested ({id})",
+        r.device
+    ));
+    if !r.wait.enabled {
+        return term.print(&format!(
+            "hsmdevice {}: restore requested; not waiting (follow with `kubectl hsm backup list {}`)\n",
+            r.device, r.device
+        ));
+    }
+    let outcome = poll(r.wait.timeout, s.poll_interval, async || {
+        let device = get_device(s, &r.device).await?;
+        let backup = device.status.and_then(|st| st.backup).unwrap_or_default();
+        match backup.last_restore {
+            Some(done) if done.request == id => Ok(Step::Done(done)),
+            _ => Ok(Step::Pending(format!(
+                "archived through sequence {}{}",
+                backup.archived_sequence,
+                backup
+                    .last_error
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            ))),
+        }
+    })
+    .await?;
+    match outcome {
+        Outcome::Done(done) if done.succeeded => term.print(&format!(
+            "hsmdevice {}: restored to archive sequence {}{} ({} secrets, {} bytes){}\n",
+            r.device,
+            done.sequence,
+            done.time
+                .map(|t| format!(" written {}", t.0))
+                .unwrap_or_default(),
+            done.secrets,
+            done.bytes,
+            done.message.map(|m| format!("; {m}")).unwrap_or_default()
+        )),
+        Outcome::Done(done) => Err(KubectlError::Refused(format!(
+            "the restore of HSMDevice {} failed: {}",
+            r.device,
+            done.message.as_deref().unwrap_or("no detail")
+        ))),
+        Outcome::TimedOut { last_seen } => Err(KubectlError::Timeout {
+            after: r.wait.timeout,
+            waiting_for: format!("the restore of HSMDevice {}", r.device),
+            last_seen,
+            hint: format!(
+                "the request stays in annotation {RESTORE_ANNOTATION} and the primary's node \
+                 may still complete it; watch `kubectl hsm backup list {}`",
+                r.device
+            ),
+        }),
+    }
 }

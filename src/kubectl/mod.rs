@@ -120,6 +120,7 @@ pub async fn execute(
         R::Failover(r) => devices::failover(session, &r, term).await,
         R::Mounts(r) => mounts::mounts(session, &r, term).await,
         R::Backup(r) => backup::backup(session, &r, term).await,
+        R::Restore(r) => backup::restore(session, &r, term).await,
     }
 }
 

@@ -474,6 +474,44 @@ pub struct ArchiveRequest {
     /// Non-empty: start a restore drill, once per distinct value.
     #[prost(string, tag = "3")]
     pub verify_request: ::prost::alloc::string::String,
+    /// Set: restore the archive to a point through this primary, once per distinct id.
+    #[prost(message, optional, tag = "4")]
+    pub restore: ::core::option::Option<RestoreRequest>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RestoreRequest {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// Both 0: the newest point. Otherwise the newest point at or before either.
+    #[prost(uint64, tag = "2")]
+    pub to_sequence: u64,
+    #[prost(uint64, tag = "3")]
+    pub to_time_ms: u64,
+    /// Restore onto a device that holds secrets; it ends equal to the point.
+    #[prost(bool, tag = "4")]
+    pub force: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RestoreOutcome {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub succeeded: bool,
+    #[prost(uint64, tag = "3")]
+    pub sequence: u64,
+    #[prost(uint64, tag = "4")]
+    pub epoch: u64,
+    #[prost(uint64, tag = "5")]
+    pub time_ms: u64,
+    #[prost(uint64, tag = "6")]
+    pub secrets: u64,
+    #[prost(uint64, tag = "7")]
+    pub bytes: u64,
+    #[prost(uint64, tag = "8")]
+    pub finished_ms: u64,
+    /// Why it failed or where the chain stopped; names only, never a value.
+    #[prost(string, tag = "9")]
+    pub message: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ArchivePoint {
@@ -539,6 +577,11 @@ pub struct ArchiveResponse {
     /// This agent is not the unfenced primary: it does not archive.
     #[prost(bool, tag = "11")]
     pub not_primary: bool,
+    /// The restore in progress, if any, and the last one finished.
+    #[prost(string, tag = "12")]
+    pub restore_running: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "13")]
+    pub restore: ::core::option::Option<RestoreOutcome>,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
