@@ -484,6 +484,8 @@ pub fn device_list(
         "EPOCH",
         "LAST SYNC",
         "FAILOVERS",
+        "ARCHIVE LAG",
+        "VERIFIED",
         "AGE",
     ]);
     for d in items {
@@ -498,6 +500,16 @@ pub fn device_list(
             status.epoch.to_string(),
             age(status.last_sync_time.as_ref(), now, NONE),
             status.failover_count.to_string(),
+            lag(status.backup.as_ref().and_then(|b| b.lag_seconds)),
+            age(
+                status
+                    .backup
+                    .as_ref()
+                    .and_then(|b| b.last_verified.as_ref())
+                    .map(|v| &v.finished_at),
+                now,
+                NONE,
+            ),
             age(d.metadata.creation_timestamp.as_ref(), now, "<unknown>"),
         ]);
     }

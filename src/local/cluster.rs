@@ -30,6 +30,8 @@ pub const TOKEN_LABEL: &str = "prod";
 pub const CONTROLLER: &str = "controller";
 /// The node a disaster recovery brings up on a token restored from the archive.
 pub const RESTORED_NODE: &str = "worker-4";
+/// The Secret `spec.backup.credentialsSecret` names.
+const ARCHIVE_SECRET: &str = "demo-archive";
 /// The archive's name in the bucket.
 pub const ARCHIVE_NAME: &str = "main";
 /// The Service the webhook certificate is issued for (what the API server would dial).
@@ -260,7 +262,9 @@ impl LocalCluster {
             .ok_or_else(|| LocalError::Check("the PKI has no controller certificate".into()))?;
         self.write_webhook_certificate()?;
         let state = FileState::open(&self.state_dir)?;
-        state.apply_device(&demo_device(&self.module.to_string_lossy(), &self.timing))?;
+        let mut device = demo_device(&self.module.to_string_lossy(), &self.timing);
+        device.spec.backup = Some(self.backup_spec());
+        state.apply_device(&device)?;
         let secrets = demo_secrets();
         for secret in &secrets {
             state.apply_secret(secret)?;
@@ -316,6 +320,28 @@ impl LocalCluster {
         self.dir.join("archive").join("recovery.key")
     }
 
+    /// The device's `spec.backup`: the local bucket, shipped every second; drills on demand
+    /// (step 11 asks for one as `kubectl hsm backup verify` would).
+    pub fn backup_spec(&self) -> crate::crd::BackupSpec {
+        crate::crd::BackupSpec {
+            url: self.archive_url(),
+            endpoint: None,
+            region: None,
+            credentials_secret: ARCHIVE_SECRET.into(),
+            archive_name: Some(ARCHIVE_NAME.into()),
+            segment_interval_seconds: Some(1),
+            base_interval_minutes: None,
+            retention_days: None,
+            verify_interval_minutes: Some(0),
+            lag_alert_seconds: None,
+        }
+    }
+
+    /// Where the nodes find the Secrets `spec.backup` names (in a cluster: mounted).
+    fn archive_secrets(&self) -> PathBuf {
+        self.dir.join("archive").join("secrets")
+    }
+
     /// The offline recovery key pair, and the device's archive key inside every token: made
     /// on the first token, copied to the others by the key ceremony, each step a run of
     /// `hsm-secrets archive` on that node's token.
@@ -325,6 +351,12 @@ impl LocalCluster {
         crate::archive::RecoverySecretKey::generate()
             .and_then(|key| key.write_new(&self.recovery_key()))
             .map_err(|e| LocalError::Check(format!("recovery key: {e}")))?;
+        // The archive Secret as the DaemonSet would mount it: only the public half.
+        let secret = self.archive_secrets().join(ARCHIVE_SECRET);
+        create_dir(&secret)?;
+        let public = self.recovery_key().with_extension("pub");
+        let mounted = secret.join(crate::archive::supervisor::RECOVERY_PUBLIC_KEY_FILE);
+        std::fs::copy(&public, &mounted).map_err(|e| LocalError::io("copy", &mounted, e))?;
         let Some((first, others)) = tokens.split_first() else {
             return Ok(());
         };
@@ -455,15 +487,10 @@ impl LocalCluster {
             self.timing.pull_interval_ms.to_string(),
             "--audit-log".into(),
             path_arg(&self.audit_dir().join(format!("{}.jsonl", node.name))),
-            // While its token is the primary, the node ships every change to the archive.
-            "--archive-url".into(),
-            self.archive_url(),
-            "--archive-name".into(),
-            ARCHIVE_NAME.into(),
-            "--archive-recovery-public-key".into(),
-            path_arg(&self.recovery_key().with_extension("pub")),
-            "--archive-segment-interval-ms".into(),
-            "200".into(),
+            // While its token is the primary, the node archives as the HSMDevice's
+            // spec.backup says, reading the Secret it names from here.
+            "--archive-credentials-root".into(),
+            path_arg(&self.archive_secrets()),
         ];
         if self.plain_directories {
             args.push("--unsafe-plain-directory".into());

@@ -577,6 +577,8 @@ impl Walk<'_> {
     // ---- step 6 ---------------------------------------------------------------------
 
     async fn table(&mut self) -> Result<String, LocalError> {
+        let primary = self.primary.clone();
+        self.wait_archived(&primary).await?;
         let device = self.show_table().await?;
         let status = device.status.unwrap_or_default();
         Ok(format!(
@@ -585,6 +587,52 @@ impl Walk<'_> {
             status.phase,
             status.mirrors.unwrap_or_default()
         ))
+    }
+
+    /// Waits until the bucket holds every change `node`, the primary, published: its node
+    /// archives as the HSMDevice's spec.backup says.
+    async fn wait_archived(&mut self, node: &str) -> Result<u64, LocalError> {
+        let published = self.agent(node)?.health().await?.applied_sequence;
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        let archived = loop {
+            let archived = self.archived_through().await?;
+            if archived >= published {
+                break archived;
+            }
+            if Instant::now() >= deadline {
+                return Err(LocalError::Check(format!(
+                    "the archive holds changes up to {archived}; {node} published {published}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        self.report.detail(&format!(
+            "archive {}: every change {node} published, up to sequence {archived}, is in the bucket, sealed",
+            self.cluster.archive_url()
+        ));
+        Ok(archived)
+    }
+
+    /// The highest change sequence an object of the archive covers.
+    async fn archived_through(&self) -> Result<u64, LocalError> {
+        use crate::archive::chain::{ArchiveRoot, Entry};
+        let bucket = crate::archive::Bucket::open(&crate::archive::BucketConfig {
+            url: self.cluster.archive_url(),
+            timeout: Duration::from_secs(10),
+            ..Default::default()
+        })
+        .map_err(|e| LocalError::Check(e.to_string()))?;
+        let root =
+            ArchiveRoot::new(DEVICE, ARCHIVE_NAME).map_err(|e| LocalError::Check(e.to_string()))?;
+        Ok(bucket
+            .list(&root.prefix())
+            .await
+            .map_err(|e| LocalError::Check(e.to_string()))?
+            .iter()
+            .filter_map(|l| Entry::parse(&root, &l.name))
+            .map(|e| e.last)
+            .max()
+            .unwrap_or(0))
     }
 
     async fn show_table(&mut self) -> Result<HSMDevice, LocalError> {
@@ -723,11 +771,65 @@ impl Walk<'_> {
         };
         self.report
             .detail(&format!("Event HSMFailover: {}", failover.event.message));
+        self.wait_archived(&new).await?;
+        let drill = self.backup_verify().await?;
         self.show_table().await?;
         Ok(format!(
-            "new primary {new} at epoch {} (was {old} at epoch {old_epoch})",
-            self.epoch
+            "new primary {new} at epoch {} (was {old} at epoch {old_epoch}); it continues the archive and a restore drill verified it at sequence {}",
+            self.epoch, drill.sequence
         ))
+    }
+
+    /// `kubectl hsm backup verify`: the annotation it sets, then the controller's report of
+    /// the drill the primary's node ran (rebuild the newest point in memory, compare).
+    async fn backup_verify(&mut self) -> Result<crate::crd::BackupDrill, LocalError> {
+        let id = k8s_openapi::jiff::Timestamp::now().to_string();
+        let mut device = self
+            .state
+            .get_device(DEVICE)
+            .await?
+            .ok_or_else(|| LocalError::Check(format!("HSMDevice {DEVICE} is missing")))?;
+        device
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(crate::crd::BACKUP_VERIFY_ANNOTATION.into(), id.clone());
+        self.state.apply_device(&device)?;
+        self.report.detail(&format!(
+            "$ kubectl hsm backup verify {DEVICE}   (annotation {}={id})",
+            crate::crd::BACKUP_VERIFY_ANNOTATION
+        ));
+        let drill = self
+            .wait_status(
+                "the restore drill the controller asked of the primary's node",
+                CONVERGE_TIMEOUT,
+                |s| {
+                    s.backup
+                        .as_ref()?
+                        .last_verified
+                        .clone()
+                        .filter(|d| d.request == id)
+                },
+            )
+            .await?;
+        if !drill.verified {
+            return Err(LocalError::Check(format!(
+                "the restore drill did not verify the archive: {}",
+                drill.message.as_deref().unwrap_or("no detail")
+            )));
+        }
+        let status = self.status().await?;
+        let backup = status.backup.unwrap_or_default();
+        self.report.detail(&format!(
+            "BackupVerified=True: {} rebuilt archive sequence {} ({} secrets) in {} ms and it matched the device; {} restorable point(s), lag {} s",
+            backup.node.as_deref().unwrap_or("?"),
+            drill.sequence,
+            drill.secrets,
+            drill.duration_ms,
+            backup.bases.len(),
+            backup.lag_seconds.unwrap_or_default()
+        ));
+        Ok(drill)
     }
 
     // ---- step 10 --------------------------------------------------------------------
