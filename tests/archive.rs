@@ -376,6 +376,47 @@ async fn bucket_failures_name_the_object_store_and_the_fix_and_never_block_write
         .unwrap_err()
         .to_string();
     assert!(error.contains("check the endpoint"), "{error}");
+    // Wrong credentials, against a server that checks them.
+    let checking = S3Server::start_checking_credentials("guarded").unwrap();
+    let guarded = open("s3://guarded/archives", checking.endpoint.clone());
+    let error = archiver(&guarded, &primary, &recovery)
+        .step(&primary.agent)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("check the credentials Secret") && error.contains("s3://guarded"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("testing"),
+        "no credential in the message: {error}"
+    );
+    // A server answering 503 to everything, and one that is full (507, as MinIO says it).
+    for (status, code, hint) in [
+        (
+            "503 Service Unavailable",
+            "SlowDown",
+            "check the object store's health",
+        ),
+        (
+            "507 Insufficient Storage",
+            "XMinioStorageFull",
+            "the object store is full",
+        ),
+    ] {
+        let endpoint = answering(status, code).await;
+        let failing = open("s3://archive", endpoint);
+        let error = archiver(&failing, &primary, &recovery)
+            .step(&primary.agent)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(hint) && error.contains("s3://archive"),
+            "{status}: {error}"
+        );
+    }
     // The device goes on taking writes.
     put(&primary, "shop/db", &[("password", b"still-writable")]).await;
 
@@ -402,6 +443,31 @@ async fn bucket_failures_name_the_object_store_and_the_fix_and_never_block_write
     .unwrap()
     .to_string();
     assert!(error.contains("access-key-id"), "{error}");
+}
+
+/// An HTTP server on loopback that answers every request with `status` and an S3 error
+/// document of `code`; its endpoint.
+async fn answering(status: &'static str, code: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 64 * 1024];
+                let _ = stream.read(&mut request).await;
+                let body = format!(
+                    "<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>{status}</Message></Error>"
+                );
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    endpoint
 }
 
 /// The archive key goes to the device's other tokens only wrapped, token to token.

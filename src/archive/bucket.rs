@@ -200,6 +200,12 @@ impl Bucket {
             {
                 "check the credentials Secret (access-key-id, secret-access-key) and the bucket policy"
             }
+            _ if detail.contains("StorageFull")
+                || detail.contains("QuotaExceeded")
+                || detail.contains("Insufficient Storage") =>
+            {
+                "the object store is full: free space or raise the bucket's quota (writes go on; the archive lags until it can write)"
+            }
             _ if detail.contains("connect")
                 || detail.contains("error sending request")
                 || detail.contains("timed out")

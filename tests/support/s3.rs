@@ -15,12 +15,28 @@ pub struct S3Server {
 impl S3Server {
     /// None when moto is not installed outside CI.
     pub fn start() -> Option<Self> {
+        Self::launch(&[])
+    }
+
+    /// A server that checks credentials, as a real S3 does: only `bucket` is created
+    /// unsigned; every later call must be signed by a key the server knows (none here),
+    /// so any key is wrong.
+    #[allow(dead_code)]
+    pub fn start_checking_credentials(bucket: &str) -> Option<Self> {
+        // Two calls pass unchecked: the start-up probe and the bucket's creation.
+        let server = Self::launch(&[("INITIAL_NO_AUTH_ACTION_COUNT", "2")])?;
+        server.create_bucket(bucket);
+        Some(server)
+    }
+
+    fn launch(env: &[(&str, &str)]) -> Option<Self> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
         let child = match Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
