@@ -1402,3 +1402,316 @@ async fn an_empty_token_never_writes_an_empty_base_over_a_real_archive() {
         Step::Base { .. }
     ));
 }
+
+/// One site of a device spread over two clusters: its own token (holding the device's
+/// archive key), its primary agent and the node's archive supervisor, driven as the
+/// controller drives it (an Archive call per round).
+struct Site {
+    name: &'static str,
+    agent: Agent,
+    store: Arc<Pkcs11Store>,
+    supervisor: Arc<hsm_secrets::archive::Supervisor>,
+    _pki: tempfile::TempDir,
+}
+
+impl Site {
+    async fn start(
+        name: &'static str,
+        device: &str,
+        store: Arc<Pkcs11Store>,
+        mounts: &std::path::Path,
+    ) -> Site {
+        let primary = primary_on(store.clone(), name, 1).await;
+        let agent = primary.agent.clone();
+        let key = Arc::new(TokenArchiveKey::new(store.clone(), ARCHIVE_KEY_LABEL));
+        let supervisor = Arc::new(hsm_secrets::archive::Supervisor::new(
+            agent.clone(),
+            device,
+            key,
+            mounts,
+        ));
+        Site {
+            name,
+            agent,
+            store,
+            supervisor,
+            _pki: primary._pki,
+        }
+    }
+
+    async fn round(
+        &self,
+        request: &hsm_secrets::mirror::pb::ArchiveRequest,
+    ) -> hsm_secrets::mirror::pb::ArchiveResponse {
+        self.supervisor.handle(request.clone()).await
+    }
+
+    async fn write(&self, p: &str, v: &[u8]) -> Result<u64, String> {
+        self.agent
+            .put(&path(p), data(&[("v", v)]), Expect::Any, self.agent.epoch())
+            .await
+            .map(|o| o.version)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Rounds of `site` every 100 ms until `done` holds of its answer (30 s at most).
+async fn rounds_until(
+    site: &Site,
+    request: &hsm_secrets::mirror::pb::ArchiveRequest,
+    what: &str,
+    done: impl Fn(&hsm_secrets::mirror::pb::ArchiveResponse) -> bool,
+) -> hsm_secrets::mirror::pb::ArchiveResponse {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = site.round(request).await;
+        if done(&answer) {
+            return answer;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: {what}: {answer:#?}",
+            site.name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Two sites share one real S3 bucket: the active site archives and the passive one
+/// follows it (reads work there, writes are refused naming the active site). A person
+/// promotes the passive site while the active one still takes writes: the fence stops
+/// the old site at its next step, and the history of every acknowledged write shows no
+/// write acknowledged by both sites after the fence, every write up to the fence point
+/// present at the new site and the rest counted as lost. A second promotion over the
+/// same archive fails naming the first.
+#[tokio::test]
+async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_active_one() {
+    use hsm_secrets::mirror::pb;
+    let Some(s3) = S3Server::start() else { return };
+    s3.create_bucket("sites");
+    let recovery = RecoverySecretKey::generate().unwrap();
+    let mounts = tempfile::tempdir().unwrap();
+    let secret = mounts.path().join("hsm-archive");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("access-key-id"), "testing\n").unwrap();
+    std::fs::write(secret.join("secret-access-key"), "testing\n").unwrap();
+    std::fs::write(secret.join("recovery.pub"), recovery.public().to_text()).unwrap();
+    let lease_ms = 1500;
+
+    // Site a: the device's tokens there hold the archive key; b and c receive it by the
+    // ceremony (token to token, wrapped).
+    let a_token = TestToken::new("site-a").unwrap();
+    let a_store = Arc::new(a_token.open().await);
+    a_store
+        .archive_key_generate(ARCHIVE_KEY_LABEL)
+        .await
+        .unwrap();
+    let b_token = TestToken::new("site-b").unwrap();
+    let b_store = Arc::new(b_token.open().await);
+    copy_archive_key(&a_store, &b_store).await;
+    let c_token = TestToken::new("site-c").unwrap();
+    let c_store = Arc::new(c_token.open().await);
+    copy_archive_key(&a_store, &c_store).await;
+    let a = Site::start("a", "prod-hsm", a_store, mounts.path()).await;
+    let b = Site::start("b", "prod-hsm-b", b_store, mounts.path()).await;
+    let c = Site::start("c", "prod-hsm-c", c_store, mounts.path()).await;
+
+    let backup = || pb::ArchiveSpec {
+        url: "s3://sites/dr".into(),
+        endpoint: s3.endpoint.clone(),
+        credentials_secret: "hsm-archive".into(),
+        archive_name: "main".into(),
+        segment_interval_ms: 200,
+        base_interval_s: 3600,
+        ..Default::default()
+    };
+    let follow = |site: &str| pb::SiteSpec {
+        name: site.into(),
+        lease_ms,
+        follow: Some(pb::FollowSpec {
+            url: "s3://sites/dr".into(),
+            endpoint: s3.endpoint.clone(),
+            credentials_secret: "hsm-archive".into(),
+            device: "prod-hsm".into(),
+            archive_name: "main".into(),
+            ..Default::default()
+        }),
+    };
+    let a_request = pb::ArchiveRequest {
+        spec: Some(backup()),
+        site: Some(pb::SiteSpec {
+            name: "a".into(),
+            lease_ms,
+            follow: None,
+        }),
+        ..Default::default()
+    };
+    let b_request = pb::ArchiveRequest {
+        spec: Some(backup()),
+        site: Some(follow("b")),
+        ..Default::default()
+    };
+    let c_request = pb::ArchiveRequest {
+        site: Some(follow("c")),
+        ..Default::default()
+    };
+
+    // Until its first look at the bucket the active site takes no write.
+    let answer = a.round(&a_request).await;
+    assert_eq!(answer.site.unwrap().role, pb::SiteRole::Active as i32);
+    let early = a.write("shop/early", b"x").await;
+    if let Err(e) = &early {
+        assert!(e.contains("site lease"), "{e}");
+    }
+    rounds_until(&a, &a_request, "a's first clean check", |_| {
+        a.agent.site_gate().admit(std::time::Instant::now()).is_ok()
+    })
+    .await;
+    for i in 0..5 {
+        a.write(&format!("shop/s{i}"), b"1").await.unwrap();
+    }
+
+    // The passive sites follow; reads work there, writes are refused naming the active one.
+    b.round(&b_request).await;
+    c.round(&c_request).await;
+    let written = a.store.latest_sequence();
+    let answer = rounds_until(&b, &b_request, "b catching up", |r| {
+        r.site
+            .as_ref()
+            .is_some_and(|s| s.applied_sequence >= written && s.lag_ms == 0)
+    })
+    .await;
+    assert_eq!(answer.site.unwrap().role, pb::SiteRole::Passive as i32);
+    rounds_until(&c, &c_request, "c catching up", |r| {
+        r.site
+            .as_ref()
+            .is_some_and(|s| s.applied_sequence >= written)
+    })
+    .await;
+    assert_eq!(
+        value(b.store.as_ref(), "shop/s4", "v").await.as_deref(),
+        Some(&b"1"[..])
+    );
+    let refused = b.write("shop/at-b", b"no").await.unwrap_err();
+    assert!(
+        refused.contains("site b is passive")
+            && refused.contains("prod-hsm")
+            && refused.contains("kubectl hsm site promote"),
+        "{refused}"
+    );
+    assert!(
+        b.agent.get(&path("shop/s0")).await.is_ok(),
+        "reads on the passive site"
+    );
+
+    // A writer at site a records every acknowledged write (sequence, instant).
+    let a_writer = {
+        let agent = a.agent.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..400 {
+                let p = path(&format!("shop/w{i}"));
+                if let Ok(o) = agent
+                    .put(&p, data(&[("v", b"w")]), Expect::Any, agent.epoch())
+                    .await
+                {
+                    acked.push((o.version, std::time::Instant::now(), i));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A person promotes b while a is alive and writing.
+    let mut promote = b_request.clone();
+    promote.promote_request = "p1".into();
+    let a_rounds = {
+        let (supervisor, request) = (a.supervisor.clone(), a_request.clone());
+        tokio::spawn(async move {
+            for _ in 0..80 {
+                supervisor.handle(request.clone()).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let promoted = rounds_until(&b, &promote, "b's promotion", |r| {
+        r.site.as_ref().is_some_and(|s| s.promotion_done == "p1")
+    })
+    .await;
+    let site = promoted.site.unwrap();
+    assert_eq!(site.site_epoch, 1, "the first promotion is site epoch 1");
+    // b takes writes once its own archiver checked its archive.
+    rounds_until(&b, &b_request, "b active", |_| {
+        b.agent.site_gate().admit(std::time::Instant::now()).is_ok()
+    })
+    .await;
+    let b_first_ack = std::time::Instant::now();
+    let b_version = b.write("shop/at-b", b"yes").await.unwrap();
+    assert!(b_version > written);
+
+    // a saw the fence: it refuses writes, names b, and counts what it took after the point.
+    let a_answer = rounds_until(&a, &a_request, "a fenced", |r| {
+        r.site
+            .as_ref()
+            .is_some_and(|s| s.role == pb::SiteRole::Fenced as i32)
+    })
+    .await;
+    let a_site = a_answer.site.unwrap();
+    assert_eq!(a_site.fenced_by, "b");
+    let refused = a.write("shop/late", b"no").await.unwrap_err();
+    assert!(
+        refused.contains("site b was promoted") && refused.contains("rejoin"),
+        "{refused}"
+    );
+    a_rounds.await.unwrap();
+    let acked = a_writer.await.unwrap();
+    assert!(!acked.is_empty());
+
+    // The history: no write acknowledged at a after b's first acknowledged write; every
+    // write a acknowledged up to the fence point is at b; the rest are a's lost writes.
+    let last_a_ack = acked.iter().map(|(_, at, _)| *at).max().unwrap();
+    assert!(
+        last_a_ack < b_first_ack,
+        "a acknowledged a write after b took writes"
+    );
+    let fence_point = a_site.fence_sequence;
+    let mut at_b = 0;
+    for (version, _, i) in &acked {
+        let there = value(b.store.as_ref(), &format!("shop/w{i}"), "v")
+            .await
+            .is_some();
+        if *version <= fence_point {
+            assert!(
+                there,
+                "shop/w{i} (version {version}) is up to the fence point but not at b"
+            );
+            at_b += 1;
+        }
+    }
+    let lost = acked.iter().filter(|(v, _, _)| *v > fence_point).count() as u64;
+    assert!(
+        a_site.lost_writes >= lost,
+        "{} lost writes counted, {lost} seen",
+        a_site.lost_writes
+    );
+    assert!(at_b > 0, "some of a's writes reached b before the fence");
+
+    // c, promoted over the same archive afterwards, is refused naming b.
+    let mut promote_c = c_request.clone();
+    promote_c.promote_request = "p2".into();
+    let refused = rounds_until(&c, &promote_c, "c's refused promotion", |r| {
+        r.site.as_ref().is_some_and(|s| !s.error.is_empty())
+    })
+    .await;
+    let error = refused.site.unwrap().error;
+    assert!(
+        error.contains("site b was promoted first") && error.contains("stays passive"),
+        "{error}"
+    );
+    assert!(
+        c.write("shop/at-c", b"no").await.is_err(),
+        "c stays passive"
+    );
+}

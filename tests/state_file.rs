@@ -24,6 +24,7 @@ fn device(name: &str) -> HSMDevice {
             },
             mirroring: None,
             backup: None,
+            site: None,
         },
     )
 }

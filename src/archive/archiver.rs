@@ -52,6 +52,8 @@ struct Head {
 pub enum Step {
     /// Not the unfenced primary: nothing to do here.
     NotPrimary,
+    /// Another site was promoted over this one: nothing is archived any more.
+    SiteFenced,
     /// Everything acknowledged is in the bucket.
     UpToDate { sequence: u64 },
     Base {
@@ -84,6 +86,22 @@ pub struct ArchiverState {
     pub base_done: Option<String>,
     /// The bases in the bucket as last listed: where restores can start.
     pub bases: Vec<BasePoint>,
+    /// With a site guard: the highest site epoch among the archive's fences.
+    pub site_epoch: u64,
+    /// Another site was promoted over this one: nothing more is archived or acknowledged.
+    pub fenced: Option<super::site::Fence>,
+    /// Changes this site made after the fence point (lost writes, never merged).
+    pub lost_writes: u64,
+}
+
+/// What an active site checks before each step: that no other site was promoted.
+#[derive(Clone)]
+pub struct SiteGuard {
+    pub site: String,
+    /// How long a clean check lets the site acknowledge writes.
+    pub lease: Duration,
+    /// Opens fences (the device's archive key).
+    pub key: Arc<dyn super::KeyUnwrap>,
 }
 
 /// A base snapshot in the bucket.
@@ -119,6 +137,7 @@ pub struct Archiver {
     fresh_chain: bool,
     state: Arc<Mutex<ArchiverState>>,
     metrics: Option<ArchiveMetrics>,
+    site: Option<SiteGuard>,
 }
 
 /// The archive's figures on `/metrics`.
@@ -181,7 +200,15 @@ impl Archiver {
             fresh_chain: false,
             state: Arc::default(),
             metrics: None,
+            site: None,
         }
+    }
+
+    /// Checks for another site's promotion before every step, renewing this site's lease
+    /// on the agent when there is none and fencing it when there is.
+    pub fn with_site(mut self, guard: SiteGuard) -> Self {
+        self.site = Some(guard);
+        self
     }
 
     /// Replaces the recipients objects are sealed for.
@@ -233,6 +260,12 @@ impl Archiver {
         }
         let published = agent.store().latest_sequence();
         self.update(|s| s.primary_sequence = published);
+        if let Some(guard) = self.site.clone()
+            && self.check_site(agent, &guard, published).await?
+        {
+            self.head = None;
+            return Ok(Step::SiteFenced);
+        }
         if !self.fresh_chain && self.head.as_ref().is_none_or(|h| h.epoch != snapshot.epoch) {
             self.head = self.find_head(snapshot.epoch, published).await?;
         }
@@ -264,6 +297,48 @@ impl Archiver {
             self.fresh_chain = true;
         }
         result
+    }
+
+    /// Reads the archive's fences: true when another site was promoted over this one (the
+    /// agent then refuses writes for good); otherwise the site's lease is renewed from the
+    /// moment the check began.
+    async fn check_site(
+        &self,
+        agent: &Agent,
+        guard: &SiteGuard,
+        published: u64,
+    ) -> Result<bool, ArchiveError> {
+        use crate::mirror::site::SiteGate;
+        let checked_at = std::time::Instant::now();
+        let fences = super::site::read_fences(&self.bucket, &self.cfg.root, &*guard.key).await?;
+        let site_epoch = fences.last().map_or(0, |f| f.site_epoch);
+        let Some(fence) = super::site::fencing(&fences, &guard.site) else {
+            agent.update_site_gate(|g| g.renewed(&guard.site, checked_at, guard.lease));
+            self.update(|s| s.site_epoch = site_epoch);
+            return Ok(false);
+        };
+        let gate = agent.update_site_gate(|_| SiteGate::Fenced {
+            site: guard.site.clone(),
+            by: fence.site.clone(),
+            site_epoch: fence.site_epoch,
+            fence_sequence: fence.fence_sequence,
+        });
+        let lost = published.saturating_sub(fence.fence_sequence);
+        if self
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .fenced
+            .is_none()
+        {
+            tracing::error!(by = %fence.site, site_epoch = fence.site_epoch, fence_sequence = fence.fence_sequence, lost, ?gate, "another site was promoted: this site is fenced");
+        }
+        self.update(|s| {
+            s.site_epoch = site_epoch;
+            s.fenced = Some(fence);
+            s.lost_writes = lost;
+        });
+        Ok(true)
     }
 
     /// The newest object of this epoch's chain, if it can be continued. Anything odd (an

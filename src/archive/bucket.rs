@@ -135,6 +135,28 @@ impl Bucket {
             .map_err(|e| self.failed("PUT", name, e))
     }
 
+    /// Writes `name` only if no object has that name. Ok(false): one exists (S3 answers
+    /// 412; some servers 403, so existence is checked by reading it back).
+    pub async fn put_new(&self, name: &str, bytes: Vec<u8>) -> Result<bool, ArchiveError> {
+        let options = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.path(name), PutPayload::from(bytes), options)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => match self.store.head(&self.path(name)).await {
+                Ok(_) => Ok(false),
+                Err(_) => Err(self.failed("PUT", name, e)),
+            },
+        }
+    }
+
     pub async fn get(&self, name: &str) -> Result<Vec<u8>, ArchiveError> {
         let result = self
             .store

@@ -31,6 +31,9 @@ pub enum ObjectKind {
     Base,
     /// The changes `first..=last`, following the object whose digest is `prev`.
     Segment,
+    /// A site promotion (`epoch` is the site epoch, `last` the fence point); see
+    /// [`super::site`].
+    Fence,
 }
 
 /// The clear, authenticated part of an object.
@@ -69,7 +72,7 @@ impl ObjectHeader {
     pub fn covers(&self) -> u64 {
         match self.kind {
             ObjectKind::Base => self.base_from.unwrap_or(self.last),
-            ObjectKind::Segment => self.last,
+            ObjectKind::Segment | ObjectKind::Fence => self.last,
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod keys;
 pub mod payload;
 pub mod plan;
 pub mod restore;
+pub mod site;
 pub mod supervisor;
 
 pub use archiver::{ArchiveMetrics, Archiver, ArchiverConfig};

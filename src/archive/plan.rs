@@ -6,7 +6,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{
     BackupDrill, BackupPoint, BackupRestore, BackupSpec, BackupStatus, RESTORE_ANNOTATION,
-    RestoreAnnotation,
+    RestoreAnnotation, SiteRole, SiteSpec, SiteStatus,
 };
 
 /// Condition types this module owns on an HSMDevice.
@@ -27,6 +27,8 @@ pub struct ArchiveAsk {
     pub base_request: Option<String>,
     pub verify_request: Option<String>,
     pub restore: Option<RestoreAsk>,
+    /// `kubectl hsm site promote`, not yet reported done.
+    pub promote_request: Option<String>,
 }
 
 /// A restore to carry out through the primary.
@@ -86,7 +88,146 @@ pub struct ArchiveReport {
     pub drill: Option<DrillResult>,
     pub restore_running: Option<String>,
     pub restore: Option<RestoreResult>,
+    pub site: Option<SiteReport>,
     pub not_primary: bool,
+}
+
+/// The site part of the agent's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteReport {
+    pub role: SiteRole,
+    pub site_epoch: u64,
+    pub source_sequence: u64,
+    pub source_time_ms: Option<u64>,
+    pub applied_sequence: u64,
+    pub applied_time_ms: Option<u64>,
+    pub lag_ms: u64,
+    pub fenced_by: Option<String>,
+    pub fence_sequence: u64,
+    pub lost_writes: u64,
+    pub promotion_done: Option<String>,
+    pub promotion_running: Option<String>,
+    pub error: Option<String>,
+}
+
+/// `status.site` after `report`, with the Events a change deserves: a fence, a
+/// promotion, a lag above the alert, an error.
+pub fn observe_site(
+    spec: &SiteSpec,
+    prev: Option<&SiteStatus>,
+    report: &SiteReport,
+) -> (SiteStatus, Vec<BackupEvent>) {
+    let time = |ms: Option<u64>| {
+        ms.and_then(|ms| Timestamp::from_millisecond(ms as i64).ok())
+            .map(Time)
+    };
+    let passive = report.role == SiteRole::Passive;
+    let fenced = report.role == SiteRole::Fenced;
+    let lag_seconds = passive.then_some((report.lag_ms / 1000) as i64);
+    let fresh = SiteStatus {
+        name: spec.name.clone(),
+        role: report.role,
+        site_epoch: report.site_epoch,
+        source_sequence: passive.then_some(report.source_sequence),
+        source_time: passive.then(|| time(report.source_time_ms)).flatten(),
+        applied_sequence: passive.then_some(report.applied_sequence),
+        applied_time: passive.then(|| time(report.applied_time_ms)).flatten(),
+        lag_seconds,
+        fenced_by: fenced.then(|| report.fenced_by.clone()).flatten(),
+        fence_sequence: fenced.then_some(report.fence_sequence),
+        lost_writes: fenced.then_some(report.lost_writes),
+        last_promotion: report
+            .promotion_done
+            .clone()
+            .or_else(|| prev.and_then(|p| p.last_promotion.clone())),
+        last_error: report.error.as_deref().map(|e| truncate(e, 1024)),
+    };
+    let mut events = Vec::new();
+    let was = prev.map(|p| p.role);
+    if fenced && was != Some(SiteRole::Fenced) {
+        events.push(BackupEvent {
+            warning: true,
+            reason: "SiteFenced",
+            message: format!(
+                "site {} was promoted over site {} at site epoch {} from sequence {}; this site \
+                 takes no writes; {} write(s) it took after that point are lost, never merged; \
+                 rejoin it as passive with `kubectl hsm site rejoin`",
+                report.fenced_by.as_deref().unwrap_or("?"),
+                spec.name,
+                report.site_epoch,
+                report.fence_sequence,
+                report.lost_writes
+            ),
+        });
+    }
+    if report.promotion_done.is_some()
+        && prev.and_then(|p| p.last_promotion.as_ref()) != report.promotion_done.as_ref()
+    {
+        events.push(BackupEvent {
+            warning: false,
+            reason: "SitePromoted",
+            message: format!(
+                "site {} promoted to active at site epoch {}; it takes writes",
+                spec.name, report.site_epoch
+            ),
+        });
+    }
+    let alert = u64::from(spec.lag_alert_seconds()) * 1000;
+    let lagging = |lag: Option<i64>| lag.is_some_and(|l| l * 1000 > alert as i64);
+    if lagging(lag_seconds) && !lagging(prev.and_then(|p| p.lag_seconds)) {
+        events.push(BackupEvent {
+            warning: true,
+            reason: "SiteLagging",
+            message: format!(
+                "passive site {} is more than {} s behind the active site's archive (applied \
+                 sequence {}, archive at {})",
+                spec.name,
+                spec.lag_alert_seconds(),
+                report.applied_sequence,
+                report.source_sequence
+            ),
+        });
+    }
+    if let Some(error) = &fresh.last_error
+        && prev.and_then(|p| p.last_error.as_ref()) != Some(error)
+    {
+        events.push(BackupEvent {
+            warning: true,
+            reason: "SiteError",
+            message: error.clone(),
+        });
+    }
+    // Moving figures (applied sequence, lag) wait for the heartbeat like the archive's.
+    let steady = prev.is_some_and(|p| {
+        let fixed = |s: &SiteStatus| SiteStatus {
+            source_sequence: None,
+            source_time: None,
+            applied_sequence: None,
+            applied_time: None,
+            lag_seconds: None,
+            ..s.clone()
+        };
+        fixed(p) == fixed(&fresh) && lagging(p.lag_seconds) == lagging(fresh.lag_seconds)
+    });
+    let status = match (steady, prev) {
+        (true, Some(p)) if events.is_empty() && !site_heartbeat_due(p, &fresh) => p.clone(),
+        _ => fresh,
+    };
+    (status, events)
+}
+
+/// A passive site's figures are rewritten when they moved and the previous ones are older
+/// than the heartbeat (by the source time they name), or when it caught up.
+fn site_heartbeat_due(prev: &SiteStatus, fresh: &SiteStatus) -> bool {
+    if prev.lag_seconds != Some(0) && fresh.lag_seconds == Some(0) {
+        return true;
+    }
+    prev.applied_sequence != fresh.applied_sequence
+        && fresh
+            .applied_time
+            .as_ref()
+            .zip(prev.applied_time.as_ref())
+            .is_none_or(|(f, p)| f.0.as_millisecond() - p.0.as_millisecond() >= BACKUP_HEARTBEAT_MS)
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -162,6 +303,7 @@ pub fn ask(
         base_request,
         verify_request: on_demand.or(scheduled),
         restore,
+        promote_request: None,
     }
 }
 

@@ -298,7 +298,7 @@ pub async fn restore_through_agent(
 
 /// Opens `entry`, checks it belongs to `root` and matches its name, verifies every record,
 /// and adds them to `records`. Returns the header and the SHA-256 of the object.
-async fn open_checked(
+pub(crate) async fn open_checked(
     bucket: &Bucket,
     root: &ArchiveRoot,
     key: &dyn KeyUnwrap,

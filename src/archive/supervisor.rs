@@ -11,16 +11,19 @@ use std::time::Duration;
 
 use tonic::Status;
 
+use super::archiver::SiteGuard;
 use super::archiver::{ArchiverState, now_millis};
 use super::chain::ArchiveRoot;
 use super::chain::Target;
 use super::drill::{self, DrillReport};
 use super::restore::{RestoreReport, restore_through_agent};
+use super::site::{FollowState, Follower, follow as follow_archive, promotion_wait};
 use super::{
     ArchiveError, ArchiveMetrics, Archiver, ArchiverConfig, Bucket, BucketConfig, KeyUnwrap,
     KeyWrap, RecoveryPublicKey,
 };
 use crate::crd::DeviceRole;
+use crate::mirror::site::SiteGate;
 use crate::mirror::{Agent, ArchiveControl, pb};
 
 /// The file of the mounted Secret holding the recovery key's public half.
@@ -121,6 +124,8 @@ impl<T: KeyWrap + KeyUnwrap> TokenKey for T {}
 
 struct Running {
     settings: ArchiveSettings,
+    /// The site guard it runs with (site name and lease), if any.
+    guard: Option<(String, Duration)>,
     bucket: Bucket,
     root: ArchiveRoot,
     state: Arc<Mutex<ArchiverState>>,
@@ -136,7 +141,79 @@ struct Supervised {
     drill: Option<(String, Result<DrillReport, String>, u64)>,
     restore_running: Option<String>,
     restore: Option<(String, Result<RestoreReport, String>, u64)>,
+    site: Option<SiteRunning>,
+    promotion_running: Option<String>,
+    promotion_done: Option<String>,
+    promotion_error: Option<String>,
 }
+
+/// A passive site's follower, as configured.
+struct SiteRunning {
+    settings: SiteSettings,
+    follower: Option<Arc<tokio::sync::Mutex<Follower>>>,
+    follow_state: Option<Arc<Mutex<FollowState>>>,
+    /// Dropping it stops the follower.
+    _stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// `spec.site` as this node applies it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteSettings {
+    pub name: String,
+    pub lease: Duration,
+    pub follow: Option<FollowSettings>,
+}
+
+/// The archive a passive site applies, resolved to files on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FollowSettings {
+    pub bucket: ArchiveSettings,
+    pub device: String,
+}
+
+impl SiteSettings {
+    pub fn from_spec(spec: &pb::SiteSpec, credentials_root: &Path) -> Result<Self, ArchiveError> {
+        if spec.name.is_empty() || spec.lease_ms == 0 {
+            return Err(ArchiveError::Config(
+                "spec.site needs a name and a lease above 0".into(),
+            ));
+        }
+        let follow = match &spec.follow {
+            None => None,
+            Some(f) => {
+                let as_backup = pb::ArchiveSpec {
+                    url: f.url.clone(),
+                    endpoint: f.endpoint.clone(),
+                    region: f.region.clone(),
+                    credentials_secret: f.credentials_secret.clone(),
+                    archive_name: f.archive_name.clone(),
+                    segment_interval_ms: 1,
+                    base_interval_s: 1,
+                    retention_s: 0,
+                };
+                let bucket =
+                    ArchiveSettings::from_spec(&as_backup, credentials_root).map_err(|e| {
+                        ArchiveError::Config(
+                            e.to_string()
+                                .replace("spec.backup", "spec.site.followArchive"),
+                        )
+                    })?;
+                Some(FollowSettings {
+                    bucket,
+                    device: f.device.clone(),
+                })
+            }
+        };
+        Ok(Self {
+            name: spec.name.clone(),
+            lease: Duration::from_millis(spec.lease_ms),
+            follow,
+        })
+    }
+}
+
+/// How often a passive site looks for new archive objects.
+const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs this node's archiver and drills.
 pub struct Supervisor {
@@ -177,11 +254,21 @@ impl Supervisor {
     /// Archives as `settings` say from now on; a running archiver with other settings is
     /// stopped first. The same settings again change nothing.
     pub fn configure(&self, settings: ArchiveSettings) -> Result<(), ArchiveError> {
+        self.configure_guarded(settings, None)
+    }
+
+    /// As [`configure`](Self::configure), checking before every step that no other site
+    /// was promoted (`guard`: this site's name and lease).
+    pub fn configure_guarded(
+        &self,
+        settings: ArchiveSettings,
+        guard: Option<(String, Duration)>,
+    ) -> Result<(), ArchiveError> {
         if self
             .lock()
             .running
             .as_ref()
-            .is_some_and(|r| r.settings == settings)
+            .is_some_and(|r| r.settings == settings && r.guard == guard)
         {
             return Ok(());
         }
@@ -198,6 +285,14 @@ impl Supervisor {
         if let Some(metrics) = &self.metrics {
             archiver = archiver.with_metrics(metrics.clone());
         }
+        if let Some((site, lease)) = &guard {
+            let key: Arc<dyn KeyUnwrap> = self.token.clone();
+            archiver = archiver.with_site(SiteGuard {
+                site: site.clone(),
+                lease: *lease,
+                key,
+            });
+        }
         let state = archiver.state();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(archiver.run(self.agent.clone(), async move {
@@ -208,6 +303,7 @@ impl Supervisor {
         supervised.config_error = None;
         supervised.running = Some(Running {
             settings,
+            guard,
             bucket,
             root,
             state,
@@ -218,17 +314,23 @@ impl Supervisor {
 
     /// Applies one controller request and reports.
     pub async fn handle(&self, request: pb::ArchiveRequest) -> pb::ArchiveResponse {
-        let applied = request
-            .spec
+        let site = request
+            .site
             .as_ref()
-            .ok_or_else(|| ArchiveError::Config("the request carries no spec.backup".into()))
-            .and_then(|spec| ArchiveSettings::from_spec(spec, &self.credentials_root))
-            .and_then(|settings| self.configure(settings));
+            .map(|spec| SiteSettings::from_spec(spec, &self.credentials_root))
+            .transpose();
+        let applied = match site {
+            Err(e) => Err(e),
+            Ok(site) => self.apply(request.spec.as_ref(), site),
+        };
         if let Err(e) = applied {
             tracing::warn!(error = %e, "the archive configuration cannot be applied");
             let mut supervised = self.lock();
             supervised.running = None;
             supervised.config_error = Some(e.to_string());
+        }
+        if !request.promote_request.is_empty() {
+            self.start_promotion(&request.promote_request);
         }
         if !request.base_request.is_empty()
             && let Some(running) = &self.lock().running
@@ -243,6 +345,200 @@ impl Supervisor {
             self.start_restore(restore);
         }
         self.report()
+    }
+
+    /// The archive and the site as the controller's request says. A passive site follows
+    /// and does not archive; an active one archives with the site guard; a promoted one
+    /// archives as active.
+    fn apply(
+        &self,
+        backup: Option<&pb::ArchiveSpec>,
+        site: Option<SiteSettings>,
+    ) -> Result<(), ArchiveError> {
+        let backup = backup
+            .map(|spec| ArchiveSettings::from_spec(spec, &self.credentials_root))
+            .transpose()?;
+        let Some(site) = site else {
+            self.lock().site = None;
+            self.agent.update_site_gate(|_| SiteGate::Open);
+            return match backup {
+                Some(settings) => self.configure(settings),
+                None => Err(ArchiveError::Config(
+                    "the request carries neither spec.backup nor spec.site".into(),
+                )),
+            };
+        };
+        let promoted = self.promoted();
+        if let (Some(follow), false) = (&site.follow, promoted) {
+            self.follow(&site, follow)?;
+            let mut supervised = self.lock();
+            supervised.running = None;
+            supervised.config_error = None;
+            return Ok(());
+        }
+        // Active (or promoted): the gate waits for the archiver's first clean check.
+        self.agent.update_site_gate(|gate| match gate {
+            SiteGate::Active { .. } | SiteGate::Fenced { .. } => gate.clone(),
+            _ => SiteGate::Active {
+                site: site.name.clone(),
+                until: None,
+            },
+        });
+        let guard = Some((site.name.clone(), site.lease));
+        {
+            let mut supervised = self.lock();
+            match &mut supervised.site {
+                Some(running) if running.settings == site => {}
+                other => {
+                    *other = Some(SiteRunning {
+                        settings: site,
+                        follower: None,
+                        follow_state: None,
+                        _stop: None,
+                    })
+                }
+            }
+        }
+        match backup {
+            Some(settings) => self.configure_guarded(settings, guard),
+            None => Err(ArchiveError::Config(
+                "an active site needs spec.backup: its archive is how the other sites follow \
+                 it and how it learns of a promotion; it takes no writes until then"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Whether this site's own promotion is known (made here, or found in the archive).
+    fn promoted(&self) -> bool {
+        let supervised = self.lock();
+        supervised.promotion_done.is_some()
+            || supervised
+                .site
+                .as_ref()
+                .and_then(|s| s.follow_state.as_ref())
+                .is_some_and(|st| {
+                    st.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .promoted
+                        .is_some()
+                })
+    }
+
+    /// Starts (or keeps) the follower of `follow`; the agent refuses writes meanwhile.
+    fn follow(&self, site: &SiteSettings, follow: &FollowSettings) -> Result<(), ArchiveError> {
+        if follow.device == self.device {
+            return Err(ArchiveError::Config(format!(
+                "spec.site.followArchive.device names this device ({}): a passive site follows \
+                 the active site's device",
+                self.device
+            )));
+        }
+        self.agent.update_site_gate(|_| SiteGate::Passive {
+            site: site.name.clone(),
+            active: follow.device.clone(),
+        });
+        if self
+            .lock()
+            .site
+            .as_ref()
+            .is_some_and(|r| r.settings == *site && r.follower.is_some())
+        {
+            return Ok(());
+        }
+        let (_, bucket) = follow.bucket.check()?;
+        let root = ArchiveRoot::new(&follow.device, &follow.bucket.archive_name)?;
+        let key: Arc<dyn KeyUnwrap> = self.token.clone();
+        let follower = Follower::new(&site.name, bucket, root, key);
+        let state = follower.state();
+        let follower = Arc::new(tokio::sync::Mutex::new(follower));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(follow_archive(
+            follower.clone(),
+            self.agent.clone(),
+            FOLLOW_INTERVAL,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        tracing::info!(site = %site.name, device = %follow.device, url = %follow.bucket.url, "following the active site's archive");
+        self.lock().site = Some(SiteRunning {
+            settings: site.clone(),
+            follower: Some(follower),
+            follow_state: Some(state),
+            _stop: Some(stop),
+        });
+        Ok(())
+    }
+
+    /// Promotes this passive site, once per request id: a last catch-up, the fence, then
+    /// the active site's lease (and a margin) before this site takes writes.
+    fn start_promotion(&self, request: &str) {
+        let (follower, site) = {
+            let mut supervised = self.lock();
+            if supervised.promotion_running.is_some()
+                || supervised.promotion_done.as_deref() == Some(request)
+            {
+                return;
+            }
+            let Some(running) = &supervised.site else {
+                supervised.promotion_error = Some(format!(
+                    "{request}: this device has no spec.site: nothing to promote"
+                ));
+                return;
+            };
+            let Some(follower) = running.follower.clone() else {
+                supervised.promotion_error = Some(format!(
+                    "{request}: site {} is not passive (it follows no archive): nothing to promote",
+                    running.settings.name
+                ));
+                return;
+            };
+            let settings = running.settings.clone();
+            supervised.promotion_running = Some(request.to_string());
+            (follower, settings)
+        };
+        let Some(follow) = site.follow.clone() else {
+            return;
+        };
+        let (agent, token, state, device, request) = (
+            self.agent.clone(),
+            self.token.clone(),
+            self.state.clone(),
+            self.device.clone(),
+            request.to_string(),
+        );
+        tokio::spawn(async move {
+            let outcome = async {
+                let (recovery, _) = follow.bucket.check()?;
+                let wrap: Arc<dyn KeyWrap> = token.clone();
+                let keys: [&dyn KeyWrap; 2] = [&*wrap, &recovery];
+                let fence = follower.lock().await.promote(&agent, &keys, &device).await?;
+                let wait = promotion_wait(site.lease);
+                tracing::warn!(site = %site.name, wait_ms = wait.as_millis() as u64, "waiting out the active site's lease before taking writes");
+                tokio::time::sleep(wait).await;
+                Ok::<_, ArchiveError>(fence)
+            }
+            .await;
+            let mut supervised = state.lock().unwrap_or_else(PoisonError::into_inner);
+            supervised.promotion_running = None;
+            match outcome {
+                Ok(fence) => {
+                    tracing::warn!(site = %site.name, site_epoch = fence.site_epoch, "site promoted: active");
+                    supervised.promotion_done = Some(request);
+                    supervised.promotion_error = None;
+                    // Writes wait for the archiver's first clean check (next request).
+                    agent.update_site_gate(|_| SiteGate::Active {
+                        site: site.name.clone(),
+                        until: None,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "site promotion failed");
+                    supervised.promotion_error = Some(format!("{request}: {e}"));
+                }
+            }
+        });
     }
 
     /// Starts a drill for `request` unless one for it is running or done.
@@ -395,6 +691,9 @@ impl Supervisor {
                 .map(|(id, outcome, finished)| restore_pb(id, outcome, *finished)),
             ..Default::default()
         };
+        if let Some(site) = &supervised.site {
+            response.site = Some(self.site_report(&supervised, site));
+        }
         if let Some(running) = &supervised.running {
             let state = running
                 .state
@@ -421,6 +720,54 @@ impl Supervisor {
 }
 
 const MAX_REPORTED_BASES: usize = 32;
+
+impl Supervisor {
+    /// The site's report: its role from the agent's gate, a passive site's progress
+    /// through the archive, a fenced site's fence and lost writes.
+    fn site_report(&self, supervised: &Supervised, site: &SiteRunning) -> pb::SiteReport {
+        let mut report = pb::SiteReport {
+            promotion_done: supervised.promotion_done.clone().unwrap_or_default(),
+            promotion_running: supervised.promotion_running.clone().unwrap_or_default(),
+            error: supervised.promotion_error.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        report.role = match self.agent.site_gate() {
+            SiteGate::Passive { .. } => pb::SiteRole::Passive,
+            SiteGate::Fenced {
+                by,
+                site_epoch,
+                fence_sequence,
+                ..
+            } => {
+                report.fenced_by = by;
+                report.site_epoch = site_epoch;
+                report.fence_sequence = fence_sequence;
+                pb::SiteRole::Fenced
+            }
+            SiteGate::Active { .. } | SiteGate::Open => pb::SiteRole::Active,
+        } as i32;
+        if let Some(state) = &site.follow_state {
+            let state = state.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            report.site_epoch = report.site_epoch.max(state.site_epoch);
+            report.source_sequence = state.source_sequence;
+            report.source_time_ms = state.source_millis;
+            report.applied_sequence = state.applied_sequence;
+            report.applied_time_ms = state.applied_millis;
+            report.lag_ms = state
+                .behind_since_millis
+                .map_or(0, |since| now_millis().saturating_sub(since));
+            if report.error.is_empty() {
+                report.error = state.last_error.unwrap_or_default();
+            }
+        }
+        if let Some(running) = &supervised.running {
+            let state = running.state.lock().unwrap_or_else(PoisonError::into_inner);
+            report.site_epoch = report.site_epoch.max(state.site_epoch);
+            report.lost_writes = state.lost_writes;
+        }
+        report
+    }
+}
 
 fn drill_pb(
     request: &str,

@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 use k8s_openapi::jiff::Timestamp;
 
 use super::{Agents, ControllerMetrics};
-use crate::archive::plan::{self as backup_plan, ArchiveReport, BackupEvent};
+use crate::archive::plan::{self as backup_plan, ArchiveAsk, ArchiveReport, BackupEvent};
 use crate::crd::{
     BACKUP_NOW_ANNOTATION, BACKUP_VERIFY_ANNOTATION, HSMDevice, HSMDeviceStatus,
-    RESTORE_ANNOTATION, SWITCHOVER_ANNOTATION,
+    RESTORE_ANNOTATION, SITE_PROMOTE_ANNOTATION, SWITCHOVER_ANNOTATION,
 };
 use crate::failover::{
     self, Action, DeviceView, LeaseFacts, Observations, PlanConfig, Probe, SwitchoverOutcome,
@@ -132,7 +132,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
         };
         let plan = failover::plan(&view, &status, &observations, &self.config);
         let mut next = plan.status.clone();
-        let backup_events = self.backup_round(device, &mut next).await;
+        let (backup_events, site_confirmed) = self.backup_round(device, &mut next).await;
 
         let rv = device.metadata.resource_version.clone().unwrap_or_default();
         if next != status {
@@ -162,6 +162,16 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             ..Default::default()
         };
         for action in &plan.actions {
+            // A multi-site device's primary gets a lease only once its node has its site
+            // configuration (a passive site's agent must refuse writes before any lease).
+            let lease = matches!(action, Action::RenewLease { .. } | Action::Promote { .. });
+            if lease && device.spec.site.is_some() && !site_confirmed {
+                tracing::warn!(
+                    "the site configuration did not reach the primary's node; no lease this round"
+                );
+                outcome.actions_failed += 1;
+                continue;
+            }
             if let Err(e) = self.execute(&view, &regarding, action).await {
                 outcome.actions_failed += 1;
                 tracing::warn!(error = %e, "action failed; it is planned again next round");
@@ -199,17 +209,24 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
         &self,
         device: &HSMDevice,
         status: &mut HSMDeviceStatus,
-    ) -> Vec<BackupEvent> {
+    ) -> (Vec<BackupEvent>, bool) {
         let name = device.metadata.name.clone().unwrap_or_default();
-        let Some(spec) = &device.spec.backup else {
+        let backup = device.spec.backup.as_ref();
+        let site = device.spec.site.as_ref();
+        if backup.is_none() {
             status.backup = None;
             status
                 .conditions
                 .retain(|c| !backup_plan::condition_types::ALL.contains(&c.type_.as_str()));
-            return Vec::new();
-        };
+        }
+        if site.is_none() {
+            status.site = None;
+        }
+        if backup.is_none() && site.is_none() {
+            return (Vec::new(), true);
+        }
         let Some(primary) = status.primary_node.clone() else {
-            return Vec::new();
+            return (Vec::new(), false);
         };
         let now = Timestamp::now();
         let annotation = |key: &str| {
@@ -221,6 +238,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
                 .map(String::as_str)
         };
         let mut events = Vec::new();
+        let mut site_confirmed = true;
         let restore = match annotation(RESTORE_ANNOTATION).map(backup_plan::parse_restore) {
             Some(Ok(restore)) => Some(restore),
             Some(Err(why)) => {
@@ -237,19 +255,38 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             }
             None => None,
         };
-        let ask = backup_plan::ask(
-            spec,
-            status.backup.as_ref(),
-            annotation(BACKUP_NOW_ANNOTATION),
-            annotation(BACKUP_VERIFY_ANNOTATION),
-            restore.as_ref(),
-            now,
-        );
-        let report = match self.agents.archive(&primary, spec, &ask).await {
-            Ok(report) if report.not_primary => return events,
+        let mut ask = match backup {
+            Some(spec) => backup_plan::ask(
+                spec,
+                status.backup.as_ref(),
+                annotation(BACKUP_NOW_ANNOTATION),
+                annotation(BACKUP_VERIFY_ANNOTATION),
+                restore.as_ref(),
+                now,
+            ),
+            None => ArchiveAsk::default(),
+        };
+        ask.promote_request = annotation(SITE_PROMOTE_ANNOTATION)
+            .filter(|id| {
+                status
+                    .site
+                    .as_ref()
+                    .and_then(|s| s.last_promotion.as_deref())
+                    != Some(*id)
+            })
+            .map(str::to_string);
+        let report = match self.agents.archive(&primary, backup, site, &ask).await {
+            // The site's configuration reached the node that is (or is about to be) the
+            // primary: its gate is set before any lease lets it write.
+            Ok(report) if report.not_primary => return (events, true),
             Ok(report) => report,
             // What the archive held when last heard of still stands; the lag grows.
+            Err(e) if backup.is_none() => {
+                tracing::warn!(error = %e, "the primary's agent did not answer the site's Archive call");
+                return (events, false);
+            }
             Err(e) => {
+                site_confirmed = false;
                 let prev = status.backup.clone().unwrap_or_default();
                 ArchiveReport {
                     archived_sequence: prev.archived_sequence,
@@ -266,6 +303,15 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
                     ..Default::default()
                 }
             }
+        };
+        if let (Some(spec), Some(reported)) = (site, &report.site) {
+            let (site_status, site_events) =
+                backup_plan::observe_site(spec, status.site.as_ref(), reported);
+            status.site = Some(site_status);
+            events.extend(site_events);
+        }
+        let Some(spec) = backup else {
+            return (events, site_confirmed);
         };
         let (backup, conditions, observed) = backup_plan::observe(
             spec,
@@ -291,7 +337,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             .retain(|c| !backup_plan::condition_types::ALL.contains(&c.type_.as_str()));
         status.conditions.extend(conditions);
         status.backup = Some(backup);
-        events
+        (events, site_confirmed)
     }
 
     async fn execute(

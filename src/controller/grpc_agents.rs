@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{AgentCallCause, AgentCallError, Agents};
-use crate::archive::plan::{ArchiveAsk, ArchiveReport, DrillResult, RestoreResult};
-use crate::crd::{BackupSpec, DeviceRole, HSMDevice, MirroringPolicy};
+use crate::archive::plan::{ArchiveAsk, ArchiveReport, DrillResult, RestoreResult, SiteReport};
+use crate::crd::{BackupSpec, DeviceRole, HSMDevice, MirroringPolicy, SiteRole, SiteSpec};
 use crate::failover::{
     Action, AgentReport, DeviceView, NodeError, NodeErrorKind, ProbeResult, WriteLease,
     WriteSetReport,
@@ -354,6 +354,48 @@ fn archive_spec_pb(spec: &BackupSpec) -> pb::ArchiveSpec {
     }
 }
 
+fn site_spec_pb(site: &SiteSpec) -> pb::SiteSpec {
+    pb::SiteSpec {
+        name: site.name.clone(),
+        lease_ms: u64::from(site.lease_seconds()) * 1000,
+        follow: site.follow_archive.as_ref().map(|f| pb::FollowSpec {
+            url: f.url.clone(),
+            endpoint: f.endpoint.clone().unwrap_or_default(),
+            region: f.region.clone().unwrap_or_default(),
+            credentials_secret: f.credentials_secret.clone(),
+            device: f.device.clone(),
+            archive_name: f
+                .archive_name
+                .clone()
+                .unwrap_or_else(|| BackupSpec::DEFAULT_ARCHIVE_NAME.into()),
+        }),
+    }
+}
+
+fn site_report(r: pb::SiteReport) -> SiteReport {
+    let text = |s: String| (!s.is_empty()).then_some(s);
+    let ms = |v: u64| (v > 0).then_some(v);
+    SiteReport {
+        role: match pb::SiteRole::try_from(r.role) {
+            Ok(pb::SiteRole::Passive) => SiteRole::Passive,
+            Ok(pb::SiteRole::Fenced) => SiteRole::Fenced,
+            _ => SiteRole::Active,
+        },
+        site_epoch: r.site_epoch,
+        source_sequence: r.source_sequence,
+        source_time_ms: ms(r.source_time_ms),
+        applied_sequence: r.applied_sequence,
+        applied_time_ms: ms(r.applied_time_ms),
+        lag_ms: r.lag_ms,
+        fenced_by: text(r.fenced_by),
+        fence_sequence: r.fence_sequence,
+        lost_writes: r.lost_writes,
+        promotion_done: text(r.promotion_done),
+        promotion_running: text(r.promotion_running),
+        error: text(r.error),
+    }
+}
+
 fn archive_report(r: pb::ArchiveResponse) -> ArchiveReport {
     let text = |s: String| (!s.is_empty()).then_some(s);
     ArchiveReport {
@@ -390,6 +432,7 @@ fn archive_report(r: pb::ArchiveResponse) -> ArchiveReport {
             finished_ms: o.finished_ms,
             message: text(o.message),
         }),
+        site: r.site.map(site_report),
         not_primary: r.not_primary,
     }
 }
@@ -496,11 +539,14 @@ impl Agents for GrpcAgents {
     async fn archive(
         &self,
         node: &str,
-        spec: &BackupSpec,
+        backup: Option<&BackupSpec>,
+        site: Option<&SiteSpec>,
         ask: &ArchiveAsk,
     ) -> Result<ArchiveReport, AgentCallError> {
         let request = pb::ArchiveRequest {
-            spec: Some(archive_spec_pb(spec)),
+            spec: backup.map(archive_spec_pb),
+            site: site.map(site_spec_pb),
+            promote_request: ask.promote_request.clone().unwrap_or_default(),
             base_request: ask.base_request.clone().unwrap_or_default(),
             verify_request: ask.verify_request.clone().unwrap_or_default(),
             restore: ask.restore.as_ref().map(|r| pb::RestoreRequest {

@@ -21,7 +21,7 @@ pub use run::{ControllerConfig, run_controller, run_controller_with_leadership};
 use async_trait::async_trait;
 
 use crate::archive::plan::{ArchiveAsk, ArchiveReport};
-use crate::crd::{BackupSpec, HSMDevice};
+use crate::crd::{BackupSpec, HSMDevice, SiteSpec};
 use crate::failover::{Action, DeviceView, ProbeResult};
 
 /// How the controller reaches the agents of a device's nodes.
@@ -43,10 +43,11 @@ pub trait Agents: Send + Sync + 'static {
     async fn archive(
         &self,
         node: &str,
-        spec: &BackupSpec,
+        backup: Option<&BackupSpec>,
+        site: Option<&SiteSpec>,
         ask: &ArchiveAsk,
     ) -> Result<ArchiveReport, AgentCallError> {
-        let _ = (spec, ask);
+        let _ = (backup, site, ask);
         Err(AgentCallError {
             node: node.into(),
             cause: AgentCallCause::NotAnAgentAction("Archive".into()),

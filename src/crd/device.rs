@@ -57,6 +57,20 @@ use serde::{Deserialize, Serialize};
         priority = "1"
     ),
     printcolumn(
+        name = "Site",
+        type_ = "string",
+        json_path = ".status.site.role",
+        description = "Active, Passive or Fenced (with spec.site)",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Site Lag",
+        type_ = "integer",
+        json_path = ".status.site.lagSeconds",
+        description = "passive site: seconds behind the active site's archive",
+        priority = "1"
+    ),
+    printcolumn(
         name = "Archive Lag",
         type_ = "integer",
         json_path = ".status.backup.lagSeconds",
@@ -86,6 +100,76 @@ pub struct HSMDeviceSpec {
     /// Continuous encrypted archive to object storage, restore drills. Omitted: no archive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupSpec>,
+    /// This device's site, when the device exists in several clusters (an active site and
+    /// passive ones that follow its archive). Omitted: a single site, no site fencing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<SiteSpec>,
+}
+
+/// A site of a device spread over clusters. The active site archives (`spec.backup`) and
+/// acknowledges writes only while it has seen, within `leaseSeconds`, that no other site
+/// was promoted; a passive site (`followArchive`) applies the active site's archive to its
+/// own tokens, serves reads and refuses writes. Only a person promotes a site
+/// (`kubectl hsm site promote`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteSpec {
+    /// This site's name, unique among the sites of the device (a region, a data center).
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("site.name must be lowercase letters, digits and '-'"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Follow another site's archive: this site is passive until promoted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_archive: Option<FollowArchive>,
+    /// Seconds the active site keeps acknowledging writes after it last saw that no other
+    /// site was promoted; a promotion waits this long (and a margin) before its site takes
+    /// writes. The same on every site of the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub lease_seconds: Option<u32>,
+    /// Site lag, in seconds, above which a Warning Event is recorded (passive sites).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub lag_alert_seconds: Option<u32>,
+}
+
+impl SiteSpec {
+    pub const DEFAULT_LEASE_SECONDS: u32 = 30;
+    pub const DEFAULT_LAG_ALERT_SECONDS: u32 = 120;
+
+    pub fn lease_seconds(&self) -> u32 {
+        self.lease_seconds.unwrap_or(Self::DEFAULT_LEASE_SECONDS)
+    }
+    pub fn lag_alert_seconds(&self) -> u32 {
+        self.lag_alert_seconds
+            .unwrap_or(Self::DEFAULT_LAG_ALERT_SECONDS)
+    }
+}
+
+/// The archive a passive site follows: the active site's `spec.backup` bucket and device.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FollowArchive {
+    #[x_kube(validation = Rule::new("self.startsWith('s3://') || self.startsWith('file:///')").message("site.followArchive.url must be s3://BUCKET[/PREFIX] or file:///DIRECTORY"))]
+    #[schemars(length(min = 6, max = 1024))]
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 8, max = 1024))]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub region: Option<String>,
+    /// Secret mounted on the nodes at `/etc/hsm-secrets/archive/<name>`, as for
+    /// `spec.backup`.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("site.followArchive.credentialsSecret must be a Secret name"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub credentials_secret: String,
+    /// The active site's HSMDevice, whose archive this site applies.
+    #[schemars(length(min = 1, max = 56))]
+    pub device: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub archive_name: Option<String>,
 }
 
 /// Where and how often the primary archives the device (disaster recovery).
@@ -337,6 +421,61 @@ pub struct HSMDeviceStatus {
     /// The archive, as the primary's node reports it (with `spec.backup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupStatus>,
+    /// The site, as the primary's node reports it (with `spec.site`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<SiteStatus>,
+}
+
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SiteRole {
+    /// Archives and takes writes (while its site lease holds).
+    Active,
+    /// Applies the active site's archive; serves reads; refuses writes.
+    Passive,
+    /// Another site was promoted: takes no writes until it rejoins as passive.
+    Fenced,
+}
+
+/// Where the site stands.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteStatus {
+    #[schemars(length(max = 63))]
+    pub name: String,
+    pub role: SiteRole,
+    /// Site epoch: grows with every promotion of any site of the device.
+    #[serde(default)]
+    pub site_epoch: u64,
+    /// Passive: the active site's archive, newest object seen in the bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_sequence: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_time: Option<Time>,
+    /// Passive: every archived change up to this sequence is applied here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_sequence: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_time: Option<Time>,
+    /// Passive: seconds since the first archived object not applied here was written (0
+    /// when everything in the bucket is applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<i64>,
+    /// Fenced: the site promoted over this one, and the sequence its history starts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub fenced_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_sequence: Option<u64>,
+    /// Fenced: the changes this site made after the fence point (never merged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_writes: Option<u64>,
+    /// The last `kubectl hsm site promote` carried out (its id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub last_promotion: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub last_error: Option<String>,
 }
 
 /// The archive's state: what a failure would cost now, what can be restored, and the
@@ -520,6 +659,10 @@ pub const BACKUP_VERIFY_ANNOTATION: &str = "hsmsecrets.io/backup-verify";
 /// restore`), a JSON [`RestoreAnnotation`]; its id is copied to
 /// `status.backup.lastRestore.request` when the restore ends.
 pub const RESTORE_ANNOTATION: &str = "hsmsecrets.io/restore";
+/// Annotation asking to promote this passive site (`kubectl hsm site promote`, after its
+/// preflight and confirmation): its value, a request id, is copied to
+/// `status.site.lastPromotion` once the site is active.
+pub const SITE_PROMOTE_ANNOTATION: &str = "hsmsecrets.io/site-promote";
 
 /// `hsmsecrets.io/device.<device>`: the label a node carries (value `ready`) while its copy
 /// of the device serves; the controller sets it and pod injection's affinity matches it.

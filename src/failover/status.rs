@@ -414,6 +414,7 @@ impl Planner<'_> {
             conditions,
             epoch_history: std::mem::take(&mut self.history),
             backup: self.prev.backup.clone(),
+            site: self.prev.site.clone(),
         }
     }
 }

@@ -765,6 +765,7 @@ pub fn demo_device(library: &str, timing: &Timing) -> HSMDevice {
                 failover_threshold: Some(timing.failover_threshold),
             }),
             backup: None,
+            site: None,
         },
     )
 }

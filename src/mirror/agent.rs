@@ -168,6 +168,8 @@ struct Inner {
     last_assignment: Mutex<Option<Assignment>>,
     /// Serializes saves of the role facts, so an older snapshot never lands last.
     persist: tokio::sync::Mutex<()>,
+    /// Whether the device's site takes writes (multi-site devices); open otherwise.
+    site: Mutex<super::site::SiteGate>,
     /// Who answers the Archive RPC on this node, once the node set it up.
     archive: std::sync::OnceLock<Arc<dyn super::service::ArchiveControl>>,
 }
@@ -195,6 +197,7 @@ impl Agent {
                 last_assignment: Mutex::default(),
                 persist: tokio::sync::Mutex::new(()),
                 archive: std::sync::OnceLock::new(),
+                site: Mutex::default(),
                 cfg,
             }),
         };
@@ -282,6 +285,29 @@ impl Agent {
     /// ignored).
     pub fn set_archive_control(&self, control: Arc<dyn super::service::ArchiveControl>) {
         let _ = self.inner.archive.set(control);
+    }
+
+    /// The site gate, moved by the node's archive supervisor.
+    pub fn site_gate(&self) -> super::site::SiteGate {
+        self.inner
+            .site
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the site gate with what `f` makes of it.
+    pub fn update_site_gate(
+        &self,
+        f: impl FnOnce(&super::site::SiteGate) -> super::site::SiteGate,
+    ) -> super::site::SiteGate {
+        let mut gate = self
+            .inner
+            .site
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *gate = f(&gate);
+        gate.clone()
     }
 
     pub fn archive_control(&self) -> Option<Arc<dyn super::service::ArchiveControl>> {
@@ -633,6 +659,7 @@ impl Agent {
         self.inner.local.ensure_index().await?;
         let _writes = self.inner.writes.lock().await;
         self.control().admit_write(epoch, Instant::now())?;
+        self.site_gate().admit(Instant::now().into_std())?;
         let with_mirrors = !self.replication().is_empty();
         let store = self.store();
         let (version, checksum, pushed) = match body {
@@ -699,6 +726,49 @@ impl Agent {
             });
         }
         Ok(outcome)
+    }
+
+    /// Applies a record of the active site's archive (this site being passive), keeping
+    /// its version, so this site's mirrors pull it as from any primary. `authoritative`
+    /// (a base after a change of epoch there) replaces whatever this token holds.
+    pub async fn apply_archived(
+        &self,
+        record: Record,
+        authoritative: bool,
+    ) -> Result<(), MirrorError> {
+        self.archive_apply_allowed()?;
+        record.verify().map_err(|_| MirrorError::ChecksumMismatch {
+            node: "the archive".into(),
+            path: record.path.to_string(),
+            version: record.version,
+        })?;
+        let guard = match authoritative {
+            true => Guard::Expect(self.inner.local.index().version_of(&record.path)),
+            false => Guard::NotOlder,
+        };
+        self.inner.local.apply(record, guard).await?;
+        Ok(())
+    }
+
+    /// Removes a secret the active site's archive does not hold (this site being passive).
+    pub async fn remove_archived(&self, path: &SecretPath) -> Result<(), MirrorError> {
+        self.archive_apply_allowed()?;
+        let Some(version) = self.inner.local.index().version_of(path) else {
+            return Ok(());
+        };
+        self.inner.local.purge(path, version).await?;
+        Ok(())
+    }
+
+    /// Only a passive site's agent applies an archive: never an active or fenced one.
+    fn archive_apply_allowed(&self) -> Result<(), MirrorError> {
+        match self.site_gate() {
+            super::site::SiteGate::Passive { .. } => Ok(()),
+            _ => Err(MirrorError::InvalidArgument {
+                field: "site",
+                why: "only a passive site applies another site's archive".into(),
+            }),
+        }
     }
 
     /// A live secret, as served by the primary or a read-only mirror.

@@ -58,6 +58,10 @@ pub enum MirrorError {
     )]
     Fenced { node: String, epoch: u64 },
 
+    /// The device's site refuses writes (passive, fenced, or its site lease lapsed).
+    #[error("{0}")]
+    Site(#[from] super::site::SiteRefusal),
+
     #[error(
         "fenced: the write lease of primary {node} expired while the write of {path} (version {version}) was in progress; do not rely on it: it is discarded and reported as a lost write if another node was promoted"
     )]
@@ -188,6 +192,7 @@ impl MirrorError {
             MirrorError::UnknownEpoch { .. } => "unknown_epoch",
             MirrorError::LeaseExpired { .. } => "lease_expired",
             MirrorError::Fenced { .. } => "fenced",
+            MirrorError::Site(r) => r.kind(),
             MirrorError::LeaseExpiredDuringWrite { .. } => "lease_expired_during_write",
             MirrorError::NotMirror { .. } => "not_mirror",
             MirrorError::WrongPrimary { .. } => "wrong_primary",
@@ -223,6 +228,7 @@ impl MirrorError {
             MirrorError::LeaseExpired { .. }
             | MirrorError::LeaseExpiredDuringWrite { .. }
             | MirrorError::Fenced { .. } => Code::Unavailable,
+            MirrorError::Site(_) => Code::FailedPrecondition,
             MirrorError::InvalidArgument { .. } => Code::InvalidArgument,
             MirrorError::Store(e) => store_code(e),
             MirrorError::ChecksumMismatch { .. } => Code::DataLoss,

@@ -74,6 +74,7 @@ pub mod remote;
 mod replication;
 mod serve;
 mod service;
+pub mod site;
 pub mod sync;
 pub mod tls;
 

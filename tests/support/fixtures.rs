@@ -28,6 +28,7 @@ pub fn mirrored_device(primary: Option<&str>, targets: &[&str], threshold: u32) 
                 failover_threshold: Some(threshold),
             }),
             backup: None,
+            site: None,
         },
     )
 }

@@ -477,6 +477,68 @@ pub struct ArchiveRequest {
     /// Set: restore the archive to a point through this primary, once per distinct id.
     #[prost(message, optional, tag = "4")]
     pub restore: ::core::option::Option<RestoreRequest>,
+    /// Set: the device is spread over sites (spec.site).
+    #[prost(message, optional, tag = "5")]
+    pub site: ::core::option::Option<SiteSpec>,
+    /// Non-empty: promote this passive site, once per distinct value.
+    #[prost(string, tag = "6")]
+    pub promote_request: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SiteSpec {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub lease_ms: u64,
+    /// Set: this site is passive and applies this archive.
+    #[prost(message, optional, tag = "3")]
+    pub follow: ::core::option::Option<FollowSpec>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FollowSpec {
+    #[prost(string, tag = "1")]
+    pub url: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub endpoint: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub region: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub credentials_secret: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub device: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub archive_name: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SiteReport {
+    #[prost(enumeration = "SiteRole", tag = "1")]
+    pub role: i32,
+    #[prost(uint64, tag = "2")]
+    pub site_epoch: u64,
+    #[prost(uint64, tag = "3")]
+    pub source_sequence: u64,
+    #[prost(uint64, tag = "4")]
+    pub source_time_ms: u64,
+    #[prost(uint64, tag = "5")]
+    pub applied_sequence: u64,
+    #[prost(uint64, tag = "6")]
+    pub applied_time_ms: u64,
+    /// Milliseconds since the first archived object not applied here was written; 0 when
+    /// every object in the bucket is applied.
+    #[prost(uint64, tag = "7")]
+    pub lag_ms: u64,
+    #[prost(string, tag = "8")]
+    pub fenced_by: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "9")]
+    pub fence_sequence: u64,
+    #[prost(uint64, tag = "10")]
+    pub lost_writes: u64,
+    #[prost(string, tag = "11")]
+    pub promotion_done: ::prost::alloc::string::String,
+    #[prost(string, tag = "12")]
+    pub promotion_running: ::prost::alloc::string::String,
+    #[prost(string, tag = "13")]
+    pub error: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RestoreRequest {
@@ -582,6 +644,8 @@ pub struct ArchiveResponse {
     pub restore_running: ::prost::alloc::string::String,
     #[prost(message, optional, tag = "13")]
     pub restore: ::core::option::Option<RestoreOutcome>,
+    #[prost(message, optional, tag = "14")]
+    pub site: ::core::option::Option<SiteReport>,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -614,6 +678,38 @@ impl Role {
             "ROLE_PRIMARY" => Some(Self::Primary),
             "ROLE_READ_ONLY" => Some(Self::ReadOnly),
             "ROLE_STANDBY" => Some(Self::Standby),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum SiteRole {
+    Unspecified = 0,
+    Active = 1,
+    Passive = 2,
+    Fenced = 3,
+}
+impl SiteRole {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "SITE_ROLE_UNSPECIFIED",
+            Self::Active => "SITE_ROLE_ACTIVE",
+            Self::Passive => "SITE_ROLE_PASSIVE",
+            Self::Fenced => "SITE_ROLE_FENCED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "SITE_ROLE_UNSPECIFIED" => Some(Self::Unspecified),
+            "SITE_ROLE_ACTIVE" => Some(Self::Active),
+            "SITE_ROLE_PASSIVE" => Some(Self::Passive),
+            "SITE_ROLE_FENCED" => Some(Self::Fenced),
             _ => None,
         }
     }

@@ -579,6 +579,7 @@ fn device_access_follows_the_device_status() {
             },
             mirroring: None,
             backup: None,
+            site: None,
         },
     );
     assert!(matches!(
