@@ -1436,3 +1436,62 @@ async fn restore_names_the_base_asks_by_annotation_and_reports_what_was_restored
     );
     server.await.unwrap();
 }
+
+fn passive(extra_status: Value) -> Value {
+    let mut d = device("ReadOnly", "worker-1", three_nodes(), extra_status);
+    d["spec"]["site"] = json!({"name": "site-b", "followArchive": {"url": "s3://dr/x",
+        "credentialsSecret": "hsm-archive", "device": "prod-hsm-a"}});
+    d
+}
+
+#[tokio::test]
+async fn site_promote_shows_both_sites_and_promotes_only_when_confirmed() {
+    let (client, mut api) = mock_api::client();
+    let following = json!({"site": {"name": "site-b", "role": "Passive", "siteEpoch": 0,
+        "sourceSequence": 120, "sourceTime": "2026-12-07T08:00:05Z",
+        "appliedSequence": 118, "appliedTime": "2026-12-07T08:00:04Z", "lagSeconds": 1}});
+    let server = tokio::spawn(async move {
+        // The preflight alone: read, print, write nothing.
+        let req = next(&mut api).await;
+        req.reply(200, passive(following.clone()));
+        // Confirmed.
+        let req = next(&mut api).await;
+        req.reply(200, passive(following.clone()));
+        let req = next(&mut api).await;
+        assert_eq!(req.method.as_str(), "PATCH");
+        let id = req.body["metadata"]["annotations"]["hsmsecrets.io/site-promote"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        req.reply(200, passive(following.clone()));
+        let req = next(&mut api).await;
+        req.reply(
+            200,
+            passive(json!({"site": {"name": "site-b", "role": "Active",
+            "siteEpoch": 1, "lastPromotion": id}})),
+        );
+        no_more_calls(&mut api).await;
+    });
+    let preflight = run(&["site", "promote", "prod-hsm"], client.clone()).await;
+    preflight.result.as_ref().unwrap();
+    for want in [
+        "follows HSMDevice prod-hsm-a",
+        "120",
+        "118",
+        "loses 2 archived change(s)",
+        "not promoted: this is the preflight",
+        "--yes",
+    ] {
+        assert!(preflight.out.contains(want), "{want}: {}", preflight.out);
+    }
+    let promoted = run(&["site", "promote", "prod-hsm", "--yes"], client).await;
+    promoted.result.as_ref().unwrap();
+    assert!(
+        promoted
+            .out
+            .contains("site site-b is active at site epoch 1"),
+        "{}",
+        promoted.out
+    );
+    server.await.unwrap();
+}

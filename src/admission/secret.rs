@@ -1,4 +1,5 @@
-//! HSMSecrets: refuse writes into a device that has no writable primary.
+//! HSMSecrets: refuse writes into a device that has no writable primary, or whose site
+//! takes no writes (passive or fenced).
 
 use std::fmt;
 
@@ -9,7 +10,8 @@ use serde::Deserialize as _;
 
 use super::Verdict;
 use super::state::AdmissionState;
-use crate::crd::{DevicePhase, DeviceRole, HSMDevice, HSMSecretSpec, NodeHealth};
+use crate::crd::{DevicePhase, DeviceRole, HSMDevice, HSMSecretSpec, NodeHealth, SiteRole};
+use crate::mirror::site::SiteRefusal;
 
 /// Decide on an HSMSecret sent to `/validate`.
 pub fn validate(
@@ -54,6 +56,13 @@ pub fn validate(
     if !writes_into_hsm(old.as_ref(), &new) {
         return Verdict::allow("no_write");
     }
+    if let Some(refusal) = site_refusal(&device) {
+        return Verdict::deny(
+            409,
+            refusal.kind(),
+            format!("HSMSecret {namespace}/{name} imports data into {refusal}"),
+        );
+    }
     match write_block(&device, now) {
         // 409, not 503: clients retry a 503 on their own (kube's client for minutes), and
         // this refusal must reach the user at once.
@@ -90,6 +99,30 @@ pub fn writes_into_hsm(old: Option<&HSMSecretSpec>, new: &HSMSecretSpec) -> bool
     match old {
         None => true,
         Some(old) => old.source.as_ref() != Some(source) || old.device_ref != new.device_ref,
+    }
+}
+
+/// Why `device`'s site takes no writes: a passive site (its spec follows another site's
+/// archive, until the status says it was promoted) or a fenced one.
+pub fn site_refusal(device: &HSMDevice) -> Option<SiteRefusal> {
+    let spec = device.spec.site.as_ref()?;
+    let status = device.status.as_ref().and_then(|s| s.site.as_ref());
+    let name = kube::ResourceExt::name_any(device);
+    match (status.map(|s| s.role), &spec.follow_archive) {
+        (Some(SiteRole::Fenced), _) => {
+            let status = status?;
+            Some(SiteRefusal::Fenced {
+                site: format!("{} (HSMDevice {name})", spec.name),
+                by: status.fenced_by.clone().unwrap_or_else(|| "?".into()),
+                site_epoch: status.site_epoch,
+                fence_sequence: status.fence_sequence.unwrap_or(0),
+            })
+        }
+        (Some(SiteRole::Active), _) | (_, None) => None,
+        (_, Some(follow)) => Some(SiteRefusal::Passive {
+            site: format!("{} (HSMDevice {name})", spec.name),
+            active: format!("HSMDevice {}", follow.device),
+        }),
     }
 }
 
@@ -251,6 +284,48 @@ mod tests {
     fn node(name: &str, role: DeviceRole, health: NodeHealth) -> DeviceNodeStatus {
         serde_json::from_value(serde_json::json!({"node": name, "role": role, "health": health}))
             .expect("node status")
+    }
+
+    #[test]
+    fn passive_and_fenced_sites_refuse_imports_naming_the_active_site() {
+        let mut passive = device(None);
+        passive.spec.site = Some(
+            serde_json::from_value(serde_json::json!({"name": "site-b", "followArchive": {
+                "url": "s3://a", "credentialsSecret": "s", "device": "prod-hsm-a"}}))
+            .expect("site"),
+        );
+        let refusal = site_refusal(&passive).expect("passive").to_string();
+        assert!(
+            refusal.contains("site-b (HSMDevice prod-hsm) is passive")
+                && refusal.contains("HSMDevice prod-hsm-a")
+                && refusal.contains("kubectl hsm site promote"),
+            "{refusal}"
+        );
+        // Promoted: the status says Active, the spec still names the archive it followed.
+        let mut promoted = passive.clone();
+        promoted.status = Some(
+            serde_json::from_value(
+                serde_json::json!({"site": {"name": "site-b", "role": "Active"}}),
+            )
+            .expect("status"),
+        );
+        assert_eq!(site_refusal(&promoted), None);
+        let mut fenced = device(None);
+        fenced.spec.site =
+            Some(serde_json::from_value(serde_json::json!({"name": "site-a"})).expect("site"));
+        assert_eq!(site_refusal(&fenced), None, "an active site");
+        fenced.status = Some(
+            serde_json::from_value(
+                serde_json::json!({"site": {"name": "site-a", "role": "Fenced",
+                "fencedBy": "site-b", "siteEpoch": 1, "fenceSequence": 40}}),
+            )
+            .expect("status"),
+        );
+        let refusal = site_refusal(&fenced).expect("fenced").to_string();
+        assert!(
+            refusal.contains("site site-b was promoted") && refusal.contains("from sequence 40"),
+            "{refusal}"
+        );
     }
 
     #[test]

@@ -320,6 +320,7 @@ impl Archiver {
         let gate = agent.update_site_gate(|_| SiteGate::Fenced {
             site: guard.site.clone(),
             by: fence.site.clone(),
+            by_device: fence.device.clone(),
             site_epoch: fence.site_epoch,
             fence_sequence: fence.fence_sequence,
         });

@@ -103,6 +103,7 @@ pub struct SiteReport {
     pub applied_time_ms: Option<u64>,
     pub lag_ms: u64,
     pub fenced_by: Option<String>,
+    pub fenced_by_device: Option<String>,
     pub fence_sequence: u64,
     pub lost_writes: u64,
     pub promotion_done: Option<String>,
@@ -134,6 +135,7 @@ pub fn observe_site(
         applied_time: passive.then(|| time(report.applied_time_ms)).flatten(),
         lag_seconds,
         fenced_by: fenced.then(|| report.fenced_by.clone()).flatten(),
+        fenced_by_device: fenced.then(|| report.fenced_by_device.clone()).flatten(),
         fence_sequence: fenced.then_some(report.fence_sequence),
         lost_writes: fenced.then_some(report.lost_writes),
         last_promotion: report
@@ -902,6 +904,90 @@ mod tests {
         assert_eq!(
             ask(&spec, Some(&done), None, None, Some(&again), at(0)).restore,
             Some(again)
+        );
+    }
+
+    fn site_spec() -> SiteSpec {
+        SiteSpec {
+            name: "b".into(),
+            follow_archive: None,
+            lease_seconds: None,
+            lag_alert_seconds: Some(10),
+        }
+    }
+
+    fn site_report(role: SiteRole) -> SiteReport {
+        SiteReport {
+            role,
+            site_epoch: 0,
+            source_sequence: 50,
+            source_time_ms: Some(1_000),
+            applied_sequence: 50,
+            applied_time_ms: Some(1_000),
+            lag_ms: 0,
+            fenced_by: None,
+            fenced_by_device: None,
+            fence_sequence: 0,
+            lost_writes: 0,
+            promotion_done: None,
+            promotion_running: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn site_lag_fences_and_promotions_reach_status_and_events_once() {
+        let spec = site_spec();
+        let (passive, events) = observe_site(&spec, None, &site_report(SiteRole::Passive));
+        assert_eq!(
+            (passive.role, passive.lag_seconds),
+            (SiteRole::Passive, Some(0))
+        );
+        assert!(events.is_empty(), "{events:?}");
+        let lagging = SiteReport {
+            lag_ms: 12_000,
+            ..site_report(SiteRole::Passive)
+        };
+        let (behind, events) = observe_site(&spec, Some(&passive), &lagging);
+        assert_eq!(behind.lag_seconds, Some(12));
+        assert_eq!(
+            events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+            ["SiteLagging"]
+        );
+        let (_, again) = observe_site(&spec, Some(&behind), &lagging);
+        assert!(again.is_empty(), "still lagging: no second Event");
+
+        let fenced = SiteReport {
+            fenced_by: Some("c".into()),
+            fenced_by_device: Some("prod-hsm-c".into()),
+            site_epoch: 2,
+            fence_sequence: 48,
+            lost_writes: 3,
+            ..site_report(SiteRole::Fenced)
+        };
+        let (status, events) = observe_site(&spec, Some(&passive), &fenced);
+        assert_eq!(
+            (status.fenced_by.as_deref(), status.lost_writes),
+            (Some("c"), Some(3))
+        );
+        assert!(events[0].warning && events[0].message.contains("3 write(s)"));
+        let (_, again) = observe_site(&spec, Some(&status), &fenced);
+        assert!(again.is_empty());
+
+        let promoted = SiteReport {
+            promotion_done: Some("p1".into()),
+            site_epoch: 1,
+            ..site_report(SiteRole::Active)
+        };
+        let (status, events) = observe_site(&spec, Some(&passive), &promoted);
+        assert_eq!(status.last_promotion.as_deref(), Some("p1"));
+        assert_eq!(
+            events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+            ["SitePromoted"]
+        );
+        assert_eq!(
+            status.applied_sequence, None,
+            "an active site applies no archive"
         );
     }
 }

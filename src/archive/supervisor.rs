@@ -735,11 +735,13 @@ impl Supervisor {
             SiteGate::Passive { .. } => pb::SiteRole::Passive,
             SiteGate::Fenced {
                 by,
+                by_device,
                 site_epoch,
                 fence_sequence,
                 ..
             } => {
                 report.fenced_by = by;
+                report.fenced_by_device = by_device;
                 report.site_epoch = site_epoch;
                 report.fence_sequence = fence_sequence;
                 pb::SiteRole::Fenced

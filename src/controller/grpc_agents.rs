@@ -388,6 +388,7 @@ fn site_report(r: pb::SiteReport) -> SiteReport {
         applied_time_ms: ms(r.applied_time_ms),
         lag_ms: r.lag_ms,
         fenced_by: text(r.fenced_by),
+        fenced_by_device: text(r.fenced_by_device),
         fence_sequence: r.fence_sequence,
         lost_writes: r.lost_writes,
         promotion_done: text(r.promotion_done),

@@ -465,6 +465,9 @@ pub struct SiteStatus {
     #[schemars(length(max = 63))]
     pub fenced_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 56))]
+    pub fenced_by_device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence_sequence: Option<u64>,
     /// Fenced: the changes this site made after the fence point (never merged).
     #[serde(default, skip_serializing_if = "Option::is_none")]

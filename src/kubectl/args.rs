@@ -78,6 +78,9 @@ pub enum Command {
     /// Restore a device from its archive to a point, through its primary (mirrors
     /// follow); refused when the device holds secrets unless --force.
     Restore(RestoreArgs),
+    /// A device spread over sites: where each stands; promote a passive site (manual
+    /// only) or rejoin a fenced one as passive.
+    Site(SiteArgs),
     /// Print a shell completion script.
     Completion(CompletionArgs),
 }
@@ -228,6 +231,35 @@ pub enum BackupCommand {
 }
 
 #[derive(Args, Debug)]
+pub struct SiteArgs {
+    #[command(subcommand)]
+    pub command: SiteCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteCommand {
+    /// The site's role, what it applied of the active site's archive, its lag.
+    Status(BackupListArgs),
+    /// Promote this passive site: shows both sites side by side and what would be lost;
+    /// promotes only with --yes. The active site is fenced and stops taking writes.
+    Promote(SitePromoteArgs),
+    /// Turn this fenced site into a passive one that follows the site promoted over it;
+    /// its writes after the fence point are reported, never replayed. Needs --yes.
+    Rejoin(SitePromoteArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SitePromoteArgs {
+    /// HSMDevice name.
+    pub device: String,
+    /// Carry it out (without it, only the preflight is shown).
+    #[arg(long)]
+    pub yes: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Args, Debug)]
 pub struct BackupListArgs {
     /// HSMDevice name.
     pub device: String,
@@ -369,6 +401,20 @@ pub enum Request {
     Mounts(MountsRequest),
     Backup(BackupRequest),
     Restore(RestoreRequest),
+    Site(SiteRequest),
+}
+
+#[derive(Debug)]
+pub struct SiteRequest {
+    pub device: String,
+    pub action: SiteAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiteAction {
+    Status(OutputFormat),
+    Promote { yes: bool, wait: Wait },
+    Rejoin { yes: bool, wait: Wait },
 }
 
 #[derive(Debug)]
@@ -576,6 +622,31 @@ impl Request {
                 };
                 validate_name("device", device, 253, true)?;
                 Request::Backup(BackupRequest {
+                    device: device.clone(),
+                    action,
+                })
+            }
+            Command::Site(a) => {
+                only_list("site")?;
+                let (device, action) = match &a.command {
+                    SiteCommand::Status(s) => (&s.device, SiteAction::Status(s.output.output)),
+                    SiteCommand::Promote(p) => (
+                        &p.device,
+                        SiteAction::Promote {
+                            yes: p.yes,
+                            wait: p.wait.into(),
+                        },
+                    ),
+                    SiteCommand::Rejoin(p) => (
+                        &p.device,
+                        SiteAction::Rejoin {
+                            yes: p.yes,
+                            wait: p.wait.into(),
+                        },
+                    ),
+                };
+                validate_name("device", device, 253, true)?;
+                Request::Site(SiteRequest {
                     device: device.clone(),
                     action,
                 })

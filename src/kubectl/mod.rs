@@ -49,6 +49,7 @@ pub mod mounts;
 pub mod plan;
 pub mod render;
 mod secrets;
+mod site;
 mod wait;
 
 use std::io::Write;
@@ -121,6 +122,7 @@ pub async fn execute(
         R::Mounts(r) => mounts::mounts(session, &r, term).await,
         R::Backup(r) => backup::backup(session, &r, term).await,
         R::Restore(r) => backup::restore(session, &r, term).await,
+        R::Site(r) => site::site(session, &r, term).await,
     }
 }
 

@@ -24,6 +24,8 @@ pub enum SiteGate {
     Fenced {
         site: String,
         by: String,
+        /// The promoted site's HSMDevice.
+        by_device: String,
         site_epoch: u64,
         fence_sequence: u64,
     },
@@ -84,6 +86,7 @@ impl SiteGate {
                 by,
                 site_epoch,
                 fence_sequence,
+                ..
             } => Err(SiteRefusal::Fenced {
                 site: site.clone(),
                 by: by.clone(),
@@ -147,6 +150,7 @@ mod tests {
         let fenced = SiteGate::Fenced {
             site: "a".into(),
             by: "b".into(),
+            by_device: "prod-hsm-b".into(),
             site_epoch: 1,
             fence_sequence: 40,
         };

@@ -539,6 +539,9 @@ pub struct SiteReport {
     pub promotion_running: ::prost::alloc::string::String,
     #[prost(string, tag = "13")]
     pub error: ::prost::alloc::string::String,
+    /// Fenced: the promoted site's HSMDevice, whose archive a rejoin follows.
+    #[prost(string, tag = "14")]
+    pub fenced_by_device: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RestoreRequest {

@@ -1,0 +1,305 @@
+//! `kubectl hsm site status|promote|rejoin`: a device spread over clusters, as its
+//! controller reports it in `status.site`. Promotion is manual only and shows both sites
+//! side by side first; the request reaches the primary's node by annotation.
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use serde::Serialize;
+use serde_json::json;
+
+use super::args::{SiteAction, SiteRequest, Wait};
+use super::devices::{devices_api, get_device};
+use super::error::Call;
+use super::render;
+use super::wait::{Outcome, Step, poll};
+use super::{KubectlError, OutputFormat, Session, Term};
+use crate::crd::{HSMDevice, SITE_PROMOTE_ANNOTATION, SiteRole, SiteSpec, SiteStatus};
+
+/// What `site status -o json|yaml` prints.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteView {
+    pub device: String,
+    pub spec: SiteSpec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<SiteStatus>,
+}
+
+impl SiteView {
+    pub fn new(device: &HSMDevice) -> Result<Self, KubectlError> {
+        let name = device.metadata.name.clone().unwrap_or_default();
+        let spec = device.spec.site.clone().ok_or_else(|| {
+            KubectlError::Refused(format!(
+                "HSMDevice {name} has no spec.site: it is a single-site device; add spec.site \
+                 (name, and followArchive on a passive site) to spread it over clusters"
+            ))
+        })?;
+        Ok(Self {
+            device: name,
+            spec,
+            status: device.status.clone().and_then(|s| s.site),
+        })
+    }
+}
+
+fn time(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> String {
+    t.map_or_else(|| "-".to_string(), |t| t.0.to_string())
+}
+
+/// The site, and for a passive one both sites side by side: what a promotion now loses.
+pub fn site_table(view: &SiteView) -> String {
+    let Some(status) = &view.status else {
+        return format!(
+            "HSMDevice {} site {}: no report from the primary's node yet\n",
+            view.device, view.spec.name
+        );
+    };
+    let mut out = format!(
+        "HSMDevice {} site {}: {:?} at site epoch {}\n",
+        view.device, view.spec.name, status.role, status.site_epoch
+    );
+    if let Some(follow) = &view.spec.follow_archive {
+        let source = status.source_sequence.unwrap_or(0);
+        let applied = status.applied_sequence.unwrap_or(0);
+        out.push_str(&format!(
+            "  follows HSMDevice {} through {}\n",
+            follow.device, follow.url
+        ));
+        let mut table = render::Table::new(&["", "ACTIVE SITE (ARCHIVE)", "THIS SITE (APPLIED)"]);
+        table.row(vec![
+            "sequence".into(),
+            source.to_string(),
+            applied.to_string(),
+        ]);
+        table.row(vec![
+            "written".into(),
+            time(status.source_time.as_ref()),
+            time(status.applied_time.as_ref()),
+        ]);
+        out.push_str(&table.render("  "));
+        out.push_str(&format!(
+            "  lag {}; a promotion now loses {} archived change(s) not applied here, and \
+             whatever the active site acknowledged after its last archive step\n",
+            status
+                .lag_seconds
+                .map_or("unknown".into(), render::human_duration),
+            source.saturating_sub(applied)
+        ));
+    }
+    if status.role == SiteRole::Fenced {
+        out.push_str(&format!(
+            "  fenced by site {} (HSMDevice {}) from sequence {}; {} write(s) taken here after \
+             that point are lost, never merged\n",
+            status.fenced_by.as_deref().unwrap_or("?"),
+            status.fenced_by_device.as_deref().unwrap_or("?"),
+            status.fence_sequence.unwrap_or(0),
+            status.lost_writes.unwrap_or(0)
+        ));
+    }
+    if let Some(error) = &status.last_error {
+        out.push_str(&format!("  last error: {error}\n"));
+    }
+    out
+}
+
+pub(crate) async fn site(
+    s: &Session,
+    r: &SiteRequest,
+    term: &mut Term<'_>,
+) -> Result<(), KubectlError> {
+    let device = get_device(s, &r.device).await?;
+    let view = SiteView::new(&device)?;
+    match r.action {
+        SiteAction::Status(OutputFormat::Table) => term.print(&site_table(&view)),
+        SiteAction::Status(other) => term.print(&render::serialized(&view, other)?),
+        SiteAction::Promote { yes, wait } => promote(s, r, &view, yes, wait, term).await,
+        SiteAction::Rejoin { yes, wait } => rejoin(s, r, &device, &view, yes, wait, term).await,
+    }
+}
+
+async fn promote(
+    s: &Session,
+    r: &SiteRequest,
+    view: &SiteView,
+    yes: bool,
+    wait: Wait,
+    term: &mut Term<'_>,
+) -> Result<(), KubectlError> {
+    let role = view.status.as_ref().map(|st| st.role);
+    if view.spec.follow_archive.is_none() || role != Some(SiteRole::Passive) {
+        return Err(KubectlError::Refused(format!(
+            "site {} of HSMDevice {} is not passive ({}): only a passive site is promoted",
+            view.spec.name,
+            r.device,
+            role.map_or("no report yet".into(), |r| format!("{r:?}"))
+        )));
+    }
+    term.print(&site_table(view))?;
+    if !yes {
+        return term.print(&format!(
+            "not promoted: this is the preflight. Promoting fences the active site (it stops \
+             taking writes at its next archive step) and is never automatic; to go ahead: \
+             kubectl hsm site promote {} --yes\n",
+            r.device
+        ));
+    }
+    let id = Timestamp::now().to_string();
+    let patch = json!({"metadata": {"annotations": {SITE_PROMOTE_ANNOTATION: id}}});
+    devices_api(s)
+        .patch(&r.device, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| Call::hsmdevice("patch", Some(&r.device)).fail(e))?;
+    term.note(&format!(
+        "promotion of site {} requested ({id}); it waits out the active site's lease ({} s) \
+         before taking writes",
+        view.spec.name,
+        view.spec.lease_seconds()
+    ));
+    if !wait.enabled {
+        return term.print(&format!(
+            "hsmdevice {}: promotion requested; not waiting (follow with `kubectl hsm site status {}`)\n",
+            r.device, r.device
+        ));
+    }
+    let outcome = poll(wait.timeout, s.poll_interval, async || {
+        let device = get_device(s, &r.device).await?;
+        let site = device.status.and_then(|st| st.site);
+        match site {
+            Some(st) if st.last_promotion.as_deref() == Some(id.as_str()) => Ok(Step::Done(Ok(st))),
+            Some(st)
+                if st
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with(id.as_str())) =>
+            {
+                Ok(Step::Done(Err(st.last_error.unwrap_or_default())))
+            }
+            other => Ok(Step::Pending(format!(
+                "site role {}",
+                other.map_or("unknown".into(), |st| format!("{:?}", st.role))
+            ))),
+        }
+    })
+    .await?;
+    match outcome {
+        Outcome::Done(Ok(st)) => term.print(&format!(
+            "hsmdevice {}: site {} is active at site epoch {}; the old active site is fenced\n",
+            r.device, view.spec.name, st.site_epoch
+        )),
+        Outcome::Done(Err(error)) => Err(KubectlError::Refused(format!(
+            "the promotion of site {} failed: {error}",
+            view.spec.name
+        ))),
+        Outcome::TimedOut { last_seen } => Err(KubectlError::Timeout {
+            after: wait.timeout,
+            waiting_for: format!("the promotion of site {}", view.spec.name),
+            last_seen,
+            hint: format!(
+                "the request stays in annotation {SITE_PROMOTE_ANNOTATION}; watch `kubectl hsm \
+                 site status {}`",
+                r.device
+            ),
+        }),
+    }
+}
+
+/// A fenced site follows the site promoted over it, through the same bucket as its own
+/// archive: `spec.site.followArchive` is set from `spec.backup` and the fence.
+async fn rejoin(
+    s: &Session,
+    r: &SiteRequest,
+    device: &HSMDevice,
+    view: &SiteView,
+    yes: bool,
+    wait: Wait,
+    term: &mut Term<'_>,
+) -> Result<(), KubectlError> {
+    let status = view.status.clone().unwrap_or_else(|| SiteStatus {
+        name: view.spec.name.clone(),
+        role: SiteRole::Active,
+        site_epoch: 0,
+        source_sequence: None,
+        source_time: None,
+        applied_sequence: None,
+        applied_time: None,
+        lag_seconds: None,
+        fenced_by: None,
+        fenced_by_device: None,
+        fence_sequence: None,
+        lost_writes: None,
+        last_promotion: None,
+        last_error: None,
+    });
+    let (SiteRole::Fenced, Some(by_device)) = (status.role, status.fenced_by_device.clone()) else {
+        return Err(KubectlError::Refused(format!(
+            "site {} of HSMDevice {} is {:?}, not fenced: only a site another was promoted over \
+             rejoins",
+            view.spec.name, r.device, status.role
+        )));
+    };
+    let Some(backup) = &device.spec.backup else {
+        return Err(KubectlError::Refused(format!(
+            "HSMDevice {} has no spec.backup to learn the bucket from; set \
+             spec.site.followArchive by hand",
+            r.device
+        )));
+    };
+    let follow = json!({
+        "url": backup.url,
+        "endpoint": backup.endpoint,
+        "region": backup.region,
+        "credentialsSecret": backup.credentials_secret,
+        "device": by_device,
+        "archiveName": backup.archive_name(),
+    });
+    term.print(&format!(
+        "site {} rejoins as passive, following site {} (HSMDevice {by_device}) in {}; the {} \
+         write(s) it took after sequence {} are lost, not replayed: its tokens become a copy of \
+         site {}'s archive\n",
+        view.spec.name,
+        status.fenced_by.as_deref().unwrap_or("?"),
+        backup.url,
+        status.lost_writes.unwrap_or(0),
+        status.fence_sequence.unwrap_or(0),
+        status.fenced_by.as_deref().unwrap_or("?"),
+    ))?;
+    if !yes {
+        return term.print(&format!(
+            "not changed: to go ahead: kubectl hsm site rejoin {} --yes\n",
+            r.device
+        ));
+    }
+    let patch = json!({"spec": {"site": {"followArchive": follow}}});
+    devices_api(s)
+        .patch(&r.device, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| Call::hsmdevice("patch", Some(&r.device)).fail(e))?;
+    if !wait.enabled {
+        return term.print(&format!("hsmdevice {}: rejoining\n", r.device));
+    }
+    let outcome = poll(wait.timeout, s.poll_interval, async || {
+        let device = get_device(s, &r.device).await?;
+        match device.status.and_then(|st| st.site) {
+            Some(st) if st.role == SiteRole::Passive => Ok(Step::Done(st)),
+            other => Ok(Step::Pending(format!(
+                "site role {}",
+                other.map_or("unknown".into(), |st| format!("{:?}", st.role))
+            ))),
+        }
+    })
+    .await?;
+    match outcome {
+        Outcome::Done(st) => term.print(&format!(
+            "hsmdevice {}: site {} is passive, following HSMDevice {by_device} (applied sequence {})\n",
+            r.device,
+            view.spec.name,
+            st.applied_sequence.unwrap_or(0)
+        )),
+        Outcome::TimedOut { last_seen } => Err(KubectlError::Timeout {
+            after: wait.timeout,
+            waiting_for: format!("site {} to follow HSMDevice {by_device}", view.spec.name),
+            last_seen,
+            hint: format!("watch `kubectl hsm site status {}`", r.device),
+        }),
+    }
+}
