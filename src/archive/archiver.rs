@@ -102,6 +102,9 @@ pub struct SiteGuard {
     pub lease: Duration,
     /// Opens fences (the device's archive key).
     pub key: Arc<dyn super::KeyUnwrap>,
+    /// The site epoch at which this site became active (0: it always was); fences up to
+    /// it are history.
+    pub active_since: u64,
 }
 
 /// A base snapshot in the bucket.
@@ -312,7 +315,7 @@ impl Archiver {
         let checked_at = std::time::Instant::now();
         let fences = super::site::read_fences(&self.bucket, &self.cfg.root, &*guard.key).await?;
         let site_epoch = fences.last().map_or(0, |f| f.site_epoch);
-        let Some(fence) = super::site::fencing(&fences, &guard.site) else {
+        let Some(fence) = super::site::fencing(&fences, &guard.site, guard.active_since) else {
             agent.update_site_gate(|g| g.renewed(&guard.site, checked_at, guard.lease));
             self.update(|s| s.site_epoch = site_epoch);
             return Ok(false);

@@ -29,6 +29,8 @@ pub struct ArchiveAsk {
     pub restore: Option<RestoreAsk>,
     /// `kubectl hsm site promote`, not yet reported done.
     pub promote_request: Option<String>,
+    /// `kubectl hsm site drain`: the active site stops taking writes.
+    pub drain: bool,
 }
 
 /// A restore to carry out through the primary.
@@ -109,6 +111,7 @@ pub struct SiteReport {
     pub promotion_done: Option<String>,
     pub promotion_running: Option<String>,
     pub error: Option<String>,
+    pub draining: bool,
 }
 
 /// `status.site` after `report`, with the Events a change deserves: a fence, a
@@ -143,6 +146,7 @@ pub fn observe_site(
             .clone()
             .or_else(|| prev.and_then(|p| p.last_promotion.clone())),
         last_error: report.error.as_deref().map(|e| truncate(e, 1024)),
+        draining: report.draining,
     };
     let mut events = Vec::new();
     let was = prev.map(|p| p.role);
@@ -306,6 +310,7 @@ pub fn ask(
         verify_request: on_demand.or(scheduled),
         restore,
         promote_request: None,
+        drain: false,
     }
 }
 
@@ -932,6 +937,7 @@ mod tests {
             promotion_done: None,
             promotion_running: None,
             error: None,
+            draining: false,
         }
     }
 

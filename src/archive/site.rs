@@ -134,11 +134,12 @@ pub async fn write_fence(
     }))
 }
 
-/// The newest fence by a site other than `site`: the one that fences it.
-pub fn fencing(fences: &[Fence], site: &str) -> Option<Fence> {
+/// The newest fence by a site other than `site` after site epoch `since` (the epoch at
+/// which `site` itself became active; older fences are history): the one that fences it.
+pub fn fencing(fences: &[Fence], site: &str, since: u64) -> Option<Fence> {
     fences
         .iter()
-        .filter(|f| f.site != site)
+        .filter(|f| f.site != site && f.site_epoch > since)
         .max_by_key(|f| f.site_epoch)
         .cloned()
 }
@@ -362,11 +363,14 @@ impl Follower {
     /// Promotes this site: a last catch-up with the archive, then the fence, written only
     /// if no other site took this site epoch. The caller waits the active site's lease
     /// before this site takes writes.
+    /// `history`: this site's own archive, whose fences (promotions over it in the past)
+    /// the new site epoch must also exceed.
     pub async fn promote(
         &mut self,
         agent: &Agent,
         keys: &[&dyn KeyWrap],
         device: &str,
+        history: Option<(&Bucket, &ArchiveRoot)>,
     ) -> Result<Fence, ArchiveError> {
         if let Some(own) = self.promoted() {
             return Ok(own);
@@ -378,15 +382,19 @@ impl Follower {
         let fences = read_fences(&self.bucket, &self.root, &*self.key).await?;
         // The site this one follows was itself fenced: another passive site is active now,
         // and promoting this one over the old site would make two.
-        if let Some(first) = fencing(&fences, &self.site) {
+        if let Some(first) = fencing(&fences, &self.site, 0) {
             return Err(ArchiveError::Config(format!(
                 "site {} was promoted first (site epoch {}); site {} is not promoted: it stays \
                  passive; rejoin it to follow site {} (HSMDevice {})",
                 first.site, first.site_epoch, self.site, first.site, first.device
             )));
         }
+        let past = match history {
+            Some((bucket, root)) => read_fences(bucket, root, &*self.key).await?,
+            None => Vec::new(),
+        };
         let fence = Fence {
-            site_epoch: next_site_epoch(&fences),
+            site_epoch: next_site_epoch(&fences).max(next_site_epoch(&past)),
             site: self.site.clone(),
             fence_sequence: self.head.as_ref().map_or(0, |h| h.covers),
             device: device.into(),
@@ -471,9 +479,14 @@ mod tests {
     #[test]
     fn the_newest_fence_by_another_site_fences() {
         let fences = [fence("b", 1), fence("a", 2), fence("c", 3)];
-        assert_eq!(fencing(&fences, "c").map(|f| f.site), Some("a".into()));
-        assert_eq!(fencing(&fences, "a").map(|f| f.site), Some("c".into()));
-        assert_eq!(fencing(&[fence("a", 1)], "a"), None, "its own promotion");
+        assert_eq!(fencing(&fences, "c", 0).map(|f| f.site), Some("a".into()));
+        assert_eq!(fencing(&fences, "a", 0).map(|f| f.site), Some("c".into()));
+        assert_eq!(
+            fencing(&fences, "a", 3),
+            None,
+            "history before it became active"
+        );
+        assert_eq!(fencing(&[fence("a", 1)], "a", 0), None, "its own promotion");
         assert_eq!(next_site_epoch(&fences), 4);
         assert_eq!(next_site_epoch(&[]), 1);
         assert_eq!(

@@ -124,8 +124,8 @@ impl<T: KeyWrap + KeyUnwrap> TokenKey for T {}
 
 struct Running {
     settings: ArchiveSettings,
-    /// The site guard it runs with (site name and lease), if any.
-    guard: Option<(String, Duration)>,
+    /// The site guard it runs with (site name, lease, active since), if any.
+    guard: Option<(String, Duration, u64)>,
     bucket: Bucket,
     root: ArchiveRoot,
     state: Arc<Mutex<ArchiverState>>,
@@ -145,6 +145,10 @@ struct Supervised {
     promotion_running: Option<String>,
     promotion_done: Option<String>,
     promotion_error: Option<String>,
+    /// The site epoch of the promotion made here.
+    promotion_epoch: u64,
+    /// This site's own archive (spec.backup), for the fences of its past.
+    own_archive: Option<ArchiveSettings>,
 }
 
 /// A passive site's follower, as configured.
@@ -262,7 +266,7 @@ impl Supervisor {
     pub fn configure_guarded(
         &self,
         settings: ArchiveSettings,
-        guard: Option<(String, Duration)>,
+        guard: Option<(String, Duration, u64)>,
     ) -> Result<(), ArchiveError> {
         if self
             .lock()
@@ -285,12 +289,13 @@ impl Supervisor {
         if let Some(metrics) = &self.metrics {
             archiver = archiver.with_metrics(metrics.clone());
         }
-        if let Some((site, lease)) = &guard {
+        if let Some((site, lease, active_since)) = &guard {
             let key: Arc<dyn KeyUnwrap> = self.token.clone();
             archiver = archiver.with_site(SiteGuard {
                 site: site.clone(),
                 lease: *lease,
                 key,
+                active_since: *active_since,
             });
         }
         let state = archiver.state();
@@ -321,7 +326,7 @@ impl Supervisor {
             .transpose();
         let applied = match site {
             Err(e) => Err(e),
-            Ok(site) => self.apply(request.spec.as_ref(), site),
+            Ok(site) => self.apply(request.spec.as_ref(), site, request.drain),
         };
         if let Err(e) = applied {
             tracing::warn!(error = %e, "the archive configuration cannot be applied");
@@ -354,6 +359,7 @@ impl Supervisor {
         &self,
         backup: Option<&pb::ArchiveSpec>,
         site: Option<SiteSettings>,
+        drain: bool,
     ) -> Result<(), ArchiveError> {
         let backup = backup
             .map(|spec| ArchiveSettings::from_spec(spec, &self.credentials_root))
@@ -368,6 +374,7 @@ impl Supervisor {
                 )),
             };
         };
+        self.lock().own_archive = backup.clone();
         let promoted = self.promoted();
         if let (Some(follow), false) = (&site.follow, promoted) {
             self.follow(&site, follow)?;
@@ -376,15 +383,20 @@ impl Supervisor {
             supervised.config_error = None;
             return Ok(());
         }
-        // Active (or promoted): the gate waits for the archiver's first clean check.
-        self.agent.update_site_gate(|gate| match gate {
-            SiteGate::Active { .. } | SiteGate::Fenced { .. } => gate.clone(),
-            _ => SiteGate::Active {
+        // Active (or promoted): the gate waits for the archiver's first clean check; a
+        // drain stops writes until it is called off or the promotion elsewhere fences.
+        self.agent.update_site_gate(|gate| match (gate, drain) {
+            (SiteGate::Fenced { .. }, _) => gate.clone(),
+            (_, true) => SiteGate::Draining {
+                site: site.name.clone(),
+            },
+            (SiteGate::Active { .. }, false) => gate.clone(),
+            (_, false) => SiteGate::Active {
                 site: site.name.clone(),
                 until: None,
             },
         });
-        let guard = Some((site.name.clone(), site.lease));
+        let guard = Some((site.name.clone(), site.lease, self.active_since()));
         {
             let mut supervised = self.lock();
             match &mut supervised.site {
@@ -407,6 +419,25 @@ impl Supervisor {
                     .into(),
             )),
         }
+    }
+
+    /// The site epoch of this site's own promotion, 0 when it never was promoted.
+    fn active_since(&self) -> u64 {
+        let supervised = self.lock();
+        supervised.promotion_epoch.max(
+            supervised
+                .site
+                .as_ref()
+                .and_then(|s| s.follow_state.as_ref())
+                .and_then(|st| {
+                    st.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .promoted
+                        .as_ref()
+                        .map(|f| f.site_epoch)
+                })
+                .unwrap_or(0),
+        )
     }
 
     /// Whether this site's own promotion is known (made here, or found in the archive).
@@ -501,6 +532,7 @@ impl Supervisor {
         let Some(follow) = site.follow.clone() else {
             return;
         };
+        let own_archive = self.lock().own_archive.clone();
         let (agent, token, state, device, request) = (
             self.agent.clone(),
             self.token.clone(),
@@ -513,7 +545,15 @@ impl Supervisor {
                 let (recovery, _) = follow.bucket.check()?;
                 let wrap: Arc<dyn KeyWrap> = token.clone();
                 let keys: [&dyn KeyWrap; 2] = [&*wrap, &recovery];
-                let fence = follower.lock().await.promote(&agent, &keys, &device).await?;
+                let history = match &own_archive {
+                    Some(own) => Some((own.check()?.1, ArchiveRoot::new(&device, &own.archive_name)?)),
+                    None => None,
+                };
+                let fence = follower
+                    .lock()
+                    .await
+                    .promote(&agent, &keys, &device, history.as_ref().map(|(b, r)| (b, r)))
+                    .await?;
                 let wait = promotion_wait(site.lease);
                 tracing::warn!(site = %site.name, wait_ms = wait.as_millis() as u64, "waiting out the active site's lease before taking writes");
                 tokio::time::sleep(wait).await;
@@ -527,6 +567,7 @@ impl Supervisor {
                     tracing::warn!(site = %site.name, site_epoch = fence.site_epoch, "site promoted: active");
                     supervised.promotion_done = Some(request);
                     supervised.promotion_error = None;
+                    supervised.promotion_epoch = fence.site_epoch;
                     // Writes wait for the archiver's first clean check (next request).
                     agent.update_site_gate(|_| SiteGate::Active {
                         site: site.name.clone(),
@@ -745,6 +786,10 @@ impl Supervisor {
                 report.site_epoch = site_epoch;
                 report.fence_sequence = fence_sequence;
                 pb::SiteRole::Fenced
+            }
+            SiteGate::Draining { .. } => {
+                report.draining = true;
+                pb::SiteRole::Active
             }
             SiteGate::Active { .. } | SiteGate::Open => pb::SiteRole::Active,
         } as i32;

@@ -9,7 +9,7 @@ use super::{Agents, ControllerMetrics};
 use crate::archive::plan::{self as backup_plan, ArchiveAsk, ArchiveReport, BackupEvent};
 use crate::crd::{
     BACKUP_NOW_ANNOTATION, BACKUP_VERIFY_ANNOTATION, HSMDevice, HSMDeviceStatus,
-    RESTORE_ANNOTATION, SITE_PROMOTE_ANNOTATION, SWITCHOVER_ANNOTATION,
+    RESTORE_ANNOTATION, SITE_DRAIN_ANNOTATION, SITE_PROMOTE_ANNOTATION, SWITCHOVER_ANNOTATION,
 };
 use crate::failover::{
     self, Action, DeviceView, LeaseFacts, Observations, PlanConfig, Probe, SwitchoverOutcome,
@@ -275,6 +275,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
                     != Some(*id)
             })
             .map(str::to_string);
+        ask.drain = annotation(SITE_DRAIN_ANNOTATION).is_some();
         let report = match self.agents.archive(&primary, backup, site, &ask).await {
             // The site's configuration reached the node that is (or is about to be) the
             // primary: its gate is set before any lease lets it write.

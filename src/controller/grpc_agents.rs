@@ -394,6 +394,7 @@ fn site_report(r: pb::SiteReport) -> SiteReport {
         promotion_done: text(r.promotion_done),
         promotion_running: text(r.promotion_running),
         error: text(r.error),
+        draining: r.draining,
     }
 }
 
@@ -548,6 +549,7 @@ impl Agents for GrpcAgents {
             spec: backup.map(archive_spec_pb),
             site: site.map(site_spec_pb),
             promote_request: ask.promote_request.clone().unwrap_or_default(),
+            drain: ask.drain,
             base_request: ask.base_request.clone().unwrap_or_default(),
             verify_request: ask.verify_request.clone().unwrap_or_default(),
             restore: ask.restore.as_ref().map(|r| pb::RestoreRequest {

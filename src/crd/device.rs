@@ -472,6 +472,10 @@ pub struct SiteStatus {
     /// Fenced: the changes this site made after the fence point (never merged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_writes: Option<u64>,
+    /// Active, draining for a planned switchover (`kubectl hsm site drain`): writes
+    /// refused, still archiving, until another site is promoted or the drain is called off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
     /// The last `kubectl hsm site promote` carried out (its id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
@@ -666,6 +670,10 @@ pub const RESTORE_ANNOTATION: &str = "hsmsecrets.io/restore";
 /// preflight and confirmation): its value, a request id, is copied to
 /// `status.site.lastPromotion` once the site is active.
 pub const SITE_PROMOTE_ANNOTATION: &str = "hsmsecrets.io/site-promote";
+/// Annotation (any value) that drains the active site for a planned switchover: it stops
+/// taking writes and archives what it has (`kubectl hsm site drain`); removing it calls
+/// the switchover off.
+pub const SITE_DRAIN_ANNOTATION: &str = "hsmsecrets.io/site-drain";
 
 /// `hsmsecrets.io/device.<device>`: the label a node carries (value `ready`) while its copy
 /// of the device serves; the controller sets it and pod injection's affinity matches it.

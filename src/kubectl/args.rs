@@ -243,9 +243,23 @@ pub enum SiteCommand {
     /// Promote this passive site: shows both sites side by side and what would be lost;
     /// promotes only with --yes. The active site is fenced and stops taking writes.
     Promote(SitePromoteArgs),
+    /// Stop the active site's writes for a planned switchover (it keeps archiving), so the
+    /// passive site can catch up and be promoted with nothing lost; --undo calls it off.
+    Drain(SiteDrainArgs),
     /// Turn this fenced site into a passive one that follows the site promoted over it;
     /// its writes after the fence point are reported, never replayed. Needs --yes.
     Rejoin(SitePromoteArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SiteDrainArgs {
+    /// HSMDevice name.
+    pub device: String,
+    /// Call the switchover off: the site takes writes again.
+    #[arg(long)]
+    pub undo: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
 }
 
 #[derive(Args, Debug)]
@@ -415,6 +429,7 @@ pub enum SiteAction {
     Status(OutputFormat),
     Promote { yes: bool, wait: Wait },
     Rejoin { yes: bool, wait: Wait },
+    Drain { undo: bool, wait: Wait },
 }
 
 #[derive(Debug)]
@@ -635,6 +650,13 @@ impl Request {
                         SiteAction::Promote {
                             yes: p.yes,
                             wait: p.wait.into(),
+                        },
+                    ),
+                    SiteCommand::Drain(d) => (
+                        &d.device,
+                        SiteAction::Drain {
+                            undo: d.undo,
+                            wait: d.wait.into(),
                         },
                     ),
                     SiteCommand::Rejoin(p) => (

@@ -13,7 +13,9 @@ use super::error::Call;
 use super::render;
 use super::wait::{Outcome, Step, poll};
 use super::{KubectlError, OutputFormat, Session, Term};
-use crate::crd::{HSMDevice, SITE_PROMOTE_ANNOTATION, SiteRole, SiteSpec, SiteStatus};
+use crate::crd::{
+    HSMDevice, SITE_DRAIN_ANNOTATION, SITE_PROMOTE_ANNOTATION, SiteRole, SiteSpec, SiteStatus,
+};
 
 /// What `site status -o json|yaml` prints.
 #[derive(Debug, Serialize)]
@@ -96,10 +98,79 @@ pub fn site_table(view: &SiteView) -> String {
             status.lost_writes.unwrap_or(0)
         ));
     }
+    if status.draining {
+        out.push_str("  draining for a planned switchover: no writes taken, still archiving\n");
+    }
     if let Some(error) = &status.last_error {
         out.push_str(&format!("  last error: {error}\n"));
     }
     out
+}
+
+/// Drains the active site (or calls the drain off) and waits until its node says so.
+async fn drain(
+    s: &Session,
+    r: &SiteRequest,
+    view: &SiteView,
+    undo: bool,
+    wait: Wait,
+    term: &mut Term<'_>,
+) -> Result<(), KubectlError> {
+    if view.spec.follow_archive.is_some() {
+        return Err(KubectlError::Refused(format!(
+            "site {} of HSMDevice {} is passive: drain the active site, then promote this one",
+            view.spec.name, r.device
+        )));
+    }
+    let value = if undo {
+        serde_json::Value::Null
+    } else {
+        serde_json::Value::String(Timestamp::now().to_string())
+    };
+    let patch = json!({"metadata": {"annotations": {SITE_DRAIN_ANNOTATION: value}}});
+    devices_api(s)
+        .patch(&r.device, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| Call::hsmdevice("patch", Some(&r.device)).fail(e))?;
+    if !wait.enabled {
+        return term.print(&format!(
+            "hsmdevice {}: drain {}\n",
+            r.device,
+            if undo { "called off" } else { "requested" }
+        ));
+    }
+    let outcome = poll(wait.timeout, s.poll_interval, async || {
+        let device = get_device(s, &r.device).await?;
+        match device.status.and_then(|st| st.site) {
+            Some(st) if st.draining != undo => Ok(Step::Done(st)),
+            other => Ok(Step::Pending(format!(
+                "draining {}",
+                other.is_some_and(|st| st.draining)
+            ))),
+        }
+    })
+    .await?;
+    match outcome {
+        Outcome::Done(_) if undo => term.print(&format!(
+            "hsmdevice {}: site {} takes writes again\n",
+            r.device, view.spec.name
+        )),
+        Outcome::Done(_) => term.print(&format!(
+            "hsmdevice {}: site {} takes no writes and archives what it has; promote the \
+             passive site once its preflight shows nothing to lose\n",
+            r.device, view.spec.name
+        )),
+        Outcome::TimedOut { last_seen } => Err(KubectlError::Timeout {
+            after: wait.timeout,
+            waiting_for: format!(
+                "site {} to {}",
+                view.spec.name,
+                if undo { "take writes again" } else { "drain" }
+            ),
+            last_seen,
+            hint: format!("watch `kubectl hsm site status {}`", r.device),
+        }),
+    }
 }
 
 pub(crate) async fn site(
@@ -114,6 +185,7 @@ pub(crate) async fn site(
         SiteAction::Status(other) => term.print(&render::serialized(&view, other)?),
         SiteAction::Promote { yes, wait } => promote(s, r, &view, yes, wait, term).await,
         SiteAction::Rejoin { yes, wait } => rejoin(s, r, &device, &view, yes, wait, term).await,
+        SiteAction::Drain { undo, wait } => drain(s, r, &view, undo, wait, term).await,
     }
 }
 
@@ -229,6 +301,7 @@ async fn rejoin(
         lost_writes: None,
         last_promotion: None,
         last_error: None,
+        draining: false,
     });
     let (SiteRole::Fenced, Some(by_device)) = (status.role, status.fenced_by_device.clone()) else {
         return Err(KubectlError::Refused(format!(

@@ -19,6 +19,9 @@ pub enum SiteGate {
     },
     /// Follows `active`'s archive.
     Passive { site: String, active: String },
+    /// The active site stopped taking writes for a planned switchover; it still archives
+    /// (and still checks for the promotion that ends it).
+    Draining { site: String },
     /// `by` was promoted over this site at `site_epoch`, its history starting after
     /// `fence_sequence`.
     Fenced {
@@ -40,6 +43,12 @@ pub enum SiteRefusal {
          promote` (manual only: it fences {active})"
     )]
     Passive { site: String, active: String },
+    #[error(
+        "site {site} is draining for a planned switchover: it takes no writes and archives \
+         what it has; writes resume at the site promoted next (or here, if the switchover is \
+         called off: remove annotation hsmsecrets.io/site-drain)"
+    )]
+    Draining { site: String },
     #[error(
         "site {site} has not confirmed within its site lease that no other site was promoted \
          (the archive bucket could not be checked); writes resume once it can"
@@ -63,6 +72,7 @@ impl SiteRefusal {
         match self {
             SiteRefusal::Passive { .. } => "site_passive",
             SiteRefusal::LeaseLapsed { .. } => "site_lease_lapsed",
+            SiteRefusal::Draining { .. } => "site_draining",
             SiteRefusal::Fenced { .. } => "site_fenced",
         }
     }
@@ -77,6 +87,7 @@ impl SiteGate {
                 until: Some(until), ..
             } if now < *until => Ok(()),
             SiteGate::Active { site, .. } => Err(SiteRefusal::LeaseLapsed { site: site.clone() }),
+            SiteGate::Draining { site } => Err(SiteRefusal::Draining { site: site.clone() }),
             SiteGate::Passive { site, active } => Err(SiteRefusal::Passive {
                 site: site.clone(),
                 active: active.clone(),
@@ -101,7 +112,7 @@ impl SiteGate {
     /// fenced.
     pub fn renewed(&self, site: &str, checked_at: Instant, lease: Duration) -> SiteGate {
         match self {
-            SiteGate::Fenced { .. } => self.clone(),
+            SiteGate::Fenced { .. } | SiteGate::Draining { .. } => self.clone(),
             SiteGate::Active {
                 until: Some(until), ..
             } if *until > checked_at + lease => self.clone(),
@@ -155,6 +166,13 @@ mod tests {
             fence_sequence: 40,
         };
         assert_eq!(fenced.renewed("a", now, lease), fenced, "fenced for good");
+        let draining = SiteGate::Draining { site: "a".into() };
+        assert_eq!(
+            draining.renewed("a", now, lease),
+            draining,
+            "draining until told"
+        );
+        assert_eq!(draining.admit(now).unwrap_err().kind(), "site_draining");
         let refusal = fenced.admit(now).unwrap_err().to_string();
         assert!(refusal.contains("site b was promoted") && refusal.contains("rejoin"));
     }

@@ -483,6 +483,10 @@ pub struct ArchiveRequest {
     /// Non-empty: promote this passive site, once per distinct value.
     #[prost(string, tag = "6")]
     pub promote_request: ::prost::alloc::string::String,
+    /// The active site stops taking writes but keeps archiving (a planned switchover);
+    /// false again lets it take writes.
+    #[prost(bool, tag = "7")]
+    pub drain: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SiteSpec {
@@ -542,6 +546,9 @@ pub struct SiteReport {
     /// Fenced: the promoted site's HSMDevice, whose archive a rejoin follows.
     #[prost(string, tag = "14")]
     pub fenced_by_device: ::prost::alloc::string::String,
+    /// Active, draining for a planned switchover: writes refused, still archiving.
+    #[prost(bool, tag = "15")]
+    pub draining: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RestoreRequest {
