@@ -1715,3 +1715,161 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
         "c stays passive"
     );
 }
+
+/// What a passive site is pointed at wrongly says so, naming the fix; two passive sites
+/// promoted at the same moment over one archive: one wins, the other stays passive and
+/// names the winner.
+#[tokio::test]
+async fn passive_sites_name_bad_archives_and_concurrent_promotions_have_one_winner() {
+    use hsm_secrets::mirror::pb;
+    let Some(s3) = S3Server::start() else { return };
+    s3.create_bucket("sites-bad");
+    let recovery = RecoverySecretKey::generate().unwrap();
+    let mounts = tempfile::tempdir().unwrap();
+    let secret = mounts.path().join("hsm-archive");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("access-key-id"), "testing\n").unwrap();
+    std::fs::write(secret.join("secret-access-key"), "testing\n").unwrap();
+    std::fs::write(secret.join("recovery.pub"), recovery.public().to_text()).unwrap();
+    let a_store = Arc::new(TestToken::new("bad-a").unwrap().open().await);
+    a_store
+        .archive_key_generate(ARCHIVE_KEY_LABEL)
+        .await
+        .unwrap();
+    let b_store = Arc::new(TestToken::new("bad-b").unwrap().open().await);
+    copy_archive_key(&a_store, &b_store).await;
+    let c_store = Arc::new(TestToken::new("bad-c").unwrap().open().await);
+    copy_archive_key(&a_store, &c_store).await;
+    // A token that never received the device's archive key.
+    let stranger_store = Arc::new(TestToken::new("bad-stranger").unwrap().open().await);
+    stranger_store
+        .archive_key_generate(ARCHIVE_KEY_LABEL)
+        .await
+        .unwrap();
+    let a = Site::start("a", "prod-hsm", a_store, mounts.path()).await;
+    let b = Site::start("b", "prod-hsm-b", b_store, mounts.path()).await;
+    let c = Site::start("c", "prod-hsm-c", c_store, mounts.path()).await;
+    let stranger = Site::start("s", "prod-hsm-s", stranger_store, mounts.path()).await;
+    let follow = |site: &str, device: &str| pb::ArchiveRequest {
+        site: Some(pb::SiteSpec {
+            name: site.into(),
+            lease_ms: 1000,
+            follow: Some(pb::FollowSpec {
+                url: "s3://sites-bad/dr".into(),
+                endpoint: s3.endpoint.clone(),
+                credentials_secret: "hsm-archive".into(),
+                device: device.into(),
+                archive_name: "main".into(),
+                ..Default::default()
+            }),
+        }),
+        ..Default::default()
+    };
+    let error_of = |r: &pb::ArchiveResponse| {
+        if !r.config_error.is_empty() {
+            return r.config_error.clone();
+        }
+        r.site.as_ref().map(|s| s.error.clone()).unwrap_or_default()
+    };
+
+    // No archive yet, or the wrong device: nothing there, named.
+    let r = rounds_until(&b, &follow("b", "prod-hsm"), "no archive", |r| {
+        !error_of(r).is_empty()
+    })
+    .await;
+    assert!(
+        error_of(&r).contains("holds no object of device prod-hsm"),
+        "{}",
+        error_of(&r)
+    );
+    // Its own archive.
+    let r = b.round(&follow("b", "prod-hsm-b")).await;
+    assert!(
+        error_of(&r).contains("names this device"),
+        "{}",
+        error_of(&r)
+    );
+
+    // The active site archives; a site without the device's archive key cannot open it.
+    let a_request = pb::ArchiveRequest {
+        spec: Some(pb::ArchiveSpec {
+            url: "s3://sites-bad/dr".into(),
+            endpoint: s3.endpoint.clone(),
+            credentials_secret: "hsm-archive".into(),
+            archive_name: "main".into(),
+            segment_interval_ms: 200,
+            base_interval_s: 3600,
+            ..Default::default()
+        }),
+        site: Some(pb::SiteSpec {
+            name: "a".into(),
+            lease_ms: 1000,
+            follow: None,
+        }),
+        ..Default::default()
+    };
+    rounds_until(&a, &a_request, "a archiving", |r| !r.bases.is_empty()).await;
+    a.write("shop/s0", b"1").await.unwrap();
+    let r = rounds_until(&stranger, &follow("s", "prod-hsm"), "wrong keys", |r| {
+        error_of(r).contains("does not unwrap")
+    })
+    .await;
+    assert!(error_of(&r).contains("key ceremony"), "{}", error_of(&r));
+    assert_eq!(
+        value(stranger.store.as_ref(), "shop/s0", "v").await,
+        None,
+        "nothing applied"
+    );
+
+    // b and c follow; both are promoted at once: one fence wins.
+    rounds_until(&b, &follow("b", "prod-hsm"), "b following", |r| {
+        r.site
+            .as_ref()
+            .is_some_and(|s| s.error.is_empty() && s.lag_ms == 0)
+    })
+    .await;
+    rounds_until(&c, &follow("c", "prod-hsm"), "c following", |r| {
+        r.site
+            .as_ref()
+            .is_some_and(|s| s.error.is_empty() && s.lag_ms == 0)
+    })
+    .await;
+    let mut promote_b = follow("b", "prod-hsm");
+    promote_b.promote_request = "pb".into();
+    let mut promote_c = follow("c", "prod-hsm");
+    promote_c.promote_request = "pc".into();
+    let (rb, rc) = tokio::join!(b.round(&promote_b), c.round(&promote_c));
+    let _ = (rb, rc);
+    let done = |r: &pb::ArchiveResponse, id: &str| {
+        r.site
+            .as_ref()
+            .is_some_and(|s| s.promotion_done == id || !s.error.is_empty())
+    };
+    let rb = rounds_until(&b, &promote_b, "b's promotion ends", |r| done(r, "pb")).await;
+    let rc = rounds_until(&c, &promote_c, "c's promotion ends", |r| done(r, "pc")).await;
+    let (sb, sc) = (rb.site.unwrap(), rc.site.unwrap());
+    let winners = [&sb, &sc]
+        .iter()
+        .filter(|s| !s.promotion_done.is_empty())
+        .count();
+    assert_eq!(winners, 1, "exactly one promotion: {sb:?} {sc:?}");
+    let (loser, winner) = if sb.promotion_done.is_empty() {
+        (&sb, "c")
+    } else {
+        (&sc, "b")
+    };
+    assert!(
+        loser
+            .error
+            .contains(&format!("site {winner} was promoted first")),
+        "{}",
+        loser.error
+    );
+    assert_eq!(loser.role, pb::SiteRole::Passive as i32);
+
+    // Promoting a site that is not passive is refused, naming why.
+    let mut promote_a = a_request.clone();
+    promote_a.promote_request = "pa".into();
+    let r = a.round(&promote_a).await;
+    assert!(error_of(&r).contains("is not passive"), "{}", error_of(&r));
+}

@@ -149,7 +149,11 @@ pub async fn open(
     let dek = unwrapper.unwrap(wrapped).await.map_err(|e| match e {
         ArchiveError::Crypto(detail) => ArchiveError::Tampered {
             object: name.to_string(),
-            detail: format!("its data key does not unwrap ({detail})"),
+            detail: format!(
+                "its data key does not unwrap ({detail}); if the object is sound, this token \
+                 holds another archive key than the device's: copy the device's key to it with \
+                 the key ceremony (archive key-receive-begin / key-export / key-receive)"
+            ),
         },
         other => other,
     })?;
