@@ -7,6 +7,11 @@
 //! - restore of N secrets into an empty token vs applying the same records in process;
 //! - a restore drill (rebuild in memory, compare with the device) of the same archive.
 //!
+//! - sites: a passive site following the archive (first follow of N secrets; site lag
+//!   p50/p99 under a steady write load at the active site, from acknowledgement there to
+//!   applied at the passive site) and a planned switchover (drain, catch up, promote, the
+//!   new site takes writes) beside its floor, the site lease the promotion must wait out.
+//!
 //! Run: `cargo bench --bench archive`. Knobs: `BENCH_SECRETS` (10000), `BENCH_RATE`
 //! (writes/s, 100), `BENCH_LOAD_SECONDS` (10).
 
@@ -70,7 +75,12 @@ async fn run(dir: std::path::PathBuf, server: s3::S3Server) {
     let rate = common::env_usize("BENCH_RATE", 100);
     let load_seconds = common::env_usize("BENCH_LOAD_SECONDS", 10);
 
-    for label in ["bench-archive", "bench-restored", "bench-floor"] {
+    for label in [
+        "bench-archive",
+        "bench-restored",
+        "bench-floor",
+        "bench-site-b",
+    ] {
         common::init_token(label);
     }
     let store = open(&dir, "bench-archive").await;
@@ -226,6 +236,8 @@ async fn run(dir: std::path::PathBuf, server: s3::S3Server) {
     let drill_time = started.elapsed();
     assert!(drilled.verified(), "{drilled:?}");
 
+    let sites = sites(&dir, &server, &agent, &store, &recovery, rate, load_seconds).await;
+
     println!();
     println!("Archive on a real S3 API (moto on loopback), SoftHSM2 tokens");
     println!();
@@ -260,4 +272,219 @@ async fn run(dir: std::path::PathBuf, server: s3::S3Server) {
         restore_time,
         drill_time.as_secs_f64() / restore_time.as_secs_f64()
     );
+    println!(
+        "| passive site: first follow of {} secrets (newest base applied to its token) | {:.2?} | in-process apply of the same records {:.2?} | {:.2}x |",
+        sites.secrets,
+        sites.first_follow,
+        apply_time,
+        sites.first_follow.as_secs_f64() / apply_time.as_secs_f64()
+    );
+    println!(
+        "| site lag, acknowledged at the active site to applied at the passive one, {rate} writes/s for {load_seconds} s, 200 ms segments ({} writes) | p50 {:.0?} / p99 {:.0?} | archive lag above p50 {:.0?} | - |",
+        sites.lags, sites.lag_p50, sites.lag_p99, lag_p50
+    );
+    println!(
+        "| planned switchover with {} secrets (drain, catch up, promote, first write at the new site) | {:.2?} | the {:.1?} the promotion waits out (site lease and margin) | {:.2}x |",
+        sites.secrets,
+        sites.switchover,
+        sites.lease_wait,
+        sites.switchover.as_secs_f64() / sites.lease_wait.as_secs_f64()
+    );
+}
+
+struct SiteFigures {
+    secrets: u64,
+    first_follow: Duration,
+    lags: usize,
+    lag_p50: Duration,
+    lag_p99: Duration,
+    switchover: Duration,
+    lease_wait: Duration,
+}
+
+/// The active site is the bench's primary (through its node's supervisor, archiving under
+/// a second archive name); the passive site a second token that received the archive key.
+async fn sites(
+    dir: &std::path::Path,
+    server: &s3::S3Server,
+    agent: &Agent,
+    store: &Arc<Pkcs11Store>,
+    recovery: &RecoverySecretKey,
+    rate: usize,
+    load_seconds: usize,
+) -> SiteFigures {
+    use hsm_secrets::archive::Supervisor;
+    use hsm_secrets::mirror::pb;
+    let mounts = dir.join("mounts");
+    let mounted = mounts.join("bench-archive");
+    std::fs::create_dir_all(&mounted).expect("mounts");
+    std::fs::write(mounted.join("access-key-id"), "bench").expect("creds");
+    std::fs::write(mounted.join("secret-access-key"), "bench").expect("creds");
+    std::fs::write(mounted.join("recovery.pub"), recovery.public().to_text()).expect("pub");
+    let b_store = open(dir, "bench-site-b").await;
+    let transport = b_store
+        .archive_transport_begin(ARCHIVE_KEY_LABEL)
+        .await
+        .expect("transport");
+    let wrapped = store
+        .archive_key_export(ARCHIVE_KEY_LABEL, &transport)
+        .await
+        .expect("export");
+    b_store
+        .archive_key_import(ARCHIVE_KEY_LABEL, wrapped)
+        .await
+        .expect("import");
+    let pki = generate_pki(&dir.join("pki-b"), &["b1"]).expect("pki");
+    let tls = AgentTls::from_files(pki.files("b1").expect("files")).expect("tls");
+    let b_agent = Agent::start(AgentConfig::new("b1", tls), b_store.clone()).await;
+    b_agent
+        .assign(Assignment {
+            role: DeviceRole::Primary,
+            epoch: 1,
+            primary: None,
+            mirrors: Vec::new(),
+            lease: Duration::from_secs(3600),
+            sync_interval: None,
+        })
+        .await
+        .expect("primary");
+    let key = |s: &Arc<Pkcs11Store>| Arc::new(TokenArchiveKey::new(s.clone(), ARCHIVE_KEY_LABEL));
+    let a = Supervisor::new(agent.clone(), "bench-hsm", key(store), &mounts);
+    let b = Supervisor::new(b_agent.clone(), "bench-hsm-b", key(&b_store), &mounts);
+    let lease = Duration::from_secs(5);
+    let backup = pb::ArchiveSpec {
+        url: "s3://bench/sites".into(),
+        endpoint: server.endpoint.clone(),
+        credentials_secret: "bench-archive".into(),
+        archive_name: "main".into(),
+        segment_interval_ms: 200,
+        base_interval_s: 24 * 3600,
+        ..Default::default()
+    };
+    let mut a_request = pb::ArchiveRequest {
+        spec: Some(backup.clone()),
+        site: Some(pb::SiteSpec {
+            name: "a".into(),
+            lease_ms: lease.as_millis() as u64,
+            follow: None,
+        }),
+        ..Default::default()
+    };
+    let mut b_request = pb::ArchiveRequest {
+        spec: Some(backup),
+        site: Some(pb::SiteSpec {
+            name: "b".into(),
+            lease_ms: lease.as_millis() as u64,
+            follow: Some(pb::FollowSpec {
+                url: "s3://bench/sites".into(),
+                endpoint: server.endpoint.clone(),
+                credentials_secret: "bench-archive".into(),
+                device: "bench-hsm".into(),
+                archive_name: "main".into(),
+                ..Default::default()
+            }),
+        }),
+        ..Default::default()
+    };
+    async fn until(
+        sup: &Supervisor,
+        request: &pb::ArchiveRequest,
+        done: impl Fn(&pb::ArchiveResponse) -> bool,
+    ) -> pb::ArchiveResponse {
+        loop {
+            let answer = sup.handle(request.clone()).await;
+            if done(&answer) {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!("sites: the active site archives its secrets, the passive one follows");
+    let published = store.latest_sequence();
+    until(&a, &a_request, |r| r.archived_sequence >= published).await;
+    let started = Instant::now();
+    let answer = until(&b, &b_request, |r| {
+        r.site
+            .as_ref()
+            .is_some_and(|s| s.applied_sequence >= published && s.lag_ms == 0)
+    })
+    .await;
+    let first_follow = started.elapsed();
+    let _ = answer;
+    let secrets = b_store.manifest().await.expect("manifest").len() as u64;
+
+    // Site lag under a steady load at the active site.
+    let acked: Arc<Mutex<BTreeMap<u64, Instant>>> = Arc::default();
+    let writer = {
+        let (agent, acked) = (agent.clone(), acked.clone());
+        tokio::spawn(async move {
+            let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+            let mut tick = tokio::time::interval(period);
+            for i in 0..rate * load_seconds {
+                tick.tick().await;
+                let path: SecretPath = format!("bench/site{}", i % 500).parse().expect("path");
+                if let Ok(o) = agent.put(&path, secret(i), Expect::Any, 1).await {
+                    acked
+                        .lock()
+                        .expect("lock")
+                        .insert(o.version, Instant::now());
+                }
+            }
+        })
+    };
+    let mut lags = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(load_seconds as u64 + 10);
+    while Instant::now() < deadline {
+        a.handle(a_request.clone()).await;
+        let answer = b.handle(b_request.clone()).await;
+        let applied = answer.site.map_or(0, |s| s.applied_sequence);
+        let now = Instant::now();
+        {
+            let mut acked = acked.lock().expect("lock");
+            let done: Vec<u64> = acked.range(..=applied).map(|(s, _)| *s).collect();
+            for seq in done {
+                if let Some(at) = acked.remove(&seq) {
+                    lags.push(now - at);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writer.await.expect("writer");
+    let (lag_p50, lag_p99) = median_p99(&mut lags);
+
+    // A planned switchover: drain a, let b catch up, promote b, first write at b.
+    eprintln!("sites: planned switchover");
+    let started = Instant::now();
+    a_request.drain = true;
+    a.handle(a_request.clone()).await;
+    let last = store.latest_sequence();
+    until(&a, &a_request, |r| r.archived_sequence >= last).await;
+    until(&b, &b_request, |r| {
+        r.site.as_ref().is_some_and(|s| s.applied_sequence >= last)
+    })
+    .await;
+    b_request.promote_request = "bench".into();
+    until(&b, &b_request, |r| {
+        r.site.as_ref().is_some_and(|s| s.promotion_done == "bench")
+    })
+    .await;
+    loop {
+        b.handle(b_request.clone()).await;
+        let path: SecretPath = "bench/after-switchover".parse().expect("path");
+        if b_agent.put(&path, secret(1), Expect::Any, 1).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let switchover = started.elapsed();
+    SiteFigures {
+        secrets,
+        first_follow,
+        lags: lags.len(),
+        lag_p50,
+        lag_p99,
+        switchover,
+        lease_wait: hsm_secrets::archive::site::promotion_wait(lease),
+    }
 }

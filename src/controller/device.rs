@@ -308,6 +308,8 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
         if let (Some(spec), Some(reported)) = (site, &report.site) {
             let (site_status, site_events) =
                 backup_plan::observe_site(spec, status.site.as_ref(), reported);
+            self.metrics
+                .observe_site(&name, &site_status, reported.lag_ms);
             status.site = Some(site_status);
             events.extend(site_events);
         }

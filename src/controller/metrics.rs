@@ -92,6 +92,10 @@ struct Inner {
     backup_verified: Family<DeviceLabel, Gauge>,
     backup_verified_at: Family<DeviceLabel, Gauge>,
     backup_drills: Family<DrillLabel, Counter>,
+    site_lag: Family<DeviceLabel, Gauge>,
+    site_passive: Family<DeviceLabel, Gauge>,
+    site_fenced: Family<DeviceLabel, Gauge>,
+    site_lost_writes: Family<DeviceLabel, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -175,6 +179,26 @@ impl ControllerMetrics {
             m.inner.backup_verified_at.clone(),
         );
         r.register(
+            "device_site_lag_seconds",
+            "Passive site: seconds behind the active site's archive",
+            m.inner.site_lag.clone(),
+        );
+        r.register(
+            "device_site_passive",
+            "1 while this site is passive (follows another site's archive)",
+            m.inner.site_passive.clone(),
+        );
+        r.register(
+            "device_site_fenced",
+            "1 while another site was promoted over this one",
+            m.inner.site_fenced.clone(),
+        );
+        r.register(
+            "device_site_lost_writes",
+            "Fenced site: writes it took after the fence point (never merged)",
+            m.inner.site_lost_writes.clone(),
+        );
+        r.register(
             "device_backup_drills",
             "Restore drills reported, by outcome (verified, failed)",
             m.inner.backup_drills.clone(),
@@ -220,6 +244,31 @@ impl ControllerMetrics {
                     .inc();
             }
         }
+    }
+
+    /// The site's figures after a round.
+    pub(super) fn observe_site(&self, device: &str, site: &crate::crd::SiteStatus, lag_ms: u64) {
+        let d = DeviceLabel {
+            device: device.into(),
+        };
+        let passive = site.role == crate::crd::SiteRole::Passive;
+        let fenced = site.role == crate::crd::SiteRole::Fenced;
+        self.inner
+            .site_passive
+            .get_or_create(&d)
+            .set(i64::from(passive));
+        self.inner
+            .site_fenced
+            .get_or_create(&d)
+            .set(i64::from(fenced));
+        self.inner
+            .site_lag
+            .get_or_create(&d)
+            .set(if passive { (lag_ms / 1000) as i64 } else { 0 });
+        self.inner
+            .site_lost_writes
+            .get_or_create(&d)
+            .set(site.lost_writes.unwrap_or(0) as i64);
     }
 
     pub(super) fn observe_status(&self, device: &str, status: &HSMDeviceStatus) {
