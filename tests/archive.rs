@@ -1604,6 +1604,30 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
         "reads on the passive site"
     );
 
+    // A new base at the active site (`kubectl hsm backup now`) starts a new chain there;
+    // the passive site follows onto it.
+    let mut base_now = a_request.clone();
+    base_now.base_request = "b1".into();
+    rounds_until(&a, &base_now, "a's new base", |r| r.base_done == "b1").await;
+    a.write("shop/after-base", b"2").await.unwrap();
+    let after_base = a.store.latest_sequence();
+    rounds_until(&a, &a_request, "a archiving", |r| {
+        r.archived_sequence >= after_base
+    })
+    .await;
+    rounds_until(&b, &b_request, "b following the new chain", |r| {
+        r.site
+            .as_ref()
+            .is_some_and(|s| s.applied_sequence >= after_base && s.error.is_empty())
+    })
+    .await;
+    assert_eq!(
+        value(b.store.as_ref(), "shop/after-base", "v")
+            .await
+            .as_deref(),
+        Some(&b"2"[..])
+    );
+
     // A writer at site a records every acknowledged write (sequence, instant).
     let a_writer = {
         let agent = a.agent.clone();
@@ -1636,10 +1660,28 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
             }
         })
     };
-    let promoted = rounds_until(&b, &promote, "b's promotion", |r| {
-        r.site.as_ref().is_some_and(|s| s.promotion_done == "p1")
-    })
-    .await;
+    // The controller keeps calling during the promotion; b takes no write before the
+    // old site's lease ran out, whatever those calls do.
+    let mut b_successes = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let promoted = loop {
+        let answer = b.round(&promote).await;
+        if answer
+            .site
+            .as_ref()
+            .is_some_and(|s| s.promotion_done == "p1")
+        {
+            break answer;
+        }
+        if b.write("shop/during-promotion", b"x").await.is_ok() {
+            b_successes.push(std::time::Instant::now());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b's promotion: {answer:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let site = promoted.site.unwrap();
     assert_eq!(site.site_epoch, 1, "the first promotion is site epoch 1");
     // b takes writes once its own archiver checked its archive.
@@ -1672,6 +1714,7 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
     // The history: no write acknowledged at a after b's first acknowledged write; every
     // write a acknowledged up to the fence point is at b; the rest are a's lost writes.
     let last_a_ack = acked.iter().map(|(_, at, _)| *at).max().unwrap();
+    let b_first_ack = b_successes.into_iter().min().unwrap_or(b_first_ack);
     assert!(
         last_a_ack < b_first_ack,
         "a acknowledged a write after b took writes"

@@ -210,6 +210,10 @@ impl Archiver {
     /// Checks for another site's promotion before every step, renewing this site's lease
     /// on the agent when there is none and fencing it when there is.
     pub fn with_site(mut self, guard: SiteGuard) -> Self {
+        // A promoted site starts its own history: never a chain it left when it was fenced.
+        if guard.active_since > 0 {
+            self.fresh_chain = true;
+        }
         self.site = Some(guard);
         self
     }
@@ -315,7 +319,12 @@ impl Archiver {
         let checked_at = std::time::Instant::now();
         let fences = super::site::read_fences(&self.bucket, &self.cfg.root, &*guard.key).await?;
         let site_epoch = fences.last().map_or(0, |f| f.site_epoch);
-        let Some(fence) = super::site::fencing(&fences, &guard.site, guard.active_since) else {
+        // Its own archive records from which site epoch this site is active (after a
+        // promotion), so older fences over it stay history even after a restart.
+        let since = guard
+            .active_since
+            .max(super::site::active_since(&fences, &guard.site));
+        let Some(fence) = super::site::fencing(&fences, &self.cfg.root, &guard.site, since) else {
             agent.update_site_gate(|g| g.renewed(&guard.site, checked_at, guard.lease));
             self.update(|s| s.site_epoch = site_epoch);
             return Ok(false);

@@ -194,8 +194,9 @@ pub fn observe_site(
             ),
         });
     }
+    // Once per spell of errors, not once per changed wording.
     if let Some(error) = &fresh.last_error
-        && prev.and_then(|p| p.last_error.as_ref()) != Some(error)
+        && prev.is_none_or(|p| p.last_error.is_none())
     {
         events.push(BackupEvent {
             warning: true,

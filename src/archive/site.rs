@@ -37,6 +37,9 @@ const SUFFIX: &str = ".hsmarc";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Fence {
+    /// Its place among the archive's fences: the object name two promotions of one
+    /// archive race for, so only one of them can take it.
+    pub slot: u64,
     pub site_epoch: u64,
     /// The promoted site.
     pub site: String,
@@ -48,8 +51,13 @@ pub struct Fence {
     pub millis: u64,
 }
 
-fn fence_name(root: &ArchiveRoot, site_epoch: u64) -> String {
-    format!("{}{FENCES}{site_epoch:020}{SUFFIX}", root.prefix())
+fn fence_name(root: &ArchiveRoot, slot: u64) -> String {
+    format!("{}{FENCES}{slot:020}{SUFFIX}", root.prefix())
+}
+
+/// The next free slot of an archive's fences.
+pub fn next_slot(fences: &[Fence]) -> u64 {
+    fences.iter().map(|f| f.slot).max().unwrap_or(0) + 1
 }
 
 /// Every fence in `root`'s archive, authenticated, oldest first. A fence that does not
@@ -73,7 +81,7 @@ pub async fn read_fences(
             && header.archive == root.archive
             && header.epoch == fence.site_epoch
             && header.last == fence.fence_sequence
-            && listed.name == fence_name(root, fence.site_epoch);
+            && listed.name == fence_name(root, fence.slot);
         if !matches {
             return Err(ArchiveError::Tampered {
                 object: listed.name,
@@ -82,7 +90,7 @@ pub async fn read_fences(
         }
         fences.push(fence);
     }
-    fences.sort_by_key(|f| f.site_epoch);
+    fences.sort_by_key(|f| f.slot);
     Ok(fences)
 }
 
@@ -95,7 +103,7 @@ pub async fn write_fence(
     unwrap: &dyn KeyUnwrap,
     fence: &Fence,
 ) -> Result<(), ArchiveError> {
-    let name = fence_name(root, fence.site_epoch);
+    let name = fence_name(root, fence.slot);
     let header = ObjectHeader {
         format: FORMAT,
         kind: ObjectKind::Fence,
@@ -119,7 +127,11 @@ pub async fn write_fence(
     let first = read_fences(bucket, root, unwrap)
         .await?
         .into_iter()
-        .find(|f| f.site_epoch == fence.site_epoch);
+        .find(|f| f.slot == fence.slot);
+    // A PUT that timed out after the store took it: the fence there is this one.
+    if first.as_ref() == Some(fence) {
+        return Ok(());
+    }
     Err(ArchiveError::Config(match first {
         Some(f) => format!(
             "site {} was promoted first (site epoch {}, {}); site {} is not promoted: it \
@@ -134,12 +146,14 @@ pub async fn write_fence(
     }))
 }
 
-/// The newest fence by a site other than `site` after site epoch `since` (the epoch at
-/// which `site` itself became active; older fences are history): the one that fences it.
-pub fn fencing(fences: &[Fence], site: &str, since: u64) -> Option<Fence> {
+/// The newest promotion over `root`'s archive by a site other than `site`, after site
+/// epoch `since` (the epoch at which `site` itself became active; older fences are
+/// history): the one that fences it. A site's record of its own promotion in its own
+/// archive (its device is the archive's) fences nobody.
+pub fn fencing(fences: &[Fence], root: &ArchiveRoot, site: &str, since: u64) -> Option<Fence> {
     fences
         .iter()
-        .filter(|f| f.site != site && f.site_epoch > since)
+        .filter(|f| f.site != site && f.site_epoch > since && f.device != root.device)
         .max_by_key(|f| f.site_epoch)
         .cloned()
 }
@@ -167,6 +181,8 @@ struct Head {
     epoch: u64,
     covers: u64,
     digest: String,
+    /// The base the chain followed started from.
+    base: String,
 }
 
 /// Applies the active site's archive to this site's token, through the agent.
@@ -216,8 +232,10 @@ impl Follower {
     /// that does not verify or follow, naming it; nothing after it is applied.
     pub async fn step(&mut self, agent: &Agent) -> Result<(), ArchiveError> {
         let fences = read_fences(&self.bucket, &self.root, &*self.key).await?;
-        let site_epoch = fences.last().map_or(0, |f| f.site_epoch);
-        if let Some(own) = fences.iter().rev().find(|f| f.site == self.site) {
+        let site_epoch = fences.iter().map(|f| f.site_epoch).max().unwrap_or(0);
+        // This site's own fence counts only as the newest: an older one is a past
+        // promotion that another has since ended (this site then rejoined).
+        if let Some(own) = fences.last().filter(|f| f.site == self.site) {
             self.update(|s| {
                 s.promoted = Some(own.clone());
                 s.site_epoch = site_epoch;
@@ -255,6 +273,8 @@ impl Follower {
         // A new epoch at the active site (a failover there) starts from its base.
         if self.head.as_ref().is_none_or(|h| h.epoch < newest_epoch) {
             self.apply_base(agent, &entries, newest_epoch).await?;
+        } else {
+            self.follow_new_base(agent, &entries, newest_epoch).await?;
         }
         while let Some(head) = self.head.clone() {
             let mut next: Vec<&Entry> = entries
@@ -266,16 +286,25 @@ impl Follower {
                 })
                 .collect();
             next.sort_by_key(|e| std::cmp::Reverse(e.millis));
-            let Some(entry) = next.first() else { break };
-            let mut records = BTreeMap::new();
-            let (header, digest) =
-                open_checked(&self.bucket, &self.root, &*self.key, entry, &mut records).await?;
-            if header.prev.as_deref() != Some(head.digest.as_str()) {
+            let Some(first) = next.first() else { break };
+            // Of the candidates (a chain abandoned after a failed PUT leaves another), the
+            // one that links to what was applied.
+            let mut linked = None;
+            for entry in &next {
+                let mut records = BTreeMap::new();
+                let (header, digest) =
+                    open_checked(&self.bucket, &self.root, &*self.key, entry, &mut records).await?;
+                if header.prev.as_deref() == Some(head.digest.as_str()) {
+                    linked = Some((*entry, header, digest, records));
+                    break;
+                }
+            }
+            let Some((entry, header, digest, records)) = linked else {
                 return Err(ArchiveError::Broken {
-                    object: entry.name.clone(),
+                    object: first.name.clone(),
                     detail: "it does not follow the object applied before it".into(),
                 });
-            }
+            };
             for record in records.into_values() {
                 apply(agent, record, false).await?;
             }
@@ -283,6 +312,7 @@ impl Follower {
                 epoch: header.epoch,
                 covers: header.covers(),
                 digest,
+                base: head.base.clone(),
             });
             self.update(|s| {
                 s.applied_sequence = header.covers();
@@ -302,6 +332,55 @@ impl Follower {
         Ok(())
     }
 
+    /// A newer base of the epoch followed starts a new chain (a scheduled base, `backup
+    /// now`, a fresh chain after a failed PUT). When this token already holds every change
+    /// the base covers, the base is verified and followed without applying it (the
+    /// segments after it replay changes already here, harmlessly); when it is behind, the
+    /// base is applied as the truth.
+    async fn follow_new_base(
+        &mut self,
+        agent: &Agent,
+        entries: &[Entry],
+        epoch: u64,
+    ) -> Result<(), ArchiveError> {
+        let Some(head) = self.head.clone() else {
+            return Ok(());
+        };
+        let Some(base) = entries
+            .iter()
+            .filter(|e| e.kind == ObjectKind::Base && e.epoch == epoch)
+            .max_by_key(|e| (e.millis, e.last))
+        else {
+            return Ok(());
+        };
+        if base.name == head.base {
+            return Ok(());
+        }
+        // Still on the newest chain: its next segment links to what was applied.
+        let continues = entries.iter().any(|e| {
+            e.kind == ObjectKind::Segment
+                && e.epoch == epoch
+                && e.first == head.covers + 1
+                && e.millis < base.millis
+        });
+        if continues {
+            return Ok(());
+        }
+        let mut scratch = BTreeMap::new();
+        let (header, digest) =
+            open_checked(&self.bucket, &self.root, &*self.key, base, &mut scratch).await?;
+        if header.covers() <= head.covers {
+            self.head = Some(Head {
+                epoch: header.epoch,
+                covers: header.covers(),
+                digest,
+                base: base.name.clone(),
+            });
+            return Ok(());
+        }
+        self.apply_base(agent, entries, epoch).await
+    }
+
     /// Makes the token equal to the newest base of `epoch`: what the base holds is written
     /// whatever this token held, and what it lacks is removed.
     async fn apply_base(
@@ -313,7 +392,7 @@ impl Follower {
         let Some(base) = entries
             .iter()
             .filter(|e| e.kind == ObjectKind::Base && e.epoch == epoch)
-            .max_by_key(|e| (e.last, e.millis))
+            .max_by_key(|e| (e.millis, e.last))
         else {
             // The new epoch's base is not written yet: wait for it.
             return Ok(());
@@ -343,6 +422,7 @@ impl Follower {
             epoch: header.epoch,
             covers: header.covers(),
             digest,
+            base: base.name.clone(),
         });
         self.update(|s| {
             s.applied_sequence = header.covers();
@@ -382,7 +462,7 @@ impl Follower {
         let fences = read_fences(&self.bucket, &self.root, &*self.key).await?;
         // The site this one follows was itself fenced: another passive site is active now,
         // and promoting this one over the old site would make two.
-        if let Some(first) = fencing(&fences, &self.site, 0) {
+        if let Some(first) = fencing(&fences, &self.root, &self.site, 0) {
             return Err(ArchiveError::Config(format!(
                 "site {} was promoted first (site epoch {}); site {} is not promoted: it stays \
                  passive; rejoin it to follow site {} (HSMDevice {})",
@@ -394,6 +474,7 @@ impl Follower {
             None => Vec::new(),
         };
         let fence = Fence {
+            slot: next_slot(&fences),
             site_epoch: next_site_epoch(&fences).max(next_site_epoch(&past)),
             site: self.site.clone(),
             fence_sequence: self.head.as_ref().map_or(0, |h| h.covers),
@@ -450,6 +531,42 @@ fn rfc3339(millis: u64) -> String {
         .unwrap_or_default()
 }
 
+/// Records this site's own promotion in its own archive, so that a promotion over it
+/// later (by a site that follows that archive) takes a higher site epoch, and so that
+/// this site knows after a restart from which site epoch it is active.
+pub async fn record_promotion(
+    bucket: &Bucket,
+    own: &ArchiveRoot,
+    keys: &[&dyn KeyWrap],
+    unwrap: &dyn KeyUnwrap,
+    promoted: &Fence,
+) -> Result<(), ArchiveError> {
+    let fences = read_fences(bucket, own, unwrap).await?;
+    if fences
+        .iter()
+        .any(|f| f.site == promoted.site && f.site_epoch == promoted.site_epoch)
+    {
+        return Ok(());
+    }
+    let record = Fence {
+        slot: next_slot(&fences),
+        fence_sequence: 0,
+        ..promoted.clone()
+    };
+    write_fence(bucket, own, keys, unwrap, &record).await
+}
+
+/// The site epoch from which `site` is active, as its own archive records it (0: never
+/// promoted, the original active site).
+pub fn active_since(own_fences: &[Fence], site: &str) -> u64 {
+    own_fences
+        .iter()
+        .filter(|f| f.site == site)
+        .map(|f| f.site_epoch)
+        .max()
+        .unwrap_or(0)
+}
+
 /// A new fence's site epoch: one above every fence the archive holds.
 pub fn next_site_epoch(fences: &[Fence]) -> u64 {
     fences.iter().map(|f| f.site_epoch).max().unwrap_or(0) + 1
@@ -468,6 +585,7 @@ mod tests {
 
     fn fence(site: &str, epoch: u64) -> Fence {
         Fence {
+            slot: epoch,
             site_epoch: epoch,
             site: site.into(),
             fence_sequence: 10 * epoch,
@@ -478,16 +596,35 @@ mod tests {
 
     #[test]
     fn the_newest_fence_by_another_site_fences() {
+        let root = ArchiveRoot::new("x-dev", "main").unwrap();
         let fences = [fence("b", 1), fence("a", 2), fence("c", 3)];
-        assert_eq!(fencing(&fences, "c", 0).map(|f| f.site), Some("a".into()));
-        assert_eq!(fencing(&fences, "a", 0).map(|f| f.site), Some("c".into()));
         assert_eq!(
-            fencing(&fences, "a", 3),
+            fencing(&fences, &root, "c", 0).map(|f| f.site),
+            Some("a".into())
+        );
+        assert_eq!(
+            fencing(&fences, &root, "a", 0).map(|f| f.site),
+            Some("c".into())
+        );
+        assert_eq!(
+            fencing(&fences, &root, "a", 3),
             None,
             "history before it became active"
         );
-        assert_eq!(fencing(&[fence("a", 1)], "a", 0), None, "its own promotion");
+        assert_eq!(
+            fencing(&[fence("a", 1)], &root, "a", 0),
+            None,
+            "its own promotion"
+        );
+        assert_eq!(
+            fencing(&[fence("x", 1)], &root, "a", 0),
+            None,
+            "the archive's own site recording its promotion fences nobody"
+        );
         assert_eq!(next_site_epoch(&fences), 4);
+        assert_eq!(next_slot(&fences), 4);
+        assert_eq!(active_since(&fences, "a"), 2);
+        assert_eq!(active_since(&fences, "z"), 0);
         assert_eq!(next_site_epoch(&[]), 1);
         assert_eq!(
             promotion_wait(Duration::from_secs(30)),

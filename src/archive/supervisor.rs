@@ -147,6 +147,7 @@ struct Supervised {
     promotion_error: Option<String>,
     /// The site epoch of the promotion made here.
     promotion_epoch: u64,
+    promotion_fence: Option<super::site::Fence>,
     /// This site's own archive (spec.backup), for the fences of its past.
     own_archive: Option<ArchiveSettings>,
 }
@@ -330,6 +331,18 @@ impl Supervisor {
         };
         if let Err(e) = applied {
             tracing::warn!(error = %e, "the archive configuration cannot be applied");
+            // A site whose configuration did not apply takes no writes until it does.
+            if let Some(site) = &request.site {
+                self.agent.update_site_gate(|gate| match gate {
+                    SiteGate::Fenced { .. }
+                    | SiteGate::Draining { .. }
+                    | SiteGate::Promoting { .. } => gate.clone(),
+                    _ => SiteGate::Active {
+                        site: site.name.clone(),
+                        until: None,
+                    },
+                });
+            }
             let mut supervised = self.lock();
             supervised.running = None;
             supervised.config_error = Some(e.to_string());
@@ -365,6 +378,14 @@ impl Supervisor {
             .map(|spec| ArchiveSettings::from_spec(spec, &self.credentials_root))
             .transpose()?;
         let Some(site) = site else {
+            // A fenced site stays fenced even if spec.site is removed: it never archives
+            // into the history another site took over.
+            if let SiteGate::Fenced { by, .. } = self.agent.site_gate() {
+                return Err(ArchiveError::Config(format!(
+                    "this site was fenced by site {by}'s promotion and archives nothing more; \
+                     keep spec.site and rejoin it as passive (kubectl hsm site rejoin)"
+                )));
+            }
             self.lock().site = None;
             self.agent.update_site_gate(|_| SiteGate::Open);
             return match backup {
@@ -374,6 +395,24 @@ impl Supervisor {
                 )),
             };
         };
+        if let Some(settings) = &backup
+            && site.lease < settings.segment_interval * 3
+        {
+            return Err(ArchiveError::Config(format!(
+                "spec.site.leaseSeconds ({} s) must be at least three archive segment intervals \
+                 ({} s each): the site renews its lease at each archive step",
+                site.lease.as_secs(),
+                settings.segment_interval.as_secs_f64()
+            )));
+        }
+        // A fenced site told to follow rejoins: its past promotion no longer counts.
+        if site.follow.is_some() && matches!(self.agent.site_gate(), SiteGate::Fenced { .. }) {
+            let mut supervised = self.lock();
+            supervised.promotion_done = None;
+            supervised.promotion_epoch = 0;
+            supervised.site = None;
+            supervised.running = None;
+        }
         self.lock().own_archive = backup.clone();
         let promoted = self.promoted();
         if let (Some(follow), false) = (&site.follow, promoted) {
@@ -383,17 +422,26 @@ impl Supervisor {
             supervised.config_error = None;
             return Ok(());
         }
-        // Active (or promoted): the gate waits for the archiver's first clean check; a
-        // drain stops writes until it is called off or the promotion elsewhere fences.
+        // Active (or promoted): the gate waits for the archiver's first clean check (a
+        // promoted site also for the old site's lease, even after a restart); a drain
+        // stops writes until it is called off or a promotion elsewhere fences.
+        let promoted_fence = self.promoted_fence();
+        let wait = promotion_wait(site.lease);
         self.agent.update_site_gate(|gate| match (gate, drain) {
             (SiteGate::Fenced { .. }, _) => gate.clone(),
             (_, true) => SiteGate::Draining {
                 site: site.name.clone(),
             },
-            (SiteGate::Active { .. }, false) => gate.clone(),
-            (_, false) => SiteGate::Active {
-                site: site.name.clone(),
-                until: None,
+            (SiteGate::Active { .. } | SiteGate::Promoting { .. }, false) => gate.clone(),
+            (_, false) => match &promoted_fence {
+                Some(fence) => SiteGate::Promoting {
+                    site: site.name.clone(),
+                    open_at: opening(fence, wait),
+                },
+                None => SiteGate::Active {
+                    site: site.name.clone(),
+                    until: None,
+                },
             },
         });
         let guard = Some((site.name.clone(), site.lease, self.active_since()));
@@ -419,6 +467,23 @@ impl Supervisor {
                     .into(),
             )),
         }
+    }
+
+    /// This site's own promotion, made here or found in the archive it followed.
+    fn promoted_fence(&self) -> Option<super::site::Fence> {
+        let supervised = self.lock();
+        supervised.promotion_fence.clone().or_else(|| {
+            supervised
+                .site
+                .as_ref()
+                .and_then(|s| s.follow_state.as_ref())
+                .and_then(|st| {
+                    st.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .promoted
+                        .clone()
+                })
+        })
     }
 
     /// The site epoch of this site's own promotion, 0 when it never was promoted.
@@ -544,6 +609,7 @@ impl Supervisor {
             let outcome = async {
                 let (recovery, _) = follow.bucket.check()?;
                 let wrap: Arc<dyn KeyWrap> = token.clone();
+                let wrap_unwrap: Arc<dyn KeyUnwrap> = token.clone();
                 let keys: [&dyn KeyWrap; 2] = [&*wrap, &recovery];
                 let history = match &own_archive {
                     Some(own) => Some((own.check()?.1, ArchiveRoot::new(&device, &own.archive_name)?)),
@@ -555,6 +621,14 @@ impl Supervisor {
                     .promote(&agent, &keys, &device, history.as_ref().map(|(b, r)| (b, r)))
                     .await?;
                 let wait = promotion_wait(site.lease);
+                // No write before the old site's lease has run out, whatever else happens.
+                agent.update_site_gate(|_| SiteGate::Promoting {
+                    site: site.name.clone(),
+                    open_at: opening(&fence, wait),
+                });
+                if let Some((bucket, own)) = &history {
+                    super::site::record_promotion(bucket, own, &keys, &*wrap_unwrap, &fence).await?;
+                }
                 tracing::warn!(site = %site.name, wait_ms = wait.as_millis() as u64, "waiting out the active site's lease before taking writes");
                 tokio::time::sleep(wait).await;
                 Ok::<_, ArchiveError>(fence)
@@ -568,11 +642,7 @@ impl Supervisor {
                     supervised.promotion_done = Some(request);
                     supervised.promotion_error = None;
                     supervised.promotion_epoch = fence.site_epoch;
-                    // Writes wait for the archiver's first clean check (next request).
-                    agent.update_site_gate(|_| SiteGate::Active {
-                        site: site.name.clone(),
-                        until: None,
-                    });
+                    supervised.promotion_fence = Some(fence);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "site promotion failed");
@@ -762,6 +832,13 @@ impl Supervisor {
 
 const MAX_REPORTED_BASES: usize = 32;
 
+/// When a site promoted by `fence` may take writes: the fence's time (on this site's
+/// clock, which wrote it) plus `wait`, as an instant of this process.
+fn opening(fence: &super::site::Fence, wait: Duration) -> std::time::Instant {
+    let ready_at = fence.millis.saturating_add(wait.as_millis() as u64);
+    std::time::Instant::now() + Duration::from_millis(ready_at.saturating_sub(now_millis()))
+}
+
 impl Supervisor {
     /// The site's report: its role from the agent's gate, a passive site's progress
     /// through the archive, a fenced site's fence and lost writes.
@@ -791,7 +868,9 @@ impl Supervisor {
                 report.draining = true;
                 pb::SiteRole::Active
             }
-            SiteGate::Active { .. } | SiteGate::Open => pb::SiteRole::Active,
+            SiteGate::Active { .. } | SiteGate::Open | SiteGate::Promoting { .. } => {
+                pb::SiteRole::Active
+            }
         } as i32;
         if let Some(state) = &site.follow_state {
             let state = state.lock().unwrap_or_else(PoisonError::into_inner).clone();

@@ -279,8 +279,17 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
         let report = match self.agents.archive(&primary, backup, site, &ask).await {
             // The site's configuration reached the node that is (or is about to be) the
             // primary: its gate is set before any lease lets it write.
-            Ok(report) if report.not_primary => return (events, true),
-            Ok(report) => report,
+            Ok(report) if report.not_primary => {
+                let applied =
+                    report.config_error.is_none() && (site.is_none() || report.site.is_some());
+                return (events, applied);
+            }
+            Ok(report) => {
+                if site.is_some() && (report.config_error.is_some() || report.site.is_none()) {
+                    site_confirmed = false;
+                }
+                report
+            }
             // What the archive held when last heard of still stands; the lag grows.
             Err(e) if backup.is_none() => {
                 tracing::warn!(error = %e, "the primary's agent did not answer the site's Archive call");

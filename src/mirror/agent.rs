@@ -686,6 +686,11 @@ impl Agent {
             index.record_write(path, version, checksum);
             self.replication().write_targets()
         };
+        // The site may have lost its lease (or been fenced) while the write went on.
+        if let Err(refusal) = self.site_gate().admit(Instant::now().into_std()) {
+            tracing::warn!(%path, version, %refusal, "site gate closed during a write; not acknowledged");
+            return Err(MirrorError::Site(refusal));
+        }
         if self.control().check_lease(Instant::now()).is_err() {
             return Err(MirrorError::LeaseExpiredDuringWrite {
                 node: self.node().into(),

@@ -22,6 +22,9 @@ pub enum SiteGate {
     /// The active site stopped taking writes for a planned switchover; it still archives
     /// (and still checks for the promotion that ends it).
     Draining { site: String },
+    /// Just promoted: its fence is durable, and the old active site's lease may still run
+    /// until `open_at`; a clean check at or after it opens writes.
+    Promoting { site: String, open_at: Instant },
     /// `by` was promoted over this site at `site_epoch`, its history starting after
     /// `fence_sequence`.
     Fenced {
@@ -50,6 +53,11 @@ pub enum SiteRefusal {
     )]
     Draining { site: String },
     #[error(
+        "site {site} was just promoted and waits out the old active site's lease (about \
+         {wait_ms} ms more) before it takes writes"
+    )]
+    Promoting { site: String, wait_ms: u128 },
+    #[error(
         "site {site} has not confirmed within its site lease that no other site was promoted \
          (the archive bucket could not be checked); writes resume once it can"
     )]
@@ -73,6 +81,7 @@ impl SiteRefusal {
             SiteRefusal::Passive { .. } => "site_passive",
             SiteRefusal::LeaseLapsed { .. } => "site_lease_lapsed",
             SiteRefusal::Draining { .. } => "site_draining",
+            SiteRefusal::Promoting { .. } => "site_promoting",
             SiteRefusal::Fenced { .. } => "site_fenced",
         }
     }
@@ -88,6 +97,10 @@ impl SiteGate {
             } if now < *until => Ok(()),
             SiteGate::Active { site, .. } => Err(SiteRefusal::LeaseLapsed { site: site.clone() }),
             SiteGate::Draining { site } => Err(SiteRefusal::Draining { site: site.clone() }),
+            SiteGate::Promoting { site, open_at } => Err(SiteRefusal::Promoting {
+                site: site.clone(),
+                wait_ms: open_at.saturating_duration_since(now).as_millis(),
+            }),
             SiteGate::Passive { site, active } => Err(SiteRefusal::Passive {
                 site: site.clone(),
                 active: active.clone(),
@@ -110,16 +123,23 @@ impl SiteGate {
     /// The active site checked the bucket, starting at `checked_at`, and found no other
     /// site promoted: writes may go on until `checked_at + lease`. A fenced site stays
     /// fenced.
+    ///
+    /// Only an active site's lease is extended: a passive, fenced, draining or unconfigured
+    /// gate is left as it is (a check still in flight when the site changed must not open
+    /// it), and a just-promoted site opens only with a check that began at or after its
+    /// opening time.
     pub fn renewed(&self, site: &str, checked_at: Instant, lease: Duration) -> SiteGate {
+        let active = || SiteGate::Active {
+            site: site.into(),
+            until: Some(checked_at + lease),
+        };
         match self {
-            SiteGate::Fenced { .. } | SiteGate::Draining { .. } => self.clone(),
             SiteGate::Active {
                 until: Some(until), ..
             } if *until > checked_at + lease => self.clone(),
-            _ => SiteGate::Active {
-                site: site.into(),
-                until: Some(checked_at + lease),
-            },
+            SiteGate::Active { .. } => active(),
+            SiteGate::Promoting { open_at, .. } if checked_at >= *open_at => active(),
+            _ => self.clone(),
         }
     }
 }
@@ -166,6 +186,23 @@ mod tests {
             fence_sequence: 40,
         };
         assert_eq!(fenced.renewed("a", now, lease), fenced, "fenced for good");
+        assert_eq!(SiteGate::Open.renewed("a", now, lease), SiteGate::Open);
+        let promoting = SiteGate::Promoting {
+            site: "b".into(),
+            open_at: now + lease,
+        };
+        assert_eq!(promoting.admit(now).unwrap_err().kind(), "site_promoting");
+        assert_eq!(
+            promoting.renewed("b", now, lease),
+            promoting,
+            "not before its time"
+        );
+        assert!(
+            promoting
+                .renewed("b", now + lease, lease)
+                .admit(now + lease)
+                .is_ok()
+        );
         let draining = SiteGate::Draining { site: "a".into() };
         assert_eq!(
             draining.renewed("a", now, lease),
