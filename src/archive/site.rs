@@ -231,6 +231,10 @@ impl Follower {
     /// Applies what the archive holds beyond what was applied. Stops at the first object
     /// that does not verify or follow, naming it; nothing after it is applied.
     pub async fn step(&mut self, agent: &Agent) -> Result<(), ArchiveError> {
+        // Only the passive site's primary applies the archive; its mirrors copy from it.
+        if agent.role() != crate::crd::DeviceRole::Primary {
+            return Ok(());
+        }
         let fences = read_fences(&self.bucket, &self.root, &*self.key).await?;
         let site_epoch = fences.iter().map(|f| f.site_epoch).max().unwrap_or(0);
         // This site's own fence counts only as the newest: an older one is a past
