@@ -445,6 +445,18 @@ async fn bucket_failures_name_the_object_store_and_the_fix_and_never_block_write
     assert!(error.contains("access-key-id"), "{error}");
 }
 
+/// The archive Secret as the node plugin mounts it (`hsm-archive`: moto's test
+/// credentials and the recovery key's public half), under a fresh credentials root.
+fn archive_secret(recovery: &RecoverySecretKey) -> (tempfile::TempDir, std::path::PathBuf) {
+    let mounts = tempfile::tempdir().unwrap();
+    let secret = mounts.path().join("hsm-archive");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("access-key-id"), "testing\n").unwrap();
+    std::fs::write(secret.join("secret-access-key"), "testing\n").unwrap();
+    std::fs::write(secret.join("recovery.pub"), recovery.public().to_text()).unwrap();
+    (mounts, secret)
+}
+
 /// An HTTP server on loopback that answers every request with `status` and an S3 error
 /// document of `code`; its endpoint.
 async fn answering(status: &'static str, code: &'static str) -> String {
@@ -1043,12 +1055,7 @@ async fn the_controller_archives_per_spec_backup_and_verifies_on_demand() {
     let Some(s3) = S3Server::start() else { return };
     s3.create_bucket("spec-backup");
     let recovery = RecoverySecretKey::generate().unwrap();
-    let mounts = tempfile::tempdir().unwrap();
-    let secret = mounts.path().join("hsm-archive");
-    std::fs::create_dir_all(&secret).unwrap();
-    std::fs::write(secret.join("access-key-id"), "testing\n").unwrap();
-    std::fs::write(secret.join("secret-access-key"), "testing\n").unwrap();
-    std::fs::write(secret.join("recovery.pub"), recovery.public().to_text()).unwrap();
+    let (mounts, secret) = archive_secret(&recovery);
 
     let token = TestToken::new("spec-primary").unwrap();
     let store = Arc::new(token.open().await);
@@ -1490,12 +1497,7 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
     let Some(s3) = S3Server::start() else { return };
     s3.create_bucket("sites");
     let recovery = RecoverySecretKey::generate().unwrap();
-    let mounts = tempfile::tempdir().unwrap();
-    let secret = mounts.path().join("hsm-archive");
-    std::fs::create_dir_all(&secret).unwrap();
-    std::fs::write(secret.join("access-key-id"), "testing\n").unwrap();
-    std::fs::write(secret.join("secret-access-key"), "testing\n").unwrap();
-    std::fs::write(secret.join("recovery.pub"), recovery.public().to_text()).unwrap();
+    let (mounts, _) = archive_secret(&recovery);
     let lease_ms = 1500;
 
     // Site a: the device's tokens there hold the archive key; b and c receive it by the
@@ -1768,12 +1770,7 @@ async fn passive_sites_name_bad_archives_and_concurrent_promotions_have_one_winn
     let Some(s3) = S3Server::start() else { return };
     s3.create_bucket("sites-bad");
     let recovery = RecoverySecretKey::generate().unwrap();
-    let mounts = tempfile::tempdir().unwrap();
-    let secret = mounts.path().join("hsm-archive");
-    std::fs::create_dir_all(&secret).unwrap();
-    std::fs::write(secret.join("access-key-id"), "testing\n").unwrap();
-    std::fs::write(secret.join("secret-access-key"), "testing\n").unwrap();
-    std::fs::write(secret.join("recovery.pub"), recovery.public().to_text()).unwrap();
+    let (mounts, _) = archive_secret(&recovery);
     let a_store = Arc::new(TestToken::new("bad-a").unwrap().open().await);
     a_store
         .archive_key_generate(ARCHIVE_KEY_LABEL)

@@ -145,8 +145,7 @@ struct Supervised {
     promotion_running: Option<String>,
     promotion_done: Option<String>,
     promotion_error: Option<String>,
-    /// The site epoch of the promotion made here.
-    promotion_epoch: u64,
+    /// The promotion made here.
     promotion_fence: Option<super::site::Fence>,
     /// This site's own archive (spec.backup), for the fences of its past.
     own_archive: Option<ArchiveSettings>,
@@ -409,7 +408,7 @@ impl Supervisor {
         if site.follow.is_some() && matches!(self.agent.site_gate(), SiteGate::Fenced { .. }) {
             let mut supervised = self.lock();
             supervised.promotion_done = None;
-            supervised.promotion_epoch = 0;
+            supervised.promotion_fence = None;
             supervised.site = None;
             supervised.running = None;
         }
@@ -488,37 +487,12 @@ impl Supervisor {
 
     /// The site epoch of this site's own promotion, 0 when it never was promoted.
     fn active_since(&self) -> u64 {
-        let supervised = self.lock();
-        supervised.promotion_epoch.max(
-            supervised
-                .site
-                .as_ref()
-                .and_then(|s| s.follow_state.as_ref())
-                .and_then(|st| {
-                    st.lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .promoted
-                        .as_ref()
-                        .map(|f| f.site_epoch)
-                })
-                .unwrap_or(0),
-        )
+        self.promoted_fence().map_or(0, |f| f.site_epoch)
     }
 
     /// Whether this site's own promotion is known (made here, or found in the archive).
     fn promoted(&self) -> bool {
-        let supervised = self.lock();
-        supervised.promotion_done.is_some()
-            || supervised
-                .site
-                .as_ref()
-                .and_then(|s| s.follow_state.as_ref())
-                .is_some_and(|st| {
-                    st.lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .promoted
-                        .is_some()
-                })
+        self.promoted_fence().is_some()
     }
 
     /// Starts (or keeps) the follower of `follow`; the agent refuses writes meanwhile.
@@ -641,7 +615,6 @@ impl Supervisor {
                     tracing::warn!(site = %site.name, site_epoch = fence.site_epoch, "site promoted: active");
                     supervised.promotion_done = Some(request);
                     supervised.promotion_error = None;
-                    supervised.promotion_epoch = fence.site_epoch;
                     supervised.promotion_fence = Some(fence);
                 }
                 Err(e) => {
