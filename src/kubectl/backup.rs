@@ -3,13 +3,11 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use serde::Serialize;
 use serde_json::json;
 
 use super::args::{BackupAction, BackupRequest, RestoreRequest, Wait};
-use super::devices::{devices_api, get_device};
-use super::error::Call;
+use super::devices::{get_device, patch_device};
 use super::render::{self, Table};
 use super::wait::{Outcome, Step, poll};
 use super::{KubectlError, OutputFormat, Session, Term};
@@ -161,10 +159,7 @@ async fn ask(
 ) -> Result<(), KubectlError> {
     let id = Timestamp::now().to_string();
     let patch = json!({"metadata": {"annotations": {annotation: id}}});
-    devices_api(s)
-        .patch(&r.device, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| Call::hsmdevice("patch", Some(&r.device)).fail(e))?;
+    patch_device(s, &r.device, &patch).await?;
     let verify = annotation == BACKUP_VERIFY_ANNOTATION;
     let what = if verify {
         "restore drill"
@@ -201,10 +196,7 @@ async fn ask(
                 "{} restorable points, archived through sequence {}{}",
                 backup.bases.len(),
                 backup.archived_sequence,
-                backup
-                    .last_error
-                    .map(|e| format!("; last error: {e}"))
-                    .unwrap_or_default()
+                error_suffix(backup.last_error)
             )))
         }
     })
@@ -298,10 +290,7 @@ pub(crate) async fn restore(
     let value = serde_json::to_string(&request)
         .map_err(|e| KubectlError::Refused(format!("encode the restore request: {e}")))?;
     let patch = json!({"metadata": {"annotations": {RESTORE_ANNOTATION: value}}});
-    devices_api(s)
-        .patch(&r.device, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| Call::hsmdevice("patch", Some(&r.device)).fail(e))?;
+    patch_device(s, &r.device, &patch).await?;
     term.note(&format!(
         "restore of HSMDevice {} requested ({id})",
         r.device
@@ -320,10 +309,7 @@ pub(crate) async fn restore(
             _ => Ok(Step::Pending(format!(
                 "archived through sequence {}{}",
                 backup.archived_sequence,
-                backup
-                    .last_error
-                    .map(|e| format!("; last error: {e}"))
-                    .unwrap_or_default()
+                error_suffix(backup.last_error)
             ))),
         }
     })
@@ -356,4 +342,11 @@ pub(crate) async fn restore(
             ),
         }),
     }
+}
+
+/// "; last error: …" when the archive reports one, for progress lines.
+fn error_suffix(error: Option<String>) -> String {
+    error
+        .map(|e| format!("; last error: {e}"))
+        .unwrap_or_default()
 }

@@ -24,6 +24,19 @@ async fn list_devices(s: &Session) -> Result<Vec<HSMDevice>, KubectlError> {
         .items)
 }
 
+/// A merge patch of one HSMDevice (an annotation the controller acts on, or a spec change).
+pub(crate) async fn patch_device(
+    s: &Session,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<(), KubectlError> {
+    devices_api(s)
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map_err(|e| Call::hsmdevice("patch", Some(name)).fail(e))?;
+    Ok(())
+}
+
 pub(crate) async fn get_device(s: &Session, name: &str) -> Result<HSMDevice, KubectlError> {
     devices_api(s)
         .get(name)
@@ -163,10 +176,7 @@ pub(crate) async fn failover(
         r.to.clone()
     };
     let patch = json!({"metadata": {"annotations": {SWITCHOVER_ANNOTATION: request}}});
-    devices_api(s)
-        .patch(&r.device, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| Call::hsmdevice("patch", Some(&r.device)).fail(e))?;
+    patch_device(s, &r.device, &patch).await?;
     let from = device
         .status
         .as_ref()

@@ -3,13 +3,11 @@
 //! side by side first; the request reaches the primary's node by annotation.
 
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use serde::Serialize;
 use serde_json::json;
 
 use super::args::{SiteAction, SiteRequest, Wait};
-use super::devices::{devices_api, get_device};
-use super::error::Call;
+use super::devices::{get_device, patch_device};
 use super::render;
 use super::wait::{Outcome, Step, poll};
 use super::{KubectlError, OutputFormat, Session, Term};
@@ -128,10 +126,7 @@ async fn drain(
         serde_json::Value::String(Timestamp::now().to_string())
     };
     let patch = json!({"metadata": {"annotations": {SITE_DRAIN_ANNOTATION: value}}});
-    devices_api(s)
-        .patch(&r.device, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| Call::hsmdevice("patch", Some(&r.device)).fail(e))?;
+    patch_device(s, &r.device, &patch).await?;
     if !wait.enabled {
         return term.print(&format!(
             "hsmdevice {}: drain {}\n",
@@ -217,10 +212,7 @@ async fn promote(
     }
     let id = Timestamp::now().to_string();
     let patch = json!({"metadata": {"annotations": {SITE_PROMOTE_ANNOTATION: id}}});
-    devices_api(s)
-        .patch(&r.device, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| Call::hsmdevice("patch", Some(&r.device)).fail(e))?;
+    patch_device(s, &r.device, &patch).await?;
     term.note(&format!(
         "promotion of site {} requested ({id}); it waits out the active site's lease ({} s) \
          before taking writes",
@@ -343,10 +335,7 @@ async fn rejoin(
         ));
     }
     let patch = json!({"spec": {"site": {"followArchive": follow}}});
-    devices_api(s)
-        .patch(&r.device, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| Call::hsmdevice("patch", Some(&r.device)).fail(e))?;
+    patch_device(s, &r.device, &patch).await?;
     if !wait.enabled {
         return term.print(&format!("hsmdevice {}: rejoining\n", r.device));
     }
