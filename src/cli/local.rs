@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 
-use crate::local::cluster::{self, DEVICE, NAMESPACE, PLAIN_DIRECTORY_WARNING};
+use crate::local::cluster::{self, NAMESPACE, PLAIN_DIRECTORY_WARNING};
 use crate::local::{ClusterConfig, LocalCluster, StateFile, clients, system};
 use crate::telemetry::CommonArgs;
 
@@ -122,7 +122,8 @@ async fn up(dir: PathBuf, softhsm_module: Option<PathBuf>) -> anyhow::Result<()>
     state.save()?;
     println!("hsm-secrets local: running in {}", state.dir.display());
     println!(
-        "  device {DEVICE}: primary {} at epoch {}",
+        "  device {}: primary {} at epoch {}",
+        state.device,
         status.primary_node.unwrap_or_default(),
         status.epoch
     );
@@ -209,7 +210,8 @@ async fn put(dir: PathBuf, namespace: &str, name: &str, pairs: &[String]) -> any
     );
     if declare_hsm_secret(&state, namespace, name).await? {
         println!(
-            "declared HSMSecret {namespace}/{name} on {DEVICE}: any service account of {namespace} may mount it"
+            "declared HSMSecret {namespace}/{name} on {}: any service account of {namespace} may mount it",
+            state.device
         );
     }
     Ok(())
@@ -227,7 +229,12 @@ async fn declare_hsm_secret(
     if files.get_secret(namespace, name).await?.is_some() {
         return Ok(false);
     }
-    files.apply_secret(&cluster::local_hsm_secret(namespace, name, None))?;
+    files.apply_secret(&cluster::local_hsm_secret(
+        &state.device,
+        namespace,
+        name,
+        None,
+    ))?;
     Ok(true)
 }
 

@@ -49,7 +49,7 @@ pub mod mounts;
 pub mod plan;
 pub mod render;
 mod secrets;
-mod site;
+pub mod site;
 mod wait;
 
 use std::io::Write;

@@ -12,7 +12,8 @@ use super::render;
 use super::wait::{Outcome, Step, poll};
 use super::{KubectlError, OutputFormat, Session, Term};
 use crate::crd::{
-    HSMDevice, SITE_DRAIN_ANNOTATION, SITE_PROMOTE_ANNOTATION, SiteRole, SiteSpec, SiteStatus,
+    FollowArchive, HSMDevice, SITE_DRAIN_ANNOTATION, SITE_PROMOTE_ANNOTATION, SiteRole, SiteSpec,
+    SiteStatus,
 };
 
 /// What `site status -o json|yaml` prints.
@@ -105,6 +106,108 @@ pub fn site_table(view: &SiteView) -> String {
     out
 }
 
+/// Why the site cannot be promoted, if it cannot: only a passive site is.
+pub fn promote_refusal(view: &SiteView) -> Option<String> {
+    let role = view.status.as_ref().map(|st| st.role);
+    (view.spec.follow_archive.is_none() || role != Some(SiteRole::Passive)).then(|| {
+        format!(
+            "site {} of HSMDevice {} is not passive ({}): only a passive site is promoted",
+            view.spec.name,
+            view.device,
+            role.map_or("no report yet".into(), |r| format!("{r:?}"))
+        )
+    })
+}
+
+/// Why the site cannot drain, if it cannot: a passive site takes no writes to begin with.
+pub fn drain_refusal(view: &SiteView) -> Option<String> {
+    view.spec.follow_archive.is_some().then(|| {
+        format!(
+            "site {} of HSMDevice {} is passive: drain the active site, then promote this one",
+            view.spec.name, view.device
+        )
+    })
+}
+
+/// How promotion request `id` ended, as `status.site` reports it; `None` while pending.
+pub fn promotion_outcome(
+    id: &str,
+    site: Option<&SiteStatus>,
+) -> Option<Result<SiteStatus, String>> {
+    let site = site?;
+    if site.last_promotion.as_deref() == Some(id) {
+        return Some(Ok(site.clone()));
+    }
+    site.last_error
+        .as_deref()
+        .filter(|e| e.starts_with(id))
+        .map(|e| Err(e.to_string()))
+}
+
+/// The site's role for a progress line.
+pub fn role_line(site: Option<&SiteStatus>) -> String {
+    format!(
+        "site role {}",
+        site.map_or("unknown".into(), |st| format!("{:?}", st.role))
+    )
+}
+
+/// A fenced site's way back: it follows the site promoted over it, through the bucket of
+/// its own `spec.backup`.
+pub struct Rejoin {
+    pub follow: FollowArchive,
+    /// What the rejoin means, for the operator: whom it follows, what is lost.
+    pub summary: String,
+}
+
+impl Rejoin {
+    pub fn plan(device: &HSMDevice, view: &SiteView) -> Result<Self, String> {
+        let status = view.status.as_ref();
+        let role = status.map(|st| st.role);
+        let (Some(SiteRole::Fenced), Some(status), Some(by_device)) = (
+            role,
+            status,
+            status.and_then(|st| st.fenced_by_device.clone()),
+        ) else {
+            return Err(format!(
+                "site {} of HSMDevice {} is {}, not fenced: only a site another was promoted \
+                 over rejoins",
+                view.spec.name,
+                view.device,
+                role.map_or("not reported yet".into(), |r| format!("{r:?}"))
+            ));
+        };
+        let Some(backup) = &device.spec.backup else {
+            return Err(format!(
+                "HSMDevice {} has no spec.backup to learn the bucket from; set \
+                 spec.site.followArchive by hand",
+                view.device
+            ));
+        };
+        let by = status.fenced_by.as_deref().unwrap_or("?");
+        let summary = format!(
+            "site {} rejoins as passive, following site {by} (HSMDevice {by_device}) in {}; the \
+             {} write(s) it took after sequence {} are lost, not replayed: its tokens become a \
+             copy of site {by}'s archive\n",
+            view.spec.name,
+            backup.url,
+            status.lost_writes.unwrap_or(0),
+            status.fence_sequence.unwrap_or(0),
+        );
+        Ok(Self {
+            follow: FollowArchive {
+                url: backup.url.clone(),
+                endpoint: backup.endpoint.clone(),
+                region: backup.region.clone(),
+                credentials_secret: backup.credentials_secret.clone(),
+                device: by_device,
+                archive_name: Some(backup.archive_name().to_string()),
+            },
+            summary,
+        })
+    }
+}
+
 /// Drains the active site (or calls the drain off) and waits until its node says so.
 async fn drain(
     s: &Session,
@@ -114,11 +217,8 @@ async fn drain(
     wait: Wait,
     term: &mut Term<'_>,
 ) -> Result<(), KubectlError> {
-    if view.spec.follow_archive.is_some() {
-        return Err(KubectlError::Refused(format!(
-            "site {} of HSMDevice {} is passive: drain the active site, then promote this one",
-            view.spec.name, r.device
-        )));
+    if let Some(refusal) = drain_refusal(view) {
+        return Err(KubectlError::Refused(refusal));
     }
     let value = if undo {
         serde_json::Value::Null
@@ -192,14 +292,8 @@ async fn promote(
     wait: Wait,
     term: &mut Term<'_>,
 ) -> Result<(), KubectlError> {
-    let role = view.status.as_ref().map(|st| st.role);
-    if view.spec.follow_archive.is_none() || role != Some(SiteRole::Passive) {
-        return Err(KubectlError::Refused(format!(
-            "site {} of HSMDevice {} is not passive ({}): only a passive site is promoted",
-            view.spec.name,
-            r.device,
-            role.map_or("no report yet".into(), |r| format!("{r:?}"))
-        )));
+    if let Some(refusal) = promote_refusal(view) {
+        return Err(KubectlError::Refused(refusal));
     }
     term.print(&site_table(view))?;
     if !yes {
@@ -228,21 +322,10 @@ async fn promote(
     let outcome = poll(wait.timeout, s.poll_interval, async || {
         let device = get_device(s, &r.device).await?;
         let site = device.status.and_then(|st| st.site);
-        match site {
-            Some(st) if st.last_promotion.as_deref() == Some(id.as_str()) => Ok(Step::Done(Ok(st))),
-            Some(st)
-                if st
-                    .last_error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with(id.as_str())) =>
-            {
-                Ok(Step::Done(Err(st.last_error.unwrap_or_default())))
-            }
-            other => Ok(Step::Pending(format!(
-                "site role {}",
-                other.map_or("unknown".into(), |st| format!("{:?}", st.role))
-            ))),
-        }
+        Ok(match promotion_outcome(&id, site.as_ref()) {
+            Some(done) => Step::Done(done),
+            None => Step::Pending(role_line(site.as_ref())),
+        })
     })
     .await?;
     match outcome {
@@ -278,56 +361,17 @@ async fn rejoin(
     wait: Wait,
     term: &mut Term<'_>,
 ) -> Result<(), KubectlError> {
-    let status = view.status.clone().unwrap_or_else(|| SiteStatus {
-        name: view.spec.name.clone(),
-        role: SiteRole::Active,
-        site_epoch: 0,
-        source_sequence: None,
-        source_time: None,
-        applied_sequence: None,
-        applied_time: None,
-        lag_seconds: None,
-        fenced_by: None,
-        fenced_by_device: None,
-        fence_sequence: None,
-        lost_writes: None,
-        last_promotion: None,
-        last_error: None,
-        draining: false,
-    });
-    let (SiteRole::Fenced, Some(by_device)) = (status.role, status.fenced_by_device.clone()) else {
-        return Err(KubectlError::Refused(format!(
-            "site {} of HSMDevice {} is {:?}, not fenced: only a site another was promoted over \
-             rejoins",
-            view.spec.name, r.device, status.role
-        )));
-    };
-    let Some(backup) = &device.spec.backup else {
-        return Err(KubectlError::Refused(format!(
-            "HSMDevice {} has no spec.backup to learn the bucket from; set \
-             spec.site.followArchive by hand",
-            r.device
-        )));
-    };
+    let rejoin = Rejoin::plan(device, view).map_err(KubectlError::Refused)?;
+    let by_device = rejoin.follow.device.clone();
+    term.print(&rejoin.summary)?;
     let follow = json!({
-        "url": backup.url,
-        "endpoint": backup.endpoint,
-        "region": backup.region,
-        "credentialsSecret": backup.credentials_secret,
-        "device": by_device,
-        "archiveName": backup.archive_name(),
+        "url": rejoin.follow.url,
+        "endpoint": rejoin.follow.endpoint,
+        "region": rejoin.follow.region,
+        "credentialsSecret": rejoin.follow.credentials_secret,
+        "device": rejoin.follow.device,
+        "archiveName": rejoin.follow.archive_name,
     });
-    term.print(&format!(
-        "site {} rejoins as passive, following site {} (HSMDevice {by_device}) in {}; the {} \
-         write(s) it took after sequence {} are lost, not replayed: its tokens become a copy of \
-         site {}'s archive\n",
-        view.spec.name,
-        status.fenced_by.as_deref().unwrap_or("?"),
-        backup.url,
-        status.lost_writes.unwrap_or(0),
-        status.fence_sequence.unwrap_or(0),
-        status.fenced_by.as_deref().unwrap_or("?"),
-    ))?;
     if !yes {
         return term.print(&format!(
             "not changed: to go ahead: kubectl hsm site rejoin {} --yes\n",
@@ -343,10 +387,7 @@ async fn rejoin(
         let device = get_device(s, &r.device).await?;
         match device.status.and_then(|st| st.site) {
             Some(st) if st.role == SiteRole::Passive => Ok(Step::Done(st)),
-            other => Ok(Step::Pending(format!(
-                "site role {}",
-                other.map_or("unknown".into(), |st| format!("{:?}", st.role))
-            ))),
+            other => Ok(Step::Pending(role_line(other.as_ref()))),
         }
     })
     .await?;

@@ -80,6 +80,63 @@ pub struct ClusterConfig {
     pub tied_to_parent: bool,
     /// Leave the directory (and, with `local up`, the processes) in place.
     pub keep: bool,
+    /// This system is one site of a device spread over two (DESIGN: sites); `None`: the
+    /// single-site demo device archiving into a local directory.
+    pub site: Option<SiteConfig>,
+}
+
+/// One site of a device spread over two local systems, each standing for a cluster.
+#[derive(Clone, Debug)]
+pub struct SiteConfig {
+    /// `spec.site.name`.
+    pub name: String,
+    /// This site's HSMDevice: each site's device has its own name, so its archive is its own.
+    pub device: String,
+    /// The bucket both sites archive into.
+    pub bucket: BucketConfig,
+    /// `spec.site.leaseSeconds`.
+    pub lease_seconds: u32,
+    /// A passive site: the active site it follows; `None`: the active site.
+    pub follows: Option<Follows>,
+}
+
+/// A bucket as `spec.backup` and the archive Secret name it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BucketConfig {
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Access key id and secret access key (an S3 bucket), written into the archive Secret.
+    #[serde(skip)]
+    pub credentials: Option<(String, String)>,
+}
+
+/// What a passive site takes from the active one: its device, the offline recovery key's
+/// public half, and the token its archive key is copied from (the key ceremony between
+/// sites, as between a device's tokens).
+#[derive(Clone, Debug)]
+pub struct Follows {
+    pub device: String,
+    pub recovery_public: PathBuf,
+    pub key_source: NodeToken,
+}
+
+impl Follows {
+    /// The active site recorded by `local up` in `state`.
+    pub fn active_system(state: &StateFile) -> Result<Self, LocalError> {
+        let first = state.nodes.first().ok_or_else(|| {
+            LocalError::Check(format!("the system in {} has no node", state.dir.display()))
+        })?;
+        Ok(Self {
+            device: state.device.clone(),
+            recovery_public: state.dir.join("archive").join("recovery.pub"),
+            key_source: NodeToken {
+                label: TOKEN_LABEL.into(),
+                conf: first.softhsm_conf.clone(),
+                pin_file: first.pin_file.clone(),
+            },
+        })
+    }
 }
 
 /// Shown wherever volumes are made or checked when the system runs without the
@@ -117,6 +174,19 @@ pub struct StateFile {
     /// The CSI plugins write plain directories (no privilege to mount tmpfs).
     #[serde(default)]
     pub plain_directories: bool,
+    /// The system's HSMDevice.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// `spec.site.name`, when the system is one site of a device spread over two.
+    #[serde(default)]
+    pub site: Option<String>,
+    /// The bucket the device archives into.
+    #[serde(default)]
+    pub bucket: Option<BucketConfig>,
+}
+
+fn default_device() -> String {
+    DEVICE.into()
 }
 
 impl StateFile {
@@ -184,8 +254,13 @@ pub struct LocalCluster {
     pub dir: PathBuf,
     pub module: PathBuf,
     pub timing: Timing,
+    /// The system's HSMDevice ([`DEVICE`] unless a site names another).
+    pub device: String,
+    pub site: Option<SiteConfig>,
     pub state_dir: PathBuf,
     pub nodes: Vec<NodeEndpoints>,
+    /// The nodes' tokens, in [`NODES`] order.
+    pub tokens: Vec<NodeToken>,
     pub controller_tls: TlsFiles,
     pub webhook_url: String,
     pub webhook_ca_pem: String,
@@ -214,8 +289,14 @@ impl LocalCluster {
             dir: dir.clone(),
             module: PathBuf::new(),
             timing: config.timing.clone(),
+            device: config
+                .site
+                .as_ref()
+                .map_or_else(|| DEVICE.to_string(), |s| s.device.clone()),
+            site: config.site.clone(),
             state_dir: dir.join("state"),
             nodes: Vec::new(),
+            tokens: Vec::new(),
             controller_tls: TlsFiles {
                 ca: PathBuf::new(),
                 cert: PathBuf::new(),
@@ -263,9 +344,11 @@ impl LocalCluster {
         self.write_webhook_certificate()?;
         let state = FileState::open(&self.state_dir)?;
         let mut device = demo_device(&self.module.to_string_lossy(), &self.timing);
+        device.metadata.name = Some(self.device.clone());
         device.spec.backup = Some(self.backup_spec());
+        device.spec.site = self.site.as_ref().map(|site| self.site_spec(site));
         state.apply_device(&device)?;
-        let secrets = demo_secrets();
+        let secrets = demo_secrets(&self.device);
         for secret in &secrets {
             state.apply_secret(secret)?;
         }
@@ -276,6 +359,7 @@ impl LocalCluster {
             })?;
             self.start_node(node, token, &files)?;
         }
+        self.tokens = node_tokens;
         self.spawn_controller(&logs)?;
         self.spawn_webhook(&logs)?;
         Ok(())
@@ -307,12 +391,24 @@ impl LocalCluster {
         Ok(self.processes.len() - 1)
     }
 
-    /// The archive's bucket: a local directory.
+    /// The archive's bucket: the site's, or a local directory.
+    pub fn bucket(&self) -> BucketConfig {
+        match &self.site {
+            Some(site) => site.bucket.clone(),
+            None => BucketConfig {
+                url: format!(
+                    "file://{}",
+                    self.dir.join("archive").join("bucket").display()
+                ),
+                endpoint: None,
+                region: None,
+                credentials: None,
+            },
+        }
+    }
+
     pub fn archive_url(&self) -> String {
-        format!(
-            "file://{}",
-            self.dir.join("archive").join("bucket").display()
-        )
+        self.bucket().url
     }
 
     /// The offline recovery key (the cluster's nodes only get its `.pub`).
@@ -323,10 +419,11 @@ impl LocalCluster {
     /// The device's `spec.backup`: the local bucket, shipped every second; drills on demand
     /// (step 11 asks for one as `kubectl hsm backup verify` would).
     pub fn backup_spec(&self) -> crate::crd::BackupSpec {
+        let bucket = self.bucket();
         crate::crd::BackupSpec {
-            url: self.archive_url(),
-            endpoint: None,
-            region: None,
+            url: bucket.url,
+            endpoint: bucket.endpoint,
+            region: bucket.region,
             credentials_secret: ARCHIVE_SECRET.into(),
             archive_name: Some(ARCHIVE_NAME.into()),
             segment_interval_seconds: Some(1),
@@ -337,36 +434,75 @@ impl LocalCluster {
         }
     }
 
+    /// `spec.site`: the site's name and lease, and a passive site's followed archive (the
+    /// same bucket and Secret as this site's own `spec.backup`).
+    pub fn site_spec(&self, site: &SiteConfig) -> crate::crd::SiteSpec {
+        crate::crd::SiteSpec {
+            name: site.name.clone(),
+            follow_archive: site
+                .follows
+                .as_ref()
+                .map(|follows| crate::crd::FollowArchive {
+                    url: site.bucket.url.clone(),
+                    endpoint: site.bucket.endpoint.clone(),
+                    region: site.bucket.region.clone(),
+                    credentials_secret: ARCHIVE_SECRET.into(),
+                    device: follows.device.clone(),
+                    archive_name: Some(ARCHIVE_NAME.into()),
+                }),
+            lease_seconds: Some(site.lease_seconds),
+            lag_alert_seconds: None,
+        }
+    }
+
     /// Where the nodes find the Secrets `spec.backup` names (in a cluster: mounted).
     fn archive_secrets(&self) -> PathBuf {
         self.dir.join("archive").join("secrets")
     }
 
     /// The offline recovery key pair, and the device's archive key inside every token: made
-    /// on the first token, copied to the others by the key ceremony, each step a run of
-    /// `hsm-secrets archive` on that node's token.
+    /// on the first token (a passive site copies it from the active site's), copied to the
+    /// others by the key ceremony, each step a run of `hsm-secrets archive` on a token.
     fn prepare_archive(&self, tokens: &[NodeToken]) -> Result<(), LocalError> {
         let dir = self.dir.join("archive");
         create_dir(&dir)?;
-        crate::archive::RecoverySecretKey::generate()
-            .and_then(|key| key.write_new(&self.recovery_key()))
-            .map_err(|e| LocalError::Check(format!("recovery key: {e}")))?;
-        // The archive Secret as the DaemonSet would mount it: only the public half.
+        let follows = self.site.as_ref().and_then(|s| s.follows.as_ref());
+        let public = match follows {
+            // One recovery key for the device, whichever site archived an object.
+            Some(follows) => follows.recovery_public.clone(),
+            None => {
+                crate::archive::RecoverySecretKey::generate()
+                    .and_then(|key| key.write_new(&self.recovery_key()))
+                    .map_err(|e| LocalError::Check(format!("recovery key: {e}")))?;
+                self.recovery_key().with_extension("pub")
+            }
+        };
+        // The archive Secret as the DaemonSet would mount it: only the public half, and
+        // the bucket's credentials.
         let secret = self.archive_secrets().join(ARCHIVE_SECRET);
         create_dir(&secret)?;
-        let public = self.recovery_key().with_extension("pub");
         let mounted = secret.join(crate::archive::supervisor::RECOVERY_PUBLIC_KEY_FILE);
         std::fs::copy(&public, &mounted).map_err(|e| LocalError::io("copy", &mounted, e))?;
-        let Some((first, others)) = tokens.split_first() else {
-            return Ok(());
+        if let Some((id, key)) = &self.bucket().credentials {
+            write_file(&secret.join("access-key-id"), id.as_bytes())?;
+            write_file(&secret.join("secret-access-key"), key.as_bytes())?;
+        }
+        let (source, receivers) = match follows {
+            Some(follows) => (&follows.key_source, tokens),
+            None => match tokens.split_first() {
+                Some((first, others)) => {
+                    self.archive_command(first, &["key-init"])?;
+                    (first, others)
+                }
+                None => return Ok(()),
+            },
         };
-        self.archive_command(first, &["key-init"])?;
-        for (n, token) in others.iter().enumerate() {
+        for (n, token) in receivers.iter().enumerate() {
             let transport = path_arg(&dir.join(format!("transport-{n}.json")));
             let wrapped = path_arg(&dir.join(format!("wrapped-{n}.bin")));
             self.archive_command(token, &["key-receive-begin", "--out", &transport])?;
             self.archive_command(
-                first,
+                source,
                 &["key-export", "--transport", &transport, "--out", &wrapped],
             )?;
             self.archive_command(token, &["key-receive", "--wrapped", &wrapped])?;
@@ -466,7 +602,7 @@ impl LocalCluster {
             "--catalog".into(),
             path_arg(&self.state_dir),
             "--device".into(),
-            DEVICE.into(),
+            self.device.clone(),
             "--pkcs11-library".into(),
             path_arg(&self.module),
             "--token-label".into(),
@@ -631,6 +767,9 @@ impl LocalCluster {
             ],
             processes: self.processes.iter().map(ChildProcess::record).collect(),
             plain_directories: self.plain_directories,
+            device: self.device.clone(),
+            site: self.site.as_ref().map(|s| s.name.clone()),
+            bucket: Some(self.bucket()),
         }
     }
 
@@ -770,21 +909,26 @@ pub fn demo_device(library: &str, timing: &Timing) -> HSMDevice {
     )
 }
 
-/// The HSMSecrets of the example workload: readable by its service account only.
-pub fn demo_secrets() -> Vec<HSMSecret> {
+/// The HSMSecrets of the example workload on `device`: readable by its service account only.
+pub fn demo_secrets(device: &str) -> Vec<HSMSecret> {
     SECRETS
         .iter()
-        .map(|name| local_hsm_secret(NAMESPACE, name, Some(SERVICE_ACCOUNT)))
+        .map(|name| local_hsm_secret(device, NAMESPACE, name, Some(SERVICE_ACCOUNT)))
         .collect()
 }
 
-/// An HSMSecret of the demo device, mountable by `service_account` (any of the
-/// namespace's when `None`).
-pub fn local_hsm_secret(namespace: &str, name: &str, service_account: Option<&str>) -> HSMSecret {
+/// An HSMSecret of `device`, mountable by `service_account` (any of the namespace's when
+/// `None`).
+pub fn local_hsm_secret(
+    device: &str,
+    namespace: &str,
+    name: &str,
+    service_account: Option<&str>,
+) -> HSMSecret {
     let mut secret = HSMSecret::new(
         name,
         HSMSecretSpec {
-            device_ref: DEVICE.into(),
+            device_ref: device.into(),
             secret_name: None,
             secret_type: None,
             sync_interval: None,

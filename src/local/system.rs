@@ -7,7 +7,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::LocalError;
 use super::clients;
-use super::cluster::{DEVICE, LocalCluster, NAMESPACE, NODES, SECRETS, StateFile};
+use super::cluster::{LocalCluster, NAMESPACE, NODES, SECRETS, StateFile};
 use crate::crd::{DevicePhase, HSMDeviceStatus};
 use crate::hsm::{Expect, SecretData, SecretPath};
 use crate::kubectl::OutputFormat;
@@ -17,13 +17,14 @@ use crate::state::{FileState, StateStore};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Waits for the first primary, seeds the example secrets, waits for the mirrors and
-/// starts the CSI plugins; returns the device status.
+/// Waits for the first primary, seeds the example secrets (a passive site takes them from
+/// the archive it follows instead), waits for the mirrors and starts the CSI plugins;
+/// returns the device status.
 pub async fn bring_up(cluster: &mut LocalCluster) -> Result<HSMDeviceStatus, LocalError> {
     let state = FileState::open(&cluster.state_dir)?;
     let deadline = Instant::now() + TIMEOUT;
     let status = loop {
-        let status = device_status(&state).await?;
+        let status = device_status(&state, &cluster.device).await?;
         if status.phase == DevicePhase::Ready && status.mirrors.as_deref() == Some("2/2") {
             break status;
         }
@@ -45,7 +46,11 @@ pub async fn bring_up(cluster: &mut LocalCluster) -> Result<HSMDeviceStatus, Loc
             .ok_or_else(|| LocalError::Check(format!("no node {node}")))
     };
     let conn = clients::agent(&primary, &endpoint(&primary)?, &cluster.controller_tls)?;
-    for name in SECRETS {
+    let passive = cluster
+        .site
+        .as_ref()
+        .is_some_and(|site| site.follows.is_some());
+    for name in SECRETS.iter().filter(|_| !passive) {
         let path: SecretPath = format!("{NAMESPACE}/{name}")
             .parse()
             .map_err(|e| LocalError::Check(format!("{e}")))?;
@@ -81,9 +86,9 @@ pub async fn bring_up(cluster: &mut LocalCluster) -> Result<HSMDeviceStatus, Loc
     Ok(status)
 }
 
-async fn device_status(state: &FileState) -> Result<HSMDeviceStatus, LocalError> {
+async fn device_status(state: &FileState, device: &str) -> Result<HSMDeviceStatus, LocalError> {
     Ok(state
-        .get_device(DEVICE)
+        .get_device(device)
         .await?
         .and_then(|d| d.status)
         .unwrap_or_default())
@@ -104,11 +109,11 @@ pub async fn device_tables(state: &StateFile) -> Result<String, LocalError> {
 /// The current primary's name, epoch and agent client.
 pub async fn primary(state: &StateFile) -> Result<(String, u64, AgentConnection), LocalError> {
     let files = FileState::open(&state.state_dir)?;
-    let status = device_status(&files).await?;
+    let status = device_status(&files, &state.device).await?;
     let node = status.primary_node.clone().ok_or_else(|| {
         LocalError::Check(format!(
-            "{DEVICE} has no primary yet (phase {:?})",
-            status.phase
+            "{} has no primary yet (phase {:?})",
+            state.device, status.phase
         ))
     })?;
     let endpoint = state
