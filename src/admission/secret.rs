@@ -60,7 +60,7 @@ pub fn validate(
         return Verdict::deny(
             409,
             refusal.kind(),
-            format!("HSMSecret {namespace}/{name} imports data into {refusal}"),
+            format!("HSMSecret {namespace}/{name} imports data, a write, and {refusal}"),
         );
     }
     match write_block(&device, now) {

@@ -224,18 +224,27 @@ pub fn observe_site(
 }
 
 /// A passive site's figures are rewritten when they moved and the previous ones are older
-/// than the heartbeat (by the source time they name), or when it caught up.
+/// than the heartbeat (by the source time they name), when it caught up, and when a
+/// caught-up site moved on by more than [`SITE_CAUGHT_UP_REFRESH_MS`]: a promotion's
+/// preflight reads them, and a quiet device must not show a point a minute old.
 fn site_heartbeat_due(prev: &SiteStatus, fresh: &SiteStatus) -> bool {
     if prev.lag_seconds != Some(0) && fresh.lag_seconds == Some(0) {
         return true;
     }
-    prev.applied_sequence != fresh.applied_sequence
-        && fresh
+    let older_than = |ms: i64| {
+        fresh
             .applied_time
             .as_ref()
             .zip(prev.applied_time.as_ref())
-            .is_none_or(|(f, p)| f.0.as_millisecond() - p.0.as_millisecond() >= BACKUP_HEARTBEAT_MS)
+            .is_none_or(|(f, p)| f.0.as_millisecond() - p.0.as_millisecond() >= ms)
+    };
+    let caught_up = fresh.lag_seconds == Some(0);
+    prev.applied_sequence != fresh.applied_sequence
+        && (older_than(BACKUP_HEARTBEAT_MS) || (caught_up && older_than(SITE_CAUGHT_UP_REFRESH_MS)))
 }
+
+/// How far a caught-up passive site moves on before its figures are rewritten.
+pub const SITE_CAUGHT_UP_REFRESH_MS: i64 = 10_000;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RestoreResult {
@@ -996,5 +1005,31 @@ mod tests {
             status.applied_sequence, None,
             "an active site applies no archive"
         );
+    }
+
+    #[test]
+    fn a_caught_up_site_refreshes_its_point_within_seconds_a_lagging_one_once_a_heartbeat() {
+        let spec = site_spec();
+        let (first, _) = observe_site(&spec, None, &site_report(SiteRole::Passive));
+        let moved = |sequence: u64, time_ms: u64, lag_ms: u64| SiteReport {
+            source_sequence: sequence,
+            source_time_ms: Some(time_ms),
+            applied_sequence: sequence,
+            applied_time_ms: Some(time_ms),
+            lag_ms,
+            ..site_report(SiteRole::Passive)
+        };
+        let (soon, _) = observe_site(&spec, Some(&first), &moved(51, 5_000, 0));
+        assert_eq!(soon, first, "4 s later: the same point");
+        let (later, _) = observe_site(&spec, Some(&first), &moved(52, 11_000, 0));
+        assert_eq!(later.applied_sequence, Some(52), "caught up, 10 s on");
+        let (lagging, _) = observe_site(&spec, Some(&first), &moved(52, 11_000, 2_000));
+        assert_eq!(
+            lagging.applied_sequence,
+            Some(50),
+            "behind: waits for the heartbeat"
+        );
+        let (heartbeat, _) = observe_site(&spec, Some(&first), &moved(60, 61_000, 2_000));
+        assert_eq!(heartbeat.applied_sequence, Some(60));
     }
 }

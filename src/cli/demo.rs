@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::local::{ClusterConfig, Report, steps};
+use crate::local::{ClusterConfig, Report, site_steps, steps};
 use crate::telemetry::CommonArgs;
 
 #[derive(Args, Clone, Debug)]
@@ -23,6 +23,10 @@ pub struct DemoArgs {
     /// system's temporary directory).
     #[arg(long, env = "HSM_DEMO_WORK_DIR")]
     pub work_dir: Option<PathBuf>,
+    /// The two-site walk-through instead: an active and a passive site, each a complete
+    /// system, one bucket, a manual promotion and a rejoin.
+    #[arg(long)]
+    pub sites: bool,
 }
 
 pub fn run(args: DemoArgs, _common: CommonArgs) -> anyhow::Result<()> {
@@ -37,15 +41,27 @@ pub fn run(args: DemoArgs, _common: CommonArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    let mut report = Report::stdout(steps::STEPS.len());
+    let total = if args.sites {
+        site_steps::SITE_STEPS.len()
+    } else {
+        steps::STEPS.len()
+    };
+    let mut report = Report::stdout(total);
     // Handlers go in before anything starts: a ctrl-c during startup must still clean up.
     let interrupted = {
         let _guard = runtime.enter();
         shutdown_signal().context("install the ctrl-c and SIGTERM handlers")?
     };
-    runtime
-        .block_on(steps::run_demo(&config, &mut report, interrupted))
-        .map_err(anyhow::Error::new)
+    let outcome = if args.sites {
+        runtime.block_on(site_steps::run_sites_demo(
+            &config,
+            &mut report,
+            interrupted,
+        ))
+    } else {
+        runtime.block_on(steps::run_demo(&config, &mut report, interrupted))
+    };
+    outcome.map_err(anyhow::Error::new)
 }
 
 /// Completes on ctrl-c or SIGTERM: the demo then stops and cleans up.

@@ -8,9 +8,27 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 
+use crate::kubectl::site::site_table;
 use crate::local::cluster::{self, NAMESPACE, PLAIN_DIRECTORY_WARNING};
+use crate::local::cluster::{BucketConfig, Follows, SiteConfig};
+use crate::local::sites::{self, SiteOperator};
 use crate::local::{ClusterConfig, LocalCluster, StateFile, clients, system};
 use crate::telemetry::CommonArgs;
+
+/// Output lines; a closed stdout (`local status | head`) ends the output quietly instead
+/// of failing the command.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 #[derive(Args, Clone, Debug)]
 pub struct LocalArgs {
@@ -21,7 +39,7 @@ pub struct LocalArgs {
 #[derive(Args, Clone, Debug)]
 pub struct DirArg {
     /// Directory of the local system.
-    #[arg(long, env = "HSM_LOCAL_DIR", default_value_os_t = default_dir())]
+    #[arg(long, global = true, env = "HSM_LOCAL_DIR", default_value_os_t = default_dir())]
     pub dir: PathBuf,
 }
 
@@ -34,6 +52,16 @@ pub enum LocalCommand {
         /// The SoftHSM2 PKCS#11 module (default: the usual Debian/Ubuntu paths).
         #[arg(long, env = "HSM_SOFTHSM_MODULE")]
         softhsm_module: Option<PathBuf>,
+        #[command(flatten)]
+        site: SiteUpArgs,
+    },
+    /// A device spread over two local systems: status, promote, drain, rejoin (as
+    /// `kubectl hsm site` on a cluster).
+    Site {
+        #[command(flatten)]
+        dir: DirArg,
+        #[command(subcommand)]
+        action: LocalSiteAction,
     },
     /// The device table and the health of every process.
     Status {
@@ -69,6 +97,51 @@ pub enum LocalCommand {
     },
 }
 
+/// `local up` as one site of a device spread over two systems.
+#[derive(Args, Clone, Debug)]
+pub struct SiteUpArgs {
+    /// Start the active site (`site-a`, device prod-hsm) of a two-site device, archiving
+    /// into the bucket of --bucket-url (default: a directory of this system).
+    #[arg(long, conflicts_with = "follow")]
+    pub active_site: bool,
+    /// Start the passive site (`site-b`, device prod-hsm-b) following the active site
+    /// running in this directory, through its bucket.
+    #[arg(long, value_name = "ACTIVE_SITE_DIR")]
+    pub follow: Option<PathBuf>,
+    /// The active site's bucket: `s3://BUCKET[/PREFIX]` (with --bucket-endpoint) or
+    /// `file:///DIRECTORY`.
+    #[arg(long, requires = "active_site")]
+    pub bucket_url: Option<String>,
+    /// Endpoint of the S3-compatible server (`http://127.0.0.1:9000`).
+    #[arg(long, requires = "bucket_url")]
+    pub bucket_endpoint: Option<String>,
+    #[arg(long, requires = "bucket_url")]
+    pub bucket_region: Option<String>,
+    /// Directory holding `access-key-id` and `secret-access-key` for the bucket (never
+    /// on the command line).
+    #[arg(long, requires = "bucket_url")]
+    pub bucket_credentials: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Clone, Debug)]
+pub enum LocalSiteAction {
+    /// The site's role; for a passive site both sites side by side.
+    Status,
+    /// Promote this passive site: a preflight, then with --yes the promotion.
+    Promote {
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Stop the active site taking writes for a planned switchover (--undo: take them
+    /// again).
+    Drain {
+        #[arg(long)]
+        undo: bool,
+    },
+    /// A fenced site follows the site promoted over it.
+    Rejoin,
+}
+
 fn default_dir() -> PathBuf {
     std::env::temp_dir().join("hsm-secrets-local")
 }
@@ -83,7 +156,9 @@ pub fn run(args: LocalArgs, _common: CommonArgs) -> anyhow::Result<()> {
             LocalCommand::Up {
                 dir,
                 softhsm_module,
-            } => up(dir.dir, softhsm_module).await,
+                site,
+            } => up(dir.dir, softhsm_module, site).await,
+            LocalCommand::Site { dir, action } => site_action(dir.dir, action).await,
             LocalCommand::Status { dir } => status(dir.dir).await,
             LocalCommand::Put {
                 dir,
@@ -102,7 +177,7 @@ pub fn run(args: LocalArgs, _common: CommonArgs) -> anyhow::Result<()> {
     })
 }
 
-async fn up(dir: PathBuf, softhsm_module: Option<PathBuf>) -> anyhow::Result<()> {
+async fn up(dir: PathBuf, softhsm_module: Option<PathBuf>, site: SiteUpArgs) -> anyhow::Result<()> {
     if StateFile::path(&dir).exists() {
         bail!(
             "a local system is recorded in {}; stop it first: hsm-secrets local down --dir {}",
@@ -110,25 +185,27 @@ async fn up(dir: PathBuf, softhsm_module: Option<PathBuf>) -> anyhow::Result<()>
             dir.display()
         );
     }
+    let site = site_config(&dir, site)?;
     let config = ClusterConfig {
         dir: Some(dir),
         softhsm_module,
         tied_to_parent: false,
+        site,
         ..ClusterConfig::default()
     };
     let mut cluster = tokio::task::block_in_place(|| LocalCluster::start(&config))?;
     let status = system::bring_up(&mut cluster).await?;
     let state = cluster.detach();
     state.save()?;
-    println!("hsm-secrets local: running in {}", state.dir.display());
-    println!(
+    say!("hsm-secrets local: running in {}", state.dir.display());
+    say!(
         "  device {}: primary {} at epoch {}",
         state.device,
         status.primary_node.unwrap_or_default(),
         status.epoch
     );
     for node in &state.nodes {
-        println!(
+        say!(
             "  {}: agent {}, CSI unix://{}, kubelet dir {}",
             node.name,
             node.agent,
@@ -136,32 +213,35 @@ async fn up(dir: PathBuf, softhsm_module: Option<PathBuf>) -> anyhow::Result<()>
             node.kubelet_dir.display()
         );
     }
-    println!(
+    say!(
         "  webhook: {} (CA {}, server name {})",
         state.webhook_url,
         state.webhook_ca.display(),
         state.webhook_server_name
     );
-    println!(
+    say!(
         "  state (HSMDevice/HSMSecret YAML, events.jsonl): {}",
         state.state_dir.display()
     );
-    println!("  logs: {}", state.dir.join("logs").display());
+    say!("  logs: {}", state.dir.join("logs").display());
+    if let (Some(site), Some(bucket)) = (&state.site, &state.bucket) {
+        say!("  site {site}, archiving into {}", bucket.url);
+    }
     if state.plain_directories {
         print_plain_directory_warning();
     }
     let dir = state.dir.display();
-    println!("next:");
-    println!("  hsm-secrets local status --dir {dir}");
-    println!("  hsm-secrets local get db-credentials --dir {dir}");
-    println!("  hsm-secrets local down --dir {dir}");
+    say!("next:");
+    say!("  hsm-secrets local status --dir {dir}");
+    say!("  hsm-secrets local get db-credentials --dir {dir}");
+    say!("  hsm-secrets local down --dir {dir}");
     Ok(())
 }
 
 async fn status(dir: PathBuf) -> anyhow::Result<()> {
     let state = StateFile::load(&dir)?;
-    print!("{}", system::device_tables(&state).await?);
-    println!();
+    say_raw!("{}", system::device_tables(&state).await?);
+    say!();
     let mut down = 0;
     let mut table = crate::kubectl::render::Table::new(&["PROCESS", "PID", "STATE", "LOG"]);
     for mut p in cluster::adopt(&state) {
@@ -174,7 +254,7 @@ async fn status(dir: PathBuf) -> anyhow::Result<()> {
             p.log.display().to_string(),
         ]);
     }
-    print!("{}", table.render(""));
+    say_raw!("{}", table.render(""));
     if state.plain_directories {
         print_plain_directory_warning();
     }
@@ -203,16 +283,120 @@ async fn put(dir: PathBuf, namespace: &str, name: &str, pairs: &[String]) -> any
         .put(&path, &data, crate::hsm::Expect::Any, epoch)
         .await
         .with_context(|| format!("write {path} on {node}"))?;
-    println!(
+    say!(
         "{path}: {} key(s) written on {node} (primary, epoch {epoch}), version {}",
         data.len(),
         written.version
     );
     if declare_hsm_secret(&state, namespace, name).await? {
-        println!(
+        say!(
             "declared HSMSecret {namespace}/{name} on {}: any service account of {namespace} may mount it",
             state.device
         );
+    }
+    Ok(())
+}
+
+/// The site `local up` starts, from its flags.
+fn site_config(dir: &std::path::Path, args: SiteUpArgs) -> anyhow::Result<Option<SiteConfig>> {
+    if let Some(active) = &args.follow {
+        let active = StateFile::load(active)
+            .with_context(|| format!("--follow {}: the active site", active.display()))?;
+        let follows = Follows::active_system(&active)?;
+        let bucket = active.bucket.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "--follow {}: that system records no bucket; start it again with --active-site",
+                active.dir.display()
+            )
+        })?;
+        let bucket = BucketConfig {
+            credentials: cluster::read_bucket_credentials(&active.archive_secret())?,
+            ..bucket
+        };
+        return Ok(Some(sites::site_config(1, bucket, Some(follows))));
+    }
+    if !args.active_site {
+        return Ok(None);
+    }
+    let url = args.bucket_url.unwrap_or_else(|| {
+        format!(
+            "file://{}",
+            std::path::absolute(dir)
+                .unwrap_or_else(|_| dir.to_path_buf())
+                .join("archive/bucket")
+                .display()
+        )
+    });
+    let credentials = args
+        .bucket_credentials
+        .as_deref()
+        .map(cluster::read_bucket_credentials)
+        .transpose()?
+        .flatten();
+    Ok(Some(sites::site_config(
+        0,
+        BucketConfig {
+            url,
+            endpoint: args.bucket_endpoint,
+            region: args.bucket_region,
+            credentials,
+        },
+        None,
+    )))
+}
+
+async fn site_action(dir: PathBuf, action: LocalSiteAction) -> anyhow::Result<()> {
+    const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+    let state = StateFile::load(&dir)?;
+    let operator = SiteOperator::new(&state)?;
+    let view = operator.view().await?;
+    match action {
+        LocalSiteAction::Status => say_raw!("{}", site_table(&view)),
+        LocalSiteAction::Promote { yes } => {
+            if let Some(refusal) = crate::kubectl::site::promote_refusal(&view) {
+                bail!(refusal);
+            }
+            say_raw!("{}", site_table(&view));
+            if !yes {
+                say!(
+                    "not promoted: this is the preflight. Promoting fences the active site (it \
+                     stops taking writes at its next archive step) and is never automatic; to go \
+                     ahead: hsm-secrets local site promote --yes --dir {}",
+                    dir.display()
+                );
+                return Ok(());
+            }
+            let site = operator.promote(TIMEOUT).await?;
+            say!(
+                "{}: site {} is active at site epoch {}; the old active site is fenced",
+                state.device,
+                site.name,
+                site.site_epoch
+            );
+        }
+        LocalSiteAction::Drain { undo } => {
+            operator.drain(undo, TIMEOUT).await?;
+            say!(
+                "{}: site {} {}",
+                state.device,
+                view.spec.name,
+                if undo {
+                    "takes writes again"
+                } else {
+                    "takes no writes and archives what it has"
+                }
+            );
+        }
+        LocalSiteAction::Rejoin => {
+            let (summary, site) = operator.rejoin(TIMEOUT).await?;
+            say_raw!("{summary}");
+            say!(
+                "{}: site {} is passive (applied sequence {})",
+                state.device,
+                site.name,
+                site.applied_sequence.unwrap_or(0)
+            );
+        }
     }
     Ok(())
 }
@@ -251,15 +435,17 @@ async fn get(dir: PathBuf, namespace: &str, name: &str, reveal: bool) -> anyhow:
                 let Some(record) = answer.record.filter(|r| !r.deleted) else {
                     bail!("{path} does not exist (answered by {})", node.name);
                 };
-                println!(
+                say!(
                     "{path} version {} (from {}, epoch {})",
-                    record.version, node.name, answer.epoch
+                    record.version,
+                    node.name,
+                    answer.epoch
                 );
                 for kv in record.data {
                     if reveal {
-                        println!("  {}: {}", kv.key, String::from_utf8_lossy(&kv.value));
+                        say!("  {}: {}", kv.key, String::from_utf8_lossy(&kv.value));
                     } else {
-                        println!("  {}: {} bytes", kv.key, kv.value.len());
+                        say!("  {}: {} bytes", kv.key, kv.value.len());
                     }
                 }
                 return Ok(());
@@ -275,7 +461,7 @@ async fn get(dir: PathBuf, namespace: &str, name: &str, reveal: bool) -> anyhow:
 
 /// On stdout with the rest: whoever reads the output sees where the secrets went.
 fn print_plain_directory_warning() {
-    println!(
+    say!(
         "warning: {PLAIN_DIRECTORY_WARNING}: the CSI plugins run with --unsafe-plain-directory \
          and write volumes to disk (development only)"
     );
@@ -285,7 +471,7 @@ fn down(dir: PathBuf) -> anyhow::Result<()> {
     let state = StateFile::load_to_stop(&dir)?;
     let mut processes = cluster::adopt(&state);
     let cleanup = cluster::stop_and_remove(&state.dir, &mut processes, false);
-    println!(
+    say!(
         "stopped {} processes{}; unmounted {} volumes; removed {}",
         cleanup.stopped,
         if cleanup.forced.is_empty() {

@@ -229,6 +229,14 @@ impl StateFile {
         std::fs::write(&path, text).map_err(|e| LocalError::io("write", &path, e))
     }
 
+    /// The archive Secret the system's nodes read, as the DaemonSet would mount it.
+    pub fn archive_secret(&self) -> PathBuf {
+        self.dir
+            .join("archive")
+            .join("secrets")
+            .join(ARCHIVE_SECRET)
+    }
+
     pub fn controller_tls(&self) -> TlsFiles {
         let [ca, cert, key] = self.controller_tls.clone();
         TlsFiles { ca, cert, key }
@@ -877,6 +885,27 @@ pub fn unmount_below(dir: &Path) -> Result<Vec<PathBuf>, LocalError> {
         }
     }
     Ok(done)
+}
+
+/// The bucket credentials in `dir` (`access-key-id`, `secret-access-key`, as in the
+/// archive Secret); `None` when `dir` holds neither (a `file://` bucket).
+pub fn read_bucket_credentials(dir: &Path) -> Result<Option<(String, String)>, LocalError> {
+    let read = |name: &str| -> Result<Option<String>, LocalError> {
+        let path = dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text.trim().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LocalError::io("read", &path, e)),
+        }
+    };
+    match (read("access-key-id")?, read("secret-access-key")?) {
+        (Some(id), Some(key)) => Ok(Some((id, key))),
+        (None, None) => Ok(None),
+        _ => Err(LocalError::Check(format!(
+            "{} must hold both access-key-id and secret-access-key, or neither",
+            dir.display()
+        ))),
+    }
 }
 
 /// The mirrored device of the local system: primary `worker-1`, mirrors `worker-2` and

@@ -14,6 +14,7 @@ pub mod clients;
 pub mod cluster;
 pub mod processes;
 pub mod report;
+pub mod site_steps;
 pub mod sites;
 pub mod steps;
 pub mod system;

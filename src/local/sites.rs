@@ -206,7 +206,13 @@ pub async fn read_agent(
         .find(|n| n.name == node)
         .ok_or_else(|| LocalError::Check(format!("no node {node}")))?;
     let conn = clients::agent(node, &endpoint.agent, &state.controller_tls())?;
-    let answer = conn.get(&secret_path(secret)?).await?;
+    let answer = match conn.get(&secret_path(secret)?).await {
+        Err(crate::mirror::MirrorError::Remote {
+            code: tonic::Code::NotFound,
+            ..
+        }) => return Ok(None),
+        answer => answer?,
+    };
     Ok(answer
         .record
         .filter(|r| !r.deleted)

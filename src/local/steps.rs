@@ -54,6 +54,8 @@ const FS_GROUP: u32 = 2000;
 #[derive(Debug)]
 pub struct StepFailure {
     pub step: usize,
+    /// Steps of the walk-through it belongs to.
+    pub total: usize,
     pub title: &'static str,
     pub error: LocalError,
 }
@@ -63,10 +65,7 @@ impl std::fmt::Display for StepFailure {
         write!(
             f,
             "step {}/{} ({}) failed: {}",
-            self.step,
-            STEPS.len(),
-            self.title,
-            self.error
+            self.step, self.total, self.title, self.error
         )
     }
 }
@@ -107,7 +106,7 @@ pub async fn run_demo(
     tokio::pin!(interrupted);
     let result = tokio::select! {
         r = walk.steps() => r,
-        () = &mut interrupted => Err(StepFailure { step: 0, title: "interrupted", error: LocalError::Interrupted }),
+        () = &mut interrupted => Err(StepFailure { step: 0, total: STEPS.len(), title: "interrupted", error: LocalError::Interrupted }),
     };
     if let Err(failure) = &result {
         if failure.step == 0 {
@@ -148,6 +147,7 @@ pub async fn run_demo(
 fn failure(step: usize, error: LocalError) -> StepFailure {
     StepFailure {
         step,
+        total: STEPS.len(),
         title: STEPS[step - 1],
         error,
     }

@@ -12,7 +12,7 @@ use crate::crd::{DevicePhase, HSMDeviceStatus};
 use crate::hsm::{Expect, SecretData, SecretPath};
 use crate::kubectl::OutputFormat;
 use crate::kubectl::render::{HealthReport, device_list, health_table};
-use crate::mirror::AgentConnection;
+use crate::mirror::{AgentConnection, MirrorError};
 use crate::state::{FileState, StateStore};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -57,7 +57,20 @@ pub async fn bring_up(cluster: &mut LocalCluster) -> Result<HSMDeviceStatus, Loc
         let mut data = SecretData::new();
         data.insert("value", super::tokens::random_hex(16)?.into_bytes())
             .map_err(|e| LocalError::Check(e.to_string()))?;
-        conn.put(&path, &data, Expect::Any, status.epoch).await?;
+        // An active site takes writes once its node has confirmed its first site lease
+        // in the bucket (seconds after start).
+        loop {
+            match conn.put(&path, &data, Expect::Any, status.epoch).await {
+                Ok(_) => break,
+                Err(MirrorError::Remote {
+                    code: tonic::Code::FailedPrecondition,
+                    ..
+                }) if cluster.site.is_some() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
     }
     let head = conn.manifest().await?.entries;
     for node in NODES.iter().filter(|n| **n != primary) {
