@@ -1465,11 +1465,14 @@ async fn site_promote_shows_both_sites_and_promotes_only_when_confirmed() {
             .to_string();
         req.reply(200, passive(following.clone()));
         let req = next(&mut api).await;
-        req.reply(
-            200,
-            passive(json!({"site": {"name": "site-b", "role": "Active",
-            "siteEpoch": 1, "lastPromotion": id}})),
-        );
+        let promoted = passive(json!({"site": {"name": "site-b", "role": "Active",
+            "siteEpoch": 1, "lastPromotion": id}}));
+        req.reply(200, promoted.clone());
+        // The promoted site follows nothing any more.
+        let req = next(&mut api).await;
+        assert_eq!(req.method.as_str(), "PATCH");
+        assert_eq!(req.body, json!({"spec": {"site": {"followArchive": null}}}));
+        req.reply(200, promoted);
         no_more_calls(&mut api).await;
     });
     let preflight = run(&["site", "promote", "prod-hsm"], client.clone()).await;

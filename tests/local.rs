@@ -3,18 +3,24 @@
 #![allow(clippy::unwrap_used)]
 
 mod local_support;
+#[path = "support/s3.rs"]
+mod s3;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use hsm_secrets::crd::SiteRole;
 use hsm_secrets::local::StateFile;
 use hsm_secrets::local::clients::{self, PodIdentity};
+use hsm_secrets::local::sites;
 use local_support::{
     Running, UNPRIVILEGED, UnmountOnDrop, UnprivilegedRun, available, command, mounts_under,
     processes_under, softhsm_available,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a site waits for another: generous, far below the CLI's own timeout.
+const SITE_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn local(args: &[&str], dir: &std::path::Path) -> (bool, String) {
     let mut c = command();
@@ -286,4 +292,343 @@ async fn up_without_the_privilege_to_mount_publishes_plain_directories() {
         "{:?}",
         processes_under(&dir)
     );
+}
+
+/// `local down` for each directory that still exists, even when an assertion fails.
+struct DownAll(Vec<std::path::PathBuf>);
+impl Drop for DownAll {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            if dir.exists() {
+                let _ = local(&["down"], dir);
+            }
+        }
+    }
+}
+
+/// Polls `f` every 100 ms until it yields, failing after `timeout` with `what`.
+async fn eventually<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(found) = f().await {
+            return found;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One acknowledged write: its value and when the acknowledgement arrived.
+#[derive(Clone, Debug)]
+struct Ack {
+    value: u64,
+    at: std::time::Instant,
+}
+
+/// A client writing `secret` = 1, 2, 3… at one site until told to stop; the writes that
+/// were acknowledged, and when.
+fn writer(
+    dir: &std::path::Path,
+    secret: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Ack>> {
+    let state = StateFile::load(dir).unwrap();
+    tokio::spawn(async move {
+        let mut acks = Vec::new();
+        let mut value = 1;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let text = value.to_string();
+            if sites::write(&state, secret, &[("n", text.as_bytes())])
+                .await
+                .is_ok()
+            {
+                acks.push(Ack {
+                    value,
+                    at: std::time::Instant::now(),
+                });
+            }
+            value += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        acks
+    })
+}
+
+/// The value of `secret` the primary of the system in `dir` holds.
+async fn history_at(dir: &std::path::Path, secret: &str) -> Option<u64> {
+    let state = StateFile::load(dir).unwrap();
+    let (node, _, _) = hsm_secrets::local::system::primary(&state).await.ok()?;
+    let held = sites::read_agent(&state, &node, secret).await.ok()??;
+    String::from_utf8(held.get("n")?.clone()).ok()?.parse().ok()
+}
+
+async fn site_status(dir: &std::path::Path) -> hsm_secrets::crd::SiteStatus {
+    let state = StateFile::load(dir).unwrap();
+    sites::SiteOperator::new(&state)
+        .unwrap()
+        .site()
+        .await
+        .unwrap()
+        .expect("status.site")
+}
+
+/// Two complete local systems (each with its tokens, controller, webhook and nodes) stand
+/// for two clusters sharing one real S3 server: the passive site follows, serves reads and
+/// refuses writes; a promotion while the active site runs fences it with no write
+/// acknowledged by both after the fence; rejoin; a planned switchover loses nothing; a
+/// promotion while the old site is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_sites_follow_promote_fence_rejoin_and_switch_over_without_loss() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !available() {
+        return;
+    }
+    let Some(s3) = s3::S3Server::start() else {
+        return;
+    };
+    s3.create_bucket("sites");
+    let parent = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(parent.path());
+    let (a, b) = (parent.path().join("site-a"), parent.path().join("site-b"));
+    let _down = DownAll(vec![a.clone(), b.clone()]);
+    let credentials = parent.path().join("bucket-credentials");
+    std::fs::create_dir_all(&credentials).unwrap();
+    std::fs::write(credentials.join("access-key-id"), "testing\n").unwrap();
+    std::fs::write(credentials.join("secret-access-key"), "testing\n").unwrap();
+
+    let (ok, out) = local(
+        &[
+            "up",
+            "--active-site",
+            "--bucket-url",
+            "s3://sites/dr",
+            "--bucket-endpoint",
+            &s3.endpoint,
+            "--bucket-credentials",
+            credentials.to_str().unwrap(),
+        ],
+        &a,
+    );
+    assert!(
+        ok && out.contains("site site-a, archiving into s3://sites/dr"),
+        "{out}"
+    );
+    // Bad input: following a directory with no system in it.
+    let (ok, out) = local(&["up", "--follow", "/nonexistent-site"], &b);
+    assert!(!ok && out.contains("--follow /nonexistent-site"), "{out}");
+    let (ok, out) = local(&["up", "--follow", a.to_str().unwrap()], &b);
+    assert!(ok && out.contains("device prod-hsm-b"), "{out}");
+
+    // Continuous follow: a write at site A reaches site B's tokens, and its status.
+    let (ok, out) = local(&["put", "db-credentials", "password=one"], &a);
+    assert!(ok, "{out}");
+    let b_state = StateFile::load(&b).unwrap();
+    for node in &b_state.nodes {
+        eventually(
+            "site B's nodes to hold site A's write",
+            SITE_TIMEOUT,
+            || async {
+                let held = sites::read_agent(&b_state, &node.name, "db-credentials")
+                    .await
+                    .unwrap()?;
+                (held.get("password").map(Vec::as_slice) == Some(b"one".as_slice())).then_some(())
+            },
+        )
+        .await;
+    }
+    let passive = eventually("site B to report its lag", SITE_TIMEOUT, || async {
+        let site = site_status(&b).await;
+        (site.applied_sequence.unwrap_or(0) > 0 && site.lag_seconds == Some(0)).then_some(site)
+    })
+    .await;
+    assert_eq!(passive.role, hsm_secrets::crd::SiteRole::Passive);
+    assert_eq!(passive.applied_sequence, passive.source_sequence);
+    let (ok, out) = local(&["site", "status"], &b);
+    assert!(
+        ok && out.contains("Passive") && out.contains("follows HSMDevice prod-hsm"),
+        "{out}"
+    );
+
+    // Reads at the passive site: a pod's volume on a mirror node.
+    let files = sites::read_mounted(&b_state, "worker-2", "db-credentials", "reader")
+        .await
+        .unwrap();
+    assert_eq!(
+        files.get("password").map(Vec::as_slice),
+        Some(b"one".as_slice())
+    );
+
+    // Writes at the passive site are refused, naming the active site.
+    let (ok, out) = local(&["put", "db-credentials", "password=two"], &b);
+    assert!(
+        !ok && out.contains("is passive") && out.contains("prod-hsm"),
+        "{out}"
+    );
+    // Only a passive site is promoted.
+    let (ok, out) = local(&["site", "promote", "--yes"], &a);
+    assert!(!ok && out.contains("is not passive (Active)"), "{out}");
+    let (ok, out) = local(&["site", "drain"], &b);
+    assert!(
+        !ok && out.contains("is passive: drain the active site"),
+        "{out}"
+    );
+
+    // Promotion while site A runs and a client keeps writing to it.
+    let stop_a = Arc::new(AtomicBool::new(false));
+    let writing_a = writer(&a, "history-a", stop_a.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ok, out) = local(&["site", "promote", "--yes"], &b);
+    assert!(
+        ok && out.contains("site site-b is active at site epoch 1"),
+        "{out}"
+    );
+    let stop_b = Arc::new(AtomicBool::new(false));
+    let writing_b = writer(&b, "history-b", stop_b.clone());
+    eventually("site A to fence itself", SITE_TIMEOUT, || async {
+        (site_status(&a).await.role == SiteRole::Fenced).then_some(())
+    })
+    .await;
+    eventually("site B to take a write", SITE_TIMEOUT, || async {
+        history_at(&b, "history-b").await
+    })
+    .await;
+    // Both clients write on for a while; then the history is checked.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_a.store(true, Ordering::SeqCst);
+    stop_b.store(true, Ordering::SeqCst);
+    let (acks_a, acks_b) = (writing_a.await.unwrap(), writing_b.await.unwrap());
+    assert!(!acks_a.is_empty() && !acks_b.is_empty());
+    let last_a = acks_a.iter().map(|a| a.at).max().unwrap();
+    let first_b = acks_b.iter().map(|a| a.at).min().unwrap();
+    assert!(
+        last_a < first_b,
+        "site A acknowledged a write after site B took its first: both sites took writes"
+    );
+    // What site B holds of site A's history is a value site A acknowledged; every later
+    // acknowledged value is reported lost, never silently gone.
+    let applied = history_at(&b, "history-a")
+        .await
+        .expect("site A's history at site B");
+    assert!(
+        acks_a.iter().any(|ack| ack.value == applied),
+        "{applied} was never acknowledged"
+    );
+    let lost = acks_a.iter().filter(|ack| ack.value > applied).count() as u64;
+    let fenced = site_status(&a).await;
+    assert_eq!(fenced.fenced_by.as_deref(), Some("site-b"));
+    assert!(
+        lost <= fenced.lost_writes.unwrap_or(0),
+        "{lost} acknowledged write(s) missing at site B (it holds {applied}; site A \
+         acknowledged {:?}), {fenced:?}",
+        acks_a.iter().map(|a| a.value).collect::<Vec<_>>()
+    );
+    let (ok, out) = local(&["site", "status"], &a);
+    assert!(ok && out.contains("fenced by site site-b"), "{out}");
+    let (ok, out) = local(&["put", "db-credentials", "password=late"], &a);
+    assert!(!ok && out.contains("is fenced"), "{out}");
+
+    // Rejoin: site A follows site B and gets its writes; its lost writes are not replayed.
+    let (ok, out) = local(&["site", "rejoin"], &a);
+    assert!(
+        ok && out.contains("are lost, not replayed") && out.contains("is passive"),
+        "{out}"
+    );
+    let last_b = acks_b.iter().map(|a| a.value).max().unwrap();
+    eventually("site A to hold site B's writes", SITE_TIMEOUT, || async {
+        (history_at(&a, "history-b").await == Some(last_b)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        history_at(&a, "history-a").await,
+        Some(applied),
+        "A's lost writes are gone"
+    );
+
+    // Planned switchover back to site A with zero loss: drain B, let A catch up, promote.
+    let stop_b = Arc::new(AtomicBool::new(false));
+    let writing_b = writer(&b, "history-b", stop_b.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ok, out) = local(&["site", "drain"], &b);
+    assert!(ok && out.contains("takes no writes"), "{out}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_b.store(true, Ordering::SeqCst);
+    let acks_b = writing_b.await.unwrap();
+    let last_b = acks_b
+        .iter()
+        .map(|a| a.value)
+        .max()
+        .expect("writes before the drain");
+    let (ok, out) = local(&["put", "db-credentials", "password=drained"], &b);
+    assert!(!ok && out.contains("draining"), "{out}");
+    eventually(
+        "site A to apply everything site B took",
+        SITE_TIMEOUT,
+        || async { (history_at(&a, "history-b").await == Some(last_b)).then_some(()) },
+    )
+    .await;
+    let (ok, out) = local(&["site", "promote", "--yes"], &a);
+    assert!(
+        ok && out.contains("site site-a is active at site epoch 2"),
+        "{out}"
+    );
+    assert_eq!(history_at(&a, "history-b").await, Some(last_b), "zero loss");
+    eventually("site B to be fenced", SITE_TIMEOUT, || async {
+        let site = site_status(&b).await;
+        (site.role == SiteRole::Fenced).then_some(site)
+    })
+    .await;
+    assert_eq!(
+        site_status(&b).await.lost_writes.unwrap_or(0),
+        0,
+        "nothing lost"
+    );
+
+    // Promotion while the old site is down: B rejoins, follows, then site A is lost.
+    let (ok, out) = local(&["site", "rejoin"], &b);
+    assert!(ok, "{out}");
+    let (ok, out) = local(&["put", "db-credentials", "password=before-the-loss"], &a);
+    // A just promoted site may still be waiting out the old site's lease.
+    let (ok, out) = if ok {
+        (ok, out)
+    } else {
+        eventually("site A to take writes", SITE_TIMEOUT, || async {
+            let (ok, out) = local(&["put", "db-credentials", "password=before-the-loss"], &a);
+            ok.then_some((ok, out))
+        })
+        .await
+    };
+    assert!(ok, "{out}");
+    let b_state = StateFile::load(&b).unwrap();
+    eventually("site B to follow site A again", SITE_TIMEOUT, || async {
+        let node = hsm_secrets::local::system::primary(&b_state).await.ok()?.0;
+        let held = sites::read_agent(&b_state, &node, "db-credentials")
+            .await
+            .ok()??;
+        (held.get("password").map(Vec::as_slice) == Some(b"before-the-loss".as_slice()))
+            .then_some(())
+    })
+    .await;
+    let (ok, out) = local(&["down"], &a);
+    assert!(ok, "{out}");
+    let (ok, out) = local(&["site", "promote", "--yes"], &b);
+    assert!(
+        ok && out.contains("site site-b is active at site epoch 3"),
+        "{out}"
+    );
+    eventually(
+        "site B to take writes after site A's loss",
+        SITE_TIMEOUT,
+        || async {
+            let (ok, _) = local(&["put", "db-credentials", "password=after-the-loss"], &b);
+            ok.then_some(())
+        },
+    )
+    .await;
+    let (ok, out) = local(&["get", "db-credentials", "--reveal"], &b);
+    assert!(ok && out.contains("password: after-the-loss"), "{out}");
 }

@@ -336,7 +336,14 @@ impl Archiver {
             site_epoch: fence.site_epoch,
             fence_sequence: fence.fence_sequence,
         });
-        let lost = published.saturating_sub(fence.fence_sequence);
+        // Read after the gate closed: a write acknowledged before that (the agent checks
+        // the gate again after each write) is in this sequence; `published`, read before
+        // the bucket round trip, may miss the last ones.
+        let lost = agent
+            .store()
+            .latest_sequence()
+            .max(published)
+            .saturating_sub(fence.fence_sequence);
         if self
             .state
             .lock()

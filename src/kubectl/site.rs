@@ -119,12 +119,20 @@ pub fn promote_refusal(view: &SiteView) -> Option<String> {
     })
 }
 
-/// Why the site cannot drain, if it cannot: a passive site takes no writes to begin with.
+/// Why the site cannot drain, if it cannot: only an active site takes writes to stop (a
+/// promoted site keeps its `followArchive` and is active by its status).
 pub fn drain_refusal(view: &SiteView) -> Option<String> {
-    view.spec.follow_archive.is_some().then(|| {
+    let role = view.status.as_ref().map(|st| st.role);
+    let passive = match role {
+        Some(role) => role != SiteRole::Active,
+        None => view.spec.follow_archive.is_some(),
+    };
+    passive.then(|| {
         format!(
-            "site {} of HSMDevice {} is passive: drain the active site, then promote this one",
-            view.spec.name, view.device
+            "site {} of HSMDevice {} is {}: drain the active site, then promote this one",
+            view.spec.name,
+            view.device,
+            role.map_or("passive".into(), |r| format!("{r:?}").to_lowercase())
         )
     })
 }
@@ -305,7 +313,11 @@ async fn promote(
         ));
     }
     let id = Timestamp::now().to_string();
-    let patch = json!({"metadata": {"annotations": {SITE_PROMOTE_ANNOTATION: id}}});
+    // A drain left from an earlier switchover must not hold the promoted site.
+    let patch = json!({"metadata": {"annotations": {
+        SITE_PROMOTE_ANNOTATION: id,
+        SITE_DRAIN_ANNOTATION: null,
+    }}});
     patch_device(s, &r.device, &patch).await?;
     term.note(&format!(
         "promotion of site {} requested ({id}); it waits out the active site's lease ({} s) \
@@ -329,10 +341,21 @@ async fn promote(
     })
     .await?;
     match outcome {
-        Outcome::Done(Ok(st)) => term.print(&format!(
-            "hsmdevice {}: site {} is active at site epoch {}; the old active site is fenced\n",
-            r.device, view.spec.name, st.site_epoch
-        )),
+        Outcome::Done(Ok(st)) => {
+            // The promoted site follows nothing any more: a followArchive left in its spec
+            // would make it follow again, unasked, once another site is promoted over it.
+            patch_device(
+                s,
+                &r.device,
+                &json!({"spec": {"site": {"followArchive": null}}}),
+            )
+            .await?;
+            term.print(&format!(
+                "hsmdevice {}: site {} is active at site epoch {}; the old active site is \
+                 fenced; spec.site.followArchive removed (remove it from your manifests too)\n",
+                r.device, view.spec.name, st.site_epoch
+            ))
+        }
         Outcome::Done(Err(error)) => Err(KubectlError::Refused(format!(
             "the promotion of site {} failed: {error}",
             view.spec.name
@@ -378,7 +401,10 @@ async fn rejoin(
             r.device
         ));
     }
-    let patch = json!({"spec": {"site": {"followArchive": follow}}});
+    let patch = json!({
+        "metadata": {"annotations": {SITE_DRAIN_ANNOTATION: null}},
+        "spec": {"site": {"followArchive": follow}},
+    });
     patch_device(s, &r.device, &patch).await?;
     if !wait.enabled {
         return term.print(&format!("hsmdevice {}: rejoining\n", r.device));

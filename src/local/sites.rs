@@ -126,13 +126,23 @@ impl SiteOperator {
             return Err(LocalError::Check(refusal));
         }
         let id = Timestamp::now().to_string();
+        // A drain left from an earlier switchover must not hold the promoted site.
+        self.annotate(SITE_DRAIN_ANNOTATION, None).await?;
         self.annotate(SITE_PROMOTE_ANNOTATION, Some(id.clone()))
             .await?;
         let deadline = Instant::now() + timeout;
         loop {
             let site = self.site().await?;
             match promotion_outcome(&id, site.as_ref()) {
-                Some(Ok(site)) => return Ok(site),
+                Some(Ok(site)) => {
+                    // As `kubectl hsm site promote`: the promoted site follows nothing.
+                    let mut device = self.device().await?;
+                    if let Some(spec) = device.spec.site.as_mut() {
+                        spec.follow_archive = None;
+                    }
+                    self.state.apply_device(&device)?;
+                    return Ok(site);
+                }
                 Some(Err(error)) => {
                     return Err(LocalError::Check(format!("the promotion failed: {error}")));
                 }
@@ -167,6 +177,9 @@ impl SiteOperator {
         let rejoin = Rejoin::plan(&device, &view).map_err(LocalError::Check)?;
         if let Some(site) = device.spec.site.as_mut() {
             site.follow_archive = Some(rejoin.follow);
+        }
+        if let Some(annotations) = device.metadata.annotations.as_mut() {
+            annotations.remove(SITE_DRAIN_ANNOTATION);
         }
         self.state.apply_device(&device)?;
         let site = self
