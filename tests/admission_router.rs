@@ -627,6 +627,38 @@ async fn a_device_update_that_leaves_the_spec_alone_is_not_rechecked() {
     denial_message(&review(&app, "/validate", &update).await);
 }
 
+#[tokio::test]
+async fn a_passive_site_turns_active_only_by_promotion_and_a_fenced_one_keeps_spec_site() {
+    let (app, _, _) = app(cluster(DeviceHealth::Ready));
+    let mut update = fixture("hsmdevice_create_valid.json");
+    update["request"]["operation"] = "UPDATE".into();
+    let follow = json!({"url": "s3://dr/site", "credentialsSecret": "hsm-archive",
+        "device": "prod-hsm-a"});
+    let mut old = update["request"]["object"].clone();
+    old["spec"]["site"] = json!({"name": "site-b", "followArchive": follow});
+    old["status"] = json!({"site": {"name": "site-b", "role": "Passive", "siteEpoch": 0}});
+    update["request"]["oldObject"] = old.clone();
+    update["request"]["object"]["spec"]["site"] = json!({"name": "site-b"});
+    let message = denial_message(&review(&app, "/validate", &update).await);
+    assert!(
+        message.contains("site site-b is passive") && message.contains("kubectl hsm site promote"),
+        "{message}"
+    );
+    // Once promoted (the status says so), followArchive goes.
+    old["status"]["site"]["role"] = "Active".into();
+    update["request"]["oldObject"] = old.clone();
+    assert_eq!(review(&app, "/validate", &update).await["allowed"], true);
+    // A fenced site keeps spec.site.
+    old["status"]["site"]["role"] = "Fenced".into();
+    update["request"]["oldObject"] = old;
+    update["request"]["object"]["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("site");
+    let message = denial_message(&review(&app, "/validate", &update).await);
+    assert!(message.contains("kubectl hsm site rejoin"), "{message}");
+}
+
 // --- The envelope -------------------------------------------------------------
 
 #[tokio::test]

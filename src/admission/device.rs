@@ -9,7 +9,7 @@ use serde::Deserialize as _;
 
 use super::Verdict;
 use super::state::AdmissionState;
-use crate::crd::{HSMDevice, HSMDeviceSpec, MirroringPolicy, MirroringSpec};
+use crate::crd::{HSMDevice, HSMDeviceSpec, MirroringPolicy, MirroringSpec, SiteRole};
 use crate::inject::{validate_device_name, validate_object_name};
 
 const SYNC_INTERVAL_RANGE: (u32, u32) = (10, 86_400);
@@ -46,6 +46,13 @@ pub fn validate(request: &AdmissionRequest<DynamicObject>, state: &dyn Admission
     {
         return Verdict::allow("spec_unchanged");
     }
+    if request.operation == Operation::Update
+        && let Some(old) = &request.old_object
+        && let Ok(old_spec) = read_spec(old)
+        && let Some(refusal) = site_transition_refusal(name, &old_spec, site_role(old), &spec)
+    {
+        return Verdict::deny(409, "site_change_needs_promotion", refusal);
+    }
     let mut problems = spec_problems(&spec);
     if request.operation == Operation::Create
         && let Some(reason) = validate_device_name(name)
@@ -76,6 +83,50 @@ pub fn validate(request: &AdmissionRequest<DynamicObject>, state: &dyn Admission
         );
     }
     verdict
+}
+
+/// The site role the stored object's status reports (`status.site.role`).
+fn site_role(object: &DynamicObject) -> Option<SiteRole> {
+    let role = object.data.pointer("/status/site/role")?;
+    SiteRole::deserialize(role).ok()
+}
+
+/// Why a spec change must go through the site commands instead: a passive site that loses
+/// its `followArchive` would take writes without fencing the active site (two sites
+/// writing), and a fenced site that loses `spec.site` would forget that it was fenced.
+pub fn site_transition_refusal(
+    name: &str,
+    old: &HSMDeviceSpec,
+    role: Option<SiteRole>,
+    new: &HSMDeviceSpec,
+) -> Option<String> {
+    let old_site = old.site.as_ref()?;
+    let new_site = new.site.as_ref();
+    match role {
+        Some(SiteRole::Fenced) if new_site.is_none() => Some(format!(
+            "HSMDevice {name}: spec.site cannot be removed from site {}: another site was \
+             promoted over it, and without spec.site it would forget that; keep spec.site and \
+             rejoin it as a passive site (kubectl hsm site rejoin {name})",
+            old_site.name
+        )),
+        Some(SiteRole::Passive)
+            if old_site.follow_archive.is_some()
+                && new_site.is_none_or(|s| s.follow_archive.is_none()) =>
+        {
+            Some(format!(
+                "HSMDevice {name}: site {} is passive; removing spec.site{} would let it take \
+                 writes while the active site still does; promote it instead (kubectl hsm site \
+                 promote {name}): that fences the active site first, then removes followArchive",
+                old_site.name,
+                if new_site.is_none() {
+                    ""
+                } else {
+                    ".followArchive"
+                }
+            ))
+        }
+        _ => None,
+    }
 }
 
 fn read_spec(object: &DynamicObject) -> Result<HSMDeviceSpec, serde_json::Error> {
@@ -332,5 +383,57 @@ mod tests {
         );
         // A device never conflicts with itself (UPDATE).
         assert!(token_conflicts("a", &spec(json!({})), &existing).is_empty());
+    }
+
+    #[test]
+    fn a_site_leaves_passive_or_fenced_only_through_the_site_commands() {
+        let with_site = |site: serde_json::Value| {
+            let mut spec = spec(json!({}));
+            spec.site = serde_json::from_value(site).expect("site");
+            spec
+        };
+        let passive = with_site(json!({"name": "b", "followArchive": {"url": "s3://dr",
+            "credentialsSecret": "s", "device": "prod-hsm-a"}}));
+        let active = with_site(json!({"name": "b"}));
+        let none = spec(json!({}));
+        let refused = |old, role, new| site_transition_refusal("prod-hsm-b", old, role, new);
+        let cases = [
+            (
+                &passive,
+                Some(SiteRole::Passive),
+                &active,
+                Some("promote prod-hsm-b"),
+            ),
+            (
+                &passive,
+                Some(SiteRole::Passive),
+                &none,
+                Some("removing spec.site would"),
+            ),
+            // Promoted: the promotion itself removes followArchive.
+            (&passive, Some(SiteRole::Active), &active, None),
+            // Never reported: nothing was applied, nothing to fence.
+            (&passive, None, &active, None),
+            (
+                &active,
+                Some(SiteRole::Fenced),
+                &none,
+                Some("rejoin prod-hsm-b"),
+            ),
+            // Rejoin: a fenced site gains followArchive.
+            (&active, Some(SiteRole::Fenced), &passive, None),
+            (&active, Some(SiteRole::Active), &none, None),
+            (&none, None, &passive, None),
+        ];
+        for (n, (old, role, new, expected)) in cases.into_iter().enumerate() {
+            let refusal = refused(old, role, new);
+            match expected {
+                Some(text) => assert!(
+                    refusal.as_deref().is_some_and(|r| r.contains(text)),
+                    "case {n}: {refusal:?}"
+                ),
+                None => assert_eq!(refusal, None, "case {n}"),
+            }
+        }
     }
 }
