@@ -1913,3 +1913,78 @@ async fn passive_sites_name_bad_archives_and_concurrent_promotions_have_one_winn
     let r = a.round(&promote_a).await;
     assert!(error_of(&r).contains("is not passive"), "{}", error_of(&r));
 }
+
+/// A base of many secrets takes longer than the site lease: the fences are checked on
+/// their own timer meanwhile, so the active site keeps taking writes through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_base_does_not_let_the_site_lease_lapse() {
+    use hsm_secrets::archive::archiver::SiteGuard;
+    use hsm_secrets::mirror::site::SiteGate;
+    let Some(s3) = S3Server::start() else { return };
+    let bucket = s3_bucket(&s3, "long-base");
+    let recovery = RecoverySecretKey::generate().unwrap();
+    let primary = start_primary("long-base", 1).await;
+    for n in 0..2000 {
+        put(&primary, &format!("bulk/s{n}"), &[("v", &[7u8; 64])]).await;
+    }
+    let lease = Duration::from_millis(240);
+    let mut archiver = archiver(&bucket, &primary, &recovery).with_site(SiteGuard {
+        site: "site-a".into(),
+        lease,
+        key: Arc::new(TokenArchiveKey::new(
+            primary.store.clone(),
+            ARCHIVE_KEY_LABEL,
+        )),
+        active_since: 0,
+    });
+    primary.agent.update_site_gate(|_| SiteGate::Active {
+        site: "site-a".into(),
+        until: None,
+    });
+    // A client writes every 50 ms while the first step writes the base.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let (agent, stop) = (primary.agent.clone(), stop.clone());
+        tokio::spawn(async move {
+            // From the step's first check on: the lease starts there.
+            while matches!(agent.site_gate(), SiteGate::Active { until: None, .. }) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let (mut acknowledged, mut refused) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match agent
+                    .put(
+                        &path("shop/live"),
+                        data(&[("v", b"x")]),
+                        Expect::Any,
+                        agent.epoch(),
+                    )
+                    .await
+                {
+                    Ok(_) => acknowledged += 1,
+                    Err(e) => refused.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (acknowledged, refused)
+        })
+    };
+    let started = std::time::Instant::now();
+    let step = archiver.step(&primary.agent).await.unwrap();
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (acknowledged, refused) = client.await.unwrap();
+    assert!(
+        matches!(step, Step::Base { records, .. } if records >= 2000),
+        "{step:?}"
+    );
+    assert!(
+        took > lease * 2,
+        "the base took {took:?}: too quick to outlast the {lease:?} lease"
+    );
+    assert!(acknowledged > 0);
+    assert!(
+        refused.is_empty(),
+        "writes refused during a {took:?} base: {refused:?}"
+    );
+}

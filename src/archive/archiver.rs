@@ -267,14 +267,44 @@ impl Archiver {
         }
         let published = agent.store().latest_sequence();
         self.update(|s| s.primary_sequence = published);
-        if let Some(guard) = self.site.clone()
-            && self.check_site(agent, &guard, published).await?
-        {
+        let Some(watch) = self.site_watch() else {
+            return self.ship(agent, snapshot.epoch, published).await;
+        };
+        if watch.check(agent, published).await? {
             self.head = None;
             return Ok(Step::SiteFenced);
         }
-        if !self.fresh_chain && self.head.as_ref().is_none_or(|h| h.epoch != snapshot.epoch) {
-            self.head = self.find_head(snapshot.epoch, published).await?;
+        // A long step (a base of thousands of token reads) must not let the site's lease
+        // lapse, nor keep a site that was fenced meanwhile writing: the fences are read on
+        // their own timer while it runs, at least three times per lease.
+        let interval = self.cfg.segment_interval.min(watch.guard.lease / 3);
+        let shipped = tokio::select! {
+            biased;
+            () = watch.renew_every(agent, interval) => None,
+            result = self.ship(agent, snapshot.epoch, published) => Some(result),
+        };
+        match shipped {
+            Some(result) => result,
+            None => {
+                // Fenced meanwhile. The interrupted object may or may not have landed:
+                // never continue a chain after it.
+                self.head = None;
+                self.fresh_chain = true;
+                Ok(Step::SiteFenced)
+            }
+        }
+    }
+
+    /// Ships what is new: a base when the chain cannot continue or one is due, else the
+    /// segments since the chain's head.
+    async fn ship(
+        &mut self,
+        agent: &Agent,
+        epoch: u64,
+        published: u64,
+    ) -> Result<Step, ArchiveError> {
+        if !self.fresh_chain && self.head.as_ref().is_none_or(|h| h.epoch != epoch) {
+            self.head = self.find_head(epoch, published).await?;
         }
         let requested = {
             let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -290,8 +320,8 @@ impl Archiver {
                     >= self.cfg.base_interval.as_millis() as u64
             });
         let result = match due {
-            true => self.write_base(agent, snapshot.epoch).await,
-            false => self.write_segments(agent, snapshot.epoch).await,
+            true => self.write_base(agent, epoch).await,
+            false => self.write_segments(agent, epoch).await,
         };
         if result.is_ok() && requested.is_some() {
             self.update(|s| s.base_done = requested);
@@ -306,59 +336,14 @@ impl Archiver {
         result
     }
 
-    /// Reads the archive's fences: true when another site was promoted over this one (the
-    /// agent then refuses writes for good); otherwise the site's lease is renewed from the
-    /// moment the check began.
-    async fn check_site(
-        &self,
-        agent: &Agent,
-        guard: &SiteGuard,
-        published: u64,
-    ) -> Result<bool, ArchiveError> {
-        use crate::mirror::site::SiteGate;
-        let checked_at = std::time::Instant::now();
-        let fences = super::site::read_fences(&self.bucket, &self.cfg.root, &*guard.key).await?;
-        let site_epoch = fences.last().map_or(0, |f| f.site_epoch);
-        // Its own archive records from which site epoch this site is active (after a
-        // promotion), so older fences over it stay history even after a restart.
-        let since = guard
-            .active_since
-            .max(super::site::active_since(&fences, &guard.site));
-        let Some(fence) = super::site::fencing(&fences, &self.cfg.root, &guard.site, since) else {
-            agent.update_site_gate(|g| g.renewed(&guard.site, checked_at, guard.lease));
-            self.update(|s| s.site_epoch = site_epoch);
-            return Ok(false);
-        };
-        let gate = agent.update_site_gate(|_| SiteGate::Fenced {
-            site: guard.site.clone(),
-            by: fence.site.clone(),
-            by_device: fence.device.clone(),
-            site_epoch: fence.site_epoch,
-            fence_sequence: fence.fence_sequence,
-        });
-        // Read after the gate closed: a write acknowledged before that (the agent checks
-        // the gate again after each write) is in this sequence; `published`, read before
-        // the bucket round trip, may miss the last ones.
-        let lost = agent
-            .store()
-            .latest_sequence()
-            .max(published)
-            .saturating_sub(fence.fence_sequence);
-        if self
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .fenced
-            .is_none()
-        {
-            tracing::error!(by = %fence.site, site_epoch = fence.site_epoch, fence_sequence = fence.fence_sequence, lost, ?gate, "another site was promoted: this site is fenced");
-        }
-        self.update(|s| {
-            s.site_epoch = site_epoch;
-            s.fenced = Some(fence);
-            s.lost_writes = lost;
-        });
-        Ok(true)
+    /// The site check of this archiver, when it runs with a site guard.
+    fn site_watch(&self) -> Option<SiteWatch> {
+        Some(SiteWatch {
+            guard: self.site.clone()?,
+            bucket: self.bucket.clone(),
+            root: self.cfg.root.clone(),
+            state: self.state.clone(),
+        })
     }
 
     /// The newest object of this epoch's chain, if it can be continued. Anything odd (an
@@ -710,4 +695,86 @@ fn rfc3339(millis: u64) -> String {
     k8s_openapi::jiff::Timestamp::from_millisecond(millis as i64)
         .map(|t| t.to_string())
         .unwrap_or_default()
+}
+
+/// An active site's check that no other site was promoted over it: run before every
+/// archive step and, during a long one, on its own timer.
+struct SiteWatch {
+    guard: SiteGuard,
+    bucket: Bucket,
+    root: ArchiveRoot,
+    state: Arc<Mutex<ArchiverState>>,
+}
+
+impl SiteWatch {
+    fn update(&self, f: impl FnOnce(&mut ArchiverState)) {
+        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Checks every `interval` until the site is fenced (then completes); a failed check
+    /// only lets the lease run down.
+    async fn renew_every(&self, agent: &Agent, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            let published = agent.store().latest_sequence();
+            match self.check(agent, published).await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "site check during an archive write failed; the site lease runs down");
+                }
+            }
+        }
+    }
+
+    /// Reads the archive's fences: true when another site was promoted over this one (the
+    /// agent then refuses writes for good); otherwise the site's lease is renewed from the
+    /// moment the check began.
+    async fn check(&self, agent: &Agent, published: u64) -> Result<bool, ArchiveError> {
+        let guard = &self.guard;
+        use crate::mirror::site::SiteGate;
+        let checked_at = std::time::Instant::now();
+        let fences = super::site::read_fences(&self.bucket, &self.root, &*guard.key).await?;
+        let site_epoch = fences.last().map_or(0, |f| f.site_epoch);
+        // Its own archive records from which site epoch this site is active (after a
+        // promotion), so older fences over it stay history even after a restart.
+        let since = guard
+            .active_since
+            .max(super::site::active_since(&fences, &guard.site));
+        let Some(fence) = super::site::fencing(&fences, &self.root, &guard.site, since) else {
+            agent.update_site_gate(|g| g.renewed(&guard.site, checked_at, guard.lease));
+            self.update(|s| s.site_epoch = site_epoch);
+            return Ok(false);
+        };
+        let gate = agent.update_site_gate(|_| SiteGate::Fenced {
+            site: guard.site.clone(),
+            by: fence.site.clone(),
+            by_device: fence.device.clone(),
+            site_epoch: fence.site_epoch,
+            fence_sequence: fence.fence_sequence,
+        });
+        // Read after the gate closed: a write acknowledged before that (the agent checks
+        // the gate again after each write) is in this sequence; `published`, read before
+        // the bucket round trip, may miss the last ones.
+        let lost = agent
+            .store()
+            .latest_sequence()
+            .max(published)
+            .saturating_sub(fence.fence_sequence);
+        if self
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .fenced
+            .is_none()
+        {
+            tracing::error!(by = %fence.site, site_epoch = fence.site_epoch, fence_sequence = fence.fence_sequence, lost, ?gate, "another site was promoted: this site is fenced");
+        }
+        self.update(|s| {
+            s.site_epoch = site_epoch;
+            s.fenced = Some(fence);
+            s.lost_writes = lost;
+        });
+        Ok(true)
+    }
 }
