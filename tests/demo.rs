@@ -500,3 +500,44 @@ fn the_demo_script_announces_the_build_and_shows_its_progress() {
     assert!(err.contains("about 10 minutes on 2 cores"), "{err}");
     assert!(err.contains("later runs start in seconds"), "{err}");
 }
+
+/// `hsm-secrets demo --sites`: two complete systems as the sites of one device; every step
+/// passes, the output shows the refusals and the promotion, and nothing is left behind.
+#[test]
+fn the_two_site_demo_promotes_by_hand_fences_and_rejoins_leaving_nothing_behind() {
+    if !available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let _unmount = UnmountOnDrop(work.path());
+    let mut c = command();
+    c.arg("demo")
+        .arg("--sites")
+        .arg("--work-dir")
+        .arg(work.path());
+    let (status, out) = Running::start(c).finish(RUN_TIMEOUT);
+    assert!(status.success(), "demo --sites failed ({status}):\n{out}");
+    for n in 1..=8 {
+        assert!(out.contains(&format!("✔ step {n}:")), "step {n}:\n{out}");
+    }
+    assert!(!out.contains('✘'), "{out}");
+    for expected in [
+        "two-site demo complete: 8/8 steps passed",
+        "site B's primary holds the new value: passive",
+        "equal to site A's",
+        "site site-b is passive: it follows the archive of the active site prod-hsm",
+        "denied by its validating webhook (HTTP 409)",
+        "ACTIVE SITE (ARCHIVE)",
+        "site site-a is fenced: site site-b was promoted at site epoch 1",
+        "site A is passive, following site B, and holds site B's write",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?}:\n{out}");
+    }
+    wait_no_processes(work.path(), Duration::from_secs(30));
+    assert!(mounts_under(work.path()).is_empty());
+    assert_eq!(
+        std::fs::read_dir(work.path()).unwrap().count(),
+        0,
+        "the demo left files behind"
+    );
+}
