@@ -290,6 +290,12 @@ async fn run(dir: std::path::PathBuf, server: s3::S3Server) {
         sites.lease_wait,
         sites.switchover.as_secs_f64() / sites.lease_wait.as_secs_f64()
     );
+    let [drained, applied, promoted, first_write] = sites.phases;
+    println!(
+        "\nswitchover phases: active site drained and archived {drained:.2?}, passive site applied \
+         it {applied:.2?}, promoted (catch-up, fence, its own archive's record) {promoted:.2?}, \
+         first write taken {first_write:.2?}"
+    );
 }
 
 struct SiteFigures {
@@ -299,6 +305,8 @@ struct SiteFigures {
     lag_p50: Duration,
     lag_p99: Duration,
     switchover: Duration,
+    /// The switchover's phases: drained and archived, applied at b, promoted, first write.
+    phases: [Duration; 4],
     lease_wait: Duration,
 }
 
@@ -456,19 +464,23 @@ async fn sites(
     // A planned switchover: drain a, let b catch up, promote b, first write at b.
     eprintln!("sites: planned switchover");
     let started = Instant::now();
+    let mut marks = Vec::new();
     a_request.drain = true;
     a.handle(a_request.clone()).await;
     let last = store.latest_sequence();
     until(&a, &a_request, |r| r.archived_sequence >= last).await;
+    marks.push(started.elapsed());
     until(&b, &b_request, |r| {
         r.site.as_ref().is_some_and(|s| s.applied_sequence >= last)
     })
     .await;
+    marks.push(started.elapsed());
     b_request.promote_request = "bench".into();
     until(&b, &b_request, |r| {
         r.site.as_ref().is_some_and(|s| s.promotion_done == "bench")
     })
     .await;
+    marks.push(started.elapsed());
     loop {
         b.handle(b_request.clone()).await;
         let path: SecretPath = "bench/after-switchover".parse().expect("path");
@@ -478,6 +490,13 @@ async fn sites(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let switchover = started.elapsed();
+    marks.push(switchover);
+    let phases = [
+        marks[0],
+        marks[1] - marks[0],
+        marks[2] - marks[1],
+        marks[3] - marks[2],
+    ];
     SiteFigures {
         secrets,
         first_follow,
@@ -485,6 +504,7 @@ async fn sites(
         lag_p50,
         lag_p99,
         switchover,
+        phases,
         lease_wait: hsm_secrets::archive::site::promotion_wait(lease),
     }
 }

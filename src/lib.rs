@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod archive;
 pub mod cli;
+pub mod contract;
 pub mod controller;
 pub mod crd;
 pub mod failover;

@@ -29,10 +29,7 @@ pub const KEY_TLS_CERT: &str = "tls.crt";
 pub const KEY_TLS_KEY: &str = "tls.key";
 pub const KEY_CA_CERT: &str = "ca.crt";
 pub const KEY_CA_KEY: &str = "ca.key";
-/// Secret annotations recording what the serving certificate covers, so
-/// renewal needs no X.509 parsing.
-pub const ANNOTATION_NOT_AFTER: &str = "hsmsecrets.io/certificate-not-after";
-pub const ANNOTATION_DNS_NAMES: &str = "hsmsecrets.io/certificate-dns-names";
+pub use crate::contract::{ANNOTATION_DNS_NAMES, ANNOTATION_NOT_AFTER};
 
 /// Where the bootstrap keeps and publishes the certificates.
 #[derive(Clone, Debug)]

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use hsm_secrets_csi::{DEFAULT_DRIVER_NAME, IdentityService, NodeConfig, NodeService};
+use hsm_secrets_csi::{IdentityService, NodeConfig, NodeService};
+
+use crate::contract::CSI_DRIVER;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
@@ -290,14 +292,10 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
     }
 
     let config = NodeConfig::new(&args.node_name)
-        .with_driver_name(DEFAULT_DRIVER_NAME)
+        .with_driver_name(CSI_DRIVER)
         .with_kubelet_dir(&args.kubelet_dir)
         .with_unsafe_plain_directory(args.unsafe_plain_directory);
-    let identity = IdentityService::new(
-        DEFAULT_DRIVER_NAME,
-        env!("CARGO_PKG_VERSION"),
-        source.clone(),
-    );
+    let identity = IdentityService::new(CSI_DRIVER, env!("CARGO_PKG_VERSION"), source.clone());
     let mut reporter = NodeReporter::new(metrics, events);
     if let Some(audit) = audit {
         reporter = reporter.with_audit(audit);

@@ -390,7 +390,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
                 self.state
                     .set_node_label(
                         node,
-                        &failover::ready_label_key(device),
+                        &crate::contract::node_ready_label(device),
                         ready.then_some(failover::READY_LABEL_VALUE),
                     )
                     .await

@@ -652,36 +652,10 @@ pub struct DeviceNodeStatus {
     pub outside_write_set: bool,
 }
 
-/// Annotation on an HSMDevice asking the controller for a planned switchover to a node
-/// (set by `kubectl hsm failover DEVICE --to NODE`; removed by the controller when done).
-pub const SWITCHOVER_ANNOTATION: &str = "hsmsecrets.io/switchover-to";
-
-/// Annotation asking for a base snapshot now (`kubectl hsm backup now`): its value, a
-/// request id, is copied to `status.backup.lastBaseRequest` once the base is durable.
-pub const BACKUP_NOW_ANNOTATION: &str = "hsmsecrets.io/backup-now";
-/// Annotation asking for a restore drill now (`kubectl hsm backup verify`): its value is
-/// copied to `status.backup.lastVerified.request` when the drill ends.
-pub const BACKUP_VERIFY_ANNOTATION: &str = "hsmsecrets.io/backup-verify";
-/// Annotation asking for a restore of the device from its archive (`kubectl hsm
-/// restore`), a JSON [`RestoreAnnotation`]; its id is copied to
-/// `status.backup.lastRestore.request` when the restore ends.
-pub const RESTORE_ANNOTATION: &str = "hsmsecrets.io/restore";
-/// Annotation asking to promote this passive site (`kubectl hsm site promote`, after its
-/// preflight and confirmation): its value, a request id, is copied to
-/// `status.site.lastPromotion` once the site is active.
-pub const SITE_PROMOTE_ANNOTATION: &str = "hsmsecrets.io/site-promote";
-/// Annotation (any value) that drains the active site for a planned switchover: it stops
-/// taking writes and archives what it has (`kubectl hsm site drain`); removing it calls
-/// the switchover off.
-pub const SITE_DRAIN_ANNOTATION: &str = "hsmsecrets.io/site-drain";
-
-/// `hsmsecrets.io/device.<device>`: the label a node carries (value `ready`) while its copy
-/// of the device serves; the controller sets it and pod injection's affinity matches it.
-/// The name part of a label key is limited to 63 characters, so device names longer than
-/// 56 characters cannot be labelled; the admission webhook refuses them.
-pub fn node_ready_label(device: &str) -> String {
-    format!("{}device.{device}", super::PREFIX)
-}
+pub use crate::contract::{
+    BACKUP_NOW_ANNOTATION, BACKUP_VERIFY_ANNOTATION, RESTORE_ANNOTATION, SITE_DRAIN_ANNOTATION,
+    SITE_PROMOTE_ANNOTATION, SWITCHOVER_ANNOTATION, node_ready_label,
+};
 
 impl HSMDevice {
     /// The mirroring block with its defaults applied (policy None when omitted).

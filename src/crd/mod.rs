@@ -15,12 +15,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use serde_json::Value;
 
-/// API group of every resource this project defines.
-pub const GROUP: &str = "hsmsecrets.io";
-/// Prefix of every annotation and label this project reads or writes.
-pub const PREFIX: &str = "hsmsecrets.io/";
-/// Finalizer placed on HSMSecrets that manage a Kubernetes Secret copy.
-pub const FINALIZER: &str = "hsmsecrets.io/finalizer";
+pub use crate::contract::{FINALIZER, GROUP, PREFIX};
 
 /// The HSMDevice CRD as installed: see [`served_formats`].
 pub fn device_crd() -> CustomResourceDefinition {

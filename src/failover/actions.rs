@@ -37,7 +37,7 @@ pub enum Action {
         epoch: u64,
         role: DeviceRole,
     },
-    /// Desired state of the node label [`ready_label_key`]: `ready` sets it to
+    /// Desired state of the node label [`crate::contract::node_ready_label`]: `ready` sets it to
     /// [`READY_LABEL_VALUE`], otherwise it is removed. Idempotent; every round.
     LabelNode { node: String, ready: bool },
     /// `node` holds changes `from_sequence..=to_sequence`, made under `epoch`, that the
@@ -102,11 +102,7 @@ impl EventType {
     }
 }
 
-/// Value of the node label while the node serves the device (primary or caught-up mirror).
-pub const READY_LABEL_VALUE: &str = "ready";
-
-/// The node label [`Action::LabelNode`] sets (see [`crate::crd::node_ready_label`]).
-pub use crate::crd::node_ready_label as ready_label_key;
+pub use crate::contract::READY_LABEL_VALUE;
 
 impl Action {
     pub(crate) fn event(reason: EventReason, type_: EventType, message: String) -> Self {

@@ -64,9 +64,7 @@ mod fixture;
 #[cfg(test)]
 mod tests;
 
-pub use actions::{
-    Action, DeviceEvent, EventReason, EventType, READY_LABEL_VALUE, ready_label_key,
-};
+pub use actions::{Action, DeviceEvent, EventReason, EventType, READY_LABEL_VALUE};
 pub use fencing::{Fence, FencingConfig, LeaseFacts};
 pub use observe::{
     AgentReport, DeviceView, NodeError, NodeErrorKind, Probe, ProbeResult, WriteLease,

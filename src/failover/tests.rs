@@ -1867,7 +1867,10 @@ fn plans_are_deterministic_and_serializable() {
     // Actions read as the controller will log them.
     let promote = serde_json::to_value(&a.actions[0]).unwrap();
     assert_eq!(promote["action"], "promote");
-    assert_eq!(ready_label_key("prod-hsm"), "hsmsecrets.io/device.prod-hsm");
+    assert_eq!(
+        crate::contract::node_ready_label("prod-hsm"),
+        "hsmsecrets.io/device.prod-hsm"
+    );
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Kubernetes name rules the annotations must follow, and the node label that
 //! marks a node whose node plugin has a device ready.
 
+use crate::contract::node_ready_label;
+
 /// Longest HSMDevice name whose ready label key stays valid: the name part of
 /// a label key (`device.<name>`) is at most 63 characters.
 pub const MAX_DEVICE_NAME_LEN: usize = 63 - "device.".len();
@@ -41,13 +43,10 @@ pub fn validate_device_name(name: &str) -> Option<String> {
             "is {} characters long; device names are at most {MAX_DEVICE_NAME_LEN} so the \
              node label {} stays a valid label key",
             name.len(),
-            device_ready_label("<name>")
+            node_ready_label("<name>")
         )
     })
 }
-
-/// The node label injected pods are steered towards (see [`crate::crd::node_ready_label`]).
-pub use crate::crd::node_ready_label as device_ready_label;
 
 #[cfg(test)]
 mod tests {
@@ -83,7 +82,7 @@ mod tests {
         let long = validate_device_name(&"d".repeat(MAX_DEVICE_NAME_LEN + 1)).unwrap_or_default();
         assert!(long.contains("label"), "{long}");
         assert_eq!(
-            device_ready_label("prod-hsm"),
+            node_ready_label("prod-hsm"),
             "hsmsecrets.io/device.prod-hsm"
         );
     }

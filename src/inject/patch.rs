@@ -10,12 +10,12 @@ use serde_json::{Value, json};
 
 use super::annotations::{InjectionSpec, NodeAffinityMode};
 use super::error::InjectError;
-use super::names::device_ready_label;
 use super::pod_view::{ContainerView, PodView};
 use super::{
     ANNOTATION_STATUS, ATTRIBUTE_DEVICE, ATTRIBUTE_FILE_MODE, ATTRIBUTE_SECRETS, CSI_DRIVER,
     STATUS_INJECTED, VOLUME_NAME,
 };
+use crate::contract::node_ready_label;
 
 /// Weight of the preferred node affinity term: the strongest preference.
 const PREFERRED_WEIGHT: i32 = 100;
@@ -176,7 +176,7 @@ fn affinity_operations(
     device: &str,
 ) -> Vec<PatchOperation> {
     let expression = json!({
-        "key": device_ready_label(device),
+        "key": node_ready_label(device),
         "operator": "In",
         "values": ["ready"],
     });

@@ -60,10 +60,7 @@ pub use client::{Session, client_for, connect};
 pub use error::KubectlError;
 pub use input::{Prompt, SecretValue, TerminalPrompt};
 
-/// Label on an import Secret naming the HSMSecret it feeds.
-pub const IMPORT_FOR_LABEL: &str = "hsmsecrets.io/import-for";
-/// Annotation on an import Secret listing keys to remove (comma-separated).
-pub const REMOVE_KEYS_ANNOTATION: &str = "hsmsecrets.io/remove-keys";
+pub use crate::contract::{IMPORT_FOR_LABEL, REMOVE_KEYS_ANNOTATION};
 /// Interval between status polls while waiting for the controller.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 

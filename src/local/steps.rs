@@ -502,7 +502,7 @@ impl Walk<'_> {
             }
             let ours = hsm_secrets_csi::plain_directory::is_plain_volume(
                 target,
-                hsm_secrets_csi::DEFAULT_DRIVER_NAME,
+                crate::contract::CSI_DRIVER,
             )
             .map_err(|e| LocalError::Csi(e.to_string()))?;
             if !ours {

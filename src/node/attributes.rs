@@ -14,11 +14,11 @@ use crate::hsm::SecretPath;
 use crate::inject::{FileMode, Spelling, VolumeLayout};
 
 /// Comma-separated HSMSecret names of the pod's namespace.
-pub const SECRETS: &str = crate::inject::ATTRIBUTE_SECRETS;
+pub const SECRETS: &str = crate::contract::ATTRIBUTE_SECRETS;
 /// Name of the HSMDevice that holds the secrets.
-pub const DEVICE: &str = crate::inject::ATTRIBUTE_DEVICE;
+pub const DEVICE: &str = crate::contract::ATTRIBUTE_DEVICE;
 /// Octal permission bits of every file, e.g. `0440`.
-pub const FILE_MODE: &str = crate::inject::ATTRIBUTE_FILE_MODE;
+pub const FILE_MODE: &str = crate::contract::ATTRIBUTE_FILE_MODE;
 /// Owner and group may read; the pod reads through its fsGroup.
 pub const DEFAULT_FILE_MODE: FileMode = FileMode::DEFAULT;
 /// Bounds the work (and the tmpfs) of one volume.

@@ -50,9 +50,4 @@ pub use kube_cluster::{
 pub use metrics::SecretSyncMetrics;
 pub use reconcile::{ReconcileOutcome, SecretReconciler};
 
-pub use crate::kubectl::{IMPORT_FOR_LABEL, REMOVE_KEYS_ANNOTATION};
-
-/// Label on a managed Secret naming the HSMDevice it comes from.
-pub const DEVICE_LABEL: &str = "hsmsecrets.io/device";
-/// Label on a managed Secret carrying the HSM version it holds.
-pub const VERSION_LABEL: &str = "hsmsecrets.io/version";
+pub use crate::contract::{DEVICE_LABEL, IMPORT_FOR_LABEL, REMOVE_KEYS_ANNOTATION, VERSION_LABEL};
