@@ -13,6 +13,7 @@
 pub mod bootstrap;
 pub mod certificates;
 mod device;
+mod file_state;
 pub mod lease;
 mod metrics;
 mod pod;
@@ -20,6 +21,7 @@ mod secret;
 mod state;
 
 pub use device::{spec_problems as device_spec_problems, token_conflicts};
+pub use file_state::FileAdmissionState;
 pub use metrics::{AdmissionMetrics, Rule};
 pub use secret::{WriteBlock, write_block, writes_into_hsm};
 pub use state::{AdmissionState, MemoryState, ReflectorState};

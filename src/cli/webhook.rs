@@ -11,10 +11,10 @@ use hsm_secrets_webhook::{TlsReloader, WebhookState};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
+use crate::admission::FileAdmissionState;
 use crate::admission::bootstrap::{self, BootstrapConfig, BootstrapTiming};
 use crate::admission::certificates::ServingIdentity;
 use crate::admission::{AdmissionMetrics, ReflectorState, Rules};
-use crate::local::FileAdmissionState;
 use crate::telemetry::CommonArgs;
 
 /// Flags of `hsm-secrets webhook`.

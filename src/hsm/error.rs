@@ -90,6 +90,7 @@ pub enum StoreError {
         rv: String,
     },
 
+    #[cfg(feature = "fault-injection")]
     #[error("fault injected into {operation}")]
     Injected { operation: &'static str },
 }
@@ -113,18 +114,22 @@ impl StoreError {
             StoreError::PinFile { .. } => "pin_file",
             StoreError::Library { .. } => "library",
             StoreError::Pkcs11 { .. } => "pkcs11",
+            #[cfg(feature = "fault-injection")]
             StoreError::Injected { .. } => "injected",
         }
     }
 
     /// Whether retrying later (after reconnecting) can help.
     pub fn is_transient(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        if let StoreError::Injected { .. } = self {
+            return true;
+        }
         matches!(
             self,
             StoreError::DeviceUnavailable { .. }
                 | StoreError::Timeout { .. }
                 | StoreError::TokenNotFound { .. }
-                | StoreError::Injected { .. }
         )
     }
 }

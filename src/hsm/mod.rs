@@ -3,10 +3,12 @@
 //!
 //! Callers use the [`SecretStore`] trait; [`Pkcs11Store`] is the real implementation,
 //! [`MemoryStore`] an in-process one for tests and benchmarks of code above the store,
-//! and [`FaultyStore`] injects failures into either.
+//! and `FaultyStore` (feature `fault-injection`, tests only) injects failures into either.
 
 mod error;
+#[cfg(feature = "fault-injection")]
 mod fault;
+#[cfg(feature = "fault-injection")]
 mod faulty;
 mod handles;
 mod layout;
@@ -17,7 +19,9 @@ mod pin_refusal;
 mod pkcs11;
 
 pub use error::StoreError;
+#[cfg(feature = "fault-injection")]
 pub use fault::{FaultKind, FaultPlan};
+#[cfg(feature = "fault-injection")]
 pub use faulty::FaultyStore;
 pub use memory::MemoryStore;
 pub use model::{

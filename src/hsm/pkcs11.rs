@@ -25,12 +25,14 @@ use zeroize::Zeroizing;
 mod archive_key;
 pub use archive_key::TransportPublicKey;
 
+#[cfg(feature = "fault-injection")]
+use super::FaultPlan;
 use super::handles::{Entry, HandleCache, Lookup};
 use super::layout::{self, DATA_APP, META_APP, Meta};
 use super::pin_refusal::PinRefusals;
 use super::{
-    Body, Expect, FaultPlan, GcReport, ManifestEntry, Record, SecretData, SecretPath, SecretStore,
-    StoreError, TokenInfo,
+    Body, Expect, GcReport, ManifestEntry, Record, SecretData, SecretPath, SecretStore, StoreError,
+    TokenInfo,
 };
 
 /// How to reach one token.
@@ -103,6 +105,7 @@ struct Shared {
     /// session, so a mutation excludes concurrent PKCS#11 reads for its short duration.
     io_lock: std::sync::RwLock<()>,
     handles: Mutex<HandleCache>,
+    #[cfg(feature = "fault-injection")]
     faults: Option<Arc<FaultPlan>>,
 }
 
@@ -117,13 +120,26 @@ impl Pkcs11Store {
     /// Opens the token: loads the module, finds the token by label, logs in and reads the
     /// highest change sequence stored on it.
     pub async fn open(cfg: Pkcs11Config) -> Result<Self, StoreError> {
-        Self::open_with_faults(cfg, None).await
+        Self::open_inner(
+            cfg,
+            #[cfg(feature = "fault-injection")]
+            None,
+        )
+        .await
     }
 
     /// As [`open`](Self::open), consulting `faults` before every object operation.
+    #[cfg(feature = "fault-injection")]
     pub async fn open_with_faults(
         cfg: Pkcs11Config,
         faults: Option<Arc<FaultPlan>>,
+    ) -> Result<Self, StoreError> {
+        Self::open_inner(cfg, faults).await
+    }
+
+    async fn open_inner(
+        cfg: Pkcs11Config,
+        #[cfg(feature = "fault-injection")] faults: Option<Arc<FaultPlan>>,
     ) -> Result<Self, StoreError> {
         let pin = read_pin(&cfg.pin_file)?;
         let refusals = PinRefusals::new(cfg.pin_refusal_dir.clone());
@@ -146,6 +162,7 @@ impl Pkcs11Store {
             write_lock: tokio::sync::Mutex::new(()),
             io_lock: std::sync::RwLock::new(()),
             handles: Mutex::default(),
+            #[cfg(feature = "fault-injection")]
             faults,
         });
         let store = Self { shared };
@@ -654,11 +671,19 @@ impl Tok<'_> {
         self.shared.label()
     }
 
+    #[cfg(feature = "fault-injection")]
     fn fault(&self, op: &'static str) -> Result<(), StoreError> {
         match &self.shared.faults {
             Some(plan) => plan.check(op, self.label()),
             None => Ok(()),
         }
+    }
+
+    /// Without the `fault-injection` feature nothing is ever injected.
+    #[cfg(not(feature = "fault-injection"))]
+    #[inline(always)]
+    fn fault(&self, _op: &'static str) -> Result<(), StoreError> {
+        Ok(())
     }
 
     fn map_err(&self, e: CkError, function: &'static str) -> StoreError {

@@ -5,11 +5,9 @@
 //! - [`cluster`]: starts, owns and stops the processes, tokens, PKI and directories;
 //! - [`steps`]: the demo walk-through, each step a checked outcome;
 //! - [`report`]: how steps are printed;
-//! - [`admission_state`]: the webhook's view of a state directory (`webhook --state`);
 //! - [`clients`]: what the walk-through speaks: agent gRPC, AdmissionReview over HTTPS,
 //!   CSI over the plugin's Unix socket.
 
-pub mod admission_state;
 pub mod clients;
 pub mod cluster;
 pub mod processes;
@@ -20,7 +18,6 @@ pub mod steps;
 pub mod system;
 pub mod tokens;
 
-pub use admission_state::FileAdmissionState;
 pub use cluster::{ClusterConfig, LocalCluster, NodeEndpoints, StateFile, Timing};
 pub use report::Report;
 

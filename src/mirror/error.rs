@@ -296,8 +296,9 @@ fn store_code(e: &StoreError) -> Code {
         StoreError::InvalidName { .. } => Code::InvalidArgument,
         StoreError::DeviceUnavailable { .. }
         | StoreError::Timeout { .. }
-        | StoreError::TokenNotFound { .. }
-        | StoreError::Injected { .. } => Code::Unavailable,
+        | StoreError::TokenNotFound { .. } => Code::Unavailable,
+        #[cfg(feature = "fault-injection")]
+        StoreError::Injected { .. } => Code::Unavailable,
         StoreError::PinIncorrect { .. }
         | StoreError::PinLocked { .. }
         | StoreError::PinFinalTry { .. }

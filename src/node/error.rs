@@ -186,8 +186,9 @@ impl From<VolumeError> for SourceError {
                 | StoreError::PinFinalTry { .. }
                 | StoreError::PinRefused { .. }
                 | StoreError::PinFile { .. }
-                | StoreError::Library { .. }
-                | StoreError::Injected { .. } => SourceError::Unavailable(message),
+                | StoreError::Library { .. } => SourceError::Unavailable(message),
+                #[cfg(feature = "fault-injection")]
+                StoreError::Injected { .. } => SourceError::Unavailable(message),
                 // The store's NotFound is mapped to NotOnToken before this; the rest are
                 // bugs or module failures, not the caller's doing.
                 StoreError::NotFound { .. }

@@ -1,4 +1,4 @@
-//! What the webhook knows without a cluster: the HSMDevices and HSMSecrets of a
+//! What the webhook knows without a cluster (`webhook --state DIR`): the HSMDevices and HSMSecrets of a
 //! file-backed state directory ([`FileState`]), re-read in the background so the
 //! admission rules keep reading memory, as they do over informer caches.
 
@@ -7,11 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::admission::{AdmissionState, MemoryState};
+use super::{AdmissionState, MemoryState};
 use crate::crd::{HSMDevice, HSMSecret};
-use crate::state::{FileState, StateStore};
-
-use super::LocalError;
+use crate::state::{FileState, StateError, StateStore};
 
 /// How often the state directory is re-read: the controller's status writes reach
 /// the validating rules within this delay.
@@ -29,7 +27,7 @@ impl FileAdmissionState {
     /// until dropped; poll it on a Tokio runtime).
     pub fn watch(
         dir: impl Into<PathBuf>,
-    ) -> Result<(Self, impl Future<Output = ()> + Send + 'static), LocalError> {
+    ) -> Result<(Self, impl Future<Output = ()> + Send + 'static), StateError> {
         let files = FileState::open(dir.into())?;
         let state = Self {
             memory: Arc::new(MemoryState::new()),
@@ -56,7 +54,7 @@ impl FileAdmissionState {
         Ok((state, drive))
     }
 
-    async fn refresh(&self, files: &FileState) -> Result<(), LocalError> {
+    async fn refresh(&self, files: &FileState) -> Result<(), StateError> {
         let devices: Vec<HSMDevice> = files.list_devices().await?;
         let secrets: Vec<HSMSecret> = files.list_secrets().await?;
         let names = |d: &HSMDevice| d.metadata.name.clone().unwrap_or_default();
@@ -99,7 +97,7 @@ mod tests {
     async fn follows_status_written_to_the_directory() {
         let dir = tempfile::tempdir().expect("dir");
         let files = FileState::open(dir.path()).expect("state");
-        let device = super::super::cluster::demo_device(
+        let device = crate::local::cluster::demo_device(
             "/usr/lib/softhsm/libsofthsm2.so",
             &Default::default(),
         );
