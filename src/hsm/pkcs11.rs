@@ -178,19 +178,16 @@ impl Pkcs11Store {
     /// How many objects the logged-in user sees on the token, of any kind: what garbage
     /// collection must bring back to the live secrets' objects (diagnostics and tests).
     pub async fn object_count(&self) -> Result<usize, StoreError> {
-        self.run("count", |tok| Ok(tok.find(&[])?.len())).await
+        self.run(Op::Count, |tok| Ok(tok.find(&[])?.len())).await
     }
 
     /// Runs `f` with a pooled session on the blocking pool, under the operation timeout.
-    async fn run<T, F>(&self, operation: &'static str, f: F) -> Result<T, StoreError>
+    async fn run<T, F>(&self, op: Op, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Tok<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        let mutates = matches!(
-            operation,
-            "write" | "apply" | "purge" | "gc" | "save_state" | "archive_key_generate"
-        );
+        let (operation, mutates) = (op.name(), op.mutates());
         let permit = self.acquire().await?;
         let shared = self.shared.clone();
         let task = tokio::task::spawn_blocking(move || {
@@ -259,7 +256,7 @@ impl Pkcs11Store {
         let _writer = self.shared.write_lock.lock().await;
         let path = path.clone();
         let shared = self.shared.clone();
-        self.run("write", move |tok| {
+        self.run(Op::Write, move |tok| {
             let current = tok.load_meta(&path)?;
             let live_version = current
                 .as_ref()
@@ -312,7 +309,7 @@ impl SecretStore for Pkcs11Store {
 
     async fn record(&self, path: &SecretPath) -> Result<Record, StoreError> {
         let path = path.clone();
-        self.run("get", move |tok| tok.read_record(&path)).await
+        self.run(Op::Get, move |tok| tok.read_record(&path)).await
     }
 
     async fn put(
@@ -333,7 +330,7 @@ impl SecretStore for Pkcs11Store {
         record.verify()?;
         let _writer = self.shared.write_lock.lock().await;
         let shared = self.shared.clone();
-        self.run("apply", move |tok| {
+        self.run(Op::Apply, move |tok| {
             let current = tok.load_meta(&record.path)?;
             if let Some((meta, _)) = &current
                 && meta.version == record.version
@@ -353,7 +350,7 @@ impl SecretStore for Pkcs11Store {
     async fn purge(&self, path: &SecretPath) -> Result<bool, StoreError> {
         let _writer = self.shared.write_lock.lock().await;
         let path = path.clone();
-        self.run("purge", move |tok| {
+        self.run(Op::Purge, move |tok| {
             let Some((meta, handles)) = tok.load_meta(&path)? else {
                 return Ok(false);
             };
@@ -368,7 +365,7 @@ impl SecretStore for Pkcs11Store {
     }
 
     async fn manifest(&self) -> Result<Vec<ManifestEntry>, StoreError> {
-        self.run("manifest", |tok| {
+        self.run(Op::Manifest, |tok| {
             let metas = tok.all_metas()?;
             metas
                 .into_values()
@@ -390,7 +387,7 @@ impl SecretStore for Pkcs11Store {
     }
 
     async fn health(&self) -> Result<TokenInfo, StoreError> {
-        self.run("health", |tok| {
+        self.run(Op::Health, |tok| {
             tok.session
                 .get_session_info()
                 .map_err(|e| tok.map_err(e, "C_GetSessionInfo"))?;
@@ -401,7 +398,7 @@ impl SecretStore for Pkcs11Store {
 
     async fn gc(&self) -> Result<GcReport, StoreError> {
         let _writer = self.shared.write_lock.lock().await;
-        self.run("gc", |tok| {
+        self.run(Op::Gc, |tok| {
             let mut report = GcReport::default();
             let metas = tok.all_metas()?;
             let mut live: HashMap<SecretPath, String> = HashMap::new();
@@ -440,7 +437,7 @@ impl SecretStore for Pkcs11Store {
     }
 
     async fn load_agent_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        self.run("load_state", |tok| {
+        self.run(Op::LoadState, |tok| {
             Ok(tok
                 .agent_state_copies()?
                 .into_iter()
@@ -453,7 +450,7 @@ impl SecretStore for Pkcs11Store {
     async fn save_agent_state(&self, bytes: &[u8]) -> Result<(), StoreError> {
         let _writer = self.shared.write_lock.lock().await;
         let payload = bytes.to_vec();
-        self.run("save_state", move |tok| {
+        self.run(Op::SaveState, move |tok| {
             let copies = tok.agent_state_copies()?;
             let generation = copies.first().map_or(0, |(g, _, _)| *g) + 1;
             // The new copy first; a crash before the old ones are gone leaves both, and
@@ -626,6 +623,60 @@ impl Shared {
 
 /// What a failed worker is reported as. A panic's message stays in this process's log:
 /// it may quote internal state, and the error travels to remote callers.
+/// One kind of token operation: it names the operation in errors and logs, and says
+/// whether it creates or destroys objects (which needs the token to itself, see
+/// `Shared::io_lock`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Op {
+    Count,
+    Write,
+    Get,
+    Apply,
+    Purge,
+    Manifest,
+    Health,
+    Gc,
+    LoadState,
+    SaveState,
+    /// Reads the archive key or uses it (wrap, unwrap, export).
+    ArchiveKeyUse,
+    /// Creates or replaces archive key objects (generate, receive, import).
+    ArchiveKeyChange,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Count => "count",
+            Op::Write => "write",
+            Op::Get => "get",
+            Op::Apply => "apply",
+            Op::Purge => "purge",
+            Op::Manifest => "manifest",
+            Op::Health => "health",
+            Op::Gc => "gc",
+            Op::LoadState => "load_state",
+            Op::SaveState => "save_state",
+            Op::ArchiveKeyUse => "archive_key",
+            Op::ArchiveKeyChange => "archive_key_generate",
+        }
+    }
+
+    fn mutates(self) -> bool {
+        match self {
+            Op::Write | Op::Apply | Op::Purge | Op::Gc | Op::SaveState | Op::ArchiveKeyChange => {
+                true
+            }
+            Op::Count
+            | Op::Get
+            | Op::Manifest
+            | Op::Health
+            | Op::LoadState
+            | Op::ArchiveKeyUse => false,
+        }
+    }
+}
+
 fn worker_failure(operation: &'static str, join: tokio::task::JoinError) -> String {
     if join.is_panic() {
         tracing::error!(operation, panic = %join, "a PKCS#11 worker panicked");

@@ -9,7 +9,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
-use super::{Pkcs11Store, StoreError, Tok};
+use super::{Op, Pkcs11Store, StoreError, Tok};
 
 const IV_LEN: usize = 12;
 const TAG_BITS: u64 = 128;
@@ -19,7 +19,7 @@ impl Pkcs11Store {
     /// ceremony). Refuses when the token already holds a key of that label.
     pub async fn archive_key_generate(&self, label: &str) -> Result<(), StoreError> {
         let label = label.to_string();
-        self.run("archive_key_generate", move |tok| {
+        self.run(Op::ArchiveKeyChange, move |tok| {
             if tok.archive_key(&label)?.is_some() {
                 return Err(StoreError::InvalidName {
                     what: "archive key",
@@ -42,7 +42,7 @@ impl Pkcs11Store {
     /// Whether this token holds the archive key `label`.
     pub async fn archive_key_exists(&self, label: &str) -> Result<bool, StoreError> {
         let label = label.to_string();
-        self.run("archive_key", move |tok| {
+        self.run(Op::ArchiveKeyUse, move |tok| {
             Ok(tok.archive_key(&label)?.is_some())
         })
         .await
@@ -56,7 +56,7 @@ impl Pkcs11Store {
     ) -> Result<Vec<u8>, StoreError> {
         let label = label.to_string();
         let plain = Zeroizing::new(plain);
-        self.run("archive_key", move |tok| {
+        self.run(Op::ArchiveKeyUse, move |tok| {
             let key = tok.require_archive_key(&label)?;
             let mut iv = [0u8; IV_LEN];
             SystemRandom::new()
@@ -84,7 +84,7 @@ impl Pkcs11Store {
         sealed: Vec<u8>,
     ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
         let label = label.to_string();
-        self.run("archive_key", move |tok| {
+        self.run(Op::ArchiveKeyUse, move |tok| {
             let key = tok.require_archive_key(&label)?;
             if sealed.len() < IV_LEN + 16 {
                 return Err(StoreError::Corrupt {
@@ -157,7 +157,7 @@ impl Pkcs11Store {
     ) -> Result<TransportPublicKey, StoreError> {
         let transport = transport_label(label);
         let label = label.to_string();
-        self.run("archive_key_generate", move |tok| {
+        self.run(Op::ArchiveKeyChange, move |tok| {
             if tok.archive_key(&label)?.is_some() {
                 return Err(StoreError::InvalidName {
                     what: "archive key",
@@ -227,7 +227,7 @@ impl Pkcs11Store {
         };
         let modulus = hex::decode(&to.modulus).map_err(|_| bad("modulus"))?;
         let exponent = hex::decode(&to.exponent).map_err(|_| bad("exponent"))?;
-        self.run("archive_key", move |tok| {
+        self.run(Op::ArchiveKeyUse, move |tok| {
             let key = tok.require_archive_key(&label)?;
             let public = tok
                 .session
@@ -259,7 +259,7 @@ impl Pkcs11Store {
     ) -> Result<(), StoreError> {
         let transport = transport_label(label);
         let label = label.to_string();
-        self.run("archive_key_generate", move |tok| {
+        self.run(Op::ArchiveKeyChange, move |tok| {
             if tok.archive_key(&label)?.is_some() {
                 return Err(StoreError::InvalidName {
                     what: "archive key",
