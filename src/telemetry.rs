@@ -41,3 +41,26 @@ pub fn init(args: &CommonArgs) {
         LogFormat::Json => builder.json().try_init(),
     };
 }
+
+/// Content type of `/metrics`: OpenMetrics text, as [`encode_metrics`] renders it.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Renders `registry` in the OpenMetrics text format.
+pub fn encode_metrics(registry: &prometheus_client::registry::Registry) -> String {
+    let mut text = String::new();
+    // Writing into a String cannot fail; an error would be a bug in a metric.
+    if let Err(error) = prometheus_client::encoding::text::encode(&mut text, registry) {
+        tracing::error!(%error, "cannot encode metrics");
+    }
+    text
+}
+
+/// The answer of every component's `/metrics`.
+pub fn metrics_response(
+    registry: &prometheus_client::registry::Registry,
+) -> impl axum::response::IntoResponse + use<> {
+    (
+        [(http::header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        encode_metrics(registry),
+    )
+}

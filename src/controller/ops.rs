@@ -9,12 +9,10 @@ use axum::Router;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use http::{StatusCode, header};
+use http::StatusCode;
 use prometheus_client::registry::Registry;
 
 use super::ControllerMetrics;
-use crate::node::metrics::encode_text;
-use crate::node::ops::METRICS_CONTENT_TYPE;
 
 /// How long the loop may go without a round before `/healthz` fails: rounds are a probe
 /// interval apart, but one round waits on every device's agents (deadlines of a few
@@ -47,10 +45,7 @@ pub fn router(
 }
 
 async fn scrape(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-        encode_text(&ops.registry),
-    )
+    crate::telemetry::metrics_response(&ops.registry)
 }
 
 async fn healthz(State(ops): State<Arc<Ops>>) -> impl IntoResponse {

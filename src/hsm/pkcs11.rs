@@ -667,12 +667,9 @@ impl Op {
             Op::Write | Op::Apply | Op::Purge | Op::Gc | Op::SaveState | Op::ArchiveKeyChange => {
                 true
             }
-            Op::Count
-            | Op::Get
-            | Op::Manifest
-            | Op::Health
-            | Op::LoadState
-            | Op::ArchiveKeyUse => false,
+            Op::Count | Op::Get | Op::Manifest | Op::Health | Op::LoadState | Op::ArchiveKeyUse => {
+                false
+            }
         }
     }
 }

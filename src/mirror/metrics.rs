@@ -12,7 +12,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use http::{StatusCode, header};
+use http::StatusCode;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -326,10 +326,7 @@ pub fn ops_router(registry: Arc<Registry>, agent: Agent) -> Router {
 }
 
 async fn metrics(State((registry, _)): State<(Arc<Registry>, Agent)>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, crate::node::ops::METRICS_CONTENT_TYPE)],
-        crate::node::metrics::encode_text(&registry),
-    )
+    crate::telemetry::metrics_response(&registry)
 }
 
 async fn readyz(State((_, agent)): State<(Arc<Registry>, Agent)>) -> impl IntoResponse {

@@ -477,7 +477,7 @@ mod tests {
         let sink = Arc::new(Recording::default());
         let reporter = NodeReporter::new(metrics, SyncFailureEvents::new(Some(sink.clone())));
         reporter.republish_kept_last_good(&request("vol-a"), &unavailable());
-        let text = super::super::metrics::encode_text(&registry);
+        let text = crate::telemetry::encode_metrics(&registry);
         assert!(
             text.contains(
                 r#"hsm_secrets_node_republish_kept_last_good_total{kind="source_unavailable"} 1"#

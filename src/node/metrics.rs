@@ -198,16 +198,6 @@ impl NodeObserver for NodeMetrics {
     }
 }
 
-/// Renders `registry` in the OpenMetrics text format.
-pub fn encode_text(registry: &Registry) -> String {
-    let mut text = String::new();
-    // Writing into a String cannot fail; an error would be a bug in a metric.
-    if let Err(error) = prometheus_client::encoding::text::encode(&mut text, registry) {
-        tracing::error!(%error, "cannot encode metrics");
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,7 +206,7 @@ mod tests {
     fn series_exist_from_the_start_and_count() {
         let mut registry = Registry::default();
         let metrics = NodeMetrics::register(&mut registry);
-        let before = encode_text(&registry);
+        let before = crate::telemetry::encode_metrics(&registry);
         for line in [
             r#"hsm_secrets_node_publishes_total{operation="publish",outcome="ok"} 0"#,
             r#"hsm_secrets_node_publishes_total{operation="republish",outcome="kept_last_good"} 0"#,
@@ -231,7 +221,7 @@ mod tests {
         metrics.unpublish(OUTCOME_OK, Duration::from_millis(1));
         metrics.volume_error("store_device_unavailable");
         metrics.set_device_ready(true);
-        let after = encode_text(&registry);
+        let after = crate::telemetry::encode_metrics(&registry);
         for line in [
             r#"hsm_secrets_node_publishes_total{operation="publish",outcome="source_unavailable"} 1"#,
             r#"hsm_secrets_node_publishes_total{operation="republish",outcome="ok"} 1"#,

@@ -13,14 +13,10 @@ use axum::extract::{RawQuery, State};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use hsm_secrets_csi::VolumeSource;
-use http::{StatusCode, header};
+use http::StatusCode;
 use prometheus_client::registry::Registry;
 
 use super::Mounts;
-use super::metrics::encode_text;
-
-/// OpenMetrics text, as [`encode_text`] renders it.
-pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 struct Ops<S> {
     registry: Arc<Registry>,
@@ -72,10 +68,7 @@ async fn mounted<S: VolumeSource>(
 }
 
 async fn metrics<S: VolumeSource>(State(ops): State<Arc<Ops<S>>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-        encode_text(&ops.registry),
-    )
+    crate::telemetry::metrics_response(&ops.registry)
 }
 
 async fn readyz<S: VolumeSource>(State(ops): State<Arc<Ops<S>>>) -> impl IntoResponse {

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use hsm_secrets::crd::{AccessSpec, HSMSecret, HSMSecretSpec};
 use hsm_secrets::hsm::{Expect, SecretData, SecretPath, SecretStore};
-use hsm_secrets::node::metrics::encode_text;
 use hsm_secrets::node::{
     AuditLog, HsmVolumeSource, LocalDevice, Mounts, NodeMetrics, StaticCatalog,
 };
+use hsm_secrets::telemetry::encode_metrics as encode_text;
 use hsm_secrets_csi::proto::identity_client::IdentityClient;
 use hsm_secrets_csi::proto::node_client::NodeClient;
 use hsm_secrets_csi::proto::volume_capability::access_mode::Mode;
