@@ -93,7 +93,9 @@ fn site_role(object: &DynamicObject) -> Option<SiteRole> {
 
 /// Why a spec change must go through the site commands instead: a passive site that loses
 /// its `followArchive` would take writes without fencing the active site (two sites
-/// writing), and a fenced site that loses `spec.site` would forget that it was fenced.
+/// writing); an active site that gains one would turn passive without being fenced (and
+/// without its lost writes reported); a fenced site that loses `spec.site` would forget
+/// that it was fenced. A site that never reported is judged by its spec.
 pub fn site_transition_refusal(
     name: &str,
     old: &HSMDeviceSpec,
@@ -102,6 +104,12 @@ pub fn site_transition_refusal(
 ) -> Option<String> {
     let old_site = old.site.as_ref()?;
     let new_site = new.site.as_ref();
+    let old_follows = old_site.follow_archive.is_some();
+    let new_follows = new_site.is_some_and(|s| s.follow_archive.is_some());
+    let passive = match role {
+        Some(role) => role == SiteRole::Passive,
+        None => old_follows,
+    };
     match role {
         Some(SiteRole::Fenced) if new_site.is_none() => Some(format!(
             "HSMDevice {name}: spec.site cannot be removed from site {}: another site was \
@@ -109,22 +117,25 @@ pub fn site_transition_refusal(
              rejoin it as a passive site (kubectl hsm site rejoin {name})",
             old_site.name
         )),
-        Some(SiteRole::Passive)
-            if old_site.follow_archive.is_some()
-                && new_site.is_none_or(|s| s.follow_archive.is_none()) =>
-        {
-            Some(format!(
-                "HSMDevice {name}: site {} is passive; removing spec.site{} would let it take \
-                 writes while the active site still does; promote it instead (kubectl hsm site \
-                 promote {name}): that fences the active site first, then removes followArchive",
-                old_site.name,
-                if new_site.is_none() {
-                    ""
-                } else {
-                    ".followArchive"
-                }
-            ))
-        }
+        _ if passive && old_follows && !new_follows => Some(format!(
+            "HSMDevice {name}: site {} is passive; removing spec.site{} would let it take \
+             writes while the active site still does; promote it instead (kubectl hsm site \
+             promote {name}): that fences the active site first, then removes followArchive",
+            old_site.name,
+            if new_site.is_none() {
+                ""
+            } else {
+                ".followArchive"
+            }
+        )),
+        Some(SiteRole::Active) if !old_follows && new_follows => Some(format!(
+            "HSMDevice {name}: site {} is active; adding spec.site.followArchive would make it \
+             passive without fencing it; promote the other site (kubectl hsm site promote on \
+             its device), which fences this one, then rejoin this one (kubectl hsm site rejoin \
+             {name}); if this is a manifest re-applied after a promotion, remove \
+             followArchive from it",
+            old_site.name
+        )),
         _ => None,
     }
 }
@@ -412,8 +423,16 @@ mod tests {
             ),
             // Promoted: the promotion itself removes followArchive.
             (&passive, Some(SiteRole::Active), &active, None),
-            // Never reported: nothing was applied, nothing to fence.
-            (&passive, None, &active, None),
+            // Never reported: judged by its spec, still passive.
+            (&passive, None, &active, Some("promote prod-hsm-b")),
+            // An active site gains followArchive: only through a fence and a rejoin.
+            (
+                &active,
+                Some(SiteRole::Active),
+                &passive,
+                Some("without fencing it"),
+            ),
+            (&active, None, &passive, None),
             (
                 &active,
                 Some(SiteRole::Fenced),

@@ -275,8 +275,9 @@ impl Archiver {
             return Ok(Step::SiteFenced);
         }
         // A long step (a base of thousands of token reads) must not let the site's lease
-        // lapse, nor keep a site that was fenced meanwhile writing: the fences are read on
-        // their own timer while it runs, at least three times per lease.
+        // lapse, nor keep a site that was fenced meanwhile writing: while it runs, a check
+        // of the fences starts three times per lease (a check slower than two thirds of
+        // the lease still lets it lapse: writes then pause until the next one).
         let interval = self.cfg.segment_interval.min(watch.guard.lease / 3);
         let shipped = tokio::select! {
             biased;
@@ -711,11 +712,14 @@ impl SiteWatch {
         f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
-    /// Checks every `interval` until the site is fenced (then completes); a failed check
-    /// only lets the lease run down.
+    /// Starts a check every `interval` (a slow check eats into the wait, not the lease)
+    /// until the site is fenced, then completes; a failed check only lets the lease run
+    /// down.
     async fn renew_every(&self, agent: &Agent, interval: Duration) {
+        let mut last = std::time::Instant::now();
         loop {
-            tokio::time::sleep(interval).await;
+            tokio::time::sleep(interval.saturating_sub(last.elapsed())).await;
+            last = std::time::Instant::now();
             let published = agent.store().latest_sequence();
             match self.check(agent, published).await {
                 Ok(true) => return,

@@ -17,8 +17,7 @@ use super::{AgentCallCause, AgentCallError, Agents};
 use crate::archive::plan::{ArchiveAsk, ArchiveReport, DrillResult, RestoreResult, SiteReport};
 use crate::crd::{BackupSpec, DeviceRole, HSMDevice, MirroringPolicy, SiteRole, SiteSpec};
 use crate::failover::{
-    Action, AgentReport, DeviceView, NodeError, NodeErrorKind, ProbeResult, WriteLease,
-    WriteSetReport,
+    Action, AgentReport, DeviceView, NodeError, NodeErrorKind, ProbeResult, WriteSetReport,
 };
 use crate::mirror::{
     AgentConnection, AgentTls, EndpointResolver, MirrorError, Peer, StaticEndpoints, pb,
@@ -180,36 +179,6 @@ impl GrpcAgents {
         Ok(self.connection(node)?.peer().clone())
     }
 
-    /// The nodes a device's spec and status name.
-    fn named_nodes(device: &HSMDevice) -> BTreeSet<String> {
-        let mirroring = device.mirroring();
-        let mut named = BTreeSet::new();
-        named.extend(mirroring.primary_node.clone());
-        named.extend(mirroring.target_nodes.iter().cloned());
-        if let Some(status) = &device.status {
-            named.extend(status.primary_node.clone());
-            named.extend(status.nodes.iter().map(|n| n.node.clone()));
-        }
-        named.retain(|n| !n.is_empty());
-        named
-    }
-
-    /// Whether the spec leaves membership to "every node that has the token": mirrored
-    /// with no targetNodes, or unmirrored with no node to start from.
-    fn membership_is_open(device: &HSMDevice) -> bool {
-        let mirroring = device.mirroring();
-        let view = DeviceView::of(device);
-        if view.is_mirrored() {
-            mirroring.target_nodes.is_empty()
-        } else {
-            mirroring.primary_node.is_none()
-                && device
-                    .status
-                    .as_ref()
-                    .is_none_or(|s| s.primary_node.is_none())
-        }
-    }
-
     /// Known nodes outside `named` whose agent reports serving the device with its token
     /// present. Agents that name no device (older ones) are matched by the token label
     /// in the spec, which the node plugins of a device open.
@@ -254,26 +223,18 @@ impl GrpcAgents {
             pb::Role::Standby => Some(DeviceRole::Standby),
             pb::Role::Unspecified => None,
         };
-        let full_pass = h.sync.as_ref().and_then(|s| s.last_full_pass.as_ref());
-        let history_epoch = match role {
-            Some(DeviceRole::Primary) => h.epoch,
-            _ => match (full_pass, self.assigned().get(node).copied()) {
-                (Some(p), Some((epoch, at))) if epoch == h.epoch && p.finished_unix_ms >= at => {
-                    h.epoch
-                }
-                // A controller that restarted trusts a completed pass under this epoch.
-                (Some(_), None) => h.epoch,
-                _ => h.epoch.saturating_sub(1),
-            },
-        };
-        let write_lease = match role {
-            Some(DeviceRole::Primary) if h.fenced => WriteLease::Fenced,
-            Some(DeviceRole::Primary) if h.write_lease_remaining_ms > 0 => WriteLease::Valid {
-                remaining: Duration::from_millis(h.write_lease_remaining_ms),
-            },
-            Some(DeviceRole::Primary) => WriteLease::Lapsed,
-            _ => WriteLease::NotHeld,
-        };
+        let full_pass = h
+            .sync
+            .as_ref()
+            .and_then(|s| s.last_full_pass.as_ref())
+            .map(|p| p.finished_unix_ms);
+        let history_epoch = crate::failover::history_epoch(
+            role,
+            h.epoch,
+            full_pass,
+            self.assigned().get(node).copied(),
+        );
+        let write_lease = crate::failover::write_lease(role, h.fenced, h.write_lease_remaining_ms);
         let last_sync = h
             .sync
             .as_ref()
@@ -333,7 +294,7 @@ impl GrpcAgents {
             .map_err(|e| call_error(node, e))?;
         if mirror {
             let mut assigned = self.assigned();
-            if assigned.get(node).is_none_or(|(e, _)| *e != epoch) {
+            if crate::failover::records_assignment(assigned.get(node).copied(), epoch) {
                 assigned.insert(node.into(), (epoch, sent_at));
             }
         }
@@ -483,14 +444,14 @@ impl Agents for GrpcAgents {
     }
 
     async fn nodes(&self, device: &HSMDevice) -> Vec<String> {
-        let named = Self::named_nodes(device);
+        let named = crate::failover::named_nodes(device);
         let known = self.known_endpoints();
         let mut nodes: Vec<String> = named
             .iter()
             .filter(|n| known.contains_key(*n))
             .cloned()
             .collect();
-        if Self::membership_is_open(device) {
+        if crate::failover::membership_is_open(device) {
             nodes.extend(self.reporting_token(device, &named).await);
             nodes.sort();
         }

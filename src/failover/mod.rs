@@ -58,6 +58,7 @@ mod plan;
 mod roles;
 mod status;
 mod switchover;
+mod trust;
 
 #[cfg(test)]
 mod fixture;
@@ -66,6 +67,7 @@ mod tests;
 
 pub use actions::{Action, DeviceEvent, EventReason, EventType, READY_LABEL_VALUE};
 pub use fencing::{Fence, FencingConfig, LeaseFacts};
+pub use nodes::{membership_is_open, named_nodes};
 pub use observe::{
     AgentReport, DeviceView, NodeError, NodeErrorKind, Probe, ProbeResult, WriteLease,
     WriteSetReport,
@@ -75,6 +77,7 @@ pub use status::{ConditionReason, condition_types};
 pub use switchover::{
     SwitchoverError, SwitchoverOutcome, SwitchoverRequest, SwitchoverStep, plan_switchover,
 };
+pub use trust::{history_epoch, records_assignment, write_lease};
 
 use k8s_openapi::jiff::Timestamp;
 

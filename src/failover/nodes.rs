@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::crd::{DeviceNodeStatus, EpochRecord, HSMDeviceStatus, NodeHealth};
+use crate::crd::{DeviceNodeStatus, EpochRecord, HSMDevice, HSMDeviceStatus, NodeHealth};
 
 use super::observe::{AgentReport, DeviceView, NodeError, NodeErrorKind, Probe, ProbeResult};
 
@@ -187,4 +187,35 @@ pub(crate) fn highest_known_epoch(prev: &HSMDeviceStatus, probes: &[Probe]) -> u
 pub(crate) fn probe_for<'a>(probes: &'a [Probe], node: &str) -> Option<&'a Probe> {
     // The last probe wins if the controller sent two for one node.
     probes.iter().rev().find(|p| p.node == node)
+}
+
+/// The nodes a device's spec and status name: where the controller probes first, before
+/// `membership` decides with the probes in hand.
+pub fn named_nodes(device: &HSMDevice) -> BTreeSet<String> {
+    let mirroring = device.mirroring();
+    let mut named = BTreeSet::new();
+    named.extend(mirroring.primary_node.clone());
+    named.extend(mirroring.target_nodes.iter().cloned());
+    if let Some(status) = &device.status {
+        named.extend(status.primary_node.clone());
+        named.extend(status.nodes.iter().map(|n| n.node.clone()));
+    }
+    named.retain(|n| !n.is_empty());
+    named
+}
+
+/// Whether the spec leaves membership to "every node that has the token": mirrored
+/// with no targetNodes, or unmirrored with no node to start from.
+pub fn membership_is_open(device: &HSMDevice) -> bool {
+    let mirroring = device.mirroring();
+    let view = DeviceView::of(device);
+    if view.is_mirrored() {
+        mirroring.target_nodes.is_empty()
+    } else {
+        mirroring.primary_node.is_none()
+            && device
+                .status
+                .as_ref()
+                .is_none_or(|s| s.primary_node.is_none())
+    }
 }

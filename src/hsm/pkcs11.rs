@@ -621,8 +621,6 @@ impl Shared {
     }
 }
 
-/// What a failed worker is reported as. A panic's message stays in this process's log:
-/// it may quote internal state, and the error travels to remote callers.
 /// One kind of token operation: it names the operation in errors and logs, and says
 /// whether it creates or destroys objects (which needs the token to itself, see
 /// `Shared::io_lock`).
@@ -674,6 +672,8 @@ impl Op {
     }
 }
 
+/// What a failed worker is reported as. A panic's message stays in this process's log:
+/// it may quote internal state, and the error travels to remote callers.
 fn worker_failure(operation: &'static str, join: tokio::task::JoinError) -> String {
     if join.is_panic() {
         tracing::error!(operation, panic = %join, "a PKCS#11 worker panicked");

@@ -178,7 +178,7 @@ fn affinity_operations(
     let expression = json!({
         "key": node_ready_label(device),
         "operator": "In",
-        "values": ["ready"],
+        "values": [crate::contract::READY_LABEL_VALUE],
     });
     let affinity = spec.affinity.as_ref();
     let node_affinity = affinity.and_then(|a| a.node_affinity.as_ref());

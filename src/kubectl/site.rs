@@ -127,13 +127,16 @@ pub fn drain_refusal(view: &SiteView) -> Option<String> {
         Some(role) => role != SiteRole::Active,
         None => view.spec.follow_archive.is_some(),
     };
-    passive.then(|| {
-        format!(
-            "site {} of HSMDevice {} is {}: drain the active site, then promote this one",
-            view.spec.name,
-            view.device,
-            role.map_or("passive".into(), |r| format!("{r:?}").to_lowercase())
-        )
+    passive.then(|| match role {
+        Some(SiteRole::Fenced) => format!(
+            "site {} of HSMDevice {} is fenced and takes no writes to drain; rejoin it as a \
+             passive site (kubectl hsm site rejoin {})",
+            view.spec.name, view.device, view.device
+        ),
+        _ => format!(
+            "site {} of HSMDevice {} is passive: drain the active site, then promote this one",
+            view.spec.name, view.device
+        ),
     })
 }
 
@@ -327,7 +330,7 @@ async fn promote(
     ));
     if !wait.enabled {
         return term.print(&format!(
-            "hsmdevice {}: promotion requested; not waiting (follow with `kubectl hsm site status {}`)\n",
+            "hsmdevice {}: promotion requested; not waiting (follow with `kubectl hsm site status {}`; once it is active, remove spec.site.followArchive: only a waiting promote removes it)\n",
             r.device, r.device
         ));
     }

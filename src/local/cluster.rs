@@ -101,7 +101,7 @@ pub struct SiteConfig {
 }
 
 /// A bucket as `spec.backup` and the archive Secret name it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct BucketConfig {
     pub url: String,
     pub endpoint: Option<String>,
@@ -109,6 +109,21 @@ pub struct BucketConfig {
     /// Access key id and secret access key (an S3 bucket), written into the archive Secret.
     #[serde(skip)]
     pub credentials: Option<(String, String)>,
+}
+
+/// Never prints the secret access key.
+impl std::fmt::Debug for BucketConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BucketConfig")
+            .field("url", &self.url)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|(id, _)| (id, "<redacted>")),
+            )
+            .finish()
+    }
 }
 
 /// What a passive site takes from the active one: its device, the offline recovery key's
