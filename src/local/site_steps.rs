@@ -14,7 +14,7 @@ use super::clients;
 use super::cluster::{BucketConfig, ClusterConfig, Follows, LocalCluster, NAMESPACE, StateFile};
 use super::report::Report;
 use super::sites::{self, SiteOperator};
-use super::steps::StepFailure;
+use super::steps::{StepFailure, conclude};
 use super::system;
 use crate::crd::SiteRole;
 use crate::kubectl::site::site_table;
@@ -66,38 +66,18 @@ pub async fn run_sites_demo(
         walk.report.step(n, SITE_STEPS[n - 1]);
     }
     let cleanup = walk.clean_up();
-    match (&result, cleanup) {
-        (Ok(()), Ok(summary)) => {
-            walk.report.pass(n, &summary);
-            walk.report.blank();
-            walk.report.title(&format!(
-                "two-site demo complete: {n}/{n} steps passed in {:.1}s",
-                started.elapsed().as_secs_f64()
-            ));
-            Ok(())
-        }
-        (Ok(()), Err(error)) => {
-            walk.report.fail(n, &error.to_string());
-            Err(failure(n, error))
-        }
-        (Err(_), Ok(summary)) => {
-            walk.report.detail(&format!("cleanup: {summary}"));
-            result
-        }
-        (Err(_), Err(error)) => {
-            walk.report.warn(&format!("cleanup incomplete: {error}"));
-            result
-        }
-    }
+    conclude(
+        walk.report,
+        &SITE_STEPS,
+        "two-site demo",
+        started,
+        result,
+        cleanup,
+    )
 }
 
 fn failure(step: usize, error: LocalError) -> StepFailure {
-    StepFailure {
-        step,
-        total: SITE_STEPS.len(),
-        title: SITE_STEPS[step - 1],
-        error,
-    }
+    StepFailure::at(&SITE_STEPS, step, error)
 }
 
 struct SiteWalk<'a> {

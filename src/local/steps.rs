@@ -118,38 +118,63 @@ pub async fn run_demo(
         }
     }
     let cleanup = walk.clean_up().await;
-    let n = STEPS.len();
+    conclude(walk.report, &STEPS, "demo", started, result, cleanup)
+}
+
+fn failure(step: usize, error: LocalError) -> StepFailure {
+    StepFailure::at(&STEPS, step, error)
+}
+
+impl StepFailure {
+    /// Step `step` (1-based) of the walk-through `steps` failed with `error`.
+    pub fn at(steps: &[&'static str], step: usize, error: LocalError) -> Self {
+        Self {
+            step,
+            total: steps.len(),
+            title: steps[step - 1],
+            error,
+        }
+    }
+}
+
+/// Reports how a walk-through ended, its last step being the cleanup (`cleanup`'s
+/// outcome); a failed step was reported where it failed. A walk that passed but whose
+/// cleanup failed fails at the last step.
+#[allow(
+    clippy::result_large_err,
+    reason = "returned once, at the end of a walk-through, like the async runners' result"
+)]
+pub(crate) fn conclude(
+    report: &mut Report,
+    steps: &[&'static str],
+    name: &str,
+    started: Instant,
+    result: Result<(), StepFailure>,
+    cleanup: Result<String, LocalError>,
+) -> Result<(), StepFailure> {
+    let n = steps.len();
     match (&result, cleanup) {
         (Ok(()), Ok(summary)) => {
-            walk.report.pass(n, &summary);
-            walk.report.blank();
-            walk.report.title(&format!(
-                "demo complete: {n}/{n} steps passed in {:.1}s",
+            report.pass(n, &summary);
+            report.blank();
+            report.title(&format!(
+                "{name} complete: {n}/{n} steps passed in {:.1}s",
                 started.elapsed().as_secs_f64()
             ));
             Ok(())
         }
         (Ok(()), Err(error)) => {
-            walk.report.fail(n, &error.to_string());
-            Err(failure(n, error))
+            report.fail(n, &error.to_string());
+            Err(StepFailure::at(steps, n, error))
         }
         (Err(_), Ok(summary)) => {
-            walk.report.detail(&format!("cleanup: {summary}"));
+            report.detail(&format!("cleanup: {summary}"));
             result
         }
         (Err(_), Err(error)) => {
-            walk.report.warn(&format!("cleanup incomplete: {error}"));
+            report.warn(&format!("cleanup incomplete: {error}"));
             result
         }
-    }
-}
-
-fn failure(step: usize, error: LocalError) -> StepFailure {
-    StepFailure {
-        step,
-        total: STEPS.len(),
-        title: STEPS[step - 1],
-        error,
     }
 }
 
