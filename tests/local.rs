@@ -329,17 +329,25 @@ struct Ack {
     at: std::time::Instant,
 }
 
-/// A client writing `secret` = 1, 2, 3… at one site until told to stop; the writes that
-/// were acknowledged, and when.
+/// What a writing client saw: the writes acknowledged (and when), and every value it
+/// issued. A write refused after it reached the token (the site's gate closed during it)
+/// may still be there: refused means "not promised", not "not written".
+struct History {
+    acks: Vec<Ack>,
+    issued: u64,
+}
+
+/// A client writing `secret` = `from`, `from + 1`… at one site until told to stop.
 fn writer(
     dir: &std::path::Path,
     secret: &'static str,
+    from: u64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<Ack>> {
+) -> tokio::task::JoinHandle<History> {
     let state = StateFile::load(dir).unwrap();
     tokio::spawn(async move {
         let mut acks = Vec::new();
-        let mut value = 1;
+        let mut value = from;
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             let text = value.to_string();
             if sites::write(&state, secret, &[("n", text.as_bytes())])
@@ -354,7 +362,10 @@ fn writer(
             value += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        acks
+        History {
+            acks,
+            issued: value - 1,
+        }
     })
 }
 
@@ -480,7 +491,7 @@ async fn two_sites_follow_promote_fence_rejoin_and_switch_over_without_loss() {
 
     // Promotion while site A runs and a client keeps writing to it.
     let stop_a = Arc::new(AtomicBool::new(false));
-    let writing_a = writer(&a, "history-a", stop_a.clone());
+    let writing_a = writer(&a, "history-a", 1, stop_a.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (ok, out) = local(&["site", "promote", "--yes"], &b);
     assert!(
@@ -488,7 +499,7 @@ async fn two_sites_follow_promote_fence_rejoin_and_switch_over_without_loss() {
         "{out}"
     );
     let stop_b = Arc::new(AtomicBool::new(false));
-    let writing_b = writer(&b, "history-b", stop_b.clone());
+    let writing_b = writer(&b, "history-b", 1, stop_b.clone());
     eventually("site A to fence itself", SITE_TIMEOUT, || async {
         (site_status(&a).await.role == SiteRole::Fenced).then_some(())
     })
@@ -501,7 +512,8 @@ async fn two_sites_follow_promote_fence_rejoin_and_switch_over_without_loss() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop_a.store(true, Ordering::SeqCst);
     stop_b.store(true, Ordering::SeqCst);
-    let (acks_a, acks_b) = (writing_a.await.unwrap(), writing_b.await.unwrap());
+    let (history_a, history_b) = (writing_a.await.unwrap(), writing_b.await.unwrap());
+    let (acks_a, acks_b) = (history_a.acks, history_b.acks);
     assert!(!acks_a.is_empty() && !acks_b.is_empty());
     let last_a = acks_a.iter().map(|a| a.at).max().unwrap();
     let first_b = acks_b.iter().map(|a| a.at).min().unwrap();
@@ -509,14 +521,15 @@ async fn two_sites_follow_promote_fence_rejoin_and_switch_over_without_loss() {
         last_a < first_b,
         "site A acknowledged a write after site B took its first: both sites took writes"
     );
-    // What site B holds of site A's history is a value site A acknowledged; every later
-    // acknowledged value is reported lost, never silently gone.
+    // What site B holds of site A's history is a value site A's client wrote (a write
+    // refused after it reached the token may be there too); every later acknowledged
+    // value is reported lost, never silently gone.
     let applied = history_at(&b, "history-a")
         .await
         .expect("site A's history at site B");
     assert!(
-        acks_a.iter().any(|ack| ack.value == applied),
-        "{applied} was never acknowledged"
+        (1..=history_a.issued).contains(&applied),
+        "site B holds {applied}, a value site A's client never wrote"
     );
     let lost = acks_a.iter().filter(|ack| ack.value > applied).count() as u64;
     let fenced = site_status(&a).await;
@@ -539,8 +552,10 @@ async fn two_sites_follow_promote_fence_rejoin_and_switch_over_without_loss() {
         "{out}"
     );
     let last_b = acks_b.iter().map(|a| a.value).max().unwrap();
+    let final_b = history_at(&b, "history-b").await.expect("site B's history");
+    assert!((last_b..=history_b.issued).contains(&final_b), "{final_b}");
     eventually("site A to hold site B's writes", SITE_TIMEOUT, || async {
-        (history_at(&a, "history-b").await == Some(last_b)).then_some(())
+        (history_at(&a, "history-b").await == Some(final_b)).then_some(())
     })
     .await;
     assert_eq!(
@@ -551,24 +566,33 @@ async fn two_sites_follow_promote_fence_rejoin_and_switch_over_without_loss() {
 
     // Planned switchover back to site A with zero loss: drain B, let A catch up, promote.
     let stop_b = Arc::new(AtomicBool::new(false));
-    let writing_b = writer(&b, "history-b", stop_b.clone());
+    let writing_b = writer(&b, "history-b", history_b.issued + 1, stop_b.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (ok, out) = local(&["site", "drain"], &b);
     assert!(ok && out.contains("takes no writes"), "{out}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_b.store(true, Ordering::SeqCst);
-    let acks_b = writing_b.await.unwrap();
-    let last_b = acks_b
+    let drained = writing_b.await.unwrap();
+    let last_b = drained
+        .acks
         .iter()
         .map(|a| a.value)
         .max()
         .expect("writes before the drain");
     let (ok, out) = local(&["put", "db-credentials", "password=drained"], &b);
     assert!(!ok && out.contains("draining"), "{out}");
+    // Site B's final state holds every write it acknowledged (and perhaps one it refused
+    // after it reached the token, as the drain closed its gate); site A must come to hold
+    // exactly that state.
+    let final_b = history_at(&b, "history-b").await.expect("site B's history");
+    assert!(
+        (last_b..=drained.issued).contains(&final_b),
+        "site B holds {final_b}: neither its last acknowledged write {last_b} nor a later one"
+    );
     eventually(
         "site A to apply everything site B took",
         SITE_TIMEOUT,
-        || async { (history_at(&a, "history-b").await == Some(last_b)).then_some(()) },
+        || async { (history_at(&a, "history-b").await == Some(final_b)).then_some(()) },
     )
     .await;
     let (ok, out) = local(&["site", "promote", "--yes"], &a);
@@ -576,7 +600,11 @@ async fn two_sites_follow_promote_fence_rejoin_and_switch_over_without_loss() {
         ok && out.contains("site site-a is active at site epoch 2"),
         "{out}"
     );
-    assert_eq!(history_at(&a, "history-b").await, Some(last_b), "zero loss");
+    assert_eq!(
+        history_at(&a, "history-b").await,
+        Some(final_b),
+        "zero loss"
+    );
     eventually("site B to be fenced", SITE_TIMEOUT, || async {
         let site = site_status(&b).await;
         (site.role == SiteRole::Fenced).then_some(site)
