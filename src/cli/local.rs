@@ -186,11 +186,17 @@ async fn up(dir: PathBuf, softhsm_module: Option<PathBuf>, site: SiteUpArgs) -> 
         );
     }
     let site = site_config(&dir, site)?;
+    let timing = if site.is_some() {
+        crate::local::Timing::for_sites()
+    } else {
+        crate::local::Timing::default()
+    };
     let config = ClusterConfig {
         dir: Some(dir),
         softhsm_module,
         tied_to_parent: false,
         site,
+        timing,
         ..ClusterConfig::default()
     };
     let mut cluster = tokio::task::block_in_place(|| LocalCluster::start(&config))?;

@@ -55,6 +55,19 @@ pub struct Timing {
     pub pull_interval_ms: u64,
 }
 
+impl Timing {
+    /// The sites of a two-site device: a failover inside a site needs 10 missed probes
+    /// (3 s), not 3. Two complete systems share this machine, and a node starved for a
+    /// second must not fail over to a mirror that has not copied what the site applied
+    /// from the archive (mirroring ReadOnly: such a failover loses it, as the policy says).
+    pub fn for_sites() -> Self {
+        Self {
+            failover_threshold: 10,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for Timing {
     fn default() -> Self {
         Self {

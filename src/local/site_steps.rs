@@ -149,6 +149,7 @@ impl SiteWalk<'_> {
             let config = ClusterConfig {
                 dir: Some(self.root.join(sites::SITES[index])),
                 site: Some(sites::site_config(index, bucket.clone(), follows)),
+                timing: super::cluster::Timing::for_sites(),
                 ..self.config.clone()
             };
             let cluster = tokio::task::block_in_place(|| LocalCluster::start(&config))?;
