@@ -17,7 +17,7 @@ use hsm_secrets::hsm::{
     Body, Expect, GcReport, ManifestEntry, Pkcs11Store, Record, SecretData, SecretPath,
     SecretStore, StoreError, TokenInfo,
 };
-use hsm_secrets::mirror::{Agent, AgentConfig, pb};
+use hsm_secrets::mirror::{Agent, AgentConfig, Peer, pb};
 use mirror_support::*;
 use tonic::Code;
 
@@ -219,21 +219,43 @@ async fn damaged_objects_on_a_mirror_are_found_and_repaired_by_the_verification_
     assert_eq!(health.sync.unwrap().last_full_pass.unwrap().repaired, 1);
 }
 
-/// A store that, while `forging` is set, answers reads of one secret with altered
-/// content under the original checksum: what a corrupted transfer or a hostile primary
-/// would send.
-struct ForgingStore {
+/// What a [`HookedStore`] does around a read of its target secret.
+type BeforeRead = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// A store whose reads of one secret can be tampered with: `forging` set answers them
+/// with altered content under the original checksum (what a corrupted transfer or a
+/// hostile primary would send); `before_read`, once armed, runs just before the next read
+/// (a write racing the read).
+struct HookedStore {
     inner: Pkcs11Store,
     target: SecretPath,
     forging: Arc<AtomicBool>,
+    before_read: std::sync::Mutex<Option<BeforeRead>>,
+}
+
+impl HookedStore {
+    fn new(inner: Pkcs11Store, target: SecretPath) -> Self {
+        Self {
+            inner,
+            target,
+            forging: Arc::default(),
+            before_read: std::sync::Mutex::new(None),
+        }
+    }
 }
 
 #[async_trait]
-impl SecretStore for ForgingStore {
+impl SecretStore for HookedStore {
     fn token_label(&self) -> &str {
         self.inner.token_label()
     }
     async fn record(&self, p: &SecretPath) -> Result<Record, StoreError> {
+        if *p == self.target {
+            let hook = self.before_read.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook().await;
+            }
+        }
         let mut r = self.inner.record(p).await?;
         if *p == self.target && self.forging.load(Ordering::SeqCst) {
             let mut evil = SecretData::new();
@@ -268,6 +290,106 @@ impl SecretStore for ForgingStore {
     }
 }
 
+/// An agent serving `store` as `name`'s primary at epoch 1, and its endpoint.
+async fn serve_primary(pki: &Pki, name: &str, store: Arc<dyn SecretStore>) -> (Agent, Peer) {
+    let mut cfg = AgentConfig::new(name, pki.tls(name));
+    cfg.sync = manual_sync();
+    let agent = Agent::start(cfg, store).await;
+    let listener = hsm_secrets::mirror::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let peer = Peer {
+        node: name.into(),
+        endpoint: format!("https://{}", listener.local_addr().unwrap()),
+    };
+    tokio::spawn(hsm_secrets::mirror::serve(
+        agent.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    pki.controller(&peer)
+        .assign_role(pb::AssignRoleRequest {
+            role: pb::Role::Primary as i32,
+            epoch: 1,
+            lease_duration_ms: HOUR.as_millis() as u64,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    (agent, peer)
+}
+
+/// The token keeps only each secret's newest version. A write landing between the change
+/// feed's index snapshot and its read of that secret leaves the listed version gone: the
+/// answer must not claim the snapshot's point without it (a mirror or an archive segment
+/// would then miss that secret's acknowledged writes up to there); it reads on until its
+/// records describe the point it claims exactly.
+#[tokio::test]
+async fn a_write_racing_the_change_feed_never_leaves_a_point_claimed_without_it() {
+    let tokens = Tokens::new();
+    let pki = Pki::new(&["n1"]);
+    let Some(token) = tokens.get("race-n1") else {
+        return;
+    };
+    let hot = path("bank/hot");
+    let store = Arc::new(HookedStore::new(token.open().await, hot.clone()));
+    let (agent, peer) = serve_primary(&pki, "n1", store.clone()).await;
+    let client = pki.controller(&peer);
+    // The history of writes, as (version, path, value).
+    let mut history = Vec::new();
+    for (p, v) in [("bank/hot", "1"), ("bank/cold", "2"), ("bank/hot", "3")] {
+        let version = client
+            .put(&path(p), &data(&[("k", v.as_bytes())]), Expect::Any, 1)
+            .await
+            .unwrap()
+            .version;
+        history.push((version, p.to_string(), v.to_string()));
+    }
+    // The hot secret is written again while the feed reads it.
+    let racer = pki.controller(&peer);
+    let raced = Arc::new(std::sync::Mutex::new(None));
+    let seen = raced.clone();
+    *store.before_read.lock().unwrap() = Some(Arc::new(move || {
+        let (racer, seen) = (racer.clone(), seen.clone());
+        Box::pin(async move {
+            let version = racer
+                .put(&path("bank/hot"), &data(&[("k", b"4")]), Expect::Any, 1)
+                .await
+                .unwrap()
+                .version;
+            *seen.lock().unwrap() = Some(version);
+        })
+    }));
+    let answer = agent
+        .changes(pb::ChangesRequest {
+            since: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let racing_version = raced.lock().unwrap().expect("the racing write ran");
+    history.push((racing_version, "bank/hot".into(), "4".into()));
+    // What the answer claims (the state at `through`) is exactly what its records hold.
+    let mut expected = std::collections::BTreeMap::new();
+    for (version, p, v) in history.iter().filter(|(v, ..)| *v <= answer.through) {
+        expected.insert(p.clone(), (*version, v.clone()));
+    }
+    let mut held = std::collections::BTreeMap::new();
+    for record in &answer.records {
+        let value = String::from_utf8(record.data[0].value.clone()).unwrap();
+        held.insert(record.path.clone(), (record.version, value));
+    }
+    assert_eq!(
+        held, expected,
+        "the answer claims sequence {} ({:?})",
+        answer.through, answer
+    );
+    assert!(
+        answer.through >= racing_version,
+        "the answer reads on past the racing write ({answer:?})"
+    );
+}
+
 #[tokio::test]
 async fn forged_records_are_never_applied() {
     let tokens = Tokens::new();
@@ -277,39 +399,11 @@ async fn forged_records_are_never_applied() {
         return;
     };
     let target = path("bank/vault");
-    let forging = Arc::new(AtomicBool::new(false));
-    let forging_store = ForgingStore {
-        inner: token.open().await,
-        target: target.clone(),
-        forging: forging.clone(),
-    };
-    let mut cfg = AgentConfig::new("n1", pki.tls("n1"));
-    cfg.sync = manual_sync();
-    let primary_agent = Agent::start(cfg, Arc::new(forging_store)).await;
-    let listener = hsm_secrets::mirror::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let n1_endpoint = format!("https://{}", listener.local_addr().unwrap());
-    tokio::spawn(hsm_secrets::mirror::serve(
-        primary_agent.clone(),
-        listener,
-        std::future::pending(),
-    ));
+    let forging_store = HookedStore::new(token.open().await, target.clone());
+    let forging = forging_store.forging.clone();
+    let (_primary, n1_peer) = serve_primary(&pki, "n1", Arc::new(forging_store)).await;
     let n2 = node!(&tokens, "n2", "forge-n2", &pki, manual_sync());
-    let n1_peer = hsm_secrets::mirror::Peer {
-        node: "n1".into(),
-        endpoint: n1_endpoint,
-    };
     let controller = pki.controller(&n1_peer);
-    controller
-        .assign_role(pb::AssignRoleRequest {
-            role: pb::Role::Primary as i32,
-            epoch: 1,
-            lease_duration_ms: HOUR.as_millis() as u64,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
     pki.controller(&n2.peer())
         .assign_role(pb::AssignRoleRequest {
             role: pb::Role::ReadOnly as i32,

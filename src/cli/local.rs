@@ -94,6 +94,9 @@ pub enum LocalCommand {
     Down {
         #[command(flatten)]
         dir: DirArg,
+        /// Keep the directory (its logs and state) for a post-mortem.
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -172,7 +175,7 @@ pub fn run(args: LocalArgs, _common: CommonArgs) -> anyhow::Result<()> {
                 name,
                 reveal,
             } => get(dir.dir, &namespace, &name, reveal).await,
-            LocalCommand::Down { dir } => down(dir.dir),
+            LocalCommand::Down { dir, keep } => down(dir.dir, keep),
         }
     })
 }
@@ -473,12 +476,12 @@ fn print_plain_directory_warning() {
     );
 }
 
-fn down(dir: PathBuf) -> anyhow::Result<()> {
+fn down(dir: PathBuf, keep: bool) -> anyhow::Result<()> {
     let state = StateFile::load_to_stop(&dir)?;
     let mut processes = cluster::adopt(&state);
-    let cleanup = cluster::stop_and_remove(&state.dir, &mut processes, false);
+    let cleanup = cluster::stop_and_remove(&state.dir, &mut processes, keep);
     say!(
-        "stopped {} processes{}; unmounted {} volumes; removed {}",
+        "stopped {} processes{}; unmounted {} volumes; {} {}",
         cleanup.stopped,
         if cleanup.forced.is_empty() {
             String::new()
@@ -486,6 +489,7 @@ fn down(dir: PathBuf) -> anyhow::Result<()> {
             format!(" ({} needed SIGKILL)", cleanup.forced.len())
         },
         cleanup.unmounted.len(),
+        if keep { "kept" } else { "removed" },
         state.dir.display()
     );
     if !cleanup.errors.is_empty() {

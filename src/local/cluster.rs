@@ -413,7 +413,12 @@ impl LocalCluster {
             args,
             env: [
                 vec![
-                    ("HSM_LOG", "warn".to_string()),
+                    // Quiet by default; HSM_LOCAL_LOG (e.g. `hsm_secrets=debug`) for a
+                    // post-mortem.
+                    (
+                        "HSM_LOG",
+                        std::env::var("HSM_LOCAL_LOG").unwrap_or_else(|_| "warn".into()),
+                    ),
                     // Logs go to files: no terminal colours.
                     ("NO_COLOR", "1".to_string()),
                 ],

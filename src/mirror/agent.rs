@@ -89,6 +89,8 @@ const MAX_FETCH: usize = 4096;
 /// Records read from the token at once for one answer (the store runs reads in
 /// parallel sessions).
 const READ_CONCURRENCY: usize = 8;
+/// Reads a Changes answer makes to reach a point its records describe exactly.
+const CONSISTENT_ROUNDS: usize = 8;
 
 /// Result of an acknowledged write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -847,7 +849,7 @@ impl Agent {
             0 => DEFAULT_CHANGES,
             n => n.min(MAX_CHANGES),
         };
-        let (batch, mut more, published) = {
+        {
             let index = self.inner.local.index();
             let published = index.published();
             if request.since >= published {
@@ -869,48 +871,10 @@ impl Agent {
                     more: false,
                 });
             }
-            let (batch, more) = index.after(request.since, limit);
-            (batch, more, published)
-        };
-        let mut records = Vec::with_capacity(batch.len());
-        let mut bytes = 0usize;
-        let mut through = request.since;
-        let count = batch.len();
-        let store = self.store().clone();
-        let mut reads = std::pin::pin!(
-            futures::stream::iter(batch.into_iter().map(|(version, path)| {
-                let store = store.clone();
-                async move {
-                    let result = store.record(&path).await;
-                    (version, path, result)
-                }
-            }))
-            .buffered(READ_CONCURRENCY)
-        );
-        let mut consumed = 0;
-        while let Some((version, path, result)) = reads.next().await {
-            consumed += 1;
-            match result {
-                Ok(record) if record.version == version => {
-                    bytes += record_size(&record);
-                    records.push(convert::record_to_pb(&record));
-                }
-                // Overwritten after the snapshot: the new version is in a later answer.
-                Ok(_) | Err(StoreError::NotFound { .. }) => {}
-                Err(e @ StoreError::Corrupt { .. }) => {
-                    tracing::error!(node = %self.node(), path = %path, version, error = %e, "the primary's own copy is corrupt; mirrors keep theirs");
-                }
-                Err(e) => return Err(e.into()),
-            }
-            through = version;
-            if bytes >= self.inner.cfg.batch_bytes && consumed < count {
-                more = true;
-                break;
-            }
         }
-        if !more {
-            through = published;
-        }
+        let (records, through, more, published) =
+            self.consistent_changes(request.since, limit).await?;
+        let records: Vec<pb::Record> = records.iter().map(convert::record_to_pb).collect();
         self.inner
             .counters
             .records_sent
@@ -922,6 +886,92 @@ impl Agent {
             epoch,
             more,
         })
+    }
+
+    /// The changes after `since` up to a point `through` that they describe exactly: applied
+    /// to the state at `since`, they give the state at `through` (every path at its newest
+    /// version up to `through`). The token keeps only each path's newest version, so a path overwritten between the
+    /// index snapshot and its read no longer has the version the snapshot listed: no point
+    /// at or after that version is described until the newer version read is covered too,
+    /// so the answer reads on up to it (a few rounds, each over what was written during the
+    /// one before). A mirror or an archive segment that claimed the snapshot's point
+    /// instead would miss that path's acknowledged writes up to it.
+    async fn consistent_changes(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<(Vec<Record>, u64, bool, u64), MirrorError> {
+        let mut newest: std::collections::HashMap<SecretPath, Record> = Default::default();
+        let (mut from, mut need) = (since, since);
+        for round in 0..CONSISTENT_ROUNDS {
+            let mut bytes = 0usize;
+            if round > 0 {
+                // A write may be on the token but not yet in the index: let it land.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let (batch, mut more, published) = {
+                let index = self.inner.local.index();
+                let published = index.published();
+                let (batch, more) = index.after(from, limit);
+                (batch, more, published)
+            };
+            let count = batch.len();
+            let mut through = from;
+            let store = self.store().clone();
+            let mut reads = std::pin::pin!(
+                futures::stream::iter(batch.into_iter().map(|(version, path)| {
+                    let store = store.clone();
+                    async move {
+                        let result = store.record(&path).await;
+                        (version, path, result)
+                    }
+                }))
+                .buffered(READ_CONCURRENCY)
+            );
+            let mut consumed = 0;
+            while let Some((version, path, result)) = reads.next().await {
+                consumed += 1;
+                match result {
+                    Ok(record) => {
+                        // Overwritten after the snapshot: the listed version is gone and
+                        // the newer one read must be covered before any point is.
+                        need = need.max(record.version);
+                        bytes += record_size(&record);
+                        match newest.get(&path) {
+                            Some(held) if held.version >= record.version => {}
+                            _ => {
+                                newest.insert(path, record);
+                            }
+                        }
+                    }
+                    // Purged after the snapshot: nothing of it to send.
+                    Err(StoreError::NotFound { .. }) => {}
+                    Err(e @ StoreError::Corrupt { .. }) => {
+                        tracing::error!(node = %self.node(), path = %path, version, error = %e, "the primary's own copy is corrupt; mirrors keep theirs");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                through = version;
+                if bytes >= self.inner.cfg.batch_bytes && consumed < count {
+                    more = true;
+                    break;
+                }
+            }
+            if !more {
+                through = published;
+            }
+            if need <= through {
+                let mut records: Vec<Record> = newest.into_values().collect();
+                records.sort_by_key(|r| r.version);
+                return Ok((records, through, more, published));
+            }
+            from = through;
+        }
+        // Written faster than read, round after round: no point is described yet. Nothing
+        // is claimed; the caller asks again.
+        tracing::debug!(node = %self.node(), since, "changes kept moving while read; answering none");
+        let published = self.inner.local.index().published();
+        Ok((Vec::new(), since, false, published))
     }
 
     /// The primary's records of named paths (a mirror's verification pass).
