@@ -54,6 +54,19 @@ pub enum LocalCommand {
         softhsm_module: Option<PathBuf>,
         #[command(flatten)]
         site: SiteUpArgs,
+        /// Run each process in its own network namespace on a private bridge (root), so
+        /// that `local fault` can cut, isolate and slow real links. `put`, `get` and
+        /// `status` then speak from the clients' namespace.
+        #[arg(long, conflicts_with_all = ["active_site", "follow"])]
+        isolated_network: bool,
+    },
+    /// Real network faults on a system started with --isolated-network, and process
+    /// pauses on any: isolate, reconnect, cut, uncut, slow, heal, pause, resume.
+    Fault {
+        #[command(flatten)]
+        dir: DirArg,
+        #[command(subcommand)]
+        action: FaultAction,
     },
     /// A device spread over two local systems: status, promote, drain, rejoin (as
     /// `kubectl hsm site` on a cluster).
@@ -126,6 +139,44 @@ pub struct SiteUpArgs {
     pub bucket_credentials: Option<PathBuf>,
 }
 
+/// A fault, named by the processes it hits: `controller`, `worker-1`..`worker-3`,
+/// `clients` (where `put`/`get` and the webhook run).
+#[derive(Subcommand, Clone, Debug)]
+pub enum FaultAction {
+    /// Cut NAME off from everything (its link down).
+    Isolate { name: String },
+    /// Bring NAME's link back.
+    Reconnect { name: String },
+    /// Drop FROM's packets to TO (one way; --both for a partition between them).
+    Cut {
+        from: String,
+        to: String,
+        #[arg(long)]
+        both: bool,
+    },
+    /// Undo a cut.
+    Uncut {
+        from: String,
+        to: String,
+        #[arg(long)]
+        both: bool,
+    },
+    /// Limit NAME's link both ways to RATE kbit/s, queueing at most QUEUE ms.
+    Slow {
+        name: String,
+        #[arg(long, default_value_t = 256)]
+        rate_kbit: u32,
+        #[arg(long, default_value_t = 300)]
+        queue_ms: u32,
+    },
+    /// Undo every network fault.
+    Heal,
+    /// Stop NAME's process (SIGSTOP): it holds its connections but answers nothing.
+    Pause { name: String },
+    /// Continue a paused process (SIGCONT).
+    Resume { name: String },
+}
+
 #[derive(Subcommand, Clone, Debug)]
 pub enum LocalSiteAction {
     /// The site's role; for a passive site both sites side by side.
@@ -150,6 +201,18 @@ fn default_dir() -> PathBuf {
 }
 
 pub fn run(args: LocalArgs, _common: CommonArgs) -> anyhow::Result<()> {
+    // A system on its private network is spoken to from the clients' namespace: entered
+    // before the runtime starts, so that every thread of it is there.
+    if let LocalCommand::Status { dir }
+    | LocalCommand::Put { dir, .. }
+    | LocalCommand::Get { dir, .. } = &args.command
+        && let Ok(StateFile {
+            network: Some(network),
+            ..
+        }) = StateFile::load(&dir.dir)
+    {
+        crate::local::network::enter(&network.netns_path(cluster::CLIENTS)?)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -160,7 +223,9 @@ pub fn run(args: LocalArgs, _common: CommonArgs) -> anyhow::Result<()> {
                 dir,
                 softhsm_module,
                 site,
-            } => up(dir.dir, softhsm_module, site).await,
+                isolated_network,
+            } => up(dir.dir, softhsm_module, site, isolated_network).await,
+            LocalCommand::Fault { dir, action } => fault(dir.dir, action),
             LocalCommand::Site { dir, action } => site_action(dir.dir, action).await,
             LocalCommand::Status { dir } => status(dir.dir).await,
             LocalCommand::Put {
@@ -180,7 +245,12 @@ pub fn run(args: LocalArgs, _common: CommonArgs) -> anyhow::Result<()> {
     })
 }
 
-async fn up(dir: PathBuf, softhsm_module: Option<PathBuf>, site: SiteUpArgs) -> anyhow::Result<()> {
+async fn up(
+    dir: PathBuf,
+    softhsm_module: Option<PathBuf>,
+    site: SiteUpArgs,
+    isolated_network: bool,
+) -> anyhow::Result<()> {
     if StateFile::path(&dir).exists() {
         bail!(
             "a local system is recorded in {}; stop it first: hsm-secrets local down --dir {}",
@@ -200,10 +270,19 @@ async fn up(dir: PathBuf, softhsm_module: Option<PathBuf>, site: SiteUpArgs) -> 
         tied_to_parent: false,
         site,
         timing,
+        isolated_network,
         ..ClusterConfig::default()
     };
     let mut cluster = tokio::task::block_in_place(|| LocalCluster::start(&config))?;
-    let status = system::bring_up(&mut cluster).await?;
+    let status = match cluster.network.clone() {
+        Some(network) => {
+            let clients = network.netns_path(cluster::CLIENTS)?;
+            tokio::task::block_in_place(|| {
+                crate::local::network::block_on_in(&clients, system::bring_up(&mut cluster))
+            })??
+        }
+        None => system::bring_up(&mut cluster).await?,
+    };
     let state = cluster.detach();
     state.save()?;
     say!("hsm-secrets local: running in {}", state.dir.display());
@@ -480,6 +559,9 @@ fn down(dir: PathBuf, keep: bool) -> anyhow::Result<()> {
     let state = StateFile::load_to_stop(&dir)?;
     let mut processes = cluster::adopt(&state);
     let cleanup = cluster::stop_and_remove(&state.dir, &mut processes, keep);
+    if let Some(network) = &state.network {
+        network.remove();
+    }
     say!(
         "stopped {} processes{}; unmounted {} volumes; {} {}",
         cleanup.stopped,
@@ -495,5 +577,56 @@ fn down(dir: PathBuf, keep: bool) -> anyhow::Result<()> {
     if !cleanup.errors.is_empty() {
         bail!("cleanup incomplete: {}", cleanup.errors.join("; "));
     }
+    Ok(())
+}
+
+fn fault(dir: PathBuf, action: FaultAction) -> anyhow::Result<()> {
+    use nix::sys::signal::{Signal, kill};
+    let state = StateFile::load_to_stop(&dir)?;
+    let network = || {
+        state.network.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} runs on the host's loopback: network faults need a system started with \
+                 `local up --isolated-network` (pause and resume work on any)",
+                dir.display()
+            )
+        })
+    };
+    let signal = |name: &str, signal: Signal| -> anyhow::Result<()> {
+        let process = cluster::process_of(&state, name)?;
+        kill(nix::unistd::Pid::from_raw(process.pid), signal)
+            .with_context(|| format!("signal {name} (pid {})", process.pid))
+    };
+    match &action {
+        FaultAction::Isolate { name } => network()?.isolate(name)?,
+        FaultAction::Reconnect { name } => network()?.reconnect(name)?,
+        FaultAction::Cut { from, to, both } => {
+            network()?.cut(from, to)?;
+            if *both {
+                network()?.cut(to, from)?;
+            }
+        }
+        FaultAction::Uncut { from, to, both } => {
+            network()?.uncut(from, to)?;
+            if *both {
+                network()?.uncut(to, from)?;
+            }
+        }
+        FaultAction::Slow {
+            name,
+            rate_kbit,
+            queue_ms,
+        } => network()?.slow(
+            name,
+            crate::local::network::Slow {
+                rate_kbit: *rate_kbit,
+                queue_ms: *queue_ms,
+            },
+        )?,
+        FaultAction::Heal => network()?.heal()?,
+        FaultAction::Pause { name } => signal(name, Signal::SIGSTOP)?,
+        FaultAction::Resume { name } => signal(name, Signal::SIGCONT)?,
+    }
+    say!("{action:?}: done");
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::LocalError;
+use super::network::Network;
 use super::processes::{ChildProcess, Launch, RecordedProcess, stop_all};
 use super::tokens::{self, NodeToken};
 use crate::admission::certificates::{self, ServingIdentity};
@@ -30,6 +31,8 @@ pub const TOKEN_LABEL: &str = "prod";
 pub const CONTROLLER: &str = "controller";
 /// The node a disaster recovery brings up on a token restored from the archive.
 pub const RESTORED_NODE: &str = "worker-4";
+/// Where clients run on the private network (`local up --isolated-network`).
+pub const CLIENTS: &str = "clients";
 /// The Secret `spec.backup.credentialsSecret` names.
 const ARCHIVE_SECRET: &str = "demo-archive";
 /// The archive's name in the bucket.
@@ -96,6 +99,9 @@ pub struct ClusterConfig {
     /// This system is one site of a device spread over two (DESIGN: sites); `None`: the
     /// single-site demo device archiving into a local directory.
     pub site: Option<SiteConfig>,
+    /// Each process in its own network namespace on a private bridge (root only), so
+    /// that `local fault` can cut, isolate and slow real links.
+    pub isolated_network: bool,
 }
 
 /// One site of a device spread over two local systems, each standing for a cluster.
@@ -211,6 +217,9 @@ pub struct StateFile {
     /// The bucket the device archives into.
     #[serde(default)]
     pub bucket: Option<BucketConfig>,
+    /// The private network the processes run on (`local up --isolated-network`).
+    #[serde(default)]
+    pub network: Option<Network>,
 }
 
 fn default_device() -> String {
@@ -306,6 +315,8 @@ pub struct LocalCluster {
     /// `--unsafe-plain-directory` and volumes are plain directories on disk.
     pub plain_directories: bool,
     processes: Vec<ChildProcess>,
+    /// Each process's own network namespace, when asked for.
+    pub network: Option<Network>,
     /// Agent certificate of the node a disaster recovery brings up.
     restored_tls: Option<TlsFiles>,
     tied_to_parent: bool,
@@ -344,6 +355,7 @@ impl LocalCluster {
             webhook_server_name: String::new(),
             plain_directories: false,
             processes: Vec::new(),
+            network: None,
             restored_tls: None,
             tied_to_parent: config.tied_to_parent,
             keep: config.keep,
@@ -353,6 +365,12 @@ impl LocalCluster {
         // On error `cluster` is dropped here, which stops and removes what was started.
         cluster.module = tokens::find_module(config.softhsm_module.as_deref())?;
         cluster.plain_directories = !can_mount_tmpfs(&dir);
+        if config.isolated_network {
+            let mut members = vec![CONTROLLER];
+            members.extend(NODES);
+            members.extend([RESTORED_NODE, CLIENTS]);
+            cluster.network = Some(Network::create(&members)?);
+        }
         cluster.boot()?;
         Ok(cluster)
     }
@@ -401,13 +419,20 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Starts a child; `member`: whose namespace it runs in on the private network, if
+    /// there is one.
     fn launch(
         &mut self,
         name: String,
+        member: Option<&str>,
         args: Vec<String>,
         env: Vec<(&'static str, String)>,
     ) -> Result<usize, LocalError> {
         let logs = self.dir.join("logs");
+        let netns = match (&self.network, member) {
+            (Some(network), Some(member)) => Some(network.netns_path(member)?),
+            _ => None,
+        };
         let process = ChildProcess::spawn(Launch {
             name,
             args,
@@ -427,6 +452,7 @@ impl LocalCluster {
             .concat(),
             log_dir: &logs,
             tied_to_parent: self.tied_to_parent,
+            netns,
         })?;
         self.processes.push(process);
         Ok(self.processes.len() - 1)
@@ -653,7 +679,15 @@ impl LocalCluster {
             "--pin-refusal-dir".into(),
             path_arg(&self.state_dir.join("pin-refusals")),
             "--agent-listen".into(),
-            "127.0.0.1:0".into(),
+            match self
+                .network
+                .as_ref()
+                .map(|n| n.member(&node.name))
+                .transpose()?
+            {
+                Some(member) => format!("{}:0", member.addr),
+                None => "127.0.0.1:0".into(),
+            },
             "--agent-tls-ca".into(),
             path_arg(&files.ca),
             "--agent-tls-cert".into(),
@@ -672,8 +706,10 @@ impl LocalCluster {
         if self.plain_directories {
             args.push("--unsafe-plain-directory".into());
         }
+        let member = node.name.clone();
         let index = self.launch(
             format!("node {}", node.name),
+            Some(&member),
             args,
             vec![("SOFTHSM2_CONF", path_arg(&token.conf))],
         )?;
@@ -711,7 +747,7 @@ impl LocalCluster {
             "--lease-margin-ms".into(),
             t.lease_margin_ms.to_string(),
         ];
-        self.launch("controller".into(), args, Vec::new())?;
+        self.launch("controller".into(), Some(CONTROLLER), args, Vec::new())?;
         Ok(())
     }
 
@@ -747,7 +783,8 @@ impl LocalCluster {
             "--state".into(),
             path_arg(&self.state_dir),
         ];
-        self.launch("webhook".into(), args, Vec::new())?;
+        // With the clients on the private network: the API server's side of it.
+        self.launch("webhook".into(), Some(CLIENTS), args, Vec::new())?;
         self.webhook_url = format!("https://127.0.0.1:{port}");
         Ok(())
     }
@@ -811,6 +848,7 @@ impl LocalCluster {
             device: self.device.clone(),
             site: self.site.as_ref().map(|s| s.name.clone()),
             bucket: Some(self.bucket()),
+            network: self.network.clone(),
         }
     }
 
@@ -828,7 +866,11 @@ impl LocalCluster {
         }
         self.shut_down = true;
         let keep = self.keep;
-        stop_and_remove(&self.dir, &mut self.processes, keep)
+        let cleanup = stop_and_remove(&self.dir, &mut self.processes, keep);
+        if let Some(network) = &self.network {
+            network.remove();
+        }
+        cleanup
     }
 }
 
@@ -1081,4 +1123,31 @@ fn free_port() -> Result<u16, LocalError> {
 /// Processes recorded by `local up`, to stop them.
 pub fn adopt(state: &StateFile) -> Vec<ChildProcess> {
     state.processes.iter().map(ChildProcess::adopt).collect()
+}
+
+/// The running process `name` names: `controller`, `webhook` or a node (`worker-1`).
+/// Only a live process of this program is named, never a pid since reused.
+pub fn process_of(state: &StateFile, name: &str) -> Result<RecordedProcess, LocalError> {
+    let recorded = state
+        .processes
+        .iter()
+        .find(|p| p.name == name || p.name == format!("node {name}"))
+        .ok_or_else(|| {
+            LocalError::Check(format!(
+                "no process {name}: name the controller, the webhook or a node ({})",
+                state
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+    if !ChildProcess::adopt(recorded).is_running() {
+        return Err(LocalError::Check(format!(
+            "{name} (pid {}) is not running",
+            recorded.pid
+        )));
+    }
+    Ok(recorded.clone())
 }

@@ -23,6 +23,9 @@ pub struct Launch<'a> {
     /// Stop the child when this process dies (the demo); false for `local up`, whose
     /// processes outlive the command that started them.
     pub tied_to_parent: bool,
+    /// Run in this network namespace (its `/run/netns` path), entered by `nsenter`, which
+    /// then becomes this program: the pid is the program's.
+    pub netns: Option<String>,
 }
 
 /// A running child (or, after `local up`, one recorded in the state file).
@@ -58,7 +61,14 @@ impl ChildProcess {
         let open = |path: &Path| {
             std::fs::File::create(path).map_err(|e| LocalError::io("create", path, e))
         };
-        let mut command = Command::new(&exe);
+        let mut command = match &launch.netns {
+            Some(netns) => {
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net={netns}")).arg("--").arg(&exe);
+                command
+            }
+            None => Command::new(&exe),
+        };
         command
             .args(&launch.args)
             .stdin(Stdio::null())
