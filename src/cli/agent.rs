@@ -40,11 +40,15 @@ pub struct SyncTuning {
     /// `hsm-secrets pki`, each push is known to come from the node its certificate names).
     #[arg(long, env = "HSM_ALLOW_SHARED_AGENT_IDENTITY")]
     pub allow_shared_agent_identity: bool,
+    /// Append a line per acknowledged write (node, epoch, path, version, monotonic
+    /// clock; never a value) to this file, for checking a run's history.
+    #[arg(long, env = "HSM_WRITE_JOURNAL")]
+    pub write_journal: Option<PathBuf>,
 }
 
 impl SyncTuning {
     /// The agent configuration of `node` with these settings.
-    pub fn config(&self, node: &str, tls: AgentTls) -> AgentConfig {
+    pub fn config(&self, node: &str, tls: AgentTls) -> anyhow::Result<AgentConfig> {
         let mut cfg = AgentConfig::new(node, tls);
         cfg.sync.pull_interval = Duration::from_millis(self.pull_interval_ms);
         cfg.sync.sync_interval = Duration::from_secs(self.sync_interval);
@@ -56,7 +60,16 @@ impl SyncTuning {
         } else {
             self.gc_interval
         }));
-        cfg
+        if let Some(path) = &self.write_journal {
+            let journal = mirror::journal::WriteJournal::open(path).with_context(|| {
+                format!(
+                    "open the write journal {} (--write-journal: a writable file)",
+                    path.display()
+                )
+            })?;
+            cfg.write_journal = Some(Arc::new(journal));
+        }
+        Ok(cfg)
     }
 }
 
@@ -124,7 +137,7 @@ async fn serve(args: AgentArgs, common: CommonArgs) -> anyhow::Result<()> {
     pkcs11.pin_refusal_dir = Some(args.pin_refusal_dir.clone());
     let store = open_store(pkcs11).await?;
 
-    let cfg = args.sync.config(&args.node, tls).with_device(&args.device);
+    let cfg = args.sync.config(&args.node, tls)?.with_device(&args.device);
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -227,7 +227,7 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
         let device_name = args.device.clone().unwrap_or_default();
         let agent = match (args.agent_listen, &tls) {
             (Some(listen), Some(tls)) => {
-                let cfg = args.sync.config(&args.node_name, tls.clone());
+                let cfg = args.sync.config(&args.node_name, tls.clone())?;
                 Some((
                     listen,
                     cfg.with_device(args.device.clone().unwrap_or_default()),

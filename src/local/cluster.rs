@@ -638,6 +638,11 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Where each node's agent journals the writes it acknowledged, `<node>.jsonl`.
+    pub fn journal_dir(&self) -> PathBuf {
+        self.dir.join("journal")
+    }
+
     /// Where each node plugin writes its audit trail, `<node>.jsonl`.
     pub fn audit_dir(&self) -> PathBuf {
         self.dir.join("audit")
@@ -656,6 +661,7 @@ impl LocalCluster {
         }
         create_dir(&node.kubelet_dir.join("pods"))?;
         create_dir(&self.audit_dir())?;
+        create_dir(&self.journal_dir())?;
         let mut args = vec![
             "node".into(),
             "--node-name".into(),
@@ -698,6 +704,9 @@ impl LocalCluster {
             self.timing.pull_interval_ms.to_string(),
             "--audit-log".into(),
             path_arg(&self.audit_dir().join(format!("{}.jsonl", node.name))),
+            // Every acknowledged write, for checking a run's history (no values).
+            "--write-journal".into(),
+            path_arg(&self.journal_dir().join(format!("{}.jsonl", node.name))),
             // While its token is the primary, the node archives as the HSMDevice's
             // spec.backup says, reading the Secret it names from here.
             "--archive-credentials-root".into(),

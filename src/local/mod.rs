@@ -10,6 +10,7 @@
 
 pub mod clients;
 pub mod cluster;
+pub mod history;
 pub mod network;
 pub mod processes;
 pub mod report;

@@ -56,6 +56,8 @@ pub struct AgentConfig {
     /// Accept pushes from a certificate shared by every node, trusting the sender named
     /// in the request (a development setup without per-node certificates).
     pub allow_shared_agent_identity: bool,
+    /// Where each acknowledged write is journaled (`--write-journal`), if anywhere.
+    pub write_journal: Option<Arc<super::journal::WriteJournal>>,
 }
 
 impl AgentConfig {
@@ -71,6 +73,7 @@ impl AgentConfig {
             rpc_metrics: RpcMetrics::default(),
             gc_interval: Some(Duration::from_secs(600)),
             allow_shared_agent_identity: false,
+            write_journal: None,
         }
     }
 
@@ -646,7 +649,17 @@ impl Agent {
                 self.count_store_error(e)
             }
             Err(e) => Self::count(&self.inner.counters.refused, e.kind()),
-            Ok(_) => {}
+            Ok(outcome) => {
+                if let Some(journal) = &self.inner.cfg.write_journal {
+                    journal.record(&super::journal::Accepted {
+                        node: self.node().into(),
+                        epoch,
+                        path: path.to_string(),
+                        version: outcome.version,
+                        mono_ns: super::journal::monotonic_ns(),
+                    });
+                }
+            }
         }
         result
     }

@@ -67,6 +67,7 @@ pub mod facts;
 pub mod fencing;
 pub mod identity;
 pub mod index;
+pub mod journal;
 mod local;
 pub mod metrics;
 pub mod plan;
