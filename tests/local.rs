@@ -666,3 +666,451 @@ async fn two_sites_follow_promote_fence_rejoin_and_switch_over_without_loss() {
     let (ok, out) = local(&["get", "db-credentials", "--reveal"], &b);
     assert!(ok && out.contains("password: after-the-loss"), "{out}");
 }
+
+/// Partitions on real links: a system whose processes each have their own network
+/// namespace, faults set with `local fault` as an operator would, clients writing (each
+/// write to a secret of its own) and reading mirrors from their own namespace, and the
+/// recorded history checked (`hsm_secrets::local::history`): one writer at a time, no
+/// acknowledged write silently gone, reads real and never going back. Named scenarios,
+/// then `HSM_PARTITION_RANDOM` (default 2) random schedules from `HSM_PARTITION_SEED`
+/// (printed, so a failure replays).
+#[test]
+fn partitions_on_real_links_keep_one_writer_and_every_acknowledged_write() {
+    use hsm_secrets::local::network;
+    if !available() {
+        return;
+    }
+    if let Err(e) = network::can_create() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to create network namespaces (root, iproute2): {e}"
+        );
+        eprintln!("skipped: cannot create network namespaces: {e}");
+        return;
+    }
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("system");
+    let _unmount = UnmountOnDrop(parent.path());
+    let _down = DownAll(vec![dir.clone()]);
+    let (ok, out) = local(&["up", "--isolated-network"], &dir);
+    assert!(ok, "{out}");
+    let state = StateFile::load(&dir).unwrap();
+    assert!(state.network.is_some());
+
+    let seed: u64 = std::env::var("HSM_PARTITION_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| hsm_secrets::mirror::journal::monotonic_ns() % 1_000_000);
+    let random: usize = std::env::var("HSM_PARTITION_RANDOM")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    eprintln!("random schedules: {random} from seed {seed} (HSM_PARTITION_SEED={seed} replays)");
+    let mut schedules: Vec<partition::Schedule> = partition::NAMED.to_vec();
+    let mut rng = partition::Rng(seed.max(1));
+    for n in 0..random {
+        schedules.push(partition::Schedule::random(&mut rng, n));
+    }
+    let mut failures = Vec::new();
+    for schedule in &schedules {
+        let verdict = partition::run(&dir, &state, schedule);
+        eprintln!(
+            "{:<34} acknowledged {:>4}, reported lost {:>3}, reads during the fault {:>4}, writers {:?}{}",
+            schedule.name(),
+            verdict.acknowledged,
+            verdict.reported_lost,
+            verdict.reads_during_fault,
+            verdict.writers,
+            if verdict.ok() { "" } else { "  FAILED" }
+        );
+        if !verdict.ok() || verdict.reads_during_fault == 0 || verdict.acknowledged == 0 {
+            failures.push(format!("{}: {verdict:?}", schedule.name()));
+        }
+    }
+    assert!(failures.is_empty(), "seed {seed}: {failures:#?}");
+}
+
+mod partition {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use hsm_secrets::hsm::{Expect, SecretData, SecretPath};
+    use hsm_secrets::local::history::{self, Ack, ClientRead, ClientWrite, History, LostRange};
+    use hsm_secrets::local::{StateFile, clients, network, system};
+    use hsm_secrets::mirror::journal::{self, monotonic_ns};
+
+    use super::local;
+
+    /// A fault, by the processes it hits; `Primary` is whichever node is primary when
+    /// the fault starts.
+    #[derive(Clone, Copy, Debug)]
+    pub enum Fault {
+        IsolatePrimary,
+        PrimaryControllerPartition,
+        ControllerToPrimaryOneWay,
+        IsolateMirror,
+        IsolateController,
+        FlapPrimary,
+        SlowPrimary,
+        PausePrimary,
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    pub struct Schedule {
+        pub fault: Fault,
+        pub hold: Duration,
+        pub random: Option<usize>,
+    }
+
+    const HOLD: Duration = Duration::from_secs(6);
+
+    pub const NAMED: [Schedule; 8] = [
+        Schedule::named(Fault::IsolatePrimary),
+        Schedule::named(Fault::PrimaryControllerPartition),
+        Schedule::named(Fault::ControllerToPrimaryOneWay),
+        Schedule::named(Fault::IsolateMirror),
+        Schedule::named(Fault::IsolateController),
+        Schedule::named(Fault::FlapPrimary),
+        Schedule::named(Fault::SlowPrimary),
+        Schedule::named(Fault::PausePrimary),
+    ];
+
+    /// xorshift: a replayable sequence from the printed seed.
+    pub struct Rng(pub u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    impl Schedule {
+        const fn named(fault: Fault) -> Self {
+            Self {
+                fault,
+                hold: HOLD,
+                random: None,
+            }
+        }
+
+        pub fn random(rng: &mut Rng, n: usize) -> Self {
+            let fault = NAMED[(rng.next() % NAMED.len() as u64) as usize].fault;
+            Self {
+                fault,
+                hold: Duration::from_millis(1_000 + rng.next() % 9_000),
+                random: Some(n),
+            }
+        }
+
+        pub fn name(&self) -> String {
+            match self.random {
+                Some(n) => format!("random {n}: {:?} {:?}", self.fault, self.hold),
+                None => format!("{:?}", self.fault),
+            }
+        }
+    }
+
+    fn fault(dir: &Path, args: &[&str]) {
+        let mut all = vec!["fault"];
+        all.extend(args);
+        let (ok, out) = local(&all, dir);
+        assert!(ok, "local fault {args:?}: {out}");
+    }
+
+    fn path(name: &str) -> SecretPath {
+        format!("shop/{name}").parse().unwrap()
+    }
+
+    /// Runs `schedule` against the running system in `dir` and checks its history.
+    pub fn run(dir: &Path, state: &StateFile, schedule: &Schedule) -> history::Verdict {
+        let network = state.network.clone().unwrap();
+        let clients_ns = network.netns_path("clients").unwrap();
+        let tag = format!(
+            "hist-{}-{}",
+            schedule
+                .name()
+                .split(':')
+                .next()
+                .unwrap()
+                .replace(' ', "-")
+                .to_lowercase(),
+            monotonic_ns() % 100_000
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(Mutex::new(Vec::<ClientWrite>::new()));
+        let reads = Arc::new(Mutex::new(Vec::<ClientRead>::new()));
+        let primary_now = || {
+            network::block_on_in(&clients_ns, system::primary(state))
+                .unwrap()
+                .map(|(node, _, _)| node)
+        };
+        let writer = {
+            let (state, stop, writes, tag, ns) = (
+                state.clone(),
+                stop.clone(),
+                writes.clone(),
+                tag.clone(),
+                clients_ns.clone(),
+            );
+            std::thread::spawn(move || {
+                network::block_on_in(&ns, async move {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        n += 1;
+                        let (name, value) = (format!("{tag}-{n}"), n.to_string());
+                        let mut data = SecretData::new();
+                        data.insert("n", value.clone().into_bytes()).unwrap();
+                        let issued_ns = monotonic_ns();
+                        let acked = match system::primary(&state).await {
+                            Ok((node, epoch, conn)) => conn
+                                .put(&path(&name), &data, Expect::Any, epoch)
+                                .await
+                                .ok()
+                                .map(|o| Ack {
+                                    node,
+                                    version: o.version,
+                                    at_ns: monotonic_ns(),
+                                }),
+                            Err(_) => None,
+                        };
+                        writes.lock().unwrap().push(ClientWrite {
+                            client: "writer".into(),
+                            path: name,
+                            value,
+                            issued_ns,
+                            acked,
+                        });
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                    }
+                })
+                .unwrap()
+            })
+        };
+        let reader = {
+            let (state, stop, writes, reads, ns) = (
+                state.clone(),
+                stop.clone(),
+                writes.clone(),
+                reads.clone(),
+                clients_ns.clone(),
+            );
+            std::thread::spawn(move || {
+                network::block_on_in(&ns, async move {
+                    let mut turn = 0usize;
+                    while !stop.load(Ordering::SeqCst) {
+                        turn += 1;
+                        let node = &state.nodes[turn % state.nodes.len()];
+                        let last = writes
+                            .lock()
+                            .unwrap()
+                            .iter()
+                            .rev()
+                            .find(|w| w.acked.is_some())
+                            .map(|w| w.path.clone());
+                        if let Some(name) = last {
+                            let answer = match clients::agent(
+                                &node.name,
+                                &node.agent,
+                                &state.controller_tls(),
+                            ) {
+                                Ok(conn) => match tokio::time::timeout(
+                                    Duration::from_millis(500),
+                                    conn.get(&path(&name)),
+                                )
+                                .await
+                                {
+                                    Ok(Ok(answer)) => {
+                                        Some(answer.record.filter(|r| !r.deleted).and_then(|r| {
+                                            r.data.into_iter().find(|kv| kv.key == "n").map(|kv| {
+                                                String::from_utf8_lossy(&kv.value).into_owned()
+                                            })
+                                        }))
+                                    }
+                                    Ok(Err(hsm_secrets::mirror::MirrorError::Remote {
+                                        code: tonic::Code::NotFound,
+                                        ..
+                                    })) => Some(None),
+                                    _ => None,
+                                },
+                                Err(_) => None,
+                            };
+                            reads.lock().unwrap().push(ClientRead {
+                                client: "reader".into(),
+                                node: node.name.clone(),
+                                path: name,
+                                answer,
+                                at_ns: monotonic_ns(),
+                            });
+                        }
+                        tokio::time::sleep(Duration::from_millis(40)).await;
+                    }
+                })
+                .unwrap()
+            })
+        };
+
+        std::thread::sleep(Duration::from_secs(2));
+        let primary = primary_now().expect("a primary before the fault");
+        let mirror = state
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .find(|n| *n != primary)
+            .unwrap();
+        let fault_from = monotonic_ns();
+        let started = Instant::now();
+        match schedule.fault {
+            Fault::IsolatePrimary => fault(dir, &["isolate", &primary]),
+            Fault::PrimaryControllerPartition => {
+                fault(dir, &["cut", "controller", &primary, "--both"])
+            }
+            Fault::ControllerToPrimaryOneWay => fault(dir, &["cut", "controller", &primary]),
+            Fault::IsolateMirror => fault(dir, &["isolate", &mirror]),
+            Fault::IsolateController => fault(dir, &["isolate", "controller"]),
+            Fault::SlowPrimary => fault(
+                dir,
+                &["slow", &primary, "--rate-kbit", "256", "--queue-ms", "300"],
+            ),
+            Fault::PausePrimary => fault(dir, &["pause", &primary]),
+            Fault::FlapPrimary => {
+                while started.elapsed() < schedule.hold {
+                    fault(dir, &["isolate", &primary]);
+                    std::thread::sleep(Duration::from_millis(1_500));
+                    fault(dir, &["reconnect", &primary]);
+                    std::thread::sleep(Duration::from_millis(1_500));
+                }
+            }
+        }
+        if let Some(rest) = schedule.hold.checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        fault(dir, &["heal"]);
+        if matches!(schedule.fault, Fault::PausePrimary) {
+            fault(dir, &["resume", &primary]);
+        }
+        let fault_to = monotonic_ns();
+        // Healed: every node healthy again and the mirrors caught up.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let healed = network::block_on_in(&clients_ns, async {
+                let files = hsm_secrets::state::FileState::open(&state.state_dir).ok()?;
+                let status = system::device_status(&files, &state.device).await.ok()?;
+                let healthy = status.nodes.iter().all(|n| {
+                    n.health == hsm_secrets::crd::NodeHealth::Healthy && n.consecutive_failures == 0
+                });
+                (healthy && status.mirrors.as_deref() == Some("2/2")).then_some(())
+            })
+            .unwrap();
+            if healed.is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no recovery within 90 s of healing",
+                schedule.name()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        reader.join().unwrap();
+
+        // The final state, from the primary.
+        let writes = writes.lock().unwrap().clone();
+        let final_state = network::block_on_in(&clients_ns, async {
+            let (_, _, conn) = system::primary(state).await.unwrap();
+            let mut held = std::collections::BTreeMap::new();
+            for w in &writes {
+                if let Ok(answer) = conn.get(&path(&w.path)).await
+                    && let Some(r) = answer.record.filter(|r| !r.deleted)
+                    && let Some(kv) = r.data.into_iter().find(|kv| kv.key == "n")
+                {
+                    held.insert(
+                        w.path.clone(),
+                        String::from_utf8_lossy(&kv.value).into_owned(),
+                    );
+                }
+            }
+            held
+        })
+        .unwrap();
+        let journals: Vec<_> = std::fs::read_dir(dir.join("journal"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        let accepted = journal::read(&journals)
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.path.starts_with(&format!("shop/{tag}-")))
+            .collect();
+        let history = History {
+            writes: writes
+                .into_iter()
+                .map(|mut w| {
+                    w.path = format!("shop/{}", w.path);
+                    w
+                })
+                .collect(),
+            reads: reads
+                .lock()
+                .unwrap()
+                .iter()
+                .cloned()
+                .map(|mut r| {
+                    r.path = format!("shop/{}", r.path);
+                    r
+                })
+                .collect(),
+            accepted,
+            lost: lost_ranges(&state.state_dir.join("events.jsonl")),
+            final_state: final_state
+                .into_iter()
+                .map(|(p, v)| (format!("shop/{p}"), v))
+                .collect(),
+            fault: (fault_from, fault_to),
+        };
+        history::check(&history)
+    }
+
+    /// The lost ranges the controller reported in its Events: "NODE holds changes
+    /// FROM..=TO made under epoch E".
+    fn lost_ranges(events: &Path) -> Vec<LostRange> {
+        let text = std::fs::read_to_string(events).unwrap_or_default();
+        let mut ranges = Vec::new();
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let Some(message) = v["event"]["message"].as_str() else {
+                continue;
+            };
+            for clause in message.split("; ") {
+                let Some((node, rest)) = clause.split_once(" holds changes ") else {
+                    continue;
+                };
+                let Some((range, rest)) = rest.split_once(" made under epoch ") else {
+                    continue;
+                };
+                let Some((from, to)) = range.split_once("..=") else {
+                    continue;
+                };
+                let epoch = rest.split(' ').next().unwrap_or("0");
+                if let (Ok(from), Ok(to), Ok(epoch)) = (from.parse(), to.parse(), epoch.parse()) {
+                    ranges.push(LostRange {
+                        node: node.rsplit(' ').next().unwrap_or(node).to_string(),
+                        epoch,
+                        from,
+                        to,
+                    });
+                }
+            }
+        }
+        ranges
+    }
+}

@@ -99,7 +99,8 @@ pub async fn bring_up(cluster: &mut LocalCluster) -> Result<HSMDeviceStatus, Loc
     Ok(status)
 }
 
-async fn device_status(state: &FileState, device: &str) -> Result<HSMDeviceStatus, LocalError> {
+/// The device's status as the state directory holds it (default: none reported yet).
+pub async fn device_status(state: &FileState, device: &str) -> Result<HSMDeviceStatus, LocalError> {
     Ok(state
         .get_device(device)
         .await?
