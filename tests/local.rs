@@ -755,6 +755,10 @@ mod partition {
         FlapPrimary,
         SlowPrimary,
         PausePrimary,
+        /// A planned switchover to a mirror, and the old primary cut off right after.
+        PartitionDuringSwitchover,
+        /// The primary cut off, and healed the moment the controller promotes another.
+        HealDuringPromotion,
     }
 
     #[derive(Clone, Copy, Debug)]
@@ -766,7 +770,7 @@ mod partition {
 
     const HOLD: Duration = Duration::from_secs(6);
 
-    pub const NAMED: [Schedule; 8] = [
+    pub const NAMED: [Schedule; 10] = [
         Schedule::named(Fault::IsolatePrimary),
         Schedule::named(Fault::PrimaryControllerPartition),
         Schedule::named(Fault::ControllerToPrimaryOneWay),
@@ -775,6 +779,8 @@ mod partition {
         Schedule::named(Fault::FlapPrimary),
         Schedule::named(Fault::SlowPrimary),
         Schedule::named(Fault::PausePrimary),
+        Schedule::named(Fault::PartitionDuringSwitchover),
+        Schedule::named(Fault::HealDuringPromotion),
     ];
 
     /// xorshift: a replayable sequence from the printed seed.
@@ -976,6 +982,21 @@ mod partition {
                 &["slow", &primary, "--rate-kbit", "256", "--queue-ms", "300"],
             ),
             Fault::PausePrimary => fault(dir, &["pause", &primary]),
+            Fault::PartitionDuringSwitchover => {
+                let (ok, out) = local(&["switchover", &mirror], dir);
+                assert!(ok, "{out}");
+                std::thread::sleep(Duration::from_millis(100));
+                fault(dir, &["isolate", &primary]);
+            }
+            Fault::HealDuringPromotion => {
+                fault(dir, &["isolate", &primary]);
+                while started.elapsed() < Duration::from_secs(30)
+                    && primary_now().ok().is_none_or(|now| now == primary)
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                fault(dir, &["heal"]);
+            }
             Fault::FlapPrimary => {
                 while started.elapsed() < schedule.hold {
                     fault(dir, &["isolate", &primary]);
@@ -985,7 +1006,11 @@ mod partition {
                 }
             }
         }
-        if let Some(rest) = schedule.hold.checked_sub(started.elapsed()) {
+        if let Some(rest) = schedule
+            .hold
+            .checked_sub(started.elapsed())
+            .filter(|_| !matches!(schedule.fault, Fault::HealDuringPromotion))
+        {
             std::thread::sleep(rest);
         }
         fault(dir, &["heal"]);

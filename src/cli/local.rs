@@ -76,6 +76,12 @@ pub enum LocalCommand {
         #[command(subcommand)]
         action: LocalSiteAction,
     },
+    /// A planned switchover of the primary to node TO (as `kubectl hsm failover --to`).
+    Switchover {
+        #[command(flatten)]
+        dir: DirArg,
+        to: String,
+    },
     /// The device table and the health of every process.
     Status {
         #[command(flatten)]
@@ -226,6 +232,11 @@ pub fn run(args: LocalArgs, _common: CommonArgs) -> anyhow::Result<()> {
                 isolated_network,
             } => up(dir.dir, softhsm_module, site, isolated_network).await,
             LocalCommand::Fault { dir, action } => fault(dir.dir, action),
+            LocalCommand::Switchover { dir, to } => {
+                system::request_switchover(&StateFile::load(&dir.dir)?, &to).await?;
+                say!("switchover to {to} requested; follow it with `hsm-secrets local status`");
+                Ok(())
+            }
             LocalCommand::Site { dir, action } => site_action(dir.dir, action).await,
             LocalCommand::Status { dir } => status(dir.dir).await,
             LocalCommand::Put {

@@ -57,6 +57,7 @@ use std::time::Duration;
 
 pub use args::{Cli, Command, OutputFormat};
 pub use client::{Session, client_for, connect};
+pub use devices::refuse_switchover;
 pub use error::KubectlError;
 pub use input::{Prompt, SecretValue, TerminalPrompt};
 

@@ -139,3 +139,23 @@ pub async fn primary(state: &StateFile) -> Result<(String, u64, AgentConnection)
     let conn = clients::agent(&node, &endpoint, &state.controller_tls())?;
     Ok((node, status.epoch, conn))
 }
+
+/// Asks the controller for a planned switchover of the primary to `to` (as `kubectl hsm
+/// failover --to` does on a cluster): refused with the reason when it cannot be done.
+pub async fn request_switchover(state: &StateFile, to: &str) -> Result<(), LocalError> {
+    let files = FileState::open(&state.state_dir)?;
+    let mut device = files
+        .get_device(&state.device)
+        .await?
+        .ok_or_else(|| LocalError::Check(format!("no HSMDevice {}", state.device)))?;
+    if let Some(why) = crate::kubectl::refuse_switchover(&device, to) {
+        return Err(LocalError::Check(format!("refusing to switch over: {why}")));
+    }
+    device
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(crate::contract::SWITCHOVER_ANNOTATION.into(), to.into());
+    files.apply_device(&device)?;
+    Ok(())
+}
