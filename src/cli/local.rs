@@ -61,7 +61,7 @@ pub enum LocalCommand {
         isolated_network: bool,
     },
     /// Real network faults on a system started with --isolated-network, and process
-    /// pauses on any: isolate, reconnect, cut, uncut, slow, heal, pause, resume.
+    /// pauses on any: isolate, reconnect, cut, uncut, slow, impair, heal, pause, resume.
     Fault {
         #[command(flatten)]
         dir: DirArg,
@@ -174,6 +174,15 @@ pub enum FaultAction {
         rate_kbit: u32,
         #[arg(long, default_value_t = 300)]
         queue_ms: u32,
+    },
+    /// Add DELAY ms of latency and LOSS % random loss to NAME's link, both ways (needs
+    /// netem in the kernel).
+    Impair {
+        name: String,
+        #[arg(long, default_value_t = 300)]
+        delay_ms: u32,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=100))]
+        loss_percent: u32,
     },
     /// Undo every network fault.
     Heal,
@@ -634,6 +643,11 @@ fn fault(dir: PathBuf, action: FaultAction) -> anyhow::Result<()> {
                 queue_ms: *queue_ms,
             },
         )?,
+        FaultAction::Impair {
+            name,
+            delay_ms,
+            loss_percent,
+        } => network()?.impair(name, *delay_ms, *loss_percent)?,
         FaultAction::Heal => network()?.heal()?,
         FaultAction::Pause { name } => signal(name, Signal::SIGSTOP)?,
         FaultAction::Resume { name } => signal(name, Signal::SIGCONT)?,

@@ -188,6 +188,41 @@ impl Network {
         Ok(())
     }
 
+    /// `name`'s link, both ways, with `delay_ms` of latency and `loss_percent` random loss
+    /// (`netem`; see [`Network::has_netem`] for whether this kernel has it).
+    pub fn impair(&self, name: &str, delay_ms: u32, loss_percent: u32) -> Result<(), LocalError> {
+        let member = self.member(name)?;
+        for (netns, dev) in [
+            (member.netns.as_str(), "eth0"),
+            (self.hub.as_str(), member.hub_link.as_str()),
+        ] {
+            run(
+                "tc",
+                &[
+                    "-n",
+                    netns,
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    dev,
+                    "root",
+                    "netem",
+                    "delay",
+                    &format!("{delay_ms}ms"),
+                    "loss",
+                    &format!("{loss_percent}%"),
+                ],
+            )
+            .map_err(|e| {
+                LocalError::Check(format!(
+                    "{e} (this kernel may lack netem: use `local fault slow` for a bounded rate \
+                     and queueing delay)"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Every fault undone: links up, cuts removed, rates unlimited.
     pub fn heal(&self) -> Result<(), LocalError> {
         for member in &self.members {
