@@ -98,11 +98,10 @@ async fn write(state: &StateFile, n: u64, timeout: Duration) -> Option<String> {
     data.insert("n", n.to_string().into_bytes()).unwrap();
     let path = format!("shop/bench-{n}").parse().unwrap();
     tokio::time::timeout(timeout, conn.put(&path, &data, Expect::Any, epoch))
-    )
-    .await
-    .ok()?
-    .ok()
-    .map(|_| node)
+        .await
+        .ok()?
+        .ok()
+        .map(|_| node)
 }
 
 async fn healed(state: &StateFile) {
