@@ -6,7 +6,8 @@
 //!   max, and the ratio to a pause of the primary's process (SIGSTOP: the same detection
 //!   path with no network involved), measured side by side in the same run. The client
 //!   gives each write 250 ms, so one stuck on an unreachable old primary does not hide
-//!   the moment the new one takes writes.
+//!   the moment the new one takes writes. Also: from healing to every node healthy and
+//!   caught up again (the old primary back as a mirror).
 //! - False failovers: 60 s of writes with the primary's link slowed (256 kbit/s, up to
 //!   300 ms queueing), and with 300 ms latency and 5 % loss when the kernel has netem;
 //!   the target is 0.
@@ -119,12 +120,13 @@ async fn healed(state: &StateFile) {
     }
 }
 
+/// (fault → a new primary's first write, heal → every node healthy and caught up)
 async fn failover_round(
     dir: &Path,
     state: &StateFile,
     scenario: Scenario,
     n: &mut u64,
-) -> Duration {
+) -> (Duration, Duration) {
     healed(state).await;
     let primary = status(state).await.primary_node.unwrap();
     let start = Instant::now();
@@ -153,11 +155,13 @@ async fn failover_round(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let heal = Instant::now();
     local(dir, &["fault", "heal"]);
     if matches!(scenario, Scenario::PausePrimary) {
         local(dir, &["fault", "resume", &primary]);
     }
-    elapsed
+    healed(state).await;
+    (elapsed, heal.elapsed())
 }
 
 /// Failovers while writes go on for `seconds` with the primary's link impaired by `args`.
@@ -208,29 +212,32 @@ async fn run(dir: &Path, state: &StateFile) {
         Scenario::PrimaryControllerPartition,
         Scenario::ControllerToPrimaryOneWay,
     ] {
-        let mut times = Vec::new();
+        let (mut times, mut recoveries) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
-            times.push(failover_round(dir, state, scenario, &mut n).await);
+            let (failover, recovery) = failover_round(dir, state, scenario, &mut n).await;
+            times.push(failover);
+            recoveries.push(recovery);
         }
-        rows.push((scenario, times));
+        rows.push((scenario, times, recoveries));
     }
     let floor = median(rows[0].1.clone());
     println!(
         "\nfault → first write acknowledged by a new primary ({rounds} rounds; local timing: 300 ms probes, threshold 3, 1.5 s write lease + 0.5 s margin)"
     );
     println!(
-        "{:<30} {:>10} {:>10} {:>10} {:>14}",
-        "scenario", "median", "min", "max", "vs pause"
+        "{:<30} {:>10} {:>10} {:>10} {:>10} {:>16}",
+        "scenario", "median", "min", "max", "vs pause", "heal → healthy"
     );
-    for (scenario, times) in &rows {
+    for (scenario, times, recoveries) in &rows {
         let m = median(times.clone());
         println!(
-            "{:<30} {:>10.2?} {:>10.2?} {:>10.2?} {:>13.2}x",
+            "{:<30} {:>10.2?} {:>10.2?} {:>10.2?} {:>9.2}x {:>16.2?}",
             format!("{scenario:?}"),
             m,
             times.iter().min().unwrap(),
             times.iter().max().unwrap(),
-            m.as_secs_f64() / floor.as_secs_f64()
+            m.as_secs_f64() / floor.as_secs_f64(),
+            median(recoveries.clone())
         );
     }
     println!(

@@ -110,6 +110,52 @@ pub const ANNOTATION_NOT_AFTER: &str = "hsmsecrets.io/certificate-not-after";
 /// The DNS names the serving certificate covers, comma-separated.
 pub const ANNOTATION_DNS_NAMES: &str = "hsmsecrets.io/certificate-dns-names";
 
+// ---- Event reasons and condition types --------------------------------------------
+// Alerts, `kubectl get events --field-selector reason=...` and dashboards match on these.
+
+/// Reasons of the Events this project records.
+pub mod reasons {
+    // HSMDevice: health, failover, roles (the failover planner).
+    pub const FAILOVER: &str = "HSMFailover";
+    pub const PROMOTED: &str = "HSMPromoted";
+    pub const DEMOTED: &str = "HSMDemoted";
+    pub const SYNC_FAILED: &str = "HSMSyncFailed";
+    pub const DEVICE_UNHEALTHY: &str = "HSMDeviceUnhealthy";
+    pub const DEVICE_RECOVERED: &str = "HSMDeviceRecovered";
+    pub const READ_ONLY_FALLBACK: &str = "HSMReadOnlyFallback";
+    // HSMDevice: the archive, restores and sites.
+    pub const BACKUP_FAILING: &str = "BackupFailing";
+    pub const BACKUP_VERIFIED: &str = "BackupVerified";
+    pub const BACKUP_VERIFY_FAILED: &str = "BackupVerifyFailed";
+    pub const RESTORED: &str = "Restored";
+    pub const RESTORE_FAILED: &str = "RestoreFailed";
+    pub const SITE_FENCED: &str = "SiteFenced";
+    pub const SITE_PROMOTED: &str = "SitePromoted";
+    pub const SITE_LAGGING: &str = "SiteLagging";
+    pub const SITE_ERROR: &str = "SiteError";
+    // HSMSecret (the controller) and pods (the node plugin).
+    pub const SECRET_SYNCED: &str = "HSMSecretSynced";
+    pub const SECRET_SYNC_FAILED: &str = "HSMSecretSyncFailed";
+    pub const SECRET_REVOKED: &str = "HSMSecretRevoked";
+    // Node: a PIN the token refused (never retried).
+    pub const PIN_REFUSED: &str = "HSMPinRefused";
+}
+
+/// Condition types in the status of HSMDevices and HSMSecrets.
+pub mod conditions {
+    /// HSMDevice: the device has a writable primary; HSMSecret: it is served (and its
+    /// Secret copy matches).
+    pub const READY: &str = "Ready";
+    /// HSMDevice: every mirror is healthy and caught up.
+    pub const SYNCED: &str = "Synced";
+    /// HSMDevice: something needs attention (phase other than Ready and Pending).
+    pub const DEGRADED: &str = "Degraded";
+    /// HSMDevice: the archive holds every acknowledged change, or lags less than the alert.
+    pub const BACKUP_ARCHIVED: &str = "BackupArchived";
+    /// HSMDevice: the last restore drill rebuilt the archive and it matched the device.
+    pub const BACKUP_VERIFIED: &str = "BackupVerified";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

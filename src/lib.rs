@@ -12,6 +12,7 @@ pub mod hsm;
 pub mod inject;
 pub mod kube_events;
 pub mod kubectl;
+pub mod lease;
 pub mod local;
 pub mod mirror;
 pub mod node;

@@ -15,7 +15,7 @@ use hsm_secrets::admission::AdmissionMetrics;
 use hsm_secrets::admission::bootstrap::{
     self, BootstrapConfig, BootstrapError, BootstrapTiming, PassReport, SecretOutcome,
 };
-use hsm_secrets::admission::lease::LeaseLock;
+use hsm_secrets::lease::LeaseLock;
 use hsm_secrets_webhook::TlsReloader;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;

@@ -688,15 +688,6 @@ fn partitions_on_real_links_keep_one_writer_and_every_acknowledged_write() {
         eprintln!("skipped: cannot create network namespaces: {e}");
         return;
     }
-    let parent = tempfile::tempdir().unwrap();
-    let dir = parent.path().join("system");
-    let _unmount = UnmountOnDrop(parent.path());
-    let _down = DownAll(vec![dir.clone()]);
-    let (ok, out) = local(&["up", "--isolated-network"], &dir);
-    assert!(ok, "{out}");
-    let state = StateFile::load(&dir).unwrap();
-    assert!(state.network.is_some());
-
     let seed: u64 = std::env::var("HSM_PARTITION_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -711,22 +702,18 @@ fn partitions_on_real_links_keep_one_writer_and_every_acknowledged_write() {
     for n in 0..random {
         schedules.push(partition::Schedule::random(&mut rng, n));
     }
-    let mut failures = Vec::new();
-    for schedule in &schedules {
-        let verdict = partition::run(&dir, &state, schedule);
-        eprintln!(
-            "{:<34} acknowledged {:>4}, reported lost {:>3}, reads during the fault {:>4}, writers {:?}{}",
-            schedule.name(),
-            verdict.acknowledged,
-            verdict.reported_lost,
-            verdict.reads_during_fault,
-            verdict.writers,
-            if verdict.ok() { "" } else { "  FAILED" }
-        );
-        if !verdict.ok() || verdict.reads_during_fault == 0 || verdict.acknowledged == 0 {
-            failures.push(format!("{}: {verdict:?}", schedule.name()));
-        }
-    }
+    let mut failures = partition::run_system("read-only", &schedules);
+    // Under Active, the faults that cut the primary off: nothing acknowledged is lost.
+    let active: Vec<_> = partition::NAMED
+        .iter()
+        .filter(|s| {
+            partition::ACTIVE_FAULTS
+                .iter()
+                .any(|f| std::mem::discriminant(f) == std::mem::discriminant(&s.fault))
+        })
+        .copied()
+        .collect();
+    failures.extend(partition::run_system("active", &active));
     assert!(failures.is_empty(), "seed {seed}: {failures:#?}");
 }
 
@@ -831,8 +818,53 @@ mod partition {
         format!("shop/{name}").parse().unwrap()
     }
 
+    /// The faults also run under policy Active.
+    pub const ACTIVE_FAULTS: [Fault; 4] = [
+        Fault::IsolatePrimary,
+        Fault::PrimaryControllerPartition,
+        Fault::PausePrimary,
+        Fault::IsolateMirror,
+    ];
+
+    /// A system with `policy` on its private network, every schedule run against it in
+    /// turn; the failures, named.
+    pub fn run_system(policy: &str, schedules: &[Schedule]) -> Vec<String> {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("system");
+        let _unmount = super::UnmountOnDrop(parent.path());
+        let _down = super::DownAll(vec![dir.clone()]);
+        let (ok, out) = local(
+            &["up", "--isolated-network", "--mirroring-policy", policy],
+            &dir,
+        );
+        assert!(ok, "{out}");
+        let state = StateFile::load(&dir).unwrap();
+        let mut failures = Vec::new();
+        for schedule in schedules {
+            let verdict = run(&dir, &state, schedule, policy == "active");
+            eprintln!(
+                "{policy:<9} {:<34} acknowledged {:>4}, reported lost {:>3}, reads during the fault {:>4}, writers {:?}{}",
+                schedule.name(),
+                verdict.acknowledged,
+                verdict.reported_lost,
+                verdict.reads_during_fault,
+                verdict.writers,
+                if verdict.ok() { "" } else { "  FAILED" }
+            );
+            if !verdict.ok() || verdict.reads_during_fault == 0 || verdict.acknowledged == 0 {
+                failures.push(format!("{policy} {}: {verdict:?}", schedule.name()));
+            }
+        }
+        failures
+    }
+
     /// Runs `schedule` against the running system in `dir` and checks its history.
-    pub fn run(dir: &Path, state: &StateFile, schedule: &Schedule) -> history::Verdict {
+    pub fn run(
+        dir: &Path,
+        state: &StateFile,
+        schedule: &Schedule,
+        active: bool,
+    ) -> history::Verdict {
         let network = state.network.clone().unwrap();
         let clients_ns = network.netns_path("clients").unwrap();
         let tag = format!(
@@ -1099,6 +1131,7 @@ mod partition {
                 .map(|(p, v)| (format!("shop/{p}"), v))
                 .collect(),
             fault: (fault_from, fault_to),
+            active,
         };
         history::check(&history)
     }

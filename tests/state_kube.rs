@@ -116,6 +116,57 @@ async fn lease_is_created_then_refused_while_another_holder_is_fresh() {
     server.await.unwrap();
 }
 
+/// Expiry is judged on this replica's own clock: a holder whose Lease record stops
+/// changing is taken over once the duration has passed here, whatever renewTime it wrote
+/// (a holder whose clock runs ahead cannot keep it, and one whose clock runs behind does
+/// not lose it early); the takeover writes the resourceVersion it read.
+#[tokio::test]
+async fn a_lease_whose_record_stops_changing_is_taken_over_whatever_its_renew_time_says() {
+    let (client, mut api) = mock_api::client();
+    let state = KubeState::new(client, "hsm-secrets-system", None);
+    let held = || {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "hsm-secrets-controller", "namespace": "hsm-secrets-system", "resourceVersion": "9"},
+            // Far in the future on the holder's clock: not to be trusted.
+            "spec": {"holderIdentity": "ctl-b", "leaseDurationSeconds": 1, "renewTime": "2099-01-01T00:00:00.000000Z"}
+        })
+    };
+    let server = tokio::spawn(async move {
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "GET");
+        req.reply(200, held());
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "GET");
+        req.reply(200, held());
+        let req = next(&mut api).await;
+        assert_eq!(req.method, "PUT");
+        assert_eq!(req.body["metadata"]["resourceVersion"], "9");
+        assert_eq!(req.body["spec"]["holderIdentity"], "ctl-a");
+        assert_eq!(req.body["spec"]["leaseTransitions"], 1);
+        let mut taken = req.body.clone();
+        taken["metadata"]["resourceVersion"] = json!("10");
+        req.reply(200, taken);
+    });
+    let lease = Duration::from_secs(1);
+    assert!(
+        !state
+            .acquire_lease("hsm-secrets-controller", "ctl-a", lease)
+            .await
+            .unwrap(),
+        "first seen: the holder's renewal is fresh on this clock"
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(
+        state
+            .acquire_lease("hsm-secrets-controller", "ctl-a", lease)
+            .await
+            .unwrap(),
+        "unchanged for a whole duration on this clock: taken over"
+    );
+    server.await.unwrap();
+}
+
 #[tokio::test]
 async fn events_and_node_labels() {
     let (client, mut api) = mock_api::client();

@@ -21,8 +21,8 @@ use serde_json::json;
 use super::certificates::{
     self, CertificateBundle, CertificateError, ServingIdentity, needs_renewal,
 };
-use super::lease::LeaseLock;
 use super::metrics::AdmissionMetrics;
+use crate::lease::LeaseLock;
 
 /// Keys of the certificate Secret (`kubernetes.io/tls` plus the CA).
 pub const KEY_TLS_CERT: &str = "tls.crt";

@@ -14,7 +14,6 @@ pub mod bootstrap;
 pub mod certificates;
 mod device;
 mod file_state;
-pub mod lease;
 mod metrics;
 mod pod;
 mod secret;

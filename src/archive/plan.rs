@@ -1,6 +1,7 @@
 //! What the controller asks of the primary's archive each round, and how the answer
 //! shows in `status.backup`, the Backup* conditions and Events. Pure: no IO, no clock.
 
+use crate::contract::reasons;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
@@ -11,10 +12,7 @@ use crate::crd::{
 
 /// Condition types this module owns on an HSMDevice.
 pub mod condition_types {
-    /// The archive holds every acknowledged change, or lags less than the alert.
-    pub const BACKUP_ARCHIVED: &str = "BackupArchived";
-    /// The last restore drill rebuilt the archive and it matched the device.
-    pub const BACKUP_VERIFIED: &str = "BackupVerified";
+    pub use crate::contract::conditions::{BACKUP_ARCHIVED, BACKUP_VERIFIED};
     pub const ALL: [&str; 2] = [BACKUP_ARCHIVED, BACKUP_VERIFIED];
 }
 
@@ -153,7 +151,7 @@ pub fn observe_site(
     if fenced && was != Some(SiteRole::Fenced) {
         events.push(BackupEvent {
             warning: true,
-            reason: "SiteFenced",
+            reason: reasons::SITE_FENCED,
             message: format!(
                 "site {} was promoted over site {} at site epoch {} from sequence {}; this site \
                  takes no writes; {} write(s) it took after that point are lost, never merged; \
@@ -171,7 +169,7 @@ pub fn observe_site(
     {
         events.push(BackupEvent {
             warning: false,
-            reason: "SitePromoted",
+            reason: reasons::SITE_PROMOTED,
             message: format!(
                 "site {} promoted to active at site epoch {}; it takes writes",
                 spec.name, report.site_epoch
@@ -183,7 +181,7 @@ pub fn observe_site(
     if lagging(lag_seconds) && !lagging(prev.and_then(|p| p.lag_seconds)) {
         events.push(BackupEvent {
             warning: true,
-            reason: "SiteLagging",
+            reason: reasons::SITE_LAGGING,
             message: format!(
                 "passive site {} is more than {} s behind the active site's archive (applied \
                  sequence {}, archive at {})",
@@ -200,7 +198,7 @@ pub fn observe_site(
     {
         events.push(BackupEvent {
             warning: true,
-            reason: "SiteError",
+            reason: reasons::SITE_ERROR,
             message: error.clone(),
         });
     }
@@ -495,7 +493,7 @@ pub fn observe(
     {
         events.push(BackupEvent {
             warning: true,
-            reason: "BackupFailing",
+            reason: reasons::BACKUP_FAILING,
             message: archived_message,
         });
     }
@@ -507,9 +505,9 @@ pub fn observe(
         events.push(BackupEvent {
             warning: !d.verified,
             reason: if d.verified {
-                "BackupVerified"
+                reasons::BACKUP_VERIFIED
             } else {
-                "BackupVerifyFailed"
+                reasons::BACKUP_VERIFY_FAILED
             },
             message: verified_message,
         });
@@ -523,9 +521,9 @@ pub fn observe(
         events.push(BackupEvent {
             warning: !r.succeeded,
             reason: if r.succeeded {
-                "Restored"
+                reasons::RESTORED
             } else {
-                "RestoreFailed"
+                reasons::RESTORE_FAILED
             },
             message: match (r.succeeded, &r.message) {
                 (true, _) => format!(

@@ -59,6 +59,10 @@ pub enum LocalCommand {
         /// `status` then speak from the clients' namespace.
         #[arg(long, conflicts_with_all = ["active_site", "follow"])]
         isolated_network: bool,
+        /// The device's mirroring policy: `read-only` (acknowledge on the primary, mirrors
+        /// pull) or `active` (acknowledge once the mirrors hold the write).
+        #[arg(long, value_enum, default_value_t = PolicyArg::ReadOnly)]
+        mirroring_policy: PolicyArg,
     },
     /// Real network faults on a system started with --isolated-network, and process
     /// pauses on any: isolate, reconnect, cut, uncut, slow, impair, heal, pause, resume.
@@ -143,6 +147,12 @@ pub struct SiteUpArgs {
     /// on the command line).
     #[arg(long, requires = "bucket_url")]
     pub bucket_credentials: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyArg {
+    ReadOnly,
+    Active,
 }
 
 /// A fault, named by the processes it hits: `controller`, `worker-1`..`worker-3`,
@@ -239,7 +249,14 @@ pub fn run(args: LocalArgs, _common: CommonArgs) -> anyhow::Result<()> {
                 softhsm_module,
                 site,
                 isolated_network,
-            } => up(dir.dir, softhsm_module, site, isolated_network).await,
+                mirroring_policy,
+            } => {
+                let policy = match mirroring_policy {
+                    PolicyArg::ReadOnly => crate::crd::MirroringPolicy::ReadOnly,
+                    PolicyArg::Active => crate::crd::MirroringPolicy::Active,
+                };
+                up(dir.dir, softhsm_module, site, isolated_network, policy).await
+            }
             LocalCommand::Fault { dir, action } => fault(dir.dir, action),
             LocalCommand::Switchover { dir, to } => {
                 system::request_switchover(&StateFile::load(&dir.dir)?, &to).await?;
@@ -270,6 +287,7 @@ async fn up(
     softhsm_module: Option<PathBuf>,
     site: SiteUpArgs,
     isolated_network: bool,
+    policy: crate::crd::MirroringPolicy,
 ) -> anyhow::Result<()> {
     if StateFile::path(&dir).exists() {
         bail!(
@@ -291,6 +309,7 @@ async fn up(
         site,
         timing,
         isolated_network,
+        policy: Some(policy),
         ..ClusterConfig::default()
     };
     let mut cluster = tokio::task::block_in_place(|| LocalCluster::start(&config))?;

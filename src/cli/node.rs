@@ -510,8 +510,14 @@ fn pin_failure_reporter(
             let note = format!(
                 "{note}; it is not offered again until the PIN Secret changes (hsm_secrets_node_token_open_failures_total{{kind=\"pin_refused\"}} counts the waits)"
             );
-            if let Err(error) =
-                record_node_event(&client, &node, "HSMPinRefused", "OpenToken", &note).await
+            if let Err(error) = record_node_event(
+                &client,
+                &node,
+                crate::contract::reasons::PIN_REFUSED,
+                "OpenToken",
+                &note,
+            )
+            .await
             {
                 tracing::warn!(%error, "cannot record the HSMPinRefused Event");
             }

@@ -188,7 +188,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
                 self.record(
                     &regarding,
                     EventType::Warning,
-                    "HSMFailover",
+                    crate::contract::reasons::FAILOVER,
                     "Switchover",
                     format!("switchover refused: {err}"),
                 )
@@ -247,7 +247,7 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
                 if seen.insert((name.clone(), why.clone())) {
                     events.push(BackupEvent {
                         warning: true,
-                        reason: "RestoreFailed",
+                        reason: crate::contract::reasons::RESTORE_FAILED,
                         message: why,
                     });
                 }
@@ -335,9 +335,13 @@ impl<S: StateStore, A: Agents> DeviceController<S, A> {
             device.metadata.generation,
         );
         events.extend(observed);
-        let new_drill = events
-            .iter()
-            .any(|e| matches!(e.reason, "BackupVerified" | "BackupVerifyFailed"));
+        let new_drill = events.iter().any(|e| {
+            [
+                crate::contract::reasons::BACKUP_VERIFIED,
+                crate::contract::reasons::BACKUP_VERIFY_FAILED,
+            ]
+            .contains(&e.reason)
+        });
         self.metrics.observe_backup(
             &name,
             &backup,

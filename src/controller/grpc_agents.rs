@@ -488,6 +488,10 @@ impl Agents for GrpcAgents {
                 ProbeResult::Reported(self.report(node, h))
             }
             Err(e) => {
+                // The next probe dials afresh: a connection that lived through a partition
+                // waits out TCP's retransmission backoff (seconds) after the link heals,
+                // where a new one answers at once.
+                lock(&self.channels).remove(node);
                 let text = e.to_string();
                 let kind = if text.contains("deadline") || text.contains("timed out") {
                     NodeErrorKind::Timeout

@@ -61,6 +61,8 @@ pub struct DeviceEvent {
     pub message: String,
 }
 
+use crate::contract::reasons;
+
 /// Event reasons of DESIGN §2 that the failover planner records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EventReason {
@@ -76,13 +78,13 @@ pub enum EventReason {
 impl EventReason {
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::HSMFailover => "HSMFailover",
-            Self::HSMPromoted => "HSMPromoted",
-            Self::HSMDemoted => "HSMDemoted",
-            Self::HSMSyncFailed => "HSMSyncFailed",
-            Self::HSMDeviceUnhealthy => "HSMDeviceUnhealthy",
-            Self::HSMDeviceRecovered => "HSMDeviceRecovered",
-            Self::HSMReadOnlyFallback => "HSMReadOnlyFallback",
+            Self::HSMFailover => reasons::FAILOVER,
+            Self::HSMPromoted => reasons::PROMOTED,
+            Self::HSMDemoted => reasons::DEMOTED,
+            Self::HSMSyncFailed => reasons::SYNC_FAILED,
+            Self::HSMDeviceUnhealthy => reasons::DEVICE_UNHEALTHY,
+            Self::HSMDeviceRecovered => reasons::DEVICE_RECOVERED,
+            Self::HSMReadOnlyFallback => reasons::READ_ONLY_FALLBACK,
         }
     }
 }

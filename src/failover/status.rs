@@ -14,12 +14,7 @@ use super::plan::{Planner, Writer};
 
 /// The condition types the planner maintains.
 pub mod condition_types {
-    /// The device has a writable primary.
-    pub const READY: &str = "Ready";
-    /// Every mirror is healthy and caught up.
-    pub const SYNCED: &str = "Synced";
-    /// Something needs attention (phase other than Ready and Pending).
-    pub const DEGRADED: &str = "Degraded";
+    pub use crate::contract::conditions::{DEGRADED, READY, SYNCED};
     /// Every type above: the planner replaces these and keeps any other.
     pub const ALL: [&str; 3] = [READY, SYNCED, DEGRADED];
 }

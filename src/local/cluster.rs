@@ -102,6 +102,8 @@ pub struct ClusterConfig {
     /// Each process in its own network namespace on a private bridge (root only), so
     /// that `local fault` can cut, isolate and slow real links.
     pub isolated_network: bool,
+    /// The device's mirroring policy (default `ReadOnly`).
+    pub policy: Option<MirroringPolicy>,
 }
 
 /// One site of a device spread over two local systems, each standing for a cluster.
@@ -317,6 +319,7 @@ pub struct LocalCluster {
     processes: Vec<ChildProcess>,
     /// Each process's own network namespace, when asked for.
     pub network: Option<Network>,
+    policy: Option<MirroringPolicy>,
     /// Agent certificate of the node a disaster recovery brings up.
     restored_tls: Option<TlsFiles>,
     tied_to_parent: bool,
@@ -356,6 +359,7 @@ impl LocalCluster {
             plain_directories: false,
             processes: Vec::new(),
             network: None,
+            policy: config.policy,
             restored_tls: None,
             tied_to_parent: config.tied_to_parent,
             keep: config.keep,
@@ -401,6 +405,9 @@ impl LocalCluster {
         device.metadata.name = Some(self.device.clone());
         device.spec.backup = Some(self.backup_spec());
         device.spec.site = self.site.as_ref().map(|site| self.site_spec(site));
+        if let (Some(policy), Some(mirroring)) = (self.policy, device.spec.mirroring.as_mut()) {
+            mirroring.policy = policy;
+        }
         state.apply_device(&device)?;
         let secrets = demo_secrets(&self.device);
         for secret in &secrets {

@@ -6,7 +6,8 @@
 //! - **One writer at a time.** The intervals in which agents acknowledged writes (per
 //!   node and epoch) never overlap, and epochs only grow with time.
 //! - **No silent loss.** Every write a client saw acknowledged is, after healing, in the
-//!   final state, or within a range the controller reported lost (policy ReadOnly).
+//!   final state, or (policy ReadOnly only) within a range the controller reported lost.
+//!   Under policy Active nothing acknowledged may be lost at all.
 //! - **Reads are real and do not go back.** A read returns a value some client issued for
 //!   that secret; once a node served a secret, it keeps serving it, unless that write
 //!   was reported lost or never acknowledged.
@@ -64,6 +65,8 @@ pub struct History {
     pub final_state: BTreeMap<String, String>,
     /// When the fault was in force (monotonic ns).
     pub fault: (u64, u64),
+    /// The device's policy is Active: a reported loss excuses no acknowledged write.
+    pub active: bool,
 }
 
 /// The verdict, and the figures behind it.
@@ -144,17 +147,24 @@ fn no_silent_loss(history: &History, verdict: &mut Verdict) {
         if history.final_state.get(&write.path) == Some(&write.value) {
             continue;
         }
-        if is_reported_lost(history, &ack.node, ack.version) {
+        let reported = is_reported_lost(history, &ack.node, ack.version);
+        if reported {
             verdict.reported_lost += 1;
-            continue;
+            if !history.active {
+                continue;
+            }
         }
         verdict.violations.push(format!(
-            "{} = {} (acknowledged by {} at version {}) is gone after healing and was never \
-             reported lost (final: {:?})",
+            "{} = {} (acknowledged by {} at version {}) is gone after healing {} (final: {:?})",
             write.path,
             write.value,
             ack.node,
             ack.version,
+            if reported {
+                "under policy Active, where nothing acknowledged may be lost"
+            } else {
+                "and was never reported lost"
+            },
             history.final_state.get(&write.path)
         ));
     }
@@ -299,6 +309,9 @@ mod tests {
         let verdict = check(&history);
         assert!(verdict.ok(), "{verdict:?}");
         assert_eq!(verdict.reported_lost, 1);
+        // Under policy Active an acknowledged write is never lost, reported or not.
+        history.active = true;
+        assert!(!check(&history).ok());
     }
 
     #[test]

@@ -783,7 +783,7 @@ impl Walk<'_> {
             if let Some(e) = events
                 .into_iter()
                 .rev()
-                .find(|e| e.event.reason == "HSMFailover")
+                .find(|e| e.event.reason == crate::contract::reasons::FAILOVER)
             {
                 break e;
             }

@@ -745,6 +745,16 @@ impl Agent {
                 mirrors: missing.join(", "),
             });
         }
+        // The pushes took time: acknowledge only within the lease, never after another
+        // node may have been promoted (the write is on the mirrors; its outcome is
+        // indeterminate to the client, as for any write whose answer it did not get).
+        if self.control().check_lease(Instant::now()).is_err() {
+            return Err(MirrorError::LeaseExpiredDuringWrite {
+                node: self.node().into(),
+                path: path.to_string(),
+                version,
+            });
+        }
         Ok(outcome)
     }
 

@@ -22,7 +22,7 @@ use super::attributes::SECRETS;
 use crate::kube_events::{self, Occurrence, Reporter, Severity};
 
 /// Reason of the Event on the pod.
-pub const REASON: &str = "HSMSecretSyncFailed";
+pub const REASON: &str = crate::contract::reasons::SECRET_SYNC_FAILED;
 /// The reporting controller of the node plugin's Events.
 pub const REPORTING_CONTROLLER: &str = "hsm-secrets.io/node";
 /// At most one Event per volume this often.
@@ -85,7 +85,7 @@ pub fn sync_failed_event(request: &PublishRequest, error_kind: &str) -> Option<P
 }
 
 /// Reason of the Event recorded when a republish finds access revoked.
-pub const REVOKED_REASON: &str = "HSMSecretRevoked";
+pub const REVOKED_REASON: &str = crate::contract::reasons::SECRET_REVOKED;
 
 /// Builds the Event for a republish that removed a volume's files because the pod may no
 /// longer read them.

@@ -25,7 +25,7 @@ use crate::hsm::{Expect, SecretData, SecretPath};
 use crate::state::{EventRecord, EventType};
 
 /// Condition type written by the reconciler.
-pub const READY_CONDITION: &str = "Ready";
+pub const READY_CONDITION: &str = crate::contract::conditions::READY;
 
 /// Whether the device takes writes now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -634,7 +634,7 @@ pub fn plan_status(
         Some(e) if prev.last_error.as_deref() != Some(e.to_string().as_str()) => {
             Some(EventRecord {
                 type_: EventType::Warning,
-                reason: "HSMSecretSyncFailed".into(),
+                reason: crate::contract::reasons::SECRET_SYNC_FAILED.into(),
                 action: "Sync".into(),
                 message: e.to_string(),
             })
@@ -647,7 +647,7 @@ pub fn plan_status(
         {
             Some(EventRecord {
                 type_: EventType::Normal,
-                reason: "HSMSecretSynced".into(),
+                reason: crate::contract::reasons::SECRET_SYNCED.into(),
                 action: if wrote { "Import" } else { "Sync" }.into(),
                 message: synced_message(object, &next),
             })

@@ -12,15 +12,14 @@ use kube::runtime::watcher::{self, watcher};
 use tokio::sync::Notify;
 
 use async_trait::async_trait;
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, Resource};
 
 use super::{EventRecord, ObjectRef, StateError, StateStore};
 use crate::crd::{HSMDevice, HSMDeviceStatus, HSMSecret, HSMSecretStatus};
 use crate::kube_events::{self, Reporter};
+use crate::lease::LeaseLock;
 
 /// Field manager and Event reporter name.
 pub const MANAGER: &str = "hsm-secrets-controller";
@@ -33,6 +32,9 @@ pub struct KubeState {
     lease_namespace: String,
     /// HSMDevices from a watch, when [`watching_devices`](Self::watching_devices).
     devices: Option<DeviceCache>,
+    /// The elections this replica takes part in, by Lease and identity: each keeps what
+    /// it observed of its Lease, since expiry is judged on this replica's own clock.
+    leases: Arc<std::sync::Mutex<Elections>>,
 }
 
 /// A reflector of every HSMDevice, and a signal when one's spec or annotations change.
@@ -42,6 +44,9 @@ struct DeviceCache {
     changed: Arc<Notify>,
     _task: Arc<AbortOnDrop>,
 }
+
+/// Elections by (Lease name, identity).
+type Elections = BTreeMap<(String, String), Arc<LeaseLock>>;
 
 /// What a round must follow: the spec (generation) and the annotations.
 type SpecVersion = (Option<i64>, Option<BTreeMap<String, String>>);
@@ -69,6 +74,7 @@ impl KubeState {
             reporter,
             lease_namespace: lease_namespace.into(),
             devices: None,
+            leases: Arc::default(),
         }
     }
 
@@ -285,53 +291,32 @@ impl StateStore for KubeState {
         holder: &str,
         duration: Duration,
     ) -> Result<bool, StateError> {
-        let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.lease_namespace);
-        let now = MicroTime(jiff_now());
-        let seconds = duration.as_secs().max(1) as i32;
-        let current = api.get_opt(lease).await.map_err(api_err)?;
-        let Some(mut current) = current else {
-            let fresh = Lease {
-                metadata: ObjectMeta {
-                    name: Some(lease.into()),
-                    namespace: Some(self.lease_namespace.clone()),
-                    ..Default::default()
-                },
-                spec: Some(LeaseSpec {
-                    holder_identity: Some(holder.into()),
-                    lease_duration_seconds: Some(seconds),
-                    acquire_time: Some(now.clone()),
-                    renew_time: Some(now),
-                    ..Default::default()
-                }),
-            };
-            return match api.create(&PostParams::default(), &fresh).await {
-                Ok(_) => Ok(true),
-                Err(e) if is_conflict(&e) => Ok(false),
-                Err(e) => Err(api_err(e)),
-            };
+        let lock = {
+            let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            let lock = leases
+                .entry((lease.to_string(), holder.to_string()))
+                .or_insert_with(|| {
+                    Arc::new(LeaseLock::new(
+                        self.client.clone(),
+                        &self.lease_namespace,
+                        lease,
+                        holder,
+                        duration,
+                    ))
+                });
+            // A new duration is a new election setting: start its observation afresh.
+            if lock.duration() != duration {
+                *lock = Arc::new(LeaseLock::new(
+                    self.client.clone(),
+                    &self.lease_namespace,
+                    lease,
+                    holder,
+                    duration,
+                ));
+            }
+            lock.clone()
         };
-        let spec = current.spec.get_or_insert_with(Default::default);
-        let held_by_other = spec.holder_identity.as_deref().is_some_and(|h| h != holder);
-        let fresh = spec.renew_time.as_ref().is_some_and(|t| {
-            let age = now.0.duration_since(t.0);
-            age.as_secs() < i64::from(spec.lease_duration_seconds.unwrap_or(15))
-        });
-        if held_by_other && fresh {
-            return Ok(false);
-        }
-        if held_by_other || spec.holder_identity.is_none() {
-            spec.acquire_time = Some(now.clone());
-            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-        }
-        spec.holder_identity = Some(holder.into());
-        spec.lease_duration_seconds = Some(seconds);
-        spec.renew_time = Some(now);
-        // replace carries the resourceVersion we read: a racing holder gets a 409.
-        match api.replace(lease, &PostParams::default(), &current).await {
-            Ok(_) => Ok(true),
-            Err(e) if is_conflict(&e) => Ok(false),
-            Err(e) => Err(api_err(e)),
-        }
+        lock.try_acquire_or_renew().await.map_err(api_err)
     }
 }
 
@@ -353,8 +338,4 @@ fn status_patch(
         what: "a status patch",
         source,
     })
-}
-
-fn jiff_now() -> k8s_openapi::jiff::Timestamp {
-    k8s_openapi::jiff::Timestamp::now()
 }

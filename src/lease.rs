@@ -1,6 +1,7 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease with optimistic
 //! concurrency: every write carries the resourceVersion it read, so of two
-//! replicas racing for the lease exactly one write succeeds.
+//! replicas racing for the lease exactly one write succeeds. The one election of the
+//! project: the controller's replicas and the webhook's certificate bootstrap use it.
 //!
 //! Expiry is judged by how long this replica has seen the lease record
 //! unchanged on its own monotonic clock (as client-go does), never by
@@ -89,6 +90,10 @@ impl LeaseLock {
 
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    pub fn duration(&self) -> Duration {
+        self.duration
     }
 
     /// Read the lease and take, keep or leave it. `Ok(true)` while we hold it.
