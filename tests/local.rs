@@ -742,6 +742,8 @@ mod partition {
         FlapPrimary,
         SlowPrimary,
         PausePrimary,
+        /// The primary's process killed (SIGKILL), started again after the hold.
+        KillPrimary,
         /// A planned switchover to a mirror, and the old primary cut off right after.
         PartitionDuringSwitchover,
         /// The primary cut off, and healed the moment the controller promotes another.
@@ -757,7 +759,7 @@ mod partition {
 
     const HOLD: Duration = Duration::from_secs(6);
 
-    pub const NAMED: [Schedule; 10] = [
+    pub const NAMED: [Schedule; 11] = [
         Schedule::named(Fault::IsolatePrimary),
         Schedule::named(Fault::PrimaryControllerPartition),
         Schedule::named(Fault::ControllerToPrimaryOneWay),
@@ -766,6 +768,7 @@ mod partition {
         Schedule::named(Fault::FlapPrimary),
         Schedule::named(Fault::SlowPrimary),
         Schedule::named(Fault::PausePrimary),
+        Schedule::named(Fault::KillPrimary),
         Schedule::named(Fault::PartitionDuringSwitchover),
         Schedule::named(Fault::HealDuringPromotion),
     ];
@@ -819,10 +822,11 @@ mod partition {
     }
 
     /// The faults also run under policy Active.
-    pub const ACTIVE_FAULTS: [Fault; 4] = [
+    pub const ACTIVE_FAULTS: [Fault; 5] = [
         Fault::IsolatePrimary,
         Fault::PrimaryControllerPartition,
         Fault::PausePrimary,
+        Fault::KillPrimary,
         Fault::IsolateMirror,
     ];
 
@@ -903,16 +907,21 @@ mod partition {
                         let mut data = SecretData::new();
                         data.insert("n", value.clone().into_bytes()).unwrap();
                         let issued_ns = monotonic_ns();
+                        // As a client would: a write unanswered within 2 s is given up
+                        // (indeterminate), and the next one goes to whoever is primary.
                         let acked = match system::primary(&state).await {
-                            Ok((node, epoch, conn)) => conn
-                                .put(&path(&name), &data, Expect::Any, epoch)
-                                .await
-                                .ok()
-                                .map(|o| Ack {
-                                    node,
-                                    version: o.version,
-                                    at_ns: monotonic_ns(),
-                                }),
+                            Ok((node, epoch, conn)) => tokio::time::timeout(
+                                Duration::from_secs(2),
+                                conn.put(&path(&name), &data, Expect::Any, epoch),
+                            )
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .map(|o| Ack {
+                                node,
+                                version: o.version,
+                                at_ns: monotonic_ns(),
+                            }),
                             Err(_) => None,
                         };
                         writes.lock().unwrap().push(ClientWrite {
@@ -1014,6 +1023,7 @@ mod partition {
                 &["slow", &primary, "--rate-kbit", "256", "--queue-ms", "300"],
             ),
             Fault::PausePrimary => fault(dir, &["pause", &primary]),
+            Fault::KillPrimary => fault(dir, &["kill", &primary]),
             Fault::PartitionDuringSwitchover => {
                 let (ok, out) = local(&["switchover", &mirror], dir);
                 assert!(ok, "{out}");
@@ -1046,8 +1056,10 @@ mod partition {
             std::thread::sleep(rest);
         }
         fault(dir, &["heal"]);
-        if matches!(schedule.fault, Fault::PausePrimary) {
-            fault(dir, &["resume", &primary]);
+        match schedule.fault {
+            Fault::PausePrimary => fault(dir, &["resume", &primary]),
+            Fault::KillPrimary => fault(dir, &["restart", &primary]),
+            _ => {}
         }
         let fault_to = monotonic_ns();
         // Healed: every node healthy again and the mirrors caught up.

@@ -65,7 +65,8 @@ pub enum LocalCommand {
         mirroring_policy: PolicyArg,
     },
     /// Real network faults on a system started with --isolated-network, and process
-    /// pauses on any: isolate, reconnect, cut, uncut, slow, impair, heal, pause, resume.
+    /// faults on any: isolate, reconnect, cut, uncut, slow, impair, heal; pause, resume,
+    /// kill, restart.
     Fault {
         #[command(flatten)]
         dir: DirArg,
@@ -200,6 +201,10 @@ pub enum FaultAction {
     Pause { name: String },
     /// Continue a paused process (SIGCONT).
     Resume { name: String },
+    /// Kill NAME's process (SIGKILL), as a crashed node; `restart` starts it again.
+    Kill { name: String },
+    /// Start a killed process again, as it was started (a node at its agent address).
+    Restart { name: String },
 }
 
 #[derive(Subcommand, Clone, Debug)]
@@ -670,7 +675,68 @@ fn fault(dir: PathBuf, action: FaultAction) -> anyhow::Result<()> {
         FaultAction::Heal => network()?.heal()?,
         FaultAction::Pause { name } => signal(name, Signal::SIGSTOP)?,
         FaultAction::Resume { name } => signal(name, Signal::SIGCONT)?,
+        FaultAction::Kill { name } => {
+            let process = cluster::process_of(&state, name)?;
+            let saved = crate::local::processes::capture(process.pid)?;
+            let path = restart_file(&state, name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("create {}", parent.display()))?;
+            }
+            std::fs::write(&path, serde_json::to_vec_pretty(&saved)?)
+                .with_context(|| format!("write {}", path.display()))?;
+            crate::local::processes::ChildProcess::adopt(&process).kill_hard()?;
+        }
+        FaultAction::Restart { name } => restart(state, name)?,
     }
     say!("{action:?}: done");
+    Ok(())
+}
+
+/// Where `fault kill` keeps how a process was started.
+fn restart_file(state: &StateFile, name: &str) -> PathBuf {
+    state.dir.join("restart").join(format!("{name}.json"))
+}
+
+/// Starts a process `fault kill` stopped, as it was started. A node listens at the agent
+/// address it had (the controller knows it by that), not at a fresh port.
+fn restart(mut state: StateFile, name: &str) -> anyhow::Result<()> {
+    let path = restart_file(&state, name);
+    let text = std::fs::read(&path).with_context(|| {
+        format!(
+            "{name} was not stopped by `local fault kill` ({} is missing)",
+            path.display()
+        )
+    })?;
+    let mut saved: crate::local::processes::SavedCommand = serde_json::from_slice(&text)?;
+    if let Some(node) = state.nodes.iter().find(|n| n.name == name)
+        && let Some(at) = saved.argv.iter().position(|a| a == "--agent-listen")
+        && let Some(addr) = node.agent.strip_prefix("https://")
+        && at + 1 < saved.argv.len()
+    {
+        saved.argv[at + 1] = addr.to_string();
+    }
+    let recorded = state
+        .processes
+        .iter_mut()
+        .find(|p| p.name == name || p.name == format!("node {name}"))
+        .ok_or_else(|| anyhow::anyhow!("no process {name} in {}", state.dir.display()))?;
+    if crate::local::processes::ChildProcess::adopt(recorded).is_running() {
+        bail!("{name} (pid {}) is running: kill it first", recorded.pid);
+    }
+    // The command line shows the program after `nsenter` entered its namespace: enter
+    // it again.
+    if let Some(network) = &state.network
+        && let Ok(netns) = network.netns_path(name)
+    {
+        let mut argv = vec!["nsenter".to_string(), format!("--net={netns}"), "--".into()];
+        argv.append(&mut saved.argv);
+        saved.argv = argv;
+    }
+    let log = recorded.log.clone();
+    let out = log.with_extension("out");
+    recorded.pid = crate::local::processes::respawn(&saved, &log, &out)?;
+    // The saved command stays: a restart that did not come up can be asked again.
+    state.save()?;
     Ok(())
 }

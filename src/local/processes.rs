@@ -241,3 +241,74 @@ fn is_our_program(pid: i32) -> bool {
         .unwrap_or(false);
     !zombie && exe.is_some() && exe == ours
 }
+
+/// How a process was started, kept by `local fault kill` so that `local fault restart`
+/// starts it again the same way.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedCommand {
+    pub argv: Vec<String>,
+    /// Only the variables this mode sets: the rest of an environment may hold credentials.
+    pub env: Vec<(String, String)>,
+}
+
+/// The variables a restarted child gets back.
+const KEPT_ENV: [&str; 3] = ["SOFTHSM2_CONF", "HSM_LOG", "NO_COLOR"];
+
+/// `pid`'s command line and the environment this mode gave it.
+pub fn capture(pid: i32) -> Result<SavedCommand, LocalError> {
+    let read = |what: &str| {
+        let path = format!("/proc/{pid}/{what}");
+        std::fs::read(&path).map_err(|e| LocalError::io("read", path, e))
+    };
+    let split = |bytes: Vec<u8>| -> Vec<String> {
+        bytes
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect()
+    };
+    let argv = split(read("cmdline")?);
+    let env = split(read("environ")?)
+        .into_iter()
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            KEPT_ENV
+                .contains(&k)
+                .then(|| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    if argv.is_empty() {
+        return Err(LocalError::Check(format!(
+            "process {pid} shows no command line"
+        )));
+    }
+    Ok(SavedCommand { argv, env })
+}
+
+/// Starts `saved` again, detached in its own process group, appending to `log` (stderr)
+/// and `out` (stdout); its pid.
+pub fn respawn(saved: &SavedCommand, log: &Path, out: &Path) -> Result<i32, LocalError> {
+    let append = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| LocalError::io("open", path, e))
+    };
+    let mut command = Command::new(&saved.argv[0]);
+    command
+        .args(&saved.argv[1..])
+        .stdin(Stdio::null())
+        .stdout(append(out)?)
+        .stderr(append(log)?)
+        .process_group(0)
+        .env_remove(PARENT_ENV);
+    for (key, value) in &saved.env {
+        command.env(key, value);
+    }
+    let child = command.spawn().map_err(|e| LocalError::Spawn {
+        process: saved.argv.join(" "),
+        detail: e.to_string(),
+    })?;
+    Ok(child.id() as i32)
+}
