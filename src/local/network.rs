@@ -160,65 +160,40 @@ impl Network {
 
     /// `name`'s link, both ways, limited to `slow`.
     pub fn slow(&self, name: &str, slow: Slow) -> Result<(), LocalError> {
-        let member = self.member(name)?;
-        for (netns, dev) in [
-            (member.netns.as_str(), "eth0"),
-            (self.hub.as_str(), member.hub_link.as_str()),
-        ] {
-            run(
-                "tc",
-                &[
-                    "-n",
-                    netns,
-                    "qdisc",
-                    "replace",
-                    "dev",
-                    dev,
-                    "root",
-                    "tbf",
-                    "rate",
-                    &format!("{}kbit", slow.rate_kbit),
-                    "burst",
-                    "16kb",
-                    "latency",
-                    &format!("{}ms", slow.queue_ms),
-                ],
-            )?;
-        }
-        Ok(())
+        let (rate, latency) = (
+            format!("{}kbit", slow.rate_kbit),
+            format!("{}ms", slow.queue_ms),
+        );
+        self.root_qdisc(
+            name,
+            &["tbf", "rate", &rate, "burst", "16kb", "latency", &latency],
+        )
     }
 
     /// `name`'s link, both ways, with `delay_ms` of latency and `loss_percent` random loss
     /// (`netem`; see [`Network::has_netem`] for whether this kernel has it).
     pub fn impair(&self, name: &str, delay_ms: u32, loss_percent: u32) -> Result<(), LocalError> {
-        let member = self.member(name)?;
-        for (netns, dev) in [
-            (member.netns.as_str(), "eth0"),
-            (self.hub.as_str(), member.hub_link.as_str()),
-        ] {
-            run(
-                "tc",
-                &[
-                    "-n",
-                    netns,
-                    "qdisc",
-                    "replace",
-                    "dev",
-                    dev,
-                    "root",
-                    "netem",
-                    "delay",
-                    &format!("{delay_ms}ms"),
-                    "loss",
-                    &format!("{loss_percent}%"),
-                ],
-            )
+        let (delay, loss) = (format!("{delay_ms}ms"), format!("{loss_percent}%"));
+        self.root_qdisc(name, &["netem", "delay", &delay, "loss", &loss])
             .map_err(|e| {
                 LocalError::Check(format!(
                     "{e} (this kernel may lack netem: use `local fault slow` for a bounded rate \
                      and queueing delay)"
                 ))
-            })?;
+            })
+    }
+
+    /// Sets `qdisc` as the root queue of both ends of `name`'s link (its own `eth0` and
+    /// its port on the hub), so both directions carry the impairment.
+    fn root_qdisc(&self, name: &str, qdisc: &[&str]) -> Result<(), LocalError> {
+        let member = self.member(name)?;
+        for (netns, dev) in [
+            (member.netns.as_str(), "eth0"),
+            (self.hub.as_str(), member.hub_link.as_str()),
+        ] {
+            let mut args = vec!["-n", netns, "qdisc", "replace", "dev", dev, "root"];
+            args.extend_from_slice(qdisc);
+            run("tc", &args)?;
         }
         Ok(())
     }
