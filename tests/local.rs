@@ -699,9 +699,18 @@ fn partitions_on_real_links_keep_one_writer_and_every_acknowledged_write() {
     eprintln!("random schedules: {random} from seed {seed} (HSM_PARTITION_SEED={seed} replays)");
     // HSM_PARTITION_ALL=1 adds the schedules of the open defect (see `partition::OPEN`).
     let all = std::env::var_os("HSM_PARTITION_ALL").is_some();
+    // HSM_PARTITION_ONLY=KillPrimary,IsolateMirror runs only the named scenarios.
+    let only: Option<Vec<String>> = std::env::var("HSM_PARTITION_ONLY")
+        .ok()
+        .map(|s| s.split(',').map(|n| n.trim().to_string()).collect());
+    let chosen = |s: &&partition::Schedule| {
+        only.as_ref()
+            .is_none_or(|names| names.contains(&format!("{:?}", s.fault)))
+    };
     let pool: Vec<partition::Schedule> = partition::NAMED
         .iter()
         .filter(|s| all || !partition::OPEN.iter().any(|f| partition::same(f, &s.fault)))
+        .filter(chosen)
         .copied()
         .collect();
     // Random schedules draw from the faults that leave every process running; a kill
@@ -725,6 +734,7 @@ fn partitions_on_real_links_keep_one_writer_and_every_acknowledged_write() {
                 .any(|f| partition::same(f, &s.fault))
         })
         .filter(|s| all || !partition::OPEN.iter().any(|f| partition::same(f, &s.fault)))
+        .filter(chosen)
         .copied()
         .collect();
     failures.extend(partition::run_system("active", &active));
@@ -863,7 +873,15 @@ mod partition {
     /// A system with `policy` on its private network, every schedule run against it in
     /// turn; the failures, named.
     pub fn run_system(policy: &str, schedules: &[Schedule]) -> Vec<String> {
-        let parent = tempfile::tempdir().unwrap();
+        if schedules.is_empty() {
+            return Vec::new();
+        }
+        let mut parent = tempfile::tempdir().unwrap();
+        // HSM_KEEP_TEST_DIR=1 keeps the system's directory (its logs) for a post-mortem.
+        if std::env::var_os("HSM_KEEP_TEST_DIR").is_some() {
+            parent.disable_cleanup(true);
+            eprintln!("keeping {}", parent.path().display());
+        }
         let dir = parent.path().join("system");
         let _unmount = super::UnmountOnDrop(parent.path());
         let _down = super::DownAll(vec![dir.clone()]);
