@@ -7,8 +7,8 @@
 //! Run: `cargo bench --bench api_writes` (no SoftHSM needed).
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+#[path = "../tests/kit/mod.rs"]
+mod kit;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use hsm_secrets::controller::{ControllerConfig, ControllerMetrics, run_controller};
 use hsm_secrets::crd::DevicePhase;
 use hsm_secrets::state::{KubeState, StateStore};
+use kit::fake_api::FakeApi;
+use kit::sim_agents::SimAgents;
 use serde_json::json;
-use support::fake_api::FakeApi;
-use support::sim_agents::SimAgents;
 
 // Longer than the status heartbeat (60 s), so its writes are counted too.
 const WINDOW: Duration = Duration::from_secs(90);
@@ -65,12 +65,9 @@ async fn measure(count: usize) -> BTreeMap<String, usize> {
             api.put(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}));
         }
         let targets: Vec<&str> = names[1..].iter().map(String::as_str).collect();
-        let mut device = serde_json::to_value(support::fixtures::mirrored_device(
-            Some(&names[0]),
-            &targets,
-            3,
-        ))
-        .unwrap();
+        let mut device =
+            serde_json::to_value(kit::fixtures::mirrored_device(Some(&names[0]), &targets, 3))
+                .unwrap();
         device["metadata"]["name"] = json!(format!("dev-{d}"));
         device["metadata"]["uid"] = json!(format!("uid-{d}"));
         api.put(device);

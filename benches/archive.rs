@@ -16,8 +16,9 @@
 //! (writes/s, 100), `BENCH_LOAD_SECONDS` (10).
 
 mod common;
-#[path = "../tests/support/s3.rs"]
-mod s3;
+#[path = "../tests/kit/mod.rs"]
+mod kit;
+use kit::s3;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

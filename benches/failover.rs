@@ -6,10 +6,8 @@
 //! Run: `cargo bench --bench failover` (needs softhsm2).
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/mirror_support/mod.rs"]
-mod mirror_support;
-#[path = "../tests/support/mod.rs"]
-mod support;
+#[path = "../tests/kit/mod.rs"]
+mod kit;
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +15,7 @@ use hsm_secrets::crd::{DevicePhase, HSMDeviceStatus};
 use hsm_secrets::hsm::Expect;
 use hsm_secrets::mirror::Peer;
 use hsm_secrets::state::{FileState, StateStore};
-use mirror_support::*;
+use kit::mirror::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -53,7 +51,7 @@ async fn one_round(round: usize) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     let state = FileState::open(dir.path()).unwrap();
     state
-        .apply_device(&support::fixtures::mirrored_device(
+        .apply_device(&kit::fixtures::mirrored_device(
             Some("n1"),
             &["n2", "n3"],
             3,

@@ -23,10 +23,8 @@
 //! Run: `cargo bench --bench secret_reconcile` (or `--profile dev`).
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/mirror_support/mod.rs"]
-mod mirror_support;
-#[path = "../tests/support/mod.rs"]
-mod support;
+#[path = "../tests/kit/mod.rs"]
+mod kit;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -94,7 +92,7 @@ fn respond(status: u16, body: Vec<u8>) -> Response<Body> {
 fn not_found() -> Response<Body> {
     respond(
         404,
-        serde_json::to_vec(&support::mock_api::status(404, "NotFound", "not found")).unwrap(),
+        serde_json::to_vec(&kit::mock_api::status(404, "NotFound", "not found")).unwrap(),
     )
 }
 
@@ -139,7 +137,7 @@ async fn answer(objects: Arc<Mutex<Objects>>, req: Request<Body>) -> Response<Bo
             o.secrets.remove(&format!("{ns}/{name}"));
             respond(
                 200,
-                serde_json::to_vec(&support::mock_api::status(200, "", "")).unwrap(),
+                serde_json::to_vec(&kit::mock_api::status(200, "", "")).unwrap(),
             )
         }
         (
@@ -236,7 +234,7 @@ async fn run() {
     } else {
         "release"
     };
-    let pki = mirror_support::Pki::new(&["n1"]);
+    let pki = kit::mirror::Pki::new(&["n1"]);
     let store = Arc::new(MemoryStore::new("bench"));
     let agent = Agent::start(
         AgentConfig::new("n1", pki.tls("n1")),

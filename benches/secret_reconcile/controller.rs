@@ -7,11 +7,11 @@ use std::time::Duration;
 use hsm_secrets::mirror::{AgentTls, TlsFiles};
 use hsm_secrets::secret_sync::{CONCURRENCY, run_kube};
 use k8s_openapi::api::core::v1::Secret;
+use kit::fake_api::FakeApi;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use support::fake_api::FakeApi;
 use tokio::sync::watch;
 
 use super::*;
@@ -110,7 +110,7 @@ struct Measured {
 }
 
 async fn measure(variant: &Variant) -> Measured {
-    let pki = mirror_support::Pki::new(&["n1"]);
+    let pki = kit::mirror::Pki::new(&["n1"]);
     let store = Arc::new(MemoryStore::new("bench"));
     let agent = Agent::start(
         AgentConfig::new("n1", pki.tls("n1")),
@@ -151,7 +151,7 @@ async fn measure(variant: &Variant) -> Measured {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let api_task = tokio::spawn(api.clone().serve(listener));
 
-    let files = pki.generated.files(mirror_support::CONTROLLER).unwrap();
+    let files = pki.generated.files(kit::mirror::CONTROLLER).unwrap();
     let mut command = tokio::process::Command::new(std::env::current_exe().unwrap());
     command
         .env(ROLE, "controller")

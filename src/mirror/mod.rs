@@ -56,7 +56,7 @@
 //! waits for a renewal), so a returning old primary knows which history it held.
 //!
 //! Generated protobuf code lives in [`pb`] (from `proto/agent.proto`, regenerated and
-//! checked fresh by `tests/mirror_codegen.rs`).
+//! checked fresh by `tests/install/codegen.rs`).
 
 mod agent;
 mod client;

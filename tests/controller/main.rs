@@ -1,0 +1,16 @@
+//! The controller: failover rounds, discovery, its process and restarts, operations, and its state (file and Kubernetes API).
+#![allow(clippy::unwrap_used)]
+
+#[path = "../kit/mod.rs"]
+mod kit;
+
+mod cli;
+mod discovery;
+mod failover;
+mod failover_api;
+mod ops;
+mod process;
+mod restart;
+mod rounds;
+mod state_file;
+mod state_kube;

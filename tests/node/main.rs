@@ -1,0 +1,12 @@
+//! The CSI node plugin: publishing, its agent, catalog, CLI, Events, redaction.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../kit/mod.rs"]
+mod kit;
+
+mod agent;
+mod catalog;
+mod cli;
+mod events;
+mod publish;
+mod redaction;
