@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use k8s_openapi::jiff::Timestamp;
@@ -36,9 +36,6 @@ pub struct GrpcAgents {
     channels: Mutex<BTreeMap<String, AgentConnection>>,
     /// Per device, the nodes [`Agents::nodes`] found last (mirrors of an Active primary).
     members: Mutex<HashMap<String, Vec<String>>>,
-    /// When each node was last given a mirror role (epoch, unix ms): its data is a prefix
-    /// of the primary's history only once a full pass finished after that.
-    assigned: Mutex<HashMap<String, (u64, i64)>>,
     /// Per node, the agent's clock as of its latest Health answer: write leases are
     /// granted as deadlines on it.
     clocks: Mutex<HashMap<String, ClockReading>>,
@@ -109,7 +106,6 @@ impl GrpcAgents {
             known: RwLock::default(),
             channels: Mutex::default(),
             members: Mutex::default(),
-            assigned: Mutex::default(),
             clocks: Mutex::default(),
         }
     }
@@ -199,10 +195,6 @@ impl GrpcAgents {
         answers.into_iter().flatten().collect()
     }
 
-    fn assigned(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, i64)>> {
-        lock(&self.assigned)
-    }
-
     /// A write lease for `node` as a deadline on its agent's clock, from its latest
     /// Health answer (every round probes before it renews or promotes).
     fn lease_deadline(&self, node: &str) -> Result<pb::LeaseDeadline, AgentCallError> {
@@ -215,7 +207,7 @@ impl GrpcAgents {
             })
     }
 
-    fn report(&self, node: &str, h: pb::HealthResponse) -> AgentReport {
+    fn report(h: pb::HealthResponse) -> AgentReport {
         let role = match pb::Role::try_from(h.role).unwrap_or(pb::Role::Unspecified) {
             _ if h.epoch == 0 => None,
             pb::Role::Primary => Some(DeviceRole::Primary),
@@ -223,17 +215,12 @@ impl GrpcAgents {
             pb::Role::Standby => Some(DeviceRole::Standby),
             pb::Role::Unspecified => None,
         };
-        let full_pass = h
+        let full_pass_epoch = h
             .sync
             .as_ref()
             .and_then(|s| s.last_full_pass.as_ref())
-            .map(|p| p.finished_unix_ms);
-        let history_epoch = crate::failover::history_epoch(
-            role,
-            h.epoch,
-            full_pass,
-            self.assigned().get(node).copied(),
-        );
+            .map(|p| p.epoch);
+        let history_epoch = crate::failover::history_epoch(role, h.epoch, full_pass_epoch);
         let write_lease = crate::failover::write_lease(role, h.fenced, h.write_lease_remaining_ms);
         let last_sync = h
             .sync
@@ -283,21 +270,10 @@ impl GrpcAgents {
         node: &str,
         request: pb::AssignRoleRequest,
     ) -> Result<(), AgentCallError> {
-        let mirror = request.role != pb::Role::Primary as i32;
-        let epoch = request.epoch;
-        // Taken before sending (the agent may start its pass at once); kept while the
-        // epoch stays the same, since the planner re-sends an assignment until it shows.
-        let sent_at = now_ms();
         self.connection(node)?
             .assign_role(request)
             .await
             .map_err(|e| call_error(node, e))?;
-        if mirror {
-            let mut assigned = self.assigned();
-            if crate::failover::records_assignment(assigned.get(node).copied(), epoch) {
-                assigned.insert(node.into(), (epoch, sent_at));
-            }
-        }
         Ok(())
     }
 }
@@ -417,13 +393,6 @@ fn serves(h: &pb::HealthResponse, name: &str, label: &str) -> bool {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 fn role_pb(role: DeviceRole) -> i32 {
     match role {
         DeviceRole::Primary => pb::Role::Primary as i32,
@@ -485,7 +454,7 @@ impl Agents for GrpcAgents {
                     None => clocks.remove(node),
                 };
                 drop(clocks);
-                ProbeResult::Reported(self.report(node, h))
+                ProbeResult::Reported(Self::report(h))
             }
             Err(e) => {
                 // The next probe dials afresh: a connection that lived through a partition

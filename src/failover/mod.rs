@@ -77,7 +77,7 @@ pub use status::{ConditionReason, condition_types};
 pub use switchover::{
     SwitchoverError, SwitchoverOutcome, SwitchoverRequest, SwitchoverStep, plan_switchover,
 };
-pub use trust::{history_epoch, records_assignment, write_lease};
+pub use trust::{history_epoch, write_lease};
 
 use k8s_openapi::jiff::Timestamp;
 

@@ -8,36 +8,22 @@ use std::time::Duration;
 use super::observe::WriteLease;
 use crate::crd::DeviceRole;
 
-/// When this controller last sent a mirror its assignment: the epoch, and the moment it
-/// was sent (unix ms, taken before sending).
-pub type Assignment = (u64, i64);
-
 /// The epoch whose history a node's data is known to hold.
 ///
 /// A primary holds its own epoch's history. A mirror reporting epoch `e` holds `e`'s
-/// history only once it finished a full pass that started after this controller assigned
-/// it `e` (a pass that finished earlier may predate the new history); until then it is
-/// trusted with `e - 1` only. A controller that restarted, and so never sent the
-/// assignment, trusts a completed pass under the reported epoch: the agent only runs
-/// passes under the epoch it was assigned.
-pub fn history_epoch(
-    role: Option<DeviceRole>,
-    epoch: u64,
-    full_pass_finished_ms: Option<i64>,
-    assigned: Option<Assignment>,
-) -> u64 {
-    if role == Some(DeviceRole::Primary) {
+/// history only once a full pass ran under its assignment of `e`: its sync engine starts
+/// when it takes an assignment, so such a pass started after it (an earlier pass may
+/// predate the new history). Until then it is trusted with `e - 1` only.
+///
+/// The rule compares epochs the agent reports, never clocks or the time this controller
+/// sent the assignment: an assignment whose answer was lost, and that the controller
+/// therefore sent again after the pass, would otherwise leave a caught-up mirror
+/// distrusted for good.
+pub fn history_epoch(role: Option<DeviceRole>, epoch: u64, full_pass_epoch: Option<u64>) -> u64 {
+    if role == Some(DeviceRole::Primary) || full_pass_epoch == Some(epoch) {
         return epoch;
     }
-    match (full_pass_finished_ms, assigned) {
-        (Some(finished), Some((assigned_epoch, sent_at)))
-            if assigned_epoch == epoch && finished >= sent_at =>
-        {
-            epoch
-        }
-        (Some(_), None) => epoch,
-        _ => epoch.saturating_sub(1),
-    }
+    epoch.saturating_sub(1)
 }
 
 /// The write lease a node's report describes: only a primary holds one; a fenced primary
@@ -53,76 +39,46 @@ pub fn write_lease(role: Option<DeviceRole>, fenced: bool, remaining_ms: u64) ->
     }
 }
 
-/// Whether an assignment just sent replaces the one recorded: only a new epoch does. The
-/// planner re-sends an assignment every round until the report shows it, and a re-send
-/// must not move the time a full pass has to start after.
-pub fn records_assignment(recorded: Option<Assignment>, epoch: u64) -> bool {
-    recorded.is_none_or(|(e, _)| e != epoch)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_mirror_is_trusted_with_its_epoch_only_after_a_full_pass_since_its_assignment() {
+    fn a_mirror_is_trusted_with_its_epoch_only_after_a_full_pass_under_its_assignment() {
         use DeviceRole::{Primary, ReadOnly, Standby};
         let cases = [
-            // (role, epoch, pass finished, assigned, trusted epoch, why)
-            (
-                Some(Primary),
-                5,
-                None,
-                None,
-                5,
-                "a primary holds its own history",
-            ),
-            (
-                Some(ReadOnly),
-                5,
-                Some(2_000),
-                Some((5, 1_000)),
-                5,
-                "pass after assignment",
-            ),
-            (
-                Some(ReadOnly),
-                5,
-                Some(2_000),
-                Some((5, 2_000)),
-                5,
-                "pass ending as sent",
-            ),
-            (
-                Some(ReadOnly),
-                5,
-                Some(900),
-                Some((5, 1_000)),
-                4,
-                "pass before assignment",
-            ),
+            // (role, epoch, epoch of the last full pass, trusted epoch, why)
+            (Some(Primary), 5, None, 5, "a primary holds its own history"),
+            (Some(Primary), 5, Some(3), 5, "a promoted mirror's old pass"),
+            (Some(ReadOnly), 5, Some(5), 5, "pass under its assignment"),
             (
                 Some(Standby),
                 5,
-                Some(2_000),
-                Some((4, 1_000)),
-                4,
-                "assigned another epoch",
+                Some(5),
+                5,
+                "a demoted primary that resynchronized",
             ),
-            (Some(ReadOnly), 5, None, Some((5, 1_000)), 4, "no pass yet"),
             (
                 Some(ReadOnly),
                 5,
-                Some(2_000),
-                None,
-                5,
-                "controller restarted",
+                Some(4),
+                4,
+                "pass under the previous assignment",
             ),
-            (None, 0, None, None, 0, "never assigned"),
-            (None, 3, None, None, 2, "no role, no pass"),
+            (Some(Standby), 5, Some(4), 4, "rejoined, pass not finished"),
+            (Some(ReadOnly), 5, None, 4, "no pass yet"),
+            (
+                Some(ReadOnly),
+                5,
+                Some(6),
+                4,
+                "a pass claiming a later epoch",
+            ),
+            (None, 0, None, 0, "never assigned"),
+            (None, 3, None, 2, "no role, no pass"),
         ];
-        for (role, epoch, pass, assigned, want, why) in cases {
-            assert_eq!(history_epoch(role, epoch, pass, assigned), want, "{why}");
+        for (role, epoch, pass, want, why) in cases {
+            assert_eq!(history_epoch(role, epoch, pass), want, "{why}");
         }
     }
 
@@ -139,12 +95,5 @@ mod tests {
         assert_eq!(write_lease(Some(Primary), false, 0), WriteLease::Lapsed);
         assert_eq!(write_lease(Some(ReadOnly), true, 900), WriteLease::NotHeld);
         assert_eq!(write_lease(None, false, 900), WriteLease::NotHeld);
-    }
-
-    #[test]
-    fn a_re_sent_assignment_keeps_its_first_send_time() {
-        assert!(records_assignment(None, 3));
-        assert!(!records_assignment(Some((3, 1_000)), 3));
-        assert!(records_assignment(Some((2, 1_000)), 3));
     }
 }

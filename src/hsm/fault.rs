@@ -32,6 +32,8 @@ struct Rule {
 pub struct FaultPlan {
     rules: Mutex<Vec<Rule>>,
     calls: AtomicU64,
+    /// Calls per operation since the last clear.
+    by_op: Mutex<std::collections::HashMap<&'static str, u64>>,
 }
 
 impl FaultPlan {
@@ -74,6 +76,7 @@ impl FaultPlan {
     pub fn clear(&self) {
         self.lock().clear();
         self.calls.store(0, Ordering::SeqCst);
+        self.by_op.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Calls seen since the last clear.
@@ -81,9 +84,21 @@ impl FaultPlan {
         self.calls.load(Ordering::SeqCst)
     }
 
+    /// Calls of `op` seen since the last clear.
+    pub fn calls_of(&self, op: &str) -> u64 {
+        let by_op = self.by_op.lock().unwrap_or_else(|p| p.into_inner());
+        by_op.get(op).copied().unwrap_or(0)
+    }
+
     /// Consulted before each operation.
     pub fn check(&self, op: &'static str, token: &str) -> Result<(), StoreError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        *self
+            .by_op
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(op)
+            .or_default() += 1;
         let mut rules = self.lock();
         for rule in rules.iter_mut() {
             if rule.op.is_some_and(|o| o != op) || rule.remaining == Some(0) {

@@ -79,3 +79,23 @@ impl HandleCache {
         self.complete = true;
     }
 }
+
+impl HandleCache {
+    /// Whether some live secret's data objects are not known yet (after a fill from a
+    /// cold start): reading each would then cost one scan of the whole token.
+    pub fn lacks_data<'a>(&self, live: impl IntoIterator<Item = &'a SecretPath>) -> bool {
+        live.into_iter()
+            .any(|p| self.entries.get(p).is_none_or(|e| e.data.is_none()))
+    }
+
+    /// Records the data objects of `path` found by a scan, if `generation` is still the
+    /// one cached (a write since the scan has already recorded its own).
+    pub fn set_data(&mut self, path: &SecretPath, generation: &str, data: Vec<ObjectHandle>) {
+        if let Some(entry) = self.entries.get_mut(path)
+            && entry.generation == generation
+            && entry.data.is_none()
+        {
+            entry.data = Some(data);
+        }
+    }
+}

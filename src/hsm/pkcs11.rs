@@ -937,7 +937,53 @@ impl Tok<'_> {
                     },
                 )
             }));
+        let live = || {
+            all.iter()
+                .filter(|(_, (meta, _))| !meta.deleted)
+                .map(|(path, _)| path)
+        };
+        if self.shared.cache().lacks_data(live()) {
+            self.scan_data_handles(&all)?;
+        }
         Ok(all)
+    }
+
+    /// One scan of every data object, recording each live secret's data handles: without
+    /// it a cold start (a restarted agent verifying its whole token) pays one linear
+    /// `C_FindObjects` per secret, quadratic in the token's size.
+    fn scan_data_handles(
+        &self,
+        metas: &BTreeMap<SecretPath, (Meta, Vec<ObjectHandle>)>,
+    ) -> Result<(), StoreError> {
+        let handles = self.find(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Application(DATA_APP.to_vec()),
+        ])?;
+        let mut found: HashMap<&SecretPath, Vec<ObjectHandle>> = metas
+            .iter()
+            .filter(|(_, (meta, _))| !meta.deleted)
+            .map(|(path, _)| (path, Vec::new()))
+            .collect();
+        for h in handles {
+            let Some(attrs) = self.try_read(h, &[AttributeType::Label])? else {
+                continue;
+            };
+            for attr in attrs {
+                if let Attribute::Label(label) = attr
+                    && let Some((path, generation)) = layout::parse_data_label(&label)
+                    && let Some((meta, _)) = metas.get(&path)
+                    && meta.generation == generation
+                    && let Some(list) = found.get_mut(&path)
+                {
+                    list.push(h);
+                }
+            }
+        }
+        let mut cache = self.shared.cache();
+        for (path, data) in found {
+            cache.set_data(path, &metas[path].0.generation, data);
+        }
+        Ok(())
     }
 
     fn read_record(&self, path: &SecretPath) -> Result<Record, StoreError> {

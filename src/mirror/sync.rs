@@ -86,6 +86,8 @@ pub struct FullPassReport {
     /// The primary's sequence this pass brought the node to.
     pub sequence: u64,
     pub rejoin: bool,
+    /// The epoch of the assignment this pass ran under (see `pb::FullPassReport::epoch`).
+    pub epoch: u64,
 }
 
 /// What one pull did.
@@ -177,6 +179,7 @@ impl FullPassReport {
             sequence: self.sequence,
             rejoin: self.rejoin,
             unreadable_on_primary: self.unreadable_on_primary,
+            epoch: self.epoch,
         }
     }
 }
@@ -220,6 +223,7 @@ impl SyncHandle {
         let engine = SyncEngine {
             local,
             primary,
+            epoch,
             settings,
             sync_interval_ms,
             state,
@@ -276,6 +280,8 @@ pub(crate) fn lock(state: &Mutex<SyncState>) -> MutexGuard<'_, SyncState> {
 struct SyncEngine {
     local: Arc<Local>,
     primary: AgentConnection,
+    /// The epoch of the assignment this engine serves; its passes report it.
+    epoch: u64,
     settings: SyncSettings,
     /// Set by the controller's assignments (HSMDevice spec.mirroring.syncInterval).
     sync_interval_ms: Arc<AtomicU64>,
@@ -501,6 +507,7 @@ impl SyncEngine {
         let mut report = FullPassReport {
             checked: theirs.len() as u64,
             rejoin: self.rejoin,
+            epoch: self.epoch,
             ..FullPassReport::default()
         };
         // The lowest version that failed verification: the cursor must stay below it.

@@ -437,3 +437,42 @@ async fn a_refused_pin_is_never_offered_to_the_token_again() {
     store.manifest().await.unwrap();
     assert_eq!(std::fs::read_dir(refusals.path()).unwrap().count(), 0);
 }
+
+/// A restarted agent verifies its whole token (a rejoin's full pass reads every secret
+/// back). Reads after a cold open must not search the token once per secret: on
+/// SoftHSM, as on most modules, each search is a linear scan of every object, so a
+/// token of a thousand secrets took over a minute to verify, and a returning node
+/// stayed out of the mirror set past any timeout.
+#[tokio::test]
+async fn reads_after_a_cold_open_do_not_search_the_token_per_secret() {
+    let tok = token!("cold-open");
+    let writer = tok.open().await;
+    let paths: Vec<SecretPath> = (0..40).map(|i| path(&format!("shop/s{i}"))).collect();
+    for (i, p) in paths.iter().enumerate() {
+        let d = data(&[("a", format!("{i}-a").as_bytes()), ("b", b"b")]);
+        writer.put(p, d, Expect::Absent).await.unwrap();
+    }
+    writer.delete(&paths[0], Expect::Any).await.unwrap();
+    drop(writer);
+
+    let plan = Arc::new(FaultPlan::new());
+    let store = Pkcs11Store::open_with_faults(tok.config(), Some(plan.clone()))
+        .await
+        .unwrap();
+    store.manifest().await.unwrap();
+    plan.clear();
+    for (i, p) in paths.iter().enumerate().skip(1) {
+        let (_, d) = store.get(p).await.unwrap();
+        assert_eq!(d.get("a"), Some(format!("{i}-a").as_bytes()));
+    }
+    assert!(matches!(
+        store.get(&paths[0]).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let searches = plan.calls_of("find");
+    assert!(
+        searches <= 1,
+        "reading {} secrets after a cold open searched the token {searches} times",
+        paths.len()
+    );
+}
