@@ -1,4 +1,4 @@
-//! Store benchmark: get, put and manifest on SoftHSM2 against raw-cryptoki floors
+//! Store benchmark: get, put, manifest and a cold read of everything on SoftHSM2 against raw-cryptoki floors
 //! measured in the same run, interleaved sample by sample so machine noise hits both.
 //!
 //! Run: `cargo bench --bench store` (needs softhsm2). Prints medians and ratios.
@@ -169,6 +169,39 @@ async fn run(dir: PathBuf) {
         target: 1.5,
     });
 
+    // --- a cold open, then every secret read back: what a restarted agent's verification
+    //     pass does. The floor reads the same with two scans (metadata, data objects).
+    let paths: Vec<SecretPath> = (0..count)
+        .map(|i| format!("ns{}/s{i}", i % 10).parse().expect("path"))
+        .collect();
+    let (mut ours, mut floor) = (vec![], vec![]);
+    let mut cold_searches = 0;
+    for _ in 0..common::env_usize("BENCH_COLD_SAMPLES", 3) {
+        let plan = Arc::new(FaultPlan::new());
+        let t = Instant::now();
+        let cold = Pkcs11Store::open_with_faults(
+            Pkcs11Config::new(&lib, "bench-large", &pin_file),
+            Some(plan.clone()),
+        )
+        .await
+        .expect("open cold");
+        assert_eq!(cold.manifest().await.expect("manifest").len(), count);
+        for p in &paths {
+            cold.get(p).await.expect("get");
+        }
+        ours.push(t.elapsed());
+        cold_searches = plan.calls_of("find");
+        let t = Instant::now();
+        assert_eq!(floor_read_all(&session), count);
+        floor.push(t.elapsed());
+    }
+    rows.push(Row {
+        name: format!("cold open, then read all {count} secrets"),
+        ours: median(&mut ours),
+        floor: median(&mut floor),
+        target: f64::NAN,
+    });
+
     println!();
     println!("| operation | hsm-secrets (median) | raw cryptoki floor (median) | ratio | target |");
     println!("| --- | ---: | ---: | ---: | ---: |");
@@ -189,6 +222,39 @@ async fn run(dir: PathBuf) {
         "manifest of {count} secrets read {reads_per_manifest} object attributes: one per metadata object, no secret value ({} data objects untouched)",
         count
     );
+    println!(
+        "a cold open and reading all {count} secrets searched the token {cold_searches} times (one search per secret before data objects were found by one scan)"
+    );
+}
+
+/// The least a raw client does to read every secret: one scan of the metadata objects,
+/// one of the data objects, each object read once.
+fn floor_read_all(session: &Session) -> usize {
+    let metas = floor_manifest(session);
+    let data: Vec<ObjectHandle> = session
+        .iter_objects_with_cache_size(
+            &[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Application(b"hsm-secrets/data".to_vec()),
+            ],
+            page(),
+        )
+        .expect("find")
+        .collect::<Result<_, _>>()
+        .expect("find");
+    for h in &data {
+        session
+            .get_attributes(
+                *h,
+                &[
+                    AttributeType::Label,
+                    AttributeType::ObjectId,
+                    AttributeType::Value,
+                ],
+            )
+            .expect("read");
+    }
+    metas
 }
 
 fn ten_keys(seed: usize) -> SecretData {

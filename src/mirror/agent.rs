@@ -1117,7 +1117,21 @@ impl Agent {
                 version: record.version,
             });
         }
+        let version = record.version;
         let applied = self.inner.local.apply(record, Guard::NotOlder).await?;
+        // A push that is the next change after this mirror's cursor, in the history it
+        // verified, moves the cursor on: the sequence it reports then counts what pushes
+        // brought, not only pulls. The controller promotes, under Active, only a mirror
+        // whose sequence reaches the primary's; one that held every acknowledged write
+        // by push but had not pulled since would otherwise never qualify.
+        {
+            let mut st = sync::lock(&self.inner.sync_state);
+            if st.verified_epoch == request.epoch
+                && st.cursor.is_some_and(|c| c.checked_add(1) == Some(version))
+            {
+                st.cursor = Some(version);
+            }
+        }
         Ok(applied == Applied::Stored)
     }
 

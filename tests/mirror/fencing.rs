@@ -426,3 +426,46 @@ async fn under_the_active_policy_an_acknowledged_write_is_on_every_in_sync_mirro
     assert_eq!(w.replicated_to.len(), 2, "{w:?}");
     assert!(n3.store.get(&path("pay/key-11")).await.is_ok());
 }
+
+/// Under the Active policy a mirror's applied sequence follows the pushes it applies, not
+/// only its pulls. The controller promotes, under Active, only a mirror whose sequence
+/// reaches the cut-off primary's; a mirror holding every acknowledged write by push but
+/// reporting its last pull never qualified, and the device stayed without a writer
+/// until the old primary came back (seen in the partition runs: a killed Active primary
+/// was never replaced).
+#[tokio::test]
+async fn under_the_active_policy_a_mirror_reports_what_pushes_brought_it() {
+    let tokens = Tokens::new();
+    let pki = Pki::new(&["n1", "n2"]);
+    let n1 = node!(&tokens, "n1", "push-seq-n1", &pki, manual_sync());
+    let n2 = node!(&tokens, "n2", "push-seq-n2", &pki, manual_sync());
+    assign_mirror(&pki, &n2, 1, &n1).await;
+    assign_primary(&pki, &n1, 1, &[&n2], HOUR).await;
+    let (c1, c2) = (pki.controller(&n1.peer()), pki.controller(&n2.peer()));
+    let first = c1
+        .put(&path("pay/first"), &data(&[("k", b"v")]), Expect::Any, 1)
+        .await
+        .unwrap();
+    // The mirror's first pass sets its cursor in the primary's history.
+    n2.agent.full_pass_now().await.unwrap();
+    assert_eq!(c2.health().await.unwrap().applied_sequence, first.version);
+    for i in 0..4 {
+        let w = c1
+            .put(
+                &path(&format!("pay/key-{i}")),
+                &data(&[("k", format!("v{i}").as_bytes())]),
+                Expect::Any,
+                1,
+            )
+            .await
+            .unwrap();
+        assert_eq!(w.replicated_to, ["n2"]);
+        // No pull ran: the push alone moved what the mirror vouches for.
+        assert_eq!(c2.health().await.unwrap().applied_sequence, w.version);
+        assert_eq!(
+            c1.health().await.unwrap().applied_sequence,
+            w.version,
+            "the primary's sequence, for comparison"
+        );
+    }
+}

@@ -1089,8 +1089,12 @@ mod partition {
             let healed = network::block_on_in(&clients_ns, async {
                 let files = hsm_secrets::state::FileState::open(&state.state_dir).ok()?;
                 let status = system::device_status(&files, &state.device).await.ok()?;
+                // Under Active, also back in the primary's write set: until then no
+                // mirror may be promoted, and the next fault would test nothing.
                 let healthy = status.nodes.iter().all(|n| {
-                    n.health == hsm_secrets::crd::NodeHealth::Healthy && n.consecutive_failures == 0
+                    n.health == hsm_secrets::crd::NodeHealth::Healthy
+                        && n.consecutive_failures == 0
+                        && !n.outside_write_set
                 });
                 (healthy && status.mirrors.as_deref() == Some("2/2")).then_some(())
             })
