@@ -897,6 +897,23 @@ impl Agent {
         }
         let (records, through, more, published) =
             self.consistent_changes(request.since, limit).await?;
+        // An answer that brings a mirror up to everything published (checked under the
+        // index lock: no write slips between) puts it back in the Active sync set too.
+        // Under steady writes a mirror's pull rarely finds nothing new, and one taken out
+        // of the set would otherwise stay out for as long as clients write. Only within
+        // half a push window, so the pushes that follow are never out of its sequence
+        // while it applies this answer; it is promoted only once its own sequence shows
+        // it holds what the primary acknowledged.
+        if !more
+            && !request.node.is_empty()
+            && request.verified_epoch == epoch
+            && through.saturating_sub(request.since) <= PUSH_WINDOW / 2
+        {
+            let index = self.inner.local.index();
+            if index.published() <= through {
+                self.replication().rejoin(&request.node);
+            }
+        }
         let records: Vec<pb::Record> = records.iter().map(convert::record_to_pb).collect();
         self.inner
             .counters

@@ -469,3 +469,59 @@ async fn under_the_active_policy_a_mirror_reports_what_pushes_brought_it() {
         );
     }
 }
+
+/// Under the Active policy a mirror taken out of the write set returns to it with the
+/// pull that brings it up to everything published, even when that pull had something to
+/// bring. Before, only a pull finding nothing new did it, which under steady writes (a
+/// write between any two pulls) never happened: a dropped mirror stayed out for as long
+/// as clients wrote (seen in the partition runs).
+#[tokio::test]
+async fn under_the_active_policy_a_dropped_mirror_rejoins_while_writes_go_on() {
+    let tokens = Tokens::new();
+    let pki = Pki::new(&["n1", "n2"]);
+    let n1 = node!(&tokens, "n1", "rejoin-n1", &pki, manual_sync());
+    let n2 = node!(&tokens, "n2", "rejoin-n2", &pki, manual_sync());
+    assign_mirror(&pki, &n2, 1, &n1).await;
+    assign_primary(&pki, &n1, 1, &[&n2], HOUR).await;
+    let c1 = pki.controller(&n1.peer());
+    n2.agent.full_pass_now().await.unwrap();
+
+    // n2 fails a push and the controller takes it out of the write set.
+    n2.plan.fail_op("apply", FaultKind::DeviceUnavailable);
+    c1.put(&path("pay/a"), &data(&[("k", b"a")]), Expect::Any, 1)
+        .await
+        .unwrap_err();
+    c1.renew_lease_with(pb::RenewLeaseRequest {
+        epoch: 1,
+        duration_ms: HOUR.as_millis() as u64,
+        outside_write_set: vec!["n2".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    n2.plan.clear();
+    for round in 0..3 {
+        // A write between two pulls, as under steady load: acknowledged without n2.
+        let w = c1
+            .put(
+                &path(&format!("pay/b{round}")),
+                &data(&[("k", b"b")]),
+                Expect::Any,
+                1,
+            )
+            .await
+            .unwrap();
+        let replication = c1.health().await.unwrap().replication.unwrap();
+        if round == 0 {
+            assert!(w.replicated_to.is_empty(), "{w:?}");
+            assert!(replication.in_sync.is_empty(), "{replication:?}");
+        } else {
+            // The previous round's pull brought n2 back: this write waited for it.
+            assert_eq!(w.replicated_to, ["n2"], "round {round}");
+            assert_eq!(replication.in_sync, ["n2"], "round {round}");
+        }
+        // One pull, which has something new to bring.
+        let pulled = n2.agent.pull_now().await.unwrap();
+        assert!(pulled.applied > 0 || round > 0, "{pulled:?}");
+    }
+}
