@@ -759,6 +759,24 @@ mod partition {
         HealDuringPromotion,
     }
 
+    impl Fault {
+        /// Whether a named run of this fault must end with another primary (Some(true)),
+        /// must keep the one it had (Some(false)), or may do either (a flapping link).
+        pub fn replaces_primary(&self) -> Option<bool> {
+            match self {
+                Fault::IsolatePrimary
+                | Fault::PrimaryControllerPartition
+                | Fault::ControllerToPrimaryOneWay
+                | Fault::PausePrimary
+                | Fault::KillPrimary
+                | Fault::PartitionDuringSwitchover
+                | Fault::HealDuringPromotion => Some(true),
+                Fault::IsolateMirror | Fault::IsolateController | Fault::SlowPrimary => Some(false),
+                Fault::FlapPrimary => None,
+            }
+        }
+    }
+
     #[derive(Clone, Copy, Debug)]
     pub struct Schedule {
         pub fault: Fault,
@@ -878,6 +896,24 @@ mod partition {
             );
             if !verdict.ok() || verdict.reads_during_fault == 0 || verdict.acknowledged == 0 {
                 failures.push(format!("{policy} {}: {verdict:?}", schedule.name()));
+            }
+            // Availability, for the named scenarios (a random hold may be too short to
+            // fail over): a primary cut off for the hold is replaced, under either
+            // policy; a fault that leaves the primary reachable replaces nobody.
+            let replaced = verdict.writers.len() > 1;
+            match schedule.fault.replaces_primary() {
+                Some(expected) if schedule.random.is_none() && replaced != expected => failures
+                    .push(format!(
+                        "{policy} {}: {} (writers {:?})",
+                        schedule.name(),
+                        if expected {
+                            "the cut-off primary was never replaced"
+                        } else {
+                            "a failover although the primary stayed reachable"
+                        },
+                        verdict.writers
+                    )),
+                _ => {}
             }
         }
         failures
