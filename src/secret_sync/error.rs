@@ -127,7 +127,7 @@ pub enum SyncError {
     )]
     Rejected { what: String, reason: String },
     #[error("Kubernetes API: {0}")]
-    Api(String),
+    Api(#[source] Cause),
     #[error("{0}")]
     Unsupported(String),
 }
@@ -166,3 +166,40 @@ impl std::fmt::Display for SyncErrorKind {
         f.write_str(self.as_str())
     }
 }
+
+/// The error underneath a [`SyncError`], kept whole for `source()` and for code that
+/// matches on its kind (`downcast_ref`), and shared so that the error stays `Clone`. Two
+/// causes are equal when they say the same: errors are compared by their message.
+#[derive(Clone, Debug)]
+pub struct Cause(std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(error))
+    }
+
+    /// The cause as `T`, when it is one (a `kube::Error`, a `StateError`...).
+    pub fn downcast_ref<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for Cause {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for Cause {}

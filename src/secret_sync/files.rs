@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Secret;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{Cluster, SecretReconciler, SyncError};
+use super::{Cause, Cluster, SecretReconciler, SyncError};
 use crate::crd::{HSMDevice, HSMSecret, HSMSecretStatus};
 use crate::state::{EventRecord, ObjectRef, StateError, StateStore};
 
@@ -33,7 +33,7 @@ fn state_err(e: StateError) -> SyncError {
         StateError::Conflict { kind, name, .. } => SyncError::Conflict {
             what: format!("{kind} {name}"),
         },
-        other => SyncError::Api(other.to_string()),
+        other => SyncError::Api(Cause::new(other)),
     }
 }
 

@@ -18,7 +18,9 @@ use kube::{Client, Resource};
 use tokio::sync::watch;
 
 use super::digest::{DIGEST_KEY_FIELD, DIGEST_KEY_SECRET, DigestKey};
-use super::{Cluster, DEVICE_LABEL, IMPORT_FOR_LABEL, SecretReconciler, SyncError, SyncErrorKind};
+use super::{
+    Cause, Cluster, DEVICE_LABEL, IMPORT_FOR_LABEL, SecretReconciler, SyncError, SyncErrorKind,
+};
 use crate::crd::{HSMDevice, HSMSecret, HSMSecretStatus};
 use crate::kube_events::{self, Reporter};
 use crate::state::EventRecord;
@@ -64,7 +66,7 @@ fn code(e: &kube::Error) -> Option<u16> {
 fn map_err(what: impl FnOnce() -> String, e: kube::Error) -> SyncError {
     match code(&e) {
         Some(409 | 422) => SyncError::Conflict { what: what() },
-        _ => SyncError::Api(e.to_string()),
+        _ => SyncError::Api(Cause::new(e)),
     }
 }
 
@@ -98,7 +100,7 @@ fn guarded_patch(
         {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
         {"op": "add", "path": path, "value": value},
     ]))
-    .map_err(|e| SyncError::Api(e.to_string()))?;
+    .map_err(|e| SyncError::Api(Cause::new(e)))?;
     Ok(Patch::Json(patch))
 }
 
@@ -116,14 +118,14 @@ impl Cluster for KubeCluster {
         Api::<HSMDevice>::all(self.client.clone())
             .get_opt(name)
             .await
-            .map_err(|e| SyncError::Api(e.to_string()))
+            .map_err(|e| SyncError::Api(Cause::new(e)))
     }
 
     async fn secret(&self, namespace: &str, name: &str) -> Result<Option<Secret>, SyncError> {
         self.secrets(namespace)
             .get_opt(name)
             .await
-            .map_err(|e| SyncError::Api(e.to_string()))
+            .map_err(|e| SyncError::Api(Cause::new(e)))
     }
 
     async fn create_secret(&self, namespace: &str, secret: &Secret) -> Result<(), SyncError> {
@@ -195,7 +197,7 @@ impl Cluster for KubeCluster {
         object: &HSMSecret,
         status: &HSMSecretStatus,
     ) -> Result<(), SyncError> {
-        let value = serde_json::to_value(status).map_err(|e| SyncError::Api(e.to_string()))?;
+        let value = serde_json::to_value(status).map_err(|e| SyncError::Api(Cause::new(e)))?;
         let patch = guarded_patch(object, "/status", value)?;
         let name = object.metadata.name.clone().unwrap_or_default();
         self.hsmsecrets(object)
@@ -216,7 +218,7 @@ impl Cluster for KubeCluster {
             &kube_events::build(object.object_ref(&()), &reporter, &what),
         )
         .await
-        .map_err(|e| SyncError::Api(e.to_string()))
+        .map_err(|e| SyncError::Api(Cause::new(e)))
     }
 }
 
@@ -238,7 +240,7 @@ pub async fn load_or_create_digest_key(
                 ))
             })
     };
-    let missing = |e: kube::Error| SyncError::Api(e.to_string());
+    let missing = |e: kube::Error| SyncError::Api(Cause::new(e));
     if let Some(secret) = api.get_opt(DIGEST_KEY_SECRET).await.map_err(missing)? {
         return read(secret);
     }
@@ -404,6 +406,27 @@ mod tests {
         let mut status = kube::core::Status::failure(message, "Invalid");
         status.code = code;
         kube::Error::Api(Box::new(status))
+    }
+
+    /// An API failure keeps the API server's answer as its cause: a log shows the chain,
+    /// and code matches on the status instead of parsing text.
+    #[test]
+    fn an_api_failure_keeps_its_cause() {
+        let error = map_err(
+            || "HSMSecret shop/db".into(),
+            api_error(500, "etcd timeout"),
+        );
+        assert_eq!(error.kind(), SyncErrorKind::Api);
+        assert!(error.to_string().contains("etcd timeout"), "{error}");
+        let SyncError::Api(cause) = &error else {
+            panic!("{error:?}")
+        };
+        let Some(kube::Error::Api(status)) = cause.downcast_ref::<kube::Error>() else {
+            panic!("the kube::Error is kept: {cause:?}")
+        };
+        assert_eq!(status.code, 500);
+        assert!(std::error::Error::source(&error).is_some());
+        assert_eq!(error.clone(), error, "still Clone and comparable");
     }
 
     #[test]

@@ -42,7 +42,7 @@ mod reconcile;
 
 pub use cluster::{AgentDirectory, Cluster};
 pub use digest::{DIGEST_KEY_FIELD, DIGEST_KEY_SECRET, DigestKey};
-pub use error::{SyncError, SyncErrorKind};
+pub use error::{Cause, SyncError, SyncErrorKind};
 pub use files::{FileCluster, run_files};
 pub use kube_cluster::{
     CONCURRENCY, KubeCluster, load_or_create_digest_key, run_kube, strip_for_cache,
