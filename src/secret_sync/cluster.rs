@@ -109,12 +109,12 @@ impl AgentDirectory {
     }
 
     fn connection(&self, node: &str) -> Result<AgentConnection, SyncError> {
-        self.agents.connection_to(node).ok_or_else(|| SyncError::Hsm {
-            kind: "no_agent",
-            detail: format!(
+        self.agents.connection_to(node).ok_or_else(|| SyncError::hsm_detail(
+            "no_agent",
+            format!(
                 "no agent endpoint is known for node {node}; give the controller --agent-port (cluster discovery) or --agent {node}=https://HOST:PORT"
             ),
-        })
+        ))
     }
 
     /// What the device holds at `path`: asks the primary, then the serving mirrors.
@@ -128,22 +128,22 @@ impl AgentDirectory {
                 .map(|n| n.node.as_str())
                 .filter(|n| Some(*n) != status.primary_node.as_deref()),
         );
-        let mut last = SyncError::Hsm {
-            kind: "no_primary",
-            detail: "the device has no primary and no serving mirror".into(),
-        };
+        let mut last = SyncError::hsm_detail(
+            "no_primary",
+            "the device has no primary and no serving mirror".into(),
+        );
         for node in order {
             let from_primary = Some(node) == status.primary_node.as_deref();
             match self.read_from(node, path).await {
                 // Only the primary may say a secret does not exist: a lagging mirror's
                 // "absent" would delete the copy or skip a tombstone.
                 Ok(HsmContent::Absent) if !from_primary => {
-                    last = SyncError::Hsm {
-                        kind: "primary_unavailable",
-                        detail: format!(
+                    last = SyncError::hsm_detail(
+                        "primary_unavailable",
+                        format!(
                             "the primary did not answer and mirror {node} does not hold {path}; only the primary can confirm that it does not exist"
                         ),
-                    };
+                    );
                 }
                 Ok(content) => return content,
                 Err(e) => last = e,
@@ -161,11 +161,13 @@ impl AgentDirectory {
                 code: Code::NotFound,
                 ..
             }) => return Ok(HsmContent::Absent),
-            Err(e) => return Err(SyncError::hsm(&e)),
+            Err(e) => return Err(SyncError::hsm(e)),
         };
-        let record = answer.record.ok_or_else(|| SyncError::Hsm {
-            kind: "protocol",
-            detail: format!("agent {node} answered Get without a record"),
+        let record = answer.record.ok_or_else(|| {
+            SyncError::hsm_detail(
+                "protocol",
+                format!("agent {node} answered Get without a record"),
+            )
         })?;
         let record = decode(node, record)?;
         if record.verify().is_err() || record.path != *path {
@@ -182,10 +184,10 @@ impl AgentDirectory {
                 served_by: ServedBy {
                     node: answer.node,
                     role: crate::mirror::role_from_pb(answer.role).ok_or_else(|| {
-                        SyncError::Hsm {
-                            kind: "protocol",
-                            detail: format!("agent {node} answered Get with an unknown role"),
-                        }
+                        SyncError::hsm_detail(
+                            "protocol",
+                            format!("agent {node} answered Get with an unknown role"),
+                        )
                     })?,
                 },
             }),
@@ -206,7 +208,7 @@ impl AgentDirectory {
         let written = conn
             .put(path, data, expect, epoch)
             .await
-            .map_err(|e| SyncError::hsm(&e))?;
+            .map_err(SyncError::hsm)?;
         let content = self.read_from(primary, path).await?;
         let expected = Checksum::of_data(path, data);
         match &content {
@@ -245,16 +247,18 @@ impl AgentDirectory {
                 code: Code::NotFound,
                 ..
             }) => Ok(0),
-            Err(e) => Err(SyncError::hsm(&e)),
+            Err(e) => Err(SyncError::hsm(e)),
         }
     }
 }
 
 /// A record as sent by an agent (its checksum is verified by the caller).
 fn decode(node: &str, record: crate::mirror::pb::Record) -> Result<crate::hsm::Record, SyncError> {
-    let bad = |why: String| SyncError::Hsm {
-        kind: "protocol",
-        detail: format!("agent {node} sent an invalid record: {why}"),
+    let bad = |why: String| {
+        SyncError::hsm_detail(
+            "protocol",
+            format!("agent {node} sent an invalid record: {why}"),
+        )
     };
     let path: SecretPath = record.path.parse().map_err(|e| bad(format!("path: {e}")))?;
     let checksum = <[u8; 32]>::try_from(record.checksum.as_slice())

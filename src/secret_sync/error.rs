@@ -111,7 +111,13 @@ pub enum SyncError {
     #[error("HSMDevice {device} (spec.deviceRef) not found; create it or fix spec.deviceRef")]
     DeviceNotFound { device: String },
     #[error("HSM ({kind}): {detail}")]
-    Hsm { kind: &'static str, detail: String },
+    Hsm {
+        kind: &'static str,
+        detail: String,
+        /// The agent's error, when one caused it.
+        #[source]
+        source: Option<Cause>,
+    },
     #[error(
         "HSM secret {path}: the record read back at version {version} does not carry the checksum of what was written; the import is retried"
     )]
@@ -153,10 +159,21 @@ impl SyncError {
         }
     }
 
-    pub(crate) fn hsm(e: &crate::mirror::MirrorError) -> Self {
+    /// An agent call that failed, keeping the agent's error as the cause.
+    pub(crate) fn hsm(e: crate::mirror::MirrorError) -> Self {
         SyncError::Hsm {
             kind: e.kind(),
             detail: e.to_string(),
+            source: Some(Cause::new(e)),
+        }
+    }
+
+    /// A failure on the agent side that no agent error caused (none known, a bad answer).
+    pub(crate) fn hsm_detail(kind: &'static str, detail: String) -> Self {
+        SyncError::Hsm {
+            kind,
+            detail,
+            source: None,
         }
     }
 }
@@ -203,3 +220,31 @@ impl PartialEq for Cause {
 }
 
 impl Eq for Cause {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_failure_keeps_the_agent_error_as_its_cause() {
+        let error = SyncError::hsm(crate::mirror::MirrorError::NotSyncing {
+            node: "worker-2".into(),
+        });
+        assert_eq!(error.kind(), SyncErrorKind::Hsm);
+        let cause = std::error::Error::source(&error).expect("a cause");
+        assert!(cause.to_string().contains("worker-2"), "{cause}");
+        let SyncError::Hsm {
+            source: Some(kept), ..
+        } = &error
+        else {
+            panic!("{error:?}")
+        };
+        assert!(
+            kept.downcast_ref::<crate::mirror::MirrorError>().is_some(),
+            "{kept:?}"
+        );
+        // A failure no agent error caused has none.
+        let bare = SyncError::hsm_detail("no_primary", "no primary".into());
+        assert!(std::error::Error::source(&bare).is_none());
+    }
+}
