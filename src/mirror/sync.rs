@@ -86,7 +86,8 @@ pub struct FullPassReport {
     /// The primary's sequence this pass brought the node to.
     pub sequence: u64,
     pub rejoin: bool,
-    /// The epoch of the assignment this pass ran under (see `pb::FullPassReport::epoch`).
+    /// The epoch of the assignment this pass ran under, when its primary served that
+    /// epoch; 0 otherwise (see `pb::FullPassReport::epoch`).
     pub epoch: u64,
 }
 
@@ -507,7 +508,14 @@ impl SyncEngine {
         let mut report = FullPassReport {
             checked: theirs.len() as u64,
             rejoin: self.rejoin,
-            epoch: self.epoch,
+            // A pass vouches for its assignment's history only when the primary already
+            // served it (promoted at that epoch): one against a primary not promoted yet,
+            // or already demoted, vouches for none.
+            epoch: if manifest.epoch == self.epoch {
+                self.epoch
+            } else {
+                0
+            },
             ..FullPassReport::default()
         };
         // The lowest version that failed verification: the cursor must stay below it.

@@ -747,3 +747,34 @@ async fn pushes_out_of_sequence_are_refused_counted_and_shown() {
     assert!(applied_now.applied);
     assert_eq!(n2.store.latest_sequence(), applied + 1);
 }
+
+/// A full pass vouches for the history of the epoch its node was assigned only when its
+/// primary already served that epoch. A mirror told to follow a node at epoch 2 before
+/// that node was promoted copies epoch 1's state, and its pass must not let the
+/// controller trust it with epoch 2's history.
+#[tokio::test]
+async fn a_pass_vouches_for_its_epoch_only_once_the_primary_serves_it() {
+    let tokens = Tokens::new();
+    let pki = Pki::new(&["n1", "n2"]);
+    let n1 = node!(&tokens, "n1", "pass-epoch-n1", &pki, manual_sync());
+    let n2 = node!(&tokens, "n2", "pass-epoch-n2", &pki, manual_sync());
+    assign_primary(&pki, &n1, 1, &[], HOUR).await;
+    pki.controller(&n1.peer())
+        .put(&path("a/one"), &data(&[("k", b"v")]), Expect::Any, 1)
+        .await
+        .unwrap();
+
+    // Told to follow n1 at epoch 2 while n1 still serves epoch 1.
+    assign_mirror(&pki, &n2, 2, &n1).await;
+    n2.agent.full_pass_now().await.unwrap();
+    let pass = n2.agent.sync_state().last_full_pass.unwrap();
+    assert_eq!(pass.epoch, 0, "{pass:?}");
+
+    // Once n1 is promoted at epoch 2, the next pass vouches for it.
+    assign_primary(&pki, &n1, 2, &[], HOUR).await;
+    n2.agent.full_pass_now().await.unwrap();
+    let pass = n2.agent.sync_state().last_full_pass.unwrap();
+    assert_eq!(pass.epoch, 2, "{pass:?}");
+    let health = pki.controller(&n2.peer()).health().await.unwrap();
+    assert_eq!(health.sync.unwrap().last_full_pass.unwrap().epoch, 2);
+}

@@ -191,9 +191,10 @@ pub struct FullPassReport {
     /// Secrets the primary could not read intact (left as they are here).
     #[prost(uint64, tag = "11")]
     pub unreadable_on_primary: u64,
-    /// The epoch of the assignment this pass ran under. A node's sync engine starts when it
-    /// takes an assignment, so a pass under the epoch the node reports started after that
-    /// assignment: the node holds that epoch's history. No clock is compared.
+    /// The epoch of the assignment this pass ran under, when its primary served that epoch
+    /// (0 otherwise). A node's sync engine starts when it takes an assignment, so a pass
+    /// under the epoch the node reports started after that assignment: the node holds that
+    /// epoch's history. No clock is compared.
     #[prost(uint64, tag = "12")]
     pub epoch: u64,
 }
