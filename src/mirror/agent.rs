@@ -879,7 +879,7 @@ impl Agent {
                 // Nothing new: answered from the index alone. A mirror that has
                 // everything under this epoch is back in the Active sync set (checked
                 // under the index lock, so no write slips between).
-                if !request.node.is_empty() && request.verified_epoch == epoch {
+                if from_verified_mirror(&request, epoch) {
                     self.replication().rejoin(&request.node);
                 }
                 self.inner
@@ -905,8 +905,7 @@ impl Agent {
         // while it applies this answer; it is promoted only once its own sequence shows
         // it holds what the primary acknowledged.
         if !more
-            && !request.node.is_empty()
-            && request.verified_epoch == epoch
+            && from_verified_mirror(&request, epoch)
             && through.saturating_sub(request.since) <= PUSH_WINDOW / 2
         {
             let index = self.inner.local.index();
@@ -1215,6 +1214,12 @@ impl Agent {
 /// How far beyond a mirror's applied sequence a push may be: writes the primary has in
 /// flight at once (pushes of concurrent writes may arrive out of order).
 pub const PUSH_WINDOW: u64 = 1024;
+
+/// Whether a Changes request comes from a mirror that verified this primary's `epoch`:
+/// once it holds everything published, it is back in the Active sync set.
+fn from_verified_mirror(request: &pb::ChangesRequest, epoch: u64) -> bool {
+    !request.node.is_empty() && request.verified_epoch == epoch
+}
 
 /// Whether a pushed record's version may follow `applied`: never 0, never beyond the
 /// window (checked arithmetic: a version near `u64::MAX` cannot wrap anything).
