@@ -36,7 +36,6 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    hsm_secrets::local::exit_with_parent_from_env();
     let cli = Cli::parse();
     hsm_secrets::telemetry::init(&cli.common);
     match run(cli) {

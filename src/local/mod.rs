@@ -108,35 +108,3 @@ impl LocalError {
         }
     }
 }
-
-/// Environment variable naming the process whose death must end this one.
-pub const PARENT_ENV: &str = "HSM_SECRETS_EXIT_WITH_PARENT";
-
-/// Called first thing by the binary: when started by the demo (which sets
-/// [`PARENT_ENV`] to its pid), stop as soon as the demo is gone, even if it was killed
-/// with SIGKILL and had no chance to clean up. A watcher thread notices the change of
-/// parent, asks for a clean stop (SIGTERM) and forces one (SIGKILL) if that does not
-/// end the process within a few seconds.
-pub fn exit_with_parent_from_env() {
-    let Some(parent) = std::env::var(PARENT_ENV)
-        .ok()
-        .and_then(|p| p.parse::<i32>().ok())
-    else {
-        return;
-    };
-    let parent = nix::unistd::Pid::from_raw(parent);
-    let spawned = std::thread::Builder::new()
-        .name("parent-watch".into())
-        .spawn(move || {
-            use nix::sys::signal::{Signal, raise};
-            while nix::unistd::getppid() == parent {
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-            let _ = raise(Signal::SIGTERM);
-            std::thread::sleep(std::time::Duration::from_secs(3));
-            let _ = raise(Signal::SIGKILL);
-        });
-    if let Err(error) = spawned {
-        eprintln!("cannot watch the parent process: {error}");
-    }
-}

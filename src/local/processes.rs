@@ -11,7 +11,7 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::{LocalError, PARENT_ENV};
+use super::LocalError;
 
 /// How a child is started.
 pub struct Launch<'a> {
@@ -26,6 +26,27 @@ pub struct Launch<'a> {
     /// Run in this network namespace (its `/run/netns` path), entered by `nsenter`, which
     /// then becomes this program: the pid is the program's.
     pub netns: Option<String>,
+}
+
+/// Has the kernel stop the child (SIGTERM) when the thread that starts it ends: the demo's
+/// runtime threads live as long as the demo, so its children stop with it even when it is
+/// killed with SIGKILL and runs no cleanup. The signal survives the `exec` of `nsenter`
+/// and of this program; a child whose parent is already gone by the time it runs stops
+/// at once rather than outliving it.
+#[allow(unsafe_code)]
+fn exit_with_this_process(command: &mut Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and makes only two
+    // async-signal-safe system calls (prctl, getppid); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+            if nix::unistd::getppid() != parent {
+                return Err(Errno::ESRCH.into());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// A running child (or, after `local up`, one recorded in the state file).
@@ -81,9 +102,7 @@ impl ChildProcess {
             command.env(key, value);
         }
         if launch.tied_to_parent {
-            command.env(PARENT_ENV, std::process::id().to_string());
-        } else {
-            command.env_remove(PARENT_ENV);
+            exit_with_this_process(&mut command);
         }
         let child = command.spawn().map_err(|e| LocalError::Spawn {
             process: launch.name.clone(),
@@ -301,8 +320,7 @@ pub fn respawn(saved: &SavedCommand, log: &Path, out: &Path) -> Result<i32, Loca
         .stdin(Stdio::null())
         .stdout(append(out)?)
         .stderr(append(log)?)
-        .process_group(0)
-        .env_remove(PARENT_ENV);
+        .process_group(0);
     for (key, value) in &saved.env {
         command.env(key, value);
     }
