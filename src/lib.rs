@@ -16,6 +16,7 @@ pub mod lease;
 pub mod local;
 pub mod mirror;
 pub mod node;
+pub mod private_ca;
 pub mod secret_sync;
 pub mod state;
 pub mod telemetry;

@@ -1,14 +1,10 @@
 //! A private CA and the webhook's serving certificate, issued with rcgen when
 //! no cert-manager is installed. Pure: time and key material in, PEM out.
 
-use k8s_openapi::jiff::civil::Date;
-use k8s_openapi::jiff::tz::TimeZone;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use zeroize::Zeroizing;
+
+use crate::private_ca::{Leaf, PrivateCa, Usage, Validity};
 
 /// The CA outlives many serving certificates, so renewals keep the
 /// `caBundle` the API server already trusts.
@@ -16,30 +12,10 @@ pub const CA_VALIDITY_DAYS: i64 = 3650;
 pub const SERVING_VALIDITY_DAYS: i64 = 365;
 /// Renew the serving certificate when less than this is left.
 pub const RENEW_BEFORE_DAYS: i64 = 30;
-/// Issue certificates valid from a day back, for nodes with a slow clock.
-const BACKDATE_DAYS: i64 = 1;
 
 const CA_COMMON_NAME: &str = "hsm-secrets-webhook-ca";
 
-#[derive(Debug, thiserror::Error)]
-pub enum CertificateError {
-    #[error("cannot issue a certificate: {0}")]
-    Issue(#[from] rcgen::Error),
-    #[error("the stored CA key cannot be read ({0}); delete the certificate Secret to start over")]
-    CaKey(rcgen::Error),
-    #[error("date out of range: {0}")]
-    Date(String),
-}
-
-impl CertificateError {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            CertificateError::Issue(_) => "issue",
-            CertificateError::CaKey(_) => "ca_key",
-            CertificateError::Date(_) => "date",
-        }
-    }
-}
+pub use crate::private_ca::CaError as CertificateError;
 
 /// The Service the API server calls, which the certificate must name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,33 +56,13 @@ impl std::fmt::Debug for CertificateBundle {
     }
 }
 
-fn ca_params(now: Timestamp) -> Result<CertificateParams, CertificateError> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, CA_COMMON_NAME);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    set_validity(&mut params, now, CA_VALIDITY_DAYS)?;
-    Ok(params)
-}
-
 /// A new CA and a serving certificate for `identity`.
 pub fn issue_authority_and_leaf(
     identity: &ServingIdentity,
     now: Timestamp,
 ) -> Result<CertificateBundle, CertificateError> {
-    let ca_key = KeyPair::generate()?;
-    let params = ca_params(now)?;
-    let ca_cert_pem = params.self_signed(&ca_key)?.pem();
-    let ca_key_pem = Zeroizing::new(ca_key.serialize_pem());
-    let issuer = Issuer::new(params, ca_key);
-    leaf(identity, now, ca_cert_pem, ca_key_pem, &issuer)
+    let ca = PrivateCa::generate(CA_COMMON_NAME, Validity::days_from(now, CA_VALIDITY_DAYS)?)?;
+    leaf(identity, now, &ca)
 }
 
 /// A new serving certificate signed by the stored CA, which stays the same.
@@ -116,75 +72,33 @@ pub fn issue_leaf(
     identity: &ServingIdentity,
     now: Timestamp,
 ) -> Result<CertificateBundle, CertificateError> {
-    let ca_key = KeyPair::from_pem(ca_key_pem).map_err(CertificateError::CaKey)?;
-    // An issuer needs only the CA's name, key identifier method and usages,
-    // which `ca_params` fixes; rcgen derives the key identifier from the key.
-    let issuer = Issuer::new(ca_params(now)?, ca_key);
-    leaf(
-        identity,
-        now,
-        ca_cert_pem.to_owned(),
-        Zeroizing::new(ca_key_pem.to_owned()),
-        &issuer,
-    )
+    let validity = Validity::days_from(now, CA_VALIDITY_DAYS)?;
+    let ca = PrivateCa::load(CA_COMMON_NAME, validity, ca_cert_pem, ca_key_pem)?;
+    leaf(identity, now, &ca)
 }
 
 fn leaf(
     identity: &ServingIdentity,
     now: Timestamp,
-    ca_cert_pem: String,
-    ca_key_pem: Zeroizing<String>,
-    issuer: &Issuer<'_, KeyPair>,
+    ca: &PrivateCa,
 ) -> Result<CertificateBundle, CertificateError> {
     let names = identity.dns_names();
-    let mut params = CertificateParams::new(names.clone())?;
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, &names[0]);
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    let not_after = set_validity(&mut params, now, SERVING_VALIDITY_DAYS)?;
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, issuer)?;
+    let validity = Validity::days_from(now, SERVING_VALIDITY_DAYS)?;
+    let issued = ca.issue(&Leaf {
+        common_name: &names[0],
+        names: names.clone(),
+        uris: Vec::new(),
+        usage: Usage::Server,
+        validity,
+    })?;
     Ok(CertificateBundle {
-        ca_cert_pem,
-        ca_key_pem,
+        ca_cert_pem: ca.cert_pem().to_owned(),
+        ca_key_pem: ca.key_pem().clone(),
         // The chain is the leaf alone: the API server trusts the CA itself.
-        cert_pem: cert.pem(),
-        key_pem: Zeroizing::new(key.serialize_pem()),
-        not_after,
+        cert_pem: issued.cert_pem,
+        key_pem: issued.key_pem,
+        not_after: validity.expires()?,
     })
-}
-
-/// Set `params` valid from a day before `now` to `days` after it (midnight
-/// UTC); returns the expiry.
-fn set_validity(
-    params: &mut CertificateParams,
-    now: Timestamp,
-    days: i64,
-) -> Result<Timestamp, CertificateError> {
-    let date_error = |error: &dyn std::fmt::Display| CertificateError::Date(error.to_string());
-    let date = |days: i64| -> Result<(i32, u8, u8, Timestamp), CertificateError> {
-        let date: Date = now
-            .checked_add(SignedDuration::from_hours(24 * days))
-            .map_err(|e| date_error(&e))?
-            .to_zoned(TimeZone::UTC)
-            .date();
-        let midnight = date
-            .to_zoned(TimeZone::UTC)
-            .map_err(|e| date_error(&e))?
-            .timestamp();
-        let month = u8::try_from(date.month()).map_err(|e| date_error(&e))?;
-        let day = u8::try_from(date.day()).map_err(|e| date_error(&e))?;
-        Ok((i32::from(date.year()), month, day, midnight))
-    };
-    let (y, m, d, _) = date(-BACKDATE_DAYS)?;
-    params.not_before = rcgen::date_time_ymd(y, m, d);
-    let (y, m, d, not_after) = date(days)?;
-    params.not_after = rcgen::date_time_ymd(y, m, d);
-    Ok(not_after)
 }
 
 /// Whether a serving certificate expiring at `not_after` for `dns_names`

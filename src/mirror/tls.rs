@@ -8,13 +8,17 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use k8s_openapi::jiff::Timestamp;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+use crate::private_ca::{CaError, Leaf, PrivateCa, Usage, Validity};
+
+/// How long the agent CA and the certificates it issues are valid. Agents have no
+/// automatic rotation (a rotation replaces the Secrets `hsm-secrets pki` wrote), so this
+/// bounds a stolen key's use without making rotations frequent.
+pub const AGENT_CERT_VALIDITY_DAYS: i64 = 3650;
 
 /// TLS setup errors; each names the file and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +40,7 @@ pub enum TlsError {
         detail: String,
     },
     #[error("cannot generate certificates: {0}")]
-    Generate(String),
+    Generate(#[from] CaError),
     #[error("cannot write {path}: {detail}")]
     Write { path: String, detail: String },
 }
@@ -186,39 +190,25 @@ pub const CONTROLLER_CERT_NAME: &str = "controller";
 
 /// A CA that issues agent and controller certificates.
 pub struct CertificateAuthority {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
+    ca: PrivateCa,
+    validity: Validity,
 }
 
-/// A certificate and its private key, PEM.
-pub struct IssuedCertificate {
-    pub cert_pem: String,
-    pub key_pem: String,
-}
-
-fn gen_err(e: rcgen::Error) -> TlsError {
-    TlsError::Generate(e.to_string())
-}
+/// A certificate and its private key, PEM; the key is wiped on drop.
+pub type IssuedCertificate = crate::private_ca::Issued;
 
 impl CertificateAuthority {
     /// A fresh CA (its key lives only in memory).
     pub fn generate() -> Result<Self, TlsError> {
-        let ca_key = KeyPair::generate().map_err(gen_err)?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "hsm-secrets agent CA");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_cert = ca_params.self_signed(&ca_key).map_err(gen_err)?;
+        let validity = Validity::days_from(Timestamp::now(), AGENT_CERT_VALIDITY_DAYS)?;
         Ok(Self {
-            pem: ca_cert.pem(),
-            issuer: Issuer::new(ca_params, ca_key),
+            ca: PrivateCa::generate("hsm-secrets agent CA", validity)?,
+            validity,
         })
     }
 
     pub fn cert_pem(&self) -> &str {
-        &self.pem
+        self.ca.cert_pem()
     }
 
     /// One node's own agent certificate: valid for that node's name (plus `localhost` and
@@ -251,26 +241,15 @@ impl CertificateAuthority {
         names: &[&str],
         uri: &str,
     ) -> Result<IssuedCertificate, TlsError> {
-        let key = KeyPair::generate().map_err(gen_err)?;
-        let mut sans: Vec<String> = names.iter().map(|n| (*n).to_string()).collect();
-        sans.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
-        let mut params = CertificateParams::new(sans).map_err(gen_err)?;
-        params
-            .subject_alt_names
-            .push(SanType::URI(uri.try_into().map_err(gen_err)?));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
-        Ok(IssuedCertificate {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        let mut all: Vec<String> = names.iter().map(|n| (*n).to_string()).collect();
+        all.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+        Ok(self.ca.issue(&Leaf {
+            common_name,
+            names: all,
+            uris: vec![uri.to_string()],
+            usage: Usage::ServerAndClient,
+            validity: self.validity,
+        })?)
     }
 }
 
