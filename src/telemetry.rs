@@ -64,3 +64,50 @@ pub fn metrics_response(
         encode_metrics(registry),
     )
 }
+
+/// The operator endpoints' HTTP server on `--metrics-addr` (`/metrics`, `/healthz`,
+/// `/readyz`: each component brings its own router), the same for every component.
+pub struct OpsServer {
+    local: SocketAddr,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl OpsServer {
+    /// Binds `addr` now, so a bad address fails at start-up, and serves `router` until
+    /// `shutdown` completes.
+    pub async fn start(
+        addr: SocketAddr,
+        router: axum::Router,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind the metrics address {addr} (--metrics-addr)"))?;
+        let local = listener
+            .local_addr()
+            .context("read the bound metrics address")?;
+        tracing::info!(%local, "serving /metrics, /healthz and /readyz");
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        });
+        Ok(Self { local, task })
+    }
+
+    /// The bound address (the port the kernel picked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Waits for the graceful stop that `shutdown` began, at most 5 s.
+    pub async fn finish(self) {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "the metrics server failed"),
+            Ok(Err(error)) => tracing::warn!(%error, "the metrics server task failed"),
+            Err(_) => tracing::warn!("the metrics server did not stop within 5 s"),
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! subcommand runs it alone, for the local mode, the demo and multi-process tests. It
 //! starts as a standby at epoch 0 and waits for the controller to assign a role.
 
+use crate::telemetry::OpsServer;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -151,11 +152,7 @@ async fn serve(args: AgentArgs, common: CommonArgs) -> anyhow::Result<()> {
     let mut ops = None;
     if let Some(addr) = common.metrics_addr {
         let router = mirror::metrics::ops_router(Arc::new(registry), served.agent.clone());
-        let (local, server) = crate::node::ops::bind(addr, router, stopped())
-            .await
-            .with_context(|| format!("bind the metrics address {addr}"))?;
-        tracing::info!(%local, "serving /metrics, /healthz and /readyz");
-        ops = Some(tokio::spawn(server));
+        ops = Some(OpsServer::start(addr, router, stopped()).await?);
     }
     // The one line on stdout: how scripts and tests learn a port picked by the kernel.
     println!(
@@ -170,7 +167,7 @@ async fn serve(args: AgentArgs, common: CommonArgs) -> anyhow::Result<()> {
     });
     served.wait().await?;
     if let Some(ops) = ops {
-        let _ = tokio::time::timeout(Duration::from_secs(5), ops).await;
+        ops.finish().await;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `hsm-secrets controller`: the HSMDevice controller (leader-elected), over the
 //! Kubernetes API or, with `--state DIR`, the file-backed state of the no-cluster mode.
 
+use crate::telemetry::OpsServer;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -153,13 +154,13 @@ pub fn run(args: ControllerArgs, common: CommonArgs) -> anyhow::Result<()> {
                     metrics.clone(),
                     ops::stale_after(probe_interval),
                 );
-                let (local, server) = crate::node::ops::bind(addr, router, stopped())
-                    .await
-                    .with_context(|| format!("bind the metrics address {addr}"))?;
-                tracing::info!(%local, "serving /metrics, /healthz and /readyz");
+                let server = OpsServer::start(addr, router, stopped()).await?;
                 // How scripts and tests learn a port picked by the kernel.
-                println!("hsm-secrets controller serving /metrics, /healthz and /readyz on {local}");
-                Some(tokio::spawn(server))
+                println!(
+                    "hsm-secrets controller serving /metrics, /healthz and /readyz on {}",
+                    server.local_addr()
+                );
+                Some(server)
             }
             None => None,
         };
@@ -264,11 +265,7 @@ pub fn run(args: ControllerArgs, common: CommonArgs) -> anyhow::Result<()> {
             }
         }
         if let Some(server) = ops_server {
-            match tokio::time::timeout(Duration::from_secs(5), server).await {
-                Ok(Ok(Err(error))) => tracing::warn!(%error, "metrics server failed"),
-                Err(_) => tracing::warn!("metrics server did not stop within 5s"),
-                _ => {}
-            }
+            server.finish().await;
         }
         Ok(())
     })

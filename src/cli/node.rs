@@ -1,5 +1,6 @@
 //! `hsm-secrets node`: the CSI node plugin (one per node, a DaemonSet).
 
+use crate::telemetry::OpsServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -284,11 +285,7 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
     if let Some(addr) = common.metrics_addr {
         let mounts = audit.as_ref().map(|a| a.mounts().clone());
         let router = ops::router(Arc::new(registry), source.clone(), mounts);
-        let (local, server) = ops::bind(addr, router, stopped())
-            .await
-            .with_context(|| format!("bind the metrics address {addr}"))?;
-        tracing::info!(%local, "serving /metrics, /healthz and /readyz");
-        ops_server = Some(tokio::spawn(server));
+        ops_server = Some(OpsServer::start(addr, router, stopped()).await?);
     }
 
     let config = NodeConfig::new(&args.node_name)
@@ -339,11 +336,7 @@ async fn serve(args: NodeArgs, common: CommonArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(server) = ops_server {
-        match tokio::time::timeout(Duration::from_secs(5), server).await {
-            Ok(Ok(Err(error))) => tracing::warn!(%error, "metrics server failed"),
-            Err(_) => tracing::warn!("metrics server did not stop within 5s"),
-            _ => {}
-        }
+        server.finish().await;
     }
     served.with_context(|| format!("serve CSI on {}", args.endpoint))?;
     tracing::info!("stopped");

@@ -1,5 +1,6 @@
 //! `hsm-secrets webhook`: the admission webhook server.
 
+use crate::telemetry::OpsServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -153,40 +154,21 @@ async fn serve(args: WebhookArgs, common: CommonArgs) -> anyhow::Result<()> {
     };
     let webhook = webhook.with_certificate(&tls);
     let ops = match common.metrics_addr {
-        Some(addr) => Some(serve_ops(addr, webhook.clone(), stopped()).await?),
+        Some(addr) => {
+            // Over plain HTTP (they stay on the HTTPS port as well).
+            let router = hsm_secrets_webhook::ops_router(webhook.clone());
+            Some(OpsServer::start(addr, router, stopped()).await?)
+        }
         None => None,
     };
     let listener = hsm_secrets_webhook::bind(args.listen).await?;
     let router = hsm_secrets_webhook::router(webhook);
     hsm_secrets_webhook::serve(listener, router, tls, stopped()).await?;
     if let Some(ops) = ops {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), ops).await;
+        ops.finish().await;
     }
     tracing::info!("webhook stopped");
     Ok(())
-}
-
-/// `/metrics`, `/healthz` and `/readyz` over plain HTTP on `--metrics-addr` (they stay
-/// on the HTTPS port as well).
-async fn serve_ops(
-    addr: std::net::SocketAddr,
-    webhook: WebhookState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("bind the metrics address {addr} (--metrics-addr)"))?;
-    let local = listener.local_addr().context("read the metrics address")?;
-    tracing::info!(%local, "serving /metrics, /healthz and /readyz");
-    let router = hsm_secrets_webhook::ops_router(webhook);
-    Ok(tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::warn!(%error, "the metrics server failed");
-        }
-    }))
 }
 
 fn bootstrap_config(args: &WebhookArgs) -> BootstrapConfig {

@@ -4,8 +4,6 @@
 //! reports whether volumes can be published (HSMSecrets synchronized, token open and
 //! answering), with the reason when not.
 
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -79,21 +77,4 @@ async fn readyz<S: VolumeSource>(State(ops): State<Arc<Ops<S>>>) -> impl IntoRes
             format!("not ready: {reason}\n"),
         ),
     }
-}
-
-/// Binds `addr` (so a bad address fails at start-up) and returns the server future, which
-/// runs until `shutdown` completes.
-pub async fn bind(
-    addr: SocketAddr,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    let server = async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-    };
-    Ok((local, server))
 }
