@@ -7,8 +7,7 @@
 //! Run: `cargo bench --bench api_writes` (no SoftHSM needed).
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/kit/mod.rs"]
-mod kit;
+use hsm_secrets_testkit as kit;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -16,8 +16,7 @@
 //! (writes/s, 100), `BENCH_LOAD_SECONDS` (10).
 
 mod common;
-#[path = "../tests/kit/mod.rs"]
-mod kit;
+use hsm_secrets_testkit as kit;
 use kit::s3;
 
 use std::collections::BTreeMap;

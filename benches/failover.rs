@@ -6,8 +6,7 @@
 //! Run: `cargo bench --bench failover` (needs softhsm2).
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/kit/mod.rs"]
-mod kit;
+use hsm_secrets_testkit as kit;
 
 use std::time::{Duration, Instant};
 

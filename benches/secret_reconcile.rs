@@ -23,8 +23,7 @@
 //! Run: `cargo bench --bench secret_reconcile` (or `--profile dev`).
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/kit/mod.rs"]
-mod kit;
+use hsm_secrets_testkit as kit;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

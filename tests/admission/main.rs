@@ -1,8 +1,7 @@
 //! The admission webhooks: bootstrap, router, TLS, their manifests, and property tests of every parser of outside input.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../kit/mod.rs"]
-mod kit;
+use hsm_secrets_testkit as kit;
 
 mod bootstrap;
 mod manifests;

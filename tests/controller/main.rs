@@ -1,8 +1,7 @@
 //! The controller: failover rounds, discovery, its process and restarts, operations, and its state (file and Kubernetes API).
 #![allow(clippy::unwrap_used)]
 
-#[path = "../kit/mod.rs"]
-mod kit;
+use hsm_secrets_testkit as kit;
 
 mod cli;
 mod discovery;

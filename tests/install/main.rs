@@ -1,8 +1,7 @@
 //! What an operator installs: manifests, examples, CRDs, the Dockerfile, generated code kept fresh.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../kit/mod.rs"]
-mod kit;
+use hsm_secrets_testkit as kit;
 
 mod codegen;
 mod crd;

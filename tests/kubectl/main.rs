@@ -1,8 +1,7 @@
 //! `kubectl hsm`: API calls, arguments, prompts, rendering.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../kit/mod.rs"]
-mod kit;
+use hsm_secrets_testkit as kit;
 
 mod api;
 mod args;

@@ -1,8 +1,7 @@
 //! The agent and mirroring: the secret store on SoftHSM, sync, fencing, identity, TLS, endpoints, agent processes.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../kit/mod.rs"]
-mod kit;
+use hsm_secrets_testkit as kit;
 
 mod agent_restart;
 mod endpoints;

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use crate::kit;
-use crate::token_or_skip;
+use hsm_secrets_testkit::token_or_skip;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,8 +1,7 @@
 //! The CSI node plugin: publishing, its agent, catalog, CLI, Events, redaction.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../kit/mod.rs"]
-mod kit;
+use hsm_secrets_testkit as kit;
 
 mod agent;
 mod catalog;

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use crate::kit;
-use crate::token_or_skip;
+use hsm_secrets_testkit::token_or_skip;
 use std::sync::Arc;
 
 use hsm_secrets::hsm::{FaultKind, FaultPlan, FaultyStore, SecretStore};

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use crate::kit;
-use crate::token_or_skip;
+use hsm_secrets_testkit::token_or_skip;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 

@@ -1,8 +1,7 @@
 //! The HSMSecret reconciler: scenarios, files, redaction, the controller loop.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../kit/mod.rs"]
-mod kit;
+use hsm_secrets_testkit as kit;
 
 mod controller;
 mod files;

@@ -65,7 +65,7 @@ impl UnprivilegedRun {
         std::fs::create_dir(&bin).unwrap();
         std::fs::create_dir(&work).unwrap();
         let binary = bin.join("hsm-secrets");
-        std::fs::copy(env!("CARGO_BIN_EXE_hsm-secrets"), &binary).unwrap();
+        std::fs::copy(crate::binary(), &binary).unwrap();
         std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
         if nix::unistd::geteuid().is_root() {
             for path in [&bin, &work, &binary] {
@@ -100,7 +100,7 @@ impl UnprivilegedRun {
 }
 
 pub fn command() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"));
+    let mut command = Command::new(crate::binary());
     command.env("RUST_BACKTRACE", "0").stdin(Stdio::null());
     command
 }

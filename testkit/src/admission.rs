@@ -23,7 +23,7 @@ pub fn fixture(name: &str) -> Value {
 pub fn fixture_text(name: &str) -> String {
     let path = format!(
         "{}/tests/fixtures/admission/{name}",
-        env!("CARGO_MANIFEST_DIR")
+        crate::repo_dir().display()
     );
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }

@@ -53,10 +53,10 @@ pub fn mounts_available() -> bool {
 #[macro_export]
 macro_rules! token_or_skip {
     ($label:expr) => {{
-        if !kit::node::mounts_available() {
+        if !$crate::node::mounts_available() {
             return;
         }
-        match kit::softhsm::TestToken::new($label) {
+        match $crate::softhsm::TestToken::new($label) {
             Some(t) => t,
             None => return,
         }

@@ -20,8 +20,8 @@ use hsm_secrets::mirror::{
 };
 use tokio::task::JoinHandle;
 
-use crate::kit::softhsm;
-pub use crate::kit::softhsm::TestToken;
+use crate::softhsm;
+pub use crate::softhsm::TestToken;
 
 /// The name the test's controller identity has in the PKI.
 pub const CONTROLLER: &str = "controller";
@@ -432,7 +432,7 @@ pub async fn spawn_agent_process_at(
     use tokio::io::AsyncBufReadExt;
     let token = tokens.token(label).unwrap();
     let files = pki.generated.files(name).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
+    let mut child = tokio::process::Command::new(crate::binary())
         .args(["agent", "--node", name, "--listen", listen])
         .arg("--pkcs11-library")
         .arg(&token.library)
@@ -487,7 +487,7 @@ pub fn spawn_controller_process(
         .map(|p| format!("{}={}", p.peer.node, p.peer.endpoint))
         .collect::<Vec<_>>()
         .join(",");
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
+    tokio::process::Command::new(crate::binary())
         .arg("controller")
         .arg("--state")
         .arg(state_dir)

@@ -17,8 +17,8 @@ use hsm_secrets::secret_sync::{
 use k8s_openapi::ByteString;
 use serde_json::{Value, json};
 
-use crate::kit::mirror::{HOUR, Pki};
-use crate::kit::mock_api::{self, Handle, Seen};
+use crate::mirror::{HOUR, Pki};
+use crate::mock_api::{self, Handle, Seen};
 
 pub const NS: &str = "shop";
 pub const UID: &str = "2f1c-hsmsecret-uid";
