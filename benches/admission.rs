@@ -11,6 +11,8 @@
 //! default 1.5), BENCH_ROUNDS (per variant and mode, default 6), BENCH_RATE
 //! (paced requests/s, default 1000).
 
+use hsm_secrets_testkit as kit;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,24 +60,18 @@ impl AdmissionRules for AllowAll {
 
 fn cluster() -> MemoryState {
     let state = MemoryState::new();
-    let device = serde_json::from_value(json!({
-        "apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMDevice",
-        "metadata": {"name": "prod-hsm"},
-        "spec": {"pkcs11": {"library": "/usr/lib/softhsm/libsofthsm2.so", "tokenLabel": "prod",
-                            "pinSecretRef": {"namespace": "hsm-secrets-system", "name": "pin"}},
-                 "mirroring": {"policy": "ReadOnly", "primaryNode": "worker-1", "targetNodes": ["worker-2"]}},
-        "status": {"primaryNode": "worker-1", "phase": "Ready"}
-    }))
-    .expect("device");
-    state.put_device(device);
+    state.put_device(
+        kit::resources::device("prod-hsm")
+            .mirrored(Some("worker-1"), &["worker-2"])
+            .status_json(json!({"primaryNode": "worker-1", "phase": "Ready"}))
+            .build(),
+    );
     for name in ["db-credentials", "api-key"] {
-        let secret = serde_json::from_value(json!({
-            "apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMSecret",
-            "metadata": {"name": name, "namespace": "shop"},
-            "spec": {"deviceRef": "prod-hsm", "access": {"serviceAccounts": ["checkout"]}}
-        }))
-        .expect("secret");
-        state.put_secret(secret);
+        state.put_secret(
+            kit::resources::secret("shop", name)
+                .accounts(&["checkout"])
+                .build(),
+        );
     }
     state
 }

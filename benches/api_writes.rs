@@ -64,9 +64,14 @@ async fn measure(count: usize) -> BTreeMap<String, usize> {
             api.put(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}));
         }
         let targets: Vec<&str> = names[1..].iter().map(String::as_str).collect();
-        let mut device =
-            serde_json::to_value(kit::fixtures::mirrored_device(Some(&names[0]), &targets, 3))
-                .unwrap();
+        let mut device = serde_json::to_value(
+            kit::resources::device("prod-hsm")
+                .mirrored(Some(&names[0]), &targets)
+                .sync_interval(300)
+                .auto_failover(3)
+                .build(),
+        )
+        .unwrap();
         device["metadata"]["name"] = json!(format!("dev-{d}"));
         device["metadata"]["uid"] = json!(format!("uid-{d}"));
         api.put(device);

@@ -50,11 +50,13 @@ async fn one_round(round: usize) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     let state = FileState::open(dir.path()).unwrap();
     state
-        .apply_device(&kit::fixtures::mirrored_device(
-            Some("n1"),
-            &["n2", "n3"],
-            3,
-        ))
+        .apply_device(
+            &kit::resources::device("prod-hsm")
+                .mirrored(Some("n1"), &["n2", "n3"])
+                .sync_interval(300)
+                .auto_failover(3)
+                .build(),
+        )
         .unwrap();
     let _controller =
         spawn_controller_process(&pki, dir.path(), &procs.iter().collect::<Vec<_>>(), "error");

@@ -96,14 +96,7 @@ fn not_found() -> Response<Body> {
 }
 
 fn device() -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMDevice",
-        "metadata": {"name": "dev", "resourceVersion": "5"},
-        "spec": {"pkcs11": {"library": "/x.so", "tokenLabel": "t",
-            "pinSecretRef": {"namespace": "hsm-secrets-system", "name": "pin", "key": "pin"}}},
-        "status": {"primaryNode": "n1", "epoch": 1, "phase": "Ready"}
-    }))
-    .unwrap()
+    serde_json::to_vec(&kit::secret::device("Ready")).unwrap()
 }
 
 async fn answer(objects: Arc<Mutex<Objects>>, req: Request<Body>) -> Response<Body> {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use axum::body::Body;
 use bytes::Bytes;
 use hsm_secrets::admission::{MemoryState, Rules};
-use hsm_secrets::crd::{HSMDevice, HSMSecret};
 use hsm_secrets_webhook::{WebhookConfig, WebhookState, router};
 use http_body_util::BodyExt as _;
 use k8s_openapi::ByteString;
@@ -35,32 +34,6 @@ pub enum DeviceHealth {
     ReadOnlyFallback,
 }
 
-pub fn device(name: &str, label: &str, status: Value) -> HSMDevice {
-    serde_json::from_value(json!({
-        "apiVersion": "hsmsecrets.io/v1alpha1",
-        "kind": "HSMDevice",
-        "metadata": {"name": name},
-        "spec": {
-            "pkcs11": {"library": "/usr/lib/softhsm/libsofthsm2.so", "tokenLabel": label,
-                       "pinSecretRef": {"namespace": "hsm-secrets-system", "name": format!("{name}-pin")}},
-            "mirroring": {"policy": "ReadOnly", "autoFailover": false, "primaryNode": "worker-1",
-                          "targetNodes": ["worker-2", "worker-3"]}
-        },
-        "status": status,
-    }))
-    .unwrap()
-}
-
-pub fn secret(namespace: &str, name: &str, device: &str, service_accounts: &[&str]) -> HSMSecret {
-    serde_json::from_value(json!({
-        "apiVersion": "hsmsecrets.io/v1alpha1",
-        "kind": "HSMSecret",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"deviceRef": device, "access": {"serviceAccounts": service_accounts}},
-    }))
-    .unwrap()
-}
-
 /// The cluster the fixtures were written against: `prod-hsm` (primary
 /// worker-1, mirrors worker-2/3), `other-hsm`, and HSMSecrets in `shop`:
 /// `db-credentials` (prod-hsm, for service account `checkout`) and
@@ -86,14 +59,36 @@ pub fn cluster(health: DeviceHealth) -> MemoryState {
             ]
         }),
     };
-    state.put_device(device("prod-hsm", "prod", prod_status));
-    state.put_device(device(
-        "other-hsm",
-        "other",
-        json!({"primaryNode": "worker-1", "phase": "Ready"}),
-    ));
-    state.put_secret(secret("shop", "db-credentials", "prod-hsm", &["checkout"]));
-    state.put_secret(secret("shop", "payments-key", "other-hsm", &[]));
+    state.put_device(
+        crate::resources::device("prod-hsm")
+            .token("prod")
+            .pin_secret("hsm-secrets-system", &format!("{}-pin", "prod-hsm"))
+            .mirrored(Some("worker-1"), &["worker-2", "worker-3"])
+            .manual_failover()
+            .status_json(prod_status)
+            .build(),
+    );
+    state.put_device(
+        crate::resources::device("other-hsm")
+            .token("other")
+            .pin_secret("hsm-secrets-system", &format!("{}-pin", "other-hsm"))
+            .mirrored(Some("worker-1"), &["worker-2", "worker-3"])
+            .manual_failover()
+            .status_json(json!({"primaryNode": "worker-1", "phase": "Ready"}))
+            .build(),
+    );
+    state.put_secret(
+        crate::resources::secret("shop", "db-credentials")
+            .device("prod-hsm")
+            .accounts(&["checkout"])
+            .build(),
+    );
+    state.put_secret(
+        crate::resources::secret("shop", "payments-key")
+            .device("other-hsm")
+            .accounts(&[])
+            .build(),
+    );
     state
 }
 

@@ -7,11 +7,11 @@
 pub mod admission;
 pub mod api_rules;
 pub mod fake_api;
-pub mod fixtures;
 pub mod local;
 pub mod mirror;
 pub mod mock_api;
 pub mod node;
+pub mod resources;
 pub mod s3;
 pub mod secret;
 pub mod sim_agents;

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hsm_secrets::crd::{AccessSpec, HSMSecret, HSMSecretSpec};
 use hsm_secrets::hsm::{Expect, SecretData, SecretPath, SecretStore};
 use hsm_secrets::node::{
     AuditLog, HsmVolumeSource, LocalDevice, Mounts, NodeMetrics, StaticCatalog,
@@ -61,26 +60,6 @@ macro_rules! token_or_skip {
             None => return,
         }
     }};
-}
-
-/// An HSMSecret in `namespace` on `device`; `accounts` empty = any service account.
-pub fn hsm_secret(namespace: &str, name: &str, device: &str, accounts: &[&str]) -> HSMSecret {
-    let mut secret = HSMSecret::new(
-        name,
-        HSMSecretSpec {
-            device_ref: device.into(),
-            secret_name: None,
-            secret_type: None,
-            sync_interval: None,
-            source: None,
-            access: (!accounts.is_empty()).then(|| AccessSpec {
-                service_accounts: accounts.iter().map(|a| a.to_string()).collect(),
-            }),
-            deletion_policy: None,
-        },
-    );
-    secret.metadata.namespace = Some(namespace.into());
-    secret
 }
 
 pub fn data(pairs: &[(&str, &[u8])]) -> SecretData {

@@ -306,13 +306,11 @@ pub fn path() -> SecretPath {
 }
 
 pub fn device(phase: &str) -> Value {
-    json!({
-        "apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMDevice",
-        "metadata": {"name": "dev", "resourceVersion": "5"},
-        "spec": {"pkcs11": {"library": "/usr/lib/softhsm/libsofthsm2.so", "tokenLabel": "t",
-            "pinSecretRef": {"namespace": "hsm-secrets-system", "name": "pin", "key": "pin"}}},
-        "status": {"primaryNode": "n1", "epoch": 1, "phase": phase}
-    })
+    crate::resources::device("dev")
+        .token("t")
+        .resource_version("5")
+        .status_json(json!({"primaryNode": "n1", "epoch": 1, "phase": phase}))
+        .json()
 }
 
 /// An HSMSecret shop/db on device `dev`.

@@ -925,7 +925,10 @@ async fn bad_layouts_are_denied_naming_the_annotation_and_the_fix() {
     let state = cluster(DeviceHealth::Ready);
     // An HSMSecret whose keys are known from its status: names they cannot take are
     // refused at admission.
-    let mut known = kit::admission::secret("shop", "db-credentials", "prod-hsm", &["checkout"]);
+    let mut known = kit::resources::secret("shop", "db-credentials")
+        .device("prod-hsm")
+        .accounts(&["checkout"])
+        .build();
     known.status = Some(serde_json::from_value(json!({"keys": ["password", "tls.crt"]})).unwrap());
     state.put_secret(known);
     let (app, _, _) = app(state);

@@ -43,10 +43,12 @@ async fn serve_at(node: &TestNode, ip: &str, port: u16) -> u16 {
 }
 
 fn device(name: &str, label: &str, primary: Option<&str>, targets: &[&str]) -> HSMDevice {
-    let mut d = kit::fixtures::mirrored_device(primary, targets, 3);
-    d.metadata.name = Some(name.into());
-    d.spec.pkcs11.token_label = label.into();
-    d
+    kit::resources::device(name)
+        .token(label)
+        .mirrored(primary, targets)
+        .sync_interval(300)
+        .auto_failover(3)
+        .build()
 }
 
 /// One controller round's resolution: refresh (one Node list, answered by `nodes`).

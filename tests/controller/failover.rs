@@ -81,11 +81,13 @@ async fn setup() -> Option<Setup> {
     let dir = tempfile::tempdir().unwrap();
     let state = Arc::new(FileState::open(dir.path()).unwrap());
     state
-        .apply_device(&kit::fixtures::mirrored_device(
-            Some("n1"),
-            &["n2", "n3"],
-            2,
-        ))
+        .apply_device(
+            &kit::resources::device("prod-hsm")
+                .mirrored(Some("n1"), &["n2", "n3"])
+                .sync_interval(300)
+                .auto_failover(2)
+                .build(),
+        )
         .unwrap();
     let lease = Duration::from_millis(1500);
     let agents = Arc::new(

@@ -68,7 +68,13 @@ async fn metrics_health_and_readiness_are_served_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let state = FileState::open(dir.path()).unwrap();
     state
-        .apply_device(&kit::fixtures::mirrored_device(Some("n1"), &[], 3))
+        .apply_device(
+            &kit::resources::device("prod-hsm")
+                .mirrored(Some("n1"), &[])
+                .sync_interval(300)
+                .auto_failover(3)
+                .build(),
+        )
         .unwrap();
     let files = pki.generated.files(CONTROLLER).unwrap();
     let mut controller = tokio::process::Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))

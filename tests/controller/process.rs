@@ -53,7 +53,11 @@ impl Processes {
         }
         let dir = tempfile::tempdir().unwrap();
         let state = FileState::open(dir.path()).unwrap();
-        let mut device: HSMDevice = kit::fixtures::mirrored_device(Some("n1"), &["n2", "n3"], 3);
+        let mut device: HSMDevice = kit::resources::device("prod-hsm")
+            .mirrored(Some("n1"), &["n2", "n3"])
+            .sync_interval(300)
+            .auto_failover(3)
+            .build();
         if let Some(m) = device.spec.mirroring.as_mut() {
             m.policy = policy;
         }

@@ -48,7 +48,13 @@ async fn cluster(l1: &'static str, l2: &'static str) -> Option<Cluster> {
     let dir = tempfile::tempdir().unwrap();
     let state = Arc::new(FileState::open(dir.path()).unwrap());
     state
-        .apply_device(&kit::fixtures::mirrored_device(Some("n1"), &["n2"], 2))
+        .apply_device(
+            &kit::resources::device("prod-hsm")
+                .mirrored(Some("n1"), &["n2"])
+                .sync_interval(300)
+                .auto_failover(2)
+                .build(),
+        )
         .unwrap();
     let lease = Duration::from_secs(5);
     let agents = Arc::new(

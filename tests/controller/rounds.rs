@@ -37,11 +37,13 @@ async fn bootstrap_failover_after_fence_and_rejoin_without_failback() {
     let dir = tempfile::tempdir().unwrap();
     let state = Arc::new(FileState::open(dir.path()).unwrap());
     state
-        .apply_device(&kit::fixtures::mirrored_device(
-            Some("n1"),
-            &["n2", "n3"],
-            3,
-        ))
+        .apply_device(
+            &kit::resources::device("prod-hsm")
+                .mirrored(Some("n1"), &["n2", "n3"])
+                .sync_interval(300)
+                .auto_failover(3)
+                .build(),
+        )
         .unwrap();
     let lease = Duration::from_millis(300);
     let agents = Arc::new(SimAgents::new(lease, &[("n1", 10), ("n2", 10), ("n3", 7)]));
@@ -181,7 +183,11 @@ async fn bootstrap_round_makes_exactly_the_expected_api_calls() {
         PlanConfig::default(),
         ControllerMetrics::default(),
     );
-    let mut dev = kit::fixtures::mirrored_device(Some("n1"), &["n2", "n3"], 3);
+    let mut dev = kit::resources::device("prod-hsm")
+        .mirrored(Some("n1"), &["n2", "n3"])
+        .sync_interval(300)
+        .auto_failover(3)
+        .build();
     dev.metadata.resource_version = Some("100".into());
     dev.metadata.generation = Some(1);
     let server = answer_every_call(api, serde_json::to_value(&dev.spec).unwrap(), "101");
@@ -245,11 +251,13 @@ async fn failover_round_makes_exactly_the_expected_api_calls() {
     let dir = tempfile::tempdir().unwrap();
     let files = Arc::new(FileState::open(dir.path()).unwrap());
     files
-        .apply_device(&kit::fixtures::mirrored_device(
-            Some("n1"),
-            &["n2", "n3"],
-            3,
-        ))
+        .apply_device(
+            &kit::resources::device("prod-hsm")
+                .mirrored(Some("n1"), &["n2", "n3"])
+                .sync_interval(300)
+                .auto_failover(3)
+                .build(),
+        )
         .unwrap();
     let lease = Duration::from_millis(50);
     let agents = Arc::new(SimAgents::new(lease, &[("n1", 4), ("n2", 4), ("n3", 3)]));
@@ -347,8 +355,14 @@ async fn idle_rounds_write_nothing_but_the_leader_lease() {
     for node in ["n1", "n2", "n3"] {
         api.put(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}));
     }
-    let mut device =
-        serde_json::to_value(kit::fixtures::mirrored_device(Some("n1"), &["n2", "n3"], 3)).unwrap();
+    let mut device = serde_json::to_value(
+        kit::resources::device("prod-hsm")
+            .mirrored(Some("n1"), &["n2", "n3"])
+            .sync_interval(300)
+            .auto_failover(3)
+            .build(),
+    )
+    .unwrap();
     device["metadata"]["uid"] = json!("dev-uid-1");
     api.put(device);
     let state = Arc::new(KubeState::new(api.client(), "hsm-secrets-system", None));
@@ -445,12 +459,24 @@ async fn a_hanging_device_does_not_delay_another_devices_failover() {
     for node in ["n1", "n2", "n3", "s1", "s2"] {
         api.put(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}));
     }
-    let mut prod =
-        serde_json::to_value(kit::fixtures::mirrored_device(Some("n1"), &["n2", "n3"], 3)).unwrap();
+    let mut prod = serde_json::to_value(
+        kit::resources::device("prod-hsm")
+            .mirrored(Some("n1"), &["n2", "n3"])
+            .sync_interval(300)
+            .auto_failover(3)
+            .build(),
+    )
+    .unwrap();
     prod["metadata"]["uid"] = json!("uid-prod");
     api.put(prod);
-    let mut stuck =
-        serde_json::to_value(kit::fixtures::mirrored_device(Some("s1"), &["s2"], 3)).unwrap();
+    let mut stuck = serde_json::to_value(
+        kit::resources::device("prod-hsm")
+            .mirrored(Some("s1"), &["s2"])
+            .sync_interval(300)
+            .auto_failover(3)
+            .build(),
+    )
+    .unwrap();
     stuck["metadata"]["name"] = json!("stuck-hsm");
     stuck["metadata"]["uid"] = json!("uid-stuck");
     api.put(stuck);

@@ -3,30 +3,11 @@
 
 use std::time::Duration;
 
-use hsm_secrets::crd::{
-    DevicePhase, HSMDevice, HSMDeviceSpec, HSMDeviceStatus, Pkcs11Spec, SecretKeyRef,
-};
+use hsm_secrets::crd::{DevicePhase, HSMDevice, HSMDeviceStatus};
 use hsm_secrets::state::{EventRecord, EventType, FileState, ObjectRef, StateError, StateStore};
 
 fn device(name: &str) -> HSMDevice {
-    HSMDevice::new(
-        name,
-        HSMDeviceSpec {
-            pkcs11: Pkcs11Spec {
-                library: "/usr/lib/softhsm/libsofthsm2.so".into(),
-                token_label: "prod".into(),
-                token_serial: None,
-                pin_secret_ref: SecretKeyRef {
-                    namespace: "hsm-secrets-system".into(),
-                    name: "pin".into(),
-                    key: "pin".into(),
-                },
-            },
-            mirroring: None,
-            backup: None,
-            site: None,
-        },
-    )
+    crate::kit::resources::device(name).build()
 }
 
 #[tokio::test]

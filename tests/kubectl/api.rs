@@ -88,15 +88,13 @@ fn device(policy: &str, primary: &str, nodes: Value, extra_status: Value) -> Val
     for (k, v) in extra_status.as_object().unwrap() {
         status[k] = v.clone();
     }
-    json!({
-        "apiVersion": "hsmsecrets.io/v1alpha1", "kind": "HSMDevice",
-        "metadata": {"name": "prod-hsm", "resourceVersion": "5"},
-        "spec": {
-            "pkcs11": {"library": "/l.so", "tokenLabel": "prod", "pinSecretRef": {"namespace": "s", "name": "p"}},
-            "mirroring": {"policy": policy}
-        },
-        "status": status
-    })
+    kit::resources::device("prod-hsm")
+        .library("/l.so")
+        .pin_secret("s", "p")
+        .policy(serde_json::from_value(json!(policy)).unwrap())
+        .resource_version("5")
+        .status_json(status)
+        .json()
 }
 
 fn three_nodes() -> Value {

@@ -10,14 +10,19 @@ use hsm_secrets::hsm::{FaultKind, FaultPlan, FaultyStore, SecretStore};
 use hsm_secrets::node::{LocalDevice, StaticCatalog};
 use hsm_secrets_csi::source::pod_info;
 use kit::node::{
-    DEVICE, GID, NAMESPACE, NodeHarness, SERVICE_ACCOUNT, assert_nothing_left, hsm_secret,
-    is_mounted, mode_and_gid, put, read, visible_files, volume, with_attribute,
+    DEVICE, GID, NAMESPACE, NodeHarness, SERVICE_ACCOUNT, assert_nothing_left, is_mounted,
+    mode_and_gid, put, read, visible_files, volume, with_attribute,
 };
 use tonic::Code;
 
 fn catalog(secrets: &[(&str, &str, &str, &[&str])]) -> Arc<StaticCatalog> {
     Arc::new(StaticCatalog::new(secrets.iter().map(
-        |(ns, name, device, accounts)| hsm_secret(ns, name, device, accounts),
+        |(ns, name, device, accounts)| {
+            kit::resources::secret(ns, name)
+                .device(device)
+                .accounts(accounts)
+                .build()
+        },
     )))
 }
 

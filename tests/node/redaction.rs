@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use hsm_secrets::hsm::{FaultKind, FaultPlan, FaultyStore, SecretStore};
 use hsm_secrets::node::StaticCatalog;
-use kit::node::{DEVICE, NAMESPACE, NodeHarness, hsm_secret, put, read, volume};
+use kit::node::{DEVICE, NAMESPACE, NodeHarness, put, read, volume};
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -58,8 +58,14 @@ async fn no_log_line_metric_or_error_carries_secret_bytes() {
     let store: Arc<dyn SecretStore> = Arc::new(FaultyStore::new(token.open().await, plan.clone()));
     put(store.as_ref(), "shop/db", &[("password", FIRST)]).await;
     let catalog = Arc::new(StaticCatalog::new([
-        hsm_secret(NAMESPACE, "db", DEVICE, &["checkout"]),
-        hsm_secret(NAMESPACE, "locked", DEVICE, &["batch"]),
+        kit::resources::secret(NAMESPACE, "db")
+            .device(DEVICE)
+            .accounts(&["checkout"])
+            .build(),
+        kit::resources::secret(NAMESPACE, "locked")
+            .device(DEVICE)
+            .accounts(&["batch"])
+            .build(),
     ]));
     let h = NodeHarness::with_store(catalog, store.clone()).await;
     let target = h.target("uid-1", "secrets");

@@ -37,7 +37,13 @@ async fn file_state_status_follows_the_hsm_through_the_agent() {
     let dir = tempfile::tempdir().unwrap();
     let state = Arc::new(FileState::open(dir.path()).unwrap());
     let device = state
-        .apply_device(&kit::fixtures::mirrored_device(Some("n1"), &[], 3))
+        .apply_device(
+            &kit::resources::device("prod-hsm")
+                .mirrored(Some("n1"), &[])
+                .sync_interval(300)
+                .auto_failover(3)
+                .build(),
+        )
         .unwrap();
     state
         .replace_device_status(

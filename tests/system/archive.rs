@@ -1086,7 +1086,11 @@ async fn the_controller_archives_per_spec_backup_and_verifies_on_demand() {
 
     let dir = tempfile::tempdir().unwrap();
     let state = Arc::new(FileState::open(dir.path()).unwrap());
-    let mut device = kit::fixtures::mirrored_device(Some("n1"), &[], 2);
+    let mut device = kit::resources::device("prod-hsm")
+        .mirrored(Some("n1"), &[])
+        .sync_interval(300)
+        .auto_failover(2)
+        .build();
     device.spec.backup = Some(BackupSpec {
         url: "s3://spec-backup/site-a".into(),
         endpoint: Some(s3.endpoint.clone()),
