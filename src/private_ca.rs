@@ -2,7 +2,7 @@
 //!
 //! Two CAs use it: the webhook's, which signs the serving certificate the API server
 //! trusts ([`crate::admission::certificates`]), and the agent CA, which signs every agent's
-//! and the controller's certificate for mutual TLS ([`crate::mirror::tls`]). Each issues
+//! and the controller's certificate for mutual TLS ([`crate::mirror::rpc::tls`]). Each issues
 //! leaves only (path length 0), for whole days from midnight UTC, backdated a day for
 //! nodes with a slow clock. Pure: time and key material in, PEM out.
 

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 use super::LocalError;
-use crate::mirror::tls::TlsFiles;
+use crate::mirror::rpc::tls::TlsFiles;
 use crate::mirror::{AgentConnection, AgentTls, Peer};
 
 /// Deadline of one agent call.

@@ -18,7 +18,7 @@ use crate::crd::{
     Pkcs11Spec, SecretKeyRef,
 };
 use crate::mirror::generate_pki;
-use crate::mirror::tls::TlsFiles;
+use crate::mirror::rpc::tls::TlsFiles;
 use crate::state::FileState;
 
 /// The device of the local system.

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 
 use crate::admission::certificates::CertificateError;
 use crate::mirror::MirrorError;
-use crate::mirror::tls::TlsError;
+use crate::mirror::rpc::tls::TlsError;
 use crate::state::StateError;
 
 /// Errors of the local mode. Messages name what failed and what to do; never a PIN or

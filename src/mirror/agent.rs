@@ -20,17 +20,17 @@ use crate::hsm::{
 };
 
 use super::MirrorError;
-use super::client::AgentConnection;
-use super::convert;
 use super::facts::AgentFacts;
 use super::fencing::{AgentClock, Assignment, Control};
-use super::identity::Identity;
 use super::local::{Applied, Guard, Local};
 use super::metrics::RpcMetrics;
-use super::pb;
 use super::replication::{self, SyncSet};
+use super::rpc::client::AgentConnection;
+use super::rpc::convert;
+use super::rpc::identity::Identity;
+use super::rpc::pb;
+use super::rpc::tls::AgentTls;
 use super::sync::{self, FullPassReport, PullReport, SyncHandle, SyncSettings, SyncState};
-use super::tls::AgentTls;
 
 /// How an agent runs.
 #[derive(Clone, Debug)]
@@ -176,7 +176,7 @@ struct Inner {
     /// Whether the device's site takes writes (multi-site devices); open otherwise.
     site: Mutex<super::site::SiteGate>,
     /// Who answers the Archive RPC on this node, once the node set it up.
-    archive: std::sync::OnceLock<Arc<dyn super::service::ArchiveControl>>,
+    archive: std::sync::OnceLock<Arc<dyn super::rpc::ArchiveControl>>,
 }
 
 impl Agent {
@@ -288,7 +288,7 @@ impl Agent {
 
     /// Hands the Archive RPC to the node's archive supervisor (once; later calls are
     /// ignored).
-    pub fn set_archive_control(&self, control: Arc<dyn super::service::ArchiveControl>) {
+    pub fn set_archive_control(&self, control: Arc<dyn super::rpc::ArchiveControl>) {
         let _ = self.inner.archive.set(control);
     }
 
@@ -315,7 +315,7 @@ impl Agent {
         gate.clone()
     }
 
-    pub fn archive_control(&self) -> Option<Arc<dyn super::service::ArchiveControl>> {
+    pub fn archive_control(&self) -> Option<Arc<dyn super::rpc::ArchiveControl>> {
         self.inner.archive.get().cloned()
     }
 

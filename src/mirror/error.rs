@@ -4,7 +4,7 @@ use tonic::{Code, Status};
 
 use crate::hsm::StoreError;
 
-use super::tls::TlsError;
+use super::rpc::tls::TlsError;
 
 /// What can go wrong serving or calling an agent. Messages name the node, the epoch and
 /// what to do; they never carry secret bytes or PINs.

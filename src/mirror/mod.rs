@@ -55,59 +55,40 @@
 //! and role on its token across restarts (never its write lease: a restarted primary
 //! waits for a renewal), so a returning old primary knows which history it held.
 //!
-//! Generated protobuf code lives in [`pb`] (from `proto/agent.proto`, regenerated and
-//! checked fresh by `tests/install/codegen.rs`).
+//! # Layout
+//!
+//! This folder is the agent's domain: the [`Agent`] itself, its [`fencing`] rules, the
+//! [change index](index), the sync engine ([`sync`], with the pure [`plan`]), pushes to
+//! mirrors (`replication`), the saved [`facts`] and [`site`] gate. [`rpc`] is its wire:
+//! the gRPC service and client, the connection pool, protobuf conversion, mutual TLS,
+//! identities, endpoint discovery and the remote store.
 
 mod agent;
-mod client;
-mod convert;
-pub mod endpoints;
 mod error;
 pub mod facts;
 pub mod fencing;
-pub mod identity;
 pub mod index;
 pub mod journal;
 mod local;
 pub mod metrics;
 pub mod plan;
-pub mod remote;
 mod replication;
-mod serve;
-mod service;
+pub mod rpc;
 pub mod site;
 pub mod sync;
-pub mod tls;
-
-/// Agent protocol messages, client and server (protobuf package `hsmsecrets.agent.v1`).
-#[allow(
-    clippy::all,
-    clippy::pedantic,
-    clippy::nursery,
-    clippy::unwrap_used,
-    missing_docs,
-    rustdoc::all
-)]
-pub mod pb {
-    include!("generated/hsmsecrets.agent.v1.rs");
-}
 
 pub use agent::{
     Agent, AgentConfig, AgentSnapshot, AgentStats, PUSH_WINDOW, WriteOutcome, push_in_sequence,
 };
-pub use client::{AgentConnection, MAX_MESSAGE_BYTES};
-pub use convert::{expect_to_pb, role_from_pb, role_to_pb};
-pub(crate) use convert::{record_from_pb, record_to_pb};
-pub use endpoints::{EndpointResolver, NodeAddressEndpoints, StaticEndpoints};
 pub use error::MirrorError;
 pub use fencing::{AgentClock, Assignment, LeaseDeadline, Peer};
-pub use identity::Identity;
 pub use metrics::{AgentMetrics, RpcMetrics};
-pub use remote::RemoteStore;
-pub use serve::{bind, serve};
-pub use service::{AgentService, ArchiveControl, assignment_from_pb};
-pub use sync::{FullPassReport, LostWrite, PullReport, SyncSettings, SyncState};
-pub use tls::{
-    AgentTls, CONTROLLER_CERT_NAME, CertificateAuthority, GeneratedPki, IssuedCertificate,
-    TlsError, TlsFiles, generate_pki, write_pem,
+pub(crate) use rpc::convert::{record_from_pb, record_to_pb};
+pub use rpc::{
+    AgentConnection, AgentService, AgentTls, ArchiveControl, CONTROLLER_CERT_NAME,
+    CertificateAuthority, EndpointResolver, GeneratedPki, Identity, IssuedCertificate,
+    MAX_MESSAGE_BYTES, NodeAddressEndpoints, RemoteStore, StaticEndpoints, TlsError, TlsFiles,
+    assignment_from_pb, bind, expect_to_pb, generate_pki, pb, role_from_pb, role_to_pb, serve,
+    write_pem,
 };
+pub use sync::{FullPassReport, LostWrite, PullReport, SyncSettings, SyncState};

@@ -17,11 +17,11 @@ use std::time::{Duration, SystemTime};
 use futures::future::join_all;
 
 use super::MirrorError;
-use super::client::AgentConnection;
 use super::fencing::Peer;
-use super::pb;
+use super::rpc::client::AgentConnection;
+use super::rpc::pb;
+use super::rpc::tls::AgentTls;
 use super::sync::unix_ms;
-use super::tls::AgentTls;
 
 #[derive(Debug)]
 enum MemberState {

@@ -31,11 +31,11 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::hsm::{ManifestEntry, SecretPath, StoreError};
 
 use super::MirrorError;
-use super::client::AgentConnection;
-use super::convert;
 use super::local::{Applied, Guard, Local};
-use super::pb;
 use super::plan::plan_full_pass;
+use super::rpc::client::AgentConnection;
+use super::rpc::convert;
+use super::rpc::pb;
 
 /// How often and how much a mirror syncs.
 #[derive(Clone, Copy, Debug)]

@@ -8,7 +8,7 @@ use std::path::Path;
 const FIX: &str = "run: UPDATE_GENERATED=1 cargo test -p hsm-secrets --test install codegen::";
 const HEADER: &str = "// Generated from proto/agent.proto by tests/install/codegen.rs; do not edit by hand.\n\
      // Regenerate: UPDATE_GENERATED=1 cargo test -p hsm-secrets --test install codegen::\n";
-const GENERATED: &str = "src/mirror/generated/hsmsecrets.agent.v1.rs";
+const GENERATED: &str = "src/mirror/rpc/generated/hsmsecrets.agent.v1.rs";
 
 fn generate() -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

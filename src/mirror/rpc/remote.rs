@@ -21,9 +21,10 @@ use crate::hsm::{
 
 use super::client::AgentConnection;
 use super::convert;
-use super::fencing::Peer;
+use super::pb;
 use super::tls::AgentTls;
-use super::{MirrorError, pb};
+use crate::mirror::MirrorError;
+use crate::mirror::fencing::Peer;
 
 /// How long an agent that failed is passed over (unless every agent is down).
 pub const DOWN_FOR: Duration = Duration::from_secs(5);

@@ -8,9 +8,9 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
-use super::MirrorError;
-use super::agent::Agent;
 use super::service::AgentService;
+use crate::mirror::MirrorError;
+use crate::mirror::agent::Agent;
 
 /// Binds the agent's listen address (port 0 picks a free one; see `local_addr`).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MirrorError> {

@@ -3,7 +3,7 @@
 //! (every node plugin serves its agent on the same port).
 //!
 //! The endpoint only says where to dial: the client still expects the server certificate
-//! to name the node ([`AgentTls::client_config`](super::AgentTls::client_config)), so an
+//! to name the node ([`AgentTls::client_config`](crate::mirror::AgentTls::client_config)), so an
 //! address outside the hsm-secrets PKI fails the handshake. It does not tell one agent
 //! from another: `hsm-secrets pki` issues one agent certificate naming every node.
 
@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
 
-use super::{MirrorError, Peer};
+use crate::mirror::{MirrorError, Peer};
 
 /// Resolves node names to agent endpoints.
 #[async_trait]

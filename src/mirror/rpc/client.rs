@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
-use super::fencing::Peer;
+use super::convert;
 use super::pb;
 use super::pb::agent_client::AgentClient;
 use super::tls::AgentTls;
-use super::{MirrorError, convert};
 use crate::hsm::{Expect, SecretData, SecretPath};
+use crate::mirror::MirrorError;
+use crate::mirror::fencing::Peer;
 
 /// Largest message an agent sends or accepts: one secret may hold 256 keys of 1 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 300 * 1024 * 1024;

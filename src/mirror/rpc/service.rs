@@ -7,14 +7,14 @@ use tonic::{Request, Response, Status};
 use crate::crd::DeviceRole;
 use crate::hsm::{SecretPath, StoreError};
 
-use super::MirrorError;
-use super::agent::{Agent, WriteOutcome};
 use super::client::MAX_MESSAGE_BYTES;
 use super::convert;
-use super::fencing::{AgentClock, Assignment, LeaseDeadline, Peer};
 use super::identity::{self, Identity};
 use super::pb;
 use super::pb::agent_server::AgentServer;
+use crate::mirror::MirrorError;
+use crate::mirror::agent::{Agent, WriteOutcome};
+use crate::mirror::fencing::{AgentClock, Assignment, LeaseDeadline, Peer};
 
 /// What answers the Archive RPC: the node's archive supervisor, which lives outside the
 /// agent (it needs the bucket, the credentials and the token's archive key).

@@ -4,8 +4,8 @@
 use crate::crd::DeviceRole;
 use crate::hsm::{Body, Checksum, Expect, ManifestEntry, Record, SecretData, SecretPath};
 
-use super::MirrorError;
 use super::pb;
+use crate::mirror::MirrorError;
 
 pub(crate) fn record_to_pb(record: &Record) -> pb::Record {
     let data = match &record.body {

@@ -110,7 +110,7 @@ pub fn needs(rpc: &str) -> Needs {
 }
 
 /// Whether `caller` may call `rpc`; the refusal names the RPC and the identity needed.
-pub fn authorize(rpc: &'static str, caller: &Identity) -> Result<(), super::MirrorError> {
+pub fn authorize(rpc: &'static str, caller: &Identity) -> Result<(), crate::mirror::MirrorError> {
     let required = match (needs(rpc), caller) {
         (Needs::AnyCaller, _)
         | (Needs::Member, Identity::Controller | Identity::Agent(_))
@@ -120,7 +120,7 @@ pub fn authorize(rpc: &'static str, caller: &Identity) -> Result<(), super::Mirr
         (Needs::Agent, _) => "agent",
         (Needs::Member, _) => "controller or agent",
     };
-    Err(super::MirrorError::PermissionDenied {
+    Err(crate::mirror::MirrorError::PermissionDenied {
         rpc,
         required,
         caller: caller.describe(),
