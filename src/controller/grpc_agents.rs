@@ -20,20 +20,18 @@ use crate::failover::{
     Action, AgentReport, DeviceView, NodeError, NodeErrorKind, ProbeResult, WriteSetReport,
 };
 use crate::mirror::{
-    AgentConnection, AgentTls, EndpointResolver, MirrorError, Peer, StaticEndpoints, pb,
+    AgentConnection, AgentPool, AgentTls, EndpointResolver, MirrorError, Peer, StaticEndpoints, pb,
 };
 
 /// The agents of every node, found through an [`EndpointResolver`] and reached with
 /// mutual TLS.
 pub struct GrpcAgents {
     resolver: Arc<dyn EndpointResolver>,
-    tls: AgentTls,
-    timeout: Duration,
     lease: Duration,
     /// node → endpoint, as of the last successful [`refresh`](Agents::refresh).
     known: RwLock<BTreeMap<String, String>>,
     /// One lazily dialled channel per node; replaced when the node's endpoint changes.
-    channels: Mutex<BTreeMap<String, AgentConnection>>,
+    pool: AgentPool,
     /// Per device, the nodes [`Agents::nodes`] found last (mirrors of an Active primary).
     members: Mutex<HashMap<String, Vec<String>>>,
     /// Per node, the agent's clock as of its latest Health answer: write leases are
@@ -81,12 +79,10 @@ impl GrpcAgents {
             .iter()
             .map(|p| (p.node.clone(), p.endpoint.clone()))
             .collect();
-        let channels = peers
-            .iter()
-            .map(|p| Ok((p.node.clone(), AgentConnection::new(p, tls, timeout)?)))
-            .collect::<Result<_, MirrorError>>()?;
+        for peer in peers {
+            agents.pool.connect(peer)?;
+        }
         *agents.known.write().unwrap_or_else(|p| p.into_inner()) = known;
-        *lock(&agents.channels) = channels;
         Ok(agents)
     }
 
@@ -100,11 +96,9 @@ impl GrpcAgents {
     ) -> Self {
         Self {
             resolver,
-            tls: tls.clone(),
-            timeout,
             lease,
             known: RwLock::default(),
-            channels: Mutex::default(),
+            pool: AgentPool::new(tls, timeout),
             members: Mutex::default(),
             clocks: Mutex::default(),
         }
@@ -155,20 +149,11 @@ impl GrpcAgents {
                 node: node.into(),
                 cause: AgentCallCause::NoEndpoint,
             })?;
-        let mut channels = lock(&self.channels);
-        if let Some(conn) = channels.get(node)
-            && conn.peer().endpoint == endpoint
-        {
-            return Ok(conn.clone());
-        }
         let peer = Peer {
             node: node.into(),
             endpoint,
         };
-        let conn = AgentConnection::new(&peer, &self.tls, self.timeout)
-            .map_err(|e| call_error(node, e))?;
-        channels.insert(node.into(), conn.clone());
-        Ok(conn)
+        self.pool.connect(&peer).map_err(|e| call_error(node, e))
     }
 
     fn peer(&self, node: &str) -> Result<Peer, AgentCallError> {
@@ -460,14 +445,16 @@ impl Agents for GrpcAgents {
                 // The next probe dials afresh: a connection that lived through a partition
                 // waits out TCP's retransmission backoff (seconds) after the link heals,
                 // where a new one answers at once.
-                lock(&self.channels).remove(node);
-                let text = e.to_string();
-                let kind = if text.contains("deadline") || text.contains("timed out") {
-                    NodeErrorKind::Timeout
-                } else {
-                    NodeErrorKind::Unreachable
+                self.pool.forget(node);
+                let kind = match &e {
+                    MirrorError::Timeout { .. }
+                    | MirrorError::Remote {
+                        code: tonic::Code::DeadlineExceeded,
+                        ..
+                    } => NodeErrorKind::Timeout,
+                    _ => NodeErrorKind::Unreachable,
                 };
-                ProbeResult::Failed(NodeError::new(kind, text))
+                ProbeResult::Failed(NodeError::new(kind, e.to_string()))
             }
         }
     }

@@ -25,7 +25,7 @@ use super::fencing::{AgentClock, Assignment, Control};
 use super::local::{Applied, Guard, Local};
 use super::metrics::RpcMetrics;
 use super::replication::{self, SyncSet};
-use super::rpc::client::AgentConnection;
+use super::rpc::AgentPool;
 use super::rpc::convert;
 use super::rpc::identity::Identity;
 use super::rpc::pb;
@@ -166,6 +166,8 @@ struct Inner {
     /// Serializes role changes; holds the running sync engine.
     engine: tokio::sync::Mutex<Option<SyncHandle>>,
     replication: Mutex<SyncSet>,
+    /// Connections to the primary (pulls) and to the mirrors (pushes).
+    pool: AgentPool,
     sync_state: Arc<Mutex<SyncState>>,
     sync_interval_ms: Arc<AtomicU64>,
     counters: Counters,
@@ -191,6 +193,7 @@ impl Agent {
         let agent = Self {
             inner: Arc::new(Inner {
                 control: Mutex::new(Control::new(cfg.node.clone())),
+                pool: AgentPool::new(&cfg.tls, cfg.rpc_timeout),
                 local,
                 writes: tokio::sync::Mutex::new(()),
                 gate: tokio::sync::RwLock::new(()),
@@ -520,12 +523,12 @@ impl Agent {
         let transition = self.control().clone().assign(&a, now)?;
         let primary_conn = match (&a.primary, a.role) {
             (Some(p), DeviceRole::ReadOnly | DeviceRole::Standby) => {
-                Some(AgentConnection::new(p, &cfg.tls, cfg.rpc_timeout)?)
+                Some(self.inner.pool.redial(p)?)
             }
             _ => None,
         };
         let mut mirrors = SyncSet::default();
-        mirrors.configure(&a.mirrors, &cfg.tls, cfg.rpc_timeout)?;
+        mirrors.configure(&a.mirrors, &self.inner.pool)?;
         drop(mirrors);
         if transition.promoted() {
             // A primary needs its token: refuse promotion while it is unusable.
@@ -552,8 +555,7 @@ impl Agent {
                     self.inner.local.index().begin_term(fork);
                     tracing::info!(node = %self.node(), epoch = a.epoch, fork, "promoted to primary");
                 }
-                self.replication()
-                    .configure(&a.mirrors, &cfg.tls, cfg.rpc_timeout)?;
+                self.replication().configure(&a.mirrors, &self.inner.pool)?;
             }
             DeviceRole::ReadOnly | DeviceRole::Standby => {
                 if transition.demoted() {

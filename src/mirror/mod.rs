@@ -85,7 +85,7 @@ pub use fencing::{AgentClock, Assignment, LeaseDeadline, Peer};
 pub use metrics::{AgentMetrics, RpcMetrics};
 pub(crate) use rpc::convert::{record_from_pb, record_to_pb};
 pub use rpc::{
-    AgentConnection, AgentService, AgentTls, ArchiveControl, CONTROLLER_CERT_NAME,
+    AgentConnection, AgentPool, AgentService, AgentTls, ArchiveControl, CONTROLLER_CERT_NAME,
     CertificateAuthority, EndpointResolver, GeneratedPki, Identity, IssuedCertificate,
     MAX_MESSAGE_BYTES, NodeAddressEndpoints, RemoteStore, StaticEndpoints, TlsError, TlsFiles,
     assignment_from_pb, bind, expect_to_pb, generate_pki, pb, role_from_pb, role_to_pb, serve,

@@ -18,9 +18,9 @@ use futures::future::join_all;
 
 use super::MirrorError;
 use super::fencing::Peer;
+use super::rpc::AgentPool;
 use super::rpc::client::AgentConnection;
 use super::rpc::pb;
-use super::rpc::tls::AgentTls;
 use super::sync::unix_ms;
 
 #[derive(Debug)]
@@ -52,18 +52,13 @@ impl SyncSet {
     /// Sets the mirror set from an assignment. Mirrors already known keep their state
     /// (a re-sent assignment does not re-admit a dropped mirror); new ones start in sync:
     /// every later write reaches them before it is acknowledged.
-    pub fn configure(
-        &mut self,
-        mirrors: &[Peer],
-        tls: &AgentTls,
-        timeout: Duration,
-    ) -> Result<(), MirrorError> {
+    pub fn configure(&mut self, mirrors: &[Peer], pool: &AgentPool) -> Result<(), MirrorError> {
         let mut next = Vec::with_capacity(mirrors.len());
         for peer in mirrors {
             match self.members.iter().position(|m| m.conn.peer() == peer) {
                 Some(i) => next.push(self.members.swap_remove(i)),
                 None => next.push(Member {
-                    conn: AgentConnection::new(peer, tls, timeout)?,
+                    conn: pool.connect(peer)?,
                     state: MemberState::InSync,
                 }),
             }

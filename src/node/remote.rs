@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::VolumeError;
 use crate::crd::{DeviceRole, HSMDeviceStatus, NodeHealth};
 use crate::hsm::SecretStore;
-use crate::mirror::{AgentTls, EndpointResolver, Peer, RemoteStore};
+use crate::mirror::{AgentPool, AgentTls, EndpointResolver, Peer, RemoteStore};
 use crate::state::StateStore;
 
 /// How long a device's agent list is reused before status and endpoints are read again.
@@ -66,7 +66,8 @@ struct Cached {
 /// Remote stores per device, kept up to date with status and endpoints.
 pub struct RemoteReads {
     tls: AgentTls,
-    timeout: Duration,
+    /// One pool for every device's agents (rebuilt by `with_timeout`).
+    pool: AgentPool,
     endpoints: Arc<dyn EndpointResolver>,
     status: Option<Arc<dyn StateStore>>,
     devices: tokio::sync::Mutex<HashMap<String, Cached>>,
@@ -80,8 +81,8 @@ impl RemoteReads {
         status: Option<Arc<dyn StateStore>>,
     ) -> Self {
         Self {
+            pool: AgentPool::new(&tls, Duration::from_secs(10)),
             tls,
-            timeout: Duration::from_secs(10),
             endpoints,
             status,
             devices: tokio::sync::Mutex::default(),
@@ -90,7 +91,7 @@ impl RemoteReads {
 
     /// Deadline of one agent call.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.pool = AgentPool::new(&self.tls, timeout);
         self
     }
 
@@ -125,7 +126,7 @@ impl RemoteReads {
             return Ok(cached.store.clone());
         }
         let store = Arc::new(
-            RemoteStore::new(device, &agents, self.tls.clone(), self.timeout)
+            RemoteStore::new(device, &agents, self.pool.clone())
                 .map_err(|e| no_agents(device, e.to_string()))?,
         );
         devices.insert(

@@ -166,8 +166,7 @@ async fn killed_agents_reads_continue_from_mirrors_and_a_restarted_mirror_catche
     let remote = RemoteStore::new(
         "proc",
         &[n1.peer(), n2.peer(), n3.peer()],
-        pki.tls("n4"),
-        Duration::from_secs(30),
+        hsm_secrets::mirror::AgentPool::new(&pki.tls("n4"), Duration::from_secs(30)),
     )
     .unwrap();
     let (_, d) = remote.get(&path("web/s7")).await.unwrap();

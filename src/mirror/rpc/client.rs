@@ -23,6 +23,9 @@ pub struct AgentConnection {
     peer: Peer,
     client: AgentClient<Channel>,
     timeout: Duration,
+    /// Shared by the clones of one connection: which channel this is.
+    #[cfg_attr(not(test), allow(dead_code))]
+    channel: std::sync::Arc<()>,
 }
 
 impl std::fmt::Debug for AgentConnection {
@@ -71,7 +74,14 @@ impl AgentConnection {
             peer: peer.clone(),
             client,
             timeout,
+            channel: std::sync::Arc::default(),
         })
+    }
+
+    /// Whether `other` is a clone of this connection (one channel).
+    #[cfg(test)]
+    pub(crate) fn shares_channel_with(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.channel, &other.channel)
     }
 
     pub fn peer(&self) -> &Peer {

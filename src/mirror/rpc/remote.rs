@@ -19,10 +19,10 @@ use crate::hsm::{
     TokenInfo,
 };
 
+use super::AgentPool;
 use super::client::AgentConnection;
 use super::convert;
 use super::pb;
-use super::tls::AgentTls;
 use crate::mirror::MirrorError;
 use crate::mirror::fencing::Peer;
 
@@ -50,8 +50,7 @@ impl Target {
 /// Read-only access to a device through its agents.
 pub struct RemoteStore {
     label: String,
-    tls: AgentTls,
-    timeout: Duration,
+    pool: AgentPool,
     targets: RwLock<Vec<std::sync::Arc<Target>>>,
     sequence: AtomicU64,
 }
@@ -62,13 +61,11 @@ impl RemoteStore {
     pub fn new(
         label: impl Into<String>,
         agents: &[Peer],
-        tls: AgentTls,
-        timeout: Duration,
+        pool: AgentPool,
     ) -> Result<Self, MirrorError> {
         let store = Self {
             label: label.into(),
-            tls,
-            timeout,
+            pool,
             targets: RwLock::default(),
             sequence: AtomicU64::new(0),
         };
@@ -88,7 +85,7 @@ impl RemoteStore {
             .iter()
             .map(|p| {
                 Ok(std::sync::Arc::new(Target {
-                    conn: AgentConnection::new(p, &self.tls, self.timeout)?,
+                    conn: self.pool.connect(p)?,
                     down_until: Mutex::new(None),
                 }))
             })
