@@ -20,7 +20,8 @@ use crate::failover::{
     Action, AgentReport, DeviceView, NodeError, NodeErrorKind, ProbeResult, WriteSetReport,
 };
 use crate::mirror::{
-    AgentConnection, AgentPool, AgentTls, EndpointResolver, MirrorError, Peer, StaticEndpoints, pb,
+    AgentConnection, AgentHealth, AgentPool, AgentTls, EndpointResolver, MirrorError, Peer,
+    StaticEndpoints, pb,
 };
 
 /// The agents of every node, found through an [`EndpointResolver`] and reached with
@@ -192,14 +193,9 @@ impl GrpcAgents {
             })
     }
 
-    fn report(h: pb::HealthResponse) -> AgentReport {
-        let role = match pb::Role::try_from(h.role).unwrap_or(pb::Role::Unspecified) {
-            _ if h.epoch == 0 => None,
-            pb::Role::Primary => Some(DeviceRole::Primary),
-            pb::Role::ReadOnly => Some(DeviceRole::ReadOnly),
-            pb::Role::Standby => Some(DeviceRole::Standby),
-            pb::Role::Unspecified => None,
-        };
+    fn report(h: AgentHealth) -> AgentReport {
+        // An agent never assigned a role answers epoch 0 in its standby state.
+        let role = h.role.filter(|_| h.epoch > 0);
         let full_pass_epoch = h
             .sync
             .as_ref()
@@ -210,27 +206,27 @@ impl GrpcAgents {
         let last_sync = h
             .sync
             .as_ref()
-            .filter(|s| s.last_sync_unix_ms > 0)
-            .and_then(|s| Timestamp::from_millisecond(s.last_sync_unix_ms).ok());
-        let error = if !h.token_error.is_empty() {
-            Some(NodeError::new(
+            .and_then(|s| s.last_sync)
+            .and_then(|t| Timestamp::try_from(t).ok());
+        let error = match &h.token_error {
+            Some(fault) => Some(NodeError::new(
                 if h.token_present {
                     NodeErrorKind::SessionFailed
                 } else {
                     NodeErrorKind::TokenMissing
                 },
-                h.token_error.clone(),
-            ))
-        } else {
-            h.sync
+                fault.message.clone(),
+            )),
+            None => h
+                .sync
                 .as_ref()
-                .filter(|s| !s.last_error.is_empty())
-                .map(|s| NodeError::new(NodeErrorKind::SyncFailed, s.last_error.clone()))
+                .and_then(|s| s.last_error.as_ref())
+                .map(|f| NodeError::new(NodeErrorKind::SyncFailed, f.message.clone())),
         };
         AgentReport {
             token_present: h.token_present,
             session_usable: h.session_usable,
-            token_serial: (!h.token_serial.is_empty()).then_some(h.token_serial),
+            token_serial: h.token_serial,
             role,
             epoch: h.epoch,
             history_epoch,
@@ -370,7 +366,7 @@ fn call_error(node: &str, e: MirrorError) -> AgentCallError {
 
 /// Whether an agent's health answer says it serves the HSMDevice `name`: by the device it
 /// names, or, from an agent that names none, by the token label `label`.
-fn serves(h: &pb::HealthResponse, name: &str, label: &str) -> bool {
+fn serves(h: &AgentHealth, name: &str, label: &str) -> bool {
     if h.device.is_empty() {
         h.token_label == label
     } else {
@@ -593,8 +589,8 @@ impl Agents for GrpcAgents {
 mod tests {
     use super::*;
 
-    fn health(device: &str, label: &str) -> pb::HealthResponse {
-        pb::HealthResponse {
+    fn health(device: &str, label: &str) -> AgentHealth {
+        AgentHealth {
             device: device.into(),
             token_label: label.into(),
             ..Default::default()

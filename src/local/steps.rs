@@ -24,7 +24,7 @@ use crate::hsm::{Expect, SecretData, SecretPath};
 use crate::inject::{ATTRIBUTE_DEVICE, ATTRIBUTE_SECRETS, VOLUME_NAME};
 use crate::kubectl::OutputFormat;
 use crate::kubectl::render::{HealthReport, device_list, health_table};
-use crate::mirror::{AgentConnection, role_from_pb};
+use crate::mirror::AgentConnection;
 use crate::state::{FileState, StateStore};
 
 /// The titles of the walk-through, in order.
@@ -1301,7 +1301,7 @@ impl Walk<'_> {
 
     async fn role_of(&self, node: &str) -> Result<String, LocalError> {
         let health = self.agent(node)?.health().await?;
-        Ok(match role_from_pb(health.role) {
+        Ok(match health.role {
             Some(role) => format!("{role:?} at epoch {}", health.epoch),
             None => "no role".into(),
         })

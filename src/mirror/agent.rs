@@ -22,6 +22,7 @@ use crate::hsm::{
 use super::MirrorError;
 use super::facts::AgentFacts;
 use super::fencing::{AgentClock, Assignment, Control};
+use super::health::{AgentHealth, ClockReading, Fault};
 use super::local::{Applied, Guard, Local};
 use super::metrics::RpcMetrics;
 use super::replication::{self, SyncSet};
@@ -446,7 +447,7 @@ impl Agent {
     }
 
     /// Token, role and sync state for the controller's probe.
-    pub async fn health(&self) -> pb::HealthResponse {
+    pub async fn health(&self) -> AgentHealth {
         let token = self.store().health().await;
         let (role, epoch, lease, primary, fenced) = {
             let c = self.control();
@@ -458,33 +459,31 @@ impl Agent {
                 c.is_fenced(),
             )
         };
-        let mut h = pb::HealthResponse {
+        let clock = AgentClock::process();
+        let mut h = AgentHealth {
             node: self.node().into(),
             device: self.inner.cfg.device.clone(),
             token_label: self.store().token_label().into(),
-            role: convert::role_to_pb(role) as i32,
+            role: Some(role),
             epoch,
             applied_sequence: self.applied_sequence(role),
             // Rounded up: 0 means expired, never "less than a millisecond left".
             write_lease_remaining_ms: duration_ms(
                 lease.saturating_add(Duration::from_nanos(999_999)),
             ),
-            primary_known: primary.is_some(),
-            primary_node: primary.as_ref().map(|p| p.node.clone()).unwrap_or_default(),
-            primary_endpoint: primary.map(|p| p.endpoint).unwrap_or_default(),
+            primary,
             fenced,
-            ..Default::default()
+            clock: Some(ClockReading {
+                id: clock.id(),
+                now_ms: clock.now_ms(),
+            }),
+            ..AgentHealth::default()
         };
-        let clock = AgentClock::process();
-        h.clock = Some(pb::AgentClock {
-            id: clock.id(),
-            now_ms: clock.now_ms(),
-        });
         match token {
             Ok(info) => {
                 h.token_present = true;
                 h.session_usable = true;
-                h.token_serial = info.serial;
+                h.token_serial = Some(info.serial).filter(|s| !s.is_empty());
             }
             Err(e) => {
                 self.count_store_error(&e);
@@ -495,14 +494,16 @@ impl Agent {
                         | StoreError::Timeout { .. }
                         | StoreError::Library { .. }
                 );
-                h.token_error_kind = e.kind().into();
-                h.token_error = e.to_string();
+                h.token_error = Some(Fault {
+                    kind: e.kind().into(),
+                    message: e.to_string(),
+                });
             }
         }
         if role == DeviceRole::Primary {
             h.replication = Some(self.replication().status());
         } else {
-            h.sync = Some(sync::lock(&self.inner.sync_state).to_pb());
+            h.sync = Some(sync::lock(&self.inner.sync_state).status());
         }
         h
     }

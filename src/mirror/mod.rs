@@ -67,6 +67,7 @@ mod agent;
 mod error;
 pub mod facts;
 pub mod fencing;
+pub mod health;
 pub mod index;
 pub mod journal;
 mod local;
@@ -82,6 +83,7 @@ pub use agent::{
 };
 pub use error::MirrorError;
 pub use fencing::{AgentClock, Assignment, LeaseDeadline, Peer};
+pub use health::AgentHealth;
 pub use metrics::{AgentMetrics, RpcMetrics};
 pub(crate) use rpc::convert::{record_from_pb, record_to_pb};
 pub use rpc::{

@@ -18,10 +18,10 @@ use futures::future::join_all;
 
 use super::MirrorError;
 use super::fencing::Peer;
+use super::health::{OutsideMirror, ReplicationStatus};
 use super::rpc::AgentPool;
 use super::rpc::client::AgentConnection;
 use super::rpc::pb;
-use super::sync::unix_ms;
 
 #[derive(Debug)]
 enum MemberState {
@@ -124,28 +124,25 @@ impl SyncSet {
         }
     }
 
-    pub fn status(&self) -> pb::ReplicationStatus {
-        let mut status = pb::ReplicationStatus::default();
+    pub fn status(&self) -> ReplicationStatus {
+        let mut status = ReplicationStatus::default();
         for m in &self.members {
+            let outside = |reason: &str, since: SystemTime| OutsideMirror {
+                node: m.conn.node().to_string(),
+                reason: reason.to_string(),
+                since,
+            };
             match &m.state {
                 MemberState::InSync => status.in_sync.push(m.conn.node().to_string()),
                 MemberState::Dropping { reason, since } => {
-                    status.dropping.push(dropped(m, reason, *since))
+                    status.dropping.push(outside(reason, *since))
                 }
                 MemberState::Dropped { reason, since } => {
-                    status.dropped.push(dropped(m, reason, *since))
+                    status.dropped.push(outside(reason, *since))
                 }
             }
         }
         status
-    }
-}
-
-fn dropped(m: &Member, reason: &str, since: SystemTime) -> pb::DroppedMirror {
-    pb::DroppedMirror {
-        node: m.conn.node().to_string(),
-        reason: reason.to_string(),
-        since_unix_ms: unix_ms(since),
     }
 }
 

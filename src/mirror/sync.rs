@@ -31,6 +31,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::hsm::{ManifestEntry, SecretPath, StoreError};
 
 use super::MirrorError;
+use super::health::{Fault, SyncStatus};
 use super::local::{Applied, Guard, Local};
 use super::plan::plan_full_pass;
 use super::rpc::client::AgentConnection;
@@ -133,62 +134,22 @@ pub struct SyncState {
 const LOST_WRITES_KEPT: usize = 1000;
 
 impl SyncState {
-    pub(crate) fn to_pb(&self) -> pb::SyncStatus {
-        pb::SyncStatus {
-            last_sync_unix_ms: self.last_sync.map_or(0, unix_ms),
+    /// What Health reports of it.
+    pub(crate) fn status(&self) -> SyncStatus {
+        SyncStatus {
+            last_sync: self.last_sync,
             primary_sequence: self.primary_sequence,
             checksum_failures: self.checksum_failures,
             records_applied: self.records_applied,
-            last_error: self
-                .last_error
-                .as_ref()
-                .map(|(_, m)| m.clone())
-                .unwrap_or_default(),
-            last_error_kind: self
-                .last_error
-                .as_ref()
-                .map(|(k, _)| (*k).to_string())
-                .unwrap_or_default(),
+            last_error: self.last_error.as_ref().map(|(kind, message)| Fault {
+                kind: (*kind).to_string(),
+                message: message.clone(),
+            }),
             consecutive_failures: self.consecutive_failures,
-            last_full_pass: self.last_full_pass.as_ref().map(FullPassReport::to_pb),
-            lost_writes: self.lost_writes.iter().map(LostWrite::to_pb).collect(),
+            last_full_pass: self.last_full_pass.clone(),
+            lost_writes: self.lost_writes.iter().cloned().collect(),
         }
     }
-}
-
-impl LostWrite {
-    fn to_pb(&self) -> pb::LostWrite {
-        pb::LostWrite {
-            path: self.path.to_string(),
-            version: self.version,
-            deleted: self.deleted,
-        }
-    }
-}
-
-impl FullPassReport {
-    fn to_pb(&self) -> pb::FullPassReport {
-        pb::FullPassReport {
-            finished_unix_ms: self.finished.map_or(0, unix_ms),
-            duration_ms: u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX),
-            checked: self.checked,
-            fetched: self.fetched,
-            purged: self.purged,
-            repaired: self.repaired,
-            checksum_failures: self.checksum_failures,
-            lost_writes: self.lost_writes.iter().map(LostWrite::to_pb).collect(),
-            sequence: self.sequence,
-            rejoin: self.rejoin,
-            unreadable_on_primary: self.unreadable_on_primary,
-            epoch: self.epoch,
-        }
-    }
-}
-
-pub(crate) fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// Requests to a running engine (so passes never run concurrently).

@@ -387,8 +387,8 @@ impl RawToken {
 }
 
 /// The role a Health answer reports.
-pub fn role_of(h: &pb::HealthResponse) -> Option<DeviceRole> {
-    hsm_secrets::mirror::role_from_pb(h.role)
+pub fn role_of(h: &hsm_secrets::mirror::AgentHealth) -> Option<DeviceRole> {
+    h.role
 }
 
 /// An `hsm-secrets agent` process serving one SoftHSM token with mutual TLS.

@@ -14,7 +14,7 @@ use hsm_secrets::controller::{ControllerMetrics, DeviceController, GrpcAgents};
 use hsm_secrets::crd::{DevicePhase, DeviceRole, HSMDeviceStatus, LostWrites};
 use hsm_secrets::failover::{FencingConfig, PlanConfig};
 use hsm_secrets::hsm::Expect;
-use hsm_secrets::mirror::{AgentConnection, pb};
+use hsm_secrets::mirror::AgentConnection;
 use hsm_secrets::state::{FileState, StateStore};
 use kit::mirror::*;
 use nix::sys::signal::{Signal, kill};
@@ -207,7 +207,7 @@ async fn crash_promote_restart(mut c: Cluster, unreplicated: bool) -> (u64, u64,
         let rejoined = match (c1.health().await, s.nodes.iter().find(|n| n.node == "n1")) {
             (Ok(h), Some(entry)) => {
                 h.epoch == 2
-                    && h.role != pb::Role::Primary as i32
+                    && h.role != Some(hsm_secrets::crd::DeviceRole::Primary)
                     && entry.role != DeviceRole::Primary
                     && h.applied_sequence >= n2_sequence
             }

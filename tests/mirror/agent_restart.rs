@@ -80,7 +80,7 @@ async fn a_restarted_agent_resumes_its_saved_epoch_and_role_without_the_lease() 
         (h2.epoch, role_of(&h2)),
         (3, Some(hsm_secrets::crd::DeviceRole::ReadOnly))
     );
-    assert_eq!(h2.primary_node, "n1");
+    assert_eq!(h2.primary.as_ref().map(|p| p.node.as_str()), Some("n1"));
     c1.put(&path("shop/b"), &data(&[("v", b"2")]), Expect::Absent, 3)
         .await
         .unwrap();

@@ -11,6 +11,7 @@ use super::pb;
 use super::pb::agent_client::AgentClient;
 use super::tls::AgentTls;
 use crate::hsm::{Expect, SecretData, SecretPath};
+use crate::mirror::AgentHealth;
 use crate::mirror::MirrorError;
 use crate::mirror::fencing::Peer;
 
@@ -118,11 +119,13 @@ impl AgentConnection {
         }
     }
 
-    pub async fn health(&self) -> Result<pb::HealthResponse, MirrorError> {
-        self.call("Health", |mut c| async move {
-            c.health(pb::HealthRequest {}).await
-        })
-        .await
+    pub async fn health(&self) -> Result<AgentHealth, MirrorError> {
+        let answer = self
+            .call("Health", |mut c| async move {
+                c.health(pb::HealthRequest {}).await
+            })
+            .await?;
+        convert::health_from_pb(&self.peer.node, answer)
     }
 
     pub async fn manifest(&self) -> Result<pb::ManifestResponse, MirrorError> {

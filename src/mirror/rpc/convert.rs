@@ -1,8 +1,15 @@
 //! Between the wire messages and the store's types. Decoding validates names and shapes
 //! but never checksums: the caller decides what a record that fails verification means.
 
+use std::time::{Duration, SystemTime};
+
 use crate::crd::DeviceRole;
 use crate::hsm::{Body, Checksum, Expect, ManifestEntry, Record, SecretData, SecretPath};
+use crate::mirror::Peer;
+use crate::mirror::health::{
+    AgentHealth, ClockReading, Fault, OutsideMirror, ReplicationStatus, SyncStatus,
+};
+use crate::mirror::sync::{FullPassReport, LostWrite};
 
 use super::pb;
 use crate::mirror::MirrorError;
@@ -140,6 +147,217 @@ pub fn role_from_pb(role: i32) -> Option<DeviceRole> {
     }
 }
 
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// 0 on the wire means "never".
+fn time_from_unix_ms(ms: i64) -> Option<SystemTime> {
+    let ms = u64::try_from(ms).ok().filter(|ms| *ms > 0)?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+}
+
+/// An empty string on the wire means "none".
+fn some(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+fn fault_to_pb(fault: Option<&Fault>) -> (String, String) {
+    fault.map_or_else(Default::default, |f| (f.kind.clone(), f.message.clone()))
+}
+
+fn fault_from_pb(kind: String, message: String) -> Option<Fault> {
+    (!message.is_empty() || !kind.is_empty()).then_some(Fault { kind, message })
+}
+
+pub(crate) fn health_to_pb(h: &AgentHealth) -> pb::HealthResponse {
+    let (token_error_kind, token_error) = fault_to_pb(h.token_error.as_ref());
+    pb::HealthResponse {
+        node: h.node.clone(),
+        device: h.device.clone(),
+        token_label: h.token_label.clone(),
+        token_present: h.token_present,
+        session_usable: h.session_usable,
+        token_serial: h.token_serial.clone().unwrap_or_default(),
+        token_error,
+        token_error_kind,
+        role: h.role.map_or(pb::Role::Unspecified, role_to_pb) as i32,
+        epoch: h.epoch,
+        applied_sequence: h.applied_sequence,
+        write_lease_remaining_ms: h.write_lease_remaining_ms,
+        primary_known: h.primary.is_some(),
+        primary_node: h
+            .primary
+            .as_ref()
+            .map(|p| p.node.clone())
+            .unwrap_or_default(),
+        primary_endpoint: h
+            .primary
+            .as_ref()
+            .map(|p| p.endpoint.clone())
+            .unwrap_or_default(),
+        fenced: h.fenced,
+        clock: h.clock.map(|c| pb::AgentClock {
+            id: c.id,
+            now_ms: c.now_ms,
+        }),
+        sync: h.sync.as_ref().map(sync_to_pb),
+        replication: h.replication.as_ref().map(|r| pb::ReplicationStatus {
+            in_sync: r.in_sync.clone(),
+            dropping: r.dropping.iter().map(outside_to_pb).collect(),
+            dropped: r.dropped.iter().map(outside_to_pb).collect(),
+        }),
+    }
+}
+
+/// Decodes a Health answer; `from` names the agent asked, for the error.
+pub(crate) fn health_from_pb(
+    from: &str,
+    h: pb::HealthResponse,
+) -> Result<AgentHealth, MirrorError> {
+    let primary = h.primary_known.then_some(Peer {
+        node: h.primary_node,
+        endpoint: h.primary_endpoint,
+    });
+    Ok(AgentHealth {
+        node: h.node,
+        device: h.device,
+        token_label: h.token_label,
+        token_present: h.token_present,
+        session_usable: h.session_usable,
+        token_serial: some(h.token_serial),
+        token_error: fault_from_pb(h.token_error_kind, h.token_error),
+        role: role_from_pb(h.role),
+        epoch: h.epoch,
+        applied_sequence: h.applied_sequence,
+        write_lease_remaining_ms: h.write_lease_remaining_ms,
+        primary,
+        fenced: h.fenced,
+        clock: h.clock.map(|c| ClockReading {
+            id: c.id,
+            now_ms: c.now_ms,
+        }),
+        sync: h.sync.map(|s| sync_from_pb(from, s)).transpose()?,
+        replication: h.replication.map(|r| ReplicationStatus {
+            in_sync: r.in_sync,
+            dropping: r.dropping.into_iter().map(outside_from_pb).collect(),
+            dropped: r.dropped.into_iter().map(outside_from_pb).collect(),
+        }),
+    })
+}
+
+fn outside_to_pb(m: &OutsideMirror) -> pb::DroppedMirror {
+    pb::DroppedMirror {
+        node: m.node.clone(),
+        reason: m.reason.clone(),
+        since_unix_ms: unix_ms(m.since),
+    }
+}
+
+fn outside_from_pb(m: pb::DroppedMirror) -> OutsideMirror {
+    OutsideMirror {
+        node: m.node,
+        reason: m.reason,
+        since: time_from_unix_ms(m.since_unix_ms).unwrap_or(SystemTime::UNIX_EPOCH),
+    }
+}
+
+fn sync_to_pb(s: &SyncStatus) -> pb::SyncStatus {
+    let (last_error_kind, last_error) = fault_to_pb(s.last_error.as_ref());
+    pb::SyncStatus {
+        last_sync_unix_ms: s.last_sync.map_or(0, unix_ms),
+        primary_sequence: s.primary_sequence,
+        checksum_failures: s.checksum_failures,
+        records_applied: s.records_applied,
+        last_error,
+        last_error_kind,
+        consecutive_failures: s.consecutive_failures,
+        last_full_pass: s.last_full_pass.as_ref().map(full_pass_to_pb),
+        lost_writes: s.lost_writes.iter().map(lost_write_to_pb).collect(),
+    }
+}
+
+fn sync_from_pb(from: &str, s: pb::SyncStatus) -> Result<SyncStatus, MirrorError> {
+    Ok(SyncStatus {
+        last_sync: time_from_unix_ms(s.last_sync_unix_ms),
+        primary_sequence: s.primary_sequence,
+        checksum_failures: s.checksum_failures,
+        records_applied: s.records_applied,
+        last_error: fault_from_pb(s.last_error_kind, s.last_error),
+        consecutive_failures: s.consecutive_failures,
+        last_full_pass: s
+            .last_full_pass
+            .map(|p| full_pass_from_pb(from, p))
+            .transpose()?,
+        lost_writes: lost_writes_from_pb(from, s.lost_writes)?,
+    })
+}
+
+fn full_pass_to_pb(p: &FullPassReport) -> pb::FullPassReport {
+    pb::FullPassReport {
+        finished_unix_ms: p.finished.map_or(0, unix_ms),
+        duration_ms: u64::try_from(p.duration.as_millis()).unwrap_or(u64::MAX),
+        checked: p.checked,
+        fetched: p.fetched,
+        purged: p.purged,
+        repaired: p.repaired,
+        checksum_failures: p.checksum_failures,
+        lost_writes: p.lost_writes.iter().map(lost_write_to_pb).collect(),
+        sequence: p.sequence,
+        rejoin: p.rejoin,
+        unreadable_on_primary: p.unreadable_on_primary,
+        epoch: p.epoch,
+    }
+}
+
+fn full_pass_from_pb(from: &str, p: pb::FullPassReport) -> Result<FullPassReport, MirrorError> {
+    Ok(FullPassReport {
+        finished: time_from_unix_ms(p.finished_unix_ms),
+        duration: Duration::from_millis(p.duration_ms),
+        checked: p.checked,
+        fetched: p.fetched,
+        purged: p.purged,
+        repaired: p.repaired,
+        checksum_failures: p.checksum_failures,
+        unreadable_on_primary: p.unreadable_on_primary,
+        lost_writes: lost_writes_from_pb(from, p.lost_writes)?,
+        sequence: p.sequence,
+        rejoin: p.rejoin,
+        epoch: p.epoch,
+    })
+}
+
+fn lost_write_to_pb(w: &LostWrite) -> pb::LostWrite {
+    pb::LostWrite {
+        path: w.path.to_string(),
+        version: w.version,
+        deleted: w.deleted,
+    }
+}
+
+fn lost_writes_from_pb(
+    from: &str,
+    writes: Vec<pb::LostWrite>,
+) -> Result<Vec<LostWrite>, MirrorError> {
+    writes
+        .into_iter()
+        .map(|w| {
+            let path: SecretPath = w.path.parse().map_err(|e| MirrorError::Protocol {
+                node: from.into(),
+                what: "lost write",
+                why: format!("path: {e}"),
+            })?;
+            Ok(LostWrite {
+                path,
+                version: w.version,
+                deleted: w.deleted,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +425,86 @@ mod tests {
         ];
         let err = data_from_pb(dup).expect_err("duplicate");
         assert!(err.to_string().contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn health_round_trips_and_a_bad_lost_write_is_named() {
+        let pass = FullPassReport {
+            finished: time_from_unix_ms(1_700_000_000_000),
+            duration: Duration::from_millis(1500),
+            checked: 10,
+            lost_writes: vec![LostWrite {
+                path: path("ns/a"),
+                version: 3,
+                deleted: true,
+            }],
+            sequence: 12,
+            epoch: 4,
+            ..FullPassReport::default()
+        };
+        let mirror = AgentHealth {
+            node: "n2".into(),
+            device: "prod-hsm".into(),
+            token_label: "prod".into(),
+            token_present: true,
+            session_usable: false,
+            token_serial: None,
+            token_error: Some(Fault {
+                kind: "session".into(),
+                message: "cannot open a session".into(),
+            }),
+            role: Some(DeviceRole::ReadOnly),
+            epoch: 4,
+            applied_sequence: 12,
+            write_lease_remaining_ms: 0,
+            primary: Some(Peer {
+                node: "n1".into(),
+                endpoint: "https://n1:9443".into(),
+            }),
+            fenced: false,
+            clock: Some(ClockReading { id: 7, now_ms: 99 }),
+            sync: Some(SyncStatus {
+                last_sync: pass.finished,
+                primary_sequence: 12,
+                last_error: None,
+                last_full_pass: Some(pass.clone()),
+                lost_writes: pass.lost_writes.clone(),
+                ..SyncStatus::default()
+            }),
+            replication: None,
+        };
+        assert_eq!(
+            health_from_pb("n2", health_to_pb(&mirror)).expect("decode"),
+            mirror
+        );
+        let primary = AgentHealth {
+            role: Some(DeviceRole::Primary),
+            token_serial: Some("0001".into()),
+            primary: None,
+            sync: None,
+            replication: Some(ReplicationStatus {
+                in_sync: vec!["n2".into()],
+                dropping: vec![OutsideMirror {
+                    node: "n3".into(),
+                    reason: "timed out".into(),
+                    since: time_from_unix_ms(1_700_000_000_500).expect("time"),
+                }],
+                dropped: Vec::new(),
+            }),
+            ..mirror.clone()
+        };
+        assert_eq!(
+            health_from_pb("n1", health_to_pb(&primary)).expect("decode"),
+            primary
+        );
+
+        let mut bad = health_to_pb(&mirror);
+        bad.sync.as_mut().expect("sync").lost_writes[0].path = "../x".into();
+        let error = health_from_pb("n2", bad).expect_err("bad path");
+        assert!(
+            error.to_string().contains("n2") && error.to_string().contains("lost write"),
+            "{error}"
+        );
     }
 
     #[test]

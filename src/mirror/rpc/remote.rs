@@ -23,8 +23,8 @@ use super::AgentPool;
 use super::client::AgentConnection;
 use super::convert;
 use super::pb;
-use crate::mirror::MirrorError;
 use crate::mirror::fencing::Peer;
+use crate::mirror::{AgentHealth, MirrorError};
 
 /// How long an agent that failed is passed over (unless every agent is down).
 pub const DOWN_FOR: Duration = Duration::from_secs(5);
@@ -272,21 +272,19 @@ impl SecretStore for RemoteStore {
         self.ask(
             "health",
             |conn| async move { conn.health().await },
-            |node, h: pb::HealthResponse| {
+            |node, h: AgentHealth| {
                 if !h.session_usable {
                     return Err(Failure::Agent(format!(
                         "token not usable: {}",
-                        h.token_error
+                        h.token_error.map(|f| f.message).unwrap_or_default()
                     )));
                 }
                 self.note_sequence(h.applied_sequence);
                 Ok(TokenInfo {
                     label: h.token_label,
-                    serial: h.token_serial,
+                    serial: h.token_serial.unwrap_or_default(),
                     manufacturer: format!("hsm-secrets agent on {node}"),
-                    model: pb::Role::try_from(h.role)
-                        .map(|r| r.as_str_name().to_string())
-                        .unwrap_or_default(),
+                    model: h.role.map(|r| format!("{r:?}")).unwrap_or_default(),
                 })
             },
         )

@@ -160,7 +160,9 @@ impl pb::agent_server::Agent for AgentService {
         let started = std::time::Instant::now();
         let result: Result<Response<pb::HealthResponse>, Status> = async move {
             authorize(&request, "Health")?;
-            Ok(Response::new(self.agent.health().await))
+            Ok(Response::new(convert::health_to_pb(
+                &self.agent.health().await,
+            )))
         }
         .await;
         self.observe("Health", started, &result);
