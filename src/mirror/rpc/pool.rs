@@ -85,8 +85,9 @@ impl AgentPool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_node_keeps_its_channel_until_its_endpoint_changes_or_it_is_forgotten() {
+    // A lazy channel needs a runtime to be made in.
+    #[tokio::test]
+    async fn a_node_keeps_its_channel_until_its_endpoint_changes_or_it_is_forgotten() {
         let dir = tempfile::tempdir().expect("dir");
         let pki = crate::mirror::generate_pki(dir.path(), &["n1"]).expect("pki");
         let tls = AgentTls::from_files(pki.files("n1").expect("n1")).expect("tls");
