@@ -564,7 +564,8 @@ async fn get(dir: PathBuf, namespace: &str, name: &str, reveal: bool) -> anyhow:
         let conn = clients::agent(&node.name, &node.agent, &state.controller_tls())?;
         match conn.get(&path).await {
             Ok(answer) => {
-                let Some(record) = answer.record.filter(|r| !r.deleted) else {
+                let record = answer.record;
+                let crate::hsm::Body::Live(data) = &record.body else {
                     bail!("{path} does not exist (answered by {})", node.name);
                 };
                 say!(
@@ -573,11 +574,11 @@ async fn get(dir: PathBuf, namespace: &str, name: &str, reveal: bool) -> anyhow:
                     node.name,
                     answer.epoch
                 );
-                for kv in record.data {
+                for (key, value) in data.iter() {
                     if reveal {
-                        say!("  {}: {}", kv.key, String::from_utf8_lossy(&kv.value));
+                        say!("  {key}: {}", String::from_utf8_lossy(value));
                     } else {
-                        say!("  {}: {} bytes", kv.key, kv.value.len());
+                        say!("  {key}: {} bytes", value.len());
                     }
                 }
                 return Ok(());

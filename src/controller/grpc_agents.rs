@@ -14,14 +14,14 @@ use async_trait::async_trait;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{AgentCallCause, AgentCallError, Agents};
-use crate::archive::plan::{ArchiveAsk, ArchiveReport, DrillResult, RestoreResult, SiteReport};
-use crate::crd::{BackupSpec, DeviceRole, HSMDevice, MirroringPolicy, SiteRole, SiteSpec};
+use crate::archive::plan::{ArchiveAsk, ArchiveReport};
+use crate::crd::{BackupSpec, DeviceRole, HSMDevice, MirroringPolicy, SiteSpec};
 use crate::failover::{
     Action, AgentReport, DeviceView, NodeError, NodeErrorKind, ProbeResult, WriteSetReport,
 };
 use crate::mirror::{
-    AgentConnection, AgentHealth, AgentPool, AgentTls, EndpointResolver, MirrorError, Peer,
-    StaticEndpoints, pb,
+    AgentConnection, AgentHealth, AgentPool, AgentTls, Assignment, EndpointResolver, LeaseDeadline,
+    MirrorError, Peer, StaticEndpoints,
 };
 
 /// The agents of every node, found through an [`EndpointResolver`] and reached with
@@ -52,10 +52,10 @@ impl ClockReading {
     /// The deadline of a lease of `lease` granted now: on this process's clock it ends
     /// no later than now + `lease`, since the agent read its clock before we received
     /// the reading.
-    fn deadline(&self, lease: Duration) -> pb::LeaseDeadline {
+    fn deadline(&self, lease: Duration) -> LeaseDeadline {
         let since = u64::try_from(self.received.elapsed().as_millis()).unwrap_or(u64::MAX);
         let lease = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
-        pb::LeaseDeadline {
+        LeaseDeadline {
             clock_id: self.id,
             until_ms: self.agent_ms.saturating_add(since).saturating_add(lease),
         }
@@ -183,7 +183,7 @@ impl GrpcAgents {
 
     /// A write lease for `node` as a deadline on its agent's clock, from its latest
     /// Health answer (every round probes before it renews or promotes).
-    fn lease_deadline(&self, node: &str) -> Result<pb::LeaseDeadline, AgentCallError> {
+    fn lease_deadline(&self, node: &str) -> Result<LeaseDeadline, AgentCallError> {
         lock(&self.clocks)
             .get(node)
             .map(|reading| reading.deadline(self.lease))
@@ -249,111 +249,13 @@ impl GrpcAgents {
     async fn assign(
         &self,
         node: &str,
-        request: pb::AssignRoleRequest,
+        assignment: Assignment,
+        deadline: Option<LeaseDeadline>,
     ) -> Result<(), AgentCallError> {
         self.connection(node)?
-            .assign_role(request)
+            .assign(&assignment, deadline)
             .await
-            .map_err(|e| call_error(node, e))?;
-        Ok(())
-    }
-}
-
-fn archive_spec_pb(spec: &BackupSpec) -> pb::ArchiveSpec {
-    pb::ArchiveSpec {
-        url: spec.url.clone(),
-        endpoint: spec.endpoint.clone().unwrap_or_default(),
-        region: spec.region.clone().unwrap_or_default(),
-        credentials_secret: spec.credentials_secret.clone(),
-        archive_name: spec.archive_name().to_string(),
-        segment_interval_ms: u64::from(spec.segment_interval_seconds()) * 1000,
-        base_interval_s: u64::from(spec.base_interval_minutes()) * 60,
-        retention_s: u64::from(spec.retention_days()) * 86_400,
-    }
-}
-
-fn site_spec_pb(site: &SiteSpec) -> pb::SiteSpec {
-    pb::SiteSpec {
-        name: site.name.clone(),
-        lease_ms: u64::from(site.lease_seconds()) * 1000,
-        follow: site.follow_archive.as_ref().map(|f| pb::FollowSpec {
-            url: f.url.clone(),
-            endpoint: f.endpoint.clone().unwrap_or_default(),
-            region: f.region.clone().unwrap_or_default(),
-            credentials_secret: f.credentials_secret.clone(),
-            device: f.device.clone(),
-            archive_name: f
-                .archive_name
-                .clone()
-                .unwrap_or_else(|| BackupSpec::DEFAULT_ARCHIVE_NAME.into()),
-        }),
-    }
-}
-
-fn site_report(r: pb::SiteReport) -> SiteReport {
-    let text = |s: String| (!s.is_empty()).then_some(s);
-    let ms = |v: u64| (v > 0).then_some(v);
-    SiteReport {
-        role: match pb::SiteRole::try_from(r.role) {
-            Ok(pb::SiteRole::Passive) => SiteRole::Passive,
-            Ok(pb::SiteRole::Fenced) => SiteRole::Fenced,
-            _ => SiteRole::Active,
-        },
-        site_epoch: r.site_epoch,
-        source_sequence: r.source_sequence,
-        source_time_ms: ms(r.source_time_ms),
-        applied_sequence: r.applied_sequence,
-        applied_time_ms: ms(r.applied_time_ms),
-        lag_ms: r.lag_ms,
-        fenced_by: text(r.fenced_by),
-        fenced_by_device: text(r.fenced_by_device),
-        fence_sequence: r.fence_sequence,
-        lost_writes: r.lost_writes,
-        promotion_done: text(r.promotion_done),
-        promotion_running: text(r.promotion_running),
-        error: text(r.error),
-        draining: r.draining,
-    }
-}
-
-fn archive_report(r: pb::ArchiveResponse) -> ArchiveReport {
-    let text = |s: String| (!s.is_empty()).then_some(s);
-    ArchiveReport {
-        config_error: text(r.config_error),
-        archived_sequence: r.archived_sequence,
-        primary_sequence: r.primary_sequence,
-        up_to_date_ms: (r.up_to_date_ms > 0).then_some(r.up_to_date_ms),
-        last_error: text(r.last_error),
-        bases: r
-            .bases
-            .into_iter()
-            .map(|b| (b.epoch, b.sequence, b.time_ms))
-            .collect(),
-        base_done: text(r.base_done),
-        drill_running: text(r.drill_running),
-        drill: r.drill.map(|d| DrillResult {
-            request: d.request,
-            verified: d.verified,
-            sequence: d.sequence,
-            time_ms: (d.time_ms > 0).then_some(d.time_ms),
-            secrets: d.secrets,
-            duration_ms: d.duration_ms,
-            finished_ms: d.finished_ms,
-            message: text(d.message),
-        }),
-        restore_running: text(r.restore_running),
-        restore: r.restore.map(|o| RestoreResult {
-            id: o.id,
-            succeeded: o.succeeded,
-            sequence: o.sequence,
-            time_ms: (o.time_ms > 0).then_some(o.time_ms),
-            secrets: o.secrets,
-            bytes: o.bytes,
-            finished_ms: o.finished_ms,
-            message: text(o.message),
-        }),
-        site: r.site.map(site_report),
-        not_primary: r.not_primary,
+            .map_err(|e| call_error(node, e))
     }
 }
 
@@ -371,14 +273,6 @@ fn serves(h: &AgentHealth, name: &str, label: &str) -> bool {
         h.token_label == label
     } else {
         h.device == name
-    }
-}
-
-fn role_pb(role: DeviceRole) -> i32 {
-    match role {
-        DeviceRole::Primary => pb::Role::Primary as i32,
-        DeviceRole::ReadOnly => pb::Role::ReadOnly as i32,
-        DeviceRole::Standby => pb::Role::Standby as i32,
     }
 }
 
@@ -462,46 +356,23 @@ impl Agents for GrpcAgents {
         site: Option<&SiteSpec>,
         ask: &ArchiveAsk,
     ) -> Result<ArchiveReport, AgentCallError> {
-        let request = pb::ArchiveRequest {
-            spec: backup.map(archive_spec_pb),
-            site: site.map(site_spec_pb),
-            promote_request: ask.promote_request.clone().unwrap_or_default(),
-            drain: ask.drain,
-            base_request: ask.base_request.clone().unwrap_or_default(),
-            verify_request: ask.verify_request.clone().unwrap_or_default(),
-            restore: ask.restore.as_ref().map(|r| pb::RestoreRequest {
-                id: r.id.clone(),
-                to_sequence: r.to_sequence.unwrap_or(0),
-                to_time_ms: r.to_time_ms.unwrap_or(0),
-                force: r.force,
-            }),
-        };
-        let response = self
-            .connection(node)?
-            .archive(request)
+        self.connection(node)?
+            .ask_archive(backup, site, ask)
             .await
-            .map_err(|e| call_error(node, e))?;
-        Ok(archive_report(response))
+            .map_err(|e| call_error(node, e))
     }
 
     async fn execute(&self, device: &DeviceView, action: &Action) -> Result<(), AgentCallError> {
-        let lease_ms = self.lease.as_millis() as u64;
         match action {
             Action::RenewLease {
                 node,
                 epoch,
                 outside_write_set,
             } => {
-                let request = pb::RenewLeaseRequest {
-                    epoch: *epoch,
-                    duration_ms: lease_ms,
-                    deadline: Some(self.lease_deadline(node)?),
-                    outside_write_set: outside_write_set.clone(),
-                };
+                let deadline = self.lease_deadline(node)?;
                 self.connection(node)?
-                    .renew_lease_with(request)
+                    .renew_lease_until(*epoch, self.lease, deadline, outside_write_set)
                     .await
-                    .map(|_| ())
                     .map_err(|e| call_error(node, e))
             }
             Action::Promote { node, epoch } => {
@@ -517,28 +388,20 @@ impl Agents for GrpcAgents {
                         .iter()
                         .filter(|n| *n != node)
                         .filter_map(|n| self.peer(n).ok())
-                        .map(|p| pb::MirrorTarget {
-                            node: p.node,
-                            endpoint: p.endpoint,
-                        })
                         .collect()
                 } else {
                     Vec::new()
                 };
-                self.assign(
-                    node,
-                    pb::AssignRoleRequest {
-                        role: pb::Role::Primary as i32,
-                        epoch: *epoch,
-                        primary_node: me.node,
-                        primary_endpoint: me.endpoint,
-                        mirrors,
-                        lease_duration_ms: lease_ms,
-                        sync_interval_seconds: device.sync_interval.as_secs() as u32,
-                        lease_deadline: Some(self.lease_deadline(node)?),
-                    },
-                )
-                .await
+                let assignment = Assignment {
+                    role: DeviceRole::Primary,
+                    epoch: *epoch,
+                    primary: Some(me),
+                    mirrors,
+                    lease: self.lease,
+                    sync_interval: Some(device.sync_interval),
+                };
+                let deadline = self.lease_deadline(node)?;
+                self.assign(node, assignment, Some(deadline)).await
             }
             Action::Demote {
                 node,
@@ -555,21 +418,15 @@ impl Agents for GrpcAgents {
                     Action::SetMirror { role, .. } => *role,
                     _ => DeviceRole::Standby,
                 };
-                let p = self.peer(primary)?;
-                self.assign(
-                    node,
-                    pb::AssignRoleRequest {
-                        role: role_pb(role),
-                        epoch: *epoch,
-                        primary_node: p.node,
-                        primary_endpoint: p.endpoint,
-                        mirrors: Vec::new(),
-                        lease_duration_ms: 0,
-                        sync_interval_seconds: device.sync_interval.as_secs() as u32,
-                        lease_deadline: None,
-                    },
-                )
-                .await
+                let assignment = Assignment {
+                    role,
+                    epoch: *epoch,
+                    primary: Some(self.peer(primary)?),
+                    mirrors: Vec::new(),
+                    lease: Duration::ZERO,
+                    sync_interval: Some(device.sync_interval),
+                };
+                self.assign(node, assignment, None).await
             }
             Action::FenceWrites { node, epoch } => self
                 .connection(node)?

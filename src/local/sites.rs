@@ -226,10 +226,7 @@ pub async fn read_agent(
         }) => return Ok(None),
         answer => answer?,
     };
-    Ok(answer
-        .record
-        .filter(|r| !r.deleted)
-        .map(|r| r.data.into_iter().map(|kv| (kv.key, kv.value)).collect()))
+    Ok(live_values(&answer.record))
 }
 
 /// What a pod on `node` reads: a volume published over the node's CSI socket, its files
@@ -289,4 +286,16 @@ fn secret_path(secret: &str) -> Result<SecretPath, LocalError> {
     format!("{NAMESPACE}/{secret}")
         .parse()
         .map_err(|e| LocalError::Check(format!("secret {secret}: {e}")))
+}
+
+/// A record's keys and values; None for a tombstone.
+pub(crate) fn live_values(record: &crate::hsm::Record) -> Option<BTreeMap<String, Vec<u8>>> {
+    match &record.body {
+        crate::hsm::Body::Live(data) => Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), v.to_vec()))
+                .collect(),
+        ),
+        crate::hsm::Body::Deleted => None,
+    }
 }

@@ -763,10 +763,7 @@ impl Walk<'_> {
                 .parse()
                 .map_err(|e| LocalError::Check(format!("{e}")))?;
             let got = conn.get(&p).await?;
-            let values: BTreeMap<String, Vec<u8>> = got
-                .record
-                .map(|r| r.data.into_iter().map(|kv| (kv.key, kv.value)).collect())
-                .unwrap_or_default();
+            let values = super::sites::live_values(&got.record).unwrap_or_default();
             if values != *expected {
                 return Err(LocalError::Check(format!(
                     "{new} does not hold {path} as it was stored"

@@ -104,6 +104,18 @@ pub struct WriteOutcome {
     pub replicated_to: Vec<String>,
 }
 
+/// A record this agent served, and who served it (a reader learns whether it came from
+/// the primary or a mirror, and at which point of the history).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// As stored: a reader verifies its checksum.
+    pub record: Record,
+    pub node: String,
+    pub role: DeviceRole,
+    pub epoch: u64,
+    pub applied_sequence: u64,
+}
+
 /// Counters for tests and metrics.
 #[derive(Debug, Default)]
 struct Counters {
@@ -821,16 +833,17 @@ impl Agent {
     }
 
     /// Answers a Get with who answered.
-    pub async fn get_response(&self, path: &SecretPath) -> Result<pb::GetResponse, MirrorError> {
+    /// A secret for a reader, with who served it.
+    pub async fn serve(&self, path: &SecretPath) -> Result<Served, MirrorError> {
         let record = self.get(path).await?;
         let (role, epoch) = {
             let c = self.control();
             (c.role(), c.epoch())
         };
-        Ok(pb::GetResponse {
-            record: Some(convert::record_to_pb(&record)),
+        Ok(Served {
+            record,
             node: self.node().into(),
-            role: convert::role_to_pb(role) as i32,
+            role,
             epoch,
             applied_sequence: self.applied_sequence(role),
         })

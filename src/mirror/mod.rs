@@ -79,7 +79,8 @@ pub mod site;
 pub mod sync;
 
 pub use agent::{
-    Agent, AgentConfig, AgentSnapshot, AgentStats, PUSH_WINDOW, WriteOutcome, push_in_sequence,
+    Agent, AgentConfig, AgentSnapshot, AgentStats, PUSH_WINDOW, Served, WriteOutcome,
+    push_in_sequence,
 };
 pub use error::MirrorError;
 pub use fencing::{AgentClock, Assignment, LeaseDeadline, Peer};

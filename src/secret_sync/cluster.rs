@@ -163,13 +163,7 @@ impl AgentDirectory {
             }) => return Ok(HsmContent::Absent),
             Err(e) => return Err(SyncError::hsm(e)),
         };
-        let record = answer.record.ok_or_else(|| {
-            SyncError::hsm_detail(
-                "protocol",
-                format!("agent {node} answered Get without a record"),
-            )
-        })?;
-        let record = decode(node, record)?;
+        let record = answer.record;
         if record.verify().is_err() || record.path != *path {
             return Err(SyncError::ChecksumMismatch {
                 path: path.to_string(),
@@ -183,12 +177,7 @@ impl AgentDirectory {
                 data,
                 served_by: ServedBy {
                     node: answer.node,
-                    role: crate::mirror::role_from_pb(answer.role).ok_or_else(|| {
-                        SyncError::hsm_detail(
-                            "protocol",
-                            format!("agent {node} answered Get with an unknown role"),
-                        )
-                    })?,
+                    role: answer.role,
                 },
             }),
         }
@@ -250,34 +239,4 @@ impl AgentDirectory {
             Err(e) => Err(SyncError::hsm(e)),
         }
     }
-}
-
-/// A record as sent by an agent (its checksum is verified by the caller).
-fn decode(node: &str, record: crate::mirror::pb::Record) -> Result<crate::hsm::Record, SyncError> {
-    let bad = |why: String| {
-        SyncError::hsm_detail(
-            "protocol",
-            format!("agent {node} sent an invalid record: {why}"),
-        )
-    };
-    let path: SecretPath = record.path.parse().map_err(|e| bad(format!("path: {e}")))?;
-    let checksum = <[u8; 32]>::try_from(record.checksum.as_slice())
-        .map(Checksum)
-        .map_err(|_| bad("checksum is not 32 bytes".into()))?;
-    let body = if record.deleted {
-        Body::Deleted
-    } else {
-        let mut data = SecretData::new();
-        for kv in record.data {
-            data.insert(&kv.key, kv.value)
-                .map_err(|e| bad(format!("key {:?}: {}", kv.key, e.kind())))?;
-        }
-        Body::Live(data)
-    };
-    Ok(crate::hsm::Record {
-        path,
-        version: record.version,
-        checksum,
-        body,
-    })
 }

@@ -539,3 +539,17 @@ pub fn push_request(
         primary_node: primary.into(),
     }
 }
+
+/// The one value a live record holds (these tests write one key per secret); None for a
+/// tombstone.
+pub fn only_value(record: &hsm_secrets::hsm::Record) -> Option<Vec<u8>> {
+    match &record.body {
+        hsm_secrets::hsm::Body::Live(data) => {
+            let mut values = data.iter();
+            let (_, value) = values.next().expect("a live record with a key");
+            assert!(values.next().is_none(), "one key per secret");
+            Some(value.to_vec())
+        }
+        hsm_secrets::hsm::Body::Deleted => None,
+    }
+}

@@ -96,7 +96,7 @@ async fn a_restarted_agent_resumes_its_saved_epoch_and_role_without_the_lease() 
     .await;
     let got = c2.get(&path("shop/b")).await.unwrap();
     assert!(
-        got.record.is_some(),
+        !got.record.is_deleted(),
         "the mirror serves what it pulled after its restart"
     );
 
@@ -133,7 +133,7 @@ async fn a_restarted_agent_resumes_its_saved_epoch_and_role_without_the_lease() 
     c1.put(&path("shop/c"), &data(&[("v", b"3")]), Expect::Absent, 3)
         .await
         .unwrap();
-    assert!(c1.get(&path("shop/a")).await.unwrap().record.is_some());
+    assert!(!c1.get(&path("shop/a")).await.unwrap().record.is_deleted());
 
     // A fence outlives a restart: no renewal revives writes under epoch 3.
     c1.fence(3).await.unwrap();

@@ -1028,11 +1028,7 @@ mod partition {
                                 .await
                                 {
                                     Ok(Ok(answer)) => {
-                                        Some(answer.record.filter(|r| !r.deleted).and_then(|r| {
-                                            r.data.into_iter().find(|kv| kv.key == "n").map(|kv| {
-                                                String::from_utf8_lossy(&kv.value).into_owned()
-                                            })
-                                        }))
+                                        Some(crate::local::written_value(&answer.record))
                                     }
                                     Ok(Err(hsm_secrets::mirror::MirrorError::Remote {
                                         code: tonic::Code::NotFound,
@@ -1164,13 +1160,9 @@ mod partition {
             let mut held = std::collections::BTreeMap::new();
             for w in &writes {
                 if let Ok(answer) = conn.get(&path(&w.path)).await
-                    && let Some(r) = answer.record.filter(|r| !r.deleted)
-                    && let Some(kv) = r.data.into_iter().find(|kv| kv.key == "n")
+                    && let Some(value) = crate::local::written_value(&answer.record)
                 {
-                    held.insert(
-                        w.path.clone(),
-                        String::from_utf8_lossy(&kv.value).into_owned(),
-                    );
+                    held.insert(w.path.clone(), value);
                 }
             }
             held
@@ -1250,5 +1242,15 @@ mod partition {
             }
         }
         ranges
+    }
+}
+
+/// The value a client wrote (key `n`); None for a tombstone.
+fn written_value(record: &hsm_secrets::hsm::Record) -> Option<String> {
+    match &record.body {
+        hsm_secrets::hsm::Body::Live(data) => data
+            .get("n")
+            .map(|v| String::from_utf8_lossy(v).into_owned()),
+        hsm_secrets::hsm::Body::Deleted => None,
     }
 }

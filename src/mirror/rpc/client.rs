@@ -10,10 +10,12 @@ use super::convert;
 use super::pb;
 use super::pb::agent_client::AgentClient;
 use super::tls::AgentTls;
+use crate::archive::plan::{ArchiveAsk, ArchiveReport};
+use crate::crd::{BackupSpec, SiteSpec};
 use crate::hsm::{Expect, SecretData, SecretPath};
-use crate::mirror::AgentHealth;
 use crate::mirror::MirrorError;
 use crate::mirror::fencing::Peer;
+use crate::mirror::{AgentHealth, Assignment, LeaseDeadline, Served, WriteOutcome};
 
 /// Largest message an agent sends or accepts: one secret may hold 256 keys of 1 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 300 * 1024 * 1024;
@@ -148,12 +150,15 @@ impl AgentConnection {
             .await
     }
 
-    pub async fn get(&self, path: &SecretPath) -> Result<pb::GetResponse, MirrorError> {
+    /// A secret as the agent holds it (its checksum not yet verified: the caller does).
+    pub async fn get(&self, path: &SecretPath) -> Result<Served, MirrorError> {
         let request = pb::GetRequest {
             path: path.to_string(),
         };
-        self.call("Get", |mut c| async move { c.get(request).await })
-            .await
+        let answer = self
+            .call("Get", |mut c| async move { c.get(request).await })
+            .await?;
+        convert::served_from_pb(&self.peer.node, answer)
     }
 
     pub async fn put(
@@ -162,7 +167,7 @@ impl AgentConnection {
         data: &SecretData,
         expect: Expect,
         epoch: u64,
-    ) -> Result<pb::WriteResponse, MirrorError> {
+    ) -> Result<WriteOutcome, MirrorError> {
         let request = pb::PutRequest {
             path: path.to_string(),
             data: data
@@ -177,6 +182,7 @@ impl AgentConnection {
         };
         self.call("Put", |mut c| async move { c.put(request).await })
             .await
+            .map(convert::write_from_pb)
     }
 
     pub async fn delete(
@@ -184,7 +190,7 @@ impl AgentConnection {
         path: &SecretPath,
         expect: Expect,
         epoch: u64,
-    ) -> Result<pb::WriteResponse, MirrorError> {
+    ) -> Result<WriteOutcome, MirrorError> {
         let request = pb::DeleteRequest {
             path: path.to_string(),
             expect: Some(convert::expect_to_pb(expect)),
@@ -192,6 +198,7 @@ impl AgentConnection {
         };
         self.call("Delete", |mut c| async move { c.delete(request).await })
             .await
+            .map(convert::write_from_pb)
     }
 
     pub async fn replicate(
@@ -205,6 +212,18 @@ impl AgentConnection {
         .await
     }
 
+    /// Assigns a role; `deadline` bounds a primary's write lease on the agent's clock.
+    pub async fn assign(
+        &self,
+        assignment: &Assignment,
+        deadline: Option<LeaseDeadline>,
+    ) -> Result<(), MirrorError> {
+        self.assign_role(convert::assignment_to_pb(assignment, deadline))
+            .await
+            .map(|_| ())
+    }
+
+    /// The AssignRole call as sent on the wire (tests of the agent's checks use it).
     pub async fn assign_role(
         &self,
         request: pb::AssignRoleRequest,
@@ -216,6 +235,20 @@ impl AgentConnection {
         .await
     }
 
+    /// Tells a primary's archive supervisor the device's archive and site settings and
+    /// what is asked of it; its report.
+    pub async fn ask_archive(
+        &self,
+        backup: Option<&BackupSpec>,
+        site: Option<&SiteSpec>,
+        ask: &ArchiveAsk,
+    ) -> Result<ArchiveReport, MirrorError> {
+        self.archive(convert::archive_ask_to_pb(backup, site, ask))
+            .await
+            .map(convert::archive_report_from_pb)
+    }
+
+    /// The Archive call as sent on the wire.
     pub async fn archive(
         &self,
         request: pb::ArchiveRequest,
@@ -248,6 +281,24 @@ impl AgentConnection {
 
     /// Renews with everything the controller says: a deadline on the agent's clock and,
     /// under Active, the mirrors it recorded as outside the write set.
+    pub async fn renew_lease_until(
+        &self,
+        epoch: u64,
+        lease: Duration,
+        deadline: LeaseDeadline,
+        outside_write_set: &[String],
+    ) -> Result<(), MirrorError> {
+        self.renew_lease_with(pb::RenewLeaseRequest {
+            epoch,
+            duration_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+            deadline: Some(convert::lease_deadline_to_pb(deadline)),
+            outside_write_set: outside_write_set.to_vec(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The RenewLease call as sent on the wire.
     pub async fn renew_lease_with(
         &self,
         request: pb::RenewLeaseRequest,

@@ -3,13 +3,15 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::archive::plan::{ArchiveAsk, ArchiveReport, DrillResult, RestoreResult, SiteReport};
 use crate::crd::DeviceRole;
+use crate::crd::{BackupSpec, SiteRole, SiteSpec};
 use crate::hsm::{Body, Checksum, Expect, ManifestEntry, Record, SecretData, SecretPath};
-use crate::mirror::Peer;
 use crate::mirror::health::{
     AgentHealth, ClockReading, Fault, OutsideMirror, ReplicationStatus, SyncStatus,
 };
 use crate::mirror::sync::{FullPassReport, LostWrite};
+use crate::mirror::{Assignment, LeaseDeadline, Peer, Served, WriteOutcome};
 
 use super::pb;
 use crate::mirror::MirrorError;
@@ -358,6 +360,217 @@ fn lost_writes_from_pb(
         .collect()
 }
 
+/// An assignment as the controller sends it; `deadline` bounds a primary's lease on the
+/// agent's clock.
+pub(crate) fn assignment_to_pb(
+    a: &Assignment,
+    deadline: Option<LeaseDeadline>,
+) -> pb::AssignRoleRequest {
+    pb::AssignRoleRequest {
+        role: role_to_pb(a.role) as i32,
+        epoch: a.epoch,
+        primary_node: a
+            .primary
+            .as_ref()
+            .map(|p| p.node.clone())
+            .unwrap_or_default(),
+        primary_endpoint: a
+            .primary
+            .as_ref()
+            .map(|p| p.endpoint.clone())
+            .unwrap_or_default(),
+        mirrors: a
+            .mirrors
+            .iter()
+            .map(|p| pb::MirrorTarget {
+                node: p.node.clone(),
+                endpoint: p.endpoint.clone(),
+            })
+            .collect(),
+        lease_duration_ms: u64::try_from(a.lease.as_millis()).unwrap_or(u64::MAX),
+        sync_interval_seconds: a
+            .sync_interval
+            .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
+        lease_deadline: deadline.map(lease_deadline_to_pb),
+    }
+}
+
+pub(crate) fn lease_deadline_to_pb(d: LeaseDeadline) -> pb::LeaseDeadline {
+    pb::LeaseDeadline {
+        clock_id: d.clock_id,
+        until_ms: d.until_ms,
+    }
+}
+
+pub(crate) fn lease_deadline_from_pb(d: pb::LeaseDeadline) -> LeaseDeadline {
+    LeaseDeadline {
+        clock_id: d.clock_id,
+        until_ms: d.until_ms,
+    }
+}
+
+pub(crate) fn write_to_pb(outcome: WriteOutcome) -> pb::WriteResponse {
+    pb::WriteResponse {
+        version: outcome.version,
+        replicated_to: outcome.replicated_to,
+        // Kept on the wire for older clients: an acknowledged write drops no mirror.
+        dropped: Vec::new(),
+    }
+}
+
+pub(crate) fn write_from_pb(w: pb::WriteResponse) -> WriteOutcome {
+    WriteOutcome {
+        version: w.version,
+        replicated_to: w.replicated_to,
+    }
+}
+
+pub(crate) fn served_to_pb(s: &Served) -> pb::GetResponse {
+    pb::GetResponse {
+        record: Some(record_to_pb(&s.record)),
+        node: s.node.clone(),
+        role: role_to_pb(s.role) as i32,
+        epoch: s.epoch,
+        applied_sequence: s.applied_sequence,
+    }
+}
+
+pub(crate) fn served_from_pb(from: &str, g: pb::GetResponse) -> Result<Served, MirrorError> {
+    let bad = |why: &str| MirrorError::Protocol {
+        node: from.into(),
+        what: "Get answer",
+        why: why.into(),
+    };
+    let record = g.record.ok_or_else(|| bad("it carries no record"))?;
+    Ok(Served {
+        record: record_from_pb(from, record)?,
+        role: role_from_pb(g.role).ok_or_else(|| bad("its role is unknown"))?,
+        node: g.node,
+        epoch: g.epoch,
+        applied_sequence: g.applied_sequence,
+    })
+}
+
+/// What the controller asks of a primary's archive supervisor.
+pub(crate) fn archive_ask_to_pb(
+    backup: Option<&BackupSpec>,
+    site: Option<&SiteSpec>,
+    ask: &ArchiveAsk,
+) -> pb::ArchiveRequest {
+    pb::ArchiveRequest {
+        spec: backup.map(archive_spec_to_pb),
+        site: site.map(site_spec_to_pb),
+        promote_request: ask.promote_request.clone().unwrap_or_default(),
+        drain: ask.drain,
+        base_request: ask.base_request.clone().unwrap_or_default(),
+        verify_request: ask.verify_request.clone().unwrap_or_default(),
+        restore: ask.restore.as_ref().map(|r| pb::RestoreRequest {
+            id: r.id.clone(),
+            to_sequence: r.to_sequence.unwrap_or(0),
+            to_time_ms: r.to_time_ms.unwrap_or(0),
+            force: r.force,
+        }),
+    }
+}
+
+fn archive_spec_to_pb(spec: &BackupSpec) -> pb::ArchiveSpec {
+    pb::ArchiveSpec {
+        url: spec.url.clone(),
+        endpoint: spec.endpoint.clone().unwrap_or_default(),
+        region: spec.region.clone().unwrap_or_default(),
+        credentials_secret: spec.credentials_secret.clone(),
+        archive_name: spec.archive_name().to_string(),
+        segment_interval_ms: u64::from(spec.segment_interval_seconds()) * 1000,
+        base_interval_s: u64::from(spec.base_interval_minutes()) * 60,
+        retention_s: u64::from(spec.retention_days()) * 86_400,
+    }
+}
+
+fn site_spec_to_pb(site: &SiteSpec) -> pb::SiteSpec {
+    pb::SiteSpec {
+        name: site.name.clone(),
+        lease_ms: u64::from(site.lease_seconds()) * 1000,
+        follow: site.follow_archive.as_ref().map(|f| pb::FollowSpec {
+            url: f.url.clone(),
+            endpoint: f.endpoint.clone().unwrap_or_default(),
+            region: f.region.clone().unwrap_or_default(),
+            credentials_secret: f.credentials_secret.clone(),
+            device: f.device.clone(),
+            archive_name: f
+                .archive_name
+                .clone()
+                .unwrap_or_else(|| BackupSpec::DEFAULT_ARCHIVE_NAME.into()),
+        }),
+    }
+}
+
+fn site_report_from_pb(r: pb::SiteReport) -> SiteReport {
+    let ms = |v: u64| (v > 0).then_some(v);
+    SiteReport {
+        role: match pb::SiteRole::try_from(r.role) {
+            Ok(pb::SiteRole::Passive) => SiteRole::Passive,
+            Ok(pb::SiteRole::Fenced) => SiteRole::Fenced,
+            _ => SiteRole::Active,
+        },
+        site_epoch: r.site_epoch,
+        source_sequence: r.source_sequence,
+        source_time_ms: ms(r.source_time_ms),
+        applied_sequence: r.applied_sequence,
+        applied_time_ms: ms(r.applied_time_ms),
+        lag_ms: r.lag_ms,
+        fenced_by: some(r.fenced_by),
+        fenced_by_device: some(r.fenced_by_device),
+        fence_sequence: r.fence_sequence,
+        lost_writes: r.lost_writes,
+        promotion_done: some(r.promotion_done),
+        promotion_running: some(r.promotion_running),
+        error: some(r.error),
+        draining: r.draining,
+    }
+}
+
+/// What a primary's archive supervisor answered.
+pub(crate) fn archive_report_from_pb(r: pb::ArchiveResponse) -> ArchiveReport {
+    let ms = |v: u64| (v > 0).then_some(v);
+    ArchiveReport {
+        config_error: some(r.config_error),
+        archived_sequence: r.archived_sequence,
+        primary_sequence: r.primary_sequence,
+        up_to_date_ms: ms(r.up_to_date_ms),
+        last_error: some(r.last_error),
+        bases: r
+            .bases
+            .into_iter()
+            .map(|b| (b.epoch, b.sequence, b.time_ms))
+            .collect(),
+        base_done: some(r.base_done),
+        drill_running: some(r.drill_running),
+        drill: r.drill.map(|d| DrillResult {
+            request: d.request,
+            verified: d.verified,
+            sequence: d.sequence,
+            time_ms: ms(d.time_ms),
+            secrets: d.secrets,
+            duration_ms: d.duration_ms,
+            finished_ms: d.finished_ms,
+            message: some(d.message),
+        }),
+        restore_running: some(r.restore_running),
+        restore: r.restore.map(|o| RestoreResult {
+            id: o.id,
+            succeeded: o.succeeded,
+            sequence: o.sequence,
+            time_ms: ms(o.time_ms),
+            secrets: o.secrets,
+            bytes: o.bytes,
+            finished_ms: o.finished_ms,
+            message: some(o.message),
+        }),
+        site: r.site.map(site_report_from_pb),
+        not_primary: r.not_primary,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,6 +718,62 @@ mod tests {
             error.to_string().contains("n2") && error.to_string().contains("lost write"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn assignments_cross_the_wire_unchanged() {
+        let peer = |n: &str| Peer {
+            node: n.into(),
+            endpoint: format!("https://{n}:9443"),
+        };
+        let deadline = LeaseDeadline {
+            clock_id: 9,
+            until_ms: 1234,
+        };
+        for a in [
+            Assignment {
+                role: DeviceRole::Primary,
+                epoch: 5,
+                primary: Some(peer("n1")),
+                mirrors: vec![peer("n2"), peer("n3")],
+                lease: Duration::from_millis(1500),
+                sync_interval: Some(Duration::from_secs(300)),
+            },
+            Assignment {
+                role: DeviceRole::ReadOnly,
+                epoch: 5,
+                primary: Some(peer("n1")),
+                mirrors: Vec::new(),
+                lease: Duration::ZERO,
+                sync_interval: None,
+            },
+        ] {
+            let wire = assignment_to_pb(&a, Some(deadline));
+            assert_eq!(
+                wire.lease_deadline.map(lease_deadline_from_pb),
+                Some(deadline)
+            );
+            assert_eq!(super::super::assignment_from_pb(wire).expect("decode"), a);
+        }
+    }
+
+    #[test]
+    fn a_served_record_round_trips_and_an_empty_answer_is_named() {
+        let served = Served {
+            record: Record::live(path("ns/a"), 3, SecretData::new()),
+            node: "n2".into(),
+            role: DeviceRole::ReadOnly,
+            epoch: 4,
+            applied_sequence: 9,
+        };
+        assert_eq!(
+            served_from_pb("n2", served_to_pb(&served)).expect("decode"),
+            served
+        );
+        let mut empty = served_to_pb(&served);
+        empty.record = None;
+        let error = served_from_pb("n2", empty).expect_err("no record");
+        assert!(error.to_string().contains("no record"), "{error}");
     }
 
     #[test]

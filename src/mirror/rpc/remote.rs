@@ -24,7 +24,7 @@ use super::client::AgentConnection;
 use super::convert;
 use super::pb;
 use crate::mirror::fencing::Peer;
-use crate::mirror::{AgentHealth, MirrorError};
+use crate::mirror::{AgentHealth, MirrorError, Served};
 
 /// How long an agent that failed is passed over (unless every agent is down).
 pub const DOWN_FOR: Duration = Duration::from_secs(5);
@@ -206,12 +206,8 @@ impl SecretStore for RemoteStore {
                 let path = path.clone();
                 async move { conn.get(&path).await }
             },
-            |node, answer: pb::GetResponse| {
-                let wire = answer
-                    .record
-                    .ok_or_else(|| Failure::Agent("answer without a record".into()))?;
-                let record = convert::record_from_pb(node, wire)
-                    .map_err(|e| Failure::Agent(e.to_string()))?;
+            |_node, answer: Served| {
+                let record = answer.record;
                 if &record.path != path {
                     return Err(Failure::Agent(format!("answered for {}", record.path)));
                 }

@@ -13,8 +13,8 @@ use super::identity::{self, Identity};
 use super::pb;
 use super::pb::agent_server::AgentServer;
 use crate::mirror::MirrorError;
-use crate::mirror::agent::{Agent, WriteOutcome};
-use crate::mirror::fencing::{AgentClock, Assignment, LeaseDeadline, Peer};
+use crate::mirror::agent::Agent;
+use crate::mirror::fencing::{AgentClock, Assignment, Peer};
 
 /// What answers the Archive RPC: the node's archive supervisor, which lives outside the
 /// agent (it needs the bucket, the credentials and the token's archive key).
@@ -87,22 +87,6 @@ fn peer(node: &str, endpoint: &str) -> Option<Peer> {
         node: node.into(),
         endpoint: endpoint.into(),
     })
-}
-
-fn lease_deadline(d: pb::LeaseDeadline) -> LeaseDeadline {
-    LeaseDeadline {
-        clock_id: d.clock_id,
-        until_ms: d.until_ms,
-    }
-}
-
-fn write_response(outcome: WriteOutcome) -> pb::WriteResponse {
-    pb::WriteResponse {
-        version: outcome.version,
-        replicated_to: outcome.replicated_to,
-        // Kept on the wire for older clients: an acknowledged write drops no mirror.
-        dropped: Vec::new(),
-    }
 }
 
 /// Decodes an AssignRole request into an assignment, naming the field that is wrong.
@@ -222,7 +206,9 @@ impl pb::agent_server::Agent for AgentService {
         let result: Result<Response<pb::GetResponse>, Status> = async move {
             authorize(&request, "Get")?;
             let path = parse_path(&request.get_ref().path)?;
-            Ok(Response::new(self.agent.get_response(&path).await?))
+            Ok(Response::new(convert::served_to_pb(
+                &self.agent.serve(&path).await?,
+            )))
         }
         .await;
         self.observe("Get", started, &result);
@@ -247,7 +233,7 @@ impl pb::agent_server::Agent for AgentService {
                 .agent
                 .put(&path, data, convert::expect_from_pb(r.expect), r.epoch)
                 .await?;
-            Ok(Response::new(write_response(outcome)))
+            Ok(Response::new(convert::write_to_pb(outcome)))
         }
         .await;
         self.observe("Put", started, &result);
@@ -268,7 +254,7 @@ impl pb::agent_server::Agent for AgentService {
                 .agent
                 .delete(&path, convert::expect_from_pb(r.expect), r.epoch)
                 .await?;
-            Ok(Response::new(write_response(outcome)))
+            Ok(Response::new(convert::write_to_pb(outcome)))
         }
         .await;
         self.observe("Delete", started, &result);
@@ -299,7 +285,7 @@ impl pb::agent_server::Agent for AgentService {
         let result: Result<Response<pb::AssignRoleResponse>, Status> = async move {
             authorize(&request, "AssignRole")?;
             let r = request.into_inner();
-            let deadline = r.lease_deadline.map(lease_deadline);
+            let deadline = r.lease_deadline.map(convert::lease_deadline_from_pb);
             let mut assignment = assignment_from_pb(r)?;
             if assignment.role == DeviceRole::Primary {
                 // Measured at receipt: the lease runs from now, and not past its deadline.
@@ -327,7 +313,7 @@ impl pb::agent_server::Agent for AgentService {
             let lease = AgentClock::process().lease_within(
                 self.agent.node(),
                 Duration::from_millis(r.duration_ms),
-                r.deadline.map(lease_deadline),
+                r.deadline.map(convert::lease_deadline_from_pb),
             )?;
             let remaining = self
                 .agent
