@@ -263,7 +263,7 @@ async fn run(dir: PathBuf) {
         assert_eq!((r.applied, r.calls), (0, 1));
         let t = Instant::now();
         health
-            .changes(pb::ChangesRequest {
+            .changes(&hsm_secrets::mirror::ChangesAsk {
                 since: u64::MAX,
                 ..Default::default()
             })

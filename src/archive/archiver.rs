@@ -19,7 +19,7 @@ use super::envelope::{self, FORMAT, ObjectHeader, ObjectKind};
 use super::{ArchiveError, Bucket, KeyWrap, payload};
 use crate::crd::DeviceRole;
 use crate::hsm::Record;
-use crate::mirror::{Agent, pb};
+use crate::mirror::{Agent, ChangesAsk};
 
 /// Most change bytes one segment carries; more changes make more segments.
 const SEGMENT_BYTES: usize = 32 * 1024 * 1024;
@@ -585,17 +585,13 @@ impl Archiver {
         let (mut through, mut bytes) = (since, 0usize);
         loop {
             let answer = agent
-                .changes(pb::ChangesRequest {
+                .changes(ChangesAsk {
                     since: through,
-                    limit: 0,
-                    node: String::new(),
-                    verified_epoch: 0,
+                    ..ChangesAsk::default()
                 })
                 .await
                 .map_err(|e| ArchiveError::Source(e.to_string()))?;
             for record in answer.records {
-                let record = crate::mirror::record_from_pb("primary", record)
-                    .map_err(|e| ArchiveError::Source(e.to_string()))?;
                 bytes += record_bytes(&record);
                 records.push(record);
             }

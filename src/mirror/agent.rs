@@ -16,20 +16,22 @@ use tokio::time::Instant;
 
 use crate::crd::DeviceRole;
 use crate::hsm::{
-    Body, Checksum, Expect, GcReport, Record, SecretData, SecretPath, SecretStore, StoreError,
+    Body, Checksum, Expect, GcReport, ManifestEntry, Record, SecretData, SecretPath, SecretStore,
+    StoreError,
 };
 
 use super::MirrorError;
 use super::facts::AgentFacts;
+use super::feed::{Assigned, Changes, ChangesAsk, FetchAsk, Fetched, Manifest, Push};
 use super::fencing::{AgentClock, Assignment, Control};
 use super::health::{AgentHealth, ClockReading, Fault};
 use super::local::{Applied, Guard, Local};
 use super::metrics::RpcMetrics;
 use super::replication::{self, SyncSet};
 use super::rpc::AgentPool;
-use super::rpc::convert;
+
 use super::rpc::identity::Identity;
-use super::rpc::pb;
+
 use super::rpc::tls::AgentTls;
 use super::sync::{self, FullPassReport, PullReport, SyncHandle, SyncSettings, SyncState};
 
@@ -521,14 +523,14 @@ impl Agent {
     }
 
     /// Applies a role assignment from the controller and saves it on the token.
-    pub async fn assign(&self, a: Assignment) -> Result<pb::AssignRoleResponse, MirrorError> {
+    pub async fn assign(&self, a: Assignment) -> Result<Assigned, MirrorError> {
         let response = self.apply(a.clone()).await?;
         *lock_plain(&self.inner.last_assignment) = Some(a);
         self.persist().await;
         Ok(response)
     }
 
-    async fn apply(&self, a: Assignment) -> Result<pb::AssignRoleResponse, MirrorError> {
+    async fn apply(&self, a: Assignment) -> Result<Assigned, MirrorError> {
         let now = Instant::now();
         let cfg = &self.inner.cfg;
         let mut engine = self.inner.engine.lock().await;
@@ -595,8 +597,8 @@ impl Agent {
             }
         }
         self.control().assign(&a, now)?;
-        Ok(pb::AssignRoleResponse {
-            role: convert::role_to_pb(a.role) as i32,
+        Ok(Assigned {
+            role: a.role,
             epoch: a.epoch,
             applied_sequence: self.applied_sequence(a.role),
         })
@@ -735,8 +737,8 @@ impl Agent {
         let Some(record) = pushed.filter(|_| !targets.is_empty()) else {
             return Ok(outcome);
         };
-        let request = pb::ReplicateRequest {
-            record: Some(convert::record_to_pb(&record)),
+        let request = Push {
+            record,
             epoch,
             primary_node: self.node().into(),
         };
@@ -849,7 +851,7 @@ impl Agent {
         })
     }
 
-    pub async fn manifest(&self) -> Result<pb::ManifestResponse, MirrorError> {
+    pub async fn manifest(&self) -> Result<Manifest, MirrorError> {
         let (role, epoch) = {
             let c = self.control();
             c.admit_read()?;
@@ -860,20 +862,17 @@ impl Agent {
         let sequence = self.applied_sequence(role);
         let fork = self.inner.local.index().fork();
         let entries = self.store().manifest().await?;
-        Ok(pb::ManifestResponse {
+        Ok(Manifest {
             sequence,
             epoch,
             fork_sequence: if role == DeviceRole::Primary { fork } else { 0 },
-            entries: entries.iter().map(convert::entry_to_pb).collect(),
+            entries,
             node: self.node().into(),
         })
     }
 
     /// The primary's change feed.
-    pub async fn changes(
-        &self,
-        request: pb::ChangesRequest,
-    ) -> Result<pb::ChangesResponse, MirrorError> {
+    pub async fn changes(&self, request: ChangesAsk) -> Result<Changes, MirrorError> {
         let epoch = {
             let c = self.control();
             c.admit_primary_read()?;
@@ -895,14 +894,14 @@ impl Agent {
                 // Nothing new: answered from the index alone. A mirror that has
                 // everything under this epoch is back in the Active sync set (checked
                 // under the index lock, so no write slips between).
-                if from_verified_mirror(&request, epoch) {
+                if request.from_verified_mirror(epoch) {
                     self.replication().rejoin(&request.node);
                 }
                 self.inner
                     .counters
                     .changes_answered_from_index
                     .fetch_add(1, Ordering::Relaxed);
-                return Ok(pb::ChangesResponse {
+                return Ok(Changes {
                     records: Vec::new(),
                     through: request.since,
                     sequence: published,
@@ -921,7 +920,7 @@ impl Agent {
         // while it applies this answer; it is promoted only once its own sequence shows
         // it holds what the primary acknowledged.
         if !more
-            && from_verified_mirror(&request, epoch)
+            && request.from_verified_mirror(epoch)
             && through.saturating_sub(request.since) <= PUSH_WINDOW / 2
         {
             let index = self.inner.local.index();
@@ -929,12 +928,11 @@ impl Agent {
                 self.replication().rejoin(&request.node);
             }
         }
-        let records: Vec<pb::Record> = records.iter().map(convert::record_to_pb).collect();
         self.inner
             .counters
             .records_sent
             .fetch_add(records.len() as u64, Ordering::Relaxed);
-        Ok(pb::ChangesResponse {
+        Ok(Changes {
             records,
             through,
             sequence: published,
@@ -1030,7 +1028,7 @@ impl Agent {
     }
 
     /// The primary's records of named paths (a mirror's verification pass).
-    pub async fn fetch(&self, request: pb::FetchRequest) -> Result<pb::FetchResponse, MirrorError> {
+    pub async fn fetch(&self, request: FetchAsk) -> Result<Fetched, MirrorError> {
         self.control().admit_primary_read()?;
         self.inner.local.ensure_index().await?;
         if request.paths.len() > MAX_FETCH {
@@ -1039,21 +1037,12 @@ impl Agent {
                 why: format!("at most {MAX_FETCH} per call"),
             });
         }
-        let mut held = std::collections::HashMap::new();
-        for e in request.held {
-            let entry = convert::entry_from_pb("the caller", e).map_err(as_invalid("held"))?;
-            held.insert(entry.path.clone(), entry);
-        }
-        let mut paths = Vec::with_capacity(request.paths.len());
-        for raw in request.paths {
-            let path: SecretPath =
-                raw.parse()
-                    .map_err(|e: StoreError| MirrorError::InvalidArgument {
-                        field: "paths",
-                        why: e.to_string(),
-                    })?;
-            paths.push(path);
-        }
+        let held: std::collections::HashMap<SecretPath, ManifestEntry> = request
+            .held
+            .into_iter()
+            .map(|entry| (entry.path.clone(), entry))
+            .collect();
+        let paths = request.paths;
         let store = self.store().clone();
         let mut reads = std::pin::pin!(
             futures::stream::iter(paths.into_iter().map(|path| {
@@ -1065,26 +1054,25 @@ impl Agent {
             }))
             .buffered(READ_CONCURRENCY)
         );
-        let mut response = pb::FetchResponse::default();
+        let mut response = Fetched::default();
         let mut bytes = 0usize;
         while let Some((path, result)) = reads.next().await {
-            let raw = path.to_string();
             match result {
                 Ok(record) => {
                     bytes += record_size(&record);
-                    response.records.push(convert::record_to_pb(&record));
+                    response.records.push(record);
                 }
-                Err(StoreError::NotFound { .. }) => response.missing.push(raw.clone()),
+                Err(StoreError::NotFound { .. }) => response.missing.push(path.clone()),
                 Err(e @ StoreError::Corrupt { .. }) => {
                     tracing::error!(node = %self.node(), path = %path, error = %e, "the primary's own copy is corrupt");
-                    response.unreadable.push(raw.clone());
+                    response.unreadable.push(path.clone());
                 }
                 Err(e) => return Err(e.into()),
             }
             if let Some(entry) = held.get(&path)
                 && self.inner.local.index().is_foreign(entry)
             {
-                response.lost.push(raw);
+                response.lost.push(path);
             }
             response.covered += 1;
             if bytes >= self.inner.cfg.batch_bytes {
@@ -1102,7 +1090,7 @@ impl Agent {
     /// proves it.
     pub async fn replicate(
         &self,
-        mut request: pb::ReplicateRequest,
+        mut request: Push,
         sender: &Identity,
     ) -> Result<bool, MirrorError> {
         let _gate = self.inner.gate.read().await;
@@ -1115,12 +1103,7 @@ impl Agent {
         };
         self.control()
             .admit_replicate(request.epoch, &request.primary_node)?;
-        let wire = request.record.ok_or(MirrorError::InvalidArgument {
-            field: "record",
-            why: "is required".into(),
-        })?;
-        let record =
-            convert::record_from_pb(&request.primary_node, wire).map_err(as_invalid("record"))?;
+        let record = request.record;
         // Pushes follow the primary's sequence: a version more than a window of writes in
         // flight beyond what this mirror applied is a jump no primary makes, and would
         // stall every later push behind it (or wrap the sequence near its top).
@@ -1231,23 +1214,10 @@ impl Agent {
 /// flight at once (pushes of concurrent writes may arrive out of order).
 pub const PUSH_WINDOW: u64 = 1024;
 
-/// Whether a Changes request comes from a mirror that verified this primary's `epoch`:
-/// once it holds everything published, it is back in the Active sync set.
-fn from_verified_mirror(request: &pb::ChangesRequest, epoch: u64) -> bool {
-    !request.node.is_empty() && request.verified_epoch == epoch
-}
-
 /// Whether a pushed record's version may follow `applied`: never 0, never beyond the
 /// window (checked arithmetic: a version near `u64::MAX` cannot wrap anything).
 pub fn push_in_sequence(version: u64, applied: u64) -> bool {
     version != 0 && version <= applied.saturating_add(PUSH_WINDOW)
-}
-
-fn as_invalid(field: &'static str) -> impl Fn(MirrorError) -> MirrorError {
-    move |e| match e {
-        MirrorError::Protocol { why, .. } => MirrorError::InvalidArgument { field, why },
-        other => other,
-    }
 }
 
 fn record_size(record: &Record) -> usize {

@@ -66,6 +66,7 @@
 mod agent;
 mod error;
 pub mod facts;
+pub mod feed;
 pub mod fencing;
 pub mod health;
 pub mod index;
@@ -83,6 +84,7 @@ pub use agent::{
     push_in_sequence,
 };
 pub use error::MirrorError;
+pub use feed::{Assigned, Changes, ChangesAsk, FetchAsk, Fetched, Manifest, Push};
 pub use fencing::{AgentClock, Assignment, LeaseDeadline, Peer};
 pub use health::AgentHealth;
 pub use metrics::{AgentMetrics, RpcMetrics};
@@ -91,7 +93,6 @@ pub use rpc::{
     AgentConnection, AgentPool, AgentService, AgentTls, ArchiveControl, CONTROLLER_CERT_NAME,
     CertificateAuthority, EndpointResolver, GeneratedPki, Identity, IssuedCertificate,
     MAX_MESSAGE_BYTES, NodeAddressEndpoints, RemoteStore, StaticEndpoints, TlsError, TlsFiles,
-    assignment_from_pb, bind, expect_to_pb, generate_pki, pb, role_from_pb, role_to_pb, serve,
-    write_pem,
+    bind, generate_pki, pb, serve, write_pem,
 };
 pub use sync::{FullPassReport, LostWrite, PullReport, SyncSettings, SyncState};

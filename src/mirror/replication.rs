@@ -17,11 +17,11 @@ use std::time::{Duration, SystemTime};
 use futures::future::join_all;
 
 use super::MirrorError;
+use super::feed::Push;
 use super::fencing::Peer;
 use super::health::{OutsideMirror, ReplicationStatus};
 use super::rpc::AgentPool;
 use super::rpc::client::AgentConnection;
-use super::rpc::pb;
 
 #[derive(Debug)]
 enum MemberState {
@@ -149,14 +149,14 @@ impl SyncSet {
 /// Pushes one record to `targets` concurrently; each result names its mirror.
 pub(crate) async fn push(
     targets: Vec<AgentConnection>,
-    request: pb::ReplicateRequest,
+    request: Push,
     timeout: Duration,
 ) -> Vec<(String, Result<(), MirrorError>)> {
-    let calls = targets.into_iter().map(|conn| {
-        let request = request.clone();
-        async move {
+    let request = &request;
+    let calls = targets.into_iter().map(|conn| async move {
+        {
             let node = conn.node().to_string();
-            let result = match tokio::time::timeout(timeout, conn.replicate(request)).await {
+            let result = match tokio::time::timeout(timeout, conn.push(request)).await {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(MirrorError::Timeout {

@@ -31,12 +31,11 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::hsm::{ManifestEntry, SecretPath, StoreError};
 
 use super::MirrorError;
+use super::feed::{ChangesAsk, FetchAsk, Fetched};
 use super::health::{Fault, SyncStatus};
 use super::local::{Applied, Guard, Local};
 use super::plan::plan_full_pass;
 use super::rpc::client::AgentConnection;
-use super::rpc::convert;
-use super::rpc::pb;
 
 /// How often and how much a mirror syncs.
 #[derive(Clone, Copy, Debug)]
@@ -88,7 +87,7 @@ pub struct FullPassReport {
     pub sequence: u64,
     pub rejoin: bool,
     /// The epoch of the assignment this pass ran under, when its primary served that
-    /// epoch; 0 otherwise (see `pb::FullPassReport::epoch`).
+    /// epoch; 0 otherwise (the trust rule, `failover::trust`, reads it).
     pub epoch: u64,
 }
 
@@ -376,14 +375,20 @@ impl SyncEngine {
         let verified_epoch = lock(&self.state).verified_epoch;
         let mut report = PullReport::default();
         loop {
-            let response = self
-                .unless_stopped(self.primary.changes(pb::ChangesRequest {
-                    since,
-                    limit: self.settings.changes_batch,
-                    node: self.local.node.clone(),
-                    verified_epoch,
-                }))
-                .await?;
+            let ask = ChangesAsk {
+                since,
+                limit: self.settings.changes_batch,
+                node: self.local.node.clone(),
+                verified_epoch,
+            };
+            let response = match self.unless_stopped(self.primary.changes(&ask)).await {
+                // A malformed record counts as one that fails its checksum.
+                Err(e @ MirrorError::Protocol { .. }) => {
+                    self.count_checksum_failure();
+                    return Err(e);
+                }
+                other => other?,
+            };
             report.calls += 1;
             if response.epoch != verified_epoch || response.sequence < since {
                 // A new primary term, or a primary behind this node: histories may differ.
@@ -396,18 +401,11 @@ impl SyncEngine {
             }
             let mut records = response.records;
             records.sort_by_key(|r| r.version);
-            for wire in records {
+            for record in records {
                 if self.stopping() {
                     return Err(stopped(&self.local.node));
                 }
-                let version = wire.version;
-                let record = match convert::record_from_pb(self.primary.node(), wire) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.count_checksum_failure();
-                        return Err(e);
-                    }
-                };
+                let version = record.version;
                 if let Err(e) = record.verify() {
                     self.count_checksum_failure();
                     tracing::warn!(node = %self.local.node, primary = %self.primary.node(), path = %record.path, version, error = %e, "record from the primary fails its checksum; not applied, will fetch again");
@@ -455,11 +453,7 @@ impl SyncEngine {
         let node = self.local.node.clone();
         let manifest = self.unless_stopped(self.primary.manifest()).await?;
         let from = self.primary.node().to_string();
-        let theirs: Vec<ManifestEntry> = manifest
-            .entries
-            .into_iter()
-            .map(|e| convert::entry_from_pb(&from, e))
-            .collect::<Result<_, _>>()?;
+        let theirs: Vec<ManifestEntry> = manifest.entries;
         let ours = self
             .unless_stopped(async { Ok(self.local.manifest_snapshot().await?) })
             .await?;
@@ -541,24 +535,23 @@ impl SyncEngine {
             .await?
         {
             let (answered, response) = batch?;
-            let expected: HashMap<String, FetchItem> = answered
+            let expected: HashMap<SecretPath, FetchItem> = answered
                 .into_iter()
-                .map(|item| (item.path.to_string(), item))
+                .map(|item| (item.path.clone(), item))
                 .collect();
-            let lost: HashSet<&str> = response.lost.iter().map(String::as_str).collect();
-            for wire in response.records {
+            let lost: HashSet<&SecretPath> = response.lost.iter().collect();
+            for record in response.records {
                 if self.stopping() {
                     return Err(stopped(&node));
                 }
-                let Some(item) = expected.get(&wire.path) else {
+                let Some(item) = expected.get(&record.path) else {
                     return Err(MirrorError::Protocol {
                         node: from.clone(),
                         what: "Fetch answer",
-                        why: format!("returned {:?}, which was not asked for", wire.path),
+                        why: format!("returned {}, which was not asked for", record.path),
                     });
                 };
-                let version = wire.version;
-                let record = convert::record_from_pb(&from, wire)?;
+                let version = record.version;
                 if let Err(e) = record.verify() {
                     tracing::warn!(node = %node, primary = %from, path = %item.path, version, error = %e, "record from the primary fails its checksum; not applied");
                     report.checksum_failures += 1;
@@ -571,7 +564,7 @@ impl SyncEngine {
                     report.fetched += 1;
                 }
                 if let Some(held) = &item.held
-                    && lost.contains(item.path.to_string().as_str())
+                    && lost.contains(&item.path)
                 {
                     report.lost_writes.push(LostWrite {
                         path: item.path.clone(),
@@ -643,7 +636,7 @@ struct FetchItem {
     held: Option<ManifestEntry>,
 }
 
-type FetchBatch = Result<(Vec<FetchItem>, pb::FetchResponse), MirrorError>;
+type FetchBatch = Result<(Vec<FetchItem>, Fetched), MirrorError>;
 
 /// Fetches batches from the primary one step ahead of the consumer. Only reads: dropping
 /// it mid-way (an error, a stop) aborts the fetching task and loses nothing.
@@ -660,15 +653,11 @@ impl FetchBatches {
             while start < items.len() {
                 let end = (start + batch).min(items.len());
                 let asked = &items[start..end];
-                let request = pb::FetchRequest {
-                    paths: asked.iter().map(|i| i.path.to_string()).collect(),
-                    held: asked
-                        .iter()
-                        .filter_map(|i| i.held.as_ref())
-                        .map(convert::entry_to_pb)
-                        .collect(),
+                let ask = FetchAsk {
+                    paths: asked.iter().map(|i| i.path.clone()).collect(),
+                    held: asked.iter().filter_map(|i| i.held.clone()).collect(),
                 };
-                let answer = match primary.fetch(request).await {
+                let answer = match primary.fetch(&ask).await {
                     Ok(response) => {
                         let covered = response.covered as usize;
                         if covered == 0 || covered > asked.len() {

@@ -301,7 +301,11 @@ fn a_mirror_takes_pushed_records_only_whole_and_in_sequence() {
                 epoch: 1,
                 primary_node: claimed.clone(),
             };
-            let result = runtime.block_on(agent.replicate(request, &sender));
+            // What the agent's service does with a push: decode it, then apply it.
+            let result = match hsm_secrets::mirror::rpc::convert::push_from_pb(request) {
+                Ok(push) => runtime.block_on(agent.replicate(push, &sender)),
+                Err(error) => Err(error),
+            };
             let after = store.latest_sequence();
             prop_assert!(after <= before.saturating_add(hsm_secrets::mirror::PUSH_WINDOW));
             if result.is_ok() {

@@ -71,7 +71,7 @@ async fn a_mirror_refuses_client_writes_and_names_the_primary() {
     );
     // Changes and Fetch are the primary's too.
     let err = mirror
-        .changes(pb::ChangesRequest::default())
+        .changes(&hsm_secrets::mirror::ChangesAsk::default())
         .await
         .unwrap_err();
     assert_eq!(code(&err), Code::FailedPrecondition);

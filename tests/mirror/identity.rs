@@ -95,7 +95,12 @@ async fn agents_cannot_control_or_write_and_the_controller_cannot_push() {
 
     // Reads are open to agents (remote reads, pulls) and to the controller.
     assert!(rogue.get(&path("shop/db")).await.is_ok());
-    assert!(rogue.changes(pb::ChangesRequest::default()).await.is_ok());
+    assert!(
+        rogue
+            .changes(&hsm_secrets::mirror::ChangesAsk::default())
+            .await
+            .is_ok()
+    );
     assert!(pki.controller(&n1.peer()).health().await.is_ok());
 
     // The controller's certificate cannot push records into a mirror.

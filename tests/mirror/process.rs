@@ -106,12 +106,12 @@ fn assign(role: pb::Role, epoch: u64, primary: &AgentProcess) -> pb::AssignRoleR
 }
 
 /// (path, version, checksum, deleted) of every entry, as the agent lists them.
-async fn listing(conn: &AgentConnection) -> Option<Vec<(String, u64, Vec<u8>, bool)>> {
+async fn listing(conn: &AgentConnection) -> Option<Vec<(String, u64, [u8; 32], bool)>> {
     let m = conn.manifest().await.ok()?;
     let mut entries: Vec<_> = m
         .entries
         .into_iter()
-        .map(|e| (e.path, e.version, e.checksum, e.deleted))
+        .map(|e| (e.path.to_string(), e.version, e.checksum.0, e.deleted))
         .collect();
     entries.sort();
     Some(entries)

@@ -359,7 +359,7 @@ async fn a_write_racing_the_change_feed_never_leaves_a_point_claimed_without_it(
         })
     }));
     let answer = agent
-        .changes(pb::ChangesRequest {
+        .changes(hsm_secrets::mirror::ChangesAsk {
             since: 0,
             ..Default::default()
         })
@@ -374,8 +374,8 @@ async fn a_write_racing_the_change_feed_never_leaves_a_point_claimed_without_it(
     }
     let mut held = std::collections::BTreeMap::new();
     for record in &answer.records {
-        let value = String::from_utf8(record.data[0].value.clone()).unwrap();
-        held.insert(record.path.clone(), (record.version, value));
+        let value = String::from_utf8(only_value(record).unwrap()).unwrap();
+        held.insert(record.path.to_string(), (record.version, value));
     }
     assert_eq!(
         held, expected,

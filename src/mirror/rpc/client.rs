@@ -14,6 +14,7 @@ use crate::archive::plan::{ArchiveAsk, ArchiveReport};
 use crate::crd::{BackupSpec, SiteSpec};
 use crate::hsm::{Expect, SecretData, SecretPath};
 use crate::mirror::MirrorError;
+use crate::mirror::feed::{Changes, ChangesAsk, FetchAsk, Fetched, Manifest, Push};
 use crate::mirror::fencing::Peer;
 use crate::mirror::{AgentHealth, Assignment, LeaseDeadline, Served, WriteOutcome};
 
@@ -130,24 +131,31 @@ impl AgentConnection {
         convert::health_from_pb(&self.peer.node, answer)
     }
 
-    pub async fn manifest(&self) -> Result<pb::ManifestResponse, MirrorError> {
-        self.call("Manifest", |mut c| async move {
-            c.manifest(pb::ManifestRequest {}).await
-        })
-        .await
+    pub async fn manifest(&self) -> Result<Manifest, MirrorError> {
+        let answer = self
+            .call("Manifest", |mut c| async move {
+                c.manifest(pb::ManifestRequest {}).await
+            })
+            .await?;
+        convert::manifest_from_pb(&self.peer.node, answer)
     }
 
-    pub async fn changes(
-        &self,
-        request: pb::ChangesRequest,
-    ) -> Result<pb::ChangesResponse, MirrorError> {
-        self.call("Changes", |mut c| async move { c.changes(request).await })
-            .await
+    /// The primary's change feed after `ask.since` (records not yet verified: the caller
+    /// verifies their checksums).
+    pub async fn changes(&self, ask: &ChangesAsk) -> Result<Changes, MirrorError> {
+        let request = convert::changes_ask_to_pb(ask);
+        let answer = self
+            .call("Changes", |mut c| async move { c.changes(request).await })
+            .await?;
+        convert::changes_from_pb(&self.peer.node, answer)
     }
 
-    pub async fn fetch(&self, request: pb::FetchRequest) -> Result<pb::FetchResponse, MirrorError> {
-        self.call("Fetch", |mut c| async move { c.fetch(request).await })
-            .await
+    pub async fn fetch(&self, ask: &FetchAsk) -> Result<Fetched, MirrorError> {
+        let request = convert::fetch_ask_to_pb(ask);
+        let answer = self
+            .call("Fetch", |mut c| async move { c.fetch(request).await })
+            .await?;
+        convert::fetched_from_pb(&self.peer.node, answer)
     }
 
     /// A secret as the agent holds it (its checksum not yet verified: the caller does).
@@ -201,6 +209,15 @@ impl AgentConnection {
             .map(convert::write_from_pb)
     }
 
+    /// Pushes one write of an Active primary; whether the mirror stored it (false: it
+    /// held that version or a newer one already).
+    pub async fn push(&self, push: &Push) -> Result<bool, MirrorError> {
+        self.replicate(convert::push_to_pb(push))
+            .await
+            .map(|r| r.applied)
+    }
+
+    /// The Replicate call as sent on the wire (tests of the agent's checks use it).
     pub async fn replicate(
         &self,
         request: pb::ReplicateRequest,

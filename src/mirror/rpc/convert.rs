@@ -7,6 +7,7 @@ use crate::archive::plan::{ArchiveAsk, ArchiveReport, DrillResult, RestoreResult
 use crate::crd::DeviceRole;
 use crate::crd::{BackupSpec, SiteRole, SiteSpec};
 use crate::hsm::{Body, Checksum, Expect, ManifestEntry, Record, SecretData, SecretPath};
+use crate::mirror::feed::{Assigned, Changes, ChangesAsk, FetchAsk, Fetched, Manifest, Push};
 use crate::mirror::health::{
     AgentHealth, ClockReading, Fault, OutsideMirror, ReplicationStatus, SyncStatus,
 };
@@ -358,6 +359,176 @@ fn lost_writes_from_pb(
             })
         })
         .collect()
+}
+
+/// Turns a decoding error of a request into the caller's invalid argument `field`.
+fn invalid(field: &'static str) -> impl Fn(MirrorError) -> MirrorError {
+    move |e| match e {
+        MirrorError::Protocol { why, .. } => MirrorError::InvalidArgument { field, why },
+        other => other,
+    }
+}
+
+fn paths_from_pb(
+    from: &str,
+    what: &'static str,
+    raw: Vec<String>,
+) -> Result<Vec<SecretPath>, MirrorError> {
+    raw.into_iter()
+        .map(|p| {
+            p.parse()
+                .map_err(|e: crate::hsm::StoreError| MirrorError::Protocol {
+                    node: from.into(),
+                    what,
+                    why: e.to_string(),
+                })
+        })
+        .collect()
+}
+
+fn paths_to_pb(paths: &[SecretPath]) -> Vec<String> {
+    paths.iter().map(ToString::to_string).collect()
+}
+
+pub(crate) fn manifest_to_pb(m: &Manifest) -> pb::ManifestResponse {
+    pb::ManifestResponse {
+        sequence: m.sequence,
+        epoch: m.epoch,
+        fork_sequence: m.fork_sequence,
+        entries: m.entries.iter().map(entry_to_pb).collect(),
+        node: m.node.clone(),
+    }
+}
+
+pub(crate) fn manifest_from_pb(
+    from: &str,
+    m: pb::ManifestResponse,
+) -> Result<Manifest, MirrorError> {
+    Ok(Manifest {
+        node: m.node,
+        sequence: m.sequence,
+        epoch: m.epoch,
+        fork_sequence: m.fork_sequence,
+        entries: m
+            .entries
+            .into_iter()
+            .map(|e| entry_from_pb(from, e))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+pub(crate) fn changes_ask_to_pb(a: &ChangesAsk) -> pb::ChangesRequest {
+    pb::ChangesRequest {
+        since: a.since,
+        limit: a.limit,
+        node: a.node.clone(),
+        verified_epoch: a.verified_epoch,
+    }
+}
+
+pub(crate) fn changes_ask_from_pb(r: pb::ChangesRequest) -> ChangesAsk {
+    ChangesAsk {
+        since: r.since,
+        limit: r.limit,
+        node: r.node,
+        verified_epoch: r.verified_epoch,
+    }
+}
+
+pub(crate) fn changes_to_pb(c: &Changes) -> pb::ChangesResponse {
+    pb::ChangesResponse {
+        records: c.records.iter().map(record_to_pb).collect(),
+        through: c.through,
+        sequence: c.sequence,
+        epoch: c.epoch,
+        more: c.more,
+    }
+}
+
+pub(crate) fn changes_from_pb(from: &str, c: pb::ChangesResponse) -> Result<Changes, MirrorError> {
+    Ok(Changes {
+        records: c
+            .records
+            .into_iter()
+            .map(|r| record_from_pb(from, r))
+            .collect::<Result<_, _>>()?,
+        through: c.through,
+        sequence: c.sequence,
+        epoch: c.epoch,
+        more: c.more,
+    })
+}
+
+pub(crate) fn fetch_ask_to_pb(a: &FetchAsk) -> pb::FetchRequest {
+    pb::FetchRequest {
+        paths: paths_to_pb(&a.paths),
+        held: a.held.iter().map(entry_to_pb).collect(),
+    }
+}
+
+/// Decodes a Fetch request, naming the field that is wrong.
+pub(crate) fn fetch_ask_from_pb(r: pb::FetchRequest) -> Result<FetchAsk, MirrorError> {
+    Ok(FetchAsk {
+        paths: paths_from_pb("the caller", "path", r.paths).map_err(invalid("paths"))?,
+        held: r
+            .held
+            .into_iter()
+            .map(|e| entry_from_pb("the caller", e).map_err(invalid("held")))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+pub(crate) fn fetched_to_pb(f: &Fetched) -> pb::FetchResponse {
+    pb::FetchResponse {
+        covered: f.covered,
+        records: f.records.iter().map(record_to_pb).collect(),
+        missing: paths_to_pb(&f.missing),
+        unreadable: paths_to_pb(&f.unreadable),
+        lost: paths_to_pb(&f.lost),
+    }
+}
+
+pub(crate) fn fetched_from_pb(from: &str, f: pb::FetchResponse) -> Result<Fetched, MirrorError> {
+    Ok(Fetched {
+        covered: f.covered,
+        records: f
+            .records
+            .into_iter()
+            .map(|r| record_from_pb(from, r))
+            .collect::<Result<_, _>>()?,
+        missing: paths_from_pb(from, "missing path", f.missing)?,
+        unreadable: paths_from_pb(from, "unreadable path", f.unreadable)?,
+        lost: paths_from_pb(from, "lost path", f.lost)?,
+    })
+}
+
+pub(crate) fn push_to_pb(p: &Push) -> pb::ReplicateRequest {
+    pb::ReplicateRequest {
+        record: Some(record_to_pb(&p.record)),
+        epoch: p.epoch,
+        primary_node: p.primary_node.clone(),
+    }
+}
+
+/// Decodes a push, naming the field that is wrong.
+pub fn push_from_pb(r: pb::ReplicateRequest) -> Result<Push, MirrorError> {
+    let wire = r.record.ok_or(MirrorError::InvalidArgument {
+        field: "record",
+        why: "is required".into(),
+    })?;
+    Ok(Push {
+        record: record_from_pb(&r.primary_node, wire).map_err(invalid("record"))?,
+        epoch: r.epoch,
+        primary_node: r.primary_node,
+    })
+}
+
+pub(crate) fn assigned_to_pb(a: Assigned) -> pb::AssignRoleResponse {
+    pb::AssignRoleResponse {
+        role: role_to_pb(a.role) as i32,
+        epoch: a.epoch,
+        applied_sequence: a.applied_sequence,
+    }
 }
 
 /// An assignment as the controller sends it; `deadline` bounds a primary's lease on the
@@ -774,6 +945,84 @@ mod tests {
         empty.record = None;
         let error = served_from_pb("n2", empty).expect_err("no record");
         assert!(error.to_string().contains("no record"), "{error}");
+    }
+
+    #[test]
+    fn feed_messages_round_trip_and_bad_requests_name_their_field() {
+        let live = Record::live(path("ns/a"), 7, SecretData::new());
+        let entry = ManifestEntry {
+            path: path("ns/a"),
+            version: 7,
+            checksum: live.checksum,
+            deleted: false,
+        };
+        let manifest = Manifest {
+            node: "n1".into(),
+            sequence: 7,
+            epoch: 2,
+            fork_sequence: 5,
+            entries: vec![entry.clone()],
+        };
+        assert_eq!(
+            manifest_from_pb("n1", manifest_to_pb(&manifest)).expect("manifest"),
+            manifest
+        );
+        let ask = ChangesAsk {
+            since: 3,
+            limit: 10,
+            node: "n2".into(),
+            verified_epoch: 2,
+        };
+        assert_eq!(changes_ask_from_pb(changes_ask_to_pb(&ask)), ask);
+        let changes = Changes {
+            records: vec![live.clone(), Record::tombstone(path("ns/b"), 8)],
+            through: 8,
+            sequence: 9,
+            epoch: 2,
+            more: true,
+        };
+        assert_eq!(
+            changes_from_pb("n1", changes_to_pb(&changes)).expect("changes"),
+            changes
+        );
+        let fetch = FetchAsk {
+            paths: vec![path("ns/a"), path("ns/b")],
+            held: vec![entry],
+        };
+        assert_eq!(
+            fetch_ask_from_pb(fetch_ask_to_pb(&fetch)).expect("fetch"),
+            fetch
+        );
+        let fetched = Fetched {
+            covered: 2,
+            records: vec![live.clone()],
+            missing: vec![path("ns/b")],
+            unreadable: Vec::new(),
+            lost: vec![path("ns/a")],
+        };
+        assert_eq!(
+            fetched_from_pb("n1", fetched_to_pb(&fetched)).expect("fetched"),
+            fetched
+        );
+        let push = Push {
+            record: live,
+            epoch: 2,
+            primary_node: "n1".into(),
+        };
+        assert_eq!(push_from_pb(push_to_pb(&push)).expect("push"), push);
+
+        let mut bad = fetch_ask_to_pb(&fetch);
+        bad.paths[1] = "../x".into();
+        match fetch_ask_from_pb(bad).expect_err("bad path") {
+            MirrorError::InvalidArgument { field, .. } => assert_eq!(field, "paths"),
+            other => panic!("expected InvalidArgument, got {other}"),
+        }
+        let mut bare = push_to_pb(&push);
+        bare.record = None;
+        match push_from_pb(bare).expect_err("no record") {
+            MirrorError::InvalidArgument { field, .. } => assert_eq!(field, "record"),
+            other => panic!("expected InvalidArgument, got {other}"),
+        }
     }
 
     #[test]

@@ -21,10 +21,8 @@ use crate::hsm::{
 
 use super::AgentPool;
 use super::client::AgentConnection;
-use super::convert;
-use super::pb;
 use crate::mirror::fencing::Peer;
-use crate::mirror::{AgentHealth, MirrorError, Served};
+use crate::mirror::{AgentHealth, Manifest, MirrorError, Served};
 
 /// How long an agent that failed is passed over (unless every agent is down).
 pub const DOWN_FOR: Duration = Duration::from_secs(5);
@@ -246,15 +244,9 @@ impl SecretStore for RemoteStore {
         self.ask(
             "the manifest",
             |conn| async move { conn.manifest().await },
-            |node, answer: pb::ManifestResponse| {
-                let entries = answer
-                    .entries
-                    .into_iter()
-                    .map(|e| convert::entry_from_pb(node, e))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| Failure::Agent(e.to_string()))?;
+            |_node, answer: Manifest| {
                 self.note_sequence(answer.sequence);
-                Ok(entries)
+                Ok(answer.entries)
             },
         )
         .await

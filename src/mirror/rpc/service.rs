@@ -160,7 +160,9 @@ impl pb::agent_server::Agent for AgentService {
         let started = std::time::Instant::now();
         let result: Result<Response<pb::ManifestResponse>, Status> = async move {
             authorize(&request, "Manifest")?;
-            Ok(Response::new(self.agent.manifest().await?))
+            Ok(Response::new(convert::manifest_to_pb(
+                &self.agent.manifest().await?,
+            )))
         }
         .await;
         self.observe("Manifest", started, &result);
@@ -174,9 +176,10 @@ impl pb::agent_server::Agent for AgentService {
         let started = std::time::Instant::now();
         let result: Result<Response<pb::ChangesResponse>, Status> = async move {
             authorize(&request, "Changes")?;
-            Ok(Response::new(
-                self.agent.changes(request.into_inner()).await?,
-            ))
+            let ask = convert::changes_ask_from_pb(request.into_inner());
+            Ok(Response::new(convert::changes_to_pb(
+                &self.agent.changes(ask).await?,
+            )))
         }
         .await;
         self.observe("Changes", started, &result);
@@ -190,7 +193,10 @@ impl pb::agent_server::Agent for AgentService {
         let started = std::time::Instant::now();
         let result: Result<Response<pb::FetchResponse>, Status> = async move {
             authorize(&request, "Fetch")?;
-            Ok(Response::new(self.agent.fetch(request.into_inner()).await?))
+            let ask = convert::fetch_ask_from_pb(request.into_inner())?;
+            Ok(Response::new(convert::fetched_to_pb(
+                &self.agent.fetch(ask).await?,
+            )))
         }
         .await;
         self.observe("Fetch", started, &result);
@@ -268,7 +274,8 @@ impl pb::agent_server::Agent for AgentService {
         let started = std::time::Instant::now();
         let result: Result<Response<pb::ReplicateResponse>, Status> = async move {
             let sender = authorize(&request, "Replicate")?;
-            let applied = self.agent.replicate(request.into_inner(), &sender).await?;
+            let push = convert::push_from_pb(request.into_inner())?;
+            let applied = self.agent.replicate(push, &sender).await?;
             Ok(Response::new(pb::ReplicateResponse { applied }))
         }
         .await;
@@ -295,7 +302,9 @@ impl pb::agent_server::Agent for AgentService {
                     deadline,
                 )?;
             }
-            Ok(Response::new(self.agent.assign(assignment).await?))
+            Ok(Response::new(convert::assigned_to_pb(
+                self.agent.assign(assignment).await?,
+            )))
         }
         .await;
         self.observe("AssignRole", started, &result);
