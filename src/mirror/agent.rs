@@ -1094,15 +1094,7 @@ impl Agent {
         sender: &Identity,
     ) -> Result<bool, MirrorError> {
         let _gate = self.inner.gate.read().await;
-        request.primary_node = match self.pushing_node(&request.primary_node, sender) {
-            Ok(node) => node,
-            Err(error) => {
-                self.refuse_push(&error);
-                return Err(error);
-            }
-        };
-        self.control()
-            .admit_replicate(request.epoch, &request.primary_node)?;
+        request.primary_node = self.admit_push(request.epoch, &request.primary_node, sender)?;
         let record = request.record;
         // Pushes follow the primary's sequence: a version more than a window of writes in
         // flight beyond what this mirror applied is a jump no primary makes, and would
@@ -1148,6 +1140,26 @@ impl Agent {
             }
         }
         Ok(applied == Applied::Stored)
+    }
+
+    /// Whether a push under `epoch` from `sender` (claiming `claimed`) may be applied here:
+    /// the pushing node, or why not. Checked before anything of the pushed record, so a
+    /// push from an old term or a wrong node is refused as such whatever it carries.
+    pub fn admit_push(
+        &self,
+        epoch: u64,
+        claimed: &str,
+        sender: &Identity,
+    ) -> Result<String, MirrorError> {
+        let node = match self.pushing_node(claimed, sender) {
+            Ok(node) => node,
+            Err(error) => {
+                self.refuse_push(&error);
+                return Err(error);
+            }
+        };
+        self.control().admit_replicate(epoch, &node)?;
+        Ok(node)
     }
 
     /// The node a push comes from: the one its sender's certificate names. The request's

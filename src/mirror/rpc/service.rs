@@ -274,7 +274,16 @@ impl pb::agent_server::Agent for AgentService {
         let started = std::time::Instant::now();
         let result: Result<Response<pb::ReplicateResponse>, Status> = async move {
             let sender = authorize(&request, "Replicate")?;
-            let push = convert::push_from_pb(request.into_inner())?;
+            let request = request.into_inner();
+            let (epoch, claimed) = (request.epoch, request.primary_node.clone());
+            let push = match convert::push_from_pb(request) {
+                Ok(push) => push,
+                // Who pushes, and under which epoch, is judged before what it carries.
+                Err(invalid) => {
+                    self.agent.admit_push(epoch, &claimed, &sender)?;
+                    return Err(invalid.into());
+                }
+            };
             let applied = self.agent.replicate(push, &sender).await?;
             Ok(Response::new(pb::ReplicateResponse { applied }))
         }
