@@ -5,97 +5,36 @@
 #![allow(clippy::unwrap_used)]
 
 use crate::kit;
-use std::process::Stdio;
 use std::time::Duration;
 
 use hsm_secrets::hsm::{Expect, SecretStore, StoreError};
-use hsm_secrets::mirror::{AgentConnection, Peer, RemoteStore, pb};
+use hsm_secrets::mirror::{AgentConnection, RemoteStore, pb};
 use kit::mirror::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 const WAIT: Duration = Duration::from_secs(300);
 /// Secrets written before the mirrors are compared.
 const INITIAL: u32 = 1_000;
 
-struct AgentProcess {
-    name: String,
-    child: Child,
-    endpoint: String,
+/// An agent process of the device `proc-dev` (the kit's launcher).
+async fn spawn(tokens: &Tokens, pki: &Pki, name: &str, label: &str) -> AgentProcess {
+    spawn_agent_process_with(tokens, pki, name, label, &["--device", "proc-dev"]).await
 }
 
-impl AgentProcess {
-    async fn spawn(tokens: &Tokens, pki: &Pki, name: &str, label: &str) -> Self {
-        let token = tokens.get(label).unwrap();
-        let files = pki.generated.files(name).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-secrets"))
-            .arg("agent")
-            .args(["--node", name, "--listen", "127.0.0.1:0"])
-            .args(["--device", "proc-dev"])
-            .arg("--pkcs11-library")
-            .arg(&token.library)
-            .args(["--token-label", &token.label])
-            .arg("--pin-file")
-            .arg(&token.pin_file)
-            .arg("--tls-ca")
-            .arg(&files.ca)
-            .arg("--tls-cert")
-            .arg(&files.cert)
-            .arg("--tls-key")
-            .arg(&files.key)
-            .args(["--pull-interval-ms", "200"])
-            .env("SOFTHSM2_CONF", kit::softhsm::conf_path())
-            .env("HSM_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        tokio::time::timeout(WAIT, BufReader::new(stdout).read_line(&mut line))
-            .await
-            .expect("the agent prints its address")
-            .unwrap();
-        let addr = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        assert!(
-            line.contains(&format!("agent {name} listening on")),
-            "{line}"
-        );
-        Self {
-            name: name.into(),
-            child,
-            endpoint: format!("https://{addr}"),
-        }
-    }
-
-    fn peer(&self) -> Peer {
-        Peer {
-            node: self.name.clone(),
-            endpoint: self.endpoint.clone(),
-        }
-    }
-
-    async fn sigkill(mut self) {
-        let pid = self.child.id().unwrap();
-        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
-        let status = self.child.wait().await.unwrap();
-        assert!(!status.success());
-    }
+async fn sigkill(mut agent: AgentProcess) {
+    let pid = agent.child.id().unwrap();
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    let status = agent.child.wait().await.unwrap();
+    assert!(!status.success());
 }
 
 fn assign(role: pb::Role, epoch: u64, primary: &AgentProcess) -> pb::AssignRoleRequest {
     pb::AssignRoleRequest {
         role: role as i32,
         epoch,
-        primary_node: primary.name.clone(),
-        primary_endpoint: primary.endpoint.clone(),
+        primary_node: primary.peer.node.clone(),
+        primary_endpoint: primary.peer.endpoint.clone(),
         lease_duration_ms: if role == pb::Role::Primary {
             HOUR.as_millis() as u64
         } else {
@@ -132,18 +71,18 @@ async fn killed_agents_reads_continue_from_mirrors_and_a_restarted_mirror_catche
         return;
     }
     let pki = Pki::new(&["n1", "n2", "n3", "n4"]);
-    let n1 = AgentProcess::spawn(&tokens, &pki, "n1", "proc-n1").await;
-    let n2 = AgentProcess::spawn(&tokens, &pki, "n2", "proc-n2").await;
-    let mut n3 = AgentProcess::spawn(&tokens, &pki, "n3", "proc-n3").await;
-    let c1 = pki.controller(&n1.peer());
-    let c2 = pki.controller(&n2.peer());
+    let n1 = spawn(&tokens, &pki, "n1", "proc-n1").await;
+    let n2 = spawn(&tokens, &pki, "n2", "proc-n2").await;
+    let mut n3 = spawn(&tokens, &pki, "n3", "proc-n3").await;
+    let c1 = pki.controller(&n1.peer.clone());
+    let c2 = pki.controller(&n2.peer.clone());
     c1.assign_role(assign(pb::Role::Primary, 1, &n1))
         .await
         .unwrap();
     c2.assign_role(assign(pb::Role::ReadOnly, 1, &n1))
         .await
         .unwrap();
-    pki.controller(&n3.peer())
+    pki.controller(&n3.peer.clone())
         .assign_role(assign(pb::Role::ReadOnly, 1, &n1))
         .await
         .unwrap();
@@ -160,12 +99,12 @@ async fn killed_agents_reads_continue_from_mirrors_and_a_restarted_mirror_catche
         .unwrap();
     }
     wait_same(&c1, &c2, "n2 to converge").await;
-    wait_same(&c1, &pki.controller(&n3.peer()), "n3 to converge").await;
+    wait_same(&c1, &pki.controller(&n3.peer.clone()), "n3 to converge").await;
 
     // A node without a token (n4) reads through the agents, primary first.
     let remote = RemoteStore::new(
         "proc",
-        &[n1.peer(), n2.peer(), n3.peer()],
+        &[n1.peer.clone(), n2.peer.clone(), n3.peer.clone()],
         hsm_secrets::mirror::AgentPool::new(&pki.tls("n4"), Duration::from_secs(30)),
     )
     .unwrap();
@@ -173,7 +112,7 @@ async fn killed_agents_reads_continue_from_mirrors_and_a_restarted_mirror_catche
     assert_eq!(d.get("v"), Some(value(7).as_slice()));
 
     // A mirror dies; writes go on; it comes back on the same token and catches up.
-    n3.sigkill().await;
+    sigkill(n3).await;
     for i in INITIAL..INITIAL + 10 {
         c1.put(
             &path(&format!("web/s{i}")),
@@ -185,8 +124,8 @@ async fn killed_agents_reads_continue_from_mirrors_and_a_restarted_mirror_catche
         .unwrap();
     }
     c1.delete(&path("web/s0"), Expect::Any, 1).await.unwrap();
-    n3 = AgentProcess::spawn(&tokens, &pki, "n3", "proc-n3").await;
-    let c3 = pki.controller(&n3.peer());
+    n3 = spawn(&tokens, &pki, "n3", "proc-n3").await;
+    let c3 = pki.controller(&n3.peer.clone());
     c3.assign_role(assign(pb::Role::ReadOnly, 1, &n1))
         .await
         .unwrap();
@@ -202,7 +141,7 @@ async fn killed_agents_reads_continue_from_mirrors_and_a_restarted_mirror_catche
     );
 
     // The primary dies: reads continue from the mirrors, verified, without a write path.
-    n1.sigkill().await;
+    sigkill(n1).await;
     for i in (1..INITIAL + 10).step_by(7) {
         let (_, d) = remote.get(&path(&format!("web/s{i}"))).await.unwrap();
         assert_eq!(d.get("v"), Some(value(i).as_slice()), "web/s{i}");
@@ -243,7 +182,9 @@ async fn killed_agents_reads_continue_from_mirrors_and_a_restarted_mirror_catche
     .await
     .unwrap();
     wait_same(&c2, &c3, "n3 to follow the new primary").await;
-    remote.set_agents(&[n2.peer(), n3.peer()]).unwrap();
+    remote
+        .set_agents(&[n2.peer.clone(), n3.peer.clone()])
+        .unwrap();
     let (_, d) = remote.get(&path("web/after")).await.unwrap();
     assert_eq!(d.get("v"), Some(&b"failover"[..]));
     let h3 = c3.health().await.unwrap();
