@@ -34,8 +34,8 @@ use futures::StreamExt;
 use hsm_secrets::crd::{
     FINALIZER, HSMSecret, HSMSecretSpec, HSMSecretStatus, LocalSecretRef, SecretSource,
 };
-use hsm_secrets::hsm::{MemoryStore, SecretPath, SecretStore};
-use hsm_secrets::mirror::{Agent, AgentConfig, AgentConnection, Peer, pb};
+use hsm_secrets::hsm::{SecretPath, SecretStore};
+use hsm_secrets::mirror::{AgentConnection, Peer};
 use hsm_secrets::secret_sync::{
     AgentDirectory, Cluster, DigestKey, KubeCluster, SecretReconciler, SecretSyncMetrics,
 };
@@ -226,38 +226,9 @@ async fn run() {
     } else {
         "release"
     };
-    let pki = kit::mirror::Pki::new(&["n1"]);
-    let store = Arc::new(MemoryStore::new("bench"));
-    let agent = Agent::start(
-        AgentConfig::new("n1", pki.tls("n1")),
-        store.clone() as Arc<dyn SecretStore>,
-    )
-    .await;
-    let listener = hsm_secrets::mirror::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let endpoint = format!("https://{}", listener.local_addr().unwrap());
-    let serving = agent.clone();
-    tokio::spawn(async move {
-        hsm_secrets::mirror::serve(serving, listener, std::future::pending())
-            .await
-            .unwrap()
-    });
-    let primary: AgentConnection = pki.controller(&Peer {
-        node: "n1".into(),
-        endpoint: endpoint.clone(),
-    });
-    primary
-        .assign_role(pb::AssignRoleRequest {
-            role: pb::Role::Primary as i32,
-            epoch: 1,
-            primary_node: "n1".into(),
-            primary_endpoint: endpoint,
-            lease_duration_ms: 3_600_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // A primary agent over an in-memory store, served over mutual TLS.
+    let agent = kit::secret::Primary::start().await;
+    let (store, primary): (_, AgentConnection) = (&agent.store, agent.primary.clone());
 
     let objects = Arc::new(Mutex::new(Objects::default()));
     let served = objects.clone();

@@ -110,36 +110,10 @@ struct Measured {
 }
 
 async fn measure(variant: &Variant) -> Measured {
-    let pki = kit::mirror::Pki::new(&["n1"]);
-    let store = Arc::new(MemoryStore::new("bench"));
-    let agent = Agent::start(
-        AgentConfig::new("n1", pki.tls("n1")),
-        store.clone() as Arc<dyn SecretStore>,
-    )
-    .await;
-    let listener = hsm_secrets::mirror::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let endpoint = format!("https://{}", listener.local_addr().unwrap());
-    let agent_task = tokio::spawn(async move {
-        hsm_secrets::mirror::serve(agent, listener, std::future::pending())
-            .await
-            .unwrap()
-    });
-    pki.controller(&Peer {
-        node: "n1".into(),
-        endpoint: endpoint.clone(),
-    })
-    .assign_role(pb::AssignRoleRequest {
-        role: pb::Role::Primary as i32,
-        epoch: 1,
-        primary_node: "n1".into(),
-        primary_endpoint: endpoint.clone(),
-        lease_duration_ms: 3_600_000,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    // A primary agent over an in-memory store, served over mutual TLS.
+    let agent = kit::secret::Primary::start().await;
+    let (pki, store) = (&agent.pki, &agent.store);
+    let endpoint = agent.primary.peer().endpoint.clone();
 
     let api = FakeApi::new();
     api.put(serde_json::from_slice(&device()).unwrap());
@@ -199,7 +173,7 @@ async fn measure(variant: &Variant) -> Measured {
     child.kill().await.unwrap();
     let fixture = vm_kib("self");
     api_task.abort();
-    agent_task.abort();
+    agent.server.abort();
     Measured {
         seconds,
         first: first.unwrap_or_default(),
