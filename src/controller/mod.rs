@@ -2,7 +2,7 @@
 //! [`failover`](crate::failover) module, stores the planned status (optimistic
 //! concurrency), then executes the plan's actions against agents, node labels and Events.
 //!
-//! It is generic over where state lives ([`StateStore`]: Kubernetes or files) and how
+//! It is generic over where state lives ([`StateStore`](crate::state::StateStore): Kubernetes or files) and how
 //! agents are reached ([`Agents`]: gRPC with mutual TLS, or in-process for tests), so the
 //! same loop runs on a cluster, in the no-cluster mode and in tests.
 

@@ -1,7 +1,7 @@
 //! Mirroring: the device agent's gRPC protocol and the sync engine (DESIGN §9).
 //!
 //! Every node that holds a token of an HSMDevice runs an [`Agent`] over its local
-//! [`SecretStore`](crate::hsm::SecretStore), served with mutual TLS ([`tls`]). The
+//! [`SecretStore`](crate::hsm::SecretStore), served with mutual TLS ([`rpc::tls`]). The
 //! controller probes agents (`Health`), assigns roles and epochs (`AssignRole`) and keeps
 //! the primary's write lease fresh (`RenewLease`); data moves agent to agent:
 //!
@@ -36,17 +36,18 @@
 //!
 //! # For the controller
 //!
-//! Reach an agent with [`AgentConnection`] (the controller's certificate from the agent
-//! CA: control RPCs and client writes need its identity, Replicate an agent's, reads any
-//! certificate of the CA; see [`identity`]). Agent endpoints come from an
-//! [`EndpointResolver`]: a static list, or Node InternalIPs and the agents' port. The failover planner's actions map to calls as follows:
+//! Reach agents through an [`AgentPool`] of [`AgentConnection`]s (the controller's
+//! certificate from the agent CA: control RPCs and client writes need its identity,
+//! Replicate an agent's, reads any certificate of the CA; see [`rpc::identity`]). Agent
+//! endpoints come from an [`EndpointResolver`]: a static list, or Node InternalIPs and the
+//! agents' port. The failover planner's actions map to calls as follows:
 //!
 //! | action | call |
 //! | --- | --- |
-//! | `RenewLease{node, epoch, outside_write_set}` | `renew_lease_with(epoch, lease, deadline on the agent's clock, outside_write_set)` |
-//! | `Promote{node, epoch}` | `assign_role(ROLE_PRIMARY, epoch, mirrors: the Active sync set or empty, lease_duration_ms)` |
-//! | `Demote{node, epoch, primary}` | `assign_role(ROLE_STANDBY, epoch, primary_node, primary_endpoint)`: syncs (full pass, lost writes reported) but serves no reads |
-//! | `SetMirror{node, primary, epoch}` | `assign_role(ROLE_READ_ONLY, epoch, primary_node, primary_endpoint)` |
+//! | `RenewLease{node, epoch, outside_write_set}` | `renew_lease_until(epoch, lease, deadline on the agent's clock, outside_write_set)` |
+//! | `Promote{node, epoch}` | `assign(Assignment { role: Primary, epoch, mirrors: the Active sync set or empty, lease, .. }, deadline)` |
+//! | `Demote{node, epoch, primary}` | `assign(Assignment { role: Standby, epoch, primary, .. }, None)`: syncs (full pass, lost writes reported) but serves no reads |
+//! | `SetMirror{node, primary, epoch}` | `assign(Assignment { role: ReadOnly, epoch, primary, .. }, None)` |
 //!
 //! Promote the new primary first, then point the mirrors at it. `Health` gives what the
 //! HSMDevice status needs: token presence and serial, role, epoch, applied sequence,
