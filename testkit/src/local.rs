@@ -105,6 +105,22 @@ pub fn command() -> Command {
     command
 }
 
+/// Appends what `pipe` gives to `sink` as it comes, on a thread of its own, until the
+/// pipe closes.
+pub fn collect_into(mut pipe: impl Read + Send + 'static, sink: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+}
+
 /// A running command whose stdout and stderr are collected as they come.
 pub struct Running {
     pub child: Child,
@@ -119,22 +135,11 @@ impl Running {
             .spawn()
             .unwrap();
         let output = Arc::new(Mutex::new(String::new()));
-        for mut pipe in [
+        for pipe in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
-            let sink = output.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
+            collect_into(pipe, output.clone());
         }
         Self { child, output }
     }

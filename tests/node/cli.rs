@@ -59,19 +59,7 @@ impl Plugin {
             .spawn()
             .unwrap();
         let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+        kit::local::collect_into(child.stderr.take().unwrap(), stderr.clone());
         Self {
             child,
             stderr,
