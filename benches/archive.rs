@@ -322,7 +322,8 @@ async fn sites(
     load_seconds: usize,
 ) -> SiteFigures {
     use hsm_secrets::archive::Supervisor;
-    use hsm_secrets::mirror::pb;
+    use hsm_secrets::archive::plan::ArchiveReport;
+    use hsm_secrets::archive::{ArchiveRequest, BackupConfig, BucketRef, FollowConfig, SiteConfig};
     let mounts = dir.join("mounts");
     let mounted = mounts.join("bench-archive");
     std::fs::create_dir_all(&mounted).expect("mounts");
@@ -360,45 +361,45 @@ async fn sites(
     let a = Supervisor::new(agent.clone(), "bench-hsm", key(store), &mounts);
     let b = Supervisor::new(b_agent.clone(), "bench-hsm-b", key(&b_store), &mounts);
     let lease = Duration::from_secs(5);
-    let backup = pb::ArchiveSpec {
+    let bucket = BucketRef {
         url: "s3://bench/sites".into(),
-        endpoint: server.endpoint.clone(),
+        endpoint: Some(server.endpoint.clone()),
+        region: None,
         credentials_secret: "bench-archive".into(),
         archive_name: "main".into(),
-        segment_interval_ms: 200,
-        base_interval_s: 24 * 3600,
-        ..Default::default()
     };
-    let mut a_request = pb::ArchiveRequest {
-        spec: Some(backup.clone()),
-        site: Some(pb::SiteSpec {
+    let backup = BackupConfig {
+        bucket: bucket.clone(),
+        segment_interval: Duration::from_millis(200),
+        base_interval: Duration::from_secs(24 * 3600),
+        retention: None,
+    };
+    let mut a_request = ArchiveRequest {
+        backup: Some(backup.clone()),
+        site: Some(SiteConfig {
             name: "a".into(),
-            lease_ms: lease.as_millis() as u64,
+            lease,
             follow: None,
         }),
         ..Default::default()
     };
-    let mut b_request = pb::ArchiveRequest {
-        spec: Some(backup),
-        site: Some(pb::SiteSpec {
+    let mut b_request = ArchiveRequest {
+        backup: Some(backup),
+        site: Some(SiteConfig {
             name: "b".into(),
-            lease_ms: lease.as_millis() as u64,
-            follow: Some(pb::FollowSpec {
-                url: "s3://bench/sites".into(),
-                endpoint: server.endpoint.clone(),
-                credentials_secret: "bench-archive".into(),
+            lease,
+            follow: Some(FollowConfig {
+                bucket,
                 device: "bench-hsm".into(),
-                archive_name: "main".into(),
-                ..Default::default()
             }),
         }),
         ..Default::default()
     };
     async fn until(
         sup: &Supervisor,
-        request: &pb::ArchiveRequest,
-        done: impl Fn(&pb::ArchiveResponse) -> bool,
-    ) -> pb::ArchiveResponse {
+        request: &ArchiveRequest,
+        done: impl Fn(&ArchiveReport) -> bool,
+    ) -> ArchiveReport {
         loop {
             let answer = sup.handle(request.clone()).await;
             if done(&answer) {
@@ -465,7 +466,7 @@ async fn sites(
     eprintln!("sites: planned switchover");
     let started = Instant::now();
     let mut marks = Vec::new();
-    a_request.drain = true;
+    a_request.ask.drain = true;
     a.handle(a_request.clone()).await;
     let last = store.latest_sequence();
     until(&a, &a_request, |r| r.archived_sequence >= last).await;
@@ -475,9 +476,11 @@ async fn sites(
     })
     .await;
     marks.push(started.elapsed());
-    b_request.promote_request = "bench".into();
+    b_request.ask.promote_request = Some("bench".into());
     until(&b, &b_request, |r| {
-        r.site.as_ref().is_some_and(|s| s.promotion_done == "bench")
+        r.site
+            .as_ref()
+            .is_some_and(|s| s.promotion_done.as_deref() == Some("bench"))
     })
     .await;
     marks.push(started.elapsed());

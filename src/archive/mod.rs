@@ -26,6 +26,7 @@ pub mod envelope;
 pub mod keys;
 pub mod payload;
 pub mod plan;
+pub mod request;
 pub mod restore;
 pub mod site;
 pub mod supervisor;
@@ -33,8 +34,11 @@ pub mod supervisor;
 pub use archiver::{ArchiveMetrics, Archiver, ArchiverConfig};
 pub use bucket::{Bucket, BucketConfig};
 pub use keys::{KeyUnwrap, KeyWrap, RecoveryPublicKey, RecoverySecretKey, TokenArchiveKey};
+pub use request::{
+    ArchiveControl, ArchiveRequest, BackupConfig, BucketRef, FollowConfig, SiteConfig,
+};
 pub use restore::{RestoreReport, RestoreTarget, restore};
-pub use supervisor::{ArchiveSettings, Supervisor};
+pub use supervisor::{ArchiveSettings, BucketSettings, Supervisor};
 
 use crate::hsm::StoreError;
 

@@ -249,6 +249,8 @@ pub struct RestoreResult {
     pub id: String,
     pub succeeded: bool,
     pub sequence: u64,
+    /// The primary epoch of the restored point.
+    pub epoch: u64,
     pub time_ms: Option<u64>,
     pub secrets: u64,
     pub bytes: u64,
@@ -261,8 +263,11 @@ pub struct DrillResult {
     pub request: String,
     pub verified: bool,
     pub sequence: u64,
+    /// The primary epoch of the rebuilt point.
+    pub epoch: u64,
     pub time_ms: Option<u64>,
     pub secrets: u64,
+    pub bytes: u64,
     pub duration_ms: u64,
     pub finished_ms: u64,
     pub message: Option<String>,

@@ -9,31 +9,31 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tonic::Status;
-
 use super::archiver::SiteGuard;
 use super::archiver::{ArchiverState, now_millis};
 use super::chain::ArchiveRoot;
 use super::chain::Target;
 use super::drill::{self, DrillReport};
+use super::plan::{ArchiveReport, DrillResult, RestoreAsk, RestoreResult, SiteReport};
+use super::request::{ArchiveControl, ArchiveRequest, BackupConfig, BucketRef, SiteConfig};
 use super::restore::{RestoreReport, restore_through_agent};
 use super::site::{FollowState, Follower, follow as follow_archive, promotion_wait};
 use super::{
     ArchiveError, ArchiveMetrics, Archiver, ArchiverConfig, Bucket, BucketConfig, KeyUnwrap,
     KeyWrap, RecoveryPublicKey,
 };
-use crate::crd::DeviceRole;
+use crate::crd::{DeviceRole, SiteRole};
+use crate::mirror::Agent;
 use crate::mirror::site::SiteGate;
-use crate::mirror::{Agent, ArchiveControl, pb};
 
 /// The file of the mounted Secret holding the recovery key's public half.
 pub const RECOVERY_PUBLIC_KEY_FILE: &str = "recovery.pub";
 /// Where the node plugin's DaemonSet mounts archive Secrets, one directory each.
 pub const DEFAULT_CREDENTIALS_ROOT: &str = "/etc/hsm-secrets/archive";
 
-/// Everything an archiver needs, resolved to files on this node.
+/// A bucket resolved to files on this node: what the archiver and the follower open.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ArchiveSettings {
+pub struct BucketSettings {
     pub url: String,
     pub endpoint: Option<String>,
     pub region: Option<String>,
@@ -41,23 +41,30 @@ pub struct ArchiveSettings {
     pub credentials_dir: Option<PathBuf>,
     pub recovery_public_key: PathBuf,
     pub archive_name: String,
+}
+
+/// Everything an archiver needs, resolved to files on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchiveSettings {
+    pub bucket: BucketSettings,
     pub segment_interval: Duration,
     pub base_interval: Duration,
     pub retention: Option<Duration>,
 }
 
-impl ArchiveSettings {
-    /// The controller's spec, with the Secret it names found under `credentials_root`.
-    pub fn from_spec(
-        spec: &pb::ArchiveSpec,
+impl BucketSettings {
+    /// `bucket` (the spec's `field`), with the Secret it names found under
+    /// `credentials_root`. Errors name the field and the fix.
+    pub fn resolve(
+        bucket: &BucketRef,
         credentials_root: &Path,
+        field: &str,
     ) -> Result<Self, ArchiveError> {
-        let bad =
-            |field: &str, fix: &str| ArchiveError::Config(format!("spec.backup.{field}: {fix}"));
-        if spec.url.trim().is_empty() {
+        let bad = |name: &str, fix: &str| ArchiveError::Config(format!("{field}.{name}: {fix}"));
+        if bucket.url.trim().is_empty() {
             return Err(bad("url", "set s3://BUCKET[/PREFIX] or file:///DIRECTORY"));
         }
-        let secret = spec.credentials_secret.as_str();
+        let secret = bucket.credentials_secret.as_str();
         // The name becomes a path component: no separators, no parent references.
         let plain = !secret.is_empty()
             && secret.len() <= 253
@@ -71,39 +78,34 @@ impl ArchiveSettings {
                 "name a Secret (lowercase letters, digits, '-' and '.')",
             ));
         }
-        if spec.segment_interval_ms == 0 || spec.base_interval_s == 0 {
-            return Err(bad(
-                "segmentIntervalSeconds",
-                "the segment and base intervals must be above 0",
-            ));
-        }
         let dir = credentials_root.join(secret);
         let recovery_public_key = dir.join(RECOVERY_PUBLIC_KEY_FILE);
         if !recovery_public_key.is_file() {
             return Err(ArchiveError::Config(format!(
-                "{} is missing: create Secret {secret} with key {RECOVERY_PUBLIC_KEY_FILE} \
-                 (`hsm-secrets archive recovery-keygen` wrote it) and mount it on the node \
-                 plugin at {}",
+                "{field}.credentialsSecret: {} is missing: create Secret {secret} with key \
+                 {RECOVERY_PUBLIC_KEY_FILE} (`hsm-secrets archive recovery-keygen` wrote it) \
+                 and mount it on the node plugin at {}",
                 recovery_public_key.display(),
                 dir.display()
             )));
         }
-        let nonempty = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
+        let nonempty = |s: &Option<String>| {
+            s.as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        let name = bucket.archive_name.trim();
         Ok(Self {
-            url: spec.url.trim().to_string(),
-            endpoint: nonempty(&spec.endpoint),
-            region: nonempty(&spec.region),
+            url: bucket.url.trim().to_string(),
+            endpoint: nonempty(&bucket.endpoint),
+            region: nonempty(&bucket.region),
             credentials_dir: Some(dir),
             recovery_public_key,
-            archive_name: nonempty(&spec.archive_name).unwrap_or_else(|| "main".into()),
-            segment_interval: Duration::from_millis(spec.segment_interval_ms),
-            base_interval: Duration::from_secs(spec.base_interval_s),
-            retention: (spec.retention_s > 0).then(|| Duration::from_secs(spec.retention_s)),
+            archive_name: if name.is_empty() { "main" } else { name }.to_string(),
         })
     }
-}
 
-impl ArchiveSettings {
     /// Reads the recovery key and opens the bucket: what `configure` needs first.
     pub fn check(&self) -> Result<(RecoveryPublicKey, Bucket), ArchiveError> {
         let recovery = RecoveryPublicKey::read(&self.recovery_public_key)?;
@@ -115,6 +117,30 @@ impl ArchiveSettings {
             timeout: Duration::from_secs(30),
         })?;
         Ok((recovery, bucket))
+    }
+}
+
+impl ArchiveSettings {
+    /// The controller's `spec.backup`, resolved on this node.
+    pub fn resolve(config: &BackupConfig, credentials_root: &Path) -> Result<Self, ArchiveError> {
+        if config.segment_interval.is_zero() || config.base_interval.is_zero() {
+            return Err(ArchiveError::Config(
+                "spec.backup.segmentIntervalSeconds: the segment and base intervals must be \
+                 above 0"
+                    .into(),
+            ));
+        }
+        Ok(Self {
+            bucket: BucketSettings::resolve(&config.bucket, credentials_root, "spec.backup")?,
+            segment_interval: config.segment_interval,
+            base_interval: config.base_interval,
+            retention: config.retention.filter(|r| !r.is_zero()),
+        })
+    }
+
+    /// Reads the recovery key and opens the bucket: what `configure` needs first.
+    pub fn check(&self) -> Result<(RecoveryPublicKey, Bucket), ArchiveError> {
+        self.bucket.check()
     }
 }
 
@@ -171,46 +197,32 @@ pub struct SiteSettings {
 /// The archive a passive site applies, resolved to files on this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FollowSettings {
-    pub bucket: ArchiveSettings,
+    pub bucket: BucketSettings,
     pub device: String,
 }
 
 impl SiteSettings {
-    pub fn from_spec(spec: &pb::SiteSpec, credentials_root: &Path) -> Result<Self, ArchiveError> {
-        if spec.name.is_empty() || spec.lease_ms == 0 {
+    /// The controller's `spec.site`, resolved on this node.
+    pub fn resolve(config: &SiteConfig, credentials_root: &Path) -> Result<Self, ArchiveError> {
+        if config.name.is_empty() || config.lease.is_zero() {
             return Err(ArchiveError::Config(
                 "spec.site needs a name and a lease above 0".into(),
             ));
         }
-        let follow = match &spec.follow {
+        let follow = match &config.follow {
             None => None,
-            Some(f) => {
-                let as_backup = pb::ArchiveSpec {
-                    url: f.url.clone(),
-                    endpoint: f.endpoint.clone(),
-                    region: f.region.clone(),
-                    credentials_secret: f.credentials_secret.clone(),
-                    archive_name: f.archive_name.clone(),
-                    segment_interval_ms: 1,
-                    base_interval_s: 1,
-                    retention_s: 0,
-                };
-                let bucket =
-                    ArchiveSettings::from_spec(&as_backup, credentials_root).map_err(|e| {
-                        ArchiveError::Config(
-                            e.to_string()
-                                .replace("spec.backup", "spec.site.followArchive"),
-                        )
-                    })?;
-                Some(FollowSettings {
-                    bucket,
-                    device: f.device.clone(),
-                })
-            }
+            Some(f) => Some(FollowSettings {
+                bucket: BucketSettings::resolve(
+                    &f.bucket,
+                    credentials_root,
+                    "spec.site.followArchive",
+                )?,
+                device: f.device.clone(),
+            }),
         };
         Ok(Self {
-            name: spec.name.clone(),
-            lease: Duration::from_millis(spec.lease_ms),
+            name: config.name.clone(),
+            lease: config.lease,
             follow,
         })
     }
@@ -277,7 +289,7 @@ impl Supervisor {
             return Ok(());
         }
         let (recovery, bucket) = settings.check()?;
-        let root = ArchiveRoot::new(&self.device, &settings.archive_name)?;
+        let root = ArchiveRoot::new(&self.device, &settings.bucket.archive_name)?;
         let config = ArchiverConfig {
             root: root.clone(),
             segment_interval: settings.segment_interval,
@@ -303,7 +315,7 @@ impl Supervisor {
         tokio::spawn(archiver.run(self.agent.clone(), async move {
             let _ = stopped.await;
         }));
-        tracing::info!(url = %settings.url, archive = %settings.archive_name, "archiving the device");
+        tracing::info!(url = %settings.bucket.url, archive = %settings.bucket.archive_name, "archiving the device");
         let mut supervised = self.lock();
         supervised.config_error = None;
         supervised.running = Some(Running {
@@ -318,20 +330,20 @@ impl Supervisor {
     }
 
     /// Applies one controller request and reports.
-    pub async fn handle(&self, request: pb::ArchiveRequest) -> pb::ArchiveResponse {
-        let site = request
-            .site
+    pub async fn handle(&self, request: ArchiveRequest) -> ArchiveReport {
+        let ArchiveRequest { backup, site, ask } = request;
+        let resolved = site
             .as_ref()
-            .map(|spec| SiteSettings::from_spec(spec, &self.credentials_root))
+            .map(|config| SiteSettings::resolve(config, &self.credentials_root))
             .transpose();
-        let applied = match site {
+        let applied = match resolved {
             Err(e) => Err(e),
-            Ok(site) => self.apply(request.spec.as_ref(), site, request.drain),
+            Ok(resolved) => self.apply(backup.as_ref(), resolved, ask.drain),
         };
         if let Err(e) = applied {
             tracing::warn!(error = %e, "the archive configuration cannot be applied");
             // A site whose configuration did not apply takes no writes until it does.
-            if let Some(site) = &request.site {
+            if let Some(site) = &site {
                 self.agent.update_site_gate(|gate| match gate {
                     SiteGate::Fenced { .. }
                     | SiteGate::Draining { .. }
@@ -346,19 +358,19 @@ impl Supervisor {
             supervised.running = None;
             supervised.config_error = Some(e.to_string());
         }
-        if !request.promote_request.is_empty() {
-            self.start_promotion(&request.promote_request);
+        if let Some(request) = ask.promote_request.as_deref().filter(|r| !r.is_empty()) {
+            self.start_promotion(request);
         }
-        if !request.base_request.is_empty()
+        if let Some(request) = ask.base_request.filter(|r| !r.is_empty())
             && let Some(running) = &self.lock().running
         {
             let mut state = running.state.lock().unwrap_or_else(PoisonError::into_inner);
-            state.base_requested = Some(request.base_request.clone());
+            state.base_requested = Some(request);
         }
-        if !request.verify_request.is_empty() {
-            self.start_drill(&request.verify_request);
+        if let Some(request) = ask.verify_request.as_deref().filter(|r| !r.is_empty()) {
+            self.start_drill(request);
         }
-        if let Some(restore) = request.restore.as_ref().filter(|r| !r.id.is_empty()) {
+        if let Some(restore) = ask.restore.as_ref().filter(|r| !r.id.is_empty()) {
             self.start_restore(restore);
         }
         self.report()
@@ -369,12 +381,12 @@ impl Supervisor {
     /// archives as active.
     fn apply(
         &self,
-        backup: Option<&pb::ArchiveSpec>,
+        backup: Option<&BackupConfig>,
         site: Option<SiteSettings>,
         drain: bool,
     ) -> Result<(), ArchiveError> {
         let backup = backup
-            .map(|spec| ArchiveSettings::from_spec(spec, &self.credentials_root))
+            .map(|config| ArchiveSettings::resolve(config, &self.credentials_root))
             .transpose()?;
         let Some(site) = site else {
             // A fenced site stays fenced even if spec.site is removed: it never archives
@@ -586,7 +598,7 @@ impl Supervisor {
                 let wrap_unwrap: Arc<dyn KeyUnwrap> = token.clone();
                 let keys: [&dyn KeyWrap; 2] = [&*wrap, &recovery];
                 let history = match &own_archive {
-                    Some(own) => Some((own.check()?.1, ArchiveRoot::new(&device, &own.archive_name)?)),
+                    Some(own) => Some((own.check()?.1, ArchiveRoot::new(&device, &own.bucket.archive_name)?)),
                     None => None,
                 };
                 let fence = follower
@@ -683,7 +695,7 @@ impl Supervisor {
 
     /// Starts a restore for `request` unless one for its id is running or done. Refused
     /// (as its outcome) while another runs or when nothing archives here.
-    fn start_restore(&self, request: &pb::RestoreRequest) {
+    fn start_restore(&self, request: &RestoreAsk) {
         let id = request.id.clone();
         let (bucket, root) = {
             let mut supervised = self.lock();
@@ -718,9 +730,9 @@ impl Supervisor {
             target
         };
         let target = match (request.to_sequence, request.to_time_ms) {
-            (0, 0) => Target::Latest,
-            (n, 0) => Target::Sequence(n),
-            (_, t) => Target::Time(t),
+            (_, Some(t)) => Target::Time(t),
+            (Some(n), None) => Target::Sequence(n),
+            (None, None) => Target::Latest,
         };
         let (agent, token, state, force) = (
             self.agent.clone(),
@@ -754,52 +766,49 @@ impl Supervisor {
         });
     }
 
-    /// How the archive stands, as the RPC answers it.
-    pub fn report(&self) -> pb::ArchiveResponse {
+    /// How the archive stands.
+    pub fn report(&self) -> ArchiveReport {
         let snapshot = self.agent.snapshot();
         let not_primary =
             snapshot.role != DeviceRole::Primary || snapshot.lease_remaining.is_zero();
         let supervised = self.lock();
-        let mut response = pb::ArchiveResponse {
-            config_error: supervised.config_error.clone().unwrap_or_default(),
-            drill_running: supervised.drill_running.clone().unwrap_or_default(),
+        let mut report = ArchiveReport {
+            config_error: supervised.config_error.clone(),
+            drill_running: supervised.drill_running.clone(),
             drill: supervised
                 .drill
                 .as_ref()
-                .map(|(request, outcome, finished)| drill_pb(request, outcome, *finished)),
+                .map(|(request, outcome, finished)| drill_result(request, outcome, *finished)),
             not_primary,
-            restore_running: supervised.restore_running.clone().unwrap_or_default(),
+            restore_running: supervised.restore_running.clone(),
             restore: supervised
                 .restore
                 .as_ref()
-                .map(|(id, outcome, finished)| restore_pb(id, outcome, *finished)),
+                .map(|(id, outcome, finished)| restore_result(id, outcome, *finished)),
+            site: supervised
+                .site
+                .as_ref()
+                .map(|site| self.site_report(&supervised, site)),
             ..Default::default()
         };
-        if let Some(site) = &supervised.site {
-            response.site = Some(self.site_report(&supervised, site));
-        }
         if let Some(running) = &supervised.running {
             let state = running
                 .state
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone();
-            response.archived_sequence = state.archived_sequence;
-            response.primary_sequence = state.primary_sequence;
-            response.up_to_date_ms = state.up_to_date_at.unwrap_or(0);
-            response.last_error = state.last_error.unwrap_or_default();
-            response.base_done = state.base_done.unwrap_or_default();
+            report.archived_sequence = state.archived_sequence;
+            report.primary_sequence = state.primary_sequence;
+            report.up_to_date_ms = state.up_to_date_at;
+            report.last_error = state.last_error;
+            report.base_done = state.base_done;
             let skip = state.bases.len().saturating_sub(MAX_REPORTED_BASES);
-            response.bases = state.bases[skip..]
+            report.bases = state.bases[skip..]
                 .iter()
-                .map(|b| pb::ArchivePoint {
-                    epoch: b.epoch,
-                    sequence: b.sequence,
-                    time_ms: b.millis,
-                })
+                .map(|b| (b.epoch, b.sequence, b.millis))
                 .collect();
         }
-        response
+        report
     }
 }
 
@@ -815,15 +824,26 @@ fn opening(fence: &super::site::Fence, wait: Duration) -> std::time::Instant {
 impl Supervisor {
     /// The site's report: its role from the agent's gate, a passive site's progress
     /// through the archive, a fenced site's fence and lost writes.
-    fn site_report(&self, supervised: &Supervised, site: &SiteRunning) -> pb::SiteReport {
-        let mut report = pb::SiteReport {
-            promotion_done: supervised.promotion_done.clone().unwrap_or_default(),
-            promotion_running: supervised.promotion_running.clone().unwrap_or_default(),
-            error: supervised.promotion_error.clone().unwrap_or_default(),
-            ..Default::default()
+    fn site_report(&self, supervised: &Supervised, site: &SiteRunning) -> SiteReport {
+        let mut report = SiteReport {
+            role: SiteRole::Active,
+            site_epoch: 0,
+            source_sequence: 0,
+            source_time_ms: None,
+            applied_sequence: 0,
+            applied_time_ms: None,
+            lag_ms: 0,
+            fenced_by: None,
+            fenced_by_device: None,
+            fence_sequence: 0,
+            lost_writes: 0,
+            promotion_done: supervised.promotion_done.clone(),
+            promotion_running: supervised.promotion_running.clone(),
+            error: supervised.promotion_error.clone(),
+            draining: false,
         };
-        report.role = match self.agent.site_gate() {
-            SiteGate::Passive { .. } => pb::SiteRole::Passive,
+        match self.agent.site_gate() {
+            SiteGate::Passive { .. } => report.role = SiteRole::Passive,
             SiteGate::Fenced {
                 by,
                 by_device,
@@ -831,32 +851,28 @@ impl Supervisor {
                 fence_sequence,
                 ..
             } => {
-                report.fenced_by = by;
-                report.fenced_by_device = by_device;
+                report.role = SiteRole::Fenced;
+                report.fenced_by = Some(by).filter(|s| !s.is_empty());
+                report.fenced_by_device = Some(by_device).filter(|s| !s.is_empty());
                 report.site_epoch = site_epoch;
                 report.fence_sequence = fence_sequence;
-                pb::SiteRole::Fenced
             }
-            SiteGate::Draining { .. } => {
-                report.draining = true;
-                pb::SiteRole::Active
-            }
-            SiteGate::Active { .. } | SiteGate::Open | SiteGate::Promoting { .. } => {
-                pb::SiteRole::Active
-            }
-        } as i32;
+            SiteGate::Draining { .. } => report.draining = true,
+            SiteGate::Active { .. } | SiteGate::Open | SiteGate::Promoting { .. } => {}
+        }
+        let millis = |v: u64| (v > 0).then_some(v);
         if let Some(state) = &site.follow_state {
             let state = state.lock().unwrap_or_else(PoisonError::into_inner).clone();
             report.site_epoch = report.site_epoch.max(state.site_epoch);
             report.source_sequence = state.source_sequence;
-            report.source_time_ms = state.source_millis;
+            report.source_time_ms = millis(state.source_millis);
             report.applied_sequence = state.applied_sequence;
-            report.applied_time_ms = state.applied_millis;
+            report.applied_time_ms = millis(state.applied_millis);
             report.lag_ms = state
                 .behind_since_millis
                 .map_or(0, |since| now_millis().saturating_sub(since));
-            if report.error.is_empty() {
-                report.error = state.last_error.unwrap_or_default();
+            if report.error.is_none() {
+                report.error = state.last_error;
             }
         }
         if let Some(running) = &supervised.running {
@@ -868,13 +884,13 @@ impl Supervisor {
     }
 }
 
-fn drill_pb(
+fn drill_result(
     request: &str,
     outcome: &Result<DrillReport, String>,
     finished: u64,
-) -> pb::DrillOutcome {
+) -> DrillResult {
     match outcome {
-        Ok(report) => pb::DrillOutcome {
+        Ok(report) => DrillResult {
             request: request.into(),
             verified: report.verified(),
             sequence: report.sequence,
@@ -886,22 +902,22 @@ fn drill_pb(
             finished_ms: finished,
             message: drill_message(report),
         },
-        Err(error) => pb::DrillOutcome {
+        Err(error) => DrillResult {
             request: request.into(),
             finished_ms: finished,
-            message: error.clone(),
+            message: Some(error.clone()),
             ..Default::default()
         },
     }
 }
 
-fn restore_pb(
+fn restore_result(
     id: &str,
     outcome: &Result<RestoreReport, String>,
     finished: u64,
-) -> pb::RestoreOutcome {
+) -> RestoreResult {
     match outcome {
-        Ok(report) => pb::RestoreOutcome {
+        Ok(report) => RestoreResult {
             id: id.into(),
             succeeded: true,
             sequence: report.sequence,
@@ -913,20 +929,19 @@ fn restore_pb(
             message: report
                 .stopped
                 .as_deref()
-                .map(|s| format!("the chain stopped early, at the newest verified point: {s}"))
-                .unwrap_or_default(),
+                .map(|s| format!("the chain stopped early, at the newest verified point: {s}")),
         },
-        Err(error) => pb::RestoreOutcome {
+        Err(error) => RestoreResult {
             id: id.into(),
             finished_ms: finished,
-            message: error.clone(),
+            message: Some(error.clone()),
             ..Default::default()
         },
     }
 }
 
 /// What a drill that did not verify found, in one line (paths only).
-fn drill_message(report: &DrillReport) -> String {
+fn drill_message(report: &DrillReport) -> Option<String> {
     let mut parts = Vec::new();
     if !report.mismatches.is_empty() {
         parts.push(format!(
@@ -938,20 +953,22 @@ fn drill_message(report: &DrillReport) -> String {
     if let Some(stopped) = &report.stopped {
         parts.push(format!("the rebuild stopped early: {stopped}"));
     }
-    parts.join("; ")
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
-/// Milliseconds of an RFC 3339 time, 0 when it does not parse.
-fn rfc3339_millis(text: &str) -> u64 {
+/// Milliseconds of an RFC 3339 time; none when it does not parse or is not after 1970.
+fn rfc3339_millis(text: &str) -> Option<u64> {
     text.parse::<k8s_openapi::jiff::Timestamp>()
-        .map(|t| t.as_millisecond().max(0) as u64)
-        .unwrap_or(0)
+        .ok()
+        .map(|t| t.as_millisecond())
+        .filter(|ms| *ms > 0)
+        .map(|ms| ms as u64)
 }
 
 #[async_trait::async_trait]
 impl ArchiveControl for Supervisor {
-    async fn archive(&self, request: pb::ArchiveRequest) -> Result<pb::ArchiveResponse, Status> {
-        Ok(self.handle(request).await)
+    async fn archive(&self, request: ArchiveRequest) -> ArchiveReport {
+        self.handle(request).await
     }
 }
 
@@ -960,20 +977,23 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn spec(secret: &str) -> pb::ArchiveSpec {
-        pb::ArchiveSpec {
-            url: "s3://bucket/site-a".into(),
-            credentials_secret: secret.into(),
-            segment_interval_ms: 5000,
-            base_interval_s: 3600,
-            ..Default::default()
+    fn spec(secret: &str) -> BackupConfig {
+        BackupConfig {
+            bucket: BucketRef {
+                url: "s3://bucket/site-a".into(),
+                credentials_secret: secret.into(),
+                ..Default::default()
+            },
+            segment_interval: Duration::from_secs(5),
+            base_interval: Duration::from_secs(3600),
+            retention: None,
         }
     }
 
     #[test]
     fn settings_come_from_the_mounted_secret_and_name_what_is_missing() {
         let root = tempfile::tempdir().unwrap();
-        let missing = ArchiveSettings::from_spec(&spec("hsm-archive"), root.path()).unwrap_err();
+        let missing = ArchiveSettings::resolve(&spec("hsm-archive"), root.path()).unwrap_err();
         let text = missing.to_string();
         assert!(
             text.contains("recovery.pub") && text.contains("hsm-archive"),
@@ -981,13 +1001,54 @@ mod tests {
         );
         std::fs::create_dir_all(root.path().join("hsm-archive")).unwrap();
         std::fs::write(root.path().join("hsm-archive/recovery.pub"), "x").unwrap();
-        let ok = ArchiveSettings::from_spec(&spec("hsm-archive"), root.path()).unwrap();
-        assert_eq!(ok.credentials_dir, Some(root.path().join("hsm-archive")));
-        assert_eq!(ok.archive_name, "main");
+        let ok = ArchiveSettings::resolve(&spec("hsm-archive"), root.path()).unwrap();
+        assert_eq!(
+            ok.bucket.credentials_dir,
+            Some(root.path().join("hsm-archive"))
+        );
+        assert_eq!(ok.bucket.archive_name, "main");
         assert_eq!(ok.retention, None);
         for bad in ["../etc", "a/b", "", ".hidden", "UPPER"] {
-            let e = ArchiveSettings::from_spec(&spec(bad), root.path()).unwrap_err();
-            assert!(e.to_string().contains("credentialsSecret"), "{bad}: {e}");
+            let e = ArchiveSettings::resolve(&spec(bad), root.path()).unwrap_err();
+            assert!(
+                e.to_string().contains("spec.backup.credentialsSecret"),
+                "{bad}: {e}"
+            );
         }
+        let never = BackupConfig {
+            segment_interval: Duration::ZERO,
+            ..spec("hsm-archive")
+        };
+        let e = ArchiveSettings::resolve(&never, root.path()).unwrap_err();
+        assert!(e.to_string().contains("segmentIntervalSeconds"), "{e}");
+    }
+
+    #[test]
+    fn a_followed_archive_is_named_by_its_own_field() {
+        let root = tempfile::tempdir().unwrap();
+        let site = SiteConfig {
+            name: "b".into(),
+            lease: Duration::from_secs(30),
+            follow: Some(crate::archive::request::FollowConfig {
+                bucket: BucketRef {
+                    url: "s3://bucket/site-a".into(),
+                    credentials_secret: "../etc".into(),
+                    ..Default::default()
+                },
+                device: "prod-hsm".into(),
+            }),
+        };
+        let e = SiteSettings::resolve(&site, root.path()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("spec.site.followArchive.credentialsSecret"),
+            "{e}"
+        );
+        let leaseless = SiteConfig {
+            lease: Duration::ZERO,
+            ..site
+        };
+        let e = SiteSettings::resolve(&leaseless, root.path()).unwrap_err();
+        assert!(e.to_string().contains("spec.site"), "{e}");
     }
 }

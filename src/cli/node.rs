@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use super::agent::{SyncTuning, serve_agent};
 use super::shutdown_signal;
 use crate::archive::{
-    ARCHIVE_KEY_LABEL, ArchiveMetrics, ArchiveSettings, Supervisor, TokenArchiveKey,
+    ARCHIVE_KEY_LABEL, ArchiveMetrics, ArchiveSettings, BucketSettings, Supervisor, TokenArchiveKey,
 };
 use crate::hsm::{Pkcs11Config, Pkcs11Store, SecretStore, StoreError};
 use crate::mirror::{
@@ -356,15 +356,17 @@ fn archive_setup(args: &NodeArgs) -> anyhow::Result<Option<ArchiveSettings>> {
         bail!("--archive-segment-interval-ms and --archive-base-interval-s must be above 0");
     }
     let settings = ArchiveSettings {
-        url: url.clone(),
-        endpoint: args.archive_endpoint.clone(),
-        region: args.archive_region.clone(),
-        credentials_dir: args.archive_credentials_dir.clone(),
-        recovery_public_key: args
-            .archive_recovery_public_key
-            .clone()
-            .context("--archive-url needs --archive-recovery-public-key")?,
-        archive_name: args.archive_name.clone(),
+        bucket: BucketSettings {
+            url: url.clone(),
+            endpoint: args.archive_endpoint.clone(),
+            region: args.archive_region.clone(),
+            credentials_dir: args.archive_credentials_dir.clone(),
+            recovery_public_key: args
+                .archive_recovery_public_key
+                .clone()
+                .context("--archive-url needs --archive-recovery-public-key")?,
+            archive_name: args.archive_name.clone(),
+        },
         segment_interval: Duration::from_millis(args.archive_segment_interval_ms),
         base_interval: Duration::from_secs(args.archive_base_interval_s),
         retention: (args.archive_retention_s > 0)

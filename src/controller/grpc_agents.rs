@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{AgentCallCause, AgentCallError, Agents};
+use crate::archive::ArchiveRequest;
 use crate::archive::plan::{ArchiveAsk, ArchiveReport};
 use crate::crd::{BackupSpec, DeviceRole, HSMDevice, MirroringPolicy, SiteSpec};
 use crate::failover::{
@@ -357,7 +358,7 @@ impl Agents for GrpcAgents {
         ask: &ArchiveAsk,
     ) -> Result<ArchiveReport, AgentCallError> {
         self.connection(node)?
-            .ask_archive(backup, site, ask)
+            .ask_archive(&ArchiveRequest::from_specs(backup, site, ask.clone()))
             .await
             .map_err(|e| call_error(node, e))
     }

@@ -193,7 +193,7 @@ struct Inner {
     /// Whether the device's site takes writes (multi-site devices); open otherwise.
     site: Mutex<super::site::SiteGate>,
     /// Who answers the Archive RPC on this node, once the node set it up.
-    archive: std::sync::OnceLock<Arc<dyn super::rpc::ArchiveControl>>,
+    archive: std::sync::OnceLock<Arc<dyn crate::archive::ArchiveControl>>,
 }
 
 impl Agent {
@@ -306,7 +306,7 @@ impl Agent {
 
     /// Hands the Archive RPC to the node's archive supervisor (once; later calls are
     /// ignored).
-    pub fn set_archive_control(&self, control: Arc<dyn super::rpc::ArchiveControl>) {
+    pub fn set_archive_control(&self, control: Arc<dyn crate::archive::ArchiveControl>) {
         let _ = self.inner.archive.set(control);
     }
 
@@ -333,7 +333,7 @@ impl Agent {
         gate.clone()
     }
 
-    pub fn archive_control(&self) -> Option<Arc<dyn super::rpc::ArchiveControl>> {
+    pub fn archive_control(&self) -> Option<Arc<dyn crate::archive::ArchiveControl>> {
         self.inner.archive.get().cloned()
     }
 

@@ -91,9 +91,9 @@ pub use health::AgentHealth;
 pub use metrics::{AgentMetrics, RpcMetrics};
 pub(crate) use rpc::convert::{record_from_pb, record_to_pb};
 pub use rpc::{
-    AgentConnection, AgentPool, AgentService, AgentTls, ArchiveControl, CONTROLLER_CERT_NAME,
-    CertificateAuthority, EndpointResolver, GeneratedPki, Identity, IssuedCertificate,
-    MAX_MESSAGE_BYTES, NodeAddressEndpoints, RemoteStore, StaticEndpoints, TlsError, TlsFiles,
-    bind, generate_pki, pb, serve, write_pem,
+    AgentConnection, AgentPool, AgentService, AgentTls, CONTROLLER_CERT_NAME, CertificateAuthority,
+    EndpointResolver, GeneratedPki, Identity, IssuedCertificate, MAX_MESSAGE_BYTES,
+    NodeAddressEndpoints, RemoteStore, StaticEndpoints, TlsError, TlsFiles, bind, generate_pki, pb,
+    serve, write_pem,
 };
 pub use sync::{FullPassReport, LostWrite, PullReport, SyncSettings, SyncState};

@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use hsm_secrets::archive::archiver::Step;
 use hsm_secrets::archive::chain::{ArchiveRoot, Target};
+use hsm_secrets::archive::plan::ArchiveReport;
 use hsm_secrets::archive::{
-    ARCHIVE_KEY_LABEL, ArchiveError, Archiver, ArchiverConfig, Bucket, BucketConfig, KeyWrap,
-    RecoverySecretKey, TokenArchiveKey, restore,
+    ARCHIVE_KEY_LABEL, ArchiveError, ArchiveRequest, Archiver, ArchiverConfig, BackupConfig,
+    Bucket, BucketConfig, BucketRef, FollowConfig, KeyWrap, RecoverySecretKey, SiteConfig,
+    TokenArchiveKey, restore,
 };
-use hsm_secrets::crd::DeviceRole;
+use hsm_secrets::crd::{DeviceRole, SiteRole};
 use hsm_secrets::hsm::{Expect, Pkcs11Store, SecretData, SecretPath, SecretStore};
 use hsm_secrets::mirror::{Agent, AgentConfig, AgentTls, Assignment, generate_pki};
 use kit::s3::S3Server;
@@ -1449,10 +1451,7 @@ impl Site {
         }
     }
 
-    async fn round(
-        &self,
-        request: &hsm_secrets::mirror::pb::ArchiveRequest,
-    ) -> hsm_secrets::mirror::pb::ArchiveResponse {
+    async fn round(&self, request: &ArchiveRequest) -> ArchiveReport {
         self.supervisor.handle(request.clone()).await
     }
 
@@ -1468,10 +1467,10 @@ impl Site {
 /// Rounds of `site` every 100 ms until `done` holds of its answer (30 s at most).
 async fn rounds_until(
     site: &Site,
-    request: &hsm_secrets::mirror::pb::ArchiveRequest,
+    request: &ArchiveRequest,
     what: &str,
-    done: impl Fn(&hsm_secrets::mirror::pb::ArchiveResponse) -> bool,
-) -> hsm_secrets::mirror::pb::ArchiveResponse {
+    done: impl Fn(&ArchiveReport) -> bool,
+) -> ArchiveReport {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let answer = site.round(request).await;
@@ -1487,6 +1486,48 @@ async fn rounds_until(
     }
 }
 
+/// `url` on the test's S3 server, opened with the mounted `hsm-archive` Secret.
+fn site_bucket(s3: &S3Server, url: &str) -> BucketRef {
+    BucketRef {
+        url: url.into(),
+        endpoint: Some(s3.endpoint.clone()),
+        region: None,
+        credentials_secret: "hsm-archive".into(),
+        archive_name: "main".into(),
+    }
+}
+
+/// A site that archives into `bucket` every 200 ms (a base only when asked).
+fn site_backup(bucket: BucketRef) -> BackupConfig {
+    BackupConfig {
+        bucket,
+        segment_interval: Duration::from_millis(200),
+        base_interval: Duration::from_secs(3600),
+        retention: None,
+    }
+}
+
+/// Site `name`, following `device`'s archive in `bucket` while passive.
+fn following(name: &str, lease: Duration, bucket: BucketRef, device: &str) -> SiteConfig {
+    SiteConfig {
+        name: name.into(),
+        lease,
+        follow: Some(FollowConfig {
+            bucket,
+            device: device.into(),
+        }),
+    }
+}
+
+/// Site `name`, active.
+fn active(name: &str, lease: Duration) -> SiteConfig {
+    SiteConfig {
+        name: name.into(),
+        lease,
+        follow: None,
+    }
+}
+
 /// Two sites share one real S3 bucket: the active site archives and the passive one
 /// follows it (reads work there, writes are refused naming the active site). A person
 /// promotes the passive site while the active one still takes writes: the fence stops
@@ -1496,12 +1537,11 @@ async fn rounds_until(
 /// same archive fails naming the first.
 #[tokio::test]
 async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_active_one() {
-    use hsm_secrets::mirror::pb;
     let Some(s3) = S3Server::start() else { return };
     s3.create_bucket("sites");
     let recovery = RecoverySecretKey::generate().unwrap();
     let (mounts, _) = archive_secret(&recovery);
-    let lease_ms = 1500;
+    let lease = Duration::from_millis(1500);
 
     // Site a: the device's tokens there hold the archive key; b and c receive it by the
     // ceremony (token to token, wrapped).
@@ -1521,49 +1561,26 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
     let b = Site::start("b", "prod-hsm-b", b_store, mounts.path()).await;
     let c = Site::start("c", "prod-hsm-c", c_store, mounts.path()).await;
 
-    let backup = || pb::ArchiveSpec {
-        url: "s3://sites/dr".into(),
-        endpoint: s3.endpoint.clone(),
-        credentials_secret: "hsm-archive".into(),
-        archive_name: "main".into(),
-        segment_interval_ms: 200,
-        base_interval_s: 3600,
+    let bucket = || site_bucket(&s3, "s3://sites/dr");
+    let follow = |site: &str| following(site, lease, bucket(), "prod-hsm");
+    let a_request = ArchiveRequest {
+        backup: Some(site_backup(bucket())),
+        site: Some(active("a", lease)),
         ..Default::default()
     };
-    let follow = |site: &str| pb::SiteSpec {
-        name: site.into(),
-        lease_ms,
-        follow: Some(pb::FollowSpec {
-            url: "s3://sites/dr".into(),
-            endpoint: s3.endpoint.clone(),
-            credentials_secret: "hsm-archive".into(),
-            device: "prod-hsm".into(),
-            archive_name: "main".into(),
-            ..Default::default()
-        }),
-    };
-    let a_request = pb::ArchiveRequest {
-        spec: Some(backup()),
-        site: Some(pb::SiteSpec {
-            name: "a".into(),
-            lease_ms,
-            follow: None,
-        }),
-        ..Default::default()
-    };
-    let b_request = pb::ArchiveRequest {
-        spec: Some(backup()),
+    let b_request = ArchiveRequest {
+        backup: Some(site_backup(bucket())),
         site: Some(follow("b")),
         ..Default::default()
     };
-    let c_request = pb::ArchiveRequest {
+    let c_request = ArchiveRequest {
         site: Some(follow("c")),
         ..Default::default()
     };
 
     // Until its first look at the bucket the active site takes no write.
     let answer = a.round(&a_request).await;
-    assert_eq!(answer.site.unwrap().role, pb::SiteRole::Active as i32);
+    assert_eq!(answer.site.unwrap().role, SiteRole::Active);
     let early = a.write("shop/early", b"x").await;
     if let Err(e) = &early {
         assert!(e.contains("site lease"), "{e}");
@@ -1586,7 +1603,7 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
             .is_some_and(|s| s.applied_sequence >= written && s.lag_ms == 0)
     })
     .await;
-    assert_eq!(answer.site.unwrap().role, pb::SiteRole::Passive as i32);
+    assert_eq!(answer.site.unwrap().role, SiteRole::Passive);
     rounds_until(&c, &c_request, "c catching up", |r| {
         r.site
             .as_ref()
@@ -1612,8 +1629,11 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
     // A new base at the active site (`kubectl hsm backup now`) starts a new chain there;
     // the passive site follows onto it.
     let mut base_now = a_request.clone();
-    base_now.base_request = "b1".into();
-    rounds_until(&a, &base_now, "a's new base", |r| r.base_done == "b1").await;
+    base_now.ask.base_request = Some("b1".into());
+    rounds_until(&a, &base_now, "a's new base", |r| {
+        r.base_done.as_deref() == Some("b1")
+    })
+    .await;
     a.write("shop/after-base", b"2").await.unwrap();
     let after_base = a.store.latest_sequence();
     rounds_until(&a, &a_request, "a archiving", |r| {
@@ -1623,7 +1643,7 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
     rounds_until(&b, &b_request, "b following the new chain", |r| {
         r.site
             .as_ref()
-            .is_some_and(|s| s.applied_sequence >= after_base && s.error.is_empty())
+            .is_some_and(|s| s.applied_sequence >= after_base && s.error.is_none())
     })
     .await;
     assert_eq!(
@@ -1655,7 +1675,7 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
 
     // A person promotes b while a is alive and writing.
     let mut promote = b_request.clone();
-    promote.promote_request = "p1".into();
+    promote.ask.promote_request = Some("p1".into());
     let a_rounds = {
         let (supervisor, request) = (a.supervisor.clone(), a_request.clone());
         tokio::spawn(async move {
@@ -1674,7 +1694,7 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
         if answer
             .site
             .as_ref()
-            .is_some_and(|s| s.promotion_done == "p1")
+            .is_some_and(|s| s.promotion_done.as_deref() == Some("p1"))
         {
             break answer;
         }
@@ -1700,13 +1720,11 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
 
     // a saw the fence: it refuses writes, names b, and counts what it took after the point.
     let a_answer = rounds_until(&a, &a_request, "a fenced", |r| {
-        r.site
-            .as_ref()
-            .is_some_and(|s| s.role == pb::SiteRole::Fenced as i32)
+        r.site.as_ref().is_some_and(|s| s.role == SiteRole::Fenced)
     })
     .await;
     let a_site = a_answer.site.unwrap();
-    assert_eq!(a_site.fenced_by, "b");
+    assert_eq!(a_site.fenced_by.as_deref(), Some("b"));
     let refused = a.write("shop/late", b"no").await.unwrap_err();
     assert!(
         refused.contains("site b was promoted") && refused.contains("rejoin"),
@@ -1748,12 +1766,12 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
 
     // c, promoted over the same archive afterwards, is refused naming b.
     let mut promote_c = c_request.clone();
-    promote_c.promote_request = "p2".into();
+    promote_c.ask.promote_request = Some("p2".into());
     let refused = rounds_until(&c, &promote_c, "c's refused promotion", |r| {
-        r.site.as_ref().is_some_and(|s| !s.error.is_empty())
+        r.site.as_ref().is_some_and(|s| s.error.is_some())
     })
     .await;
-    let error = refused.site.unwrap().error;
+    let error = refused.site.unwrap().error.unwrap_or_default();
     assert!(
         error.contains("site b was promoted first") && error.contains("stays passive"),
         "{error}"
@@ -1769,7 +1787,6 @@ async fn a_passive_site_follows_the_archive_and_a_manual_promotion_fences_the_ac
 /// names the winner.
 #[tokio::test]
 async fn passive_sites_name_bad_archives_and_concurrent_promotions_have_one_winner() {
-    use hsm_secrets::mirror::pb;
     let Some(s3) = S3Server::start() else { return };
     s3.create_bucket("sites-bad");
     let recovery = RecoverySecretKey::generate().unwrap();
@@ -1793,26 +1810,17 @@ async fn passive_sites_name_bad_archives_and_concurrent_promotions_have_one_winn
     let b = Site::start("b", "prod-hsm-b", b_store, mounts.path()).await;
     let c = Site::start("c", "prod-hsm-c", c_store, mounts.path()).await;
     let stranger = Site::start("s", "prod-hsm-s", stranger_store, mounts.path()).await;
-    let follow = |site: &str, device: &str| pb::ArchiveRequest {
-        site: Some(pb::SiteSpec {
-            name: site.into(),
-            lease_ms: 1000,
-            follow: Some(pb::FollowSpec {
-                url: "s3://sites-bad/dr".into(),
-                endpoint: s3.endpoint.clone(),
-                credentials_secret: "hsm-archive".into(),
-                device: device.into(),
-                archive_name: "main".into(),
-                ..Default::default()
-            }),
-        }),
+    let lease = Duration::from_secs(1);
+    let bucket = || site_bucket(&s3, "s3://sites-bad/dr");
+    let follow = |site: &str, device: &str| ArchiveRequest {
+        site: Some(following(site, lease, bucket(), device)),
         ..Default::default()
     };
-    let error_of = |r: &pb::ArchiveResponse| {
-        if !r.config_error.is_empty() {
-            return r.config_error.clone();
-        }
-        r.site.as_ref().map(|s| s.error.clone()).unwrap_or_default()
+    let error_of = |r: &ArchiveReport| {
+        r.config_error
+            .clone()
+            .or_else(|| r.site.as_ref().and_then(|s| s.error.clone()))
+            .unwrap_or_default()
     };
 
     // No archive yet, or the wrong device: nothing there, named.
@@ -1834,21 +1842,9 @@ async fn passive_sites_name_bad_archives_and_concurrent_promotions_have_one_winn
     );
 
     // The active site archives; a site without the device's archive key cannot open it.
-    let a_request = pb::ArchiveRequest {
-        spec: Some(pb::ArchiveSpec {
-            url: "s3://sites-bad/dr".into(),
-            endpoint: s3.endpoint.clone(),
-            credentials_secret: "hsm-archive".into(),
-            archive_name: "main".into(),
-            segment_interval_ms: 200,
-            base_interval_s: 3600,
-            ..Default::default()
-        }),
-        site: Some(pb::SiteSpec {
-            name: "a".into(),
-            lease_ms: 1000,
-            follow: None,
-        }),
+    let a_request = ArchiveRequest {
+        backup: Some(site_backup(bucket())),
+        site: Some(active("a", lease)),
         ..Default::default()
     };
     rounds_until(&a, &a_request, "a archiving", |r| !r.bases.is_empty()).await;
@@ -1868,51 +1864,49 @@ async fn passive_sites_name_bad_archives_and_concurrent_promotions_have_one_winn
     rounds_until(&b, &follow("b", "prod-hsm"), "b following", |r| {
         r.site
             .as_ref()
-            .is_some_and(|s| s.error.is_empty() && s.lag_ms == 0)
+            .is_some_and(|s| s.error.is_none() && s.lag_ms == 0)
     })
     .await;
     rounds_until(&c, &follow("c", "prod-hsm"), "c following", |r| {
         r.site
             .as_ref()
-            .is_some_and(|s| s.error.is_empty() && s.lag_ms == 0)
+            .is_some_and(|s| s.error.is_none() && s.lag_ms == 0)
     })
     .await;
     let mut promote_b = follow("b", "prod-hsm");
-    promote_b.promote_request = "pb".into();
+    promote_b.ask.promote_request = Some("pb".into());
     let mut promote_c = follow("c", "prod-hsm");
-    promote_c.promote_request = "pc".into();
+    promote_c.ask.promote_request = Some("pc".into());
     let (rb, rc) = tokio::join!(b.round(&promote_b), c.round(&promote_c));
     let _ = (rb, rc);
-    let done = |r: &pb::ArchiveResponse, id: &str| {
+    let done = |r: &ArchiveReport, id: &str| {
         r.site
             .as_ref()
-            .is_some_and(|s| s.promotion_done == id || !s.error.is_empty())
+            .is_some_and(|s| s.promotion_done.as_deref() == Some(id) || s.error.is_some())
     };
     let rb = rounds_until(&b, &promote_b, "b's promotion ends", |r| done(r, "pb")).await;
     let rc = rounds_until(&c, &promote_c, "c's promotion ends", |r| done(r, "pc")).await;
     let (sb, sc) = (rb.site.unwrap(), rc.site.unwrap());
     let winners = [&sb, &sc]
         .iter()
-        .filter(|s| !s.promotion_done.is_empty())
+        .filter(|s| s.promotion_done.is_some())
         .count();
     assert_eq!(winners, 1, "exactly one promotion: {sb:?} {sc:?}");
-    let (loser, winner) = if sb.promotion_done.is_empty() {
+    let (loser, winner) = if sb.promotion_done.is_none() {
         (&sb, "c")
     } else {
         (&sc, "b")
     };
+    let loser_error = loser.error.clone().unwrap_or_default();
     assert!(
-        loser
-            .error
-            .contains(&format!("site {winner} was promoted first")),
-        "{}",
-        loser.error
+        loser_error.contains(&format!("site {winner} was promoted first")),
+        "{loser_error}"
     );
-    assert_eq!(loser.role, pb::SiteRole::Passive as i32);
+    assert_eq!(loser.role, SiteRole::Passive);
 
     // Promoting a site that is not passive is refused, naming why.
     let mut promote_a = a_request.clone();
-    promote_a.promote_request = "pa".into();
+    promote_a.ask.promote_request = Some("pa".into());
     let r = a.round(&promote_a).await;
     assert!(error_of(&r).contains("is not passive"), "{}", error_of(&r));
 }

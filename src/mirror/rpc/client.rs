@@ -10,8 +10,8 @@ use super::convert;
 use super::pb;
 use super::pb::agent_client::AgentClient;
 use super::tls::AgentTls;
-use crate::archive::plan::{ArchiveAsk, ArchiveReport};
-use crate::crd::{BackupSpec, SiteSpec};
+use crate::archive::ArchiveRequest;
+use crate::archive::plan::ArchiveReport;
 use crate::hsm::{Expect, SecretData, SecretPath};
 use crate::mirror::MirrorError;
 use crate::mirror::feed::{Changes, ChangesAsk, FetchAsk, Fetched, Manifest, Push};
@@ -256,11 +256,9 @@ impl AgentConnection {
     /// what is asked of it; its report.
     pub async fn ask_archive(
         &self,
-        backup: Option<&BackupSpec>,
-        site: Option<&SiteSpec>,
-        ask: &ArchiveAsk,
+        request: &ArchiveRequest,
     ) -> Result<ArchiveReport, MirrorError> {
-        self.archive(convert::archive_ask_to_pb(backup, site, ask))
+        self.archive(convert::archive_request_to_pb(request))
             .await
             .map(convert::archive_report_from_pb)
     }

@@ -3,9 +3,11 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::archive::plan::{ArchiveAsk, ArchiveReport, DrillResult, RestoreResult, SiteReport};
-use crate::crd::DeviceRole;
-use crate::crd::{BackupSpec, SiteRole, SiteSpec};
+use crate::archive::plan::{
+    ArchiveAsk, ArchiveReport, DrillResult, RestoreAsk, RestoreResult, SiteReport,
+};
+use crate::archive::{ArchiveRequest, BackupConfig, BucketRef, FollowConfig, SiteConfig};
+use crate::crd::{DeviceRole, SiteRole};
 use crate::hsm::{Body, Checksum, Expect, ManifestEntry, Record, SecretData, SecretPath};
 use crate::mirror::feed::{Assigned, Changes, ChangesAsk, FetchAsk, Fetched, Manifest, Push};
 use crate::mirror::health::{
@@ -622,15 +624,32 @@ pub(crate) fn served_from_pb(from: &str, g: pb::GetResponse) -> Result<Served, M
     })
 }
 
-/// What the controller asks of a primary's archive supervisor.
-pub(crate) fn archive_ask_to_pb(
-    backup: Option<&BackupSpec>,
-    site: Option<&SiteSpec>,
-    ask: &ArchiveAsk,
-) -> pb::ArchiveRequest {
+/// What the controller asks of a primary's archive supervisor, as sent.
+pub(crate) fn archive_request_to_pb(request: &ArchiveRequest) -> pb::ArchiveRequest {
+    let ask = &request.ask;
     pb::ArchiveRequest {
-        spec: backup.map(archive_spec_to_pb),
-        site: site.map(site_spec_to_pb),
+        spec: request.backup.as_ref().map(|b| pb::ArchiveSpec {
+            url: b.bucket.url.clone(),
+            endpoint: b.bucket.endpoint.clone().unwrap_or_default(),
+            region: b.bucket.region.clone().unwrap_or_default(),
+            credentials_secret: b.bucket.credentials_secret.clone(),
+            archive_name: b.bucket.archive_name.clone(),
+            segment_interval_ms: millis(b.segment_interval),
+            base_interval_s: b.base_interval.as_secs(),
+            retention_s: b.retention.map_or(0, |r| r.as_secs()),
+        }),
+        site: request.site.as_ref().map(|site| pb::SiteSpec {
+            name: site.name.clone(),
+            lease_ms: millis(site.lease),
+            follow: site.follow.as_ref().map(|f| pb::FollowSpec {
+                url: f.bucket.url.clone(),
+                endpoint: f.bucket.endpoint.clone().unwrap_or_default(),
+                region: f.bucket.region.clone().unwrap_or_default(),
+                credentials_secret: f.bucket.credentials_secret.clone(),
+                device: f.device.clone(),
+                archive_name: f.bucket.archive_name.clone(),
+            }),
+        }),
         promote_request: ask.promote_request.clone().unwrap_or_default(),
         drain: ask.drain,
         base_request: ask.base_request.clone().unwrap_or_default(),
@@ -644,34 +663,87 @@ pub(crate) fn archive_ask_to_pb(
     }
 }
 
-fn archive_spec_to_pb(spec: &BackupSpec) -> pb::ArchiveSpec {
-    pb::ArchiveSpec {
-        url: spec.url.clone(),
-        endpoint: spec.endpoint.clone().unwrap_or_default(),
-        region: spec.region.clone().unwrap_or_default(),
-        credentials_secret: spec.credentials_secret.clone(),
-        archive_name: spec.archive_name().to_string(),
-        segment_interval_ms: u64::from(spec.segment_interval_seconds()) * 1000,
-        base_interval_s: u64::from(spec.base_interval_minutes()) * 60,
-        retention_s: u64::from(spec.retention_days()) * 86_400,
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What a primary's archive supervisor was asked. Zero intervals and empty names are
+/// kept as they came: the supervisor refuses them naming the spec's field.
+pub(crate) fn archive_request_from_pb(r: pb::ArchiveRequest) -> ArchiveRequest {
+    let bucket = |url, endpoint, region, credentials_secret, archive_name| BucketRef {
+        url,
+        endpoint: some(endpoint),
+        region: some(region),
+        credentials_secret,
+        archive_name,
+    };
+    ArchiveRequest {
+        backup: r.spec.map(|b| BackupConfig {
+            bucket: bucket(
+                b.url,
+                b.endpoint,
+                b.region,
+                b.credentials_secret,
+                b.archive_name,
+            ),
+            segment_interval: Duration::from_millis(b.segment_interval_ms),
+            base_interval: Duration::from_secs(b.base_interval_s),
+            retention: (b.retention_s > 0).then(|| Duration::from_secs(b.retention_s)),
+        }),
+        site: r.site.map(|site| SiteConfig {
+            name: site.name,
+            lease: Duration::from_millis(site.lease_ms),
+            follow: site.follow.map(|f| FollowConfig {
+                bucket: bucket(
+                    f.url,
+                    f.endpoint,
+                    f.region,
+                    f.credentials_secret,
+                    f.archive_name,
+                ),
+                device: f.device,
+            }),
+        }),
+        ask: ArchiveAsk {
+            base_request: some(r.base_request),
+            verify_request: some(r.verify_request),
+            restore: r.restore.map(|x| RestoreAsk {
+                id: x.id,
+                to_sequence: (x.to_sequence > 0).then_some(x.to_sequence),
+                to_time_ms: (x.to_time_ms > 0).then_some(x.to_time_ms),
+                force: x.force,
+            }),
+            promote_request: some(r.promote_request),
+            drain: r.drain,
+        },
     }
 }
 
-fn site_spec_to_pb(site: &SiteSpec) -> pb::SiteSpec {
-    pb::SiteSpec {
-        name: site.name.clone(),
-        lease_ms: u64::from(site.lease_seconds()) * 1000,
-        follow: site.follow_archive.as_ref().map(|f| pb::FollowSpec {
-            url: f.url.clone(),
-            endpoint: f.endpoint.clone().unwrap_or_default(),
-            region: f.region.clone().unwrap_or_default(),
-            credentials_secret: f.credentials_secret.clone(),
-            device: f.device.clone(),
-            archive_name: f
-                .archive_name
-                .clone()
-                .unwrap_or_else(|| BackupSpec::DEFAULT_ARCHIVE_NAME.into()),
-        }),
+fn site_role_to_pb(role: SiteRole) -> pb::SiteRole {
+    match role {
+        SiteRole::Active => pb::SiteRole::Active,
+        SiteRole::Passive => pb::SiteRole::Passive,
+        SiteRole::Fenced => pb::SiteRole::Fenced,
+    }
+}
+
+fn site_report_to_pb(r: &SiteReport) -> pb::SiteReport {
+    pb::SiteReport {
+        role: site_role_to_pb(r.role) as i32,
+        site_epoch: r.site_epoch,
+        source_sequence: r.source_sequence,
+        source_time_ms: r.source_time_ms.unwrap_or(0),
+        applied_sequence: r.applied_sequence,
+        applied_time_ms: r.applied_time_ms.unwrap_or(0),
+        lag_ms: r.lag_ms,
+        fenced_by: r.fenced_by.clone().unwrap_or_default(),
+        fence_sequence: r.fence_sequence,
+        lost_writes: r.lost_writes,
+        promotion_done: r.promotion_done.clone().unwrap_or_default(),
+        promotion_running: r.promotion_running.clone().unwrap_or_default(),
+        error: r.error.clone().unwrap_or_default(),
+        fenced_by_device: r.fenced_by_device.clone().unwrap_or_default(),
+        draining: r.draining,
     }
 }
 
@@ -700,6 +772,55 @@ fn site_report_from_pb(r: pb::SiteReport) -> SiteReport {
     }
 }
 
+/// What a primary's archive supervisor answers, as sent.
+pub(crate) fn archive_report_to_pb(r: &ArchiveReport) -> pb::ArchiveResponse {
+    pb::ArchiveResponse {
+        config_error: r.config_error.clone().unwrap_or_default(),
+        archived_sequence: r.archived_sequence,
+        primary_sequence: r.primary_sequence,
+        up_to_date_ms: r.up_to_date_ms.unwrap_or(0),
+        last_error: r.last_error.clone().unwrap_or_default(),
+        last_error_kind: String::new(),
+        bases: r
+            .bases
+            .iter()
+            .map(|&(epoch, sequence, time_ms)| pb::ArchivePoint {
+                epoch,
+                sequence,
+                time_ms,
+            })
+            .collect(),
+        base_done: r.base_done.clone().unwrap_or_default(),
+        drill_running: r.drill_running.clone().unwrap_or_default(),
+        drill: r.drill.as_ref().map(|d| pb::DrillOutcome {
+            request: d.request.clone(),
+            verified: d.verified,
+            sequence: d.sequence,
+            epoch: d.epoch,
+            time_ms: d.time_ms.unwrap_or(0),
+            secrets: d.secrets,
+            bytes: d.bytes,
+            duration_ms: d.duration_ms,
+            finished_ms: d.finished_ms,
+            message: d.message.clone().unwrap_or_default(),
+        }),
+        not_primary: r.not_primary,
+        restore_running: r.restore_running.clone().unwrap_or_default(),
+        restore: r.restore.as_ref().map(|o| pb::RestoreOutcome {
+            id: o.id.clone(),
+            succeeded: o.succeeded,
+            sequence: o.sequence,
+            epoch: o.epoch,
+            time_ms: o.time_ms.unwrap_or(0),
+            secrets: o.secrets,
+            bytes: o.bytes,
+            finished_ms: o.finished_ms,
+            message: o.message.clone().unwrap_or_default(),
+        }),
+        site: r.site.as_ref().map(site_report_to_pb),
+    }
+}
+
 /// What a primary's archive supervisor answered.
 pub(crate) fn archive_report_from_pb(r: pb::ArchiveResponse) -> ArchiveReport {
     let ms = |v: u64| (v > 0).then_some(v);
@@ -720,8 +841,10 @@ pub(crate) fn archive_report_from_pb(r: pb::ArchiveResponse) -> ArchiveReport {
             request: d.request,
             verified: d.verified,
             sequence: d.sequence,
+            epoch: d.epoch,
             time_ms: ms(d.time_ms),
             secrets: d.secrets,
+            bytes: d.bytes,
             duration_ms: d.duration_ms,
             finished_ms: d.finished_ms,
             message: some(d.message),
@@ -731,6 +854,7 @@ pub(crate) fn archive_report_from_pb(r: pb::ArchiveResponse) -> ArchiveReport {
             id: o.id,
             succeeded: o.succeeded,
             sequence: o.sequence,
+            epoch: o.epoch,
             time_ms: ms(o.time_ms),
             secrets: o.secrets,
             bytes: o.bytes,
@@ -1040,5 +1164,113 @@ mod tests {
         }
         assert_eq!(role_from_pb(0), None);
         assert_eq!(role_from_pb(99), None);
+    }
+
+    #[test]
+    fn archive_requests_cross_the_wire_with_sub_second_intervals() {
+        let bucket = |device: &str| BucketRef {
+            url: format!("s3://dr/{device}"),
+            endpoint: Some("http://127.0.0.1:9000".into()),
+            region: None,
+            credentials_secret: "hsm-archive".into(),
+            archive_name: "main".into(),
+        };
+        let full = ArchiveRequest {
+            backup: Some(BackupConfig {
+                bucket: bucket("a"),
+                segment_interval: Duration::from_millis(200),
+                base_interval: Duration::from_secs(3600),
+                retention: Some(Duration::from_secs(86_400)),
+            }),
+            site: Some(SiteConfig {
+                name: "b".into(),
+                lease: Duration::from_millis(1500),
+                follow: Some(FollowConfig {
+                    bucket: bucket("a"),
+                    device: "prod-hsm".into(),
+                }),
+            }),
+            ask: ArchiveAsk {
+                base_request: Some("b1".into()),
+                verify_request: Some("v1".into()),
+                restore: Some(RestoreAsk {
+                    id: "r1".into(),
+                    to_sequence: None,
+                    to_time_ms: Some(1_700_000_000_000),
+                    force: true,
+                }),
+                promote_request: Some("p1".into()),
+                drain: true,
+            },
+        };
+        let empty = ArchiveRequest::default();
+        for request in [full, empty] {
+            let back = archive_request_from_pb(archive_request_to_pb(&request));
+            assert_eq!(back, request);
+        }
+    }
+
+    #[test]
+    fn archive_reports_cross_the_wire_unchanged() {
+        let full = ArchiveReport {
+            config_error: Some("spec.backup.url: set s3://BUCKET".into()),
+            archived_sequence: 9,
+            primary_sequence: 11,
+            up_to_date_ms: Some(1_700_000_000_000),
+            last_error: Some("object store down".into()),
+            bases: vec![(1, 3, 1_600_000_000_000), (2, 9, 1_700_000_000_000)],
+            base_done: Some("b1".into()),
+            drill_running: Some("v2".into()),
+            drill: Some(DrillResult {
+                request: "v1".into(),
+                verified: true,
+                sequence: 9,
+                epoch: 2,
+                time_ms: Some(1_700_000_000_000),
+                secrets: 4,
+                bytes: 512,
+                duration_ms: 30,
+                finished_ms: 1_700_000_000_100,
+                message: None,
+            }),
+            restore_running: None,
+            restore: Some(RestoreResult {
+                id: "r1".into(),
+                succeeded: false,
+                finished_ms: 5,
+                message: Some("restore r0 is still running".into()),
+                ..Default::default()
+            }),
+            site: Some(SiteReport {
+                role: SiteRole::Fenced,
+                site_epoch: 3,
+                source_sequence: 8,
+                source_time_ms: Some(7),
+                applied_sequence: 8,
+                applied_time_ms: Some(6),
+                lag_ms: 0,
+                fenced_by: Some("b".into()),
+                fenced_by_device: Some("prod-hsm-b".into()),
+                fence_sequence: 8,
+                lost_writes: 2,
+                promotion_done: None,
+                promotion_running: None,
+                error: None,
+                draining: false,
+            }),
+            not_primary: true,
+        };
+        for report in [full, ArchiveReport::default()] {
+            let back = archive_report_from_pb(archive_report_to_pb(&report));
+            assert_eq!(back, report);
+        }
+        for role in [SiteRole::Active, SiteRole::Passive, SiteRole::Fenced] {
+            let pb = site_role_to_pb(role) as i32;
+            let back = site_report_from_pb(pb::SiteReport {
+                role: pb,
+                ..Default::default()
+            });
+            assert_eq!(back.role, role);
+        }
     }
 }

@@ -36,7 +36,7 @@ pub use identity::Identity;
 pub use pool::AgentPool;
 pub use remote::RemoteStore;
 pub use serve::{bind, serve};
-pub use service::{AgentService, ArchiveControl, assignment_from_pb};
+pub use service::{AgentService, assignment_from_pb};
 pub use tls::{
     AgentTls, CONTROLLER_CERT_NAME, CertificateAuthority, GeneratedPki, IssuedCertificate,
     TlsError, TlsFiles, generate_pki, write_pem,

@@ -16,13 +16,6 @@ use crate::mirror::MirrorError;
 use crate::mirror::agent::Agent;
 use crate::mirror::fencing::{AgentClock, Assignment, Peer};
 
-/// What answers the Archive RPC: the node's archive supervisor, which lives outside the
-/// agent (it needs the bucket, the credentials and the token's archive key).
-#[async_trait::async_trait]
-pub trait ArchiveControl: Send + Sync + 'static {
-    async fn archive(&self, request: pb::ArchiveRequest) -> Result<pb::ArchiveResponse, Status>;
-}
-
 /// Implements the generated `Agent` service over an [`Agent`].
 #[derive(Clone)]
 pub struct AgentService {
@@ -373,10 +366,9 @@ impl pb::agent_server::Agent for AgentService {
                      supervisor (start the node plugin with --agent-listen and a token)",
                 ));
             };
-            control
-                .archive(request.into_inner())
-                .await
-                .map(Response::new)
+            let request = convert::archive_request_from_pb(request.into_inner());
+            let report = control.archive(request).await;
+            Ok(Response::new(convert::archive_report_to_pb(&report)))
         }
         .await;
         self.observe("Archive", started, &result);
