@@ -1,10 +1,10 @@
 //! What the controller asks of a primary's archive supervisor each round, as domain
 //! values: the device's archive and site as its spec gives them, and this round's asks.
 //!
-//! Intervals and leases are durations, not the CRD's whole seconds, so the node's flags,
-//! the benchmarks and the tests can archive every 200 ms through the same call. Names are
-//! as written: resolving them to files on the node (and refusing bad ones, naming the
-//! field) is the supervisor's work, since only the node knows what is mounted.
+//! Intervals and leases are durations, not the CRD's whole seconds, so the benchmarks and
+//! the tests can archive every 200 ms through the same call. Names are as written:
+//! resolving them to files on the node (and refusing bad ones, naming the field) is the
+//! supervisor's work, since only the node knows what is mounted.
 
 use std::time::Duration;
 
