@@ -15,7 +15,6 @@
 //! Run: `cargo bench --bench archive`. Knobs: `BENCH_SECRETS` (10000), `BENCH_RATE`
 //! (writes/s, 100), `BENCH_LOAD_SECONDS` (10).
 
-mod common;
 use hsm_secrets_testkit as kit;
 use kit::s3;
 
@@ -34,7 +33,7 @@ use hsm_secrets::hsm::{Expect, Pkcs11Config, Pkcs11Store, SecretData, SecretPath
 use hsm_secrets::mirror::{Agent, AgentConfig, AgentTls, Assignment, generate_pki};
 
 fn main() {
-    let dir = common::private_softhsm_dir();
+    let dir = kit::bench::private_softhsm_dir();
     let Some(server) = s3::S3Server::start() else {
         eprintln!("the archive bench needs moto_server: pip install 'moto[server]'");
         std::process::exit(1);
@@ -55,9 +54,9 @@ fn median_p99(samples: &mut [Duration]) -> (Duration, Duration) {
 /// Opens a token `run` initialised (SoftHSM lists its tokens once per process).
 async fn open(dir: &std::path::Path, label: &str) -> Arc<Pkcs11Store> {
     let pin = dir.join(format!("{label}.pin"));
-    std::fs::write(&pin, common::PIN).expect("pin");
+    std::fs::write(&pin, kit::softhsm::USER_PIN).expect("pin");
     Arc::new(
-        Pkcs11Store::open(Pkcs11Config::new(common::library(), label, &pin))
+        Pkcs11Store::open(Pkcs11Config::new(kit::bench::library(), label, &pin))
             .await
             .expect("open token"),
     )
@@ -71,9 +70,9 @@ fn secret(i: usize) -> SecretData {
 }
 
 async fn run(dir: std::path::PathBuf, server: s3::S3Server) {
-    let secrets = common::env_usize("BENCH_SECRETS", 10_000);
-    let rate = common::env_usize("BENCH_RATE", 100);
-    let load_seconds = common::env_usize("BENCH_LOAD_SECONDS", 10);
+    let secrets = kit::bench::env_usize("BENCH_SECRETS", 10_000);
+    let rate = kit::bench::env_usize("BENCH_RATE", 100);
+    let load_seconds = kit::bench::env_usize("BENCH_LOAD_SECONDS", 10);
 
     for label in [
         "bench-archive",
@@ -81,7 +80,7 @@ async fn run(dir: std::path::PathBuf, server: s3::S3Server) {
         "bench-floor",
         "bench-site-b",
     ] {
-        common::init_token(label);
+        kit::bench::init_token(label);
     }
     let store = open(&dir, "bench-archive").await;
     store

@@ -9,8 +9,7 @@
 //! Run as root (tmpfs): `cargo bench --bench csi_publish`. Knobs: `BENCH_SEQUENTIAL`
 //! (default 300), `BENCH_CONCURRENT_ROUNDS` (5 rounds of 100), `BENCH_VOLUMES` (1000).
 
-mod common;
-
+use hsm_secrets_testkit as kit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -38,7 +37,7 @@ const GID: u32 = 3000;
 const CONCURRENCY: usize = 100;
 
 fn main() {
-    let dir = common::private_softhsm_dir();
+    let dir = kit::bench::private_softhsm_dir();
     if !nix::unistd::geteuid().is_root() {
         eprintln!("csi_publish mounts tmpfs volumes: run it as root");
         std::process::exit(1);
@@ -78,10 +77,10 @@ struct Row {
 }
 
 async fn run(dir: PathBuf) {
-    let lib = common::library();
+    let lib = kit::bench::library();
     let pin_file = dir.join("pin");
-    std::fs::write(&pin_file, common::PIN).expect("pin");
-    common::init_token(LABEL);
+    std::fs::write(&pin_file, kit::softhsm::USER_PIN).expect("pin");
+    kit::bench::init_token(LABEL);
     let store = Arc::new(
         Pkcs11Store::open(Pkcs11Config::new(&lib, LABEL, &pin_file))
             .await
@@ -159,7 +158,7 @@ async fn run(dir: PathBuf) {
     }
 
     let mut rows = Vec::new();
-    let sequential = common::env_usize("BENCH_SEQUENTIAL", 300);
+    let sequential = kit::bench::env_usize("BENCH_SEQUENTIAL", 300);
     // What the transport alone costs: an RPC that does no work.
     let mut rpc = Vec::new();
     for _ in 0..sequential {
@@ -214,7 +213,7 @@ async fn run(dir: PathBuf) {
         floor,
     });
 
-    let rounds = common::env_usize("BENCH_CONCURRENT_ROUNDS", 5);
+    let rounds = kit::bench::env_usize("BENCH_CONCURRENT_ROUNDS", 5);
     let (mut ours, mut floor) = (Vec::new(), Vec::new());
     let (mut ours_wall, mut floor_wall) = (Duration::ZERO, Duration::ZERO);
     for round in 0..rounds {
@@ -273,7 +272,7 @@ async fn run(dir: PathBuf) {
     let _ = stop.send(());
     let _ = server.await;
 
-    let volumes = common::env_usize("BENCH_VOLUMES", 1000);
+    let volumes = kit::bench::env_usize("BENCH_VOLUMES", 1000);
     let rss = measure_binary_rss(&dir, &lib, &pin_file, &catalog_yaml, volumes).await;
 
     println!();

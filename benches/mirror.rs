@@ -15,8 +15,7 @@
 //! token directory, 40,000 files at 10,000 secrets), which the floor of the "10 changes"
 //! row pays too.
 
-mod common;
-
+use hsm_secrets_testkit as kit;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +29,7 @@ use hsm_secrets::mirror::{
 const HOUR_MS: u64 = 3_600_000;
 
 fn main() {
-    let dir = common::private_softhsm_dir();
+    let dir = kit::bench::private_softhsm_dir();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -159,8 +158,8 @@ fn ms(d: Duration) -> String {
 }
 
 async fn run(dir: PathBuf) {
-    let count = common::env_usize("BENCH_SECRETS", 10_000);
-    let samples = common::env_usize("BENCH_SAMPLES", 200);
+    let count = kit::bench::env_usize("BENCH_SECRETS", 10_000);
+    let samples = kit::bench::env_usize("BENCH_SAMPLES", 200);
     let labels = [
         "big-p",
         "big-m",
@@ -173,10 +172,10 @@ async fn run(dir: PathBuf) {
         "ro-m",
     ];
     for l in labels {
-        common::init_token(l);
+        kit::bench::init_token(l);
     }
     let pin_file = dir.join("pin");
-    std::fs::write(&pin_file, common::PIN).expect("pin");
+    std::fs::write(&pin_file, kit::softhsm::USER_PIN).expect("pin");
     let pki = generate_pki(
         &dir.join("pki"),
         &[
@@ -193,7 +192,7 @@ async fn run(dir: PathBuf) {
     )
     .expect("pki");
     let b = Bench {
-        lib: common::library(),
+        lib: kit::bench::library(),
         pin_file,
         pki,
     };

@@ -3,8 +3,7 @@
 //!
 //! Run: `cargo bench --bench store` (needs softhsm2). Prints medians and ratios.
 
-mod common;
-
+use hsm_secrets_testkit as kit;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use hsm_secrets::hsm::{
 };
 
 fn main() {
-    let dir = common::private_softhsm_dir();
+    let dir = kit::bench::private_softhsm_dir();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -40,11 +39,11 @@ struct Row {
 }
 
 async fn run(dir: PathBuf) {
-    let lib = common::library();
+    let lib = kit::bench::library();
     let pin_file = dir.join("pin");
-    std::fs::write(&pin_file, common::PIN).expect("pin");
-    common::init_token("bench-small");
-    common::init_token("bench-large");
+    std::fs::write(&pin_file, kit::softhsm::USER_PIN).expect("pin");
+    kit::bench::init_token("bench-small");
+    kit::bench::init_token("bench-large");
 
     // Floors use their own session on the same (process-wide) module.
     let ctx = Pkcs11::new(&lib).expect("module");
@@ -176,7 +175,7 @@ async fn run(dir: PathBuf) {
         .collect();
     let (mut ours, mut floor) = (vec![], vec![]);
     let mut cold_searches = 0;
-    for _ in 0..common::env_usize("BENCH_COLD_SAMPLES", 3) {
+    for _ in 0..kit::bench::env_usize("BENCH_COLD_SAMPLES", 3) {
         let plan = Arc::new(FaultPlan::new());
         let t = Instant::now();
         let cold = Pkcs11Store::open_with_faults(
@@ -280,7 +279,7 @@ fn floor_session(ctx: &Pkcs11, label: &str) -> Session {
     let s = ctx.open_rw_session(slot).expect("session");
     let _ = s.login(
         UserType::User,
-        Some(&AuthPin::from(common::PIN.to_string())),
+        Some(&AuthPin::from(kit::softhsm::USER_PIN.to_string())),
     );
     s
 }

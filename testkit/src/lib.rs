@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod api_rules;
+pub mod bench;
 pub mod fake_api;
 pub mod local;
 pub mod mirror;

@@ -43,20 +43,26 @@ fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
         let dir = tempfile::tempdir().expect("temp dir");
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir_all(&tokens).expect("token dir");
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-                tokens.display()
-            ),
-        )
-        .expect("write softhsm conf");
+        let conf = write_conf(dir.path());
         set_conf_env(&conf);
         Env { dir, conf }
     })
+}
+
+/// Writes a SoftHSM configuration whose tokens live in `dir/tokens`; its path.
+pub fn write_conf(dir: &Path) -> PathBuf {
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).expect("token dir");
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+            tokens.display()
+        ),
+    )
+    .expect("write softhsm conf");
+    conf
 }
 
 #[allow(unsafe_code)]

@@ -1,12 +1,12 @@
-//! What the SoftHSM benchmarks share: a private token directory (SoftHSM reads its
-//! configuration once per process, so the measurement runs in a re-executed child
-//! pointed at it), the module's path and token initialisation.
-#![allow(dead_code)]
+//! What the SoftHSM benchmarks share. SoftHSM reads its configuration once per process,
+//! so a benchmark re-executes itself as a child pointed at a private token directory:
+//! everything it measures (the store, raw cryptoki floors, the node processes it starts)
+//! sees only the tokens it made.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-pub const PIN: &str = "1234";
+use crate::softhsm::{SO_PIN, USER_PIN, write_conf};
 
 /// In the parent: creates a private SoftHSM configuration, runs this benchmark again as a
 /// child pointed at it and exits with the child's status. In the child: returns the
@@ -16,17 +16,7 @@ pub fn private_softhsm_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let tokens = dir.path().join("tokens");
-    std::fs::create_dir_all(&tokens).expect("token dir");
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .expect("conf");
+    let conf = write_conf(dir.path());
     let status = Command::new(std::env::current_exe().expect("exe"))
         .args(std::env::args().skip(1))
         .env("SOFTHSM2_CONF", &conf)
@@ -36,6 +26,7 @@ pub fn private_softhsm_dir() -> PathBuf {
     std::process::exit(status.code().unwrap_or(1));
 }
 
+/// A size the environment may override (`BENCH_SECRETS=1000 cargo bench …`).
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -43,22 +34,16 @@ pub fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Where Debian puts the SoftHSM module.
+/// The SoftHSM module; a benchmark cannot run without it.
 pub fn library() -> PathBuf {
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-    .expect("SoftHSM2 not installed: apt-get install -y softhsm2")
+    crate::softhsm::library().expect("SoftHSM2 not installed: apt-get install -y softhsm2")
 }
 
+/// Initialises token `label` (user PIN [`USER_PIN`]) in the private directory.
 pub fn init_token(label: &str) {
     let out = Command::new("softhsm2-util")
         .args(["--init-token", "--free", "--label", label])
-        .args(["--pin", PIN, "--so-pin", "5678"])
+        .args(["--pin", USER_PIN, "--so-pin", SO_PIN])
         .output()
         .expect("softhsm2-util");
     assert!(
