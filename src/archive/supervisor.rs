@@ -123,12 +123,15 @@ impl BucketSettings {
 impl ArchiveSettings {
     /// The controller's `spec.backup`, resolved on this node.
     pub fn resolve(config: &BackupConfig, credentials_root: &Path) -> Result<Self, ArchiveError> {
-        if config.segment_interval.is_zero() || config.base_interval.is_zero() {
-            return Err(ArchiveError::Config(
-                "spec.backup.segmentIntervalSeconds: the segment and base intervals must be \
-                 above 0"
-                    .into(),
-            ));
+        for (interval, field) in [
+            (config.segment_interval, "segmentIntervalSeconds"),
+            (config.base_interval, "baseIntervalMinutes"),
+        ] {
+            if interval.is_zero() {
+                return Err(ArchiveError::Config(format!(
+                    "spec.backup.{field}: must be above 0"
+                )));
+            }
         }
         Ok(Self {
             bucket: BucketSettings::resolve(&config.bucket, credentials_root, "spec.backup")?,
@@ -1021,6 +1024,12 @@ mod tests {
         };
         let e = ArchiveSettings::resolve(&never, root.path()).unwrap_err();
         assert!(e.to_string().contains("segmentIntervalSeconds"), "{e}");
+        let no_base = BackupConfig {
+            base_interval: Duration::ZERO,
+            ..spec("hsm-archive")
+        };
+        let e = ArchiveSettings::resolve(&no_base, root.path()).unwrap_err();
+        assert!(e.to_string().contains("baseIntervalMinutes"), "{e}");
     }
 
     #[test]
