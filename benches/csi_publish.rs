@@ -20,13 +20,9 @@ use hsm_secrets::node::{
     AuditLog, HsmVolumeSource, LocalDevice, Mounts, NodeMetrics, StaticCatalog,
 };
 use hsm_secrets_csi::proto::node_client::NodeClient;
-use hsm_secrets_csi::proto::volume_capability::access_mode::Mode;
-use hsm_secrets_csi::proto::volume_capability::{AccessMode, AccessType, MountVolume};
 use hsm_secrets_csi::proto::{
     NodeGetCapabilitiesRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest, ProbeRequest,
-    VolumeCapability,
 };
-use hsm_secrets_csi::source::pod_info;
 use hsm_secrets_csi::{IdentityService, NodeConfig, NodeService, Payload, PayloadFile};
 use tonic::transport::Channel;
 
@@ -390,42 +386,19 @@ fn request(target: &Path) -> NodePublishVolumeRequest {
 }
 
 fn request_with(target: &Path, layout: Layout) -> NodePublishVolumeRequest {
-    let uid = target
-        .ancestors()
-        .nth(4)
-        .and_then(Path::file_name)
-        .and_then(|n| n.to_str())
-        .expect("uid")
-        .to_string();
-    NodePublishVolumeRequest {
-        volume_id: format!("vol-{uid}"),
-        target_path: target.to_str().expect("utf-8").into(),
-        volume_capability: Some(VolumeCapability {
-            access_type: Some(AccessType::Mount(MountVolume {
-                fs_type: String::new(),
-                mount_flags: vec![],
-                volume_mount_group: GID.to_string(),
-            })),
-            access_mode: Some(AccessMode {
-                mode: Mode::SingleNodeWriter as i32,
-            }),
-        }),
-        readonly: true,
-        volume_context: [
-            (pod_info::POD_NAMESPACE, "bench"),
-            (pod_info::POD_NAME, "bench-0"),
-            (pod_info::POD_UID, uid.as_str()),
-            (pod_info::SERVICE_ACCOUNT, "default"),
-            (pod_info::EPHEMERAL, "true"),
-            ("secrets", "ten-keys"),
-            ("device", DEVICE),
-        ]
-        .into_iter()
-        .chain(layout.iter().copied())
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect(),
-        ..Default::default()
+    const BENCH: kit::node::Pod<'static> = kit::node::Pod {
+        namespace: "bench",
+        name: "bench-0",
+        service_account: "default",
+        device: DEVICE,
+        gid: GID,
+    };
+    let volume_id = format!("vol-{}", kit::node::pod_uid(target));
+    let mut request = kit::node::volume_for(&BENCH, &volume_id, target, "ten-keys");
+    for (key, value) in layout {
+        request = kit::node::with_attribute(request, key, Some(value));
     }
+    request
 }
 
 async fn publish(client: &NodeClient<Channel>, target: &Path) {

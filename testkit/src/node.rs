@@ -283,24 +283,57 @@ pub fn unmount_everything_under(dir: &Path) {
     }
 }
 
-/// What kubelet sends for an inline ephemeral volume of pod `uid` in `shop`, run as
-/// `checkout`, asking for `secrets` on [`DEVICE`].
-pub fn volume(volume_id: &str, target: &Path, secrets: &str) -> NodePublishVolumeRequest {
-    let uid = target
+/// The pod a volume request speaks for, and the group its volume is mounted with.
+pub struct Pod<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub service_account: &'a str,
+    pub device: &'a str,
+    pub gid: u32,
+}
+
+/// `checkout-0` in `shop`, run as `checkout`, reading [`DEVICE`].
+pub const CHECKOUT: Pod<'static> = Pod {
+    namespace: NAMESPACE,
+    name: "checkout-0",
+    service_account: SERVICE_ACCOUNT,
+    device: DEVICE,
+    gid: GID,
+};
+
+/// The pod UID in a kubelet target path (`…/pods/<uid>/volumes/<driver>/<volume>/mount`).
+pub fn pod_uid(target: &Path) -> String {
+    target
         .ancestors()
         .nth(4)
         .and_then(Path::file_name)
         .and_then(|n| n.to_str())
-        .unwrap()
-        .to_string();
+        .expect("a kubelet target path: …/pods/<uid>/volumes/<driver>/<volume>/mount")
+        .to_string()
+}
+
+/// What kubelet sends for an inline ephemeral volume of [`CHECKOUT`] asking for `secrets`.
+pub fn volume(volume_id: &str, target: &Path, secrets: &str) -> NodePublishVolumeRequest {
+    volume_for(&CHECKOUT, volume_id, target, secrets)
+}
+
+/// What kubelet sends for an inline ephemeral volume of `pod` asking for `secrets`; the
+/// pod's UID is the one in `target`.
+pub fn volume_for(
+    pod: &Pod<'_>,
+    volume_id: &str,
+    target: &Path,
+    secrets: &str,
+) -> NodePublishVolumeRequest {
+    let uid = pod_uid(target);
     let context: BTreeMap<String, String> = [
-        (pod_info::POD_NAMESPACE, NAMESPACE),
-        (pod_info::POD_NAME, "checkout-0"),
+        (pod_info::POD_NAMESPACE, pod.namespace),
+        (pod_info::POD_NAME, pod.name),
         (pod_info::POD_UID, uid.as_str()),
-        (pod_info::SERVICE_ACCOUNT, SERVICE_ACCOUNT),
+        (pod_info::SERVICE_ACCOUNT, pod.service_account),
         (pod_info::EPHEMERAL, "true"),
         ("secrets", secrets),
-        ("device", DEVICE),
+        ("device", pod.device),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -312,7 +345,7 @@ pub fn volume(volume_id: &str, target: &Path, secrets: &str) -> NodePublishVolum
             access_type: Some(AccessType::Mount(MountVolume {
                 fs_type: String::new(),
                 mount_flags: vec![],
-                volume_mount_group: GID.to_string(),
+                volume_mount_group: pod.gid.to_string(),
             })),
             access_mode: Some(AccessMode {
                 mode: Mode::SingleNodeWriter as i32,
