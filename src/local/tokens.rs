@@ -52,10 +52,8 @@ pub struct NodeToken {
     pub pin_file: PathBuf,
 }
 
-/// Creates a token labelled `label` in `dir` (its own token directory and
-/// configuration), with a random user PIN written to a 0600 file. The PINs never
-/// appear in output.
-pub fn init_token(dir: &Path, label: &str) -> Result<NodeToken, LocalError> {
+/// Writes a SoftHSM configuration whose tokens live in `dir/tokens`; its path.
+pub fn write_softhsm_conf(dir: &Path) -> Result<PathBuf, LocalError> {
     let tokens = dir.join("tokens");
     std::fs::create_dir_all(&tokens).map_err(|e| LocalError::io("create", &tokens, e))?;
     let conf = dir.join("softhsm2.conf");
@@ -67,6 +65,14 @@ pub fn init_token(dir: &Path, label: &str) -> Result<NodeToken, LocalError> {
         ),
     )
     .map_err(|e| LocalError::io("write", &conf, e))?;
+    Ok(conf)
+}
+
+/// Creates a token labelled `label` in `dir` (its own token directory and
+/// configuration), with a random user PIN written to a 0600 file. The PINs never
+/// appear in output.
+pub fn init_token(dir: &Path, label: &str) -> Result<NodeToken, LocalError> {
+    let conf = write_softhsm_conf(dir)?;
     let pin = random_hex(8)?;
     let so_pin = random_hex(8)?;
     let pin_file = dir.join("user.pin");

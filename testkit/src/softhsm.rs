@@ -49,20 +49,10 @@ fn env() -> &'static Env {
     })
 }
 
-/// Writes a SoftHSM configuration whose tokens live in `dir/tokens`; its path.
+/// Writes a SoftHSM configuration whose tokens live in `dir/tokens` (as the local mode
+/// does for each node); its path.
 pub fn write_conf(dir: &Path) -> PathBuf {
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens).expect("token dir");
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-            tokens.display()
-        ),
-    )
-    .expect("write softhsm conf");
-    conf
+    hsm_secrets::local::tokens::write_softhsm_conf(dir).expect("write the SoftHSM configuration")
 }
 
 #[allow(unsafe_code)]
