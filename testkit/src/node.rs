@@ -16,12 +16,7 @@ use hsm_secrets::node::{
 use hsm_secrets::telemetry::encode_metrics as encode_text;
 use hsm_secrets_csi::proto::identity_client::IdentityClient;
 use hsm_secrets_csi::proto::node_client::NodeClient;
-use hsm_secrets_csi::proto::volume_capability::access_mode::Mode;
-use hsm_secrets_csi::proto::volume_capability::{AccessMode, AccessType, MountVolume};
-use hsm_secrets_csi::proto::{
-    NodePublishVolumeRequest, NodeUnpublishVolumeRequest, ProbeRequest, VolumeCapability,
-};
-use hsm_secrets_csi::source::pod_info;
+use hsm_secrets_csi::proto::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest, ProbeRequest};
 use hsm_secrets_csi::{IdentityService, NodeConfig, NodeService};
 use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
@@ -318,7 +313,7 @@ pub fn volume(volume_id: &str, target: &Path, secrets: &str) -> NodePublishVolum
 }
 
 /// What kubelet sends for an inline ephemeral volume of `pod` asking for `secrets`; the
-/// pod's UID is the one in `target`.
+/// pod's UID is the one in `target`. Built as the local mode builds it.
 pub fn volume_for(
     pod: &Pod<'_>,
     volume_id: &str,
@@ -326,35 +321,18 @@ pub fn volume_for(
     secrets: &str,
 ) -> NodePublishVolumeRequest {
     let uid = pod_uid(target);
-    let context: BTreeMap<String, String> = [
-        (pod_info::POD_NAMESPACE, pod.namespace),
-        (pod_info::POD_NAME, pod.name),
-        (pod_info::POD_UID, uid.as_str()),
-        (pod_info::SERVICE_ACCOUNT, pod.service_account),
-        (pod_info::EPHEMERAL, "true"),
-        ("secrets", secrets),
-        ("device", pod.device),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    NodePublishVolumeRequest {
-        volume_id: volume_id.into(),
-        target_path: target.to_str().unwrap().into(),
-        volume_capability: Some(VolumeCapability {
-            access_type: Some(AccessType::Mount(MountVolume {
-                fs_type: String::new(),
-                mount_flags: vec![],
-                volume_mount_group: pod.gid.to_string(),
-            })),
-            access_mode: Some(AccessMode {
-                mode: Mode::SingleNodeWriter as i32,
-            }),
-        }),
-        readonly: true,
-        volume_context: context.into_iter().collect(),
-        ..Default::default()
-    }
+    let attributes: BTreeMap<String, String> = [("secrets", secrets), ("device", pod.device)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let identity = hsm_secrets::local::clients::PodIdentity {
+        namespace: pod.namespace,
+        name: pod.name,
+        uid: &uid,
+        service_account: pod.service_account,
+        fs_group: pod.gid,
+    };
+    hsm_secrets::local::clients::publish_request(volume_id, target, &attributes, &identity)
 }
 
 /// Sets (`Some`) or removes (`None`) one volume context entry.
